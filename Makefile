@@ -1,0 +1,58 @@
+# raftblock — the two commands of the README are the contract: `make demo` and `make test`.
+# Both work on a fresh Debian machine with only Python 3.11 and root: they create .venv, install the
+# package (building the Cython extensions) and install the Debian packages the tests need.
+
+PYTHON   ?= python3
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+STAMP    := $(VENV)/.installed
+DEB_PKGS := qemu-utils libnbd-bin python3-libnbd nbdkit fuse3 fio e2fsprogs util-linux procps iproute2
+PYTEST_ARGS ?=
+QUICK    ?=
+SEED     ?=
+
+.PHONY: all venv sysdeps test test-fast lint compile bench demo demo-down clean sim
+
+all: venv
+
+$(STAMP): pyproject.toml setup.py $(wildcard raftblock/_fast/*.pyx)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel cython
+	$(PY) -m pip install -q -e '.[test,s3]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Install only what is missing (dpkg -s first), so a machine that has everything needs no network.
+sysdeps:
+	@missing=""; for p in $(DEB_PKGS); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+compile: $(STAMP)
+	$(PY) setup.py -q build_ext --inplace
+
+test: $(STAMP) sysdeps
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS) tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -x tests/unit $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check raftblock tests bench
+	$(PY) -m mypy raftblock
+
+bench: $(STAMP) sysdeps
+	$(PY) bench/run.py $(if $(QUICK),--quick,)
+
+demo: $(STAMP) sysdeps
+	$(PY) -m raftblock.cli demo
+
+clean:
+	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	find raftblock -name '*.so' -delete
+	find raftblock/_fast -name '*.c' -delete

@@ -1,0 +1,154 @@
+# Helpers for the real-client integration tests: running external programs with a deadline, running the
+# libnbd client programs under the system Python, and looking at the engine's files from outside.
+#
+# Rules: every child gets its own process group and a timeout; on timeout the whole group is killed,
+# so a wedged client (nbdfuse, qemu-io) never outlives its test.
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+CLIENTS = HERE / "clients"
+SCRIPTS = HERE / "scripts"
+SYSTEM_PYTHON = "/usr/bin/python3"
+BLOCK = 4096
+SECTOR = 512
+MiB = 1 << 20
+
+
+def require_tools(*names: str) -> None:
+    missing = [n for n in names if shutil.which(n) is None]
+    if missing:
+        pytest.skip(f"missing tools: {' '.join(missing)} (make sysdeps installs them)")
+
+
+_libnbd_ok: bool | None = None
+
+
+def require_libnbd() -> str:
+    """The interpreter that has libnbd's Python bindings (Debian python3-libnbd), or skip."""
+    global _libnbd_ok
+    if _libnbd_ok is None:
+        try:
+            r = subprocess.run([SYSTEM_PYTHON, "-c", "import nbd"], capture_output=True, timeout=30)
+            _libnbd_ok = r.returncode == 0
+        except (OSError, subprocess.TimeoutExpired):
+            _libnbd_ok = False
+    if not _libnbd_ok:
+        pytest.skip(f"{SYSTEM_PYTHON} cannot import nbd (install python3-libnbd)")
+    return SYSTEM_PYTHON
+
+
+def run(
+    argv: Sequence[str],
+    timeout_s: float = 60.0,
+    check: bool = True,
+    input_bytes: bytes | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run a program to completion in its own process group; kill the group on timeout."""
+    proc = subprocess.Popen(
+        list(argv),
+        stdin=subprocess.PIPE if input_bytes is not None else subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        env=env,
+    )
+    try:
+        out, err = proc.communicate(input_bytes, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        out, err = proc.communicate()
+        raise AssertionError(
+            f"timed out after {timeout_s}s: {' '.join(argv)}\nstdout:\n{out.decode(errors='replace')[-3000:]}"
+            f"\nstderr:\n{err.decode(errors='replace')[-3000:]}"
+        ) from None
+    cp = subprocess.CompletedProcess(list(argv), proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+    if check and cp.returncode != 0:
+        raise AssertionError(
+            f"exit {cp.returncode}: {' '.join(argv)}\nstdout:\n{cp.stdout[-3000:]}\nstderr:\n{cp.stderr[-3000:]}"
+        )
+    return cp
+
+
+def kill_group(proc: subprocess.Popen[Any]) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+
+def nbd_client(script: str, *args: object, timeout_s: float = 60.0) -> dict[str, Any]:
+    """Run clients/<script> under the system Python; return its JSON result."""
+    py = require_libnbd()
+    cp = run([py, str(CLIENTS / script), *map(str, args)], timeout_s=timeout_s)
+    try:
+        result: dict[str, Any] = json.loads(cp.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise AssertionError(f"{script} printed no JSON result\nstdout:\n{cp.stdout}\nstderr:\n{cp.stderr}") from None
+    return result
+
+
+def nbd_write(uri: str, offset: int, data: bytes, tmp: Path, fua: bool = False) -> None:
+    src = tmp / f"w-{offset}-{len(data)}.bin"
+    src.write_bytes(data)
+    r = nbd_client("nbd_tool.py", "write", uri, offset, src, *(["--fua"] if fua else []))
+    src.unlink()
+    assert r["ok"], f"libnbd write {offset}+{len(data)} failed: {r}"
+
+
+def nbd_read(uri: str, offset: int, length: int, tmp: Path) -> dict[str, Any]:
+    """{"ok": True, "data": bytes} or the error result (errno, errnum, message)."""
+    dst = tmp / f"r-{offset}-{length}.bin"
+    r = nbd_client("nbd_tool.py", "read", uri, offset, length, dst)
+    if r["ok"]:
+        r["data"] = dst.read_bytes()
+    dst.unlink(missing_ok=True)
+    return r
+
+
+def nbd_sha256(uri: str, offset: int | None = None, length: int | None = None) -> str:
+    args: list[object] = ["sha256", uri]
+    if offset is not None:
+        args += [offset, length]
+    r = nbd_client("nbd_tool.py", *args)
+    assert r["ok"], f"libnbd checksum failed: {r}"
+    return str(r["sha256"])
+
+
+def seg_files(data_dir: Path) -> list[Path]:
+    return sorted(p for p in data_dir.rglob("*.seg") if p.is_file())
+
+
+def find_in_segments(data_dir: Path, needle: bytes) -> list[tuple[Path, int]]:
+    """Every (segment file, byte offset) where needle occurs."""
+    hits = []
+    for p in seg_files(data_dir):
+        data = p.read_bytes()
+        pos = data.find(needle)
+        while pos != -1:
+            hits.append((p, pos))
+            pos = data.find(needle, pos + 1)
+    return hits
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
+        f.flush()
+        os.fsync(f.fileno())
