@@ -19,6 +19,7 @@ import asyncio
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import structlog
 
@@ -99,12 +100,11 @@ class NbdConnection(asyncio.Protocol):
 
     # --- asyncio callbacks ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
-        peer = transport.get_extra_info("peername")
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        peer = self.transport.get_extra_info("peername")
         self.log = self.log.bind(peer=str(peer))
         self.server.connections.add(self)
-        transport.write(self.codec.data_to_send())
+        self.transport.write(self.codec.data_to_send())
         loop = asyncio.get_running_loop()
         self._handshake_timer = loop.call_later(self.server.config.handshake_timeout_s, self._handshake_timeout)
 

@@ -24,6 +24,7 @@ import signal
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TextIO
 
 import structlog
 
@@ -156,7 +157,7 @@ async def run_serve(
     specs: list[VolumeSpec],
     gateway: GatewayConfig,
     disk_mode: str = "os",
-    ready_stream: object = None,
+    ready_stream: TextIO | None = None,
 ) -> int:
     directory.mkdir(parents=True, exist_ok=True)
     cluster_id = load_or_create_cluster_id(directory)
@@ -165,22 +166,14 @@ async def run_serve(
     engine_dir = directory / "engine"
     engine_dir.mkdir(exist_ok=True)
     engine = Engine.open(disk, str(engine_dir), cluster_id, EngineConfig())
-    r = engine.report
-    log.info(
-        "engine.recovered",
-        used_checkpoint=r.used_checkpoint,
-        segments=r.segments_scanned,
-        records_replayed=r.records_replayed,
-        torn_tail_bytes=r.torn_tail_bytes,
-        corrupt_ranges=len(r.corrupt),
-        duration_ms=round(r.duration_ms, 1),
-        disk=disk_mode,
-    )
     report_corruption(engine, volumes)
     group = LocalGroup(engine)
     catalog = VolumeCatalog()
+    def group_for(_extent_id: int) -> LocalGroup:
+        return group
+
     for info in volumes:
-        catalog.add(Volume(info, lambda _eid, g=group: g))
+        catalog.add(Volume(info, group_for))
     server = NbdServer(catalog, gateway)
     host, port = await server.start()
     stop = asyncio.Event()
@@ -189,7 +182,7 @@ async def run_serve(
         loop.add_signal_handler(sig, stop.set)
     compactor = loop.create_task(_compaction_loop(engine, stop))
     out = ready_stream if ready_stream is not None else sys.stdout
-    print(f"READY nbd://{host}:{port}", file=out, flush=True)  # type: ignore[call-overload]
+    print(f"READY nbd://{host}:{port}", file=out, flush=True)
     await stop.wait()
     log.info("serve.stopping")
     await server.shutdown()

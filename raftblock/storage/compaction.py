@@ -1,0 +1,228 @@
+# Segment cleaning: copy the live records of the emptiest sealed segments to the active segment, then
+# delete the segment, so overwritten and trimmed blocks give their space back.
+# Rules (docs/format/segment.md, "Compaction"):
+# Rule 1: a copy keeps the original LSN; a pinned old version is copied with flag HISTORY.
+# Rule 2: at most ~budget_bytes are rewritten per call (always at least one record, so it progresses);
+#         a cursor remembers a half-cleaned segment across calls.
+# Rule 3 (tombstones): a TRIM record (lsn T, extent E) is dropped only if the durable checkpoint
+#         covers it (T <= checkpoint_lsn: the checkpoint's index no longer names older versions) AND
+#         no other segment holds a non-HISTORY WRITE of E with LSN < T (so a full scan after losing the
+#         checkpoint finds nothing older either); otherwise it is copied. So no older write can
+#         reappear, after a restart from a checkpoint or from a full scan.
+# Rule 4: the segment file is removed only after sync() has made the copies durable.
+# Rule 5: a segment holding a live block that is bad (or turns out bad while copying) is not cleaned.
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import structlog
+
+from raftblock.storage.index import Rec, SegState
+from raftblock.storage.segment import (
+    BLOCK_SIZE,
+    FLAG_HISTORY,
+    FLAG_RELOCATED,
+    REC_HEADER_SIZE,
+    REC_TRIM,
+    REC_WRITE,
+    SEG_HEADER_SIZE,
+    build_trim_record,
+    build_write_record,
+    payload_offset,
+    read_record,
+    record_length,
+    segment_name,
+)
+
+if TYPE_CHECKING:
+    from raftblock.storage.engine import Engine
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class CleanCursor:
+    seg_id: int
+    offsets: list[int]
+    pos: int = 0
+
+
+class _SkipSegment(Exception):
+    pass
+
+
+def _live_fraction(seg: SegState) -> float:
+    used = seg.end - SEG_HEADER_SIZE
+    if used <= 0:
+        return 0.0
+    return min(1.0, seg.live_blocks * BLOCK_SIZE / used)
+
+
+def _has_bad_live(eng: Engine, seg: SegState) -> bool:
+    idx = eng.index
+    for rec in seg.records.values():
+        bad = idx.bad.get(rec.extent_id)
+        if bad and any(b in bad for b in range(rec.block, rec.block + rec.count)):
+            return True
+    return False
+
+
+def pick_victim(eng: Engine) -> SegState | None:
+    active = eng._active
+    best: SegState | None = None
+    best_frac = 2.0
+    limit = 1.0 - eng.config.compaction_garbage_ratio
+    # Segments sealed early (each open starts a new segment) are merged even when mostly live, so
+    # restarts do not leave an ever-growing number of small files.
+    small = eng.config.segment_size_bytes // 8
+    for sid, seg in eng.index.segs.items():
+        if active is not None and sid == active.seg_id:
+            continue
+        if sid not in eng._files or sid in eng._dirty:
+            continue
+        if seg.has_bad:
+            if _has_bad_live(eng, seg):
+                continue
+            seg.has_bad = False
+        frac = _live_fraction(seg)
+        if (frac <= limit or seg.end < small) and frac < best_frac:
+            best, best_frac = seg, frac
+    return best
+
+
+def _copy_write(eng: Engine, rec: Rec) -> int:
+    """Copy the live and pinned blocks of one WRITE record; returns bytes written."""
+    idx = eng.index
+    got = read_record(eng._files[rec.seg], eng._seeds[rec.seg], rec.off)
+    emap = idx.extents.get(rec.extent_id, {})
+    blocks = range(rec.block, rec.block + rec.count)
+    current = [b for b in blocks if emap.get(b) is rec]
+    pinned = [b for b in blocks if idx.is_history_of(rec.extent_id, b, rec)]
+    if isinstance(got, str):
+        for b in current:
+            idx.mark_bad(rec.extent_id, b, 1)
+        log.error("engine.corruption", segment=segment_name(rec.seg), offset=rec.off, extent_id=rec.extent_id,
+                  block_start=rec.block, block_count=rec.count, reason=got + " (found by compaction)")
+        raise _SkipSegment
+    hdr, body, bad = got
+    if bad:
+        badset = {rec.block + i for i in bad}
+        hit = [b for b in current if b in badset]
+        for b in hit:
+            idx.mark_bad(rec.extent_id, b, 1)
+        if hit or any(b in badset for b in pinned):
+            log.error("engine.corruption", segment=segment_name(rec.seg), offset=rec.off,
+                      extent_id=rec.extent_id, block_start=rec.block + bad[0], block_count=len(bad),
+                      reason="payload block checksum mismatch (found by compaction)")
+            raise _SkipSegment
+    bad_marks = idx.bad.get(rec.extent_id)
+    if bad_marks and any(b in bad_marks for b in current):
+        raise _SkipSegment
+    pay = payload_offset(hdr.count)
+    crc_all = struct.unpack_from(f"<{hdr.count}I", body, REC_HEADER_SIZE)
+    written = 0
+    for group, flags in ((current, FLAG_RELOCATED), (pinned, FLAG_RELOCATED | FLAG_HISTORY)):
+        for start, n in _runs(group):
+            i0 = start - rec.block
+            seg = eng._room(record_length(REC_WRITE, n))
+            buf, badi = build_write_record(
+                eng._seeds[seg.seg_id], rec.extent_id, start, rec.lsn, eng._durable_mark,
+                memoryview(body)[pay + i0 * BLOCK_SIZE : pay + (i0 + n) * BLOCK_SIZE],
+                list(crc_all[i0 : i0 + n]), flags,
+            )
+            assert badi is None, "compaction copy failed its pair check"
+            off = eng._append(seg, buf)
+            new = Rec(seg.seg_id, off, REC_WRITE, flags, rec.extent_id, start, n, rec.lsn)
+            if flags & FLAG_HISTORY:
+                for b in range(start, start + n):
+                    idx.relocate_history(rec.extent_id, b, rec, new)
+            else:
+                seg.note_write(rec.extent_id, rec.lsn)
+                idx.replace_location(rec, new, start, n)
+            written += len(buf)
+    return written
+
+
+def _runs(blocks: list[int]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for b in blocks:
+        if out and out[-1][0] + out[-1][1] == b:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((b, 1))
+    return out
+
+
+def _tombstone_droppable(eng: Engine, t: Rec, victim: int) -> bool:
+    if t.lsn > eng.checkpoint_lsn:
+        return False  # the durable checkpoint may still name older versions of these blocks
+    for sid, seg in eng.index.segs.items():
+        if sid == victim:
+            continue
+        m = seg.min_write_lsn.get(t.extent_id)
+        if m is not None and m < t.lsn:
+            return False
+    return True
+
+
+def _finish(eng: Engine, victim: SegState) -> int:
+    written = 0
+    for off in sorted(victim.tombstones):
+        t = victim.tombstones[off]
+        if _tombstone_droppable(eng, t, victim.seg_id):
+            continue
+        seg = eng._room(REC_HEADER_SIZE)
+        buf = build_trim_record(eng._seeds[seg.seg_id], t.extent_id, t.block, t.count, t.lsn,
+                                eng._durable_mark, FLAG_RELOCATED)
+        noff = eng._append(seg, buf)
+        seg.tombstones[noff] = Rec(seg.seg_id, noff, REC_TRIM, FLAG_RELOCATED, t.extent_id, t.block,
+                                   t.count, t.lsn)
+        written += len(buf)
+    victim.tombstones.clear()  # copied or dropped; a retry after an error re-decides nothing twice
+    eng.sync()
+    assert victim.live_blocks == 0 and not victim.records, "cleaned segment still referenced"
+    eng._remove_segment(victim.seg_id)
+    log.info("engine.segment_cleaned", segment=segment_name(victim.seg_id))
+    return written
+
+
+def compact(eng: Engine, budget_bytes: int) -> int:
+    written = 0
+    while written < budget_bytes:
+        cur = eng._clean
+        if cur is None:
+            victim = pick_victim(eng)
+            if victim is None:
+                break
+            cur = eng._clean = CleanCursor(victim.seg_id, sorted(victim.records))
+        seg = eng.index.segs.get(cur.seg_id)
+        if seg is None:
+            eng._clean = None
+            continue
+        try:
+            while cur.pos < len(cur.offsets):
+                rec = seg.records.get(cur.offsets[cur.pos])
+                if rec is None:
+                    cur.pos += 1
+                    continue
+                cost = (rec.live + rec.hist) * BLOCK_SIZE
+                if written and written + cost > budget_bytes:
+                    return written
+                written += _copy_write(eng, rec)
+                cur.pos += 1
+        except _SkipSegment:
+            seg.has_bad = True
+            eng._clean = None
+            continue
+        if seg.records:
+            # Every record was visited, yet some are still referenced: the live counters disagree
+            # with the index. Never delete such a segment.
+            log.error("engine.compaction_stuck", segment=segment_name(seg.seg_id), records=len(seg.records))
+            seg.has_bad = True
+            eng._clean = None
+            continue
+        written += _finish(eng, seg)
+        eng._clean = None
+    return written

@@ -1,0 +1,536 @@
+# The storage engine: append-only, CRC32C-framed segments + an in-memory index, checkpoints,
+# recovery, segment cleaning. Formats: docs/format/segment.md.
+#
+# Rule 1 (threads): write/trim/read/block_status/compact/checkpoint/drop_extent/pin/close run on ONE
+#         owner thread (the event loop). sync() may run on any thread, concurrently with them.
+#         `_lock` guards only the append state (active segment, its end, last_lsn, what is dirty); it
+#         is never held during a pwrite or an fdatasync. `_sync_lock` serialises syncs (a second
+#         sync must not report durability while the first is still inside fdatasync) and file
+#         removal (no fd closes under a running fdatasync).
+# Rule 2 (durability): a write is durable only once sync() has returned an LSN >= its LSN. sync()
+#         fdatasyncs every segment with unsynced appends (rolled ones too) and the directory if files
+#         were created.
+# Rule 3 (pair check): CRCs are checked right before a block is written and right after every read;
+#         a mismatch raises CorruptBlockError and never returns data.
+# Rule 4 (failures): an error during an append leaves the engine as before the call (no index
+#         change, append position unchanged); ENOSPC becomes NoSpaceError.
+# The engine never imports asyncio.
+from __future__ import annotations
+
+import errno
+import os
+import struct
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import crc32c
+import structlog
+
+from raftblock.storage import compaction
+from raftblock.storage.disk import Disk, DiskFile
+from raftblock.storage.index import Checkpoint, CorruptBlockError, Index, Rec, SegState, encode_checkpoint
+from raftblock.storage.recovery import (
+    CHECKPOINT_NAME,
+    CHECKPOINT_TMP_NAME,
+    CorruptRange,
+    RecoveryReport,
+    recover,
+)
+from raftblock.storage.segment import (
+    BLOCK_SIZE,
+    MAX_BLOCK,
+    MAX_WRITE_BLOCKS,
+    REC_HEADER_SIZE,
+    REC_TRIM,
+    REC_WRITE,
+    SEG_HEADER_SIZE,
+    build_trim_record,
+    build_write_record,
+    encode_segment_header,
+    payload_offset,
+    position,
+    record_length,
+    segment_name,
+    segment_seed,
+)
+
+__all__ = [
+    "BLOCK_SIZE",
+    "CorruptBlockError",
+    "CorruptRange",
+    "Engine",
+    "EngineConfig",
+    "NoSpaceError",
+    "RecoveryReport",
+]
+
+log = structlog.get_logger(__name__)
+
+ZERO_BLOCK_CRC = crc32c.crc32c(bytes(BLOCK_SIZE), 0)
+MAX_EXTENT_ID = (1 << 64) - 1
+
+
+class NoSpaceError(OSError):
+    """The disk is full (errno.ENOSPC). Nothing stored was harmed; retry when space returns."""
+
+    def __init__(self, msg: str = "no space left on device") -> None:
+        super().__init__(errno.ENOSPC, msg)
+
+
+class EngineClosedError(RuntimeError):
+    pass
+
+
+@dataclass
+class EngineConfig:
+    segment_size_bytes: int = 64 << 20
+    checkpoint_interval_bytes: int = 256 << 20
+    compaction_garbage_ratio: float = 0.5
+    verify_on_open: bool = True
+    preallocate: bool = True  # posix_fallocate each new segment to segment_size_bytes
+
+
+def _is_enospc(e: BaseException) -> bool:
+    return isinstance(e, OSError) and e.errno == errno.ENOSPC
+
+
+class Engine:
+    report: RecoveryReport
+
+    def __init__(self, disk: Disk, directory: str, cluster_id: bytes, config: EngineConfig) -> None:
+        # Use Engine.open(); this only sets fields.
+        self.disk = disk
+        self.directory = directory
+        self.cluster_id = cluster_id
+        self.config = config
+        self.index = Index()
+        self._files: dict[int, DiskFile] = {}
+        self._seeds: dict[int, int] = {}
+        self._missing: set[int] = set()
+        self._lock = threading.Lock()
+        self._sync_lock = threading.Lock()
+        self._active: SegState | None = None
+        self._dirty: set[int] = set()
+        self._dir_dirty = False
+        self._next_segment_id = 1
+        self._durable_mark = 0
+        self.last_lsn = 0
+        self.synced_lsn = 0
+        self.checkpoint_lsn = 0
+        self._bytes_since_checkpoint = 0
+        self._closed = False
+        self._clean: compaction.CleanCursor | None = None
+
+    # --- open ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls, disk: Disk, directory: str, cluster_id: bytes, config: EngineConfig | None = None
+    ) -> Engine:
+        if len(cluster_id) != 16:
+            raise ValueError("cluster_id must be 16 bytes")
+        cfg = config or EngineConfig()
+        if not (64 << 10 <= cfg.segment_size_bytes <= (1 << 32) - (4 << 20)):
+            raise ValueError("segment_size_bytes must be in [64 KiB, 4 GiB - 4 MiB]")
+        eng = cls(disk, directory, cluster_id, cfg)
+        rec = recover(disk, directory, cluster_id, cfg.verify_on_open)
+        eng.index = rec.index
+        eng._files = rec.files
+        eng._seeds = rec.seeds
+        eng._missing = rec.missing_segments
+        eng.last_lsn = eng.synced_lsn = rec.last_lsn
+        eng.checkpoint_lsn = rec.checkpoint_lsn
+        eng._next_segment_id = rec.next_segment_id
+        eng.report = rec.report
+        try:
+            eng._roll()
+            eng.sync()
+        except BaseException:
+            eng._close_files()
+            raise
+        r = rec.report
+        log.info(
+            "engine.recovered",
+            directory=directory,
+            checkpoint_lsn=r.checkpoint_lsn,
+            used_checkpoint=r.used_checkpoint,
+            segments_scanned=r.segments_scanned,
+            records_replayed=r.records_replayed,
+            torn_tail_bytes=r.torn_tail_bytes,
+            corrupt=len(r.corrupt),
+            last_lsn=eng.last_lsn,
+            duration_ms=round(r.duration_ms, 3),
+        )
+        return eng
+
+    # --- append path -----------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise EngineClosedError("engine is closed")
+
+    def _roll(self, min_bytes: int = 0) -> None:
+        """Start a new active segment (header written, space preallocated).
+
+        A record larger than segment_size_bytes gets a segment of its own size (never split).
+        """
+        sid = self._next_segment_id
+        path = os.path.join(self.directory, segment_name(sid))
+        f = self.disk.open_file(path, create=True)
+        try:
+            f.pwrite(encode_segment_header(self.cluster_id, sid, self.last_lsn), 0)
+            if self.config.preallocate:
+                f.fallocate(0, max(self.config.segment_size_bytes, min_bytes))
+        except BaseException as e:
+            f.close()
+            try:
+                self.disk.remove(path)
+            except OSError:
+                pass
+            if _is_enospc(e):
+                log.warning("engine.no_space", op="new segment", segment=segment_name(sid))
+                raise NoSpaceError(f"no space for a new segment: {e}") from e
+            raise
+        seg = SegState(sid, end=SEG_HEADER_SIZE)
+        with self._lock:
+            self._files[sid] = f
+            self._seeds[sid] = segment_seed(self.cluster_id, sid)
+            self.index.segs[sid] = seg
+            self._active = seg
+            self._next_segment_id = sid + 1
+            self._dirty.add(sid)
+            self._dir_dirty = True
+
+    def _room(self, length: int) -> SegState:
+        seg = self._active
+        assert seg is not None
+        if seg.end + length > max(self.config.segment_size_bytes, SEG_HEADER_SIZE + length):
+            self._roll(SEG_HEADER_SIZE + length)
+            seg = self._active
+            assert seg is not None
+        return seg
+
+    def _append(self, seg: SegState, buf: bytearray | bytes) -> int:
+        """pwrite one framed record at the end of `seg`; returns its offset."""
+        off = seg.end
+        try:
+            self._files[seg.seg_id].pwrite(buf, off)
+        except OSError as e:
+            if _is_enospc(e):
+                log.warning("engine.no_space", op="append", segment=segment_name(seg.seg_id), offset=off)
+                raise NoSpaceError(f"no space to append a record: {e}") from e
+            raise
+        with self._lock:
+            seg.end = off + len(buf)
+            self._dirty.add(seg.seg_id)
+        self._bytes_since_checkpoint += len(buf)
+        return off
+
+    def write(self, extent_id: int, block: int, data: bytes | bytearray | memoryview, crcs: Sequence[int]) -> int:
+        self._check_open()
+        n = len(crcs)
+        if not 1 <= n <= MAX_WRITE_BLOCKS:
+            raise ValueError(f"a write covers 1..{MAX_WRITE_BLOCKS} blocks, got {n}")
+        if len(data) != n * BLOCK_SIZE:
+            raise ValueError(f"data is {len(data)} bytes, expected {n} x {BLOCK_SIZE}")
+        if not (0 <= extent_id <= MAX_EXTENT_ID and 0 <= block and block + n <= MAX_BLOCK):
+            raise ValueError("extent_id/block out of range")
+        lsn = self.last_lsn + 1
+        seg = self._room(record_length(REC_WRITE, n))
+        buf, bad = build_write_record(
+            self._seeds[seg.seg_id], extent_id, block, lsn, self._durable_mark, data, list(crcs)
+        )
+        if bad is not None:
+            raise CorruptBlockError(extent_id, block + bad, "checksum mismatch before write")
+        off = self._append(seg, buf)
+        with self._lock:
+            self.last_lsn = lsn
+        rec = Rec(seg.seg_id, off, REC_WRITE, 0, extent_id, block, n, lsn)
+        seg.note_write(extent_id, lsn)
+        self.index.set_blocks(rec, block, n)
+        return lsn
+
+    def trim(self, extent_id: int, block: int, count: int) -> int:
+        self._check_open()
+        if count < 1 or not (0 <= extent_id <= MAX_EXTENT_ID and 0 <= block and block + count <= MAX_BLOCK):
+            raise ValueError("extent_id/block/count out of range")
+        lsn = self.last_lsn + 1
+        seg = self._room(REC_HEADER_SIZE)
+        buf = build_trim_record(self._seeds[seg.seg_id], extent_id, block, count, lsn, self._durable_mark)
+        off = self._append(seg, buf)
+        with self._lock:
+            self.last_lsn = lsn
+        seg.tombstones[off] = Rec(seg.seg_id, off, REC_TRIM, 0, extent_id, block, count, lsn)
+        self.index.trim_blocks(extent_id, block, count, lsn)
+        return lsn
+
+    def drop_extent(self, extent_id: int) -> int:
+        return self.trim(extent_id, 0, MAX_BLOCK)
+
+    # --- read path -------------------------------------------------------------------------
+
+    def _read_run(self, rec: Rec, first: int, k: int, out: bytearray, out_off: int, crcs: list[int],
+                  crc_off: int) -> None:
+        """Read blocks [first, first+k) of rec into out; verify each block's CRC (pair check)."""
+        f = self._files.get(rec.seg)
+        if f is None:
+            self._read_failed(rec.extent_id, first, "segment file missing", rec)
+        idx0 = first - rec.block
+        expect = f.pread(4 * k, rec.off + REC_HEADER_SIZE + 4 * idx0)  # type: ignore[union-attr]
+        payload = f.pread(k * BLOCK_SIZE, rec.off + payload_offset(rec.count) + idx0 * BLOCK_SIZE)  # type: ignore[union-attr]
+        if len(expect) < 4 * k or len(payload) < k * BLOCK_SIZE:
+            self._read_failed(rec.extent_id, first, "short read", rec)
+        want = struct.unpack(f"<{k}I", expect)
+        out[out_off : out_off + k * BLOCK_SIZE] = payload
+        view = memoryview(out)
+        for i in range(k):
+            s = out_off + i * BLOCK_SIZE
+            c = crc32c.crc32c(view[s : s + BLOCK_SIZE], 0)
+            if c != want[i]:
+                self._read_failed(rec.extent_id, first + i, "block checksum mismatch after read", rec)
+            crcs[crc_off + i] = c
+
+    def _read_failed(self, extent_id: int, blk: int, reason: str, rec: Rec | None) -> None:
+        self.index.mark_bad(extent_id, blk, 1)
+        log.error(
+            "engine.corruption",
+            segment=segment_name(rec.seg) if rec else None,
+            offset=rec.off if rec else None,
+            extent_id=extent_id,
+            block_start=blk,
+            block_count=1,
+            reason=reason,
+        )
+        raise CorruptBlockError(extent_id, blk, reason)
+
+    def read(self, extent_id: int, block: int, count: int) -> tuple[bytearray, list[int]]:
+        self._check_open()
+        if count < 1 or block < 0:
+            raise ValueError("bad block range")
+        out = bytearray(count * BLOCK_SIZE)
+        crcs = [ZERO_BLOCK_CRC] * count
+        emap = self.index.extents.get(extent_id)
+        bad = self.index.bad.get(extent_id)
+        if not emap and not bad:
+            return out, crcs
+        emap = emap or {}
+        i = 0
+        while i < count:
+            blk = block + i
+            if bad and blk in bad:
+                raise CorruptBlockError(extent_id, blk, "block marked bad")
+            rec = emap.get(blk)
+            if rec is None:
+                i += 1
+                continue
+            j = i + 1
+            while j < count and emap.get(block + j) is rec and not (bad and block + j in bad):
+                j += 1
+            self._read_run(rec, blk, j - i, out, i * BLOCK_SIZE, crcs, i)
+            i = j
+        return out, crcs
+
+    def read_at(self, extent_id: int, block: int, count: int, lsn: int) -> tuple[bytearray, list[int]]:
+        """Read the image as of `lsn` (versions kept by pin(lsn)); the snapshot read path."""
+        self._check_open()
+        out = bytearray(count * BLOCK_SIZE)
+        crcs = [ZERO_BLOCK_CRC] * count
+        for i in range(count):
+            rec = self.index.version_at(extent_id, block + i, lsn)
+            if rec is not None:
+                self._read_run(rec, block + i, 1, out, i * BLOCK_SIZE, crcs, i)
+        return out, crcs
+
+    def block_status(self, extent_id: int, block: int, count: int) -> list[tuple[int, bool]]:
+        emap = self.index.extents.get(extent_id) or {}
+        bad = self.index.bad.get(extent_id) or set()
+        runs: list[tuple[int, bool]] = []
+        if not emap and not bad:
+            return [(count, False)]
+        for blk in range(block, block + count):
+            alloc = blk in emap or blk in bad
+            if runs and runs[-1][1] == alloc:
+                runs[-1] = (runs[-1][0] + 1, alloc)
+            else:
+                runs.append((1, alloc))
+        return runs
+
+    # --- durability ------------------------------------------------------------------------
+
+    def sync(self) -> int:
+        with self._sync_lock:
+            with self._lock:
+                if self._closed and not self._files:
+                    return self.synced_lsn
+                lsn = self.last_lsn
+                active = self._active
+                mark = position(active.seg_id, active.end) if active else self._durable_mark
+                dirty = self._dirty
+                self._dirty = set()
+                need_dir = self._dir_dirty
+                self._dir_dirty = False
+                files = [self._files[s] for s in sorted(dirty) if s in self._files]
+            try:
+                for f in files:
+                    f.fdatasync()
+                if need_dir:
+                    self.disk.fsync_dir(self.directory)
+            except BaseException:
+                with self._lock:
+                    self._dirty |= dirty
+                    self._dir_dirty |= need_dir
+                raise
+            with self._lock:
+                if lsn > self.synced_lsn:
+                    self.synced_lsn = lsn
+                if mark > self._durable_mark:
+                    self._durable_mark = mark
+                return self.synced_lsn
+
+    def checkpoint_due(self) -> bool:
+        return self._bytes_since_checkpoint >= self.config.checkpoint_interval_bytes
+
+    def maybe_checkpoint(self) -> bool:
+        if self.checkpoint_due():
+            self.checkpoint()
+            return True
+        return False
+
+    def checkpoint(self) -> None:
+        """Write the index atomically (tmp, fdatasync, rename, fsync dir); see segment.md."""
+        self._check_open()
+        self.sync()
+        active = self._active
+        assert active is not None
+        idx = self.index
+        ck = Checkpoint(
+            cluster_id=self.cluster_id,
+            checkpoint_lsn=self.last_lsn,
+            replay_segment=active.seg_id,
+            replay_offset=active.end,
+            next_segment_id=self._next_segment_id,
+            runs=[(e, b, n, r.seg, r.off, r.block, r.count, r.lsn, r.flags) for e, b, n, r in idx.runs()],
+            tombs=[
+                (t.seg, t.off, t.block, t.count, t.extent_id, t.lsn)
+                for sid in sorted(idx.segs)
+                for t in idx.segs[sid].tombstones.values()
+            ],
+            segmin=[
+                (sid, e, lsn) for sid in sorted(idx.segs) for e, lsn in idx.segs[sid].min_write_lsn.items()
+            ],
+            bad=idx.bad_runs(),
+        )
+        raw = encode_checkpoint(ck)
+        tmp = os.path.join(self.directory, CHECKPOINT_TMP_NAME)
+        f = self.disk.open_file(tmp, create=True)
+        try:
+            f.truncate(0)
+            f.pwrite(raw, 0)
+            f.fdatasync()
+        except BaseException as e:
+            f.close()
+            try:
+                self.disk.remove(tmp)
+            except OSError:
+                pass
+            if _is_enospc(e):
+                log.warning("engine.no_space", op="checkpoint")
+                raise NoSpaceError(f"no space for a checkpoint: {e}") from e
+            raise
+        f.close()
+        self.disk.rename(tmp, os.path.join(self.directory, CHECKPOINT_NAME))
+        self.disk.fsync_dir(self.directory)
+        self.checkpoint_lsn = ck.checkpoint_lsn
+        self._bytes_since_checkpoint = 0
+        log.info("engine.checkpoint", lsn=ck.checkpoint_lsn, bytes=len(raw), runs=len(ck.runs))
+
+    # --- space -----------------------------------------------------------------------------
+
+    def compact(self, budget_bytes: int) -> int:
+        """Clean the emptiest segments, rewriting at most ~budget_bytes (at least one record)."""
+        self._check_open()
+        self.maybe_checkpoint()
+        return compaction.compact(self, budget_bytes)
+
+    def _remove_segment(self, sid: int) -> None:
+        with self._sync_lock:
+            with self._lock:
+                f = self._files.pop(sid, None)
+                self._seeds.pop(sid, None)
+                self._dirty.discard(sid)
+                self.index.segs.pop(sid, None)
+            if f is not None:
+                f.close()
+            self.disk.remove(os.path.join(self.directory, segment_name(sid)))
+            self.disk.fsync_dir(self.directory)
+
+    def pin(self, lsn: int) -> None:
+        """Keep, for compaction, the newest version <= lsn of every block that is current now.
+
+        Versions already superseded before the call are not protected: pin last_lsn (snapshots do).
+        """
+        if lsn > self.last_lsn:
+            raise ValueError("cannot pin a future LSN")
+        self.index.pin(lsn)
+
+    def unpin(self, lsn: int) -> None:
+        self.index.unpin(lsn)
+
+    def stats(self) -> dict[str, int]:
+        on_disk = 0
+        for f in list(self._files.values()):
+            try:
+                on_disk += f.size()
+            except OSError:
+                pass
+        ck = os.path.join(self.directory, CHECKPOINT_NAME)
+        if self.disk.exists(ck):
+            try:
+                cf = self.disk.open_file(ck, create=False)
+                on_disk += cf.size()
+                cf.close()
+            except OSError:
+                pass
+        used = sum(s.end for s in self.index.segs.values() if s.seg_id in self._files)
+        return {
+            "bytes_on_disk": on_disk,
+            "bytes_used": used,
+            "live_bytes": self.index.live_bytes(),
+            "garbage_bytes": max(0, used - self.index.live_bytes()),
+            "segments": len(self._files),
+            "blocks_allocated": self.index.blocks_allocated,
+            "bad_blocks": sum(len(b) for b in self.index.bad.values()),
+            "last_lsn": self.last_lsn,
+            "synced_lsn": self.synced_lsn,
+            "checkpoint_lsn": self.checkpoint_lsn,
+            "pins": sum(self.index.pins.values()),
+        }
+
+    # --- shutdown --------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        try:
+            self.checkpoint()  # syncs first
+            active = self._active
+            if active is not None and self.config.preallocate:
+                f = self._files[active.seg_id]
+                f.truncate(active.end)  # give back the preallocated tail
+                f.fdatasync()
+        finally:
+            self._closed = True
+            self._close_files()
+
+    def _close_files(self) -> None:
+        with self._sync_lock:
+            with self._lock:
+                files = list(self._files.values())
+                self._files = {}
+            for f in files:
+                try:
+                    f.close()
+                except OSError:
+                    pass
+        self._closed = True
