@@ -37,20 +37,29 @@ def _volume_arg(text: str) -> tuple[str, int]:
         raise argparse.ArgumentTypeError(str(e)) from e
 
 
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from raftblock.gateway.nbd_server import GatewayConfig
     from raftblock.node.serve import ServeError, VolumeSpec, run_serve
     from raftblock.obs.log import configure
+    from raftblock.storage.engine import EngineConfig
 
     configure(args.log_format, args.log_level)
     specs = [VolumeSpec(n, s) for n, s in args.volume]
     gw = GatewayConfig(bind=args.bind, port=args.port)
+    ec = EngineConfig(segment_size_bytes=args.segment_size)
     try:
-        return _loop_run(run_serve(Path(args.dir), specs, gw, disk_mode=args.disk))
+        return _loop_run(run_serve(Path(args.dir), specs, gw, disk_mode=args.disk, engine_config=ec))
     except ServeError as e:
         print(f"raftblock serve: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
+    except (OSError, ValueError) as e:
         print(f"raftblock serve: {e}", file=sys.stderr)
         return 1
 
@@ -135,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--disk", choices=["os", "volatile", "volatile-tear"], default="os",
                    help="disk port: os (real), volatile (test: unsynced writes die with the process), "
                         "volatile-tear (also leaves torn partial writes)")
+    s.add_argument("--segment-size", type=_size_arg, default=64 << 20, metavar="SIZE",
+                   help="engine segment file size (default 64M; each is preallocated)")
     s.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=cmd_serve)

@@ -157,6 +157,7 @@ async def run_serve(
     specs: list[VolumeSpec],
     gateway: GatewayConfig,
     disk_mode: str = "os",
+    engine_config: EngineConfig | None = None,
     ready_stream: TextIO | None = None,
 ) -> int:
     directory.mkdir(parents=True, exist_ok=True)
@@ -165,7 +166,7 @@ async def run_serve(
     disk = make_disk(disk_mode)
     engine_dir = directory / "engine"
     engine_dir.mkdir(exist_ok=True)
-    engine = Engine.open(disk, str(engine_dir), cluster_id, EngineConfig())
+    engine = Engine.open(disk, str(engine_dir), cluster_id, engine_config or EngineConfig())
     report_corruption(engine, volumes)
     group = LocalGroup(engine)
     catalog = VolumeCatalog()
