@@ -189,5 +189,9 @@ async def run_serve(
     await server.shutdown()
     await compactor
     group.close()
+    # Shutdown is complete: a second SIGTERM arriving while the loop closes must not turn exit 0 into -15.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
     log.info("serve.stopped")
     return 0

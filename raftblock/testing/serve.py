@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -49,6 +50,7 @@ class ServeProcess:
     """One `raftblock serve` child process.
 
     volumes: "NAME:SIZE" strings or (name, size) pairs; size is bytes or a string like "64M".
+    port: None picks a free port just before starting; 0 lets the server pick (read from its READY line).
     command: the program to run instead of `raftblock` (its argv before `serve`), e.g. for a test double.
     """
 
@@ -83,6 +85,7 @@ class ServeProcess:
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
         self.returncode: int | None = None
+        self._pump: threading.Thread | None = None
         self.starts = 0  # how many times this object started a process (restarts append to the same log)
 
     # -- life cycle -------------------------------------------------------------------------------------
@@ -100,7 +103,7 @@ class ServeProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         last_error: ServeError | None = None
         for _ in range(self.start_attempts_max):
-            port = self.requested_port or free_port(self.host)
+            port = self.requested_port if self.requested_port is not None else free_port(self.host)
             try:
                 self._start_once(port, timeout_s)
                 return self
@@ -135,7 +138,7 @@ class ServeProcess:
         uri = line[len("READY "):]
         hostport = uri[len("nbd://"):].rstrip("/")
         self.port = int(hostport.rsplit(":", 1)[1])
-        if self.port != port:
+        if port != 0 and self.port != port:
             self.kill()
             raise ServeError(f"server announced {uri}, but was asked for port {port}")
 
@@ -160,6 +163,9 @@ class ServeProcess:
                         raw, buf = buf.split(b"\n", 1)
                         line = raw.decode(errors="replace").strip()
                         if line.startswith(READY_PREFIX):
+                            if buf:
+                                self._note(f"unexpected stdout after READY: {buf!r}")
+                            self._drain_stdout()
                             return line
                         # anything else on stdout is a contract violation worth seeing in the log
                         self._note(f"unexpected stdout line: {line!r}")
@@ -167,6 +173,23 @@ class ServeProcess:
                     raise ServeError(f"server exited ({self.proc.returncode}) before READY\n{self.log_tail()}")
         finally:
             sel.close()
+
+    def _drain_stdout(self) -> None:
+        """Keep reading stdout after READY (a full pipe would block the server); log anything that comes."""
+        assert self.proc is not None and self.proc.stdout is not None
+        stdout = self.proc.stdout
+
+        def pump() -> None:
+            try:
+                for raw in iter(stdout.readline, b""):
+                    self._note(f"unexpected stdout after READY: {raw.decode(errors='replace').rstrip()!r}")
+            except (OSError, ValueError):
+                pass
+            finally:
+                stdout.close()
+
+        self._pump = threading.Thread(target=pump, name=f"serve-stdout-{self.proc.pid}", daemon=True)
+        self._pump.start()
 
     def _note(self, text: str) -> None:
         with open(self.log_path, "a") as log:
@@ -197,7 +220,10 @@ class ServeProcess:
     def _reap(self) -> int:
         assert self.proc is not None
         rc = self.proc.wait()
-        if self.proc.stdout is not None:
+        if self._pump is not None:
+            self._pump.join(timeout=5)  # it ends at EOF and closes stdout
+            self._pump = None
+        elif self.proc.stdout is not None:
             self.proc.stdout.close()
         self.returncode = rc
         self._note(f"exited with {rc}")
@@ -207,12 +233,12 @@ class ServeProcess:
         """Start again on the same directory; reuses the port so URIs held by a test stay valid."""
         if self.proc is not None and self.proc.poll() is None:
             raise ServeError("still running; stop() or kill() first")
-        if self.port is not None and self.requested_port is None:
-            self.requested_port = self.port
+        if self.port is not None and not self.requested_port:
+            saved, self.requested_port = self.requested_port, self.port
             try:
                 return self.start(timeout_s)
             finally:
-                self.requested_port = None
+                self.requested_port = saved
         return self.start(timeout_s)
 
     @property

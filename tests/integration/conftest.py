@@ -8,29 +8,23 @@
 #      takes the `serve` arguments, e.g. a test double; the suite's target is `raftblock serve`.
 from __future__ import annotations
 
-import os
-import shlex
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
-from raftblock.testing.serve import ServeProcess, default_command
+from raftblock.testing.serve import ServeProcess
 
-ServeFactory = Callable[..., ServeProcess]
-
-
-def _serve_command() -> list[str]:
-    override = os.environ.get("RAFTBLOCK_SERVE_CMD")
-    return shlex.split(override) if override else default_command()
+from .helpers import ServeFactory, serve_command
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    return f"raftblock integration server: {' '.join(_serve_command())} serve ..."
+    return f"raftblock integration server: {' '.join(serve_command())} serve ..."
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)
-def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Keep each phase's report on the item, so fixtures can tell whether the test failed."""
     rep = yield
     setattr(item, f"rep_{rep.when}", rep)
     return rep
@@ -53,7 +47,7 @@ def serve_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Se
             list(volumes),
             disk=disk,
             log_path=tmp_path / f"{name}.log",
-            command=_serve_command(),
+            command=serve_command(),
             **kw,  # type: ignore[arg-type]
         )
         started.append(sp)

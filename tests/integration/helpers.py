@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from raftblock.testing.serve import ServeProcess, default_command
 
 HERE = Path(__file__).resolve().parent
 CLIENTS = HERE / "clients"
@@ -24,11 +27,28 @@ BLOCK = 4096
 SECTOR = 512
 MiB = 1 << 20
 
+# serve_factory(volumes=["vol:64M"], disk="os", name="srv", start=True, **ServeProcess kwargs)
+ServeFactory = Callable[..., ServeProcess]
+
+
+def serve_command() -> list[str]:
+    """argv before `serve`: `raftblock` by default; RAFTBLOCK_SERVE_CMD (developer aid) overrides it."""
+    override = os.environ.get("RAFTBLOCK_SERVE_CMD")
+    return shlex.split(override) if override else default_command()
+
+
+def _skip_or_fail(reason: str) -> None:
+    """A missing tool skips on a developer's machine but fails in CI (CI=true), where `make test` has
+    installed everything: a skip there would hide a missing install step."""
+    if os.environ.get("CI"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
 
 def require_tools(*names: str) -> None:
     missing = [n for n in names if shutil.which(n) is None]
     if missing:
-        pytest.skip(f"missing tools: {' '.join(missing)} (make sysdeps installs them)")
+        _skip_or_fail(f"missing tools: {' '.join(missing)} (make sysdeps installs them)")
 
 
 _libnbd_ok: bool | None = None
@@ -44,7 +64,7 @@ def require_libnbd() -> str:
         except (OSError, subprocess.TimeoutExpired):
             _libnbd_ok = False
     if not _libnbd_ok:
-        pytest.skip(f"{SYSTEM_PYTHON} cannot import nbd (install python3-libnbd)")
+        _skip_or_fail(f"{SYSTEM_PYTHON} cannot import nbd (install python3-libnbd)")
     return SYSTEM_PYTHON
 
 
@@ -128,14 +148,16 @@ def nbd_sha256(uri: str, offset: int | None = None, length: int | None = None) -
     return str(r["sha256"])
 
 
-def seg_files(data_dir: Path) -> list[Path]:
-    return sorted(p for p in data_dir.rglob("*.seg") if p.is_file())
+def data_files(data_dir: Path) -> list[Path]:
+    """Every regular file below a server's --dir. The engine's segment files are among them; which names
+    it uses is its business (the serve contract says `*.seg`, the engine writes `seg-<id>.log`)."""
+    return sorted(p for p in data_dir.rglob("*") if p.is_file())
 
 
-def find_in_segments(data_dir: Path, needle: bytes) -> list[tuple[Path, int]]:
-    """Every (segment file, byte offset) where needle occurs."""
+def find_on_disk(data_dir: Path, needle: bytes) -> list[tuple[Path, int]]:
+    """Every (file, byte offset) below data_dir where needle occurs."""
     hits = []
-    for p in seg_files(data_dir):
+    for p in data_files(data_dir):
         data = p.read_bytes()
         pos = data.find(needle)
         while pos != -1:

@@ -150,7 +150,7 @@ class RawConn:
     def wait_closed(self, timeout_s: float = TIMEOUT_S) -> bytes:
         """Read until the server closes; return what it sent meanwhile. Raises TimeoutError if it doesn't."""
         self.sock.settimeout(timeout_s)
-        got = []
+        got: list[bytes] = []
         while True:
             try:
                 chunk = self.sock.recv(65536)
