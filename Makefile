@@ -6,7 +6,7 @@ PYTHON   ?= python3
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
 STAMP    := $(VENV)/.installed
-DEB_PKGS := qemu-utils libnbd-bin python3-libnbd nbdkit fuse3 fio e2fsprogs util-linux procps iproute2
+DEB_PKGS := qemu-utils libnbd-bin python3-libnbd nbdkit fuse3 fio e2fsprogs util-linux procps iproute2 gcc
 PYTEST_ARGS ?=
 QUICK    ?=
 SEED     ?=
@@ -15,8 +15,11 @@ SEED     ?=
 
 all: venv
 
-$(STAMP): pyproject.toml setup.py $(wildcard raftblock/_fast/*.pyx)
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+# sysdeps is order-only: installed before the venv (gcc builds the Cython extensions), never a rebuild trigger.
+$(STAMP): pyproject.toml setup.py $(wildcard raftblock/_fast/*.pyx) | sysdeps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || { \
+	  echo "python -m venv failed; installing Debian's python3-venv"; \
+	  apt-get install -y -qq python3-venv >/dev/null && rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip setuptools wheel cython
 	$(PY) -m pip install -q -e '.[test,s3]'
 	touch $(STAMP)
@@ -36,7 +39,7 @@ sysdeps:
 compile: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
-test: $(STAMP) sysdeps
+test: sysdeps $(STAMP)
 	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS) tests
 
 test-fast: $(STAMP)
@@ -46,10 +49,10 @@ lint: $(STAMP)
 	$(PY) -m ruff check raftblock tests bench
 	$(PY) -m mypy raftblock
 
-bench: $(STAMP) sysdeps
+bench: sysdeps $(STAMP)
 	$(PY) bench/run.py $(if $(QUICK),--quick,)
 
-demo: $(STAMP) sysdeps
+demo: sysdeps $(STAMP)
 	$(PY) -m raftblock.cli demo
 
 clean:

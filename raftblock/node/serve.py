@@ -28,6 +28,7 @@ from typing import TextIO
 
 import structlog
 
+from raftblock._fast import blockcrc
 from raftblock.client.volume import BLOCK_SIZE, Volume, VolumeInfo
 from raftblock.gateway.nbd_server import GatewayConfig, NbdServer, VolumeCatalog
 from raftblock.replication.local import LocalGroup
@@ -161,6 +162,7 @@ async def run_serve(
     ready_stream: TextIO | None = None,
 ) -> int:
     directory.mkdir(parents=True, exist_ok=True)
+    log.info("serve.starting", directory=str(directory), disk=disk_mode, fast=blockcrc.IMPLEMENTATION)
     cluster_id = load_or_create_cluster_id(directory)
     volumes = load_or_create_volumes(directory, specs)
     disk = make_disk(disk_mode)

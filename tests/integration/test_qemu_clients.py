@@ -7,7 +7,10 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+
+import pytest
 
 from raftblock.testing.serve import ServeProcess
 
@@ -63,11 +66,20 @@ def test_qemu_img_info_shows_virtual_size(serve_factory: ServeFactory) -> None:
         assert info["virtual-size"] == size, info
 
 
-def test_qemu_io_and_libnbd_patterns_round_trip(server: ServeProcess, tmp_path: Path) -> None:
+@pytest.mark.parametrize("impl", ["cython", "python"])
+def test_qemu_io_and_libnbd_patterns_round_trip(serve_factory: ServeFactory, tmp_path: Path, impl: str) -> None:
     """NBD_CMD_WRITE then NBD_CMD_READ return the same bytes, for aligned, 512-byte and unaligned requests,
-    through two independent clients (qemu-io and libnbd), and again after a SIGTERM + restart."""
+    through two independent clients (qemu-io and libnbd), and again after a SIGTERM + restart.
+    Runs on the Cython hot loops and on their pure-Python twins (RAFTBLOCK_NO_EXTENSIONS=1)."""
     require_tools("qemu-io")
     require_libnbd()
+    env = dict(os.environ)
+    env.pop("RAFTBLOCK_NO_EXTENSIONS", None)
+    if impl == "python":
+        env["RAFTBLOCK_NO_EXTENSIONS"] = "1"
+    server: ServeProcess = serve_factory(env=env)
+    started = [e for e in server.log_events() if e.get("event") == "serve.starting"]
+    assert started and started[-1]["fast"] == impl, started
     uri = server.uri("vol")
     model = bytearray(MODEL_BYTES)
 
