@@ -81,6 +81,7 @@ class Volume:
         self._group_for = group_for
         self._locks = _BlockLocks()
         self._blocks_per_extent = info.extent_size_bytes // BLOCK_SIZE
+        self._touched: dict[int, ReplicationGroup] = {}  # groups written through this volume (for FLUSH)
 
     @property
     def size_bytes(self) -> int:
@@ -186,7 +187,7 @@ class Volume:
             while done < n:
                 k = min(n - done, RECORD_BLOCKS_MAX)
                 chunk = data[base + done * BLOCK_SIZE : base + (done + k) * BLOCK_SIZE]
-                coros.append(self._group_for(eid).write(eid, blk + done, chunk, blockcrc.block_crcs(chunk)))
+                coros.append(self._group(eid).write(eid, blk + done, chunk, blockcrc.block_crcs(chunk)))
                 done += k
         if len(coros) == 1:
             await coros[0]
@@ -202,7 +203,7 @@ class Volume:
             return
         if self._locks:
             await self._locks.wait_free(first, end)
-        await asyncio.gather(*(self._group_for(e).trim(e, b, n) for e, b, n, _ in self._pieces(first, end)))
+        await asyncio.gather(*(self._group(e).trim(e, b, n) for e, b, n, _ in self._pieces(first, end)))
 
     async def zero(self, offset: int, length: int, no_hole: bool) -> None:
         """WRITE_ZEROES: partial edge blocks get zeros by RMW; whole blocks are dropped (they read as
@@ -228,21 +229,20 @@ class Volume:
                 b += n
             return
         await asyncio.gather(
-            *(self._group_for(e).zero(e, b, n) for e, b, n, _ in self._pieces(first_full, end_full))
+            *(self._group(e).zero(e, b, n) for e, b, n, _ in self._pieces(first_full, end_full))
         )
 
     async def flush(self) -> None:
-        # Every group this volume touches; one group per node in one-copy mode.
-        groups = {id(g): g for g in self._all_groups()}
-        await asyncio.gather(*(g.flush() for g in groups.values()))
+        """Every acknowledged write is already durable (ReplicationGroup rule 2); FLUSH also waits for
+        whatever the groups this volume has written to still have in flight."""
+        groups = list(self._touched.values())
+        if groups:
+            await asyncio.gather(*(g.flush() for g in groups))
 
-    def _all_groups(self) -> list[ReplicationGroup]:
-        extents = (self.info.size_bytes + self.info.extent_size_bytes - 1) // self.info.extent_size_bytes
-        seen: dict[int, ReplicationGroup] = {}
-        for i in range(extents):
-            g = self._group_for(self.info.extent_id(i))
-            seen.setdefault(id(g), g)
-        return list(seen.values())
+    def _group(self, extent_id: int) -> ReplicationGroup:
+        g = self._group_for(extent_id)
+        self._touched.setdefault(id(g), g)
+        return g
 
     # --- block status -----------------------------------------------------------------------------
     async def block_status(self, offset: int, length: int, max_descriptors: int) -> list[tuple[int, bool]]:
