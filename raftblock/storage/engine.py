@@ -144,7 +144,12 @@ class Engine:
         eng._next_segment_id = rec.next_segment_id
         eng.report = rec.report
         try:
-            eng._roll()
+            try:
+                eng._roll()
+            except NoSpaceError:
+                # A full disk must not keep a node from starting: serve reads now, and open the first
+                # segment lazily when a write finds space again.
+                log.warning("engine.open_without_active_segment", reason="no space")
             eng.sync()
         except BaseException:
             eng._close_files()
@@ -204,7 +209,11 @@ class Engine:
 
     def _room(self, length: int) -> SegState:
         seg = self._active
-        assert seg is not None
+        if seg is None:
+            self._roll(SEG_HEADER_SIZE + length)
+            seg = self._active
+            assert seg is not None
+            return seg
         if seg.end + length > max(self.config.segment_size_bytes, SEG_HEADER_SIZE + length):
             self._roll(SEG_HEADER_SIZE + length)
             seg = self._active
@@ -402,7 +411,8 @@ class Engine:
         self._check_open()
         self.sync()
         active = self._active
-        assert active is not None
+        if active is None:
+            return  # opened on a full disk and nothing written since: the previous checkpoint stands
         idx = self.index
         ck = Checkpoint(
             cluster_id=self.cluster_id,

@@ -498,3 +498,30 @@ def test_sync_on_worker_thread_while_writing(d: str) -> None:
         got = struct.unpack_from("<Q", out, blk * BLOCK_SIZE)[0]
         assert got >= i
     e2.close()
+
+
+def test_open_on_a_full_disk_serves_reads_and_writes_once_space_returns(d: str) -> None:
+    """A node must come back after a crash on a full disk: open does not need a new segment up front."""
+    e = Engine.open(OsDisk(), d, CLUSTER, SMALL)
+    data, crcs = blocks(5, 2)
+    e.write(1, 0, data, crcs)
+    e.close()
+    full = FullDisk(budget=0)
+    e = Engine.open(full, d, CLUSTER, SMALL)  # type: ignore[arg-type]
+    try:
+        assert e.read(1, 0, 2)[0] == data
+        more, more_crcs = blocks(6, 1)
+        with pytest.raises(NoSpaceError):
+            e.write(1, 2, more, more_crcs)
+        assert e.read(1, 0, 2)[0] == data
+        full.budget = 64 << 20  # space returns
+        e.write(1, 2, more, more_crcs)
+        e.sync()
+        assert e.read(1, 0, 3)[0] == data + more
+    finally:
+        e.close()
+    e = Engine.open(OsDisk(), d, CLUSTER, SMALL)
+    try:
+        assert e.read(1, 0, 3)[0] == data + more
+    finally:
+        e.close()
