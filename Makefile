@@ -55,6 +55,10 @@ bench: sysdeps $(STAMP)
 demo: sysdeps $(STAMP)
 	$(PY) -m raftblock.cli demo
 
+# Replay one simulation seed (a failing seed prints this command): make sim SEED=n [NODES=3|5] [STEPS=2000]
+sim: $(STAMP)
+	$(PY) -m raftblock.testing.sim --seed $(SEED) $(if $(NODES),--nodes $(NODES),) $(if $(STEPS),--steps $(STEPS),)
+
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
 	find raftblock -name '*.so' -delete
