@@ -1,0 +1,139 @@
+"""`python -m raftblock.node.raftnode --config FILE`: one storage node running extent-group Raft.
+
+Owns: the composition root of a Raft node (config, Disk, Engine, WAL, NodeRuntime, signals). The next
+issue folds it into `raftblock node --config FILE`; until then the membership is static (below).
+
+Config (TOML):
+
+    node_id = 1                       # >= 1; node ids are not addresses
+    data_dir = "/var/lib/raftblock/n1"  # engine/ (segments) and wal/ (the shared Raft log) inside
+    listen = "127.0.0.1:7001"         # peers and clients use this one port
+    disk = "os"                       # os | volatile | volatile-tear (tests: lose unsynced data on kill -9)
+    [peers]                           # every node of the cluster, this one included
+    1 = "127.0.0.1:7001"
+    2 = "127.0.0.1:7002"
+    3 = "127.0.0.1:7003"
+    [groups]                          # groups first .. first+count-1, each replicated on `members`
+    first = 1
+    count = 100
+    members = [1, 2, 3]
+    [raft]                            # optional: RuntimeConfig fields (tick_ms, batch_writes_max, ...)
+    tick_ms = 100
+    [engine]                          # optional: EngineConfig fields (segment_size_bytes, ...)
+
+An extent belongs to group `extent_id >> 32`. Rules: prints `READY raft://HOST:PORT` on stdout once
+listening (logs go to stderr); SIGTERM/SIGINT stop cleanly (WAL synced, engine checkpointed), exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from raftblock.node.serve import load_or_create_cluster_id
+from raftblock.obs.log import configure
+from raftblock.replication.raft.runtime import NodeRuntime, RuntimeConfig
+from raftblock.replication.raft.wal import Wal
+from raftblock.storage.disk import make_disk
+from raftblock.storage.engine import Engine, EngineConfig
+
+log = structlog.get_logger(__name__)
+
+ENGINE_COMPACT_INTERVAL_S = 5.0
+ENGINE_COMPACT_BUDGET_BYTES = 8 << 20
+
+
+class NodeConfig:
+    def __init__(self, raw: dict[str, Any]) -> None:
+        self.node_id = int(raw["node_id"])
+        if self.node_id < 1:
+            raise ValueError("node_id must be >= 1")
+        self.data_dir = Path(raw["data_dir"])
+        self.host, self.port = parse_address(raw["listen"])
+        self.disk = str(raw.get("disk", "os"))
+        self.peers = {int(k): parse_address(v) for k, v in raw["peers"].items()}
+        g = raw.get("groups", {})
+        first, count = int(g.get("first", 1)), int(g.get("count", 1))
+        members = [int(m) for m in g.get("members", sorted(self.peers))]
+        self.groups = {gid: members for gid in range(first, first + count) if self.node_id in members}
+        self.raft = dict(raw.get("raft", {}))
+        self.engine = dict(raw.get("engine", {}))
+        self.seed = raw.get("seed")
+
+    @classmethod
+    def load(cls, path: str | Path) -> NodeConfig:
+        with open(path, "rb") as f:
+            return cls(tomllib.load(f))
+
+
+def parse_address(s: str) -> tuple[str, int]:
+    host, _, port = s.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+async def _engine_compaction(engine: Engine, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        try:
+            await asyncio.wait_for(stop.wait(), ENGINE_COMPACT_INTERVAL_S)
+            return
+        except TimeoutError:
+            pass
+        try:
+            engine.compact(ENGINE_COMPACT_BUDGET_BYTES)
+        except OSError as e:
+            log.warning("engine.compaction_failed", error=str(e))
+
+
+async def run_node(cfg: NodeConfig) -> int:
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    disk = make_disk(cfg.disk)
+    cluster_id = load_or_create_cluster_id(cfg.data_dir)
+    (cfg.data_dir / "engine").mkdir(exist_ok=True)
+    engine = Engine.open(disk, str(cfg.data_dir / "engine"), cluster_id, EngineConfig(**cfg.engine))
+    rcfg = RuntimeConfig(cfg.node_id, **cfg.raft)
+    wal, recovered = Wal.open(disk, str(cfg.data_dir / "wal"), rcfg.wal_segment_bytes_max)
+    rt = NodeRuntime(rcfg, engine, wal, recovered, cfg.groups, cfg.peers, seed=cfg.seed)
+    port = await rt.start(cfg.host, cfg.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    compactor = loop.create_task(_engine_compaction(engine, stop))
+    print(f"READY raft://{cfg.host}:{port}", flush=True)
+    await stop.wait()
+    log.info("raftnode.stopping", node=cfg.node_id)
+    await compactor
+    await rt.stop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
+    log.info("raftnode.stopped", node=cfg.node_id)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m raftblock.node.raftnode")
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
+    ap.add_argument("--log-level", default="info")
+    args = ap.parse_args(argv)
+    configure(args.log_format, args.log_level)
+    cfg = NodeConfig.load(args.config)
+    try:
+        import uvloop
+
+        return uvloop.run(run_node(cfg))
+    except ImportError:
+        return asyncio.run(run_node(cfg))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

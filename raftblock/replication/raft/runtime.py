@@ -1,0 +1,796 @@
+# NodeRuntime: drives every extent group's RaftCore of one node on one asyncio loop.
+#
+# Owns: the groups' cores, the shared WAL (wal.py), the node's storage Engine (the state machine all
+# groups apply to), the transport (transport.py), client requests, ticks.
+#
+# Rules (the core's Ready contract, docs/raft.md, for many groups at once):
+# 1. Per group at most one Ready is outstanding. Its `messages_now` leave at once; its snapshot,
+#    entries, hard state and compaction are appended to the WAL buffer; if it must be durable (entries,
+#    a snapshot, a term/vote change) it waits for the next WAL fdatasync, which covers every group
+#    (one fdatasync in flight; while it runs the next batch accumulates). Then its `messages` leave,
+#    committed entries are applied to the engine, reads are served, and the core advances.
+# 2. A client write is answered OK only when its entry is committed and applied on this node (the
+#    leader) and the entry at that index still has the term it was proposed in.
+# 3. Reads are served by a leader only through the core's read_index (lease, else a heartbeat round).
+#    Before starting one, ticks are caught up with the monotonic clock, so a leader that was stopped
+#    (SIGSTOP) sees its lease as expired.
+# 4. Engine writes are not fsynced on the write path: the WAL is the durable record. The WAL is
+#    compacted only behind an engine fdatasync (compact cycle), so replay from a group's compaction
+#    point rebuilds everything the engine may have lost. Re-applying entries is harmless: an entry is
+#    whole-block writes and trims, so replaying a suffix in order converges to the same state.
+# 5. An extent belongs to the group in its upper 32 bits (extent_id >> 32 == group id) until the
+#    metadata group maps extents to groups (next issue); a write outside the group is refused.
+# 6. Limits: batch_bytes_max / batch_writes_max per entry, pending_writes_max per group,
+#    peer send buffers (transport), apply_entries_max per Ready (core).
+from __future__ import annotations
+
+import asyncio
+import random
+import struct
+import time
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, cast
+
+import structlog
+
+from raftblock._fast import blockcrc
+from raftblock.replication.raft.core import RaftConfig, RaftCore, Ready
+from raftblock.replication.raft.storage import bootstrap_snapshot
+from raftblock.replication.raft.transport import Connection, Transport
+from raftblock.replication.raft.types import (
+    NO_NODE,
+    ConfState,
+    Entry,
+    EntryType,
+    GroupId,
+    HardState,
+    Message,
+    MessageType,
+    NodeId,
+    Role,
+    SnapshotMeta,
+)
+from raftblock.replication.raft.wal import GroupDurable, Wal, WalStorage
+from raftblock.storage.engine import CorruptBlockError, Engine, NoSpaceError
+from raftblock.storage.segment import MAX_BLOCK, MAX_WRITE_BLOCKS
+from raftblock.wire import raftblock_pb2 as pb
+from raftblock.wire.framing import Frame, FrameType, encode_frame
+from raftblock.wire.ops import BLOCK_SIZE, OP_TRIM, OP_WRITE, BlockOp, decode_batch, encode_batch
+from raftblock.wire.raftcodec import (
+    HEARTBEAT_TYPES,
+    decode_heartbeats,
+    decode_raft,
+    encode_heartbeats,
+    encode_raft,
+)
+
+log = structlog.get_logger(__name__)
+
+_MT = MessageType
+
+# Client ops and statuses (raftblock.proto).
+OP_C_WRITE, OP_C_READ, OP_C_TRIM, OP_C_STATUS, OP_C_NODE_STATUS = 1, 2, 3, 4, 5
+ST_OK, ST_NOT_LEADER, ST_UNKNOWN_GROUP, ST_UNAVAILABLE, ST_BAD_REQUEST, ST_CORRUPT, ST_NO_SPACE = range(7)
+_IMG_LEN = struct.Struct("<I")
+
+
+def group_of_extent(extent_id: int) -> int:
+    return extent_id >> 32
+
+
+class RuntimeConfig:
+    def __init__(
+        self,
+        node_id: int,
+        *,
+        tick_ms: int = 100,
+        election_timeout_ticks: int = 10,
+        heartbeat_interval_ticks: int = 2,
+        lease_margin_ticks: int = 2,
+        batch_bytes_max: int = 1 << 20,
+        batch_writes_max: int = 64,
+        pending_writes_max: int = 1024,
+        wal_segment_bytes_max: int = 64 << 20,
+        wal_compact_bytes: int = 256 << 20,
+        snapshot_chunk_bytes: int = 1 << 20,
+        peer_send_buffer_bytes_max: int = 64 << 20,
+        catch_up_ticks_max: int = 64,
+    ) -> None:
+        self.node_id = node_id
+        self.tick_ms = tick_ms
+        self.election_timeout_ticks = election_timeout_ticks
+        self.heartbeat_interval_ticks = heartbeat_interval_ticks
+        self.lease_margin_ticks = lease_margin_ticks
+        self.batch_bytes_max = batch_bytes_max
+        self.batch_writes_max = batch_writes_max
+        self.pending_writes_max = pending_writes_max
+        self.wal_segment_bytes_max = wal_segment_bytes_max
+        self.wal_compact_bytes = wal_compact_bytes
+        self.snapshot_chunk_bytes = snapshot_chunk_bytes
+        self.peer_send_buffer_bytes_max = peer_send_buffer_bytes_max
+        self.catch_up_ticks_max = catch_up_ticks_max
+
+
+class LazyImage:
+    """A group's snapshot image, made from the engine only when a follower needs it.
+
+    The core treats Snapshot.data as bytes but only takes len() of it and slices it, so the image (the
+    group's extent data, possibly newer than the snapshot index: see rule 4) is read when first used.
+    """
+
+    __slots__ = ("_make", "_data")
+
+    def __init__(self, make: Callable[[], bytes]) -> None:
+        self._make = make
+        self._data: bytes | None = None
+
+    def _get(self) -> bytes:
+        if self._data is None:
+            self._data = self._make()
+        return self._data
+
+    def __len__(self) -> int:
+        return len(self._get())
+
+    def __getitem__(self, k: slice) -> bytes:
+        return self._get()[k]
+
+
+class _Pending:
+    __slots__ = ("op", "fut")
+
+    def __init__(self, op: BlockOp, fut: asyncio.Future[int]) -> None:
+        self.op = op
+        self.fut = fut
+
+
+class _Group:
+    __slots__ = (
+        "id",
+        "core",
+        "storage",
+        "rd",
+        "wait_pos",
+        "hs",
+        "pending",
+        "pending_bytes",
+        "proposals",
+        "reads",
+        "read_waits",
+        "last_role",
+        "last_term",
+    )
+
+    def __init__(self, gid: int, core: RaftCore, storage: WalStorage, hs: HardState) -> None:
+        self.id = gid
+        self.core = core
+        self.storage = storage
+        self.rd: Ready | None = None
+        self.wait_pos = 0
+        self.hs = hs
+        self.pending: list[_Pending] = []
+        self.pending_bytes = 0
+        self.proposals: dict[int, tuple[int, list[asyncio.Future[int]]]] = {}
+        self.reads: dict[int, asyncio.Future[int]] = {}  # ctx -> waiting for its ReadState
+        self.read_waits: list[tuple[int, asyncio.Future[int]]] = []  # (index, fut): waiting for apply
+        self.last_role = Role.FOLLOWER
+        self.last_term = 0
+
+
+class NotLeaderError(Exception):
+    def __init__(self, leader: int) -> None:
+        super().__init__(f"not leader (leader hint {leader})")
+        self.leader = leader
+
+
+class RetryError(Exception):
+    """The group cannot serve now (no leader of this term yet, overloaded); the client retries."""
+
+
+class NodeRuntime:
+    def __init__(
+        self,
+        cfg: RuntimeConfig,
+        engine: Engine,
+        wal: Wal,
+        recovered: dict[int, GroupDurable],
+        groups: dict[int, list[int]],
+        peers: dict[int, tuple[str, int]],
+        seed: int | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.node_id = NodeId(cfg.node_id)
+        self.engine = engine
+        self.wal = wal
+        self.peers = peers
+        self.counters: Counter[str] = Counter()
+        self.transport = Transport(
+            cfg.node_id, peers, self, self.counters, send_buffer_bytes_max=cfg.peer_send_buffer_bytes_max
+        )
+        self._rng = random.Random(seed if seed is not None else cfg.node_id * 7919 + int(time.time_ns()))
+        self.groups: dict[int, _Group] = {}
+        for gid, members in sorted(groups.items()):
+            self._add_group(gid, members, recovered.get(gid))
+        self._dirty: set[int] = set()
+        self._propose_dirty: set[int] = set()
+        self._kicked = False
+        self._sync_waiters: list[_Group] = []
+        self._syncing = False
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-sync")
+        self._hb_out: dict[int, tuple[list[Message], list[Message]]] = {}
+        self._ticks_done = 0
+        self._t0 = 0.0
+        self._tick_handle: asyncio.TimerHandle | None = None
+        self._read_ctx = 0
+        self._compacting = False
+        self._wal_bytes_at_compact = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.failed: BaseException | None = None
+        self.port = 0
+        self.commits = 0
+
+    def _image_factory(self, gid: int) -> Callable[[SnapshotMeta], LazyImage]:
+        def make(_meta: SnapshotMeta) -> LazyImage:
+            return LazyImage(lambda: self.export_group(gid))
+
+        return make
+
+    def _add_group(self, gid: int, members: list[int], rec: GroupDurable | None) -> None:
+        voters = frozenset(NodeId(m) for m in members)
+        storage = WalStorage(
+            self.wal,
+            gid,
+            rec,
+            bootstrap_snapshot(voters).meta,
+            self._image_factory(gid),
+        )
+        rc = RaftConfig(
+            self.node_id,
+            GroupId(gid),
+            election_timeout_ticks=self.cfg.election_timeout_ticks,
+            heartbeat_interval_ticks=self.cfg.heartbeat_interval_ticks,
+            lease_margin_ticks=self.cfg.lease_margin_ticks,
+            snapshot_chunk_bytes=self.cfg.snapshot_chunk_bytes,
+        )
+        rng = random.Random(self._rng.getrandbits(64))
+        core = RaftCore(rc, storage, rng.randrange)
+        hs = rec.hard_state if rec is not None else HardState()
+        self.groups[gid] = _Group(gid, core, storage, hs)
+
+    # == lifecycle ===========================================================================================
+    async def start(self, host: str, port: int) -> int:
+        self._loop = asyncio.get_running_loop()
+        self._t0 = time.monotonic()
+        self.port = await self.transport.start(host, port)
+        self._dirty.update(self.groups)
+        self._kick()
+        self._schedule_tick()
+        log.info("raft.runtime_started", node=self.node_id, port=self.port, groups=len(self.groups))
+        return self.port
+
+    async def stop(self) -> None:
+        if self._tick_handle is not None:
+            self._tick_handle.cancel()
+        await self.transport.stop()
+        for g in self.groups.values():
+            self._fail_group_requests(g, NotLeaderError(NO_NODE))
+        while self._syncing:
+            await asyncio.sleep(0.01)
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._close_storage)
+        self._executor.shutdown(wait=True)
+
+    def _close_storage(self) -> None:
+        self.wal.close()
+        self.engine.close()
+
+    # == scheduling ==========================================================================================
+    def _kick(self) -> None:
+        if not self._kicked and self._loop is not None:
+            self._kicked = True
+            self._loop.call_soon(self._process)
+
+    def _schedule_tick(self) -> None:
+        assert self._loop is not None
+        self._tick_handle = self._loop.call_later(self.cfg.tick_ms / 1000.0, self._on_tick)
+
+    def _on_tick(self) -> None:
+        self._catch_up_ticks()
+        self._schedule_tick()
+
+    def _catch_up_ticks(self) -> None:
+        due = int((time.monotonic() - self._t0) * 1000.0 / self.cfg.tick_ms)
+        n = min(due - self._ticks_done, self.cfg.catch_up_ticks_max)
+        if n <= 0:
+            return
+        self._ticks_done = due
+        for g in self.groups.values():
+            core = g.core
+            for _ in range(n):
+                core.tick()
+        self._dirty.update(self.groups)
+        self._kick()
+
+    def _process(self) -> None:
+        self._kicked = False
+        if self.failed is not None:
+            return
+        try:
+            for gid in self._propose_dirty:
+                self._flush_proposals(self.groups[gid])
+            self._propose_dirty.clear()
+            while self._dirty:
+                dirty, self._dirty = self._dirty, set()
+                for gid in dirty:
+                    g = self.groups[gid]
+                    if g.rd is None and g.core.has_ready():
+                        self._handle_ready(g)
+            self._flush_heartbeats()
+            self.transport.flush()
+            self.wal.flush()
+        except Exception as e:
+            self._fail(e)
+            return
+        if self._sync_waiters and not self._syncing:
+            self._syncing = True
+            assert self._loop is not None
+            self._loop.create_task(self._sync_loop())
+
+    def _fail(self, e: BaseException) -> None:
+        log.error("raft.runtime_failed", error=repr(e), exc_info=e)
+        self.failed = e
+        for g in self.groups.values():
+            self._fail_group_requests(g, RetryError(f"node failed: {e!r}"))
+
+    async def _sync_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._sync_waiters and self.failed is None:
+                self.wal.flush()
+                try:
+                    synced = await loop.run_in_executor(self._executor, self.wal.sync)
+                except OSError as e:
+                    self._fail(e)  # fsync errors cannot be retried honestly
+                    return
+                still: list[_Group] = []
+                done: list[_Group] = []
+                for g in self._sync_waiters:
+                    (done if g.wait_pos <= synced else still).append(g)
+                self._sync_waiters = still
+                for g in done:
+                    self._finish_ready(g)
+                self.wal.gc()
+                self._maybe_start_compaction()
+                self._process()
+        finally:
+            self._syncing = False
+        if self._sync_waiters and self.failed is None:
+            self._kick()
+
+    # == Ready handling ======================================================================================
+    def _handle_ready(self, g: _Group) -> None:
+        core = g.core
+        rd = core.ready()
+        g.rd = rd
+        for m in rd.messages_now:
+            self._send(m)
+        must_sync = False
+        st = g.storage
+        if rd.snapshot is not None:
+            self._install_image(g.id, rd.snapshot.data)
+            st.install_snapshot(rd.snapshot)
+            must_sync = True
+            self.counters["snapshots_installed"] += 1
+        if rd.entries:
+            st.append(rd.entries)
+            must_sync = True
+        hs = rd.hard_state
+        if hs is not None:
+            st.set_hard_state(hs)
+            if hs.term != g.hs.term or hs.vote != g.hs.vote:
+                must_sync = True  # etcd's MustSync: a commit index alone may be lost and relearned
+            g.hs = hs
+        if rd.compaction is not None:
+            st.compact(rd.compaction)
+        if must_sync:
+            g.wait_pos = st.last_pos
+            self._sync_waiters.append(g)
+        else:
+            self._finish_ready(g)
+
+    def _finish_ready(self, g: _Group) -> None:
+        rd = g.rd
+        assert rd is not None
+        core = g.core
+        for m in rd.messages:
+            self._send(m)
+        for e in rd.committed_entries:
+            self._apply(g, e)
+        for rs in rd.read_states:
+            fut = g.reads.pop(rs.ctx, None)
+            if fut is not None:
+                g.read_waits.append((rs.index, fut))
+        for ctx in rd.reads_aborted:
+            fut = g.reads.pop(ctx, None)
+            if fut is not None and not fut.done():
+                fut.set_exception(NotLeaderError(core.lead))
+        core.advance(rd)
+        g.rd = None
+        if core.role != g.last_role or core.term != g.last_term:
+            if g.last_role == Role.LEADER and core.role != Role.LEADER:
+                self._fail_group_requests(g, NotLeaderError(core.lead))
+            if core.role == Role.LEADER and g.last_role != Role.LEADER:
+                log.info("raft.leader", group=g.id, term=core.term)
+            g.last_role = core.role
+            g.last_term = core.term
+        if g.read_waits:
+            applied = core.applied_index
+            keep: list[tuple[int, asyncio.Future[int]]] = []
+            for idx, fut in g.read_waits:
+                if idx <= applied:
+                    if not fut.done():
+                        fut.set_result(idx)
+                else:
+                    keep.append((idx, fut))
+            g.read_waits = keep
+        self._dirty.add(g.id)
+        self._kick()
+
+    def _apply(self, g: _Group, e: Entry) -> None:
+        if e.type == EntryType.NORMAL and e.data:
+            try:
+                for op in decode_batch(e.data):
+                    if op.kind == OP_WRITE:
+                        self.engine.write(op.extent_id, op.block, op.data, op.crcs)
+                    else:
+                        self.engine.trim(op.extent_id, op.block, op.count)
+            except (NoSpaceError, CorruptBlockError, ValueError) as ex:
+                # A replica that cannot apply a committed entry must not pretend it did: the node stops
+                # serving (runtime failed) and is repaired from its peers.
+                self.counters["apply_errors"] += 1
+                log.error("raft.apply_failed", group=g.id, index=e.index, error=repr(ex))
+                raise
+            self.commits += 1
+        p = g.proposals.pop(e.index, None)
+        if p is not None:
+            term, futs = p
+            for fut in futs:
+                if fut.done():
+                    continue
+                if term == e.term:
+                    fut.set_result(e.index)
+                else:
+                    fut.set_exception(NotLeaderError(g.core.lead))
+
+    def _fail_group_requests(self, g: _Group, exc: Exception) -> None:
+        for _, futs in g.proposals.values():
+            for fut in futs:
+                if not fut.done():
+                    fut.set_exception(exc)
+        g.proposals.clear()
+        for p in g.pending:
+            if not p.fut.done():
+                p.fut.set_exception(exc)
+        g.pending = []
+        g.pending_bytes = 0
+        for fut in g.reads.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        g.reads.clear()
+        for _, fut in g.read_waits:
+            if not fut.done():
+                fut.set_exception(exc)
+        g.read_waits = []
+
+    # == messages ============================================================================================
+    def _send(self, m: Message) -> None:
+        if m.type in HEARTBEAT_TYPES:
+            pair = self._hb_out.get(m.dst)
+            if pair is None:
+                pair = self._hb_out[m.dst] = ([], [])
+            pair[1 if m.type == _MT.HEARTBEAT_RESP else 0].append(m)
+            return
+        self.transport.send(m.dst, encode_raft(m))
+
+    def _flush_heartbeats(self) -> None:
+        if not self._hb_out:
+            return
+        for dst, (hbs, resps) in self._hb_out.items():
+            if hbs:
+                self.transport.send(dst, encode_heartbeats(self.node_id, NodeId(dst), hbs, False))
+            if resps:
+                self.transport.send(dst, encode_heartbeats(self.node_id, NodeId(dst), resps, True))
+        self._hb_out = {}
+
+    def on_peer_up(self, peer_id: int) -> None:
+        pass
+
+    def on_peer_frame(self, peer_id: int, frame: Frame) -> None:
+        if frame.type == FrameType.RAFT:
+            self._step(decode_raft(frame.group, frame.message, frame.payload))
+        elif frame.type == FrameType.HEARTBEATS:
+            for m in decode_heartbeats(frame.message):
+                self._step(m)
+        elif frame.type in (FrameType.CLIENT_REQ,):
+            self.counters["frames_malformed"] += 1
+        else:
+            self.counters["frames_malformed"] += 1
+            return
+        self._kick()
+
+    def _step(self, m: Message) -> None:
+        g = self.groups.get(m.group)
+        if g is None:
+            self.counters["raft_unknown_group"] += 1
+            return
+        if m.dst != self.node_id:
+            self.counters["raft_wrong_destination"] += 1
+            return
+        if m.term < g.core.term:
+            self.counters["raft_stale_term"] += 1
+        g.core.step(m)
+        self._dirty.add(g.id)
+
+    # == client requests ======================================================================================
+    def on_client_frame(self, conn: Connection, frame: Frame) -> None:
+        if frame.type != FrameType.CLIENT_REQ:
+            self.counters["frames_malformed"] += 1
+            return
+        req = pb.ClientRequest.FromString(frame.message)
+        assert self._loop is not None
+        self._loop.create_task(self._serve_client(conn, frame.group, req, frame.payload))
+
+    async def _serve_client(self, conn: Connection, gid: int, req: pb.ClientRequest, payload: bytes) -> None:
+        resp = pb.ClientResponse(request_id=req.request_id, node_id=self.node_id)
+        out_payload: list[bytes | bytearray | memoryview] = []
+        try:
+            if req.op == OP_C_NODE_STATUS:
+                self._catch_up_ticks()
+                for g in self.groups.values():
+                    resp.groups.append(self._group_info(g))
+                for k, v in self.counters.items():
+                    resp.counters[k] = v
+                for k, v in self.wal.stats().items():
+                    resp.counters[k] = v
+                resp.counters["commits"] = self.commits
+                resp.counters["peers_connected"] = len(self.transport.conns)
+            else:
+                grp = self.groups.get(gid)
+                if grp is None:
+                    self.counters["client_unknown_group"] += 1
+                    resp.status = ST_UNKNOWN_GROUP
+                    resp.error = f"group {gid} is not hosted here"
+                elif req.op == OP_C_STATUS:
+                    resp.groups.append(self._group_info(grp))
+                elif req.op in (OP_C_WRITE, OP_C_TRIM):
+                    op = self._validate_write(grp, req, payload)
+                    await self._propose(grp, op)
+                elif req.op == OP_C_READ:
+                    data, crcs = await self._read(grp, req)
+                    resp.crcs.extend(crcs)
+                    out_payload.append(data)
+                else:
+                    resp.status = ST_BAD_REQUEST
+                    resp.error = f"unknown op {req.op}"
+        except NotLeaderError as e:
+            resp.status = ST_NOT_LEADER
+            lead = e.leader
+            resp.leader_hint = lead
+            if lead in self.peers:
+                h, p = self.peers[lead]
+                resp.leader_address = f"{h}:{p}"
+        except RetryError as e:
+            resp.status = ST_UNAVAILABLE
+            resp.error = str(e)
+        except CorruptBlockError as e:
+            resp.status = ST_CORRUPT
+            resp.error = str(e)
+        except NoSpaceError as e:
+            resp.status = ST_NO_SPACE
+            resp.error = str(e)
+        except ValueError as e:
+            resp.status = ST_BAD_REQUEST
+            resp.error = str(e)
+        conn.send_now(encode_frame(FrameType.CLIENT_RESP, gid, resp.SerializeToString(), out_payload))
+
+    def _group_info(self, g: _Group) -> pb.GroupInfo:
+        c = g.core
+        return pb.GroupInfo(
+            group=g.id,
+            role=int(c.role),
+            term=c.term,
+            leader=c.lead,
+            commit=c.commit_index,
+            applied=c.applied_index,
+            last_index=c.last_index(),
+            snap_index=c.log.snap_index,
+            lease=c.lease_valid(),
+        )
+
+    def _validate_write(self, g: _Group, req: pb.ClientRequest, payload: bytes) -> BlockOp:
+        """The node's edge check (the gateway checks again at its own edge)."""
+        if group_of_extent(req.extent_id) != g.id:
+            raise ValueError(f"extent {req.extent_id:#x} does not belong to group {g.id}")
+        n = req.count
+        if n < 1 or req.block + n > MAX_BLOCK:
+            raise ValueError("block range out of bounds")
+        if req.op == OP_C_TRIM:
+            if payload:
+                raise ValueError("trim carries no payload")
+            return BlockOp(OP_TRIM, req.extent_id, req.block, n)
+        if n > MAX_WRITE_BLOCKS:
+            raise ValueError(f"a write covers at most {MAX_WRITE_BLOCKS} blocks")
+        if len(payload) != n * BLOCK_SIZE or len(req.crcs) != n:
+            raise ValueError("payload / crcs do not match count")
+        crcs = list(req.crcs)
+        bad = blockcrc.first_mismatch(payload, crcs)
+        if bad >= 0:
+            raise CorruptBlockError(req.extent_id, req.block + bad, "checksum mismatch on arrival")
+        return BlockOp(OP_WRITE, req.extent_id, req.block, n, crcs, payload)
+
+    def _check_leader(self, g: _Group) -> None:
+        if self.failed is not None:
+            raise RetryError(f"node failed: {self.failed!r}")
+        if g.core.role != Role.LEADER:
+            raise NotLeaderError(g.core.lead)
+
+    async def _propose(self, g: _Group, op: BlockOp) -> int:
+        self._check_leader(g)
+        if len(g.pending) + len(g.proposals) >= self.cfg.pending_writes_max:
+            self.counters["client_overloaded"] += 1
+            raise RetryError("too many writes in flight for this group")
+        assert self._loop is not None
+        fut: asyncio.Future[int] = self._loop.create_future()
+        g.pending.append(_Pending(op, fut))
+        g.pending_bytes += op.encoded_size()
+        self._propose_dirty.add(g.id)
+        self._kick()
+        return await fut
+
+    def _flush_proposals(self, g: _Group) -> None:
+        """Leader batching: the writes that arrived in this loop turn become as few entries as the
+        bounds allow (batch_bytes_max, batch_writes_max)."""
+        pending, g.pending = g.pending, []
+        g.pending_bytes = 0
+        core = g.core
+        i = 0
+        while i < len(pending):
+            batch: list[_Pending] = []
+            size = 0
+            while i < len(pending) and len(batch) < self.cfg.batch_writes_max:
+                s = pending[i].op.encoded_size()
+                if batch and size + s > self.cfg.batch_bytes_max:
+                    break
+                batch.append(pending[i])
+                size += s
+                i += 1
+            live = [p for p in batch if not p.fut.done()]
+            if not live:
+                continue
+            index = core.propose(encode_batch([p.op for p in live]))
+            if index == 0:
+                exc: Exception = (
+                    NotLeaderError(core.lead) if core.role != Role.LEADER else RetryError("proposal refused")
+                )
+                for p in live:
+                    p.fut.set_exception(exc)
+                continue
+            g.proposals[index] = (core.term, [p.fut for p in live])
+            self.counters["entries_proposed"] += 1
+        self._dirty.add(g.id)
+
+    async def _read(self, g: _Group, req: pb.ClientRequest) -> tuple[bytearray, list[int]]:
+        if group_of_extent(req.extent_id) != g.id:
+            raise ValueError(f"extent {req.extent_id:#x} does not belong to group {g.id}")
+        n = req.count
+        if n < 1 or n > MAX_WRITE_BLOCKS or req.block + n > MAX_BLOCK:
+            raise ValueError("bad block range")
+        self._catch_up_ticks()  # a leader that was stopped must see its lease expire first
+        self._check_leader(g)
+        self._read_ctx += 1
+        ctx = self._read_ctx
+        if not g.core.read_index(ctx, lease=True):
+            if g.core.role != Role.LEADER:
+                raise NotLeaderError(g.core.lead)
+            raise RetryError("leader has not committed an entry of its term yet")
+        assert self._loop is not None
+        fut: asyncio.Future[int] = self._loop.create_future()
+        g.reads[ctx] = fut
+        self._dirty.add(g.id)
+        self._kick()
+        await fut
+        return self.engine.read(req.extent_id, req.block, n)
+
+    # == snapshots and compaction =============================================================================
+    def _group_extents(self, gid: int) -> list[int]:
+        return sorted(e for e in self.engine.index.extents if group_of_extent(e) == gid)
+
+    def export_group(self, gid: int) -> bytes:
+        """The group's extent data as snapshot image: (u32 length, ops batch)*, runs of <= 256 blocks."""
+        parts: list[bytes] = []
+        ops: list[BlockOp] = []
+
+        def flush_ops() -> None:
+            if ops:
+                b = encode_batch(ops)
+                parts.append(_IMG_LEN.pack(len(b)))
+                parts.append(b)
+                ops.clear()
+
+        for ext in self._group_extents(gid):
+            blocks = sorted(self.engine.index.extents.get(ext, {}))
+            i = 0
+            while i < len(blocks):
+                j = i + 1
+                while j < len(blocks) and blocks[j] == blocks[j - 1] + 1 and j - i < MAX_WRITE_BLOCKS:
+                    j += 1
+                data, crcs = self.engine.read(ext, blocks[i], j - i)
+                ops.append(BlockOp(OP_WRITE, ext, blocks[i], j - i, crcs, bytes(data)))
+                if len(ops) >= 256:
+                    flush_ops()
+                i = j
+        flush_ops()
+        self.counters["snapshot_images_made"] += 1
+        return b"".join(parts)
+
+    def _install_image(self, gid: int, data: Any) -> None:
+        """Replace the group's extents by a received image, durably (before the WAL records it)."""
+        raw = bytes(data) if isinstance(data, bytes | bytearray) else bytes(data[0 : len(data)])
+        for ext in self._group_extents(gid):
+            self.engine.drop_extent(ext)
+        off = 0
+        view = memoryview(raw)
+        while off < len(view):
+            (blen,) = _IMG_LEN.unpack_from(view, off)
+            off += _IMG_LEN.size
+            for op in decode_batch(view[off : off + blen]):
+                if group_of_extent(op.extent_id) != gid:
+                    raise ValueError("snapshot image holds an extent of another group")
+                self.engine.write(op.extent_id, op.block, op.data, op.crcs)
+            off += blen
+        self.engine.sync()  # rare; the WAL's SNAPSHOT record must not outlive the image
+
+    def _maybe_start_compaction(self) -> None:
+        if self._compacting:
+            return
+        grown = self.wal.total_bytes() - self._wal_bytes_at_compact
+        if grown < self.cfg.wal_compact_bytes:
+            return
+        self._compacting = True
+        assert self._loop is not None
+        self._loop.create_task(self._compact_cycle())
+
+    async def _compact_cycle(self) -> None:
+        """Engine fdatasync (in the worker, then a short one inline so nothing applied since escapes it),
+        then every group compacts its log at its applied index; the WAL drops segments after that."""
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self.engine.sync)
+            self.engine.sync()  # covers what was applied while the first sync ran; the loop is ours now
+            n = 0
+            for g in self.groups.values():
+                c = g.core
+                image = self._image_factory(g.id)(g.storage.snapshot().meta)
+                if c.applied_index > c.log.snap_index and c.compact(c.applied_index, cast(bytes, image)):
+                    n += 1
+                    self._dirty.add(g.id)
+            self._wal_bytes_at_compact = self.wal.total_bytes()
+            self.counters["compactions"] += 1
+            log.info("raft.compacted", groups=n, wal_bytes=self._wal_bytes_at_compact)
+            self._kick()
+        except Exception as e:
+            self._fail(e)
+        finally:
+            self._compacting = False
+
+    # == introspection ========================================================================================
+    def leader_count(self) -> int:
+        return sum(1 for g in self.groups.values() if g.core.role == Role.LEADER)
+
+    def group_conf(self, gid: int) -> ConfState:
+        return self.groups[gid].core.conf
+
+    def snapshot_meta(self, gid: int) -> SnapshotMeta:
+        return self.groups[gid].storage.snapshot().meta

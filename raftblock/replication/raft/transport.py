@@ -1,0 +1,252 @@
+# Node transport: the TCP listener, one connection per peer node, client connections (docs/format/wire.md).
+#
+# Owns: sockets and framing only. What a frame means is the handler's (the runtime's) business.
+#
+# Rules:
+# 1. One connection per node pair: the smaller node id dials, the larger accepts; a new HELLO from a
+#    peer replaces its old connection. The dialer retries with bounded backoff (`redial_s_max`).
+# 2. Outgoing frames to a peer are queued during a loop turn and written with one `writelines` when the
+#    runtime calls `flush()`; above `send_buffer_bytes_max` of unsent bytes, Raft frames are dropped
+#    (Raft retransmits) and counted.
+# 3. A stream whose framing is lost (bad magic/version, oversize) is closed; a frame with a bad CRC is
+#    dropped and counted, and the connection goes on.
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from typing import Protocol, cast
+
+import structlog
+
+from raftblock.wire import raftblock_pb2 as pb
+from raftblock.wire.framing import (
+    BadFrame,
+    Buf,
+    FatalFrameError,
+    Frame,
+    FrameDecoder,
+    FrameType,
+    encode_frame,
+)
+
+log = structlog.get_logger(__name__)
+
+ROLE_PEER = 1
+ROLE_CLIENT = 2
+WIRE_VERSION = 1
+
+
+class FrameHandler(Protocol):
+    def on_peer_frame(self, peer_id: int, frame: Frame) -> None: ...
+
+    def on_client_frame(self, conn: Connection, frame: Frame) -> None: ...
+
+    def on_peer_up(self, peer_id: int) -> None: ...
+
+
+class Connection(asyncio.Protocol):
+    """One TCP connection (peer or client), after HELLO."""
+
+    def __init__(self, transport_owner: Transport, dial_peer: int | None = None) -> None:
+        self.owner = transport_owner
+        self.dial_peer = dial_peer
+        self.peer_id: int | None = None
+        self.role = 0
+        self.transport: asyncio.Transport | None = None
+        self._decoder = FrameDecoder()
+        self._out: list[Buf] = []
+        self._out_bytes = 0
+        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
+        hello = pb.Hello(node_id=self.owner.node_id, role=ROLE_PEER, version=WIRE_VERSION)
+        self.transport.writelines(encode_frame(FrameType.HELLO, 0, hello.SerializeToString()))
+
+    def data_received(self, data: bytes) -> None:
+        dec = self._decoder
+        dec.feed(data)
+        counters = self.owner.counters
+        while True:
+            try:
+                ev = dec.next_event()
+            except FatalFrameError as e:
+                counters[e.counter] += 1
+                log.warning("wire.close", reason=str(e), peer=self.peer_id)
+                self.close()
+                return
+            if ev is None:
+                return
+            if isinstance(ev, BadFrame):
+                counters[ev.counter] += 1
+                continue
+            if self.role == 0:
+                if not self._hello(ev):
+                    return
+                continue
+            try:
+                if self.role == ROLE_PEER:
+                    assert self.peer_id is not None
+                    self.owner.handler.on_peer_frame(self.peer_id, ev)
+                else:
+                    self.owner.handler.on_client_frame(self, ev)
+            except Exception as e:  # a malformed frame must not kill the connection
+                counters["frames_malformed"] += 1
+                log.warning("wire.frame_error", error=repr(e), type=ev.type, group=ev.group)
+
+    def _hello(self, f: Frame) -> bool:
+        try:
+            if f.type != FrameType.HELLO:
+                raise ValueError("first frame is not HELLO")
+            h = pb.Hello.FromString(f.message)
+            if h.version != WIRE_VERSION:
+                raise ValueError(f"wire version {h.version}")
+        except Exception as e:
+            self.owner.counters["frames_bad_hello"] += 1
+            log.warning("wire.bad_hello", error=str(e))
+            self.close()
+            return False
+        if h.role == ROLE_PEER and h.node_id in self.owner.peers:
+            self.role = ROLE_PEER
+            self.peer_id = int(h.node_id)
+            self.owner._attach(self.peer_id, self)
+        else:
+            self.role = ROLE_CLIENT
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.peer_id is not None:
+            self.owner._detach(self.peer_id, self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    # -- sending -------------------------------------------------------------------------------------------
+    def queue(self, parts: list[Buf]) -> None:
+        self._out.extend(parts)
+        for p in parts:
+            self._out_bytes += len(p)
+
+    def flush(self) -> None:
+        if self._out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(self._out)
+        self._out = []
+        self._out_bytes = 0
+
+    def send_now(self, parts: list[Buf]) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(parts)
+
+    def write_buffer_bytes(self) -> int:
+        t = self.transport
+        return (t.get_write_buffer_size() if t is not None else 0) + self._out_bytes
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Transport:
+    def __init__(
+        self,
+        node_id: int,
+        peers: dict[int, tuple[str, int]],
+        handler: FrameHandler,
+        counters: Counter[str],
+        *,
+        send_buffer_bytes_max: int = 64 << 20,
+        redial_s_max: float = 1.0,
+    ) -> None:
+        self.node_id = node_id
+        self.peers = {p: a for p, a in peers.items() if p != node_id}
+        self.handler = handler
+        self.counters = counters
+        self.send_buffer_bytes_max = send_buffer_bytes_max
+        self.redial_s_max = redial_s_max
+        self.conns: dict[int, Connection] = {}
+        self._dirty: set[int] = set()
+        self._server: asyncio.Server | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._client_conns: set[Connection] = set()
+        self._stopping = False
+
+    async def start(self, host: str, port: int) -> int:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: self._accepted(), host, port, reuse_address=True)
+        sock = self._server.sockets[0]
+        bound = int(sock.getsockname()[1])
+        for pid in sorted(self.peers):
+            if pid > self.node_id:
+                self._tasks.append(loop.create_task(self._dial_loop(pid)))
+        return bound
+
+    def _accepted(self) -> Connection:
+        c = Connection(self)
+        self._client_conns.add(c)
+        c.closed.add_done_callback(lambda _f: self._client_conns.discard(c))
+        return c
+
+    async def _dial_loop(self, pid: int) -> None:
+        loop = asyncio.get_running_loop()
+        host, port = self.peers[pid]
+        backoff_s = 0.05
+        while not self._stopping:
+            try:
+                _t, conn = await loop.create_connection(lambda: Connection(self, pid), host, port)
+            except OSError:
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(self.redial_s_max, backoff_s * 2)
+                continue
+            backoff_s = 0.05
+            await conn.closed
+
+    def _attach(self, pid: int, conn: Connection) -> None:
+        old = self.conns.get(pid)
+        self.conns[pid] = conn
+        if old is not None and old is not conn:
+            old.close()
+        log.info("peer.up", peer=pid)
+        self.handler.on_peer_up(pid)
+
+    def _detach(self, pid: int, conn: Connection) -> None:
+        if self.conns.get(pid) is conn:
+            del self.conns[pid]
+            log.info("peer.down", peer=pid)
+
+    def send(self, pid: int, parts: list[Buf]) -> bool:
+        conn = self.conns.get(pid)
+        if conn is None:
+            self.counters["raft_dropped_no_connection"] += 1
+            return False
+        if conn.write_buffer_bytes() > self.send_buffer_bytes_max:
+            self.counters["raft_dropped_backpressure"] += 1
+            return False
+        conn.queue(parts)
+        self._dirty.add(pid)
+        return True
+
+    def flush(self) -> None:
+        for pid in self._dirty:
+            conn = self.conns.get(pid)
+            if conn is not None:
+                conn.flush()
+        self._dirty.clear()
+
+    def connected_peers(self) -> list[int]:
+        return sorted(self.conns)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._server is not None:
+            self._server.close()
+        for c in list(self.conns.values()) + list(self._client_conns):
+            c.close()
+
+

@@ -1,0 +1,477 @@
+# The node's one write-ahead log, shared by all its extent groups (format: docs/format/wal.md).
+#
+# Owns: the WAL segment files of one node directory, the per-group durable Raft state they encode
+# (hard state, snapshot/compaction point, log entries), and their recovery.
+#
+# Rules:
+# 1. All file access goes through the Disk port (raftblock.storage.disk), so VolatileDisk's power cut
+#    (kill -9 loses unsynced data, optionally tearing it) applies to the WAL too.
+# 2. Appends (loop thread) only buffer records; `flush()` writes the buffer with one pwrite; `sync()`
+#    (one worker thread, one at a time) fdatasyncs every segment written since the last sync, so one
+#    fdatasync covers the records of every group appended before it started (group commit).
+# 3. A record is durable once `synced_pos` >= the position `flush()` returned for it.
+# 4. Recovery: a bad or short record in the newest segment is a torn tail (cut there); in an older
+#    segment it is corruption (WalCorruptError: the node must be repaired from its peers, not guess).
+# 5. Every segment starts with the state of every group at roll time (COMPACT + HARD_STATE records),
+#    so an old segment can be deleted once every entry it holds is behind its group's durable
+#    compaction point. Deletion happens on the sync thread (never under a running fdatasync).
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import crc32c
+import structlog
+
+from raftblock.replication.raft.types import (
+    ConfState,
+    Entry,
+    EntryType,
+    HardState,
+    NodeId,
+    Snapshot,
+    SnapshotMeta,
+)
+from raftblock.storage.disk import Disk, DiskFile
+
+log = structlog.get_logger(__name__)
+
+SEG_MAGIC = b"RBWAL001"
+SEG_HEADER = struct.Struct("<8sQ")  # magic, segment sequence number
+REC_HEADER = struct.Struct("<IIBQ")  # crc32c, body_len, type, group
+_ENTRY = struct.Struct("<QQBI")  # term, index, type, data_len
+_HS = struct.Struct("<QQQ")  # term, vote, commit
+_META = struct.Struct("<QQQH")  # index, term, epoch, voter count
+_U64 = struct.Struct("<Q")
+
+REC_ENTRIES = 1
+REC_HARD_STATE = 2
+REC_SNAPSHOT = 3  # a snapshot installed from the leader: entries before it are gone
+REC_COMPACT = 4  # a local compaction point (or a segment's base state): entries <= index are obsolete
+RECORD_BODY_BYTES_MAX = 256 << 20
+
+
+class WalCorruptError(Exception):
+    pass
+
+
+def segment_name(seq: int) -> str:
+    return f"wal-{seq:016x}.log"
+
+
+def _encode_meta(meta: SnapshotMeta) -> bytes:
+    voters = sorted(meta.conf.voters)
+    return _META.pack(meta.index, meta.term, meta.conf.epoch, len(voters)) + b"".join(_U64.pack(v) for v in voters)
+
+
+def _decode_meta(body: memoryview) -> SnapshotMeta:
+    index, term, epoch, n = _META.unpack_from(body, 0)
+    voters = frozenset(NodeId(_U64.unpack_from(body, _META.size + 8 * k)[0]) for k in range(n))
+    return SnapshotMeta(index, term, ConfState(voters, epoch))
+
+
+class GroupDurable:
+    """One group's state as recovered from the WAL."""
+
+    __slots__ = ("hard_state", "snap", "entries")
+
+    def __init__(self) -> None:
+        self.hard_state = HardState()
+        self.snap: SnapshotMeta | None = None
+        self.entries: list[Entry] = []
+
+    def _append(self, ents: list[Entry]) -> None:
+        if not ents:
+            return
+        first = ents[0].index
+        cur = self.entries
+        if cur and cur[0].index <= first <= cur[-1].index + 1:
+            del cur[first - cur[0].index :]
+            cur.extend(ents)
+        else:
+            # Empty, or a gap: what came before is behind a compaction point recorded later (checked
+            # at the end of recovery).
+            self.entries = list(ents)
+
+    def _compact(self, meta: SnapshotMeta) -> None:
+        if self.snap is None or meta.index >= self.snap.index:
+            self.snap = meta
+        idx = self.snap.index
+        self.entries = [e for e in self.entries if e.index > idx]
+
+    def _install(self, meta: SnapshotMeta) -> None:
+        self.snap = meta
+        self.entries = []
+
+    def _finish(self, group: int) -> None:
+        base = self.snap.index if self.snap is not None else 0
+        self.entries = [e for e in self.entries if e.index > base]
+        if self.entries and self.entries[0].index != base + 1:
+            raise WalCorruptError(
+                f"group {group}: log starts at {self.entries[0].index}, snapshot at {base} (entries missing)"
+            )
+        last = self.entries[-1].index if self.entries else base
+        if self.hard_state.commit > last:
+            # A commit index beyond the durable log cannot be trusted; Raft relearns it.
+            self.hard_state = HardState(self.hard_state.term, self.hard_state.vote, last)
+
+
+class _Segment:
+    __slots__ = ("seq", "path", "file", "size", "max_index", "head_pos")
+
+    def __init__(self, seq: int, path: str, file: DiskFile, size: int) -> None:
+        self.head_pos = 0  # WAL position after this segment's base records
+        self.seq = seq
+        self.path = path
+        self.file = file
+        self.size = size
+        self.max_index: dict[int, int] = {}  # group -> highest entry index in this segment
+
+
+class Wal:
+    def __init__(self, disk: Disk, directory: str, segment_bytes_max: int) -> None:
+        # Use Wal.open().
+        self.disk = disk
+        self.directory = directory
+        self.segment_bytes_max = segment_bytes_max
+        self._segments: list[_Segment] = []
+        self._buf: list[bytes | memoryview] = []
+        self._buf_bytes = 0
+        self._lock = threading.Lock()  # guards _dirty, _dir_dirty, _to_remove, flushed_pos
+        self._sync_lock = threading.Lock()  # one sync at a time; file removal only under it
+        self._dirty: set[int] = set()  # segment seqs written since the last sync
+        self._dir_dirty = False
+        self._to_remove: list[_Segment] = []
+        self.appended_pos = 0  # total bytes appended (buffered included); positions are in this space
+        self.flushed_pos = 0
+        self.synced_pos = 0
+        self.syncs = 0
+        self._hs: dict[int, HardState] = {}  # last hard state written, per group
+        self._snap: dict[int, SnapshotMeta] = {}  # last snapshot/compaction meta written, per group
+        self._pending_snap: list[tuple[int, int, int]] = []  # (position, group, index) not yet durable
+        self.durable_snap: dict[int, int] = {}  # group -> compaction index known durable
+        self.segments_removed = 0
+
+    # --- open / recovery --------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls, disk: Disk, directory: str, segment_bytes_max: int = 64 << 20
+    ) -> tuple[Wal, dict[int, GroupDurable]]:
+        disk.makedirs(directory)
+        wal = cls(disk, directory, segment_bytes_max)
+        names = [n for n in disk.listdir(directory) if n.startswith("wal-") and n.endswith(".log")]
+        seqs = sorted(int(n[4:-4], 16) for n in names)
+        groups: dict[int, GroupDurable] = {}
+        torn_bytes = 0
+        for k, seq in enumerate(seqs):
+            last = k == len(seqs) - 1
+            path = os.path.join(directory, segment_name(seq))
+            f = disk.open_file(path, create=False)
+            seg = _Segment(seq, path, f, f.size())
+            end = wal._replay(seg, groups, last)
+            if end < seg.size:
+                torn_bytes += seg.size - end
+                f.truncate(end)
+                f.fdatasync()
+                seg.size = end
+            wal._segments.append(seg)
+        for g, st in groups.items():
+            st._finish(g)
+            if st.snap is not None:
+                wal._snap[g] = st.snap
+                wal.durable_snap[g] = st.snap.index
+            wal._hs[g] = st.hard_state
+        # Never append to a segment that was active when the process died: start a new one.
+        wal._roll(seqs[-1] + 1 if seqs else 1)
+        wal.flush()
+        wal.sync()
+        log.info(
+            "wal.recovered",
+            directory=directory,
+            segments=len(seqs),
+            groups=len(groups),
+            entries=sum(len(s.entries) for s in groups.values()),
+            torn_tail_bytes=torn_bytes,
+        )
+        return wal, groups
+
+    def _replay(self, seg: _Segment, groups: dict[int, GroupDurable], last: bool) -> int:
+        """Apply the records of one segment; returns the offset where valid records end."""
+        raw = seg.file.pread(seg.size, 0)
+        view = memoryview(raw)
+
+        def bad(off: int, why: str) -> int:
+            if last:
+                log.warning("wal.torn_tail", segment=seg.path, offset=off, reason=why, cut_bytes=len(raw) - off)
+                return off
+            raise WalCorruptError(f"{seg.path} at offset {off}: {why}")
+
+        if len(raw) < SEG_HEADER.size:
+            return bad(0, "short segment header")
+        magic, seq = SEG_HEADER.unpack_from(view, 0)
+        if magic != SEG_MAGIC or seq != seg.seq:
+            return bad(0, "bad segment header")
+        off = SEG_HEADER.size
+        while off < len(raw):
+            if off + REC_HEADER.size > len(raw):
+                return bad(off, "short record header")
+            crc, blen, rtype, group = REC_HEADER.unpack_from(view, off)
+            end = off + REC_HEADER.size + blen
+            if blen > RECORD_BODY_BYTES_MAX or end > len(raw):
+                return bad(off, "record runs past the end")
+            if crc32c.crc32c(view[off + 4 : end], 0) != crc:
+                return bad(off, "record checksum mismatch")
+            body = view[off + REC_HEADER.size : end]
+            st = groups.get(group)
+            if st is None:
+                st = groups[group] = GroupDurable()
+            if rtype == REC_ENTRIES:
+                ents = _decode_entries(body)
+                st._append(ents)
+                if ents:
+                    prev = seg.max_index.get(group, 0)
+                    seg.max_index[group] = max(prev, ents[-1].index)
+            elif rtype == REC_HARD_STATE:
+                t, v, c = _HS.unpack_from(body, 0)
+                st.hard_state = HardState(t, NodeId(v), c)
+            elif rtype == REC_SNAPSHOT:
+                st._install(_decode_meta(body))
+            elif rtype == REC_COMPACT:
+                st._compact(_decode_meta(body))
+            else:
+                return bad(off, f"unknown record type {rtype}")
+            off = end
+        return off
+
+    # --- append side (event-loop thread) ----------------------------------------------------------------
+    def _record(self, rtype: int, group: int, body: list[bytes | memoryview]) -> int:
+        blen = sum(len(b) for b in body)
+        head = bytearray(REC_HEADER.pack(0, blen, rtype, group))
+        crc = crc32c.crc32c(memoryview(head)[4:], 0)
+        for b in body:
+            crc = crc32c.crc32c(b, crc)
+        struct.pack_into("<I", head, 0, crc)
+        self._buf.append(bytes(head))
+        self._buf.extend(body)
+        n = len(head) + blen
+        self._buf_bytes += n
+        self.appended_pos += n
+        return self.appended_pos
+
+    def append_entries(self, group: int, entries: list[Entry]) -> int:
+        if not entries:
+            return self.appended_pos
+        body: list[bytes | memoryview] = [struct.pack("<I", len(entries))]
+        for e in entries:
+            body.append(_ENTRY.pack(e.term, e.index, int(e.type), len(e.data)))
+            if e.data:
+                body.append(e.data)
+        seg = self._segments[-1]
+        prev = seg.max_index.get(group, 0)
+        seg.max_index[group] = max(prev, entries[-1].index)
+        return self._record(REC_ENTRIES, group, body)
+
+    def set_hard_state(self, group: int, hs: HardState) -> int:
+        self._hs[group] = hs
+        return self._record(REC_HARD_STATE, group, [_HS.pack(hs.term, hs.vote, hs.commit)])
+
+    def install_snapshot(self, group: int, meta: SnapshotMeta) -> int:
+        self._snap[group] = meta
+        pos = self._record(REC_SNAPSHOT, group, [_encode_meta(meta)])
+        self._pending_snap.append((pos, group, meta.index))
+        return pos
+
+    def compact(self, group: int, meta: SnapshotMeta) -> int:
+        self._snap[group] = meta
+        pos = self._record(REC_COMPACT, group, [_encode_meta(meta)])
+        self._pending_snap.append((pos, group, meta.index))
+        return pos
+
+    def flush(self) -> int:
+        """Write the buffered records (one pwrite); roll to a new segment when the active one is full."""
+        if self._buf:
+            seg = self._segments[-1]
+            data = b"".join(self._buf)
+            self._buf = []
+            self._buf_bytes = 0
+            seg.file.pwrite(data, seg.size)
+            seg.size += len(data)
+            with self._lock:
+                self._dirty.add(seg.seq)
+                self.flushed_pos = self.appended_pos
+            if seg.size >= self.segment_bytes_max:
+                self._roll(seg.seq + 1)
+                self.flush()
+        return self.flushed_pos
+
+    def _roll(self, seq: int) -> None:
+        path = os.path.join(self.directory, segment_name(seq))
+        f = self.disk.open_file(path, create=True)
+        f.truncate(0)
+        f.pwrite(SEG_HEADER.pack(SEG_MAGIC, seq), 0)
+        seg = _Segment(seq, path, f, SEG_HEADER.size)
+        with self._lock:
+            self._segments.append(seg)
+            self._dirty.add(seq)
+            self._dir_dirty = True
+        # The base state of every group, so older segments can go once their entries are compacted.
+        for g, meta in self._snap.items():
+            self._record(REC_COMPACT, g, [_encode_meta(meta)])
+        for g, hs in self._hs.items():
+            self._record(REC_HARD_STATE, g, [_HS.pack(hs.term, hs.vote, hs.commit)])
+        seg.head_pos = self.appended_pos
+        log.info("wal.roll", segment=segment_name(seq), groups=len(self._hs))
+
+    # --- durability (worker thread) ------------------------------------------------------------------------
+    def sync(self) -> int:
+        """fdatasync everything flushed before the call; remove segments queued by gc(). Any thread."""
+        with self._sync_lock:
+            with self._lock:
+                target = self.flushed_pos
+                dirty = self._dirty
+                self._dirty = set()
+                need_dir = self._dir_dirty
+                self._dir_dirty = False
+                remove = self._to_remove
+                self._to_remove = []
+                files = [s.file for s in self._segments if s.seq in dirty]
+            try:
+                for f in files:
+                    f.fdatasync()
+                if need_dir:
+                    self.disk.fsync_dir(self.directory)
+            except BaseException:
+                with self._lock:
+                    self._dirty |= dirty
+                    self._dir_dirty |= need_dir
+                    self._to_remove = remove + self._to_remove
+                raise
+            for seg in remove:
+                seg.file.close()
+                self.disk.remove(seg.path)
+            if remove:
+                self.disk.fsync_dir(self.directory)
+            with self._lock:
+                if target > self.synced_pos:
+                    self.synced_pos = target
+                self.syncs += 1
+                self.segments_removed += len(remove)
+                return self.synced_pos
+
+    # --- garbage collection (event-loop thread) ---------------------------------------------------------------
+    def gc(self) -> int:
+        """Queue for removal (by the next sync) old segments whose entries are all behind durable
+        compaction points. Returns how many were queued."""
+        synced = self.synced_pos
+        keep: list[tuple[int, int, int]] = []
+        for pos, g, idx in self._pending_snap:
+            if pos <= synced:
+                if idx > self.durable_snap.get(g, 0):
+                    self.durable_snap[g] = idx
+            else:
+                keep.append((pos, g, idx))
+        self._pending_snap = keep
+        with self._lock:
+            dirty = set(self._dirty)
+        drop: list[_Segment] = []
+        # Only a prefix of the sequence, never the active segment, and only once the next segment's
+        # base records (which carry every group's state forward) are durable.
+        segs = self._segments
+        for k in range(len(segs) - 1):
+            seg, nxt = segs[k], segs[k + 1]
+            if seg.seq in dirty or nxt.head_pos > synced:
+                break
+            if any(idx > self.durable_snap.get(g, 0) for g, idx in seg.max_index.items()):
+                break
+            drop.append(seg)
+        if drop:
+            with self._lock:
+                self._to_remove.extend(drop)
+                self._segments = self._segments[len(drop) :]
+        return len(drop)
+
+    def total_bytes(self) -> int:
+        return sum(s.size for s in self._segments)
+
+    def segment_count(self) -> int:
+        return len(self._segments)
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "wal_segments": len(self._segments),
+            "wal_bytes": self.total_bytes(),
+            "wal_syncs": self.syncs,
+            "wal_segments_removed": self.segments_removed,
+            "wal_synced_pos": self.synced_pos,
+        }
+
+    def close(self) -> None:
+        self.flush()
+        self.sync()
+        for s in self._segments:
+            s.file.close()
+        self._segments = []
+
+
+def _decode_entries(body: memoryview) -> list[Entry]:
+    (n,) = struct.unpack_from("<I", body, 0)
+    off = 4
+    out: list[Entry] = []
+    for _ in range(n):
+        term, index, etype, dlen = _ENTRY.unpack_from(body, off)
+        off += _ENTRY.size
+        out.append(Entry(term, index, EntryType(etype), bytes(body[off : off + dlen])))
+        off += dlen
+    return out
+
+
+class WalStorage:
+    """The core's Storage interface for one group, backed by the shared WAL.
+
+    The snapshot image is not in the WAL: it is the group's extent data in the node's engine, produced
+    on demand by `image(meta)` (an object the core can take len() of and slice, see runtime.LazyImage).
+    """
+
+    def __init__(
+        self,
+        wal: Wal,
+        group: int,
+        recovered: GroupDurable | None,
+        bootstrap: SnapshotMeta,
+        image: Callable[[SnapshotMeta], Any],
+    ) -> None:
+        self.wal = wal
+        self.group = group
+        self._recovered = recovered
+        self._image = image
+        meta = recovered.snap if recovered is not None and recovered.snap is not None else bootstrap
+        self._snap = Snapshot(meta, image(meta))
+        self.last_pos = 0  # WAL position of this group's last record
+
+    def load(self) -> tuple[HardState, Snapshot, list[Entry]]:
+        rec = self._recovered
+        self._recovered = None  # entries live in the core from now on
+        if rec is None:
+            return HardState(), self._snap, []
+        return rec.hard_state, self._snap, rec.entries
+
+    def snapshot(self) -> Snapshot:
+        return self._snap
+
+    def install_snapshot(self, snap: Snapshot) -> None:
+        self._snap = Snapshot(snap.meta, self._image(snap.meta))
+        self.last_pos = self.wal.install_snapshot(self.group, snap.meta)
+
+    def append(self, entries: list[Entry]) -> None:
+        if entries:
+            self.last_pos = self.wal.append_entries(self.group, entries)
+
+    def set_hard_state(self, hs: HardState) -> None:
+        self.last_pos = self.wal.set_hard_state(self.group, hs)
+
+    def compact(self, snap: Snapshot) -> None:
+        self._snap = snap
+        self.last_pos = self.wal.compact(self.group, snap.meta)

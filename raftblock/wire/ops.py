@@ -1,0 +1,95 @@
+# Entry data of an extent group: a batch of block operations (docs/format/wire.md, "RAFT payload").
+#
+# Rules:
+# 1. One Raft entry carries one batch; the leader packs the writes of one loop turn into it, bounded by
+#    BATCH_OPS_MAX here and by the runtime's batch_bytes_max / batch_writes_max.
+# 2. Block data is referenced, never re-encoded, when a batch is decoded (memoryview slices).
+# 3. Every WRITE carries one CRC32C per 4 KiB block; the engine checks them before it writes.
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+
+BLOCK_SIZE = 4096
+BATCH_OPS_MAX = 0xFFFF
+OP_WRITE = 1
+OP_TRIM = 2
+_COUNT = struct.Struct("<H")
+_OP = struct.Struct("<BBHIQII")  # kind, reserved, reserved, count, extent_id, block, reserved
+
+
+class BlockOp:
+    __slots__ = ("kind", "extent_id", "block", "count", "crcs", "data")
+
+    def __init__(
+        self,
+        kind: int,
+        extent_id: int,
+        block: int,
+        count: int,
+        crcs: Sequence[int] = (),
+        data: bytes | bytearray | memoryview = b"",
+    ) -> None:
+        self.kind = kind
+        self.extent_id = extent_id
+        self.block = block
+        self.count = count
+        self.crcs = crcs
+        self.data = data
+
+    def encoded_size(self) -> int:
+        if self.kind == OP_WRITE:
+            return _OP.size + 4 * self.count + self.count * BLOCK_SIZE
+        return _OP.size
+
+    def __repr__(self) -> str:
+        kind = "W" if self.kind == OP_WRITE else "T"
+        return f"BlockOp({kind} ext={self.extent_id:#x} blk={self.block} n={self.count})"
+
+
+def encode_batch(ops: Sequence[BlockOp]) -> bytes:
+    if not 1 <= len(ops) <= BATCH_OPS_MAX:
+        raise ValueError(f"a batch holds 1..{BATCH_OPS_MAX} ops, got {len(ops)}")
+    parts: list[bytes | bytearray | memoryview] = [_COUNT.pack(len(ops))]
+    for op in ops:
+        parts.append(_OP.pack(op.kind, 0, 0, op.count, op.extent_id, op.block, 0))
+        if op.kind == OP_WRITE:
+            if len(op.crcs) != op.count or len(op.data) != op.count * BLOCK_SIZE:
+                raise ValueError("write op: crcs/data do not match count")
+            parts.append(struct.pack(f"<{op.count}I", *op.crcs))
+            parts.append(op.data)
+        elif op.kind != OP_TRIM:
+            raise ValueError(f"unknown op kind {op.kind}")
+    return b"".join(parts)
+
+
+def decode_batch(data: bytes | memoryview) -> list[BlockOp]:
+    """Raises ValueError on a malformed batch."""
+    try:
+        return _decode_batch(memoryview(data))
+    except struct.error as e:
+        raise ValueError(f"malformed batch: {e}") from e
+
+
+def _decode_batch(view: memoryview) -> list[BlockOp]:
+    (n,) = _COUNT.unpack_from(view, 0)
+    off = _COUNT.size
+    ops: list[BlockOp] = []
+    for _ in range(n):
+        kind, _r1, _r2, count, extent_id, block, _r3 = _OP.unpack_from(view, off)
+        off += _OP.size
+        if kind == OP_WRITE:
+            crcs = list(struct.unpack_from(f"<{count}I", view, off))
+            off += 4 * count
+            end = off + count * BLOCK_SIZE
+            if end > len(view):
+                raise ValueError("batch truncated")
+            ops.append(BlockOp(kind, extent_id, block, count, crcs, view[off:end]))
+            off = end
+        elif kind == OP_TRIM:
+            ops.append(BlockOp(kind, extent_id, block, count))
+        else:
+            raise ValueError(f"unknown op kind {kind}")
+    if off != len(view):
+        raise ValueError("trailing bytes after batch")
+    return ops

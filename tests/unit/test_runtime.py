@@ -1,0 +1,230 @@
+"""NodeRuntime in one process: three runtimes on loopback hosting several groups on one loop each
+(shared here), driven through the RaftGroup client. Raft §5.3 (replication), §5.4 (commit), §6.4
+(reads through read-index/lease), and the wire reader's cases (docs/format/wire.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from raftblock._fast import blockcrc
+from raftblock.replication.raft.group import RaftClient, RaftGroup
+from raftblock.replication.raft.runtime import NodeRuntime, RuntimeConfig
+from raftblock.replication.raft.transport import ROLE_PEER
+from raftblock.replication.raft.types import GroupId, Message, MessageType, NodeId, Role
+from raftblock.replication.raft.wal import Wal
+from raftblock.storage.disk import OsDisk
+from raftblock.storage.engine import Engine, EngineConfig
+from raftblock.testing.raftload import tagged_block
+from raftblock.testing.serve import free_port
+from raftblock.wire import raftblock_pb2 as pb
+from raftblock.wire.framing import FrameType, encode_frame_bytes
+from raftblock.wire.raftcodec import encode_raft
+
+GROUPS = 4
+FAKE_PEER = 4  # configured as a peer, never started: the forged-frame sender claims to be it
+
+
+class Cluster:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.ports = {i: free_port() for i in (1, 2, 3, FAKE_PEER)}
+        self.peers = {i: ("127.0.0.1", p) for i, p in self.ports.items()}
+        self.rts: dict[int, NodeRuntime] = {}
+
+    async def start(self, nid: int, **cfg: int) -> NodeRuntime:
+        disk = OsDisk()
+        d = self.base / f"n{nid}"
+        (d / "engine").mkdir(parents=True, exist_ok=True)
+        eng = Engine.open(disk, str(d / "engine"), b"c" * 16, EngineConfig(segment_size_bytes=1 << 20))
+        rcfg = RuntimeConfig(nid, tick_ms=20, **cfg)
+        wal, rec = Wal.open(disk, str(d / "wal"), rcfg.wal_segment_bytes_max)
+        rt = NodeRuntime(rcfg, eng, wal, rec, {g: [1, 2, 3] for g in range(1, GROUPS + 1)}, self.peers, seed=nid)
+        await rt.start("127.0.0.1", self.ports[nid])
+        self.rts[nid] = rt
+        return rt
+
+    async def stop(self, nid: int) -> None:
+        await self.rts.pop(nid).stop()
+
+    async def close(self) -> None:
+        for nid in list(self.rts):
+            await self.stop(nid)
+
+
+async def _until(cond: Callable[[], bool | Awaitable[bool]], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        r = cond()
+        if not isinstance(r, bool):
+            r = await r
+        if r:
+            return
+        assert time.monotonic() < deadline, "condition not met before the deadline"
+        await asyncio.sleep(0.02)
+
+
+def _run(test: Callable[[Cluster], Awaitable[None]], tmp_path: Path) -> None:
+    async def main() -> None:
+        c = Cluster(tmp_path)
+        try:
+            await test(c)
+        finally:
+            await c.close()
+
+    asyncio.run(main())
+
+
+def _block(g: int, b: int, seq: int) -> tuple[bytes, list[int]]:
+    data = tagged_block(1, g, b, seq)
+    return data, blockcrc.block_crcs(data)
+
+
+def test_writes_and_reads_on_many_groups(tmp_path: Path) -> None:
+    async def t(c: Cluster) -> None:
+        for n in (1, 2, 3):
+            await c.start(n, batch_writes_max=16)
+        client = RaftClient({n: c.peers[n] for n in (1, 2, 3)})
+        writes = []
+        for g in range(1, GROUPS + 1):
+            for b in range(20):
+                data, crcs = _block(g, b, b)
+                writes.append(RaftGroup(client, g).write(g << 32, b, data, crcs))
+        await asyncio.gather(*writes)
+        for g in range(1, GROUPS + 1):
+            got, crcs = await RaftGroup(client, g).read(g << 32, 0, 20)
+            assert bytes(got) == b"".join(_block(g, b, b)[0] for b in range(20))
+            assert crcs == blockcrc.block_crcs(bytes(got))
+        # Leader batching: 80 concurrent writes arrived in few loop turns -> fewer entries than writes.
+        proposed = sum(rt.counters["entries_proposed"] for rt in c.rts.values())
+        assert proposed < 80
+        # Every replica applies the same entries (Raft §5.3): applied indexes converge.
+        async def converged() -> bool:
+            ap = {(g, n): rt.groups[g].core.applied_index for n, rt in c.rts.items() for g in range(1, GROUPS + 1)}
+            return all(ap[(g, 1)] == ap[(g, 2)] == ap[(g, 3)] for g in range(1, GROUPS + 1))
+
+        await _until(converged)
+        for rt in c.rts.values():
+            for g in range(1, GROUPS + 1):
+                got, _ = rt.engine.read(g << 32, 0, 20)
+                assert bytes(got) == b"".join(_block(g, b, b)[0] for b in range(20))
+        await client.close()
+
+    _run(t, tmp_path)
+
+
+def test_follower_answers_not_leader_with_hint_and_unknown_group(tmp_path: Path) -> None:
+    async def t(c: Cluster) -> None:
+        for n in (1, 2, 3):
+            await c.start(n)
+        client = RaftClient({n: c.peers[n] for n in (1, 2, 3)})
+        await RaftGroup(client, 1).write(1 << 32, 0, *_block(1, 0, 1))
+        leader = client.leaders[1]
+        follower = next(n for n in (1, 2, 3) if n != leader)
+        data, crcs = _block(1, 1, 1)
+        req = pb.ClientRequest(op=1, extent_id=1 << 32, block=1, count=1)
+        req.crcs.extend(crcs)
+        resp, _ = await client.call_node(follower, 1, req, [data])
+        assert resp.status == 1 and resp.leader_hint == leader
+        resp, _ = await client.call_node(follower, 999, pb.ClientRequest(op=4))
+        assert resp.status == 2
+        # A write whose data does not match its CRC is refused at the node's edge.
+        bad = pb.ClientRequest(op=1, extent_id=1 << 32, block=1, count=1)
+        bad.crcs.append(crcs[0] ^ 1)
+        resp, _ = await client.call_node(leader, 1, bad, [data])
+        assert resp.status == 5
+        # An extent of another group is refused.
+        other = pb.ClientRequest(op=1, extent_id=2 << 32, block=1, count=1)
+        other.crcs.extend(crcs)
+        resp, _ = await client.call_node(leader, 1, other, [data])
+        assert resp.status == 4
+        await client.close()
+
+    _run(t, tmp_path)
+
+
+def test_forged_frames_are_refused_counted_and_node_keeps_serving(tmp_path: Path) -> None:
+    async def t(c: Cluster) -> None:
+        for n in (1, 2, 3):
+            await c.start(n)
+        client = RaftClient({n: c.peers[n] for n in (1, 2, 3)})
+        await RaftGroup(client, 1).write(1 << 32, 0, *_block(1, 0, 1))
+        rt = c.rts[1]
+        await _until(lambda: rt.groups[1].core.term >= 1)
+        loop = asyncio.get_running_loop()
+        s = socket.create_connection(c.peers[1])
+        s.setblocking(False)
+        hello = pb.Hello(node_id=FAKE_PEER, role=ROLE_PEER, version=1).SerializeToString()
+        await loop.sock_sendall(s, encode_frame_bytes(FrameType.HELLO, 0, hello))
+        hb = Message(MessageType.HEARTBEAT, GroupId(1), NodeId(FAKE_PEER), NodeId(1), 0, commit=0)
+        # 1. wrong CRC
+        bad = bytearray(b"".join(bytes(p) for p in encode_raft(hb)))
+        bad[-1] ^= 0x55
+        await loop.sock_sendall(s, bytes(bad))
+        # 2. unknown group
+        unk = Message(MessageType.HEARTBEAT, GroupId(999), NodeId(FAKE_PEER), NodeId(1), 50)
+        await loop.sock_sendall(s, b"".join(bytes(p) for p in encode_raft(unk)))
+        # 3. stale term (term 0 < the group's term): the core ignores it / answers with its term (§5.1)
+        await loop.sock_sendall(s, b"".join(bytes(p) for p in encode_raft(hb)))
+        # 4. unknown frame type
+        await loop.sock_sendall(s, encode_frame_bytes(99, 1, b"junk"))
+        await _until(
+            lambda: rt.counters["frames_bad_crc"] >= 1
+            and rt.counters["raft_unknown_group"] >= 1
+            and rt.counters["raft_stale_term"] >= 1
+            and rt.counters["frames_malformed"] >= 1
+        )
+        # 5. bad magic: the connection is closed
+        await loop.sock_sendall(s, b"XX" + b"\0" * 40)
+        await _until(lambda: rt.counters["frames_bad_magic"] >= 1)
+        s.close()
+        # The node keeps serving.
+        for b in range(5):
+            await RaftGroup(client, 1).write(1 << 32, b, *_block(1, b, 2))
+        got, _ = await RaftGroup(client, 1).read(1 << 32, 4, 1)
+        assert bytes(got) == _block(1, 4, 2)[0]
+        st = await client.node_status(1)
+        assert st.counters["frames_bad_crc"] >= 1 and st.counters["raft_unknown_group"] >= 1
+        await client.close()
+
+    _run(t, tmp_path)
+
+
+def test_restart_recovers_from_wal_and_catches_up_by_snapshot(tmp_path: Path) -> None:
+    """A node restarted from its WAL replays to the engine (§5.3); one that fell behind the leaders'
+    compaction point is brought up by snapshot install (§7)."""
+
+    async def t(c: Cluster) -> None:
+        small = {"wal_segment_bytes_max": 256 << 10, "wal_compact_bytes": 512 << 10}
+        for n in (1, 2, 3):
+            await c.start(n, **small)
+        client = RaftClient({n: c.peers[n] for n in (1, 2, 3)}, deadline_s=10.0)
+        for b in range(8):
+            await RaftGroup(client, 1).write(1 << 32, b, *_block(1, b, 1))
+        leader = client.leaders[1]
+        victim = next(n for n in (1, 2, 3) if n != leader)
+        await c.stop(victim)
+        for seq in range(2, 120):
+            await asyncio.gather(
+                *(RaftGroup(client, g).write(g << 32, seq % 8, *_block(g, seq % 8, seq)) for g in (1, 2))
+            )
+        live = [n for n in (1, 2, 3) if n != victim]
+        await _until(lambda: all(c.rts[n].counters["compactions"] >= 1 for n in live))
+        await _until(lambda: all(c.rts[n].wal.segments_removed >= 1 for n in live))
+        rt = await c.start(victim, **small)
+        target = {g: c.rts[leader].groups[g].core.applied_index for g in (1, 2)}
+        await _until(lambda: all(rt.groups[g].core.applied_index >= target[g] for g in (1, 2)))
+        assert rt.counters["snapshots_installed"] >= 1
+        for g in (1, 2):
+            want, _ = c.rts[leader].engine.read(g << 32, 0, 8)
+            got, _ = rt.engine.read(g << 32, 0, 8)
+            assert bytes(got) == bytes(want)
+        # The restarted node can lead: transfer is not exposed yet, so stop the others' leadership by
+        # checking that it is a consistent voter instead (its log matches the leader's commit).
+        assert rt.groups[1].core.role in (Role.FOLLOWER, Role.LEADER)
+        await client.close()
+
+    _run(t, tmp_path)
