@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import signal
-import subprocess
+import json
 import sys
-import time
 from pathlib import Path
 
 from raftblock.units import parse_size
@@ -67,68 +64,133 @@ def cmd_serve(args: argparse.Namespace) -> int:
 DEMO_DIR = Path(".raftblock")
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    """Start a one-copy server in the background (the cluster demo arrives with the cluster issue)."""
-    d = Path(args.dir)
-    d.mkdir(parents=True, exist_ok=True)
-    pidfile = d / "serve.pid"
-    if pidfile.exists():
-        try:
-            os.kill(int(pidfile.read_text()), 0)
-            print(f"already running (pid {pidfile.read_text().strip()}); stop it with: .venv/bin/raftblock demo-down")
-            return 0
-        except (OSError, ValueError):
-            pidfile.unlink()
-    logf = open(d / "serve.log", "ab")
-    readyf = d / "serve.ready"
-    readyf.unlink(missing_ok=True)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "raftblock.cli", "serve", "--dir", str(d), "--port", str(args.nbd_port),
-         "--volume", f"demo:{args.size}", "--log-format", "json"],
-        stdout=open(readyf, "wb"), stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True,
-    )
-    pidfile.write_text(str(proc.pid))
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        text = readyf.read_text() if readyf.exists() else ""
-        if text.startswith("READY"):
-            uri = text.split()[1]
-            print(f"raftblock is serving volume 'demo' ({args.size}) at {uri}/demo")
-            print(f"  attach:  qemu-img info {uri}/demo    nbdinfo {uri}/demo")
-            print(f"  logs:    {d / 'serve.log'}")
-            print("  stop:    .venv/bin/raftblock demo-down")
-            return 0
-        if proc.poll() is not None:
-            print(f"raftblock demo: server exited with {proc.returncode}; see {d / 'serve.log'}", file=sys.stderr)
-            pidfile.unlink(missing_ok=True)
-            return 1
-        time.sleep(0.1)
-    print("raftblock demo: server did not become ready in 60 s", file=sys.stderr)
-    return 1
+def _print_json(obj: object) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
 
 
-def cmd_demo_down(args: argparse.Namespace) -> int:
-    pidfile = Path(args.dir) / "serve.pid"
-    if not pidfile.exists():
-        print("not running")
-        return 0
-    pid = int(pidfile.read_text())
+def cmd_cluster_up(args: argparse.Namespace) -> int:
+    from raftblock.node.cluster import ClusterError, cluster_up
+
     try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pidfile.unlink()
-        print("not running")
-        return 0
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.1)
-    pidfile.unlink(missing_ok=True)
-    print("stopped")
+        uri = cluster_up(Path(args.dir), nodes=args.nodes, racks=args.racks, nbd_port=args.nbd_port,
+                         port_base=args.port_base, disk=args.disk, groups=args.groups)
+    except ClusterError as e:
+        return _fail("cluster up", e)
+    print(uri)
     return 0
+
+
+def cmd_cluster_down(args: argparse.Namespace) -> int:
+    from raftblock.node.cluster import cluster_down
+
+    stopped = cluster_down(Path(args.dir))
+    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
+def cmd_cluster_status(args: argparse.Namespace) -> int:
+    from raftblock.node.cluster import ClusterError, cluster_status
+    from raftblock.units import format_size
+
+    try:
+        st = cluster_status(Path(args.dir))
+    except ClusterError as e:
+        return _fail("cluster status", e)
+    if args.json:
+        _print_json(st)
+        return 0
+    print(f"cluster {st['cluster_id']}   gateway: {st['gateway']['uri'] or 'stopped'} (pid {st['gateway']['pid']})")
+    print("\nNODES\n  id  rack  address               pid      state        groups  leading  used")
+    for n in st["nodes"]:
+        print(f"  {n['id']:<3} {n['rack']:<5} {n['address']:<21} {str(n['pid']):<8} {n['state']:<12} "
+              f"{n.get('groups', '-'):<7} {n.get('leading', '-'):<8} {format_size(n.get('used_bytes', 0))}")
+    print("\nEXTENT GROUPS\n  id   replication  members     leader  term")
+    for g in st["groups"]:
+        print(f"  {g['group']:<4} {g['replication']:<12} {','.join(map(str, g['members'])):<11} "
+              f"{str(g['leader'] or '-'):<7} {g['term']}")
+    print("\nVOLUMES\n  name             size        extents  groups       attached")
+    for v in st["volumes"]:
+        print(f"  {v['name']:<16} {format_size(v['size_bytes']):<11} {v['extents']:<8} "
+              f"{','.join(map(str, v['groups'])):<12} {v['attached']}")
+    return 0
+
+
+def cmd_volume_create(args: argparse.Namespace) -> int:
+    from raftblock.node.cluster import ClusterError, volume_create
+
+    try:
+        v = volume_create(Path(args.dir), args.name, args.size)
+    except ClusterError as e:
+        return _fail("volume create", e)
+    print(f"created volume {v['name']} ({v['size_bytes']} bytes, {v['extents']} extents in groups {v['groups']})")
+    return 0
+
+
+def cmd_volume_list(args: argparse.Namespace) -> int:
+    from raftblock.node.cluster import ClusterError, volume_list
+    from raftblock.units import format_size
+
+    try:
+        vols = volume_list(Path(args.dir))
+    except ClusterError as e:
+        return _fail("volume list", e)
+    if args.json:
+        _print_json(vols)
+    else:
+        for v in vols:
+            print(f"{v['name']}\t{format_size(v['size_bytes'])}\t{v['replication']}")
+    return 0
+
+
+def cmd_volume_delete(args: argparse.Namespace) -> int:
+    from raftblock.node.cluster import ClusterError, volume_delete
+
+    try:
+        volume_delete(Path(args.dir), args.name)
+    except ClusterError as e:
+        return _fail("volume delete", e)
+    print(f"deleted volume {args.name}")
+    return 0
+
+
+def cmd_node(args: argparse.Namespace) -> int:
+    from raftblock.node import raftnode
+
+    return raftnode.main(["--config", args.config, "--log-format", args.log_format, "--log-level", args.log_level])
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from raftblock.node import gateway
+    from raftblock.obs.log import configure
+
+    configure(args.log_format, args.log_level)
+    try:
+        return gateway.main(args.config)
+    except (OSError, ValueError, KeyError) as e:
+        return _fail("gateway", e)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """`make demo`: a 3-node, 3-rack cluster on loopback with a 1 GiB volume `demo`."""
+    from raftblock.node.cluster import ClusterError, cluster_up, volume_create, volume_list
+
+    d = Path(args.dir)
+    try:
+        uri = cluster_up(d, nbd_port=args.nbd_port)
+        if not any(v["name"] == "demo" for v in volume_list(d)):
+            volume_create(d, "demo", parse_size(args.size))
+    except ClusterError as e:
+        return _fail("demo", e)
+    print(f"raftblock cluster is up (3 nodes in 3 racks) in {d}/; volume 'demo' ({args.size}) at {uri}/demo")
+    print(f"  attach:  qemu-img info {uri}/demo     nbdinfo {uri}/demo")
+    print(f"  status:  .venv/bin/raftblock cluster status --dir {d}")
+    print(f"  stop:    .venv/bin/raftblock cluster down --dir {d}")
+    return 0
+
+
+def _fail(what: str, e: BaseException) -> int:
+    print(f"raftblock {what}: {e}", file=sys.stderr)
+    return 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -150,15 +212,58 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="info")
     s.set_defaults(func=cmd_serve)
 
-    d = sub.add_parser("demo", help="start a local demo server in the background")
+    c = sub.add_parser("cluster", help="a local cluster: up, down, status")
+    csub = c.add_subparsers(dest="cluster_command", required=True)
+    cu = csub.add_parser("up", help="start (or complete) a local cluster; prints the NBD base URI")
+    cu.add_argument("--dir", default=str(DEMO_DIR))
+    cu.add_argument("--nodes", type=int, default=3)
+    cu.add_argument("--racks", type=int, default=3)
+    cu.add_argument("--nbd-port", type=int, default=10809, help="gateway NBD port (0 picks a free one)")
+    cu.add_argument("--port-base", type=int, default=None, help="node i listens on P+i (default: free ports)")
+    cu.add_argument("--groups", type=int, default=12, help="extent groups to create (first start only)")
+    cu.add_argument("--disk", choices=["os", "volatile", "volatile-tear"], default="os")
+    cu.set_defaults(func=cmd_cluster_up)
+    cd = csub.add_parser("down", help="stop every process of the cluster (data stays)")
+    cd.add_argument("--dir", default=str(DEMO_DIR))
+    cd.set_defaults(func=cmd_cluster_down)
+    cs = csub.add_parser("status", help="nodes, extent groups and volumes")
+    cs.add_argument("--dir", default=str(DEMO_DIR))
+    cs.add_argument("--json", action="store_true")
+    cs.set_defaults(func=cmd_cluster_status)
+
+    v = sub.add_parser("volume", help="create, list, delete volumes")
+    vsub = v.add_subparsers(dest="volume_command", required=True)
+    vc = vsub.add_parser("create", help="create a volume")
+    vc.add_argument("name")
+    vc.add_argument("--size", type=_size_arg, required=True, help="e.g. 1G")
+    vc.add_argument("--dir", default=str(DEMO_DIR))
+    vc.set_defaults(func=cmd_volume_create)
+    vl = vsub.add_parser("list", help="list volumes")
+    vl.add_argument("--dir", default=str(DEMO_DIR))
+    vl.add_argument("--json", action="store_true")
+    vl.set_defaults(func=cmd_volume_list)
+    vd = vsub.add_parser("delete", help="delete a volume (refused while a host is attached)")
+    vd.add_argument("name")
+    vd.add_argument("--dir", default=str(DEMO_DIR))
+    vd.set_defaults(func=cmd_volume_delete)
+
+    n = sub.add_parser("node", help="run one storage node in the foreground (what systemd runs)")
+    n.add_argument("--config", required=True)
+    n.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    n.add_argument("--log-level", default="info")
+    n.set_defaults(func=cmd_node)
+
+    g = sub.add_parser("gateway", help="run the NBD gateway in the foreground (what systemd runs)")
+    g.add_argument("--config", required=True)
+    g.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    g.add_argument("--log-level", default="info")
+    g.set_defaults(func=cmd_gateway)
+
+    d = sub.add_parser("demo", help="start a local 3-rack cluster with a volume 'demo' (make demo)")
     d.add_argument("--dir", default=str(DEMO_DIR))
     d.add_argument("--nbd-port", type=int, default=10809)
     d.add_argument("--size", default="1G")
     d.set_defaults(func=cmd_demo)
-
-    dd = sub.add_parser("demo-down", help="stop the local demo server")
-    dd.add_argument("--dir", default=str(DEMO_DIR))
-    dd.set_defaults(func=cmd_demo_down)
     return p
 
 

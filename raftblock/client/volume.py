@@ -29,12 +29,19 @@ RECORD_BLOCKS_MAX = 256  # one engine record carries at most 1 MiB
 
 @dataclass(frozen=True)
 class VolumeInfo:
+    """A volume as the data path sees it. `extent_ids[i]` names the extent holding bytes
+    [i*extent_size, (i+1)*extent_size); when the map does not list them (one-copy mode) they are
+    derived from the volume id."""
+
     name: str
     volume_id: int
     size_bytes: int
     extent_size_bytes: int = 64 << 20
+    extent_ids: tuple[int, ...] = ()
 
     def extent_id(self, extent_index: int) -> int:
+        if self.extent_ids:
+            return self.extent_ids[extent_index]
         return (self.volume_id << 24) | extent_index
 
 

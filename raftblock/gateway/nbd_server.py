@@ -69,6 +69,10 @@ class VolumeCatalog:
     def add(self, volume: Volume) -> None:
         self._volumes[volume.info.name] = volume
 
+    def replace_all(self, volumes: list[Volume]) -> None:
+        """Swap in a new set of volumes (after a map change); attach counts are kept."""
+        self._volumes = {v.info.name: v for v in volumes}
+
     def get(self, name: str) -> Volume | None:
         return self._volumes.get(name)
 

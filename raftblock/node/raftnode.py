@@ -17,6 +17,10 @@ Config (TOML):
     first = 1
     count = 100
     members = [1, 2, 3]
+    # or, instead of [groups], one table per group (what `raftblock cluster up` writes):
+    # [[group]]
+    # id = 1
+    # members = [1, 2, 3]
     [raft]                            # optional: RuntimeConfig fields (tick_ms, batch_writes_max, ...)
     tick_ms = 100
     [engine]                          # optional: EngineConfig fields (segment_size_bytes, ...)
@@ -60,10 +64,17 @@ class NodeConfig:
         self.host, self.port = parse_address(raw["listen"])
         self.disk = str(raw.get("disk", "os"))
         self.peers = {int(k): parse_address(v) for k, v in raw["peers"].items()}
-        g = raw.get("groups", {})
-        first, count = int(g.get("first", 1)), int(g.get("count", 1))
-        members = [int(m) for m in g.get("members", sorted(self.peers))]
-        self.groups = {gid: members for gid in range(first, first + count) if self.node_id in members}
+        self.groups: dict[int, list[int]] = {}
+        if "group" in raw:  # [[group]] tables: id + members each (groups placed across racks)
+            for g in raw["group"]:
+                members = [int(m) for m in g["members"]]
+                if self.node_id in members:
+                    self.groups[int(g["id"])] = members
+        else:
+            g = raw.get("groups", {})
+            first, count = int(g.get("first", 1)), int(g.get("count", 1))
+            members = [int(m) for m in g.get("members", sorted(self.peers))]
+            self.groups = {gid: members for gid in range(first, first + count) if self.node_id in members}
         self.raft = dict(raw.get("raft", {}))
         self.engine = dict(raw.get("engine", {}))
         self.seed = raw.get("seed")

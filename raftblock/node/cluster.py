@@ -1,0 +1,372 @@
+"""A local cluster on one machine: `raftblock cluster up|down|status` and `raftblock volume ...`.
+
+Owns the cluster directory and the processes in it (detached: they outlive the command):
+
+    DIR/cluster.json          the cluster map (clustermap.py): nodes, racks, groups, volumes
+    DIR/nodes/nI.toml         node configs (`raftblock node --config`), DIR/nodes/gateway.toml
+    DIR/nI/                   node I's data: engine/ segments and wal/
+    DIR/run/                  pid files, READY files, the gateway's admin socket
+    DIR/logs/                 one JSON log per process
+
+Rules:
+1. `up` on an existing DIR only starts what is not running (a killed node comes back on its data);
+   it never rewrites the map or a node's data. It returns when every group has a leader.
+2. Processes are found by pid file and checked by /proc/PID/cmdline, never by name.
+3. `down` sends SIGTERM (processes drain and sync), waits with a deadline, then SIGKILL.
+4. Errors are one line on stderr and a non-zero exit (the CLI prints ClusterError).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raftblock.node.clustermap import ClusterMap, MapError, NodeEntry, place_groups
+
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+HEALTHY_TIMEOUT_S = 60.0
+POLL_S = 0.05
+
+
+class ClusterError(Exception):
+    """Something the operator must fix; printed as one line."""
+
+
+@dataclass
+class Layout:
+    root: Path
+
+    @property
+    def map_path(self) -> Path:
+        return self.root / "cluster.json"
+
+    def node_config(self, node_id: int) -> Path:
+        return self.root / "nodes" / f"n{node_id}.toml"
+
+    @property
+    def gateway_config(self) -> Path:
+        return self.root / "nodes" / "gateway.toml"
+
+    def data_dir(self, node_id: int) -> Path:
+        return self.root / f"n{node_id}"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.run / "gateway.sock"
+
+    def pidfile(self, name: str) -> Path:
+        return self.run / f"{name}.pid"
+
+    def readyfile(self, name: str) -> Path:
+        return self.run / f"{name}.ready"
+
+
+# --- processes -----------------------------------------------------------------------------------
+def running_pid(layout: Layout, name: str, config: Path) -> int | None:
+    try:
+        pid = int(layout.pidfile(name).read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    if str(config).encode() in cmdline:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rsplit(")", 1)[1].split()[0] != "Z":
+            return pid
+    return None
+
+
+def _spawn(layout: Layout, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    layout.run.mkdir(parents=True, exist_ok=True)
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    ready = layout.readyfile(name)
+    ready.unlink(missing_ok=True)
+    with open(ready, "wb") as out, open(layout.logs / f"{name}.log", "ab") as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    layout.pidfile(name).write_text(str(proc.pid))
+    return proc
+
+
+def _wait_ready(layout: Layout, name: str, proc: subprocess.Popen[bytes]) -> str:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    ready = layout.readyfile(name)
+    while time.monotonic() < deadline:
+        text = ready.read_text() if ready.exists() else ""
+        if text.startswith("READY"):
+            return text.split()[1]
+        if proc.poll() is not None:
+            tail = (layout.logs / f"{name}.log").read_text(errors="replace").splitlines()[-5:]
+            raise ClusterError(f"{name} exited with {proc.returncode}: {' | '.join(tail)}")
+        time.sleep(POLL_S)
+    raise ClusterError(f"{name} not ready within {START_TIMEOUT_S:.0f} s (see {layout.logs / (name + '.log')})")
+
+
+def _stop(layout: Layout, name: str, config: Path) -> bool:
+    pid = running_pid(layout, name, config)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while running_pid(layout, name, config) == pid and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    if running_pid(layout, name, config) == pid:
+        os.kill(pid, signal.SIGKILL)
+        while running_pid(layout, name, config) == pid:
+            time.sleep(POLL_S)
+    layout.pidfile(name).unlink(missing_ok=True)
+    return True
+
+
+# --- configuration -------------------------------------------------------------------------------
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _toml_str(s: str) -> str:
+    return json.dumps(s)  # a JSON string is a valid TOML basic string
+
+
+def write_configs(layout: Layout, cmap: ClusterMap, disk: str, nbd_bind: str, nbd_port: int) -> None:
+    (layout.root / "nodes").mkdir(parents=True, exist_ok=True)
+    peers = "\n".join(f'{n.node_id} = {_toml_str(f"{n.host}:{n.port}")}' for n in cmap.nodes)
+    groups = "\n".join(f"[[group]]\nid = {g.group_id}\nmembers = {g.members}\n" for g in cmap.groups)
+    for n in cmap.nodes:
+        text = (
+            f"# raftblock node {n.node_id} (rack {n.rack}); written by `raftblock cluster up`\n"
+            f"node_id = {n.node_id}\n"
+            f"rack = {_toml_str(n.rack)}\n"
+            f"data_dir = {_toml_str(str(layout.data_dir(n.node_id).resolve()))}\n"
+            f'listen = {_toml_str(f"{n.host}:{n.port}")}\n'
+            f"disk = {_toml_str(disk)}\n\n[peers]\n{peers}\n\n{groups}"
+        )
+        layout.node_config(n.node_id).write_text(text)
+    layout.gateway_config.write_text(
+        "# raftblock gateway; written by `raftblock cluster up`\n"
+        f"map = {_toml_str(str(layout.map_path.resolve()))}\n"
+        f"bind = {_toml_str(nbd_bind)}\nport = {nbd_port}\n"
+        f"admin_socket = {_toml_str(str(layout.admin_socket.resolve()))}\n"
+        "deadline_s = 10.0\n"
+    )
+
+
+def create_map(nodes: int, racks: int, port_base: int | None, host: str, groups: int) -> ClusterMap:
+    if nodes < 1 or racks < 1:
+        raise ClusterError("--nodes and --racks must be at least 1")
+    entries = []
+    for i in range(1, nodes + 1):
+        port = port_base + i if port_base else _free_port(host)
+        entries.append(NodeEntry(i, f"r{i % racks}", host, port))
+    try:
+        placed = place_groups(entries, groups)
+    except MapError as e:
+        raise ClusterError(str(e)) from e
+    return ClusterMap(secrets.token_hex(16), entries, placed)
+
+
+# --- commands ------------------------------------------------------------------------------------
+def cluster_up(root: Path, nodes: int = 3, racks: int = 3, nbd_port: int = 10809, port_base: int | None = None,
+               disk: str = "os", groups: int = 12, bind: str = "127.0.0.1") -> str:
+    layout = Layout(root)
+    root.mkdir(parents=True, exist_ok=True)
+    if layout.map_path.exists():
+        cmap = ClusterMap.load(layout.map_path)
+    else:
+        cmap = create_map(nodes, racks, port_base, bind, groups)
+        if nbd_port == 0:
+            nbd_port = _free_port(bind)
+        write_configs(layout, cmap, disk, bind, nbd_port)
+        cmap.save(layout.map_path)
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    for n in cmap.nodes:
+        cfg = layout.node_config(n.node_id)
+        name = f"n{n.node_id}"
+        if running_pid(layout, name, cfg) is None:
+            procs[name] = _spawn(layout, name, [sys.executable, "-m", "raftblock.cli", "node", "--config", str(cfg),
+                                                "--log-format", "json"])
+    for name, proc in procs.items():
+        _wait_ready(layout, name, proc)
+    if running_pid(layout, "gateway", layout.gateway_config) is None:
+        gw = _spawn(layout, "gateway", [sys.executable, "-m", "raftblock.cli", "gateway", "--config",
+                                        str(layout.gateway_config), "--log-format", "json"])
+        uri = _wait_ready(layout, "gateway", gw)
+    else:
+        uri = layout.readyfile("gateway").read_text().split()[1]
+    wait_healthy(cmap)
+    return uri
+
+
+def wait_healthy(cmap: ClusterMap, timeout_s: float = HEALTHY_TIMEOUT_S) -> None:
+    """Every group has a leader that its members agree on."""
+
+    async def check() -> list[int]:
+        st = await collect_status(cmap)
+        return [g["group"] for g in st["groups"] if not g["leader"]]
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        missing = asyncio.run(check())
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise ClusterError(f"groups without a leader after {timeout_s:.0f} s: {missing[:10]}")
+        time.sleep(0.2)
+
+
+async def collect_status(cmap: ClusterMap) -> dict[str, Any]:
+    from raftblock.replication.raft.group import RaftClient
+
+    client = RaftClient(cmap.peers(), attempt_timeout_s=1.0)
+    nodes: list[dict[str, Any]] = []
+    infos: dict[int, dict[int, Any]] = {}
+    try:
+        for n in cmap.nodes:
+            entry: dict[str, Any] = {"id": n.node_id, "rack": n.rack, "address": f"{n.host}:{n.port}"}
+            try:
+                resp = await client.node_status(n.node_id)
+                c = dict(resp.counters)
+                entry.update(state="up", groups=len(resp.groups),
+                             leading=sum(1 for g in resp.groups if g.leader == n.node_id),
+                             used_bytes=c.get("engine_live_bytes", 0), on_disk_bytes=c.get("engine_bytes_on_disk", 0))
+                for g in resp.groups:
+                    infos.setdefault(g.group, {})[n.node_id] = g
+            except (OSError, TimeoutError, ConnectionError):
+                entry.update(state="unreachable")
+            nodes.append(entry)
+    finally:
+        await client.close()
+    groups = []
+    for g in cmap.groups:
+        views = infos.get(g.group_id, {})
+        leaders = {v.leader for v in views.values() if v.leader}
+        terms = [v.term for v in views.values()]
+        leader = next(iter(leaders)) if len(leaders) == 1 and list(leaders)[0] in views else None
+        groups.append({"group": g.group_id, "replication": "raft", "members": g.members, "leader": leader,
+                       "term": max(terms, default=0), "epoch": 0,
+                       "applied": {str(k): v.applied for k, v in views.items()}})
+    return {"nodes": nodes, "groups": groups}
+
+
+def _gateway_call(layout: Layout, op: str) -> dict[str, Any] | None:
+    async def call() -> dict[str, Any]:
+        r, w = await asyncio.open_unix_connection(str(layout.admin_socket))
+        w.write(json.dumps({"op": op}).encode() + b"\n")
+        await w.drain()
+        line = await r.readline()
+        w.close()
+        return dict(json.loads(line))
+
+    if running_pid(layout, "gateway", layout.gateway_config) is None:
+        return None
+    try:
+        return asyncio.run(asyncio.wait_for(call(), 10))
+    except (OSError, TimeoutError, ValueError):
+        return None
+
+
+def cluster_status(root: Path) -> dict[str, Any]:
+    layout = Layout(root)
+    if not layout.map_path.exists():
+        raise ClusterError(f"no cluster in {root} (run `raftblock cluster up --dir {root}`)")
+    cmap = ClusterMap.load(layout.map_path)
+    st = asyncio.run(collect_status(cmap))
+    for n in st["nodes"]:
+        n["pid"] = running_pid(layout, f"n{n['id']}", layout.node_config(n["id"]))
+        if n["pid"] is None:
+            n["state"] = "stopped"
+    gw = _gateway_call(layout, "status")
+    attached = {k: v["attached"] for k, v in (gw or {}).get("volumes", {}).items()}
+    st["gateway"] = {"pid": running_pid(layout, "gateway", layout.gateway_config),
+                     "uri": (layout.readyfile("gateway").read_text().split()[1]
+                             if layout.readyfile("gateway").exists() else None)}
+    st["volumes"] = [{"name": v.name, "size_bytes": v.size_bytes, "replication": v.replication,
+                      "extents": len(v.extent_ids), "groups": sorted({e >> 32 for e in v.extent_ids}),
+                      "attached": attached.get(v.name, 0)} for v in cmap.volumes]
+    st["cluster_id"] = cmap.cluster_id
+    return st
+
+
+def cluster_down(root: Path) -> list[str]:
+    layout = Layout(root)
+    if not layout.map_path.exists():
+        return []
+    cmap = ClusterMap.load(layout.map_path)
+    stopped = []
+    if _stop(layout, "gateway", layout.gateway_config):
+        stopped.append("gateway")
+    for n in cmap.nodes:
+        if _stop(layout, f"n{n.node_id}", layout.node_config(n.node_id)):
+            stopped.append(f"n{n.node_id}")
+    return stopped
+
+
+def volume_create(root: Path, name: str, size_bytes: int) -> dict[str, Any]:
+    layout = Layout(root)
+    cmap = _load(layout)
+    try:
+        vol = cmap.create_volume(name, size_bytes)
+    except MapError as e:
+        raise ClusterError(str(e)) from e
+    cmap.save(layout.map_path)
+    _gateway_call(layout, "reload")
+    return {"name": vol.name, "size_bytes": vol.size_bytes, "extents": len(vol.extent_ids),
+            "groups": sorted({e >> 32 for e in vol.extent_ids})}
+
+
+def volume_delete(root: Path, name: str) -> None:
+    layout = Layout(root)
+    cmap = _load(layout)
+    gw = _gateway_call(layout, "status")
+    if gw and gw.get("volumes", {}).get(name, {}).get("attached", 0):
+        raise ClusterError(f"volume {name} is attached by a host; detach it first")
+    vol = cmap.volume(name)
+    if vol is None:
+        raise ClusterError(f"no volume {name}")
+    asyncio.run(_drop_extents(cmap, vol.extent_ids, vol.extent_size_bytes))
+    cmap.delete_volume(name)
+    cmap.save(layout.map_path)
+    _gateway_call(layout, "reload")
+
+
+async def _drop_extents(cmap: ClusterMap, extent_ids: list[int], extent_size_bytes: int) -> None:
+    """Trim every block of the volume's extents, so its space comes back (committed through Raft)."""
+    from raftblock.replication.raft.group import RaftClient, RaftGroup
+
+    client = RaftClient(cmap.peers())
+    try:
+        blocks = extent_size_bytes // 4096
+        await asyncio.gather(*(RaftGroup(client, e >> 32).trim(e, 0, blocks) for e in extent_ids))
+    finally:
+        await client.close()
+
+
+def volume_list(root: Path) -> list[dict[str, Any]]:
+    cmap = _load(Layout(root))
+    return [{"name": v.name, "size_bytes": v.size_bytes, "replication": v.replication,
+             "extents": len(v.extent_ids)} for v in cmap.volumes]
+
+
+def _load(layout: Layout) -> ClusterMap:
+    if not layout.map_path.exists():
+        raise ClusterError(f"no cluster in {layout.root} (run `raftblock cluster up --dir {layout.root}`)")
+    return ClusterMap.load(layout.map_path)

@@ -1,0 +1,149 @@
+"""`raftblock gateway --config FILE`: the NBD gateway of a cluster.
+
+Composition root of the gateway process: it reads the cluster map, opens one RaftClient to the nodes
+(one connection per node, leader cache, retries within a deadline) and exports every volume of the
+map over NBD; each extent goes to the RaftGroup named by its extent id (rule 1 of clustermap.py).
+
+Config (TOML):
+
+    map = "/var/lib/raftblock/cluster.json"   # the cluster map
+    bind = "127.0.0.1"
+    port = 10809
+    admin_socket = "/run/raftblock/gateway.sock"   # JSON lines: {"op": "reload"} | {"op": "status"}
+    deadline_s = 10.0                              # how long one I/O may wait for a leader
+
+Rules:
+1. A write is acknowledged to the host only after the group's leader answered OK: committed on a
+   majority of fsynced WALs and applied (RaftGroup rule 1). FLUSH and FUA are therefore honest.
+2. `reload` re-reads the map (after `raftblock volume create/delete`); volumes that vanished stop
+   accepting new connections; attached hosts keep their connection until they detach.
+3. SIGTERM drains in-flight requests, then exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from raftblock.client.volume import Volume
+from raftblock.gateway.nbd_server import GatewayConfig, NbdServer, VolumeCatalog
+from raftblock.node.clustermap import ClusterMap
+from raftblock.replication.raft.group import RaftClient, RaftGroup
+from raftblock.replication.raft.runtime import group_of_extent
+
+log = structlog.get_logger(__name__)
+
+ADMIN_LINE_BYTES_MAX = 64 << 10
+
+
+class Gateway:
+    def __init__(self, map_path: Path, deadline_s: float) -> None:
+        self.map_path = map_path
+        self.deadline_s = deadline_s
+        self.map = ClusterMap.load(map_path)
+        self.client = RaftClient(self.map.peers(), deadline_s=deadline_s)
+        self.catalog = VolumeCatalog()
+        self._groups: dict[int, RaftGroup] = {}
+        self.reload()
+
+    def group_for(self, extent_id: int) -> RaftGroup:
+        gid = group_of_extent(extent_id)
+        g = self._groups.get(gid)
+        if g is None:
+            g = self._groups[gid] = RaftGroup(self.client, gid, self.deadline_s)
+        return g
+
+    def reload(self) -> None:
+        self.map = ClusterMap.load(self.map_path)
+        self.client.nodes.update(self.map.peers())
+        volumes = []
+        for v in self.map.volumes:
+            old = self.catalog.get(v.name)
+            volumes.append(old if old is not None and old.info == v.info() else Volume(v.info(), self.group_for))
+        self.catalog.replace_all(volumes)
+        log.info("gateway.map_loaded", volumes=len(self.map.volumes), groups=len(self.map.groups))
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "volumes": {v.name: {"size_bytes": v.size_bytes, "attached": self.catalog.attached.get(v.name, 0)}
+                        for v in self.map.volumes},
+            "leaders": {str(g): n for g, n in sorted(self.client.leaders.items())},
+            "retries": self.client.retries,
+        }
+
+    async def admin(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await reader.readline()
+            if len(line) > ADMIN_LINE_BYTES_MAX:
+                raise ValueError("request too long")
+            req = json.loads(line or b"{}")
+            op = req.get("op")
+            if op == "reload":
+                self.reload()
+                resp: dict[str, Any] = {"ok": True}
+            elif op == "status":
+                resp = {"ok": True, **self.status()}
+            else:
+                resp = {"ok": False, "error": f"unknown op {op!r}"}
+        except (ValueError, OSError) as e:
+            resp = {"ok": False, "error": str(e)}
+        writer.write(json.dumps(resp).encode() + b"\n")
+        try:
+            await writer.drain()
+        finally:
+            writer.close()
+
+
+def load_config(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        return tomllib.load(f)
+
+
+async def run_gateway(cfg: dict[str, Any]) -> int:
+    gw = Gateway(Path(cfg["map"]), float(cfg.get("deadline_s", 10.0)))
+    server = NbdServer(gw.catalog, GatewayConfig(bind=cfg.get("bind", "127.0.0.1"), port=int(cfg.get("port", 10809))))
+    host, port = await server.start()
+    admin_path = cfg.get("admin_socket")
+    admin = None
+    if admin_path:
+        Path(admin_path).unlink(missing_ok=True)
+        admin = await asyncio.start_unix_server(gw.admin, path=admin_path)
+        os.chmod(admin_path, 0o600)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"READY nbd://{host}:{port}", flush=True)
+    await stop.wait()
+    log.info("gateway.stopping")
+    await server.shutdown()
+    if admin is not None:
+        admin.close()
+    await gw.client.close()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+        signal.signal(sig, signal.SIG_IGN)
+    log.info("gateway.stopped")
+    return 0
+
+
+def main(config: str) -> int:
+    cfg = load_config(Path(config))
+    try:
+        import uvloop
+
+        return uvloop.run(run_gateway(cfg))
+    except ImportError:
+        return asyncio.run(run_gateway(cfg))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))

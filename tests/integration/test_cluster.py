@@ -1,0 +1,221 @@
+# The 3-rack cluster as `make demo` starts it (`raftblock cluster up`, on free ports), with real clients.
+#
+# Enforces (issue "cluster"): the NBD contract of part 1 through the gateway and Raft groups (qemu-img
+# info, qemu-io patterns aligned and unaligned, nbdinfo --json flags, ext4 through nbdfuse across a
+# cluster restart); a 1 GiB volume spans >= 2 extent groups led from >= 2 nodes; kill -9 of the node
+# leading the group that holds the data while a client writes: I/O resumes by itself and nothing
+# acknowledged is lost (tagged writer + verifier), `cluster up` brings the node back and it catches up;
+# power cut (volatile disks, kill -9 of every process, gateway too): every acknowledged write reads back.
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .helpers import BLOCK, CLIENTS, MiB, kill_group, nbd_read, require_libnbd, require_tools, run
+from .test_ext4_nbdfuse import _make_tree, _phase, _read_sums
+from .test_power_cut import Journal, _count_acks, judge
+from .test_qemu_clients import QEMU_WRITES, _apply, _qemu_io, _runs
+
+RAFTBLOCK = [sys.executable, "-m", "raftblock.cli"]
+
+
+class Cluster:
+    def __init__(self, root: Path, disk: str = "os") -> None:
+        self.root = root
+        self.disk = disk
+        self.uri = ""
+
+    def cli(self, *args: str, check: bool = True, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+        r = subprocess.run([*RAFTBLOCK, *args, "--dir", str(self.root)], capture_output=True, text=True,
+                           timeout=timeout_s)
+        if check:
+            assert r.returncode == 0, f"raftblock {' '.join(args)} failed ({r.returncode}): {r.stderr}"
+        return r
+
+    def up(self) -> str:
+        r = self.cli("cluster", "up", "--nbd-port", "0", "--disk", self.disk)
+        self.uri = r.stdout.strip().splitlines()[-1]
+        assert self.uri.startswith("nbd://"), r.stdout
+        return self.uri
+
+    def status(self) -> dict[str, Any]:
+        return dict(json.loads(self.cli("cluster", "status", "--json").stdout))
+
+    def pids(self) -> dict[str, int]:
+        out = {}
+        for f in (self.root / "run").glob("*.pid"):
+            out[f.stem] = int(f.read_text())
+        return out
+
+    def kill(self, name: str) -> None:
+        os.kill(self.pids()[name], signal.SIGKILL)
+        _wait(lambda: not Path(f"/proc/{self.pids()[name]}").exists() or _zombie(self.pids()[name]), 30, f"{name} to die")
+
+    def down(self) -> None:
+        self.cli("cluster", "down", check=False)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _wait(cond: Any, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out after {timeout_s}s waiting for {what}"
+        time.sleep(0.05)
+
+
+def _cleanup(c: Cluster) -> None:
+    c.down()
+    for pid in c.pids().values():  # never leave a process behind, even after a failed `down`
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path / "cluster")
+    yield c
+    _cleanup(c)
+
+
+@pytest.fixture
+def volatile_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path / "cluster", disk="volatile-tear")
+    yield c
+    _cleanup(c)
+
+
+def test_cluster_serves_real_clients(cluster: Cluster, tmp_path: Path) -> None:
+    require_tools("qemu-img", "qemu-io", "nbdinfo")
+    base = cluster.up()
+    cluster.cli("volume", "create", "vol", "--size", "1G")
+    st = cluster.status()
+    (vol,) = [v for v in st["volumes"] if v["name"] == "vol"]
+    assert len(vol["groups"]) >= 2, vol
+    leaders = {g["leader"] for g in st["groups"] if g["group"] in vol["groups"]}
+    assert None not in leaders and len(leaders) >= 2, st["groups"]
+    assert {n["state"] for n in st["nodes"]} == {"up"} and len({n["rack"] for n in st["nodes"]}) == 3
+    uri = f"{base}/vol"
+    info = json.loads(run(["qemu-img", "info", "--output=json", "-f", "raw", uri], timeout_s=30).stdout)
+    assert info["virtual-size"] == 1 << 30
+    nbdinfo = json.loads(run(["nbdinfo", "--json", uri], timeout_s=30).stdout)["exports"][0]
+    assert (nbdinfo["block_size_minimum"], nbdinfo["block_size_preferred"]) == (512, 4096)
+    for flag in ("can_flush", "can_fua", "can_trim", "can_zero", "can_multi_conn"):
+        assert nbdinfo[flag] is True, flag
+    model = bytearray(2 * MiB)
+    cmds = []
+    for pattern, offset, length in QEMU_WRITES:
+        cmds.append(f"write -P {pattern:#x} {offset} {length}")
+        _apply(model, offset, bytes([pattern]) * length)
+    # and across the first extent edge (64 MiB), into another group
+    cmds.append(f"write -P 0x77 {64 * MiB - 3000} 7000")
+    _qemu_io(uri, cmds)
+    _qemu_io(uri, [f"read -P {v:#x} {o} {n}" for v, o, n in _runs(bytes(model))] + [f"read -P 0x77 {64 * MiB - 3000} 7000"])
+    # a volume attached by a host cannot be deleted
+    assert cluster.cli("volume", "delete", "missing", check=False).returncode != 0
+
+
+def test_cluster_ext4_survives_cluster_restart(cluster: Cluster, tmp_path: Path) -> None:
+    require_tools("nbdfuse", "fusermount3", "mkfs.ext4", "fsck.ext4", "unshare")
+    cluster.up()
+    cluster.cli("volume", "create", "fs", "--size", "128M")
+    src = tmp_path / "src"
+    expected = _make_tree(src)
+    work = tmp_path / "work"
+    work.mkdir()
+    _phase("write", f"{cluster.uri}/fs", work, src)
+    assert _read_sums(work / "sums.write") == expected
+    cluster.down()
+    cluster.up()
+    _phase("verify", f"{cluster.uri}/fs", work)
+    assert _read_sums(work / "sums.verify") == expected
+
+
+NBLOCKS = 1024  # 4 MiB: all in the volume's first extent, so in one group
+QD = 8
+
+
+def _writer(py: str, uri: str, journal: Path, seed: int, first_seq: int, max_ops: int) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [py, str(CLIENTS / "nbd_tagged_writer.py"), uri, str(journal), str(NBLOCKS), str(seed), str(first_seq),
+         str(QD), str(max_ops)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+
+
+def _verify(uri: str, journal: Path, tmp_path: Path, when: str) -> Journal:
+    j = Journal.load(journal)
+    got = nbd_read(uri, 0, NBLOCKS * BLOCK, tmp_path)
+    assert got["ok"], f"{when}: read failed: {got}"
+    problems = judge(got["data"], j, NBLOCKS)
+    assert not problems, f"{when}: {len(problems)} bad blocks ({len(j.acked)} acked): {problems[:10]}"
+    return j
+
+
+def test_kill_leader_under_writes_then_power_cut(volatile_cluster: Cluster, tmp_path: Path) -> None:
+    py = require_libnbd()
+    cluster = volatile_cluster
+    cluster.up()
+    cluster.cli("volume", "create", "vol", "--size", "256M")
+    st = cluster.status()
+    (vol,) = st["volumes"]
+    map_ = json.loads((cluster.root / "cluster.json").read_text())
+    group = map_["volumes"][0]["extent_ids"][0] >> 32
+    uri = f"{cluster.uri}/vol"
+    journal = tmp_path / "journal.txt"
+
+    # 1. kill -9 the leader of the data's group while the writer runs; I/O must resume by itself.
+    writer = _writer(py, uri, journal, seed=1, first_seq=1, max_ops=1500)
+    try:
+        _wait(lambda: _count_acks(journal) >= 300, 90, "300 acknowledged writes")
+        leader = next(g["leader"] for g in cluster.status()["groups"] if g["group"] == group)
+        assert leader, "the data's group has no leader"
+        acks_at_kill = _count_acks(journal)
+        t_kill = time.monotonic()
+        cluster.kill(f"n{leader}")
+        _wait(lambda: _count_acks(journal) > acks_at_kill + QD, 30, "writes to resume after the leader was killed")
+        pause_s = time.monotonic() - t_kill
+        out, err = writer.communicate(timeout=180)
+    finally:
+        kill_group(writer)
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    assert result["end"] == "max_ops" and result["failed"] == 0, (result, err.decode()[-2000:])
+    print(f"\nI/O pause after kill -9 of leader n{leader}: {pause_s:.2f}s")
+    j = _verify(uri, journal, tmp_path, "after killing the leader")
+
+    # 2. `cluster up` brings the node back; it catches up with the group.
+    cluster.up()
+
+    def caught_up() -> bool:
+        g = next(g for g in cluster.status()["groups"] if g["group"] == group)
+        applied = g["applied"]
+        return str(leader) in applied and len(set(applied.values())) == 1
+
+    _wait(caught_up, 60, f"n{leader} to catch up")
+
+    # 3. power cut: more writes, then kill -9 every process at once (gateway too), `cluster up`.
+    writer = _writer(py, uri, journal, seed=2, first_seq=j.max_seq() + 1, max_ops=1_000_000)
+    try:
+        base = _count_acks(journal)
+        _wait(lambda: _count_acks(journal) >= base + 300, 90, "300 more acknowledged writes")
+        for pid in cluster.pids().values():
+            os.kill(pid, signal.SIGKILL)
+        writer.communicate(timeout=60)
+    finally:
+        kill_group(writer)
+    cluster.up()
+    _verify(uri, journal, tmp_path, "after a power cut of the whole cluster")
