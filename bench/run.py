@@ -50,7 +50,7 @@ JOBS = [
     "randwrite-4k-qd32-fsync",
     "write-1m-qd4-fsync",
 ]
-TARGETS = ["raftblock", "qemu-nbd"]
+TARGETS = ["raftblock", "cluster", "qemu-nbd"]  # the last one is the baseline of every ratio
 
 sys.path.insert(0, str(REPO))  # `python bench/run.py` from a checkout without the package installed
 
@@ -150,6 +150,28 @@ class RaftblockTarget(Target):
         return "raftblock serve --disk os (one copy)"
 
 
+class ClusterTarget(Target):
+    """The 3-node, 3-rack Raft cluster as `make demo` starts it (free ports), one volume."""
+
+    name = "cluster"
+
+    def start(self, work: Path) -> str:
+        from raftblock.node.cluster import cluster_up, volume_create
+
+        self.root = work / "cluster"
+        uri = cluster_up(self.root, nbd_port=0, disk="os")
+        volume_create(self.root, EXPORT, VOLUME_BYTES)
+        return f"{uri}/{EXPORT}"
+
+    def stop(self) -> None:
+        from raftblock.node.cluster import cluster_down
+
+        cluster_down(self.root)
+
+    def describe(self) -> str:
+        return "raftblock cluster: 3 nodes in 3 racks, Raft, 3 replicas, gateway (loopback)"
+
+
 class QemuNbdTarget(Target):
     name = "qemu-nbd"
     argv_tail = ["-f", "raw", "--cache=none", "--aio=native", "-t", "-e", "4"]
@@ -228,10 +250,16 @@ def med(runs: list[Run], attr: str) -> float:
 
 
 def table(runs: list[Run], jobs: list[str], targets: list[str]) -> str:
+    """One block per target, each against the baseline (the last target)."""
+    if len(targets) < 2:
+        return _table(runs, jobs, targets[0], "")
+    return "\n\n".join(_table(runs, jobs, a, targets[-1]) for a in targets[:-1])
+
+
+def _table(runs: list[Run], jobs: list[str], a: str, b: str) -> str:
     by: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for r in runs:
         by[(r.job, r.target)].append(r)
-    a, b = (targets + [""])[:2]
     head = (f"{'job':<24} {a + ' IOPS med [min-max]':>30} {b + ' IOPS':>14} {'ratio':>6} "
             f"{'MB/s ' + a[:4] + '/' + b[:4]:>16} {'p50 us ' + a[:4] + '/' + b[:4]:>18} {'p99 us ' + a[:4] + '/' + b[:4]:>20}")
     lines = [head, "-" * len(head)]
@@ -307,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(jobs) - set(JOBS)
     if unknown:
         p.error(f"unknown jobs {sorted(unknown)}")
-    registry: dict[str, type[Target]] = {"raftblock": RaftblockTarget, "qemu-nbd": QemuNbdTarget}
+    registry: dict[str, type[Target]] = {"raftblock": RaftblockTarget, "cluster": ClusterTarget, "qemu-nbd": QemuNbdTarget}
     names = args.targets.split(",")
     for tool in ["fio"] + (["qemu-nbd"] if "qemu-nbd" in names else []):
         if shutil.which(tool) is None:
