@@ -100,10 +100,11 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
         _print_json(st)
         return 0
     print(f"cluster {st['cluster_id']}   gateway: {st['gateway']['uri'] or 'stopped'} (pid {st['gateway']['pid']})")
-    print("\nNODES\n  id  rack  address               pid      state        groups  leading  used")
+    print("\nNODES\n  id  rack  address               pid      state        groups  leading  used       errors")
     for n in st["nodes"]:
+        errors = " ".join(f"{k}={v}" for k, v in n.get("errors", {}).items()) or "-"
         print(f"  {n['id']:<3} {n['rack']:<5} {n['address']:<21} {str(n['pid']):<8} {n['state']:<12} "
-              f"{n.get('groups', '-'):<7} {n.get('leading', '-'):<8} {format_size(n.get('used_bytes', 0))}")
+              f"{n.get('groups', '-'):<7} {n.get('leading', '-'):<8} {format_size(n.get('used_bytes', 0)):<10} {errors}")
     print("\nEXTENT GROUPS\n  id   replication  members     leader  term")
     for g in st["groups"]:
         print(f"  {g['group']:<4} {g['replication']:<12} {','.join(map(str, g['members'])):<11} "

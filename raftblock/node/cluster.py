@@ -37,6 +37,9 @@ START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 HEALTHY_TIMEOUT_S = 60.0
 POLL_S = 0.05
+# Node counters shown as errors in `cluster status` (data found bad, what was done about it, refused input)
+ERROR_COUNTERS = ("corrupt_reads", "read_repairs", "blocks_repaired", "read_repair_failed", "engine_bad_blocks",
+                  "frames_bad_crc", "frames_bad_magic", "frames_malformed", "raft_unknown_group", "apply_errors")
 
 
 class ClusterError(Exception):
@@ -247,7 +250,8 @@ async def collect_status(cmap: ClusterMap) -> dict[str, Any]:
                 c = dict(resp.counters)
                 entry.update(state="up", groups=len(resp.groups),
                              leading=sum(1 for g in resp.groups if g.leader == n.node_id),
-                             used_bytes=c.get("engine_live_bytes", 0), on_disk_bytes=c.get("engine_bytes_on_disk", 0))
+                             used_bytes=c.get("engine_live_bytes", 0), on_disk_bytes=c.get("engine_bytes_on_disk", 0),
+                             errors={k: c.get(k, 0) for k in ERROR_COUNTERS if c.get(k, 0)})
                 for g in resp.groups:
                     infos.setdefault(g.group, {})[n.node_id] = g
             except (OSError, TimeoutError, ConnectionError):

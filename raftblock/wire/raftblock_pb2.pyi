@@ -104,7 +104,7 @@ class HeartbeatBatch(_message.Message):
     def __init__(self, src: _Optional[int] = ..., dst: _Optional[int] = ..., response: _Optional[bool] = ..., group: _Optional[_Iterable[int]] = ..., term: _Optional[_Iterable[int]] = ..., commit: _Optional[_Iterable[int]] = ..., context: _Optional[_Iterable[int]] = ..., lease_tick: _Optional[_Iterable[int]] = ..., epoch: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ClientRequest(_message.Message):
-    __slots__ = ("request_id", "op", "extent_id", "block", "count", "crcs", "epoch")
+    __slots__ = ("request_id", "op", "extent_id", "block", "count", "crcs", "epoch", "min_applied")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
     EXTENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -112,6 +112,7 @@ class ClientRequest(_message.Message):
     COUNT_FIELD_NUMBER: _ClassVar[int]
     CRCS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MIN_APPLIED_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     op: int
     extent_id: int
@@ -119,7 +120,8 @@ class ClientRequest(_message.Message):
     count: int
     crcs: _containers.RepeatedScalarFieldContainer[int]
     epoch: int
-    def __init__(self, request_id: _Optional[int] = ..., op: _Optional[int] = ..., extent_id: _Optional[int] = ..., block: _Optional[int] = ..., count: _Optional[int] = ..., crcs: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ...) -> None: ...
+    min_applied: int
+    def __init__(self, request_id: _Optional[int] = ..., op: _Optional[int] = ..., extent_id: _Optional[int] = ..., block: _Optional[int] = ..., count: _Optional[int] = ..., crcs: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., min_applied: _Optional[int] = ...) -> None: ...
 
 class GroupInfo(_message.Message):
     __slots__ = ("group", "role", "term", "leader", "commit", "applied", "last_index", "snap_index", "lease")

@@ -20,7 +20,19 @@ from typing import Any
 
 import pytest
 
-from .helpers import BLOCK, CLIENTS, MiB, kill_group, nbd_read, require_libnbd, require_tools, run
+from .helpers import (
+    BLOCK,
+    CLIENTS,
+    MiB,
+    find_on_disk,
+    flip_byte,
+    kill_group,
+    nbd_read,
+    nbd_write,
+    require_libnbd,
+    require_tools,
+    run,
+)
 from .test_ext4_nbdfuse import _make_tree, _phase, _read_sums
 from .test_power_cut import Journal, _count_acks, judge
 from .test_qemu_clients import QEMU_WRITES, _apply, _qemu_io, _runs
@@ -219,3 +231,29 @@ def test_kill_leader_under_writes_then_power_cut(volatile_cluster: Cluster, tmp_
         kill_group(writer)
     cluster.up()
     _verify(uri, journal, tmp_path, "after a power cut of the whole cluster")
+
+
+def test_corrupt_replica_is_read_from_a_peer_and_repaired(cluster: Cluster, tmp_path: Path) -> None:
+    """DESIGN "Data path": a block failing its CRC on the leader is served from a healthy replica and
+    rewritten; `cluster status` shows the error on that node."""
+    require_libnbd()
+    cluster.up()
+    cluster.cli("volume", "create", "vol", "--size", "256M")
+    uri = f"{cluster.uri}/vol"
+    data = os.urandom(64 << 10)
+    nbd_write(uri, 0, data, tmp_path, fua=True)
+    group = json.loads((cluster.root / "cluster.json").read_text())["volumes"][0]["extent_ids"][0] >> 32
+    leader = next(g["leader"] for g in cluster.status()["groups"] if g["group"] == group)
+    needle = data[8192:8192 + 64]  # inside the third 4 KiB block
+    hits = find_on_disk(cluster.root / f"n{leader}" / "engine", needle)
+    assert len(hits) == 1, hits
+    flip_byte(*hits[0])
+    got = nbd_read(uri, 0, len(data), tmp_path)
+    assert got["ok"] and got["data"] == data, "the read did not return the acknowledged data"
+    node = next(n for n in cluster.status()["nodes"] if n["id"] == leader)
+    assert node["errors"].get("corrupt_reads", 0) >= 1 and node["errors"].get("blocks_repaired", 0) >= 1, node
+    # repaired in place: the next read finds no bad block
+    got = nbd_read(uri, 0, len(data), tmp_path)
+    assert got["ok"] and got["data"] == data
+    again = next(n for n in cluster.status()["nodes"] if n["id"] == leader)
+    assert again["errors"]["corrupt_reads"] == node["errors"]["corrupt_reads"], again

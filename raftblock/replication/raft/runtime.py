@@ -71,7 +71,8 @@ log = structlog.get_logger(__name__)
 _MT = MessageType
 
 # Client ops and statuses (raftblock.proto).
-OP_C_WRITE, OP_C_READ, OP_C_TRIM, OP_C_STATUS, OP_C_NODE_STATUS = 1, 2, 3, 4, 5
+OP_C_WRITE, OP_C_READ, OP_C_TRIM, OP_C_STATUS, OP_C_NODE_STATUS, OP_C_REPLICA_READ = 1, 2, 3, 4, 5, 6
+REPLICA_READ_WAIT_S = 2.0  # how long a replica waits to reach `min_applied` before answering UNAVAILABLE
 ST_OK, ST_NOT_LEADER, ST_UNKNOWN_GROUP, ST_UNAVAILABLE, ST_BAD_REQUEST, ST_CORRUPT, ST_NO_SPACE = range(7)
 _IMG_LEN = struct.Struct("<I")
 
@@ -228,6 +229,7 @@ class NodeRuntime:
         self._wal_bytes_at_compact = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self.failed: BaseException | None = None
+        self._peer_client: Any = None  # RaftClient to the peers, made on the first read repair
         self.port = 0
         self.commits = 0
 
@@ -274,6 +276,8 @@ class NodeRuntime:
         if self._tick_handle is not None:
             self._tick_handle.cancel()
         await self.transport.stop()
+        if self._peer_client is not None:
+            await self._peer_client.close()
         for g in self.groups.values():
             self._fail_group_requests(g, NotLeaderError(NO_NODE))
         while self._syncing:
@@ -573,6 +577,10 @@ class NodeRuntime:
                     data, crcs = await self._read(grp, req)
                     resp.crcs.extend(crcs)
                     out_payload.append(data)
+                elif req.op == OP_C_REPLICA_READ:
+                    data, crcs = await self._replica_read(grp, req)
+                    resp.crcs.extend(crcs)
+                    out_payload.append(data)
                 else:
                     resp.status = ST_BAD_REQUEST
                     resp.error = f"unknown op {req.op}"
@@ -703,7 +711,66 @@ class NodeRuntime:
         self._dirty.add(g.id)
         self._kick()
         await fut
+        applied = g.core.applied_index
+        try:
+            return self.engine.read(req.extent_id, req.block, n)
+        except CorruptBlockError as e:
+            self.counters["corrupt_reads"] += 1
+            log.error("raft.corrupt_read", group=g.id, extent_id=req.extent_id, block=e.block, reason=e.reason)
+            return await self._read_repair(g, req.extent_id, req.block, n, applied)
+
+    async def _replica_read(self, g: _Group, req: pb.ClientRequest) -> tuple[bytearray, list[int]]:
+        """A peer asks for blocks it found corrupt: served by any member once it has applied at least
+        `min_applied` (so the answer is no older than what the asking leader would have returned)."""
+        if group_of_extent(req.extent_id) != g.id:
+            raise ValueError(f"extent {req.extent_id:#x} does not belong to group {g.id}")
+        n = req.count
+        if n < 1 or n > MAX_WRITE_BLOCKS or req.block + n > MAX_BLOCK:
+            raise ValueError("bad block range")
+        deadline = time.monotonic() + REPLICA_READ_WAIT_S
+        while g.core.applied_index < req.min_applied:
+            if time.monotonic() > deadline:
+                raise RetryError(f"replica applied {g.core.applied_index} < {req.min_applied}")
+            await asyncio.sleep(self.cfg.tick_ms / 1000)
+        self.counters["replica_reads_served"] += 1
         return self.engine.read(req.extent_id, req.block, n)
+
+    async def _read_repair(self, g: _Group, extent_id: int, block: int, n: int, applied: int) -> tuple[bytearray, list[int]]:
+        """Serve a read whose local copy failed its CRC from another member, then rewrite the bad blocks
+        locally (only those still bad: a block overwritten meanwhile keeps its newer value)."""
+        from raftblock.replication.raft.group import RaftClient  # the node is a client of its peers here
+
+        if self._peer_client is None:
+            self._peer_client = RaftClient(self.peers, attempt_timeout_s=REPLICA_READ_WAIT_S + 1)
+        req = pb.ClientRequest(op=OP_C_REPLICA_READ, extent_id=extent_id, block=block, count=n, min_applied=applied)
+        last = "no other member"
+        for peer in sorted(self.group_conf(g.id).voters):
+            if peer == self.node_id:
+                continue
+            try:
+                resp, data = await self._peer_client.call_node(peer, g.id, req)
+            except (OSError, ConnectionError, TimeoutError) as e:
+                last = f"node {peer}: {e!r}"
+                continue
+            crcs = list(resp.crcs)
+            if resp.status != ST_OK or len(data) != n * BLOCK_SIZE or blockcrc.first_mismatch(data, crcs) >= 0:
+                last = f"node {peer}: status {resp.status} {resp.error}"
+                continue
+            repaired = 0
+            for i in range(n):
+                try:
+                    self.engine.read(extent_id, block + i, 1)
+                except CorruptBlockError:
+                    chunk = memoryview(data)[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]
+                    self.engine.write(extent_id, block + i, chunk, [crcs[i]])
+                    repaired += 1
+            self.counters["read_repairs"] += 1
+            self.counters["blocks_repaired"] += repaired
+            log.warning("raft.read_repaired", group=g.id, extent_id=extent_id, block=block, count=n,
+                        blocks_repaired=repaired, source=peer)
+            return bytearray(data), crcs
+        self.counters["read_repair_failed"] += 1
+        raise CorruptBlockError(extent_id, block, f"local copy corrupt and no healthy replica answered ({last})")
 
     # == snapshots and compaction =============================================================================
     def _group_extents(self, gid: int) -> list[int]:
