@@ -1,0 +1,239 @@
+# The metadata admin port: how processes outside the metadata group (CLI, gateway, storage nodes, tests)
+# propose commands, read the map and send heartbeats. JSON lines over TCP; no pickle.
+#
+# Rules:
+# 1. Authenticate first: the server sends {"hello": NONCE}; the client answers {"auth": HMAC-SHA256(secret,
+#    "raftblock-meta-admin" + NONCE)}; anything else closes the connection. Nothing is acted on before.
+# 2. Bounded: a request line is at most `LINE_BYTES_MAX`; a connection serves requests one at a time;
+#    the server holds at most `connections_max` connections.
+# 3. Requests: {"op": "propose", "command": {...}} | {"op": "state", "barrier": bool} | {"op": "status"}
+#    | {"op": "heartbeat", "node_id": N, "used_bytes": B}. Replies: {"ok": true, ...} or
+#    {"ok": false, "error": CODE, "message": TEXT, "leader": ID|null}. A heartbeat to a follower answers
+#    error "not_leader" with the leader's id; the client follows it.
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import structlog
+
+from raftblock.meta.group import MetaNode, MetaUnavailable, NotLeader
+from raftblock.meta.state import (
+    Attach,
+    Command,
+    CommandError,
+    CreateVolume,
+    DeleteVolume,
+    Detach,
+    MetaState,
+    RegisterNode,
+    Result,
+    command_from_dict,
+    encode_command,
+)
+from raftblock.replication.raft.types import NodeId
+
+log = structlog.get_logger(__name__)
+
+LINE_BYTES_MAX = 8 << 20  # a state reply for a large cluster fits
+_AUTH_CONTEXT = b"raftblock-meta-admin"
+
+
+def _mac(secret: bytes, nonce: str) -> str:
+    return hmac.new(secret, _AUTH_CONTEXT + nonce.encode(), hashlib.sha256).hexdigest()
+
+
+def _split(addr: str) -> tuple[str, int]:
+    host, port = addr.rsplit(":", 1)
+    return host, int(port)
+
+
+class AdminServer:
+    def __init__(self, node: MetaNode, address: str, secret: bytes, connections_max: int = 64) -> None:
+        self.node = node
+        self.address = address
+        self.secret = secret
+        self.connections_max = connections_max
+        self._conns = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        host, port = _split(self.address)
+        self._server = await asyncio.start_server(self._serve, host, port, limit=LINE_BYTES_MAX)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._conns >= self.connections_max:
+            writer.close()
+            return
+        self._conns += 1
+        try:
+            nonce = os.urandom(16).hex()
+            writer.write(json.dumps({"hello": nonce}).encode() + b"\n")
+            await writer.drain()
+            line = await asyncio.wait_for(reader.readline(), 10)
+            try:
+                auth = json.loads(line).get("auth", "")
+            except (ValueError, AttributeError):
+                auth = ""
+            if not isinstance(auth, str) or not hmac.compare_digest(auth, _mac(self.secret, nonce)):
+                log.warning("meta_admin_auth_refused", peer=str(writer.get_extra_info("peername")))
+                return
+            while True:
+                line = await reader.readline()
+                if not line:
+                    return
+                reply = await self._handle(line)
+                writer.write(json.dumps(reply, sort_keys=True).encode() + b"\n")
+                await writer.drain()
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, TimeoutError):
+            return
+        finally:
+            self._conns -= 1
+            writer.close()
+
+    async def _handle(self, line: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(line)
+            op = req["op"]
+        except (ValueError, KeyError, TypeError):
+            return {"ok": False, "error": "bad_request", "message": "a JSON object with an op"}
+        node = self.node
+        try:
+            if op == "propose":
+                cmd = command_from_dict(req.get("command"))
+                res = await node.propose(cmd)
+                return {"ok": True, "result": res.to_json()}
+            if op == "state":
+                st = await node.read() if req.get("barrier", True) else node.state()
+                return {"ok": True, "state": st.to_dict(), "node_id": node.config.node_id}
+            if op == "status":
+                return {"ok": True, "status": node.status()}
+            if op == "heartbeat":
+                nid, used = req.get("node_id"), req.get("used_bytes")
+                if not isinstance(nid, int) or (used is not None and not isinstance(used, int)):
+                    return {"ok": False, "error": "bad_request", "message": "node_id: int, used_bytes: int"}
+                node.heartbeat(NodeId(nid), used)
+                return {"ok": True}
+            return {"ok": False, "error": "bad_request", "message": f"unknown op {op!r}"}
+        except CommandError as e:
+            return {"ok": False, "error": "bad_request", "message": str(e)}
+        except NotLeader as e:
+            return {"ok": False, "error": "not_leader", "message": str(e), "leader": e.leader}
+        except MetaUnavailable as e:
+            return {"ok": False, "error": "unavailable", "message": e.reason, "leader": node.leader_id(),
+                    "outcome_unknown": e.outcome_unknown}
+
+
+class MetaClientError(Exception):
+    pass
+
+
+class MetaClient:
+    """Talks to the metadata group through any member's admin port; follows the leader; retries within
+    `deadline_s`. Use from asyncio."""
+
+    def __init__(self, admin: Mapping[NodeId, str], secret: bytes, attempt_timeout_s: float = 3.0,
+                 deadline_s: float = 20.0) -> None:
+        self.admin = dict(admin)
+        self.secret = secret
+        self.attempt_timeout_s = attempt_timeout_s
+        self.deadline_s = deadline_s
+        self.leader: NodeId | None = None
+
+    async def call(self, node_id: NodeId, req: dict[str, Any]) -> dict[str, Any]:
+        """One request to one node (no retry)."""
+        host, port = _split(self.admin[node_id])
+
+        async def go() -> dict[str, Any]:
+            reader, writer = await asyncio.open_connection(host, port, limit=LINE_BYTES_MAX)
+            try:
+                hello = json.loads(await reader.readline())
+                writer.write(json.dumps({"auth": _mac(self.secret, hello["hello"])}).encode() + b"\n")
+                writer.write(json.dumps(req).encode() + b"\n")
+                await writer.drain()
+                line = await reader.readline()
+                if not line:
+                    raise ConnectionError(f"metadata node {node_id} closed the connection (bad secret?)")
+                reply: dict[str, Any] = json.loads(line)
+                return reply
+            finally:
+                writer.close()
+
+        return await asyncio.wait_for(go(), self.attempt_timeout_s)
+
+    async def _retrying(self, req: dict[str, Any], leader_only: bool) -> dict[str, Any]:
+        deadline = time.monotonic() + self.deadline_s
+        last = "no metadata node answered"
+        order = sorted(self.admin)
+        i = 0
+        while time.monotonic() < deadline:
+            target = self.leader if self.leader in self.admin else order[i % len(order)]
+            i += 1
+            try:
+                reply = await self.call(target, req)  # type: ignore[arg-type]
+            except (OSError, ConnectionError, TimeoutError, ValueError, KeyError) as e:
+                last = f"node {target}: {e!r}"
+                self.leader = None
+                await asyncio.sleep(0.1)
+                continue
+            if reply.get("ok"):
+                if leader_only or req["op"] == "propose":
+                    self.leader = target
+                return reply
+            if reply.get("error") in ("not_leader", "unavailable"):
+                last = f"node {target}: {reply.get('error')}: {reply.get('message')}"
+                hint = reply.get("leader")
+                self.leader = NodeId(hint) if isinstance(hint, int) and hint != target else None
+                await asyncio.sleep(0.1 if self.leader is None else 0)
+                continue
+            raise MetaClientError(f"{reply.get('error')}: {reply.get('message')}")
+        raise MetaClientError(f"metadata group unavailable for {self.deadline_s}s: {last}")
+
+    async def propose(self, cmd: Command) -> Result:
+        reply = await self._retrying({"op": "propose", "command": json.loads(encode_command(cmd))}, False)
+        return Result.from_json(reply["result"])
+
+    async def state(self, barrier: bool = True) -> MetaState:
+        reply = await self._retrying({"op": "state", "barrier": barrier}, False)
+        return MetaState.from_dict(reply["state"])
+
+    async def status(self, node_id: NodeId) -> dict[str, Any]:
+        reply = await self.call(node_id, {"op": "status"})
+        status: dict[str, Any] = reply["status"]
+        return status
+
+    async def heartbeat(self, node_id: NodeId, used_bytes: int | None = None) -> None:
+        await self._retrying({"op": "heartbeat", "node_id": int(node_id), "used_bytes": used_bytes}, True)
+
+    # -- conveniences --------------------------------------------------------------------------------
+
+    async def register_node(self, node_id: int, rack: str, address: str, capacity_bytes: int) -> Result:
+        return await self.propose(RegisterNode(node_id, rack, address, capacity_bytes, _now_ms()))
+
+    async def create_volume(self, name: str, size_bytes: int, mode: str = "raft") -> Result:
+        return await self.propose(CreateVolume(name, size_bytes, _now_ms(), mode))
+
+    async def delete_volume(self, name: str) -> Result:
+        return await self.propose(DeleteVolume(name))
+
+    async def attach(self, volume: str, gateway_id: str, force: bool = False) -> Result:
+        return await self.propose(Attach(volume, gateway_id, _now_ms(), force))
+
+    async def detach(self, volume: str, gateway_id: str, attach_epoch: int) -> Result:
+        return await self.propose(Detach(volume, gateway_id, attach_epoch))
+
+
+def _now_ms() -> int:
+    """Wall-clock ms for records (created_ms, registered_ms); ordering never depends on it."""
+    return int(time.time() * 1000)

@@ -1,0 +1,551 @@
+# The metadata state machine: the cluster map and the commands that change it. Pure: no I/O, no clock,
+# no pysyncobj (group.py replicates it).
+#
+# Rules:
+# 1. A command is a frozen dataclass with a JSON encoding (`encode_command`/`decode_command`); nothing is
+#    pickled. Time is a field of the command (`now_ms`, set by the proposer), never read here.
+# 2. `apply` is deterministic and total: the same state and command give the same state and result on
+#    every replica, and a refused command (bad input, conflict) returns an error Result and changes
+#    nothing; it never raises (an exception inside pysyncobj's apply loop would re-apply forever).
+# 3. Snapshots are JSON with sorted keys: `to_json(from_json(s)) == s`.
+# 4. Node liveness heartbeats are not commands; only state transitions (up/suspect/down) are.
+# 5. Exclusive attach with fencing: a volume has at most one gateway; each attach bumps its
+#    `attach_epoch`; a call carrying an older epoch (a stale gateway) is refused with `stale_epoch`.
+# 6. An extent group's `epoch` is its configuration version: every member change bumps it, and a change
+#    must name the epoch it expects (compare-and-set), so two repairers cannot both win.
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, ClassVar, Literal
+
+from raftblock.meta.placement import (
+    EXTENT_SIZE_BYTES_DEFAULT,
+    EXTENTS_PER_GROUP_MAX_DEFAULT,
+    REPLICAS_DEFAULT,
+    NodeView,
+    PlacementError,
+    leader_counts_of,
+    place,
+)
+from raftblock.replication.raft.types import GroupId, NodeId
+
+NodeState = Literal["up", "suspect", "down"]
+ReplicationMode = Literal["raft", "chain"]
+NODE_STATES: tuple[str, ...] = ("up", "suspect", "down")
+MODES: tuple[str, ...] = ("raft", "chain")
+
+VOLUME_NAME_BYTES_MAX = 64
+VOLUME_SIZE_BYTES_MAX = 4 << 40  # 4 TiB: 65536 extents of 64 MiB, each listed in the map
+GROUP_MEMBERS_MAX = 7
+STATE_CHANGES_PER_COMMAND_MAX = 256
+BLOCK_SIZE = 4096
+
+
+# ---------------------------------------------------------------------------------------------- records
+
+
+@dataclass
+class NodeRecord:
+    node_id: NodeId
+    rack: str
+    address: str  # data-plane address host:port; ids are not addresses
+    capacity_bytes: int
+    reserved_bytes: int = 0  # sum over the groups it is a member of: extents x extent size
+    state: NodeState = "up"
+    state_since_ms: int = 0
+    last_heartbeat_ms: int = 0  # as known when the last transition was committed (heartbeats are not logged)
+    returns: int = 0  # times it came back up from suspect/down
+    registered_ms: int = 0
+
+
+@dataclass
+class VolumeRecord:
+    name: str
+    volume_id: int
+    size_bytes: int
+    mode: ReplicationMode
+    created_ms: int
+    extent_size_bytes: int
+    extent_groups: list[GroupId]  # extent index -> extent group
+    qos_iops_max: int = 0  # placeholders: 0 = unlimited
+    qos_bytes_per_s_max: int = 0
+
+
+@dataclass
+class GroupRecord:
+    group_id: GroupId
+    members: list[NodeId]  # members[0] = preferred leader (raft) / head (chain)
+    epoch: int
+    mode: ReplicationMode
+
+
+@dataclass
+class Attachment:
+    gateway_id: str
+    attach_epoch: int
+    since_ms: int
+
+
+@dataclass(frozen=True)
+class Result:
+    ok: bool
+    error: str = ""  # machine-readable code when not ok
+    message: str = ""
+    value: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ok": self.ok, "error": self.error, "message": self.message, "value": self.value}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Result:
+        return cls(bool(d["ok"]), str(d.get("error", "")), str(d.get("message", "")), dict(d.get("value", {})))
+
+
+def _ok(**value: Any) -> Result:
+    return Result(True, value=value)
+
+
+def _err(code: str, message: str) -> Result:
+    return Result(False, code, message)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+class CommandError(ValueError):
+    """A command could not be decoded (bad JSON, unknown op, wrong field types)."""
+
+
+@dataclass(frozen=True)
+class Command:
+    op: ClassVar[str] = ""
+
+
+@dataclass(frozen=True)
+class InitCluster(Command):
+    op: ClassVar[str] = "init_cluster"
+    cluster_id: str
+    extent_size_bytes: int = EXTENT_SIZE_BYTES_DEFAULT
+    extents_per_group_max: int = EXTENTS_PER_GROUP_MAX_DEFAULT
+    replicas: int = REPLICAS_DEFAULT
+
+
+@dataclass(frozen=True)
+class RegisterNode(Command):
+    op: ClassVar[str] = "register_node"
+    node_id: int
+    rack: str
+    address: str
+    capacity_bytes: int
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class StateChange:
+    node_id: int
+    state: str
+    last_heartbeat_ms: int
+
+
+@dataclass(frozen=True)
+class SetNodeStates(Command):
+    """A batch of liveness transitions found by the failure detector on the leader."""
+
+    op: ClassVar[str] = "set_node_states"
+    changes: tuple[StateChange, ...]
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class CreateVolume(Command):
+    op: ClassVar[str] = "create_volume"
+    name: str
+    size_bytes: int
+    now_ms: int
+    mode: str = "raft"
+    qos_iops_max: int = 0
+    qos_bytes_per_s_max: int = 0
+
+
+@dataclass(frozen=True)
+class DeleteVolume(Command):
+    op: ClassVar[str] = "delete_volume"
+    name: str
+
+
+@dataclass(frozen=True)
+class Attach(Command):
+    op: ClassVar[str] = "attach"
+    volume: str
+    gateway_id: str
+    now_ms: int
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Detach(Command):
+    op: ClassVar[str] = "detach"
+    volume: str
+    gateway_id: str
+    attach_epoch: int
+
+
+@dataclass(frozen=True)
+class SetGroupMembers(Command):
+    op: ClassVar[str] = "set_group_members"
+    group_id: int
+    members: tuple[int, ...]
+    expected_epoch: int
+
+
+@dataclass(frozen=True)
+class Noop(Command):
+    """Changes nothing; committing one is a read barrier (a linearizable read point)."""
+
+    op: ClassVar[str] = "noop"
+
+
+COMMANDS: dict[str, type[Command]] = {
+    c.op: c
+    for c in (InitCluster, RegisterNode, SetNodeStates, CreateVolume, DeleteVolume, Attach, Detach,
+              SetGroupMembers, Noop)
+}
+
+
+def encode_command(cmd: Command) -> str:
+    d = asdict(cmd)
+    d["op"] = cmd.op
+    return json.dumps(d, sort_keys=True, separators=(",", ":"))
+
+
+def _check(value: Any, typ: type, name: str) -> Any:
+    if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise CommandError(f"{name}: expected an integer, got {value!r}")
+    if typ is not int and not isinstance(value, typ):
+        raise CommandError(f"{name}: expected {typ.__name__}, got {value!r}")
+    return value
+
+
+def command_from_dict(d: Any) -> Command:
+    if not isinstance(d, dict):
+        raise CommandError("a command is a JSON object")
+    cls = COMMANDS.get(d.get("op", ""))
+    if cls is None:
+        raise CommandError(f"unknown op {d.get('op')!r}; known: {sorted(COMMANDS)}")
+    kwargs: dict[str, Any] = {}
+    for f in fields(cls):
+        if f.name not in d:
+            continue
+        v = d[f.name]
+        if f.name == "changes":
+            if not isinstance(v, list) or len(v) > STATE_CHANGES_PER_COMMAND_MAX:
+                raise CommandError(f"changes: a list of at most {STATE_CHANGES_PER_COMMAND_MAX}")
+            kwargs[f.name] = tuple(
+                StateChange(_check(c.get("node_id"), int, "node_id"), _check(c.get("state"), str, "state"),
+                            _check(c.get("last_heartbeat_ms"), int, "last_heartbeat_ms"))
+                if isinstance(c, dict) else _bad(c)
+                for c in v
+            )
+        elif f.name == "members":
+            if not isinstance(v, list):
+                raise CommandError("members: a list of node ids")
+            kwargs[f.name] = tuple(_check(m, int, "members[]") for m in v)
+        else:
+            typ = {"int": int, "str": str, "bool": bool}[str(f.type)]
+            kwargs[f.name] = _check(v, typ, f.name)
+    unknown = set(d) - {f.name for f in fields(cls)} - {"op"}
+    if unknown:
+        raise CommandError(f"{cls.op}: unknown fields {sorted(unknown)}")
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise CommandError(f"{cls.op}: {e}") from None
+
+
+def _bad(c: Any) -> StateChange:
+    raise CommandError(f"changes[]: expected an object, got {c!r}")
+
+
+def decode_command(text: str | bytes) -> Command:
+    try:
+        d = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CommandError(f"not JSON: {e}") from None
+    return command_from_dict(d)
+
+
+# ---------------------------------------------------------------------------------------------- the state
+
+
+class MetaState:
+    """The cluster map. Mutated only through `apply`."""
+
+    def __init__(self) -> None:
+        self.cluster_id = ""
+        self.extent_size_bytes = EXTENT_SIZE_BYTES_DEFAULT
+        self.extents_per_group_max = EXTENTS_PER_GROUP_MAX_DEFAULT
+        self.replicas = REPLICAS_DEFAULT
+        self.nodes: dict[NodeId, NodeRecord] = {}
+        self.volumes: dict[str, VolumeRecord] = {}
+        self.groups: dict[GroupId, GroupRecord] = {}
+        self.attachments: dict[str, Attachment] = {}  # volume name -> current attachment
+        self.attach_epochs: dict[str, int] = {}  # volume name -> last attach epoch (kept across detach)
+        self.next_volume_id = 1
+        self.next_group_id = 1
+        self.applied = 0  # commands applied (including refused ones): a cheap change counter
+
+    # -- apply ------------------------------------------------------------------------------------------
+
+    def apply(self, cmd: Command) -> Result:
+        self.applied += 1
+        handler = getattr(self, "_apply_" + cmd.op)
+        try:
+            result: Result = handler(cmd)
+        except PlacementError as e:
+            return _err("placement", str(e))
+        return result
+
+    def apply_encoded(self, text: str | bytes) -> Result:
+        try:
+            cmd = decode_command(text)
+        except CommandError as e:
+            self.applied += 1
+            return _err("bad_command", str(e))
+        return self.apply(cmd)
+
+    def _apply_noop(self, cmd: Noop) -> Result:
+        return _ok()
+
+    def _apply_init_cluster(self, cmd: InitCluster) -> Result:
+        if self.cluster_id:
+            if self.cluster_id == cmd.cluster_id:
+                return _ok(cluster_id=self.cluster_id)
+            return _err("cluster_id", f"cluster is {self.cluster_id!r}, not {cmd.cluster_id!r}")
+        if not cmd.cluster_id:
+            return _err("invalid", "cluster_id must not be empty")
+        if cmd.extent_size_bytes <= 0 or cmd.extent_size_bytes % BLOCK_SIZE:
+            return _err("invalid", f"extent_size_bytes must be a positive multiple of {BLOCK_SIZE}")
+        if cmd.extents_per_group_max < 1 or not 1 <= cmd.replicas <= GROUP_MEMBERS_MAX:
+            return _err("invalid", "extents_per_group_max >= 1 and 1 <= replicas <= 7")
+        self.cluster_id = cmd.cluster_id
+        self.extent_size_bytes = cmd.extent_size_bytes
+        self.extents_per_group_max = cmd.extents_per_group_max
+        self.replicas = cmd.replicas
+        return _ok(cluster_id=self.cluster_id)
+
+    def _apply_register_node(self, cmd: RegisterNode) -> Result:
+        nid = NodeId(cmd.node_id)
+        if cmd.node_id <= 0 or not cmd.rack or not cmd.address or cmd.capacity_bytes < 0:
+            return _err("invalid", "node_id > 0, rack and address non-empty, capacity_bytes >= 0")
+        old = self.nodes.get(nid)
+        if old is None:
+            self.nodes[nid] = NodeRecord(nid, cmd.rack, cmd.address, cmd.capacity_bytes,
+                                         state_since_ms=cmd.now_ms, last_heartbeat_ms=cmd.now_ms,
+                                         registered_ms=cmd.now_ms)
+            return _ok(node_id=cmd.node_id, new=True)
+        if old.rack != cmd.rack and any(nid in g.members for g in self.groups.values()):
+            return _err("rack_change", f"node {cmd.node_id} is in rack {old.rack!r} and holds replicas; "
+                        f"it cannot move to {cmd.rack!r}")
+        old.rack, old.address, old.capacity_bytes = cmd.rack, cmd.address, cmd.capacity_bytes
+        return _ok(node_id=cmd.node_id, new=False)
+
+    def _apply_set_node_states(self, cmd: SetNodeStates) -> Result:
+        for c in cmd.changes:
+            if NodeId(c.node_id) not in self.nodes:
+                return _err("unknown_node", f"node {c.node_id} is not registered")
+            if c.state not in NODE_STATES:
+                return _err("invalid", f"state {c.state!r} is not one of {NODE_STATES}")
+        changed = []
+        for c in cmd.changes:
+            n = self.nodes[NodeId(c.node_id)]
+            n.last_heartbeat_ms = max(n.last_heartbeat_ms, c.last_heartbeat_ms)
+            if n.state == c.state:
+                continue
+            if c.state == "up":
+                n.returns += 1
+            n.state = c.state  # type: ignore[assignment]
+            n.state_since_ms = cmd.now_ms
+            changed.append(c.node_id)
+        return _ok(changed=changed)
+
+    def _apply_create_volume(self, cmd: CreateVolume) -> Result:
+        if not self.cluster_id:
+            return _err("not_initialised", "the cluster has no id yet (init_cluster first)")
+        if not valid_volume_name(cmd.name):
+            return _err("invalid", f"volume name {cmd.name!r}: 1-{VOLUME_NAME_BYTES_MAX} of [A-Za-z0-9._-]")
+        if cmd.name in self.volumes:
+            return _err("exists", f"volume {cmd.name!r} exists")
+        if cmd.mode not in MODES:
+            return _err("invalid", f"mode {cmd.mode!r} is not one of {MODES}")
+        if cmd.size_bytes <= 0 or cmd.size_bytes % BLOCK_SIZE or cmd.size_bytes > VOLUME_SIZE_BYTES_MAX:
+            return _err("invalid", f"size_bytes must be a positive multiple of {BLOCK_SIZE}, "
+                        f"at most {VOLUME_SIZE_BYTES_MAX}")
+        if cmd.qos_iops_max < 0 or cmd.qos_bytes_per_s_max < 0:
+            return _err("invalid", "QoS limits must be >= 0")
+        views = [NodeView(n.node_id, n.rack, n.state == "up", n.capacity_bytes, n.reserved_bytes)
+                 for n in self.nodes.values()]
+        plans = place(views, cmd.size_bytes, extent_size_bytes=self.extent_size_bytes,
+                      extents_per_group_max=self.extents_per_group_max, replicas=self.replicas,
+                      leader_counts=leader_counts_of(g.members for g in self.groups.values()))
+        extents = sum(len(p.extents) for p in plans)
+        mapping: list[GroupId] = [GroupId(0)] * extents
+        group_ids = []
+        for p in plans:
+            gid = GroupId(self.next_group_id)
+            self.next_group_id += 1
+            self.groups[gid] = GroupRecord(gid, list(p.members), 1, cmd.mode)  # type: ignore[arg-type]
+            for m in p.members:
+                self.nodes[m].reserved_bytes += len(p.extents) * self.extent_size_bytes
+            for e in p.extents:
+                mapping[e] = gid
+            group_ids.append(int(gid))
+        vid = self.next_volume_id
+        self.next_volume_id += 1
+        self.volumes[cmd.name] = VolumeRecord(cmd.name, vid, cmd.size_bytes, cmd.mode,  # type: ignore[arg-type]
+                                              cmd.now_ms, self.extent_size_bytes, mapping,
+                                              cmd.qos_iops_max, cmd.qos_bytes_per_s_max)
+        return _ok(volume_id=vid, groups=group_ids)
+
+    def _apply_delete_volume(self, cmd: DeleteVolume) -> Result:
+        vol = self.volumes.get(cmd.name)
+        if vol is None:
+            return _err("not_found", f"no volume {cmd.name!r}")
+        if cmd.name in self.attachments:
+            a = self.attachments[cmd.name]
+            return _err("attached", f"volume {cmd.name!r} is attached by gateway {a.gateway_id!r}")
+        del self.volumes[cmd.name]
+        self.attach_epochs.pop(cmd.name, None)
+        still_used = {g for v in self.volumes.values() for g in v.extent_groups}
+        per_group: dict[GroupId, int] = {}
+        for g in vol.extent_groups:
+            per_group[g] = per_group.get(g, 0) + 1
+        removed = []
+        for gid, count in sorted(per_group.items()):
+            grp = self.groups.get(gid)
+            if grp is None:
+                continue
+            for m in grp.members:
+                if m in self.nodes:
+                    self.nodes[m].reserved_bytes -= count * vol.extent_size_bytes
+            if gid not in still_used:
+                del self.groups[gid]
+                removed.append(int(gid))
+        return _ok(removed_groups=removed)
+
+    def _apply_attach(self, cmd: Attach) -> Result:
+        if cmd.volume not in self.volumes:
+            return _err("not_found", f"no volume {cmd.volume!r}")
+        if not cmd.gateway_id:
+            return _err("invalid", "gateway_id must not be empty")
+        cur = self.attachments.get(cmd.volume)
+        if cur is not None and cur.gateway_id == cmd.gateway_id and not cmd.force:
+            return _ok(attach_epoch=cur.attach_epoch, gateway_id=cur.gateway_id)
+        if cur is not None and not cmd.force:
+            return _err("attached", f"volume {cmd.volume!r} is attached by gateway {cur.gateway_id!r} "
+                        f"(attach epoch {cur.attach_epoch}); attach with force to take it over")
+        epoch = self.attach_epochs.get(cmd.volume, 0) + 1
+        self.attach_epochs[cmd.volume] = epoch
+        self.attachments[cmd.volume] = Attachment(cmd.gateway_id, epoch, cmd.now_ms)
+        return _ok(attach_epoch=epoch, gateway_id=cmd.gateway_id,
+                   fenced=cur.gateway_id if cur is not None else "")
+
+    def _apply_detach(self, cmd: Detach) -> Result:
+        refusal = self.check_attach(cmd.volume, cmd.gateway_id, cmd.attach_epoch)
+        if refusal is not None:
+            return refusal
+        del self.attachments[cmd.volume]
+        return _ok()
+
+    def _apply_set_group_members(self, cmd: SetGroupMembers) -> Result:
+        grp = self.groups.get(GroupId(cmd.group_id))
+        if grp is None:
+            return _err("not_found", f"no extent group {cmd.group_id}")
+        if grp.epoch != cmd.expected_epoch:
+            return _err("stale_epoch", f"group {cmd.group_id} is at epoch {grp.epoch}, not {cmd.expected_epoch}")
+        members = [NodeId(m) for m in cmd.members]
+        if not 1 <= len(members) <= GROUP_MEMBERS_MAX or len(set(members)) != len(members):
+            return _err("invalid", f"members: 1-{GROUP_MEMBERS_MAX} distinct node ids")
+        unknown = [m for m in members if m not in self.nodes]
+        if unknown:
+            return _err("unknown_node", f"nodes {unknown} are not registered")
+        racks = [self.nodes[m].rack for m in members]
+        if len(set(racks)) != len(racks):
+            return _err("same_rack", f"members {list(cmd.members)} share racks {racks}")
+        bytes_per_member = self._group_bytes(grp.group_id)
+        for m in grp.members:
+            if m in self.nodes:
+                self.nodes[m].reserved_bytes -= bytes_per_member
+        for m in members:
+            self.nodes[m].reserved_bytes += bytes_per_member
+        grp.members = members
+        grp.epoch += 1
+        return _ok(epoch=grp.epoch)
+
+    def _group_bytes(self, gid: GroupId) -> int:
+        return sum(v.extent_size_bytes for v in self.volumes.values() for g in v.extent_groups if g == gid)
+
+    # -- reads ------------------------------------------------------------------------------------------
+
+    def check_attach(self, volume: str, gateway_id: str, attach_epoch: int) -> Result | None:
+        """None if (gateway, epoch) holds the volume now, else the refusal (stale_epoch / not_attached)."""
+        cur = self.attachments.get(volume)
+        if cur is None:
+            return _err("not_attached", f"volume {volume!r} is not attached")
+        if cur.gateway_id != gateway_id or cur.attach_epoch != attach_epoch:
+            return _err("stale_epoch", f"volume {volume!r} is attached by {cur.gateway_id!r} at attach epoch "
+                        f"{cur.attach_epoch}; ({gateway_id!r}, {attach_epoch}) is fenced")
+        return None
+
+    def extent_group(self, volume: str, extent_index: int) -> GroupRecord:
+        return self.groups[self.volumes[volume].extent_groups[extent_index]]
+
+    # -- snapshot ---------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "cluster_id": self.cluster_id,
+            "extent_size_bytes": self.extent_size_bytes,
+            "extents_per_group_max": self.extents_per_group_max,
+            "replicas": self.replicas,
+            "nodes": {str(k): asdict(v) for k, v in self.nodes.items()},
+            "volumes": {k: asdict(v) for k, v in self.volumes.items()},
+            "groups": {str(k): asdict(v) for k, v in self.groups.items()},
+            "attachments": {k: asdict(v) for k, v in self.attachments.items()},
+            "attach_epochs": dict(self.attach_epochs),
+            "next_volume_id": self.next_volume_id,
+            "next_group_id": self.next_group_id,
+            "applied": self.applied,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MetaState:
+        if d.get("format") != 1:
+            raise ValueError(f"unknown metadata snapshot format {d.get('format')!r}")
+        s = cls()
+        s.cluster_id = d["cluster_id"]
+        s.extent_size_bytes = d["extent_size_bytes"]
+        s.extents_per_group_max = d["extents_per_group_max"]
+        s.replicas = d["replicas"]
+        s.nodes = {NodeId(int(k)): NodeRecord(**v) for k, v in d["nodes"].items()}
+        s.volumes = {k: VolumeRecord(**v) for k, v in d["volumes"].items()}
+        s.groups = {GroupId(int(k)): GroupRecord(**v) for k, v in d["groups"].items()}
+        s.attachments = {k: Attachment(**v) for k, v in d["attachments"].items()}
+        s.attach_epochs = dict(d["attach_epochs"])
+        s.next_volume_id = d["next_volume_id"]
+        s.next_group_id = d["next_group_id"]
+        s.applied = d["applied"]
+        return s
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> MetaState:
+        return cls.from_dict(json.loads(text))
+
+
+def valid_volume_name(name: str) -> bool:
+    return (0 < len(name.encode()) <= VOLUME_NAME_BYTES_MAX and name not in (".", "..")
+            and all(c.isascii() and (c.isalnum() or c in "._-") for c in name))

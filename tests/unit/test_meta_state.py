@@ -1,0 +1,227 @@
+"""The metadata state machine (raftblock/meta/state.py): commands as JSON (no pickle), deterministic
+apply, refusal without change, exclusive attach with fencing epochs, epoch compare-and-set on group
+membership, deterministic snapshots."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from raftblock.meta.state import (
+    COMMANDS,
+    Attach,
+    CommandError,
+    CreateVolume,
+    DeleteVolume,
+    Detach,
+    InitCluster,
+    MetaState,
+    Noop,
+    RegisterNode,
+    SetGroupMembers,
+    SetNodeStates,
+    StateChange,
+    decode_command,
+    encode_command,
+)
+from raftblock.replication.raft.types import GroupId, NodeId
+
+GiB = 1 << 30
+
+
+def cluster(racks: int = 3, per_rack: int = 1) -> MetaState:
+    s = MetaState()
+    assert s.apply(InitCluster("c1")).ok
+    nid = 1
+    for r in range(racks):
+        for _ in range(per_rack):
+            assert s.apply(RegisterNode(nid, f"r{r}", f"127.0.0.1:{9000 + nid}", 1 << 40, 1000)).ok
+            nid += 1
+    return s
+
+
+ALL = [
+    InitCluster("c1"),
+    RegisterNode(1, "r0", "h:1", 10, 5),
+    SetNodeStates((StateChange(1, "down", 3),), 9),
+    CreateVolume("v", GiB, 7, "chain", 100, 200),
+    DeleteVolume("v"),
+    Attach("v", "gw1", 8, True),
+    Detach("v", "gw1", 3),
+    SetGroupMembers(4, (1, 2, 3), 2),
+    Noop(),
+]
+
+
+def test_every_command_round_trips_as_json() -> None:
+    assert {c.op for c in ALL} == set(COMMANDS)
+    for cmd in ALL:
+        text = encode_command(cmd)
+        assert json.loads(text)["op"] == cmd.op
+        assert decode_command(text) == cmd
+
+
+@pytest.mark.parametrize("text", [
+    b"\x80\x02}q\x00.",  # a pickle is not a command
+    '{"op": "nope"}',
+    '{"op": "create_volume", "name": "v", "size_bytes": "1", "now_ms": 0}',
+    '{"op": "create_volume", "name": "v", "size_bytes": true, "now_ms": 0}',
+    '{"op": "create_volume", "name": "v", "size_bytes": 4096, "now_ms": 0, "evil": 1}',
+    '{"op": "create_volume", "name": "v"}',
+    '{"op": "set_node_states", "changes": [1], "now_ms": 0}',
+    "[]",
+])
+def test_bad_commands_are_refused_and_change_nothing(text: str | bytes) -> None:
+    with pytest.raises(CommandError):
+        decode_command(text)
+    s = cluster()
+    before = s.to_dict()
+    res = s.apply_encoded(text)
+    assert not res.ok and res.error == "bad_command"
+    after = s.to_dict()
+    assert after.pop("applied") == before.pop("applied") + 1
+    assert after == before
+
+
+def test_create_volume_places_and_maps_every_extent() -> None:
+    s = cluster()
+    res = s.apply(CreateVolume("demo", GiB, 1))
+    assert res.ok, res
+    vol = s.volumes["demo"]
+    assert len(vol.extent_groups) == 16
+    groups = {s.groups[g].group_id: s.groups[g] for g in vol.extent_groups}
+    assert len(groups) >= 2 and len({g.members[0] for g in groups.values()}) >= 2
+    for g in groups.values():
+        assert len({s.nodes[m].rack for m in g.members}) == 3 and g.epoch == 1 and g.mode == "raft"
+    assert s.extent_group("demo", 0).group_id == vol.extent_groups[0]
+    # each member reserved its extents' bytes; the whole volume is reserved 3 times over
+    assert sum(n.reserved_bytes for n in s.nodes.values()) == 3 * GiB
+    assert s.apply(CreateVolume("demo", GiB, 2)).error == "exists"
+
+
+def test_create_volume_refuses_clearly() -> None:
+    s = MetaState()
+    assert s.apply(CreateVolume("v", GiB, 0)).error == "not_initialised"
+    s = cluster(racks=2, per_rack=2)
+    res = s.apply(CreateVolume("v", GiB, 0))
+    assert res.error == "placement" and "['r0', 'r1']" in res.message
+    assert "v" not in s.volumes and not s.groups
+    s = cluster()
+    for bad in (CreateVolume("", GiB, 0), CreateVolume("a/b", GiB, 0), CreateVolume("v", 1000, 0),
+                CreateVolume("v", GiB, 0, "paxos"), CreateVolume("v", 0, 0)):
+        assert s.apply(bad).error == "invalid", bad
+    # a down node is never chosen: with one of three racks down there is no placement
+    assert s.apply(SetNodeStates((StateChange(3, "down", 0),), 5)).ok
+    assert s.apply(CreateVolume("v", GiB, 0)).error == "placement"
+
+
+def test_exclusive_attach_with_fencing() -> None:
+    s = cluster()
+    assert s.apply(CreateVolume("v", GiB, 0)).ok
+    a1 = s.apply(Attach("v", "gw1", 10))
+    assert a1.ok and a1.value["attach_epoch"] == 1
+    assert s.apply(Attach("v", "gw1", 11)).value["attach_epoch"] == 1  # idempotent for the holder
+    refused = s.apply(Attach("v", "gw2", 12))
+    assert refused.error == "attached" and "gw1" in refused.message
+    forced = s.apply(Attach("v", "gw2", 13, force=True))
+    assert forced.ok and forced.value == {"attach_epoch": 2, "gateway_id": "gw2", "fenced": "gw1"}
+    # the old gateway is fenced: its epoch is stale
+    assert s.check_attach("v", "gw1", 1) is not None
+    assert s.apply(Detach("v", "gw1", 1)).error == "stale_epoch"
+    assert s.check_attach("v", "gw2", 2) is None
+    assert s.apply(DeleteVolume("v")).error == "attached"
+    assert s.apply(Detach("v", "gw2", 2)).ok
+    # the next attach gets a new epoch, so a gateway holding epoch 2 stays fenced
+    assert s.apply(Attach("v", "gw3", 14)).value["attach_epoch"] == 3
+    assert s.apply(Detach("v", "gw3", 3)).ok
+    assert s.apply(DeleteVolume("v")).ok
+    assert not s.groups and all(n.reserved_bytes == 0 for n in s.nodes.values())
+
+
+def test_group_membership_is_compare_and_set_on_epoch() -> None:
+    s = cluster(racks=4)
+    assert s.apply(CreateVolume("v", 64 << 20, 0)).ok
+    gid = GroupId(1)
+    old = list(s.groups[gid].members)
+    spare = next(n for n in s.nodes if n not in old)
+    new = (*old[:2], int(spare))
+    assert s.apply(SetGroupMembers(gid, new, 1)).value == {"epoch": 2}
+    assert s.apply(SetGroupMembers(gid, tuple(old), 1)).error == "stale_epoch"  # the loser of a race
+    assert s.groups[gid].members == [NodeId(m) for m in new]
+    assert s.nodes[old[2]].reserved_bytes == 0 and s.nodes[spare].reserved_bytes == 64 << 20
+    same_rack = (int(old[0]), int(old[0]))
+    assert s.apply(SetGroupMembers(gid, same_rack, 2)).error == "invalid"
+    assert s.apply(SetGroupMembers(gid, (1, 99), 2)).error == "unknown_node"
+
+
+def test_same_rack_members_refused() -> None:
+    s = cluster(racks=3, per_rack=2)
+    assert s.apply(CreateVolume("v", 64 << 20, 0)).ok
+    members = s.groups[GroupId(1)].members
+    twin = next(n for n, r in s.nodes.items() if r.rack == s.nodes[members[0]].rack and n != members[0])
+    assert s.apply(SetGroupMembers(1, (int(members[0]), int(twin)), 1)).error == "same_rack"
+
+
+def test_node_state_transitions_count_returns() -> None:
+    s = cluster()
+    assert s.apply(SetNodeStates((StateChange(1, "suspect", 500),), 3000)).value == {"changed": [1]}
+    assert s.apply(SetNodeStates((StateChange(1, "down", 500),), 9000)).ok
+    assert s.nodes[NodeId(1)].state == "down" and s.nodes[NodeId(1)].state_since_ms == 9000
+    assert s.apply(SetNodeStates((StateChange(1, "up", 9500),), 9600)).ok
+    n = s.nodes[NodeId(1)]
+    assert (n.state, n.returns, n.last_heartbeat_ms) == ("up", 1, 9500)
+    assert s.apply(SetNodeStates((StateChange(7, "up", 0),), 1)).error == "unknown_node"
+    assert s.apply(SetNodeStates((StateChange(1, "dead", 0),), 1)).error == "invalid"
+
+
+def test_node_cannot_change_rack_while_holding_replicas() -> None:
+    s = cluster()
+    assert s.apply(RegisterNode(1, "r0", "h:2", 5 << 40, 1)).ok  # address and capacity may change
+    assert s.apply(CreateVolume("v", GiB, 0)).ok
+    assert s.apply(RegisterNode(1, "r9", "h:2", 5 << 40, 1)).error == "rack_change"
+
+
+def test_init_cluster_once() -> None:
+    s = cluster()
+    assert s.apply(InitCluster("c1")).ok
+    assert s.apply(InitCluster("other")).error == "cluster_id"
+
+
+def test_snapshot_round_trip_is_exact() -> None:
+    s = cluster()
+    for cmd in (CreateVolume("a", GiB, 1), CreateVolume("b", 3 * GiB, 2, "chain"), Attach("a", "g", 3),
+                SetNodeStates((StateChange(2, "suspect", 1),), 4)):
+        assert s.apply(cmd).ok
+    text = s.to_json()
+    assert MetaState.from_json(text).to_json() == text
+    assert text == json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"))
+
+
+_cmds = st.sampled_from([
+    CreateVolume("a", GiB, 1), CreateVolume("b", 2 * GiB, 1, "chain"), DeleteVolume("a"), DeleteVolume("b"),
+    Attach("a", "g1", 2), Attach("a", "g2", 2), Attach("a", "g2", 3, True), Detach("a", "g1", 1),
+    Detach("a", "g2", 2), SetNodeStates((StateChange(1, "down", 1),), 5),
+    SetNodeStates((StateChange(1, "up", 6),), 7), SetGroupMembers(1, (4, 2, 3), 1),
+    RegisterNode(4, "r0", "h:4", 1 << 40, 8), Noop(),
+])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(_cmds, max_size=30))
+def test_replicas_applying_the_same_log_agree(log: list) -> None:  # type: ignore[type-arg]
+    """Determinism (what replication relies on): two replicas, one restored from a snapshot halfway."""
+    a, b = cluster(), cluster()
+    half = len(log) // 2
+    results_a = [a.apply_encoded(encode_command(c)) for c in log]
+    for c in log[:half]:
+        b.apply_encoded(encode_command(c))
+    b = MetaState.from_json(b.to_json())
+    results_b = [b.apply_encoded(encode_command(c)) for c in log[half:]]
+    assert results_a[half:] == results_b
+    assert a.to_json() == b.to_json()
+    for v in a.volumes.values():  # invariants hold after any sequence
+        assert all(g in a.groups for g in v.extent_groups)
+    assert all(n.reserved_bytes >= 0 for n in a.nodes.values())
