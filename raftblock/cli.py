@@ -73,7 +73,7 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
 
     try:
         uri = cluster_up(Path(args.dir), nodes=args.nodes, racks=args.racks, nbd_port=args.nbd_port,
-                         port_base=args.port_base, disk=args.disk, groups=args.groups)
+                         port_base=args.port_base, disk=args.disk)
     except ClusterError as e:
         return _fail("cluster up", e)
     print(uri)
@@ -100,19 +100,20 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
         _print_json(st)
         return 0
     print(f"cluster {st['cluster_id']}   gateway: {st['gateway']['uri'] or 'stopped'} (pid {st['gateway']['pid']})")
-    print("\nNODES\n  id  rack  address               pid      state        groups  leading  used       errors")
+    print("\nNODES\n  id  rack  address               pid      process      map      groups  leading  used       errors")
     for n in st["nodes"]:
         errors = " ".join(f"{k}={v}" for k, v in n.get("errors", {}).items()) or "-"
-        print(f"  {n['id']:<3} {n['rack']:<5} {n['address']:<21} {str(n['pid']):<8} {n['state']:<12} "
+        print(f"  {n['id']:<3} {n['rack']:<5} {n['address']:<21} {str(n['pid']):<8} {n['state']:<12} {n['map_state']:<8} "
               f"{n.get('groups', '-'):<7} {n.get('leading', '-'):<8} {format_size(n.get('used_bytes', 0)):<10} {errors}")
-    print("\nEXTENT GROUPS\n  id   replication  members     leader  term")
+    print("\nMETADATA GROUP\n  " + "  ".join(f"m{m['id']} {m['admin']} (pid {m['pid']})" for m in st["metadata"]))
+    print("\nEXTENT GROUPS\n  id   replication  members     leader  term  epoch")
     for g in st["groups"]:
         print(f"  {g['group']:<4} {g['replication']:<12} {','.join(map(str, g['members'])):<11} "
-              f"{str(g['leader'] or '-'):<7} {g['term']}")
-    print("\nVOLUMES\n  name             size        extents  groups       attached")
+              f"{str(g['leader'] or '-'):<7} {g['term']:<5} {g['epoch']}")
+    print("\nVOLUMES\n  name             size        extents  groups       connections  attached by")
     for v in st["volumes"]:
         print(f"  {v['name']:<16} {format_size(v['size_bytes']):<11} {v['extents']:<8} "
-              f"{','.join(map(str, v['groups'])):<12} {v['attached']}")
+              f"{','.join(map(str, v['groups'])):<12} {v['attached']:<12} {v['attached_by'] or '-'}")
     return 0
 
 
@@ -221,7 +222,6 @@ def build_parser() -> argparse.ArgumentParser:
     cu.add_argument("--racks", type=int, default=3)
     cu.add_argument("--nbd-port", type=int, default=10809, help="gateway NBD port (0 picks a free one)")
     cu.add_argument("--port-base", type=int, default=None, help="node i listens on P+i (default: free ports)")
-    cu.add_argument("--groups", type=int, default=12, help="extent groups to create (first start only)")
     cu.add_argument("--disk", choices=["os", "volatile", "volatile-tear"], default="os")
     cu.set_defaults(func=cmd_cluster_up)
     cd = csub.add_parser("down", help="stop every process of the cluster (data stays)")

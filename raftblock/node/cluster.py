@@ -2,15 +2,20 @@
 
 Owns the cluster directory and the processes in it (detached: they outlive the command):
 
-    DIR/cluster.json          the cluster map (clustermap.py): nodes, racks, groups, volumes
+    DIR/cluster.json          the layout (clustermap.py): storage nodes, racks, addresses, metadata ports
+    DIR/meta/                 the metadata group: meta-I.toml, meta-I/ (its data), cluster.secret
     DIR/nodes/nI.toml         node configs (`raftblock node --config`), DIR/nodes/gateway.toml
     DIR/nI/                   node I's data: engine/ segments and wal/
+
+The cluster map (volumes, groups, node states) is in the metadata group: 3 metadata processes (m1..m3,
+one beside each of the first 3 storage nodes) or 1 with fewer nodes.
     DIR/run/                  pid files, READY files, the gateway's admin socket
     DIR/logs/                 one JSON log per process
 
 Rules:
 1. `up` on an existing DIR only starts what is not running (a killed node comes back on its data);
-   it never rewrites the map or a node's data. It returns when every group has a leader.
+   it never rewrites the layout or any data. It returns when every storage node is registered and up
+   in the metadata group and every extent group has a leader.
 2. Processes are found by pid file and checked by /proc/PID/cmdline, never by name.
 3. `down` sends SIGTERM (processes drain and sync), waits with a deadline, then SIGKILL.
 4. Errors are one line on stderr and a non-zero exit (the CLI prints ClusterError).
@@ -31,7 +36,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from raftblock.node.clustermap import ClusterMap, MapError, NodeEntry, place_groups
+from raftblock.meta.node import write_local_configs
+from raftblock.meta.rpc import MetaClient, MetaClientError
+from raftblock.meta.state import MetaState
+from raftblock.node.clustermap import ClusterMap, NodeEntry, extent_id
+from raftblock.replication.raft.types import NodeId
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
@@ -56,6 +65,13 @@ class Layout:
 
     def node_config(self, node_id: int) -> Path:
         return self.root / "nodes" / f"n{node_id}.toml"
+
+    def meta_config(self, meta_id: int) -> Path:
+        return self.root / "meta" / f"meta-{meta_id}.toml"
+
+    @property
+    def secret_file(self) -> Path:
+        return self.root / "meta" / "cluster.secret"
 
     @property
     def gateway_config(self) -> Path:
@@ -153,7 +169,8 @@ def _toml_str(s: str) -> str:
 def write_configs(layout: Layout, cmap: ClusterMap, disk: str, nbd_bind: str, nbd_port: int) -> None:
     (layout.root / "nodes").mkdir(parents=True, exist_ok=True)
     peers = "\n".join(f'{n.node_id} = {_toml_str(f"{n.host}:{n.port}")}' for n in cmap.nodes)
-    groups = "\n".join(f"[[group]]\nid = {g.group_id}\nmembers = {g.members}\n" for g in cmap.groups)
+    admin = ", ".join(f"{k} = {_toml_str(v)}" for k, v in sorted(cmap.meta_admin.items()))
+    meta = f"[meta]\nadmin = {{ {admin} }}\nsecret_file = {_toml_str(str(layout.secret_file.resolve()))}\n"
     for n in cmap.nodes:
         text = (
             f"# raftblock node {n.node_id} (rack {n.rack}); written by `raftblock cluster up`\n"
@@ -161,46 +178,69 @@ def write_configs(layout: Layout, cmap: ClusterMap, disk: str, nbd_bind: str, nb
             f"rack = {_toml_str(n.rack)}\n"
             f"data_dir = {_toml_str(str(layout.data_dir(n.node_id).resolve()))}\n"
             f'listen = {_toml_str(f"{n.host}:{n.port}")}\n'
-            f"disk = {_toml_str(disk)}\n\n[peers]\n{peers}\n\n{groups}"
+            f"disk = {_toml_str(disk)}\n\n[peers]\n{peers}\n\n{meta}"
         )
         layout.node_config(n.node_id).write_text(text)
     layout.gateway_config.write_text(
         "# raftblock gateway; written by `raftblock cluster up`\n"
         f"map = {_toml_str(str(layout.map_path.resolve()))}\n"
+        f"secret_file = {_toml_str(str(layout.secret_file.resolve()))}\n"
         f"bind = {_toml_str(nbd_bind)}\nport = {nbd_port}\n"
         f"admin_socket = {_toml_str(str(layout.admin_socket.resolve()))}\n"
         "deadline_s = 10.0\n"
     )
 
 
-def create_map(nodes: int, racks: int, port_base: int | None, host: str, groups: int) -> ClusterMap:
+def create_layout(layout: Layout, nodes: int, racks: int, port_base: int | None, host: str) -> ClusterMap:
     if nodes < 1 or racks < 1:
         raise ClusterError("--nodes and --racks must be at least 1")
     entries = []
     for i in range(1, nodes + 1):
         port = port_base + i if port_base else _free_port(host)
         entries.append(NodeEntry(i, f"r{i % racks}", host, port))
+    metas = 3 if nodes >= 3 else 1
+    raft_ports = [port_base + 100 + i if port_base else _free_port(host) for i in range(1, metas + 1)]
+    admin_ports = [port_base + 200 + i if port_base else _free_port(host) for i in range(1, metas + 1)]
+    cid = secrets.token_hex(16)
+    write_local_configs(layout.root / "meta", raft_ports, admin_ports, cluster_id=cid, host=host)
+    admin = {str(i): f"{host}:{p}" for i, p in enumerate(admin_ports, start=1)}
+    return ClusterMap(cid, entries, admin)
+
+
+def meta_client(layout: Layout, cmap: ClusterMap, deadline_s: float = 20.0) -> MetaClient:
+    secret = layout.secret_file.read_bytes().strip()
+    return MetaClient({NodeId(int(k)): v for k, v in cmap.meta_admin.items()}, secret, deadline_s=deadline_s)
+
+
+def read_map(layout: Layout, cmap: ClusterMap) -> MetaState:
+    async def go() -> MetaState:
+        return await meta_client(layout, cmap).state(barrier=True)
+
     try:
-        placed = place_groups(entries, groups)
-    except MapError as e:
-        raise ClusterError(str(e)) from e
-    return ClusterMap(secrets.token_hex(16), entries, placed)
+        return asyncio.run(go())
+    except MetaClientError as e:
+        raise ClusterError(f"metadata group unreachable: {e}") from e
 
 
 # --- commands ------------------------------------------------------------------------------------
 def cluster_up(root: Path, nodes: int = 3, racks: int = 3, nbd_port: int = 10809, port_base: int | None = None,
-               disk: str = "os", groups: int = 12, bind: str = "127.0.0.1") -> str:
+               disk: str = "os", bind: str = "127.0.0.1") -> str:
     layout = Layout(root)
     root.mkdir(parents=True, exist_ok=True)
     if layout.map_path.exists():
         cmap = ClusterMap.load(layout.map_path)
     else:
-        cmap = create_map(nodes, racks, port_base, bind, groups)
+        cmap = create_layout(layout, nodes, racks, port_base, bind)
         if nbd_port == 0:
             nbd_port = _free_port(bind)
         write_configs(layout, cmap, disk, bind, nbd_port)
         cmap.save(layout.map_path)
     procs: dict[str, subprocess.Popen[bytes]] = {}
+    for mid in sorted(int(k) for k in cmap.meta_admin):
+        cfg = layout.meta_config(mid)
+        if running_pid(layout, f"m{mid}", cfg) is None:
+            procs[f"m{mid}"] = _spawn(layout, f"m{mid}", [sys.executable, "-m", "raftblock.meta.node", "--config",
+                                                          str(cfg), "--log-format", "json"])
     for n in cmap.nodes:
         cfg = layout.node_config(n.node_id)
         name = f"n{n.node_id}"
@@ -215,28 +255,38 @@ def cluster_up(root: Path, nodes: int = 3, racks: int = 3, nbd_port: int = 10809
         uri = _wait_ready(layout, "gateway", gw)
     else:
         uri = layout.readyfile("gateway").read_text().split()[1]
-    wait_healthy(cmap)
+    wait_healthy(layout, cmap)
     return uri
 
 
-def wait_healthy(cmap: ClusterMap, timeout_s: float = HEALTHY_TIMEOUT_S) -> None:
-    """Every group has a leader that its members agree on."""
-
-    async def check() -> list[int]:
-        st = await collect_status(cmap)
-        return [g["group"] for g in st["groups"] if not g["leader"]]
-
+def wait_healthy(layout: Layout, cmap: ClusterMap, groups: set[int] | None = None,
+                 timeout_s: float = HEALTHY_TIMEOUT_S) -> None:
+    """Every storage node registered and up in the map, every group (or those given) with a leader."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        missing = asyncio.run(check())
-        if not missing:
-            return
-        if time.monotonic() > deadline:
-            raise ClusterError(f"groups without a leader after {timeout_s:.0f} s: {missing[:10]}")
+    problem = ""
+    while time.monotonic() < deadline:
+        try:
+            st = read_map(layout, cmap)
+        except ClusterError as e:
+            problem = str(e)
+            time.sleep(0.2)
+            continue
+        missing = [n.node_id for n in cmap.nodes
+                   if NodeId(n.node_id) not in st.nodes or st.nodes[NodeId(n.node_id)].state != "up"]
+        if missing:
+            problem = f"storage nodes not up in the map: {missing}"
+        else:
+            status = asyncio.run(collect_status(cmap, st))
+            leaderless = [g["group"] for g in status["groups"] if not g["leader"]
+                          and (groups is None or g["group"] in groups)]
+            if not leaderless:
+                return
+            problem = f"groups without a leader: {leaderless[:10]}"
         time.sleep(0.2)
+    raise ClusterError(f"cluster not healthy after {timeout_s:.0f} s: {problem}")
 
 
-async def collect_status(cmap: ClusterMap) -> dict[str, Any]:
+async def collect_status(cmap: ClusterMap, st: MetaState) -> dict[str, Any]:
     from raftblock.replication.raft.group import RaftClient
 
     client = RaftClient(cmap.peers(), attempt_timeout_s=1.0)
@@ -244,7 +294,10 @@ async def collect_status(cmap: ClusterMap) -> dict[str, Any]:
     infos: dict[int, dict[int, Any]] = {}
     try:
         for n in cmap.nodes:
-            entry: dict[str, Any] = {"id": n.node_id, "rack": n.rack, "address": f"{n.host}:{n.port}"}
+            rec = st.nodes.get(NodeId(n.node_id))
+            entry: dict[str, Any] = {"id": n.node_id, "rack": n.rack, "address": f"{n.host}:{n.port}",
+                                     "map_state": rec.state if rec is not None else "unregistered",
+                                     "capacity_bytes": rec.capacity_bytes if rec is not None else 0}
             try:
                 resp = await client.node_status(n.node_id)
                 c = dict(resp.counters)
@@ -260,13 +313,13 @@ async def collect_status(cmap: ClusterMap) -> dict[str, Any]:
     finally:
         await client.close()
     groups = []
-    for g in cmap.groups:
-        views = infos.get(g.group_id, {})
+    for gid, g in sorted(st.groups.items()):
+        views = infos.get(int(gid), {})
         leaders = {v.leader for v in views.values() if v.leader}
         terms = [v.term for v in views.values()]
         leader = next(iter(leaders)) if len(leaders) == 1 and list(leaders)[0] in views else None
-        groups.append({"group": g.group_id, "replication": "raft", "members": g.members, "leader": leader,
-                       "term": max(terms, default=0), "epoch": 0,
+        groups.append({"group": int(gid), "replication": g.mode, "members": [int(m) for m in g.members],
+                       "leader": leader, "term": max(terms, default=0), "epoch": g.epoch,
                        "applied": {str(k): v.applied for k, v in views.items()}})
     return {"nodes": nodes, "groups": groups}
 
@@ -290,22 +343,25 @@ def _gateway_call(layout: Layout, op: str) -> dict[str, Any] | None:
 
 def cluster_status(root: Path) -> dict[str, Any]:
     layout = Layout(root)
-    if not layout.map_path.exists():
-        raise ClusterError(f"no cluster in {root} (run `raftblock cluster up --dir {root}`)")
-    cmap = ClusterMap.load(layout.map_path)
-    st = asyncio.run(collect_status(cmap))
+    cmap = _load(layout)
+    mst = read_map(layout, cmap)
+    st = asyncio.run(collect_status(cmap, mst))
     for n in st["nodes"]:
         n["pid"] = running_pid(layout, f"n{n['id']}", layout.node_config(n["id"]))
         if n["pid"] is None:
             n["state"] = "stopped"
     gw = _gateway_call(layout, "status")
-    attached = {k: v["attached"] for k, v in (gw or {}).get("volumes", {}).items()}
+    connections = {k: v["attached"] for k, v in (gw or {}).get("volumes", {}).items()}
     st["gateway"] = {"pid": running_pid(layout, "gateway", layout.gateway_config),
                      "uri": (layout.readyfile("gateway").read_text().split()[1]
                              if layout.readyfile("gateway").exists() else None)}
-    st["volumes"] = [{"name": v.name, "size_bytes": v.size_bytes, "replication": v.replication,
-                      "extents": len(v.extent_ids), "groups": sorted({e >> 32 for e in v.extent_ids}),
-                      "attached": attached.get(v.name, 0)} for v in cmap.volumes]
+    st["metadata"] = [{"id": int(k), "admin": v, "pid": running_pid(layout, f"m{k}", layout.meta_config(int(k)))}
+                      for k, v in sorted(cmap.meta_admin.items())]
+    st["volumes"] = [{"name": v.name, "size_bytes": v.size_bytes, "replication": v.mode,
+                      "extents": len(v.extent_groups), "groups": sorted({int(g) for g in v.extent_groups}),
+                      "extent_groups": [int(g) for g in v.extent_groups], "attached": connections.get(v.name, 0),
+                      "attached_by": mst.attachments[v.name].gateway_id if v.name in mst.attachments else None}
+                     for v in sorted(mst.volumes.values(), key=lambda v: v.name)]
     st["cluster_id"] = cmap.cluster_id
     return st
 
@@ -321,20 +377,31 @@ def cluster_down(root: Path) -> list[str]:
     for n in cmap.nodes:
         if _stop(layout, f"n{n.node_id}", layout.node_config(n.node_id)):
             stopped.append(f"n{n.node_id}")
+    for k in sorted(cmap.meta_admin):
+        if _stop(layout, f"m{k}", layout.meta_config(int(k))):
+            stopped.append(f"m{k}")
     return stopped
 
 
 def volume_create(root: Path, name: str, size_bytes: int) -> dict[str, Any]:
     layout = Layout(root)
     cmap = _load(layout)
+
+    async def go() -> Any:
+        return await meta_client(layout, cmap).create_volume(name, size_bytes)
+
     try:
-        vol = cmap.create_volume(name, size_bytes)
-    except MapError as e:
-        raise ClusterError(str(e)) from e
-    cmap.save(layout.map_path)
+        res = asyncio.run(go())
+    except MetaClientError as e:
+        raise ClusterError(f"metadata group unreachable: {e}") from e
+    if not res.ok:
+        raise ClusterError(res.message or res.error)
     _gateway_call(layout, "reload")
-    return {"name": vol.name, "size_bytes": vol.size_bytes, "extents": len(vol.extent_ids),
-            "groups": sorted({e >> 32 for e in vol.extent_ids})}
+    vol = read_map(layout, cmap).volumes[name]
+    groups = {int(g) for g in vol.extent_groups}
+    wait_healthy(layout, cmap, groups)
+    return {"name": vol.name, "size_bytes": vol.size_bytes, "extents": len(vol.extent_groups),
+            "groups": sorted(groups)}
 
 
 def volume_delete(root: Path, name: str) -> None:
@@ -343,12 +410,21 @@ def volume_delete(root: Path, name: str) -> None:
     gw = _gateway_call(layout, "status")
     if gw and gw.get("volumes", {}).get(name, {}).get("attached", 0):
         raise ClusterError(f"volume {name} is attached by a host; detach it first")
-    vol = cmap.volume(name)
+    st = read_map(layout, cmap)
+    vol = st.volumes.get(name)
     if vol is None:
         raise ClusterError(f"no volume {name}")
-    asyncio.run(_drop_extents(cmap, vol.extent_ids, vol.extent_size_bytes))
-    cmap.delete_volume(name)
-    cmap.save(layout.map_path)
+    if name in st.attachments:
+        raise ClusterError(f"volume {name} is attached by gateway {st.attachments[name].gateway_id}")
+    ids = [extent_id(int(g), i) for i, g in enumerate(vol.extent_groups)]
+    asyncio.run(_drop_extents(cmap, ids, vol.extent_size_bytes))
+
+    async def go() -> Any:
+        return await meta_client(layout, cmap).delete_volume(name)
+
+    res = asyncio.run(go())
+    if not res.ok:
+        raise ClusterError(res.message or res.error)
     _gateway_call(layout, "reload")
 
 
@@ -365,9 +441,10 @@ async def _drop_extents(cmap: ClusterMap, extent_ids: list[int], extent_size_byt
 
 
 def volume_list(root: Path) -> list[dict[str, Any]]:
-    cmap = _load(Layout(root))
-    return [{"name": v.name, "size_bytes": v.size_bytes, "replication": v.replication,
-             "extents": len(v.extent_ids)} for v in cmap.volumes]
+    layout = Layout(root)
+    st = read_map(layout, _load(layout))
+    return [{"name": v.name, "size_bytes": v.size_bytes, "replication": v.mode, "extents": len(v.extent_groups)}
+            for v in sorted(st.volumes.values(), key=lambda v: v.name)]
 
 
 def _load(layout: Layout) -> ClusterMap:

@@ -1,22 +1,26 @@
 """`raftblock gateway --config FILE`: the NBD gateway of a cluster.
 
-Composition root of the gateway process: it reads the cluster map, opens one RaftClient to the nodes
-(one connection per node, leader cache, retries within a deadline) and exports every volume of the
-map over NBD; each extent goes to the RaftGroup named by its extent id (rule 1 of clustermap.py).
+Composition root of the gateway process: it follows the cluster map in the metadata group, opens one
+RaftClient to the storage nodes (one connection per node, leader cache, retries within a deadline) and
+exports every volume of the map over NBD; each extent goes to the RaftGroup named by its extent id
+(clustermap.py rule 2).
 
 Config (TOML):
 
-    map = "/var/lib/raftblock/cluster.json"   # the cluster map
+    map = "/var/lib/raftblock/cluster.json"   # the layout: storage node addresses, metadata admin ports
+    secret_file = "/var/lib/raftblock/meta/cluster.secret"   # authenticates us to the metadata group
     bind = "127.0.0.1"
     port = 10809
     admin_socket = "/run/raftblock/gateway.sock"   # JSON lines: {"op": "reload"} | {"op": "status"}
     deadline_s = 10.0                              # how long one I/O may wait for a leader
+    refresh_s = 1.0                                # how often the map is re-read from the metadata group
 
 Rules:
 1. A write is acknowledged to the host only after the group's leader answered OK: committed on a
    majority of fsynced WALs and applied (RaftGroup rule 1). FLUSH and FUA are therefore honest.
-2. `reload` re-reads the map (after `raftblock volume create/delete`); volumes that vanished stop
-   accepting new connections; attached hosts keep their connection until they detach.
+2. The map is re-read every `refresh_s` and on `reload` (sent by `raftblock volume create/delete`);
+   volumes that vanished stop accepting new connections; attached hosts keep theirs until they detach.
+   A metadata outage does not stop I/O on volumes already known.
 3. SIGTERM drains in-flight requests, then exits 0.
 """
 
@@ -35,9 +39,12 @@ import structlog
 
 from raftblock.client.volume import Volume
 from raftblock.gateway.nbd_server import GatewayConfig, NbdServer, VolumeCatalog
-from raftblock.node.clustermap import ClusterMap
+from raftblock.meta.rpc import MetaClient, MetaClientError
+from raftblock.meta.state import MetaState
+from raftblock.node.clustermap import ClusterMap, volume_infos
 from raftblock.replication.raft.group import RaftClient, RaftGroup
 from raftblock.replication.raft.runtime import group_of_extent
+from raftblock.replication.raft.types import NodeId
 
 log = structlog.get_logger(__name__)
 
@@ -45,14 +52,15 @@ ADMIN_LINE_BYTES_MAX = 64 << 10
 
 
 class Gateway:
-    def __init__(self, map_path: Path, deadline_s: float) -> None:
+    def __init__(self, map_path: Path, secret: bytes, deadline_s: float) -> None:
         self.map_path = map_path
         self.deadline_s = deadline_s
         self.map = ClusterMap.load(map_path)
+        self.meta = MetaClient({NodeId(int(k)): v for k, v in self.map.meta_admin.items()}, secret)
+        self.state: MetaState | None = None
         self.client = RaftClient(self.map.peers(), deadline_s=deadline_s)
         self.catalog = VolumeCatalog()
         self._groups: dict[int, RaftGroup] = {}
-        self.reload()
 
     def group_for(self, extent_id: int) -> RaftGroup:
         gid = group_of_extent(extent_id)
@@ -61,20 +69,38 @@ class Gateway:
             g = self._groups[gid] = RaftGroup(self.client, gid, self.deadline_s)
         return g
 
-    def reload(self) -> None:
-        self.map = ClusterMap.load(self.map_path)
-        self.client.nodes.update(self.map.peers())
+    async def reload(self) -> None:
+        st = await self.meta.state(barrier=True)
+        for n in st.nodes.values():  # storage nodes as the map knows them (they register their address)
+            host, _, port = n.address.rpartition(":")
+            self.client.nodes[int(n.node_id)] = (host, int(port))
+        changed = self.state is None or st.volumes != self.state.volumes
+        self.state = st
+        if not changed:
+            return
         volumes = []
-        for v in self.map.volumes:
-            old = self.catalog.get(v.name)
-            volumes.append(old if old is not None and old.info == v.info() else Volume(v.info(), self.group_for))
+        for info in volume_infos(st):
+            old = self.catalog.get(info.name)
+            volumes.append(old if old is not None and old.info == info else Volume(info, self.group_for))
         self.catalog.replace_all(volumes)
-        log.info("gateway.map_loaded", volumes=len(self.map.volumes), groups=len(self.map.groups))
+        log.info("gateway.map_loaded", volumes=len(st.volumes), groups=len(st.groups))
+
+    async def follow(self, stop: asyncio.Event, refresh_s: float) -> None:
+        while not stop.is_set():
+            try:
+                await self.reload()
+            except (MetaClientError, OSError, TimeoutError) as e:
+                log.warning("gateway.meta_unreachable", error=str(e))
+            try:
+                await asyncio.wait_for(stop.wait(), refresh_s)
+            except TimeoutError:
+                pass
 
     def status(self) -> dict[str, Any]:
+        vols = self.state.volumes.values() if self.state is not None else []
         return {
             "volumes": {v.name: {"size_bytes": v.size_bytes, "attached": self.catalog.attached.get(v.name, 0)}
-                        for v in self.map.volumes},
+                        for v in vols},
             "leaders": {str(g): n for g, n in sorted(self.client.leaders.items())},
             "retries": self.client.retries,
         }
@@ -87,13 +113,13 @@ class Gateway:
             req = json.loads(line or b"{}")
             op = req.get("op")
             if op == "reload":
-                self.reload()
+                await self.reload()
                 resp: dict[str, Any] = {"ok": True}
             elif op == "status":
                 resp = {"ok": True, **self.status()}
             else:
                 resp = {"ok": False, "error": f"unknown op {op!r}"}
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, MetaClientError, TimeoutError) as e:
             resp = {"ok": False, "error": str(e)}
         writer.write(json.dumps(resp).encode() + b"\n")
         try:
@@ -108,7 +134,9 @@ def load_config(path: Path) -> dict[str, Any]:
 
 
 async def run_gateway(cfg: dict[str, Any]) -> int:
-    gw = Gateway(Path(cfg["map"]), float(cfg.get("deadline_s", 10.0)))
+    secret = Path(cfg["secret_file"]).read_bytes().strip()
+    gw = Gateway(Path(cfg["map"]), secret, float(cfg.get("deadline_s", 10.0)))
+    await gw.reload()
     server = NbdServer(gw.catalog, GatewayConfig(bind=cfg.get("bind", "127.0.0.1"), port=int(cfg.get("port", 10809))))
     host, port = await server.start()
     admin_path = cfg.get("admin_socket")
@@ -121,9 +149,11 @@ async def run_gateway(cfg: dict[str, Any]) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    follower = loop.create_task(gw.follow(stop, float(cfg.get("refresh_s", 1.0))))
     print(f"READY nbd://{host}:{port}", flush=True)
     await stop.wait()
     log.info("gateway.stopping")
+    await follower
     await server.shutdown()
     if admin is not None:
         admin.close()

@@ -75,6 +75,11 @@ class NodeConfig:
             first, count = int(g.get("first", 1)), int(g.get("count", 1))
             members = [int(m) for m in g.get("members", sorted(self.peers))]
             self.groups = {gid: members for gid in range(first, first + count) if self.node_id in members}
+        self.rack = str(raw.get("rack", ""))
+        meta = raw.get("meta")
+        # [meta] admin = {1 = "host:port", ...}, secret_file = "...": groups then come from the metadata map
+        self.meta_admin: dict[int, str] = {int(k): str(v) for k, v in meta["admin"].items()} if meta else {}
+        self.meta_secret_file = Path(meta["secret_file"]) if meta else None
         self.raft = dict(raw.get("raft", {}))
         self.engine = dict(raw.get("engine", {}))
         self.seed = raw.get("seed")
@@ -118,10 +123,22 @@ async def run_node(cfg: NodeConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     compactor = loop.create_task(_engine_compaction(engine, stop))
+    agent_task = None
+    if cfg.meta_admin and cfg.meta_secret_file is not None:
+        from raftblock.meta.rpc import MetaClient
+        from raftblock.meta.state import NodeId as MetaNodeId
+        from raftblock.node.agent import MetaAgent
+
+        client = MetaClient({MetaNodeId(k): v for k, v in cfg.meta_admin.items()},
+                            cfg.meta_secret_file.read_bytes().strip())
+        agent = MetaAgent(client, rt, cfg.node_id, cfg.rack, f"{cfg.host}:{port}", cfg.data_dir)
+        agent_task = loop.create_task(agent.run(stop))
     print(f"READY raft://{cfg.host}:{port}", flush=True)
     await stop.wait()
     log.info("raftnode.stopping", node=cfg.node_id)
     await compactor
+    if agent_task is not None:
+        await agent_task
     await rt.stop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)

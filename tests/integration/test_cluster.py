@@ -183,10 +183,7 @@ def test_kill_leader_under_writes_then_power_cut(volatile_cluster: Cluster, tmp_
     cluster = volatile_cluster
     cluster.up()
     cluster.cli("volume", "create", "vol", "--size", "256M")
-    st = cluster.status()
-    (vol,) = st["volumes"]
-    map_ = json.loads((cluster.root / "cluster.json").read_text())
-    group = map_["volumes"][0]["extent_ids"][0] >> 32
+    group = cluster.status()["volumes"][0]["extent_groups"][0]
     uri = f"{cluster.uri}/vol"
     journal = tmp_path / "journal.txt"
 
@@ -242,7 +239,7 @@ def test_corrupt_replica_is_read_from_a_peer_and_repaired(cluster: Cluster, tmp_
     uri = f"{cluster.uri}/vol"
     data = os.urandom(64 << 10)
     nbd_write(uri, 0, data, tmp_path, fua=True)
-    group = json.loads((cluster.root / "cluster.json").read_text())["volumes"][0]["extent_ids"][0] >> 32
+    group = cluster.status()["volumes"][0]["extent_groups"][0]
     leader = next(g["leader"] for g in cluster.status()["groups"] if g["group"] == group)
     needle = data[8192:8192 + 64]  # inside the third 4 KiB block
     hits = find_on_disk(cluster.root / f"n{leader}" / "engine", needle)

@@ -72,7 +72,9 @@ _MT = MessageType
 
 # Client ops and statuses (raftblock.proto).
 OP_C_WRITE, OP_C_READ, OP_C_TRIM, OP_C_STATUS, OP_C_NODE_STATUS, OP_C_REPLICA_READ = 1, 2, 3, 4, 5, 6
-REPLICA_READ_WAIT_S = 2.0  # how long a replica waits to reach `min_applied` before answering UNAVAILABLE
+REPLICA_READ_WAIT_S = 2.0
+BALANCE_EVERY_TICKS = 10  # look for groups to hand to their preferred leader every second (100 ms ticks)
+TRANSFER_INTERVAL_TICKS = 50  # per group: one transfer attempt per 5 s at most  # how long a replica waits to reach `min_applied` before answering UNAVAILABLE
 ST_OK, ST_NOT_LEADER, ST_UNKNOWN_GROUP, ST_UNAVAILABLE, ST_BAD_REQUEST, ST_CORRUPT, ST_NO_SPACE = range(7)
 _IMG_LEN = struct.Struct("<I")
 
@@ -162,6 +164,8 @@ class _Group:
         "read_waits",
         "last_role",
         "last_term",
+        "preferred",
+        "transfer_at_tick",
     )
 
     def __init__(self, gid: int, core: RaftCore, storage: WalStorage, hs: HardState) -> None:
@@ -178,6 +182,8 @@ class _Group:
         self.read_waits: list[tuple[int, asyncio.Future[int]]] = []  # (index, fut): waiting for apply
         self.last_role = Role.FOLLOWER
         self.last_term = 0
+        self.preferred = NO_NODE  # the preferred leader (members[0] in the map), 0 = none
+        self.transfer_at_tick = 0  # earliest tick for the next transfer attempt
 
 
 class NotLeaderError(Exception):
@@ -212,6 +218,7 @@ class NodeRuntime:
         )
         self._rng = random.Random(seed if seed is not None else cfg.node_id * 7919 + int(time.time_ns()))
         self.groups: dict[int, _Group] = {}
+        self._recovered = recovered  # WAL state of groups the map has not named yet (host_group uses it)
         for gid, members in sorted(groups.items()):
             self._add_group(gid, members, recovered.get(gid))
         self._dirty: set[int] = set()
@@ -261,6 +268,37 @@ class NodeRuntime:
         hs = rec.hard_state if rec is not None else HardState()
         self.groups[gid] = _Group(gid, core, storage, hs)
 
+    def host_group(self, gid: int, members: list[int]) -> bool:
+        """Start hosting a replica of group `gid` (the metadata map named this node a member); its
+        durable state comes from the WAL if it had any. members[0] is the preferred leader. Returns
+        False when it is hosted already."""
+        g = self.groups.get(gid)
+        if g is None:
+            self._add_group(gid, members, self._recovered.pop(gid, None))
+            g = self.groups[gid]
+            log.info("raft.group_hosted", group=gid, members=members)
+            if self._loop is not None:
+                self._dirty.add(gid)
+                self._kick()
+            new = True
+        else:
+            new = False
+        g.preferred = NodeId(members[0]) if members else NO_NODE
+        return new
+
+    def _balance_leaders(self) -> None:
+        """Hand leadership to each group's preferred leader when it is connected, at most once per
+        `transfer_interval_ticks` per group (no ping-pong while it is down or slow)."""
+        for g in self.groups.values():
+            core = g.core
+            if (core.role != Role.LEADER or not g.preferred or g.preferred == self.node_id
+                    or self._ticks_done < g.transfer_at_tick or g.preferred not in self.transport.conns):
+                continue
+            g.transfer_at_tick = self._ticks_done + TRANSFER_INTERVAL_TICKS
+            if core.transfer_leadership(g.preferred):
+                self.counters["leader_transfers"] += 1
+                self._dirty.add(g.id)
+
     # == lifecycle ===========================================================================================
     async def start(self, host: str, port: int) -> int:
         self._loop = asyncio.get_running_loop()
@@ -302,6 +340,8 @@ class NodeRuntime:
 
     def _on_tick(self) -> None:
         self._catch_up_ticks()
+        if self._ticks_done % BALANCE_EVERY_TICKS == 0:
+            self._balance_leaders()
         self._schedule_tick()
 
     def _catch_up_ticks(self) -> None:
