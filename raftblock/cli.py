@@ -155,6 +155,17 @@ def cmd_volume_delete(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_volume_attach(args: argparse.Namespace) -> int:
+    from raftblock.node.cluster import ClusterError, volume_attach
+
+    try:
+        epoch = volume_attach(Path(args.dir), args.name, args.gateway, args.force)
+    except ClusterError as e:
+        return _fail("volume attach", e)
+    print(f"volume {args.name} attached to gateway {args.gateway} (attach epoch {epoch})")
+    return 0
+
+
 def cmd_node(args: argparse.Namespace) -> int:
     from raftblock.node import raftnode
 
@@ -247,6 +258,14 @@ def build_parser() -> argparse.ArgumentParser:
     vd.add_argument("name")
     vd.add_argument("--dir", default=str(DEMO_DIR))
     vd.set_defaults(func=cmd_volume_delete)
+
+
+    va = vsub.add_parser("attach", help="attach a volume to a gateway (--force takes it over and fences the old one)")
+    va.add_argument("name")
+    va.add_argument("--gateway", required=True, help="gateway id (gateway_id in its config)")
+    va.add_argument("--force", action="store_true")
+    va.add_argument("--dir", default=str(DEMO_DIR))
+    va.set_defaults(func=cmd_volume_attach)
 
     n = sub.add_parser("node", help="run one storage node in the foreground (what systemd runs)")
     n.add_argument("--config", required=True)

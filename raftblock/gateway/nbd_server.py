@@ -19,7 +19,7 @@ import asyncio
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 
 import structlog
 
@@ -57,6 +57,15 @@ class GatewayConfig:
     handshake_timeout_s: float = 30.0
     drain_timeout_s: float = 30.0
     max_block_bytes: int = 32 << 20
+
+
+class Attacher(Protocol):
+    """Exclusive attach (the cluster's gateway): `acquire` before a connection's first request,
+    `release` when it closes. A refusal raises; the connection's requests then get EPERM."""
+
+    async def acquire(self, volume: str) -> None: ...
+
+    def release(self, volume: str) -> None: ...
 
 
 class VolumeCatalog:
@@ -99,6 +108,7 @@ class NbdConnection(asyncio.Protocol):
         self.reading_paused = False
         self.closing = False
         self.disc_requested = False
+        self.attach_task: asyncio.Task[None] | None = None
         self._handshake_timer: asyncio.TimerHandle | None = None
         self.log = log.bind(conn=self.id)
 
@@ -151,6 +161,12 @@ class NbdConnection(asyncio.Protocol):
         if self.export is not None:
             self.server.catalog.attached[self.export.name] -= 1
             self.log.info("nbd.detached", volume=self.export.name)
+            if self.attach_task is not None and self.server.attacher is not None:
+                task, name, attacher = self.attach_task, self.export.name, self.server.attacher
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    attacher.release(name)
+                elif not task.done():
+                    task.add_done_callback(lambda t: None if t.cancelled() or t.exception() else attacher.release(name))
 
     # --- handling ---------------------------------------------------------------------------------
     def _on_export(self, ev: nbd.ExportSelected) -> None:
@@ -161,6 +177,8 @@ class NbdConnection(asyncio.Protocol):
         self.volume = self.server.catalog.get(ev.export.name)
         cat = self.server.catalog
         cat.attached[ev.export.name] = cat.attached.get(ev.export.name, 0) + 1
+        if self.server.attacher is not None:
+            self.attach_task = asyncio.get_running_loop().create_task(self.server.attacher.acquire(ev.export.name))
         self.log.info(
             "nbd.attached", volume=ev.export.name, structured=ev.structured_replies, meta=list(ev.meta_context_ids)
         )
@@ -208,6 +226,14 @@ class NbdConnection(asyncio.Protocol):
 
     async def _run(self, req: nbd.Request, vol: Volume) -> None:
         codec = self.codec
+        if self.attach_task is not None:
+            try:
+                await asyncio.shield(self.attach_task)
+            except Exception as e:  # noqa: BLE001 — refused attach: no I/O on this connection
+                self.log.warning("nbd.attach_refused", error=str(e))
+                self._send([codec.reply_error(req.cookie, nbd.EPERM, f"attach refused: {e}")])
+                self.close()
+                return
         try:
             cmd = req.cmd
             if cmd == Cmd.READ:
@@ -249,8 +275,9 @@ class NbdConnection(asyncio.Protocol):
 
 
 class NbdServer:
-    def __init__(self, catalog: VolumeCatalog, config: GatewayConfig) -> None:
+    def __init__(self, catalog: VolumeCatalog, config: GatewayConfig, attacher: Attacher | None = None) -> None:
         self.catalog = catalog
+        self.attacher = attacher
         self.config = config
         self.connections: set[NbdConnection] = set()
         self.shutting_down = False

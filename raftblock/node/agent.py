@@ -72,3 +72,10 @@ class MetaAgent:
             members = [int(m) for m in g.members]
             if self.node_id in members:
                 self.runtime.host_group(int(gid), members)
+        # Fencing: each group learns its volume's latest attach epoch from the map too (not only from
+        # the requests of the gateway that holds it).
+        for name, vol in st.volumes.items():
+            epoch = st.attach_epochs.get(name, 0)
+            if epoch:
+                for gid in set(vol.extent_groups):
+                    self.runtime.raise_fence(int(gid), epoch)

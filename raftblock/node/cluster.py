@@ -417,7 +417,7 @@ def volume_delete(root: Path, name: str) -> None:
     if name in st.attachments:
         raise ClusterError(f"volume {name} is attached by gateway {st.attachments[name].gateway_id}")
     ids = [extent_id(int(g), i) for i, g in enumerate(vol.extent_groups)]
-    asyncio.run(_drop_extents(cmap, ids, vol.extent_size_bytes))
+    asyncio.run(_drop_extents(cmap, ids, vol.extent_size_bytes, st.attach_epochs.get(name, 0)))
 
     async def go() -> Any:
         return await meta_client(layout, cmap).delete_volume(name)
@@ -428,16 +428,31 @@ def volume_delete(root: Path, name: str) -> None:
     _gateway_call(layout, "reload")
 
 
-async def _drop_extents(cmap: ClusterMap, extent_ids: list[int], extent_size_bytes: int) -> None:
+async def _drop_extents(cmap: ClusterMap, extent_ids: list[int], extent_size_bytes: int, epoch: int) -> None:
     """Trim every block of the volume's extents, so its space comes back (committed through Raft)."""
     from raftblock.replication.raft.group import RaftClient, RaftGroup
 
     client = RaftClient(cmap.peers())
     try:
         blocks = extent_size_bytes // 4096
-        await asyncio.gather(*(RaftGroup(client, e >> 32).trim(e, 0, blocks) for e in extent_ids))
+        await asyncio.gather(*(RaftGroup(client, e >> 32, epoch=epoch).trim(e, 0, blocks) for e in extent_ids))
     finally:
         await client.close()
+
+
+def volume_attach(root: Path, name: str, gateway_id: str, force: bool) -> int:
+    """Attach a volume to a gateway in the map (force: take it over from another gateway, which is
+    then fenced: the nodes refuse its older attach epoch). Returns the new attach epoch."""
+    layout = Layout(root)
+    cmap = _load(layout)
+
+    async def go() -> Any:
+        return await meta_client(layout, cmap).attach(name, gateway_id, force=force)
+
+    res = asyncio.run(go())
+    if not res.ok:
+        raise ClusterError(res.message or res.error)
+    return int(res.value["attach_epoch"])
 
 
 def volume_list(root: Path) -> list[dict[str, Any]]:

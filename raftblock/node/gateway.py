@@ -14,6 +14,7 @@ Config (TOML):
     admin_socket = "/run/raftblock/gateway.sock"   # JSON lines: {"op": "reload"} | {"op": "status"}
     deadline_s = 10.0                              # how long one I/O may wait for a leader
     refresh_s = 1.0                                # how often the map is re-read from the metadata group
+    gateway_id = "gw1"                             # who holds a volume's attachment (exclusive attach)
 
 Rules:
 1. A write is acknowledged to the host only after the group's leader answered OK: committed on a
@@ -21,7 +22,11 @@ Rules:
 2. The map is re-read every `refresh_s` and on `reload` (sent by `raftblock volume create/delete`);
    volumes that vanished stop accepting new connections; attached hosts keep theirs until they detach.
    A metadata outage does not stop I/O on volumes already known.
-3. SIGTERM drains in-flight requests, then exits 0.
+3. Exclusive attach: the first host connection to a volume attaches it in the metadata group for this
+   gateway (refused if another gateway holds it); the attach epoch goes with every request to the
+   volume's groups, and nodes refuse older epochs, so a gateway whose attachment was taken over (`volume
+   attach --force`) is fenced. The last connection's close detaches.
+4. SIGTERM drains in-flight requests, then exits 0.
 """
 
 from __future__ import annotations
@@ -51,8 +56,21 @@ log = structlog.get_logger(__name__)
 ADMIN_LINE_BYTES_MAX = 64 << 10
 
 
+class AttachRefused(Exception):
+    pass
+
+
+class _Hold:
+    def __init__(self, ready: asyncio.Future[int]) -> None:
+        self.count = 1
+        self.ready = ready
+        self.epoch = 0
+
+
 class Gateway:
-    def __init__(self, map_path: Path, secret: bytes, deadline_s: float) -> None:
+    def __init__(self, map_path: Path, secret: bytes, deadline_s: float, gateway_id: str = "gw1") -> None:
+        self.gateway_id = gateway_id
+        self._holds: dict[str, _Hold] = {}
         self.map_path = map_path
         self.deadline_s = deadline_s
         self.map = ClusterMap.load(map_path)
@@ -84,6 +102,50 @@ class Gateway:
             volumes.append(old if old is not None and old.info == info else Volume(info, self.group_for))
         self.catalog.replace_all(volumes)
         log.info("gateway.map_loaded", volumes=len(st.volumes), groups=len(st.groups))
+
+    # --- exclusive attach (nbd_server.Attacher) -------------------------------------------------
+    async def acquire(self, volume: str) -> None:
+        h = self._holds.get(volume)
+        if h is not None:
+            h.count += 1
+            await asyncio.shield(h.ready)
+            return
+        h = self._holds[volume] = _Hold(asyncio.get_running_loop().create_future())
+        try:
+            res = await self.meta.attach(volume, self.gateway_id)
+            if not res.ok:
+                raise AttachRefused(res.message or res.error)
+            h.epoch = int(res.value["attach_epoch"])
+        except Exception as e:
+            del self._holds[volume]
+            h.ready.set_exception(e)
+            h.ready.exception()  # retrieved: waiters re-raise it
+            raise
+        self._set_epoch(volume, h.epoch)
+        h.ready.set_result(h.epoch)
+        log.info("gateway.attached", volume=volume, attach_epoch=h.epoch, gateway=self.gateway_id)
+
+    def release(self, volume: str) -> None:
+        h = self._holds.get(volume)
+        if h is None:
+            return
+        h.count -= 1
+        if h.count == 0:
+            del self._holds[volume]
+            asyncio.get_running_loop().create_task(self._detach(volume, h.epoch))
+
+    async def _detach(self, volume: str, epoch: int) -> None:
+        try:
+            res = await self.meta.detach(volume, self.gateway_id, epoch)
+            log.info("gateway.detached", volume=volume, attach_epoch=epoch, ok=res.ok, error=res.error)
+        except (MetaClientError, OSError, TimeoutError) as e:
+            log.warning("gateway.detach_failed", volume=volume, error=str(e))
+
+    def _set_epoch(self, volume: str, epoch: int) -> None:
+        if self.state is None or volume not in self.state.volumes:
+            return
+        for gid in set(self.state.volumes[volume].extent_groups):
+            self.group_for(int(gid) << 32).epoch = epoch
 
     async def follow(self, stop: asyncio.Event, refresh_s: float) -> None:
         while not stop.is_set():
@@ -135,9 +197,10 @@ def load_config(path: Path) -> dict[str, Any]:
 
 async def run_gateway(cfg: dict[str, Any]) -> int:
     secret = Path(cfg["secret_file"]).read_bytes().strip()
-    gw = Gateway(Path(cfg["map"]), secret, float(cfg.get("deadline_s", 10.0)))
+    gw = Gateway(Path(cfg["map"]), secret, float(cfg.get("deadline_s", 10.0)), str(cfg.get("gateway_id", "gw1")))
     await gw.reload()
-    server = NbdServer(gw.catalog, GatewayConfig(bind=cfg.get("bind", "127.0.0.1"), port=int(cfg.get("port", 10809))))
+    server = NbdServer(gw.catalog, GatewayConfig(bind=cfg.get("bind", "127.0.0.1"), port=int(cfg.get("port", 10809))),
+                       attacher=gw)
     host, port = await server.start()
     admin_path = cfg.get("admin_socket")
     admin = None

@@ -254,3 +254,61 @@ def test_corrupt_replica_is_read_from_a_peer_and_repaired(cluster: Cluster, tmp_
     assert got["ok"] and got["data"] == data
     again = next(n for n in cluster.status()["nodes"] if n["id"] == leader)
     assert again["errors"]["corrupt_reads"] == node["errors"]["corrupt_reads"], again
+
+
+def test_exclusive_attach_fences_a_stale_gateway(cluster: Cluster, tmp_path: Path) -> None:
+    """Issue "cluster" item 5: one gateway at a time per volume (attach recorded in the metadata group
+    with an epoch); after a forced takeover the old gateway's writes are refused by the nodes."""
+    from .nbdwire import NBD_CMD_WRITE, RawConn
+
+    cluster.up()
+    cluster.cli("volume", "create", "vol", "--size", "64M")
+    host, port = cluster.uri.removeprefix("nbd://").rsplit(":", 1)
+    c1 = RawConn(host, int(port))
+    c1.connect_export("vol")
+    c1.write(0, b"A" * 4096)  # gw1 attaches the volume
+    st = cluster.status()
+    assert st["volumes"][0]["attached_by"] == "gw1", st["volumes"]
+
+    # a second gateway on the same cluster
+    cfg = (cluster.root / "nodes" / "gateway.toml").read_text()
+    gw2_port = free_tcp_port()
+    cfg = "\n".join(line for line in cfg.splitlines() if not line.startswith(("port", "admin_socket")))
+    gw2_cfg = tmp_path / "gw2.toml"
+    gw2_cfg.write_text(cfg + f'\nport = {gw2_port}\ngateway_id = "gw2"\n')
+    gw2 = subprocess.Popen([*RAFTBLOCK, "gateway", "--config", str(gw2_cfg), "--log-format", "json"],
+                           stdout=subprocess.PIPE, stderr=open(tmp_path / "gw2.log", "wb"), start_new_session=True)
+    try:
+        assert gw2.stdout is not None and gw2.stdout.readline().startswith(b"READY"), (tmp_path / "gw2.log").read_text()
+        c2 = RawConn(host, gw2_port)
+        c2.connect_export("vol")
+        rep = c2.call(NBD_CMD_WRITE, 4096, 4096, data=b"B" * 4096)
+        assert rep.error == 1, f"gw2 must be refused (EPERM) while gw1 holds the volume, got {rep.error}"
+        c2.close()
+
+        # the operator moves the volume to gw2; gw1 is fenced from then on
+        r = cluster.cli("volume", "attach", "vol", "--gateway", "gw2", "--force")
+        assert "attach epoch 2" in r.stdout, r.stdout
+        c3 = RawConn(host, gw2_port)
+        c3.connect_export("vol")
+        c3.write(8192, b"C" * 4096)
+        rep = c1.call(NBD_CMD_WRITE, 8192, 4096, data=b"Z" * 4096, cookie=2)
+        assert rep.error == 1, f"the fenced gateway's write must get EPERM, got {rep.error}"
+        assert c3.read(0, 3 * 4096) == b"A" * 4096 + bytes(4096) + b"C" * 4096
+        c3.close()
+        c1.close()
+    finally:
+        gw2.terminate()
+        try:
+            gw2.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            gw2.kill()
+            gw2.wait()
+
+
+def free_tcp_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

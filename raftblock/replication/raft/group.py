@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import itertools
 import time
 from collections.abc import Sequence
@@ -32,6 +33,7 @@ from raftblock.replication.raft.runtime import (
     ST_NO_SPACE,
     ST_NOT_LEADER,
     ST_OK,
+    ST_STALE_EPOCH,
     ST_UNAVAILABLE,
     ST_UNKNOWN_GROUP,
 )
@@ -40,6 +42,12 @@ from raftblock.wire import raftblock_pb2 as pb
 from raftblock.wire.framing import BadFrame, Buf, FatalFrameError, FrameDecoder, FrameType, encode_frame
 
 log = structlog.get_logger(__name__)
+
+
+class Fenced(GroupError):
+    """This gateway's attachment was taken over (a newer attach epoch exists): it must not write."""
+
+    errno = errno.EPERM
 
 Reply = tuple[pb.ClientResponse, bytes]
 
@@ -185,6 +193,8 @@ class RaftClient:
                     raise CorruptData(req.extent_id, req.block, resp.error)
                 elif st == ST_NO_SPACE:
                     raise NoSpace(resp.error)
+                elif st == ST_STALE_EPOCH:
+                    raise Fenced(resp.error)
                 elif st == ST_BAD_REQUEST:
                     raise GroupError(f"bad request: {resp.error}")
                 else:
@@ -210,23 +220,24 @@ class RaftClient:
 class RaftGroup:
     """ReplicationGroup over a Raft extent group served by remote nodes."""
 
-    def __init__(self, client: RaftClient, group_id: int, deadline_s: float | None = None) -> None:
+    def __init__(self, client: RaftClient, group_id: int, deadline_s: float | None = None, epoch: int = 0) -> None:
         self.client = client
         self.group_id = group_id
         self.deadline_s = deadline_s
+        self.epoch = epoch  # the attach epoch of the volume this group serves (fencing), 0 = not attached
 
     async def write(self, extent_id: int, block: int, data: memoryview | bytes, crcs: Sequence[int]) -> None:
-        req = pb.ClientRequest(op=OP_C_WRITE, extent_id=extent_id, block=block, count=len(crcs))
+        req = pb.ClientRequest(op=OP_C_WRITE, extent_id=extent_id, block=block, count=len(crcs), epoch=self.epoch)
         req.crcs.extend(crcs)
         await self.client.call(self.group_id, req, [data], self.deadline_s)
 
     async def read(self, extent_id: int, block: int, count: int) -> tuple[bytearray, list[int]]:
-        req = pb.ClientRequest(op=OP_C_READ, extent_id=extent_id, block=block, count=count)
+        req = pb.ClientRequest(op=OP_C_READ, extent_id=extent_id, block=block, count=count, epoch=self.epoch)
         resp, data = await self.client.call(self.group_id, req, (), self.deadline_s)
         return bytearray(data), list(resp.crcs)
 
     async def trim(self, extent_id: int, block: int, count: int) -> None:
-        req = pb.ClientRequest(op=OP_C_TRIM, extent_id=extent_id, block=block, count=count)
+        req = pb.ClientRequest(op=OP_C_TRIM, extent_id=extent_id, block=block, count=count, epoch=self.epoch)
         await self.client.call(self.group_id, req, (), self.deadline_s)
 
     async def zero(self, extent_id: int, block: int, count: int) -> None:

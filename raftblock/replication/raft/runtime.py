@@ -75,7 +75,7 @@ OP_C_WRITE, OP_C_READ, OP_C_TRIM, OP_C_STATUS, OP_C_NODE_STATUS, OP_C_REPLICA_RE
 REPLICA_READ_WAIT_S = 2.0
 BALANCE_EVERY_TICKS = 10  # look for groups to hand to their preferred leader every second (100 ms ticks)
 TRANSFER_INTERVAL_TICKS = 50  # per group: one transfer attempt per 5 s at most  # how long a replica waits to reach `min_applied` before answering UNAVAILABLE
-ST_OK, ST_NOT_LEADER, ST_UNKNOWN_GROUP, ST_UNAVAILABLE, ST_BAD_REQUEST, ST_CORRUPT, ST_NO_SPACE = range(7)
+ST_OK, ST_NOT_LEADER, ST_UNKNOWN_GROUP, ST_UNAVAILABLE, ST_BAD_REQUEST, ST_CORRUPT, ST_NO_SPACE, ST_STALE_EPOCH = range(8)
 _IMG_LEN = struct.Struct("<I")
 
 
@@ -237,6 +237,7 @@ class NodeRuntime:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.failed: BaseException | None = None
         self._peer_client: Any = None  # RaftClient to the peers, made on the first read repair
+        self.fence_epochs: dict[int, int] = {}  # group -> highest attach epoch seen (see _fence_ok)
         self.port = 0
         self.commits = 0
 
@@ -285,6 +286,21 @@ class NodeRuntime:
             new = False
         g.preferred = NodeId(members[0]) if members else NO_NODE
         return new
+
+    def _fence_ok(self, gid: int, epoch: int) -> bool:
+        """Zombie fencing by generation: a request carries the attach epoch of the gateway that sent it;
+        the highest epoch seen for a group (from requests or from the metadata map) wins, and anything
+        older is refused, so a gateway that lost its attachment can never write again."""
+        cur = self.fence_epochs.get(gid, 0)
+        if epoch < cur:
+            return False
+        if epoch > cur:
+            self.fence_epochs[gid] = epoch
+        return True
+
+    def raise_fence(self, gid: int, epoch: int) -> None:
+        if epoch > self.fence_epochs.get(gid, 0):
+            self.fence_epochs[gid] = epoch
 
     def _balance_leaders(self) -> None:
         """Hand leadership to each group's preferred leader when it is connected, at most once per
@@ -610,6 +626,11 @@ class NodeRuntime:
                     resp.error = f"group {gid} is not hosted here"
                 elif req.op == OP_C_STATUS:
                     resp.groups.append(self._group_info(grp))
+                elif req.op in (OP_C_WRITE, OP_C_TRIM, OP_C_READ) and not self._fence_ok(gid, req.epoch):
+                    self.counters["stale_epoch_refused"] += 1
+                    resp.status = ST_STALE_EPOCH
+                    resp.error = (f"attach epoch {req.epoch} is older than {self.fence_epochs.get(gid, 0)}: "
+                                  "another gateway attached this volume")
                 elif req.op in (OP_C_WRITE, OP_C_TRIM):
                     op = self._validate_write(grp, req, payload)
                     await self._propose(grp, op)
