@@ -48,7 +48,8 @@ HEALTHY_TIMEOUT_S = 60.0
 POLL_S = 0.05
 # Node counters shown as errors in `cluster status` (data found bad, what was done about it, refused input)
 ERROR_COUNTERS = ("corrupt_reads", "read_repairs", "blocks_repaired", "read_repair_failed", "engine_bad_blocks",
-                  "frames_bad_crc", "frames_bad_magic", "frames_malformed", "raft_unknown_group", "apply_errors")
+                  "frames_bad_crc", "frames_bad_magic", "frames_malformed", "raft_unknown_group", "raft_stale_term",
+                  "client_unknown_group", "stale_epoch_refused", "apply_errors")
 
 
 class ClusterError(Exception):

@@ -18,6 +18,8 @@ import hashlib
 import random
 import struct
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,11 +33,47 @@ KNOWN_OFF = 3 * MiB
 KNOWN = random.Random(9).randbytes(64 * 1024)
 
 
-@pytest.fixture(scope="module")
-def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    """One server for all cases here (each case must leave it healthy for the next, which is the point)."""
+class ClusterServer:
+    """The 3-rack cluster's gateway, with the ServeProcess methods these tests use."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port: int | None = None
+        self.log_path = root / "logs" / "gateway.log"
+
+    def start(self) -> None:
+        from raftblock.node.cluster import cluster_up, volume_create
+
+        uri = cluster_up(self.root, nbd_port=0)
+        self.port = int(uri.rsplit(":", 1)[1])
+        volume_create(self.root, "vol", SIZE)
+        volume_create(self.root, "other", MiB)
+
+    def alive(self) -> bool:
+        from raftblock.node.cluster import Layout, running_pid
+
+        layout = Layout(self.root)
+        return running_pid(layout, "gateway", layout.gateway_config) is not None
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def close(self) -> None:
+        from raftblock.node.cluster import cluster_down
+
+        cluster_down(self.root)
+
+
+@pytest.fixture(scope="module", params=["serve", "cluster"])
+def shared_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    """One server for all cases here (each case must leave it healthy for the next, which is the point):
+    `raftblock serve`, then the 3-rack cluster's gateway (issue "cluster": bad input as in part 1)."""
     base = tmp_path_factory.mktemp("bad_input")
-    sp = ServeProcess(base / "srv", ["vol:64M", "other:1M"], log_path=base / "srv.log", command=serve_command())
+    sp: Any
+    if request.param == "serve":
+        sp = ServeProcess(base / "srv", ["vol:64M", "other:1M"], log_path=base / "srv.log", command=serve_command())
+    else:
+        sp = ClusterServer(base / "cluster")
     sp.start()
     port = _port(sp)
     try:

@@ -312,3 +312,58 @@ def free_tcp_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_forged_frames_to_a_node_are_refused_counted_and_it_keeps_serving(cluster: Cluster, tmp_path: Path) -> None:
+    """docs/format/wire.md reader's cases, on a node process of the cluster: wrong CRC (dropped), unknown
+    group (refused), stale term (Raft paper 5.1: ignored), unknown frame type (malformed), bad magic
+    (connection closed); all counted, shown in `cluster status`, and the node keeps serving."""
+    import socket
+
+    from raftblock.replication.raft.transport import ROLE_PEER
+    from raftblock.replication.raft.types import GroupId, Message, MessageType, NodeId
+    from raftblock.wire import raftblock_pb2 as pb
+    from raftblock.wire.framing import FrameType, encode_frame_bytes
+    from raftblock.wire.raftcodec import encode_raft
+
+    cluster.up()
+    cluster.cli("volume", "create", "vol", "--size", "64M")
+    st = cluster.status()
+    group = st["volumes"][0]["extent_groups"][0]
+    node = next(n for n in st["nodes"] if n["id"] == 1)
+    host, port = node["address"].rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(encode_frame_bytes(FrameType.HELLO, 0, pb.Hello(node_id=3, role=ROLE_PEER, version=1).SerializeToString()))
+        hb = Message(MessageType.HEARTBEAT, GroupId(group), NodeId(3), NodeId(1), 0, commit=0)
+        bad = bytearray(b"".join(bytes(p) for p in encode_raft(hb)))
+        bad[-1] ^= 0x55
+        s.sendall(bytes(bad))  # wrong CRC
+        unk = Message(MessageType.HEARTBEAT, GroupId(999_999), NodeId(3), NodeId(1), 50)
+        s.sendall(b"".join(bytes(p) for p in encode_raft(unk)))  # unknown group
+        s.sendall(b"".join(bytes(p) for p in encode_raft(hb)))  # stale term (0)
+        s.sendall(encode_frame_bytes(99, group, b"junk"))  # unknown frame type
+
+        def counted() -> bool:
+            e = next(n for n in cluster.status()["nodes"] if n["id"] == 1).get("errors", {})
+            return all(e.get(k, 0) >= 1 for k in ("frames_bad_crc", "raft_unknown_group", "raft_stale_term",
+                                                   "frames_malformed"))
+
+        _wait(counted, 30, "the forged frames to be counted")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(b"XX" + bytes(40))  # bad magic: the node closes this connection
+        s.settimeout(10)
+        try:
+            while s.recv(1 << 16):  # what the node had sent before (its HELLO, answers) drains first
+                pass
+        except TimeoutError:
+            raise AssertionError("the node kept a connection with a bad magic open") from None
+    _wait(lambda: next(n for n in cluster.status()["nodes"] if n["id"] == 1)["errors"].get("frames_bad_magic", 0) >= 1,
+          30, "the bad magic to be counted")
+    from .nbdwire import RawConn
+
+    h, p = cluster.uri.removeprefix("nbd://").rsplit(":", 1)
+    with RawConn(h, int(p)) as c:
+        c.connect_export("vol")
+        c.write(0, b"Q" * 65536)
+        assert c.read(0, 65536) == b"Q" * 65536
+    assert {n["state"] for n in cluster.status()["nodes"]} == {"up"}
