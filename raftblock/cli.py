@@ -100,20 +100,21 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
         _print_json(st)
         return 0
     print(f"cluster {st['cluster_id']}   gateway: {st['gateway']['uri'] or 'stopped'} (pid {st['gateway']['pid']})")
-    print("\nNODES\n  id  rack  address               pid      process      map      groups  leading  used       errors")
+    print("\nNODES\n  id  rack  address               pid      process      map      groups  leading  used/capacity        errors")
     for n in st["nodes"]:
         errors = " ".join(f"{k}={v}" for k, v in n.get("errors", {}).items()) or "-"
         print(f"  {n['id']:<3} {n['rack']:<5} {n['address']:<21} {str(n['pid']):<8} {n['state']:<12} {n['map_state']:<8} "
-              f"{n.get('groups', '-'):<7} {n.get('leading', '-'):<8} {format_size(n.get('used_bytes', 0)):<10} {errors}")
+              f"{n.get('groups', '-'):<7} {n.get('leading', '-'):<8} "
+              f"{format_size(n.get('used_bytes', 0)) + '/' + format_size(n.get('capacity_bytes', 0)):<20} {errors}")
     print("\nMETADATA GROUP\n  " + "  ".join(f"m{m['id']} {m['admin']} (pid {m['pid']})" for m in st["metadata"]))
     print("\nEXTENT GROUPS\n  id   replication  members     leader  term  epoch")
     for g in st["groups"]:
         print(f"  {g['group']:<4} {g['replication']:<12} {','.join(map(str, g['members'])):<11} "
               f"{str(g['leader'] or '-'):<7} {g['term']:<5} {g['epoch']}")
-    print("\nVOLUMES\n  name             size        extents  groups       connections  attached by")
+    print("\nVOLUMES\n  name             size        allocated   extents  groups       connections  attached by")
     for v in st["volumes"]:
-        print(f"  {v['name']:<16} {format_size(v['size_bytes']):<11} {v['extents']:<8} "
-              f"{','.join(map(str, v['groups'])):<12} {v['attached']:<12} {v['attached_by'] or '-'}")
+        print(f"  {v['name']:<16} {format_size(v['size_bytes']):<11} {format_size(v['allocated_bytes']):<11} "
+              f"{v['extents']:<8} {','.join(map(str, v['groups'])):<12} {v['attached']:<12} {v['attached_by'] or '-'}")
     return 0
 
 

@@ -16,7 +16,10 @@ def parse_size(text: str) -> int:
 
 
 def format_size(n: int) -> str:
+    """Exact when the size is a whole number of a unit (1GiB), else one decimal (1.5GiB)."""
     for unit in ("P", "T", "G", "M", "K"):
-        if n >= _UNITS[unit] and n % _UNITS[unit] == 0:
-            return f"{n // _UNITS[unit]}{unit}iB"
+        if n >= _UNITS[unit]:
+            if n % _UNITS[unit] == 0:
+                return f"{n // _UNITS[unit]}{unit}iB"
+            return f"{n / _UNITS[unit]:.1f}{unit}iB"
     return f"{n}B"

@@ -48,7 +48,7 @@ HEALTHY_TIMEOUT_S = 60.0
 POLL_S = 0.05
 # Node counters shown as errors in `cluster status` (data found bad, what was done about it, refused input)
 ERROR_COUNTERS = ("corrupt_reads", "read_repairs", "blocks_repaired", "read_repair_failed", "engine_bad_blocks",
-                  "frames_bad_crc", "frames_bad_magic", "frames_malformed", "raft_unknown_group", "raft_stale_term",
+                  "frames_bad_crc", "frames_bad_magic", "frames_malformed", "raft_unknown_group",
                   "client_unknown_group", "stale_epoch_refused", "apply_errors")
 
 
@@ -305,7 +305,7 @@ async def collect_status(cmap: ClusterMap, st: MetaState) -> dict[str, Any]:
                 entry.update(state="up", groups=len(resp.groups),
                              leading=sum(1 for g in resp.groups if g.leader == n.node_id),
                              used_bytes=c.get("engine_live_bytes", 0), on_disk_bytes=c.get("engine_bytes_on_disk", 0),
-                             errors={k: c.get(k, 0) for k in ERROR_COUNTERS if c.get(k, 0)})
+                             errors={k: c.get(k, 0) for k in ERROR_COUNTERS if c.get(k, 0)}, counters=c)
                 for g in resp.groups:
                     infos.setdefault(g.group, {})[n.node_id] = g
             except (OSError, TimeoutError, ConnectionError):
@@ -321,7 +321,8 @@ async def collect_status(cmap: ClusterMap, st: MetaState) -> dict[str, Any]:
         leader = next(iter(leaders)) if len(leaders) == 1 and list(leaders)[0] in views else None
         groups.append({"group": int(gid), "replication": g.mode, "members": [int(m) for m in g.members],
                        "leader": leader, "term": max(terms, default=0), "epoch": g.epoch,
-                       "applied": {str(k): v.applied for k, v in views.items()}})
+                       "applied": {str(k): v.applied for k, v in views.items()},
+                       "allocated_bytes": views[leader].allocated_bytes if leader in views else None})
     return {"nodes": nodes, "groups": groups}
 
 
@@ -360,7 +361,9 @@ def cluster_status(root: Path) -> dict[str, Any]:
                       for k, v in sorted(cmap.meta_admin.items())]
     st["volumes"] = [{"name": v.name, "size_bytes": v.size_bytes, "replication": v.mode,
                       "extents": len(v.extent_groups), "groups": sorted({int(g) for g in v.extent_groups}),
-                      "extent_groups": [int(g) for g in v.extent_groups], "attached": connections.get(v.name, 0),
+                      "extent_groups": [int(g) for g in v.extent_groups],
+                      "allocated_bytes": sum(g["allocated_bytes"] or 0 for g in st["groups"]
+                                             if g["group"] in {int(x) for x in v.extent_groups}), "attached": connections.get(v.name, 0),
                       "attached_by": mst.attachments[v.name].gateway_id if v.name in mst.attachments else None}
                      for v in sorted(mst.volumes.values(), key=lambda v: v.name)]
     st["cluster_id"] = cmap.cluster_id

@@ -198,6 +198,9 @@ def test_kill_leader_under_writes_then_power_cut(volatile_cluster: Cluster, tmp_
         cluster.kill(f"n{leader}")
         _wait(lambda: _count_acks(journal) > acks_at_kill + QD, 30, "writes to resume after the leader was killed")
         pause_s = time.monotonic() - t_kill
+        # failure detection: the metadata group marks the silent node suspect (3 missed heartbeats)
+        _wait(lambda: next(n for n in cluster.status()["nodes"] if n["id"] == leader)["map_state"] in ("suspect", "down"),
+              30, f"n{leader} to be marked suspect")
         out, err = writer.communicate(timeout=180)
     finally:
         kill_group(writer)
@@ -344,9 +347,10 @@ def test_forged_frames_to_a_node_are_refused_counted_and_it_keeps_serving(cluste
         s.sendall(encode_frame_bytes(99, group, b"junk"))  # unknown frame type
 
         def counted() -> bool:
-            e = next(n for n in cluster.status()["nodes"] if n["id"] == 1).get("errors", {})
-            return all(e.get(k, 0) >= 1 for k in ("frames_bad_crc", "raft_unknown_group", "raft_stale_term",
-                                                   "frames_malformed"))
+            n1 = next(n for n in cluster.status()["nodes"] if n["id"] == 1)
+            e = n1.get("errors", {})
+            return n1["counters"].get("raft_stale_term", 0) >= 1 and all(
+                e.get(k, 0) >= 1 for k in ("frames_bad_crc", "raft_unknown_group", "frames_malformed"))
 
         _wait(counted, 30, "the forged frames to be counted")
     with socket.create_connection((host, int(port)), timeout=10) as s:

@@ -678,6 +678,7 @@ class NodeRuntime:
             last_index=c.last_index(),
             snap_index=c.log.snap_index,
             lease=c.lease_valid(),
+            allocated_bytes=sum(len(self.engine.index.extents.get(e, ())) for e in self._group_extents(g.id)) * BLOCK_SIZE,
         )
 
     def _validate_write(self, g: _Group, req: pb.ClientRequest, payload: bytes) -> BlockOp:
