@@ -184,11 +184,11 @@ def write_configs(layout: Layout, cmap: ClusterMap, disk: str, nbd_bind: str, nb
         layout.node_config(n.node_id).write_text(text)
     layout.gateway_config.write_text(
         "# raftblock gateway; written by `raftblock cluster up`\n"
-        f"map = {_toml_str(str(layout.map_path.resolve()))}\n"
-        f"secret_file = {_toml_str(str(layout.secret_file.resolve()))}\n"
+        'gateway_id = "gw1"\n'
         f"bind = {_toml_str(nbd_bind)}\nport = {nbd_port}\n"
         f"admin_socket = {_toml_str(str(layout.admin_socket.resolve()))}\n"
-        "deadline_s = 10.0\n"
+        "deadline_s = 10.0\n\n"
+        f"{meta}"
     )
 
 

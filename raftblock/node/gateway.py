@@ -7,14 +7,17 @@ exports every volume of the map over NBD; each extent goes to the RaftGroup name
 
 Config (TOML):
 
-    map = "/var/lib/raftblock/cluster.json"   # the layout: storage node addresses, metadata admin ports
-    secret_file = "/var/lib/raftblock/meta/cluster.secret"   # authenticates us to the metadata group
     bind = "127.0.0.1"
     port = 10809
     admin_socket = "/run/raftblock/gateway.sock"   # JSON lines: {"op": "reload"} | {"op": "status"}
     deadline_s = 10.0                              # how long one I/O may wait for a leader
     refresh_s = 1.0                                # how often the map is re-read from the metadata group
     gateway_id = "gw1"                             # who holds a volume's attachment (exclusive attach)
+    [meta]                                         # the metadata group: admin ports and the cluster secret
+    admin = { 1 = "10.0.1.1:7201", 2 = "10.0.2.1:7201", 3 = "10.0.3.1:7201" }
+    secret_file = "/etc/raftblock/cluster.secret"
+
+Storage node addresses come from the map (nodes register theirs).
 
 Rules:
 1. A write is acknowledged to the host only after the group's leader answered OK: committed on a
@@ -46,7 +49,7 @@ from raftblock.client.volume import Volume
 from raftblock.gateway.nbd_server import GatewayConfig, NbdServer, VolumeCatalog
 from raftblock.meta.rpc import MetaClient, MetaClientError
 from raftblock.meta.state import MetaState
-from raftblock.node.clustermap import ClusterMap, volume_infos
+from raftblock.node.clustermap import volume_infos
 from raftblock.replication.raft.group import RaftClient, RaftGroup
 from raftblock.replication.raft.runtime import group_of_extent
 from raftblock.replication.raft.types import NodeId
@@ -68,15 +71,13 @@ class _Hold:
 
 
 class Gateway:
-    def __init__(self, map_path: Path, secret: bytes, deadline_s: float, gateway_id: str = "gw1") -> None:
+    def __init__(self, meta_admin: dict[int, str], secret: bytes, deadline_s: float, gateway_id: str = "gw1") -> None:
         self.gateway_id = gateway_id
         self._holds: dict[str, _Hold] = {}
-        self.map_path = map_path
         self.deadline_s = deadline_s
-        self.map = ClusterMap.load(map_path)
-        self.meta = MetaClient({NodeId(int(k)): v for k, v in self.map.meta_admin.items()}, secret)
+        self.meta = MetaClient({NodeId(k): v for k, v in meta_admin.items()}, secret)
         self.state: MetaState | None = None
-        self.client = RaftClient(self.map.peers(), deadline_s=deadline_s)
+        self.client = RaftClient({}, deadline_s=deadline_s)  # node addresses: from the map
         self.catalog = VolumeCatalog()
         self._groups: dict[int, RaftGroup] = {}
 
@@ -196,8 +197,10 @@ def load_config(path: Path) -> dict[str, Any]:
 
 
 async def run_gateway(cfg: dict[str, Any]) -> int:
-    secret = Path(cfg["secret_file"]).read_bytes().strip()
-    gw = Gateway(Path(cfg["map"]), secret, float(cfg.get("deadline_s", 10.0)), str(cfg.get("gateway_id", "gw1")))
+    meta = cfg["meta"]
+    secret = Path(meta["secret_file"]).read_bytes().strip()
+    meta_admin = {int(k): str(v) for k, v in meta["admin"].items()}
+    gw = Gateway(meta_admin, secret, float(cfg.get("deadline_s", 10.0)), str(cfg.get("gateway_id", "gw1")))
     await gw.reload()
     server = NbdServer(gw.catalog, GatewayConfig(bind=cfg.get("bind", "127.0.0.1"), port=int(cfg.get("port", 10809))),
                        attacher=gw)

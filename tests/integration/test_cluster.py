@@ -276,9 +276,9 @@ def test_exclusive_attach_fences_a_stale_gateway(cluster: Cluster, tmp_path: Pat
     # a second gateway on the same cluster
     cfg = (cluster.root / "nodes" / "gateway.toml").read_text()
     gw2_port = free_tcp_port()
-    cfg = "\n".join(line for line in cfg.splitlines() if not line.startswith(("port", "admin_socket")))
+    cfg = "\n".join(line for line in cfg.splitlines() if not line.startswith(("port", "admin_socket", "gateway_id")))
     gw2_cfg = tmp_path / "gw2.toml"
-    gw2_cfg.write_text(cfg + f'\nport = {gw2_port}\ngateway_id = "gw2"\n')
+    gw2_cfg.write_text(f'port = {gw2_port}\ngateway_id = "gw2"\n' + cfg)
     gw2 = subprocess.Popen([*RAFTBLOCK, "gateway", "--config", str(gw2_cfg), "--log-format", "json"],
                            stdout=subprocess.PIPE, stderr=open(tmp_path / "gw2.log", "wb"), start_new_session=True)
     try:
