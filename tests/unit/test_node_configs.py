@@ -1,0 +1,24 @@
+"""The example configs in nodes/ parse as the processes parse them (a stale example is a bug)."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from raftblock.node.raftnode import NodeConfig
+
+NODES = Path(__file__).resolve().parents[2] / "nodes"
+
+
+@pytest.mark.parametrize("path", sorted(NODES.rglob("*.toml")), ids=lambda p: str(p.relative_to(NODES)))
+def test_example_config_parses(path: Path) -> None:
+    raw = tomllib.loads(path.read_text())
+    if "listen" in raw:  # a storage node
+        cfg = NodeConfig(raw)
+        assert cfg.meta_admin and cfg.rack and cfg.node_id in cfg.peers
+    elif "members" in raw:  # a metadata node
+        assert raw["node_id"] in [m["id"] for m in raw["members"]]
+    else:  # a gateway
+        assert raw["gateway_id"] and raw["meta"]["admin"] and raw["meta"]["secret_file"]
