@@ -79,3 +79,6 @@ class MetaAgent:
             if epoch:
                 for gid in set(vol.extent_groups):
                     self.runtime.raise_fence(int(gid), epoch)
+        if not self.runtime.fences_known:
+            self.runtime.fences_known = True
+            log.info("agent.fences_known", groups=len(self.runtime.groups))

@@ -117,6 +117,8 @@ async def run_node(cfg: NodeConfig) -> int:
     rcfg = RuntimeConfig(cfg.node_id, **cfg.raft)
     wal, recovered = Wal.open(disk, str(cfg.data_dir / "wal"), rcfg.wal_segment_bytes_max)
     rt = NodeRuntime(rcfg, engine, wal, recovered, cfg.groups, cfg.peers, seed=cfg.seed)
+    if cfg.meta_admin:
+        rt.fences_known = False  # no client I/O until the first map read (MetaAgent.reconcile)
     port = await rt.start(cfg.host, cfg.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

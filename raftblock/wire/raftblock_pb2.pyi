@@ -148,7 +148,7 @@ class GroupInfo(_message.Message):
     def __init__(self, group: _Optional[int] = ..., role: _Optional[int] = ..., term: _Optional[int] = ..., leader: _Optional[int] = ..., commit: _Optional[int] = ..., applied: _Optional[int] = ..., last_index: _Optional[int] = ..., snap_index: _Optional[int] = ..., lease: _Optional[bool] = ..., allocated_bytes: _Optional[int] = ...) -> None: ...
 
 class ClientResponse(_message.Message):
-    __slots__ = ("request_id", "status", "leader_hint", "leader_address", "error", "crcs", "groups", "counters", "node_id")
+    __slots__ = ("request_id", "status", "leader_hint", "leader_address", "error", "crcs", "groups", "counters", "node_id", "runs")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -165,6 +165,7 @@ class ClientResponse(_message.Message):
     GROUPS_FIELD_NUMBER: _ClassVar[int]
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     status: int
     leader_hint: int
@@ -174,4 +175,5 @@ class ClientResponse(_message.Message):
     groups: _containers.RepeatedCompositeFieldContainer[GroupInfo]
     counters: _containers.ScalarMap[str, int]
     node_id: int
-    def __init__(self, request_id: _Optional[int] = ..., status: _Optional[int] = ..., leader_hint: _Optional[int] = ..., leader_address: _Optional[str] = ..., error: _Optional[str] = ..., crcs: _Optional[_Iterable[int]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., counters: _Optional[_Mapping[str, int]] = ..., node_id: _Optional[int] = ...) -> None: ...
+    runs: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[int] = ..., status: _Optional[int] = ..., leader_hint: _Optional[int] = ..., leader_address: _Optional[str] = ..., error: _Optional[str] = ..., crcs: _Optional[_Iterable[int]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., counters: _Optional[_Mapping[str, int]] = ..., node_id: _Optional[int] = ..., runs: _Optional[_Iterable[int]] = ...) -> None: ...

@@ -139,7 +139,14 @@ def test_cluster_serves_real_clients(cluster: Cluster, tmp_path: Path) -> None:
     cmds.append(f"write -P 0x77 {64 * MiB - 3000} 7000")
     _qemu_io(uri, cmds)
     _qemu_io(uri, [f"read -P {v:#x} {o} {n}" for v, o, n in _runs(bytes(model))] + [f"read -P 0x77 {64 * MiB - 3000} 7000"])
-    # a volume attached by a host cannot be deleted
+    # NBD BLOCK_STATUS (base:allocation) through the groups: written ranges are data, the rest holes
+    m = json.loads(run(["qemu-img", "map", "--output=json", "-f", "raw", uri], timeout_s=60).stdout)
+    data = [(e["start"], e["length"]) for e in m if e["data"]]
+    holes = [(e["start"], e["length"]) for e in m if not e["data"]]
+    assert data and data[0][0] == 0, m
+    assert any(s <= 4 * MiB and s + n >= 60 * MiB for s, n in holes), m  # unwritten middle of extent 0
+    assert any(s <= 64 * MiB - 4096 < s + n for s, n in data), m  # the write across the extent edge
+    assert any(s + n == 1 << 30 for s, n in holes), m  # the unwritten end of the volume
     assert cluster.cli("volume", "delete", "missing", check=False).returncode != 0
 
 

@@ -23,6 +23,7 @@ import structlog
 
 from raftblock.replication.group import CorruptData, GroupError, GroupStatus, NoSpace, Unavailable
 from raftblock.replication.raft.runtime import (
+    OP_C_BLOCK_STATUS,
     OP_C_NODE_STATUS,
     OP_C_READ,
     OP_C_STATUS,
@@ -248,8 +249,13 @@ class RaftGroup:
         return None
 
     async def block_status(self, extent_id: int, block: int, count: int) -> list[tuple[int, bool]]:
-        # No block-status RPC yet: report the range allocated (always a correct answer for NBD).
-        return [(count, True)]
+        req = pb.ClientRequest(op=OP_C_BLOCK_STATUS, extent_id=extent_id, block=block, count=count, epoch=self.epoch)
+        resp, _ = await self.client.call(self.group_id, req, (), self.deadline_s)
+        runs = list(resp.runs)
+        out = [(runs[i], bool(runs[i + 1])) for i in range(0, len(runs) - 1, 2)]
+        if sum(n for n, _ in out) != count:  # an answer that does not cover the range is not trusted
+            raise GroupError(f"block status of group {self.group_id} covers {sum(n for n, _ in out)} of {count} blocks")
+        return out
 
     async def group_info(self) -> pb.GroupInfo:
         resp, _ = await self.client.call(self.group_id, pb.ClientRequest(op=OP_C_STATUS), (), self.deadline_s)

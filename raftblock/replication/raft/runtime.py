@@ -71,7 +71,8 @@ log = structlog.get_logger(__name__)
 _MT = MessageType
 
 # Client ops and statuses (raftblock.proto).
-OP_C_WRITE, OP_C_READ, OP_C_TRIM, OP_C_STATUS, OP_C_NODE_STATUS, OP_C_REPLICA_READ = 1, 2, 3, 4, 5, 6
+OP_C_WRITE, OP_C_READ, OP_C_TRIM, OP_C_STATUS, OP_C_NODE_STATUS, OP_C_REPLICA_READ, OP_C_BLOCK_STATUS = range(1, 8)
+BLOCK_STATUS_BLOCKS_MAX = 1 << 16  # one BLOCK_STATUS request covers at most 256 MiB
 REPLICA_READ_WAIT_S = 2.0
 BALANCE_EVERY_TICKS = 10  # look for groups to hand to their preferred leader every second (100 ms ticks)
 TRANSFER_INTERVAL_TICKS = 50  # per group: one transfer attempt per 5 s at most  # how long a replica waits to reach `min_applied` before answering UNAVAILABLE
@@ -238,6 +239,9 @@ class NodeRuntime:
         self.failed: BaseException | None = None
         self._peer_client: Any = None  # RaftClient to the peers, made on the first read repair
         self.fence_epochs: dict[int, int] = {}  # group -> highest attach epoch seen (see _fence_ok)
+        # False until the fences are known (a node under a metadata group: after its first map read), so a
+        # restarted node cannot take a write from a gateway that was fenced while it was down.
+        self.fences_known = True
         self.port = 0
         self.commits = 0
 
@@ -626,7 +630,11 @@ class NodeRuntime:
                     resp.error = f"group {gid} is not hosted here"
                 elif req.op == OP_C_STATUS:
                     resp.groups.append(self._group_info(grp))
-                elif req.op in (OP_C_WRITE, OP_C_TRIM, OP_C_READ) and not self._fence_ok(gid, req.epoch):
+                elif req.op in (OP_C_WRITE, OP_C_TRIM, OP_C_READ, OP_C_BLOCK_STATUS) and not self.fences_known:
+                    resp.status = ST_UNAVAILABLE
+                    resp.error = "node starting: waiting for the metadata map"
+                elif (req.op in (OP_C_WRITE, OP_C_TRIM, OP_C_READ, OP_C_BLOCK_STATUS)
+                      and not self._fence_ok(gid, req.epoch)):
                     self.counters["stale_epoch_refused"] += 1
                     resp.status = ST_STALE_EPOCH
                     resp.error = (f"attach epoch {req.epoch} is older than {self.fence_epochs.get(gid, 0)}: "
@@ -638,6 +646,9 @@ class NodeRuntime:
                     data, crcs = await self._read(grp, req)
                     resp.crcs.extend(crcs)
                     out_payload.append(data)
+                elif req.op == OP_C_BLOCK_STATUS:
+                    for count, allocated in await self._block_status(grp, req):
+                        resp.runs.extend((count, int(allocated)))
                 elif req.op == OP_C_REPLICA_READ:
                     data, crcs = await self._replica_read(grp, req)
                     resp.crcs.extend(crcs)
@@ -759,6 +770,27 @@ class NodeRuntime:
         n = req.count
         if n < 1 or n > MAX_WRITE_BLOCKS or req.block + n > MAX_BLOCK:
             raise ValueError("bad block range")
+        applied = await self._read_barrier(g)
+        try:
+            return self.engine.read(req.extent_id, req.block, n)
+        except CorruptBlockError as e:
+            self.counters["corrupt_reads"] += 1
+            log.error("raft.corrupt_read", group=g.id, extent_id=req.extent_id, block=e.block, reason=e.reason)
+            return await self._read_repair(g, req.extent_id, req.block, n, applied)
+
+    async def _block_status(self, g: _Group, req: pb.ClientRequest) -> list[tuple[int, bool]]:
+        """Which blocks are allocated, as of a linearizable point (same barrier as a read)."""
+        if group_of_extent(req.extent_id) != g.id:
+            raise ValueError(f"extent {req.extent_id:#x} does not belong to group {g.id}")
+        n = req.count
+        if n < 1 or n > BLOCK_STATUS_BLOCKS_MAX or req.block + n > MAX_BLOCK:
+            raise ValueError("bad block range")
+        await self._read_barrier(g)
+        return self.engine.block_status(req.extent_id, req.block, n)
+
+    async def _read_barrier(self, g: _Group) -> int:
+        """Wait until this leader may serve a linearizable read (lease, else read-index) and has applied
+        up to the read index; returns the applied index."""
         self._catch_up_ticks()  # a leader that was stopped must see its lease expire first
         self._check_leader(g)
         self._read_ctx += 1
@@ -773,13 +805,7 @@ class NodeRuntime:
         self._dirty.add(g.id)
         self._kick()
         await fut
-        applied = g.core.applied_index
-        try:
-            return self.engine.read(req.extent_id, req.block, n)
-        except CorruptBlockError as e:
-            self.counters["corrupt_reads"] += 1
-            log.error("raft.corrupt_read", group=g.id, extent_id=req.extent_id, block=e.block, reason=e.reason)
-            return await self._read_repair(g, req.extent_id, req.block, n, applied)
+        return g.core.applied_index
 
     async def _replica_read(self, g: _Group, req: pb.ClientRequest) -> tuple[bytearray, list[int]]:
         """A peer asks for blocks it found corrupt: served by any member once it has applied at least
