@@ -1,11 +1,14 @@
-"""Commits/s of 4 KiB proposals on one Raft group and across 100 groups, and the idle CPU of a node.
+"""Commits/s of 4 KiB writes on our Raft (one group, and 100 groups) against etcd, and the idle CPU of
+a node with 100 groups.
 
-Three `raftnode` processes on loopback (real fdatasync, disk=os) with 100 groups each; a client in this
-process keeps `--inflight` 4 KiB writes outstanding (each acknowledged only after commit on a majority
-of fsynced WALs and apply on the leader) for `--seconds`, first on group 1 only, then spread over all
-groups. Then the cluster idles and each node's CPU is read from /proc/PID/stat over `--idle-seconds`.
+Three `raftnode` processes on loopback (real fdatasync, disk=os) with 100 groups each, and a 3-member
+etcd on loopback (bench/etcd_baseline.py), both running for the whole bench. In each of `--rounds`
+rounds, interleaved: etcd 4 KiB puts with 1 and 32 concurrent clients; raftblock 4 KiB writes with 1 and
+32 in flight on group 1, and 32 in flight spread over all 100 groups (each write acknowledged only
+after commit on a majority of fsynced WALs and apply on the leader). Medians, min-max, and the ratio to
+etcd at the same concurrency. Then the cluster idles and each node's CPU is read from /proc/PID/stat.
 
-    .venv/bin/python bench/raft_commits.py [--seconds 5] [--inflight 64] [--idle-seconds 10] [--dir DIR]
+    .venv/bin/python bench/raft_commits.py [--rounds 3] [--seconds 5] [--idle-seconds 10] [--no-etcd]
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import asyncio
 import json
 import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -66,18 +70,37 @@ async def load(client: RaftClient, groups: list[int], inflight: int, seconds: fl
     return done, time.monotonic() - t0
 
 
-async def run(cluster: RaftNodes, args: argparse.Namespace) -> dict[str, float]:
+CASES = [  # (name, what, concurrency): "etcd" or the raftblock groups written
+    ("etcd, 1 client", "etcd", 1),
+    ("raftblock 1 group, 1 in flight", "one", 1),
+    ("etcd, 32 clients", "etcd", 32),
+    ("raftblock 1 group, 32 in flight", "one", 32),
+    ("raftblock 100 groups, 32 in flight", "all", 32),
+]
+BASELINE = {1: "etcd, 1 client", 32: "etcd, 32 clients"}
+
+
+async def run(cluster: RaftNodes, etcd: object | None, args: argparse.Namespace) -> dict[str, object]:
+    from etcd_baseline import EtcdCluster
+    from etcd_baseline import load as etcd_load
+
     client = RaftClient(cluster.addresses, deadline_s=30.0)
     await wait_leaders(client, cluster.ids)
-    out: dict[str, float] = {}
     await load(client, [1], 8, 1.0)  # warm up connections / leader cache
-    for name, groups in (("one_group", [1]), ("hundred_groups", list(range(1, GROUPS + 1)))):
-        before = {n: (await client.node_status(n)).counters["entries_proposed"] for n in cluster.ids}
-        n, dt = await load(client, groups, args.inflight, args.seconds)
-        after = {n: (await client.node_status(n)).counters["entries_proposed"] for n in cluster.ids}
-        entries = sum(after.values()) - sum(before.values())
-        out[f"{name}_writes_per_s"] = n / dt
-        out[f"{name}_entries_per_s"] = entries / dt
+    results: dict[str, list[float]] = {name: [] for name, _, _ in CASES}
+    for rnd in range(args.rounds):
+        for name, what, conc in CASES:
+            if what == "etcd":
+                if etcd is None:
+                    continue
+                assert isinstance(etcd, EtcdCluster)
+                rate = await etcd_load(etcd, conc, args.seconds)
+            else:
+                groups = [1] if what == "one" else list(range(1, GROUPS + 1))
+                n, dt = await load(client, groups, conc, args.seconds)
+                rate = n / dt
+            results[name].append(rate)
+            print(f"  round {rnd} {name:<36} {rate:8.0f}/s", flush=True)
     await client.close()
     pids = {n: cluster.pid(n) for n in cluster.ids}
     t0 = {n: cpu_ticks(p) for n, p in pids.items()}
@@ -85,27 +108,64 @@ async def run(cluster: RaftNodes, args: argparse.Namespace) -> dict[str, float]:
     await asyncio.sleep(args.idle_seconds)  # measuring an idle interval, not synchronising
     wall = time.monotonic() - w0
     hz = os.sysconf("SC_CLK_TCK")
-    for n, p in pids.items():
-        out[f"idle_cpu_percent_node{n}"] = 100.0 * (cpu_ticks(p) - t0[n]) / hz / wall
-    return out
+    idle = {n: 100.0 * (cpu_ticks(p) - t0[n]) / hz / wall for n, p in pids.items()}
+    return {"results": results, "idle_cpu_percent": idle}
+
+
+def table(res: dict[str, list[float]]) -> str:
+    lines = [f"{'case':<38} {'writes/s med':>12} {'[min-max]':>17} {'etcd same conc.':>16} {'ratio':>6}",
+             "-" * 93]
+    for name, _what, conc in CASES:
+        vals = res.get(name) or []
+        if not vals:
+            continue
+        med = statistics.median(vals)
+        base = res.get(BASELINE[conc]) or []
+        bmed = statistics.median(base) if base else float("nan")
+        ratio = med / bmed if base and not name.startswith("etcd") else float("nan")
+        lines.append(f"{name:<38} {med:>12.0f} {f'[{min(vals):.0f}-{max(vals):.0f}]':>17} {bmed:>16.0f} "
+                     f"{ratio:>6.2f}")
+    return "\n".join(lines)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0)
-    ap.add_argument("--inflight", type=int, default=64)
     ap.add_argument("--idle-seconds", type=float, default=10.0)
     ap.add_argument("--disk", default="os")
     ap.add_argument("--dir", default=None)
+    ap.add_argument("--no-etcd", action="store_true", help="skip the etcd baseline")
     args = ap.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from etcd_baseline import EtcdCluster
+
     base = Path(args.dir or tempfile.mkdtemp(prefix="raft-bench-"))
-    cluster = RaftNodes(base, nodes=3, groups=GROUPS, disk=args.disk)
+    cluster = RaftNodes(base / "raft", nodes=3, groups=GROUPS, disk=args.disk)
+    etcd = None if args.no_etcd else EtcdCluster(base / "etcd")
     try:
+        if etcd is not None:
+            (base / "etcd").mkdir(parents=True, exist_ok=True)
+            etcd.start()
         cluster.start_all()
-        res = asyncio.run(run(cluster, args))
+        out = asyncio.run(run(cluster, etcd, args))
     finally:
         cluster.close()
-    print(json.dumps({k: round(v, 1) for k, v in res.items()}, indent=1))
+        if etcd is not None:
+            etcd.stop()
+    res = out["results"]
+    assert isinstance(res, dict)
+    print()
+    print(table(res))
+    idle = out["idle_cpu_percent"]
+    assert isinstance(idle, dict)
+    print("\nidle CPU of a node with 100 groups (% of one core): "
+          + ", ".join(f"node {n}: {v:.1f}" for n, v in idle.items()))
+    results_dir = Path(__file__).resolve().parent / "results"
+    results_dir.mkdir(exist_ok=True)
+    path = results_dir / f"raft-commits-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    path.write_text(json.dumps(out, indent=1, default=str))
+    print(f"results: {path}")
     return 0
 
 
