@@ -12,12 +12,12 @@ Rules:
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from raftblock.client.volume import VolumeInfo
 from raftblock.meta.state import MetaState
+from raftblock.node.serve import write_json_atomic
 
 
 @dataclass
@@ -45,18 +45,7 @@ class ClusterMap:
         )
 
     def save(self, path: Path) -> None:
-        tmp = path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(asdict(self), f, indent=1, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_json_atomic(path, asdict(self))
 
     # --- queries ------------------------------------------------------------------------------
     def node(self, node_id: int) -> NodeEntry:

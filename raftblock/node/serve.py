@@ -53,7 +53,8 @@ class VolumeSpec:
     size_bytes: int
 
 
-def _write_json_atomic(path: Path, obj: object) -> None:
+def write_json_atomic(path: Path, obj: object) -> None:
+    """Replace `path` with `obj` as JSON: temp file, fsync, rename, fsync the directory."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
@@ -73,7 +74,7 @@ def load_or_create_cluster_id(directory: Path) -> bytes:
     if path.exists():
         return bytes.fromhex(json.loads(path.read_text())["cluster_id"])
     cid = secrets.token_bytes(16)
-    _write_json_atomic(path, {"cluster_id": cid.hex()})
+    write_json_atomic(path, {"cluster_id": cid.hex()})
     return cid
 
 
@@ -104,7 +105,7 @@ def load_or_create_volumes(directory: Path, wanted: list[VolumeSpec]) -> list[Vo
         changed = True
         log.info("volume.created", volume=spec.name, size_bytes=spec.size_bytes, volume_id=vid)
     if changed or not path.exists():
-        _write_json_atomic(path, {"volumes": [asdict(v) for v in stored]})
+        write_json_atomic(path, {"volumes": [asdict(v) for v in stored]})
     return stored
 
 
