@@ -1,7 +1,8 @@
 # RaftGroup: the ReplicationGroup of one extent group replicated by Raft on remote nodes (client side).
 #
-# Owns: RaftClient (one connection per node, pipelined requests matched by request_id, a cached
-# leader per group) and RaftGroup (the ReplicationGroup interface over it).
+# Owns: RaftClient (one connection per node, pipelined requests matched by request_id, the requests
+# of one loop turn written with one send, a cached leader per group) and RaftGroup (the
+# ReplicationGroup interface over it).
 #
 # Rules:
 # 1. Success is reported only when the leader answers OK, i.e. after the write is committed (majority
@@ -53,6 +54,11 @@ class Fenced(GroupError):
 Reply = tuple[pb.ClientResponse, bytes]
 
 
+def _expire(fut: asyncio.Future[Reply]) -> None:
+    if not fut.done():
+        fut.set_exception(TimeoutError("no reply within the attempt timeout"))
+
+
 class _ClientConn(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
@@ -60,6 +66,7 @@ class _ClientConn(asyncio.Protocol):
         self._waiters: dict[int, asyncio.Future[Reply]] = {}
         self._ids = itertools.count(1)
         self.lost = False
+        self._out: list[Buf] = []  # requests of this loop turn, written together by _flush
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
@@ -90,18 +97,30 @@ class _ClientConn(asyncio.Protocol):
                 fut.set_exception(ConnectionError("connection to node lost"))
         self._waiters.clear()
 
-    async def request(self, group: int, req: pb.ClientRequest, payload: Sequence[Buf]) -> Reply:
+    async def request(self, group: int, req: pb.ClientRequest, payload: Sequence[Buf], timeout_s: float) -> Reply:
+        """Send one request and wait for its reply; TimeoutError after `timeout_s`. (A timer on the
+        future rather than asyncio.wait_for, which wraps every request in one more Task.)"""
         if self.lost or self.transport is None or self.transport.is_closing():
             raise ConnectionError("connection closed")
+        loop = asyncio.get_running_loop()
         rid = next(self._ids)
         req.request_id = rid
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Reply] = loop.create_future()
         self._waiters[rid] = fut
+        timer = loop.call_later(timeout_s, _expire, fut)
         try:
-            self.transport.writelines(encode_frame(FrameType.CLIENT_REQ, group, req.SerializeToString(), payload))
+            if not self._out:
+                loop.call_soon(self._flush)
+            self._out.extend(encode_frame(FrameType.CLIENT_REQ, group, req.SerializeToString(), payload))
             return await fut
         finally:
+            timer.cancel()
             self._waiters.pop(rid, None)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -143,7 +162,7 @@ class RaftClient:
 
     async def call_node(self, nid: int, group: int, req: pb.ClientRequest, payload: Sequence[Buf] = ()) -> Reply:
         conn = await self._conn(nid)
-        return await asyncio.wait_for(conn.request(group, req, payload), timeout=self.attempt_timeout_s)
+        return await conn.request(group, req, payload, self.attempt_timeout_s)
 
     async def node_status(self, nid: int) -> pb.ClientResponse:
         resp, _ = await self.call_node(nid, 0, pb.ClientRequest(op=OP_C_NODE_STATUS))

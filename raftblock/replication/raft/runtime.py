@@ -18,6 +18,9 @@
 #    compacted only behind an engine fdatasync (compact cycle), so replay from a group's compaction
 #    point rebuilds everything the engine may have lost. Re-applying entries is harmless: an entry is
 #    whole-block writes and trims, so replaying a suffix in order converges to the same state.
+#    Off the write path, the engine is fdatasynced on its own thread every `engine_sync_bytes` applied
+#    (trickle writeback: no compaction, checkpoint or page-cache limit later meets gigabytes of dirty
+#    engine data, which would stall the WAL's fdatasyncs on the same disk).
 # 5. An extent belongs to the group in its upper 32 bits (extent_id >> 32 == group id) until the
 #    metadata group maps extents to groups (next issue); a write outside the group is refused.
 # 6. Limits: batch_bytes_max / batch_writes_max per entry, pending_writes_max per group,
@@ -101,6 +104,7 @@ class RuntimeConfig:
         snapshot_chunk_bytes: int = 1 << 20,
         peer_send_buffer_bytes_max: int = 64 << 20,
         catch_up_ticks_max: int = 64,
+        engine_sync_bytes: int = 32 << 20,
     ) -> None:
         self.node_id = node_id
         self.tick_ms = tick_ms
@@ -115,6 +119,7 @@ class RuntimeConfig:
         self.snapshot_chunk_bytes = snapshot_chunk_bytes
         self.peer_send_buffer_bytes_max = peer_send_buffer_bytes_max
         self.catch_up_ticks_max = catch_up_ticks_max
+        self.engine_sync_bytes = engine_sync_bytes
 
 
 class LazyImage:
@@ -228,6 +233,9 @@ class NodeRuntime:
         self._sync_waiters: list[_Group] = []
         self._syncing = False
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-sync")
+        # The engine's fdatasync of a compact cycle (hundreds of MB under streaming writes) runs on its
+        # own thread so WAL group commits never queue behind it.
+        self._engine_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-sync")
         self._hb_out: dict[int, tuple[list[Message], list[Message]]] = {}
         self._ticks_done = 0
         self._t0 = 0.0
@@ -235,6 +243,9 @@ class NodeRuntime:
         self._read_ctx = 0
         self._compacting = False
         self._wal_bytes_at_compact = 0
+        self._applied_bytes = 0  # entry bytes applied to the engine since its last trickle sync
+        self._engine_syncing = False
+        self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self.failed: BaseException | None = None
         self._peer_client: Any = None  # RaftClient to the peers, made on the first read repair
@@ -331,6 +342,7 @@ class NodeRuntime:
         return self.port
 
     async def stop(self) -> None:
+        self._stopping = True  # no new work for the engine-sync thread
         if self._tick_handle is not None:
             self._tick_handle.cancel()
         await self.transport.stop()
@@ -341,6 +353,9 @@ class NodeRuntime:
         while self._syncing:
             await asyncio.sleep(0.01)
         loop = asyncio.get_running_loop()
+        while self._compacting:
+            await asyncio.sleep(0.01)
+        await loop.run_in_executor(None, self._engine_executor.shutdown)  # pending WAL reaps finish first
         await loop.run_in_executor(self._executor, self._close_storage)
         self._executor.shutdown(wait=True)
 
@@ -402,6 +417,27 @@ class NodeRuntime:
             assert self._loop is not None
             self._loop.create_task(self._sync_loop())
 
+    def _start_engine_sync(self) -> None:
+        assert self._loop is not None
+        self._engine_syncing = True
+        self._applied_bytes = 0
+        fut = self._loop.run_in_executor(self._engine_executor, self.engine.sync)
+        fut.add_done_callback(self._engine_sync_done)
+
+    def _engine_sync_done(self, fut: asyncio.Future[int]) -> None:
+        self._engine_syncing = False
+        exc = fut.exception() if not fut.cancelled() else None
+        if exc is not None:
+            self._fail(exc)  # an engine that cannot fdatasync cannot back a compaction either
+
+    def _reap_wal(self) -> None:
+        """Remove the WAL segments gc() released, off the loop and off the WAL sync thread (unlinks of
+        large files, with online discard, take tens of ms)."""
+        try:
+            self.wal.reap()
+        except OSError as e:
+            log.warning("wal.reap_failed", error=repr(e))  # queued again: the next sync retries
+
     def _fail(self, e: BaseException) -> None:
         log.error("raft.runtime_failed", error=repr(e), exc_info=e)
         self.failed = e
@@ -425,7 +461,8 @@ class NodeRuntime:
                 self._sync_waiters = still
                 for g in done:
                     self._finish_ready(g)
-                self.wal.gc()
+                if self.wal.gc() and not self._stopping:
+                    loop.run_in_executor(self._engine_executor, self._reap_wal)
                 self._maybe_start_compaction()
                 self._process()
         finally:
@@ -517,6 +554,9 @@ class NodeRuntime:
                 log.error("raft.apply_failed", group=g.id, index=e.index, error=repr(ex))
                 raise
             self.commits += 1
+            self._applied_bytes += len(e.data)
+            if self._applied_bytes >= self.cfg.engine_sync_bytes and not self._engine_syncing and not self._stopping:
+                self._start_engine_sync()
         p = g.proposals.pop(e.index, None)
         if p is not None:
             term, futs = p
@@ -675,7 +715,7 @@ class NodeRuntime:
         except ValueError as e:
             resp.status = ST_BAD_REQUEST
             resp.error = str(e)
-        conn.send_now(encode_frame(FrameType.CLIENT_RESP, gid, resp.SerializeToString(), out_payload))
+        conn.send_soon(encode_frame(FrameType.CLIENT_RESP, gid, resp.SerializeToString(), out_payload))
 
     def _group_info(self, g: _Group) -> pb.GroupInfo:
         c = g.core
@@ -910,7 +950,7 @@ class NodeRuntime:
         self.engine.sync()  # rare; the WAL's SNAPSHOT record must not outlive the image
 
     def _maybe_start_compaction(self) -> None:
-        if self._compacting:
+        if self._compacting or self._stopping:
             return
         grown = self.wal.total_bytes() - self._wal_bytes_at_compact
         if grown < self.cfg.wal_compact_bytes:
@@ -920,17 +960,21 @@ class NodeRuntime:
         self._loop.create_task(self._compact_cycle())
 
     async def _compact_cycle(self) -> None:
-        """Engine fdatasync (in the worker, then a short one inline so nothing applied since escapes it),
-        then every group compacts its log at its applied index; the WAL drops segments after that."""
+        """Note every group's applied index, fdatasync the engine on its own thread (covering everything
+        applied before the call; the loop keeps applying meanwhile), then every group compacts its log
+        at the noted index; the WAL drops segments after that. No fdatasync runs on the loop."""
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._executor, self.engine.sync)
-            self.engine.sync()  # covers what was applied while the first sync ran; the loop is ours now
+            applied = {gid: g.core.applied_index for gid, g in self.groups.items()}
+            await loop.run_in_executor(self._engine_executor, self.engine.sync)
             n = 0
-            for g in self.groups.values():
+            for gid, idx in applied.items():
+                g = self.groups.get(gid)
+                if g is None:
+                    continue
                 c = g.core
                 image = self._image_factory(g.id)(g.storage.snapshot().meta)
-                if c.applied_index > c.log.snap_index and c.compact(c.applied_index, cast(bytes, image)):
+                if idx > c.log.snap_index and idx <= c.applied_index and c.compact(idx, cast(bytes, image)):
                     n += 1
                     self._dirty.add(g.id)
             self._wal_bytes_at_compact = self.wal.total_bytes()

@@ -6,7 +6,7 @@
 # 1. One connection per node pair: the smaller node id dials, the larger accepts; a new HELLO from a
 #    peer replaces its old connection. The dialer retries with bounded backoff (`redial_s_max`).
 # 2. Outgoing frames to a peer are queued during a loop turn and written with one `writelines` when the
-#    runtime calls `flush()`; above `send_buffer_bytes_max` of unsent bytes, Raft frames are dropped
+#    runtime calls `flush()` (client replies: `send_soon`, flushed by the loop's next turn); above `send_buffer_bytes_max` of unsent bytes, Raft frames are dropped
 #    (Raft retransmits) and counted.
 # 3. A stream whose framing is lost (bad magic/version, oversize) is closed; a frame with a bad CRC is
 #    dropped and counted, and the connection goes on.
@@ -136,6 +136,12 @@ class Connection(asyncio.Protocol):
     def send_now(self, parts: list[Buf]) -> None:
         if self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(parts)
+
+    def send_soon(self, parts: list[Buf]) -> None:
+        """Queue and write at the end of this loop turn: the replies of one commit leave in one send."""
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.queue(parts)
 
     def write_buffer_bytes(self) -> int:
         t = self.transport

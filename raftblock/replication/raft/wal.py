@@ -14,7 +14,9 @@
 #    segment it is corruption (WalCorruptError: the node must be repaired from its peers, not guess).
 # 5. Every segment starts with the state of every group at roll time (COMPACT + HARD_STATE records),
 #    so an old segment can be deleted once every entry it holds is behind its group's durable
-#    compaction point. Deletion happens on the sync thread (never under a running fdatasync).
+#    compaction point. Deletion (`reap()`, or the next `sync()`) touches only segments gc() dropped,
+#    which are neither active nor dirty, so no fdatasync is running on them; the runtime reaps on a
+#    thread of its own so a slow unlink never delays a group commit.
 from __future__ import annotations
 
 import os
@@ -360,6 +362,29 @@ class Wal:
                 self.syncs += 1
                 self.segments_removed += len(remove)
                 return self.synced_pos
+
+    def reap(self) -> int:
+        """Close and remove the segments gc() queued, now (any thread but the sync's own: it may run
+        alongside a sync). Returns how many were removed."""
+        with self._lock:
+            remove = self._to_remove
+            self._to_remove = []
+        done = 0
+        try:
+            for seg in remove:
+                seg.file.close()
+                self.disk.remove(seg.path)
+                done += 1
+            if remove:
+                self.disk.fsync_dir(self.directory)
+        except BaseException:
+            with self._lock:
+                self._to_remove = remove[done:] + self._to_remove  # the next sync() retries them
+                self.segments_removed += done
+            raise
+        with self._lock:
+            self.segments_removed += done
+        return done
 
     # --- garbage collection (event-loop thread) ---------------------------------------------------------------
     def gc(self) -> int:
