@@ -652,8 +652,9 @@ class NodeRuntime:
         try:
             if req.op == OP_C_NODE_STATUS:
                 self._catch_up_ticks()
+                by_group = self._allocated_bytes_by_group()  # one pass over the index, not one per group
                 for g in self.groups.values():
-                    resp.groups.append(self._group_info(g))
+                    resp.groups.append(self._group_info(g, by_group.get(g.id, 0)))
                 for k, v in self.counters.items():
                     resp.counters[k] = v
                 for k, v in self.wal.stats().items():
@@ -669,7 +670,7 @@ class NodeRuntime:
                     resp.status = ST_UNKNOWN_GROUP
                     resp.error = f"group {gid} is not hosted here"
                 elif req.op == OP_C_STATUS:
-                    resp.groups.append(self._group_info(grp))
+                    resp.groups.append(self._group_info(grp, self._allocated_bytes_by_group().get(gid, 0)))
                 elif req.op in (OP_C_WRITE, OP_C_TRIM, OP_C_READ, OP_C_BLOCK_STATUS) and not self.fences_known:
                     resp.status = ST_UNAVAILABLE
                     resp.error = "node starting: waiting for the metadata map"
@@ -717,7 +718,14 @@ class NodeRuntime:
             resp.error = str(e)
         conn.send_soon(encode_frame(FrameType.CLIENT_RESP, gid, resp.SerializeToString(), out_payload))
 
-    def _group_info(self, g: _Group) -> pb.GroupInfo:
+    def _allocated_bytes_by_group(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for e, blocks in self.engine.index.extents.items():
+            gid = group_of_extent(e)
+            out[gid] = out.get(gid, 0) + len(blocks) * BLOCK_SIZE
+        return out
+
+    def _group_info(self, g: _Group, allocated_bytes: int) -> pb.GroupInfo:
         c = g.core
         return pb.GroupInfo(
             group=g.id,
@@ -729,7 +737,7 @@ class NodeRuntime:
             last_index=c.last_index(),
             snap_index=c.log.snap_index,
             lease=c.lease_valid(),
-            allocated_bytes=sum(len(self.engine.index.extents.get(e, ())) for e in self._group_extents(g.id)) * BLOCK_SIZE,
+            allocated_bytes=allocated_bytes,
         )
 
     def _validate_write(self, g: _Group, req: pb.ClientRequest, payload: bytes) -> BlockOp:
