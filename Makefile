@@ -49,7 +49,13 @@ lint: $(STAMP)
 	$(PY) -m ruff check raftblock tests bench
 	$(PY) -m mypy raftblock
 
+# fio vs the 3-node cluster, raftblock serve, qemu-nbd (cache=none, writeback) and a 3-member etcd, interleaved
+# rounds (bench/README.md). Installs etcd-server when missing and the [bench] extra (matplotlib) into the venv.
 bench: sysdeps $(STAMP)
+	@dpkg -s etcd-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq etcd-server >/dev/null; }
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q 'matplotlib>=3.7'  # the [bench] extra
 	$(PY) bench/run.py $(if $(QUICK),--quick,)
 
 demo: sysdeps $(STAMP)

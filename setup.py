@@ -18,7 +18,7 @@ def _extensions() -> list[Extension]:
 
     # optional=True: a machine without a C compiler still gets a working package (the pure twins).
     exts = [
-        Extension(f"raftblock._fast.{p.stem}", [str(p)], extra_compile_args=["-O3"], optional=True)
+        Extension(f"raftblock._fast.{p.stem}", [str(p)], extra_compile_args=["-O2"], optional=True)
         for p in sources
     ]
     return cythonize(exts, language_level=3, compiler_directives={"boundscheck": False, "wraparound": False})

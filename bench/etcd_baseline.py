@@ -7,6 +7,10 @@ clients spread over the three members (followers forward to the leader, as etcd 
 would). etcd acknowledges a put after its Raft entry is committed on a majority of fsynced WALs, the
 same promise as a raftblock write.
 
+`load_detailed` (used by bench/run.py) also warms up before measuring, records each put's latency
+(request written to response read, as the client sees it) and calls `mark("start")`/`mark("end")` at the
+edges of the measured window, so a caller can read CPU counters exactly over it.
+
     python bench/etcd_baseline.py [--clients 1,32] [--seconds 5]
 """
 
@@ -23,7 +27,9 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 VALUE_BYTES = 4096
 
@@ -71,6 +77,9 @@ class EtcdCluster:
         except (OSError, ValueError, asyncio.IncompleteReadError):
             return False
 
+    def pids(self) -> dict[str, int]:
+        return {n: p.pid for n, p in zip(self.names, self.procs, strict=False)}
+
     def stop(self) -> None:
         for p in self.procs:
             if p.poll() is None:
@@ -113,9 +122,25 @@ async def put_once(host: str, port: int, key: bytes, value: bytes) -> None:
 
 async def load(cluster: EtcdCluster, clients: int, seconds: float) -> float:
     """Puts per second with `clients` concurrent clients (one put in flight each)."""
+    return float((await load_detailed(cluster, clients, seconds))["puts_per_s"])
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[min(len(sorted_values) - 1, int(q / 100.0 * len(sorted_values)))]
+
+
+async def load_detailed(cluster: EtcdCluster, clients: int, seconds: float, warmup_s: float = 0.0,
+                        mark: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """`clients` concurrent clients, one put in flight each, for `warmup_s` unmeasured then `seconds`
+    measured: puts completed inside the measured window per second, and the latency of the puts
+    started inside it (p50/p99 in µs)."""
     value = os.urandom(VALUE_BYTES)
-    stop_at = time.monotonic() + seconds
+    measure_at = time.monotonic() + warmup_s
+    stop_at = measure_at + seconds
     done = 0
+    lat_s: list[float] = []
 
     async def client(i: int) -> None:
         nonlocal done
@@ -123,18 +148,32 @@ async def load(cluster: EtcdCluster, clients: int, seconds: float) -> float:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         try:
             k = 0
-            while time.monotonic() < stop_at:
+            while (t0 := time.monotonic()) < stop_at:
                 writer.write(_request(port, f"c{i}/k{k % 256}".encode(), value))
                 await writer.drain()
                 await _read_response(reader)
-                done += 1
+                t1 = time.monotonic()
+                if measure_at <= t1 <= stop_at:
+                    done += 1
+                if t0 >= measure_at:
+                    lat_s.append(t1 - t0)
                 k += 1
         finally:
             writer.close()
 
-    t0 = time.monotonic()
-    await asyncio.gather(*(client(i) for i in range(clients)))
-    return done / (time.monotonic() - t0)
+    async def marks() -> None:
+        await asyncio.sleep(max(0.0, measure_at - time.monotonic()))  # the window's edges, not synchronisation
+        if mark is not None:
+            mark("start")
+        await asyncio.sleep(max(0.0, stop_at - time.monotonic()))
+        if mark is not None:
+            mark("end")
+
+    await asyncio.gather(marks(), *(client(i) for i in range(clients)))
+    lat_s.sort()
+    return {"clients": clients, "puts": done, "seconds": seconds, "puts_per_s": done / seconds,
+            "p50_us": _percentile(lat_s, 50) * 1e6, "p99_us": _percentile(lat_s, 99) * 1e6,
+            "value_bytes": VALUE_BYTES}
 
 
 def main() -> int:

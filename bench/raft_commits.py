@@ -1,12 +1,14 @@
-"""Commits/s of 4 KiB writes on our Raft (one group, and 100 groups) against etcd, and the idle CPU of
-a node with 100 groups.
+"""Commits/s of 4 KiB writes on our Raft (one group, and all groups) against etcd, and the idle CPU of
+a node hosting `--groups` groups (1,000 by default) with leader stability over the idle window.
 
-Three `raftnode` processes on loopback (real fdatasync, disk=os) with 100 groups each, and a 3-member
+Three `raftnode` processes on loopback (real fdatasync, disk=os) with `--groups` groups each (1,000 by default), and a 3-member
 etcd on loopback (bench/etcd_baseline.py), both running for the whole bench. In each of `--rounds`
 rounds, interleaved: etcd 4 KiB puts with 1 and 32 concurrent clients; raftblock 4 KiB writes with 1 and
-32 in flight on group 1, and 32 in flight spread over all 100 groups (each write acknowledged only
+32 in flight on group 1, and 32 in flight spread over all groups (each write acknowledged only
 after commit on a majority of fsynced WALs and apply on the leader). Medians, min-max, and the ratio to
-etcd at the same concurrency. Then the cluster idles and each node's CPU is read from /proc/PID/stat.
+etcd at the same concurrency. Then the cluster idles and each node's CPU is read from /proc/PID/stat; the
+leader and term of every group are read before and after the idle window (a group whose leader or term
+changed while idle is counted as unstable).
 
     .venv/bin/python bench/raft_commits.py [--rounds 3] [--seconds 5] [--idle-seconds 10] [--no-etcd]
 """
@@ -29,7 +31,7 @@ from raftblock.replication.raft.group import RaftClient, RaftGroup
 from raftblock.replication.raft.types import Role
 from raftblock.testing.raftnodes import RaftNodes
 
-GROUPS = 100
+GROUPS = 1000
 
 
 def cpu_ticks(pid: int) -> int:
@@ -37,15 +39,20 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime (fields 14, 15 of stat)
 
 
-async def wait_leaders(client: RaftClient, ids: list[int], timeout_s: float = 30.0) -> None:
+async def leaders(client: RaftClient, ids: list[int]) -> dict[int, tuple[int, int]]:
+    """group -> (leader node, term), from every node's status."""
+    led: dict[int, tuple[int, int]] = {}
+    for n in ids:
+        for gi in (await client.node_status(n)).groups:
+            if gi.role == Role.LEADER:
+                led[gi.group] = (n, gi.term)
+    return led
+
+
+async def wait_leaders(client: RaftClient, ids: list[int], timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        led: set[int] = set()
-        for n in ids:
-            for gi in (await client.node_status(n)).groups:
-                if gi.role == Role.LEADER:
-                    led.add(gi.group)
-        if len(led) == GROUPS:
+        if len(await leaders(client, ids)) == GROUPS:
             return
         await asyncio.sleep(0.2)
     raise RuntimeError("not every group has a leader")
@@ -75,7 +82,7 @@ CASES = [  # (name, what, concurrency): "etcd" or the raftblock groups written
     ("raftblock 1 group, 1 in flight", "one", 1),
     ("etcd, 32 clients", "etcd", 32),
     ("raftblock 1 group, 32 in flight", "one", 32),
-    ("raftblock 100 groups, 32 in flight", "all", 32),
+    ("raftblock all groups, 32 in flight", "all", 32),
 ]
 BASELINE = {1: "etcd, 1 client", 32: "etcd, 32 clients"}
 
@@ -101,7 +108,8 @@ async def run(cluster: RaftNodes, etcd: object | None, args: argparse.Namespace)
                 rate = n / dt
             results[name].append(rate)
             print(f"  round {rnd} {name:<36} {rate:8.0f}/s", flush=True)
-    await client.close()
+    await wait_leaders(client, cluster.ids)
+    before = await leaders(client, cluster.ids)
     pids = {n: cluster.pid(n) for n in cluster.ids}
     t0 = {n: cpu_ticks(p) for n, p in pids.items()}
     w0 = time.monotonic()
@@ -109,7 +117,11 @@ async def run(cluster: RaftNodes, etcd: object | None, args: argparse.Namespace)
     wall = time.monotonic() - w0
     hz = os.sysconf("SC_CLK_TCK")
     idle = {n: 100.0 * (cpu_ticks(p) - t0[n]) / hz / wall for n, p in pids.items()}
-    return {"results": results, "idle_cpu_percent": idle}
+    after = await leaders(client, cluster.ids)
+    await client.close()
+    unstable = sorted(g for g in range(1, GROUPS + 1) if before.get(g) != after.get(g))
+    return {"groups": GROUPS, "results": results, "idle_cpu_percent": idle, "idle_seconds": wall,
+            "groups_with_leader_after_idle": len(after), "groups_unstable_while_idle": unstable}
 
 
 def table(res: dict[str, list[float]]) -> str:
@@ -129,6 +141,7 @@ def table(res: dict[str, list[float]]) -> str:
 
 
 def main() -> int:
+    global GROUPS
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0)
@@ -136,7 +149,9 @@ def main() -> int:
     ap.add_argument("--disk", default="os")
     ap.add_argument("--dir", default=None)
     ap.add_argument("--no-etcd", action="store_true", help="skip the etcd baseline")
+    ap.add_argument("--groups", type=int, default=GROUPS, help="extent groups hosted by every node")
     args = ap.parse_args()
+    GROUPS = args.groups
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from etcd_baseline import EtcdCluster
 
@@ -159,8 +174,12 @@ def main() -> int:
     print(table(res))
     idle = out["idle_cpu_percent"]
     assert isinstance(idle, dict)
-    print("\nidle CPU of a node with 100 groups (% of one core): "
+    print(f"\nidle CPU of a node with {GROUPS} groups over {out['idle_seconds']:.0f} s (% of one core): "
           + ", ".join(f"node {n}: {v:.1f}" for n, v in idle.items()))
+    unstable = out["groups_unstable_while_idle"]
+    assert isinstance(unstable, list)
+    print(f"groups with a leader after the idle window: {out['groups_with_leader_after_idle']}/{GROUPS}; "
+          f"leader or term changed while idle: {len(unstable)}")
     results_dir = Path(__file__).resolve().parent / "results"
     results_dir.mkdir(exist_ok=True)
     path = results_dir / f"raft-commits-{time.strftime('%Y%m%d-%H%M%S')}.json"

@@ -3,9 +3,10 @@
 
 We do not hand-write CRC: this calls the CRC32C routine of the `crc32c` package's own C extension
 (its hardware path when the CPU has SSE4.2, else its slicing-by-8), found once at import through
-ctypes, and loops over the blocks without touching Python objects. An import-time self-check against
-the package's Python API (RFC 3720 B.4 vectors) refuses to load on any mismatch, so a changed
-`crc32c` build falls back to the pure twin instead of computing wrong checksums.
+ctypes (_crc32c_ptr.py, shared with _segwriter_c), and loops over the blocks without touching Python
+objects. An import-time self-check against the package's Python API (RFC 3720 B.4 vectors) refuses to
+load on any mismatch, so a changed `crc32c` build falls back to the pure twin instead of computing
+wrong checksums.
 """
 
 from libc.stdint cimport uint32_t, uintptr_t
@@ -26,31 +27,15 @@ cdef inline uint32_t _block(const unsigned char* p, Py_ssize_t n) noexcept nogil
 
 def _bind() -> None:
     global _crc
-    import ctypes
-
     import crc32c
-    import crc32c._crc32c as ext
 
-    lib = ctypes.CDLL(ext.__file__)
-    names = ["_crc32c_sw_slicing_by_8"]
-    probe = getattr(lib, "_crc32c_intel_probe", None)
-    if probe is not None:
-        probe.restype = ctypes.c_int
-        if probe():
-            names.insert(0, "_crc32c_hw_adler")
-    for name in names:
-        fn = getattr(lib, name, None)
-        if fn is None:
-            continue
-        _crc = <crc_fn><uintptr_t>ctypes.cast(fn, ctypes.c_void_p).value
-        ok = True
-        for sample in (bytes(32), b"\xff" * 32, bytes(range(32)), bytes(range(256)) * 16):
-            if block_crcs_any(sample) != crc32c.crc32c(sample):
-                ok = False
-        if ok:
-            return
-    _crc = NULL
-    raise ImportError("crc32c's C routine did not pass the self-check")
+    from raftblock._fast._crc32c_ptr import routine_address
+
+    _crc = <crc_fn><uintptr_t>routine_address()
+    for sample in (bytes(32), b"\xff" * 32, bytes(range(32)), bytes(range(256)) * 16):
+        if block_crcs_any(sample) != crc32c.crc32c(sample):
+            _crc = NULL
+            raise ImportError("crc32c's C routine did not pass the self-check")
 
 
 def block_crcs_any(data) -> int:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import crc32c
 import structlog
 
+from raftblock._fast import bitmap, segwriter
 from raftblock.storage import compaction
 from raftblock.storage.disk import Disk, DiskFile
 from raftblock.storage.index import Checkpoint, CorruptBlockError, Index, Rec, SegState, encode_checkpoint
@@ -236,8 +237,9 @@ class Engine:
         self._bytes_since_checkpoint += len(buf)
         return off
 
-    def write(self, extent_id: int, block: int, data: bytes | bytearray | memoryview, crcs: Sequence[int]) -> int:
-        self._check_open()
+    @staticmethod
+    def _check_write(extent_id: int, block: int, data: bytes | bytearray | memoryview, crcs: Sequence[int]) -> int:
+        """Argument checks of one write; returns its block count."""
         n = len(crcs)
         if not 1 <= n <= MAX_WRITE_BLOCKS:
             raise ValueError(f"a write covers 1..{MAX_WRITE_BLOCKS} blocks, got {n}")
@@ -245,6 +247,11 @@ class Engine:
             raise ValueError(f"data is {len(data)} bytes, expected {n} x {BLOCK_SIZE}")
         if not (0 <= extent_id <= MAX_EXTENT_ID and 0 <= block and block + n <= MAX_BLOCK):
             raise ValueError("extent_id/block out of range")
+        return n
+
+    def write(self, extent_id: int, block: int, data: bytes | bytearray | memoryview, crcs: Sequence[int]) -> int:
+        self._check_open()
+        n = self._check_write(extent_id, block, data, crcs)
         lsn = self.last_lsn + 1
         seg = self._room(record_length(REC_WRITE, n))
         buf, bad = build_write_record(
@@ -258,6 +265,49 @@ class Engine:
         rec = Rec(seg.seg_id, off, REC_WRITE, 0, extent_id, block, n, lsn)
         seg.note_write(extent_id, lsn)
         self.index.set_blocks(rec, block, n)
+        return lsn
+
+    def write_many(
+        self, writes: Sequence[tuple[int, int, bytes | bytearray | memoryview, Sequence[int]]]
+    ) -> int:
+        """Apply several writes (extent_id, block, data, crcs) in order, as `write` would one by one,
+        but framed back to back into one buffer and written with one pwrite (the apply of a Raft entry
+        holding a batch of client writes). Every write is checked before any byte is written; a batch
+        that does not fit in the active segment goes one write at a time. Returns the last LSN."""
+        self._check_open()
+        lengths = []
+        for extent_id, block, data, crcs in writes:
+            lengths.append(record_length(REC_WRITE, self._check_write(extent_id, block, data, crcs)))
+        total = sum(lengths)
+        seg = self._active
+        if len(writes) < 2 or seg is None or seg.end + total > self.config.segment_size_bytes:
+            lsn = self.last_lsn
+            for extent_id, block, data, crcs in writes:
+                lsn = self.write(extent_id, block, data, crcs)
+            return lsn
+        buf = bytearray(total)
+        seed = self._seeds[seg.seg_id]
+        mark = self._durable_mark
+        lsn = self.last_lsn
+        pos = 0
+        for extent_id, block, data, crcs in writes:
+            lsn += 1
+            try:
+                pos = segwriter.frame_write(buf, pos, seed, extent_id, block, lsn, mark, data, crcs)
+            except segwriter.BlockCrcMismatch as e:
+                raise CorruptBlockError(extent_id, block + e.index, "checksum mismatch before write") from e
+        off = self._append(seg, buf)
+        with self._lock:
+            self.last_lsn = lsn
+        lsn = self.last_lsn - len(writes)
+        set_blocks = self.index.set_blocks
+        for (extent_id, block, _data, crcs), length in zip(writes, lengths, strict=True):
+            lsn += 1
+            n = len(crcs)
+            rec = Rec(seg.seg_id, off, REC_WRITE, 0, extent_id, block, n, lsn)
+            seg.note_write(extent_id, lsn)
+            set_blocks(rec, block, n)
+            off += length
         return lsn
 
     def trim(self, extent_id: int, block: int, count: int) -> int:
@@ -352,17 +402,33 @@ class Engine:
         return out, crcs
 
     def block_status(self, extent_id: int, block: int, count: int) -> list[tuple[int, bool]]:
+        """Runs of (length, allocated) covering [block, block+count); a bad block counts as allocated.
+        Built in a `_fast.bitmap` from the extent's map (its keys when the map is smaller than the range,
+        so a mostly empty extent costs its few blocks, not the range)."""
         emap = self.index.extents.get(extent_id) or {}
         bad = self.index.bad.get(extent_id) or set()
-        runs: list[tuple[int, bool]] = []
         if not emap and not bad:
             return [(count, False)]
-        for blk in range(block, block + count):
-            alloc = blk in emap or blk in bad
-            if runs and runs[-1][1] == alloc:
-                runs[-1] = (runs[-1][0] + 1, alloc)
+        end = block + count
+        bm = bitmap.Bitmap(count)
+        for keys in (emap, bad):
+            if len(keys) <= count:
+                for blk in keys:
+                    if block <= blk < end:
+                        bm.set_range(blk - block, 1)
             else:
-                runs.append((1, alloc))
+                for blk in range(block, end):
+                    if blk in keys:
+                        bm.set_range(blk - block, 1)
+        runs: list[tuple[int, bool]] = []
+        pos = 0
+        for start, n in bm.runs(True):
+            if start > pos:
+                runs.append((start - pos, False))
+            runs.append((n, True))
+            pos = start + n
+        if pos < count:
+            runs.append((count - pos, False))
         return runs
 
     # --- durability ------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import crc32c
 
+from raftblock._fast import segwriter
 from raftblock.storage.disk import DiskFile
 
 BLOCK_SIZE = 4096
@@ -35,6 +36,10 @@ FLAG_HISTORY = 0x02
 
 MAX_WRITE_BLOCKS = 256
 MAX_BLOCK = (1 << 32) - 1  # block + count must stay <= MAX_BLOCK
+# Records are framed by _fast.segwriter (Cython or its twin), which cannot import this module.
+assert (segwriter.BLOCK_SIZE, segwriter.REC_MAGIC, segwriter.REC_HEADER_SIZE, segwriter.REC_WRITE,
+        segwriter.REC_TRIM, segwriter.MAX_WRITE_BLOCKS, segwriter.MAX_BLOCK) == (
+    BLOCK_SIZE, REC_MAGIC, REC_HEADER_SIZE, REC_WRITE, REC_TRIM, MAX_WRITE_BLOCKS, MAX_BLOCK)
 SCAN_CHUNK_BYTES = 1 << 20
 
 
@@ -124,29 +129,14 @@ def build_write_record(
 
     Pair check (TigerBeetle): the CRC of every block is recomputed from the bytes *in the buffer
     about to be written* and compared with the caller's. Returns (buffer, index of first mismatching
-    block or None).
+    block or None). The framing is one call into `_fast.segwriter` (in place, no concatenation);
+    callers holding a larger buffer can frame several records back to back with it directly.
     """
-    count = len(crcs)
-    carr = crc_array_size(count)
-    length = REC_HEADER_SIZE + carr + BLOCK_SIZE * count
-    buf = bytearray(length)
-    pay_off = REC_HEADER_SIZE + carr
-    buf[pay_off:] = payload
-    view = memoryview(buf)
-    bad: int | None = None
-    for i in range(count):
-        s = pay_off + i * BLOCK_SIZE
-        if crc32c.crc32c(view[s : s + BLOCK_SIZE], 0) != crcs[i]:
-            bad = i
-            break
-    if bad is not None:
-        return buf, bad
-    struct.pack_into(f"<{count}I", buf, REC_HEADER_SIZE, *crcs)
-    _REC_HEADER.pack_into(
-        buf, 0, 0, REC_MAGIC, REC_WRITE, flags, 0, count, length, block, extent_id, lsn, sync_mark
-    )
-    hcrc = crc32c.crc32c(view[4:pay_off], seed)
-    struct.pack_into("<I", buf, 0, hcrc)
+    buf = bytearray(record_length(REC_WRITE, len(crcs)))
+    try:
+        segwriter.frame_write(buf, 0, seed, extent_id, block, lsn, sync_mark, payload, crcs, flags)
+    except segwriter.BlockCrcMismatch as e:
+        return buf, e.index
     return buf, None
 
 
@@ -154,10 +144,7 @@ def build_trim_record(
     seed: int, extent_id: int, block: int, count: int, lsn: int, sync_mark: int, flags: int = 0
 ) -> bytearray:
     buf = bytearray(REC_HEADER_SIZE)
-    _REC_HEADER.pack_into(
-        buf, 0, 0, REC_MAGIC, REC_TRIM, flags, 0, count, REC_HEADER_SIZE, block, extent_id, lsn, sync_mark
-    )
-    struct.pack_into("<I", buf, 0, crc32c.crc32c(memoryview(buf)[4:], seed))
+    segwriter.frame_trim(buf, 0, seed, extent_id, block, count, lsn, sync_mark, flags)
     return buf
 
 

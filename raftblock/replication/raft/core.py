@@ -318,6 +318,13 @@ class RaftCore:
         self._pending_reads.append((self._hb_seq, ctx, self.log.committed))
         return True
 
+    def lease_read_now(self) -> int:
+        """The read index a lease read gets at once (§6.4.1: no message, no Ready), or -1 when the read
+        must go through read_index() (no valid lease, or a leadership transfer under way)."""
+        if self._transferee != NO_NODE or not self.lease_valid():
+            return -1
+        return self.log.committed
+
     def lease_valid(self) -> bool:
         """Leader lease: a quorum acknowledged a heartbeat sent at tick t, and now < t + lease length."""
         if self.role != Role.LEADER or self._lease_revoked or not self.cfg.check_quorum:

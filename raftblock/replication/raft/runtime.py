@@ -32,7 +32,7 @@ import random
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
@@ -105,7 +105,10 @@ class RuntimeConfig:
         peer_send_buffer_bytes_max: int = 64 << 20,
         catch_up_ticks_max: int = 64,
         engine_sync_bytes: int = 32 << 20,
+        wal_sync: str = "inline",
     ) -> None:
+        if wal_sync not in ("inline", "thread"):
+            raise ValueError(f"wal_sync must be 'inline' or 'thread', not {wal_sync!r}")
         self.node_id = node_id
         self.tick_ms = tick_ms
         self.election_timeout_ticks = election_timeout_ticks
@@ -120,6 +123,11 @@ class RuntimeConfig:
         self.peer_send_buffer_bytes_max = peer_send_buffer_bytes_max
         self.catch_up_ticks_max = catch_up_ticks_max
         self.engine_sync_bytes = engine_sync_bytes
+        # "inline": the event loop itself calls fdatasync once per loop turn, after every message of the
+        # turn is on the wire (followers and the leader sync in parallel, in their own processes);
+        # "thread": a worker thread syncs while the loop goes on. On a small machine every hand-off to
+        # a thread costs context switches and GIL transfers that cost more than the loop's wait.
+        self.wal_sync = wal_sync
 
 
 class LazyImage:
@@ -147,10 +155,46 @@ class LazyImage:
         return self._get()[k]
 
 
+class _Reply:
+    """The completion of a client write on the fast path: it answers the client itself when the entry
+    applies (or fails), so a write costs no task and no future on the leader. Duck-types the three
+    Future methods the proposal bookkeeping uses."""
+
+    __slots__ = ("rt", "conn", "gid", "request_id", "_done")
+
+    def __init__(self, rt: NodeRuntime, conn: Connection, gid: int, request_id: int) -> None:
+        self.rt = rt
+        self.conn = conn
+        self.gid = gid
+        self.request_id = request_id
+        self._done = False
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, _index: int) -> None:
+        self._done = True
+        resp = pb.ClientResponse(request_id=self.request_id, node_id=self.rt.node_id)
+        self.conn.send_soon(encode_frame(FrameType.CLIENT_RESP, self.gid, resp.SerializeToString()))
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._done = True
+        resp = pb.ClientResponse(request_id=self.request_id, node_id=self.rt.node_id)
+        self.rt._error_response(resp, exc)
+        self.conn.send_soon(encode_frame(FrameType.CLIENT_RESP, self.gid, resp.SerializeToString()))
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
 class _Pending:
     __slots__ = ("op", "fut")
 
-    def __init__(self, op: BlockOp, fut: asyncio.Future[int]) -> None:
+    def __init__(self, op: BlockOp, fut: asyncio.Future[int] | _Reply) -> None:
         self.op = op
         self.fut = fut
 
@@ -183,7 +227,7 @@ class _Group:
         self.hs = hs
         self.pending: list[_Pending] = []
         self.pending_bytes = 0
-        self.proposals: dict[int, tuple[int, list[asyncio.Future[int]]]] = {}
+        self.proposals: dict[int, tuple[int, list[asyncio.Future[int] | _Reply]]] = {}
         self.reads: dict[int, asyncio.Future[int]] = {}  # ctx -> waiting for its ReadState
         self.read_waits: list[tuple[int, asyncio.Future[int]]] = []  # (index, fut): waiting for apply
         self.last_role = Role.FOLLOWER
@@ -412,6 +456,9 @@ class NodeRuntime:
         except Exception as e:
             self._fail(e)
             return
+        if self._sync_waiters and self.cfg.wal_sync == "inline" and not self._syncing:
+            self._sync_inline()
+            return
         if self._sync_waiters and not self._syncing:
             self._syncing = True
             assert self._loop is not None
@@ -444,6 +491,30 @@ class NodeRuntime:
         for g in self.groups.values():
             self._fail_group_requests(g, RetryError(f"node failed: {e!r}"))
 
+    def _sync_inline(self) -> None:
+        """One group commit on the loop thread: fdatasync what this turn wrote, then complete the Readies
+        it covers. Their messages (a follower's acknowledgements) and applies run in the next turn, with
+        whatever arrived meanwhile (that is the batching)."""
+        try:
+            synced = self.wal.sync(remove=False)  # unlinks stay on the reaper thread
+        except OSError as e:
+            self._fail(e)  # fsync errors cannot be retried honestly
+            return
+        self._sync_done(synced)
+
+    def _sync_done(self, synced: int) -> None:
+        still: list[_Group] = []
+        done: list[_Group] = []
+        for g in self._sync_waiters:
+            (done if g.wait_pos <= synced else still).append(g)
+        self._sync_waiters = still
+        for g in done:
+            self._finish_ready(g)
+        if self.wal.gc() and not self._stopping:
+            assert self._loop is not None
+            self._loop.run_in_executor(self._engine_executor, self._reap_wal)
+        self._maybe_start_compaction()
+
     async def _sync_loop(self) -> None:
         loop = asyncio.get_running_loop()
         try:
@@ -454,16 +525,7 @@ class NodeRuntime:
                 except OSError as e:
                     self._fail(e)  # fsync errors cannot be retried honestly
                     return
-                still: list[_Group] = []
-                done: list[_Group] = []
-                for g in self._sync_waiters:
-                    (done if g.wait_pos <= synced else still).append(g)
-                self._sync_waiters = still
-                for g in done:
-                    self._finish_ready(g)
-                if self.wal.gc() and not self._stopping:
-                    loop.run_in_executor(self._engine_executor, self._reap_wal)
-                self._maybe_start_compaction()
+                self._sync_done(synced)
                 self._process()
         finally:
             self._syncing = False
@@ -542,11 +604,17 @@ class NodeRuntime:
     def _apply(self, g: _Group, e: Entry) -> None:
         if e.type == EntryType.NORMAL and e.data:
             try:
+                writes: list[tuple[int, int, bytes | bytearray | memoryview, Sequence[int]]] = []
                 for op in decode_batch(e.data):
                     if op.kind == OP_WRITE:
-                        self.engine.write(op.extent_id, op.block, op.data, op.crcs)
-                    else:
-                        self.engine.trim(op.extent_id, op.block, op.count)
+                        writes.append((op.extent_id, op.block, op.data, op.crcs))
+                        continue
+                    if writes:
+                        self.engine.write_many(writes)  # one pwrite for the run of writes
+                        writes = []
+                    self.engine.trim(op.extent_id, op.block, op.count)
+                if writes:
+                    self.engine.write_many(writes)
             except (NoSpaceError, CorruptBlockError, ValueError) as ex:
                 # A replica that cannot apply a committed entry must not pretend it did: the node stops
                 # serving (runtime failed) and is repaired from its peers.
@@ -643,8 +711,58 @@ class NodeRuntime:
             self.counters["frames_malformed"] += 1
             return
         req = pb.ClientRequest.FromString(frame.message)
+        if req.op in (OP_C_WRITE, OP_C_TRIM):
+            self._write_fast(conn, frame.group, req, frame.payload)
+            return
+        if req.op == OP_C_READ and self._read_fast(conn, frame.group, req):
+            return
         assert self._loop is not None
         self._loop.create_task(self._serve_client(conn, frame.group, req, frame.payload))
+
+    def _read_fast(self, conn: Connection, gid: int, req: pb.ClientRequest) -> bool:
+        """A read served at once under the leader's lease when everything up to the commit index is
+        applied: no task, no future, no Ready. Anything else (no lease, apply behind, a refusal, a bad
+        block) returns False and takes the general path, which answers it precisely."""
+        g = self.groups.get(gid)
+        if g is None or self.failed is not None or not self.fences_known or not self._fence_ok(gid, req.epoch):
+            return False
+        n = req.count
+        if group_of_extent(req.extent_id) != gid or n < 1 or n > MAX_WRITE_BLOCKS or req.block + n > MAX_BLOCK:
+            return False
+        self._catch_up_ticks()  # a leader that was stopped must see its lease expire first
+        core = g.core
+        idx = core.lease_read_now()
+        if idx < 0 or core.applied_index < idx:
+            return False
+        try:
+            data, crcs = self.engine.read(req.extent_id, req.block, n)
+        except CorruptBlockError:
+            return False  # the general path reads again, logs, and repairs from a replica
+        resp = pb.ClientResponse(request_id=req.request_id, node_id=self.node_id)
+        resp.crcs.extend(crcs)
+        conn.send_soon(encode_frame(FrameType.CLIENT_RESP, gid, resp.SerializeToString(), [data]))
+        self.counters["reads_lease_fast"] += 1
+        return True
+
+    def _write_fast(self, conn: Connection, gid: int, req: pb.ClientRequest, payload: bytes) -> None:
+        """A write or trim without a task: the same checks, in the same order, as _serve_client; the
+        reply leaves from _Reply when the entry applies."""
+        reply = _Reply(self, conn, gid, req.request_id)
+        try:
+            grp = self.groups.get(gid)
+            if grp is None:
+                self.counters["client_unknown_group"] += 1
+                raise _Refused(ST_UNKNOWN_GROUP, f"group {gid} is not hosted here")
+            if not self.fences_known:
+                raise _Refused(ST_UNAVAILABLE, "node starting: waiting for the metadata map")
+            if not self._fence_ok(gid, req.epoch):
+                self.counters["stale_epoch_refused"] += 1
+                raise _Refused(ST_STALE_EPOCH, f"attach epoch {req.epoch} is older than "
+                               f"{self.fence_epochs.get(gid, 0)}: another gateway attached this volume")
+            op = self._validate_write(grp, req, payload)
+            self._enqueue(grp, op, reply)
+        except Exception as e:  # every refusal becomes a precise status, as in _serve_client
+            reply.set_exception(e)
 
     async def _serve_client(self, conn: Connection, gid: int, req: pb.ClientRequest, payload: bytes) -> None:
         resp = pb.ClientResponse(request_id=req.request_id, node_id=self.node_id)
@@ -697,26 +815,38 @@ class NodeRuntime:
                 else:
                     resp.status = ST_BAD_REQUEST
                     resp.error = f"unknown op {req.op}"
-        except NotLeaderError as e:
+        except (NotLeaderError, RetryError, CorruptBlockError, NoSpaceError, ValueError) as e:
+            self._error_response(resp, e)
+        conn.send_soon(encode_frame(FrameType.CLIENT_RESP, gid, resp.SerializeToString(), out_payload))
+
+    def _error_response(self, resp: pb.ClientResponse, e: BaseException) -> None:
+        """The status a client sees for a refused or failed request."""
+        if isinstance(e, _Refused):
+            resp.status = e.status
+            resp.error = e.message
+        elif isinstance(e, NotLeaderError):
             resp.status = ST_NOT_LEADER
             lead = e.leader
             resp.leader_hint = lead
             if lead in self.peers:
                 h, p = self.peers[lead]
                 resp.leader_address = f"{h}:{p}"
-        except RetryError as e:
+        elif isinstance(e, RetryError):
             resp.status = ST_UNAVAILABLE
             resp.error = str(e)
-        except CorruptBlockError as e:
+        elif isinstance(e, CorruptBlockError):
             resp.status = ST_CORRUPT
             resp.error = str(e)
-        except NoSpaceError as e:
+        elif isinstance(e, NoSpaceError):
             resp.status = ST_NO_SPACE
             resp.error = str(e)
-        except ValueError as e:
+        elif isinstance(e, ValueError):
             resp.status = ST_BAD_REQUEST
             resp.error = str(e)
-        conn.send_soon(encode_frame(FrameType.CLIENT_RESP, gid, resp.SerializeToString(), out_payload))
+        else:
+            resp.status = ST_UNAVAILABLE
+            resp.error = f"internal error: {e!r}"
+            log.error("raft.client_request_failed", error=repr(e), exc_info=e)
 
     def _allocated_bytes_by_group(self) -> dict[int, int]:
         out: dict[int, int] = {}
@@ -768,17 +898,20 @@ class NodeRuntime:
             raise NotLeaderError(g.core.lead)
 
     async def _propose(self, g: _Group, op: BlockOp) -> int:
+        assert self._loop is not None
+        fut: asyncio.Future[int] = self._loop.create_future()
+        self._enqueue(g, op, fut)
+        return await fut
+
+    def _enqueue(self, g: _Group, op: BlockOp, fut: asyncio.Future[int] | _Reply) -> None:
         self._check_leader(g)
         if len(g.pending) + len(g.proposals) >= self.cfg.pending_writes_max:
             self.counters["client_overloaded"] += 1
             raise RetryError("too many writes in flight for this group")
-        assert self._loop is not None
-        fut: asyncio.Future[int] = self._loop.create_future()
         g.pending.append(_Pending(op, fut))
         g.pending_bytes += op.encoded_size()
         self._propose_dirty.add(g.id)
         self._kick()
-        return await fut
 
     def _flush_proposals(self, g: _Group) -> None:
         """Leader batching: the writes that arrived in this loop turn become as few entries as the

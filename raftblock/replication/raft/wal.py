@@ -328,8 +328,9 @@ class Wal:
         log.info("wal.roll", segment=segment_name(seq), groups=len(self._hs))
 
     # --- durability (worker thread) ------------------------------------------------------------------------
-    def sync(self) -> int:
-        """fdatasync everything flushed before the call; remove segments queued by gc(). Any thread."""
+    def sync(self, remove: bool = True) -> int:
+        """fdatasync everything flushed before the call; remove segments queued by gc() (unless
+        `remove` is false: then reap() does). Any thread."""
         with self._sync_lock:
             with self._lock:
                 target = self.flushed_pos
@@ -337,8 +338,10 @@ class Wal:
                 self._dirty = set()
                 need_dir = self._dir_dirty
                 self._dir_dirty = False
-                remove = self._to_remove
-                self._to_remove = []
+                if remove:
+                    to_remove, self._to_remove = self._to_remove, []
+                else:
+                    to_remove = []
                 files = [s.file for s in self._segments if s.seq in dirty]
             try:
                 for f in files:
@@ -349,18 +352,18 @@ class Wal:
                 with self._lock:
                     self._dirty |= dirty
                     self._dir_dirty |= need_dir
-                    self._to_remove = remove + self._to_remove
+                    self._to_remove = to_remove + self._to_remove
                 raise
-            for seg in remove:
+            for seg in to_remove:
                 seg.file.close()
                 self.disk.remove(seg.path)
-            if remove:
+            if to_remove:
                 self.disk.fsync_dir(self.directory)
             with self._lock:
                 if target > self.synced_pos:
                     self.synced_pos = target
                 self.syncs += 1
-                self.segments_removed += len(remove)
+                self.segments_removed += len(to_remove)
                 return self.synced_pos
 
     def reap(self) -> int:
