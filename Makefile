@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 QUICK    ?=
 SEED     ?=
 
-.PHONY: all venv sysdeps test test-fast lint compile bench bench-raft demo demo-down clean sim proto
+.PHONY: all venv sysdeps test test-fast lint compile bench bench-deps bench-raft profile demo demo-down clean sim proto
 
 all: venv
 
@@ -55,8 +55,16 @@ bench: sysdeps $(STAMP)
 	@dpkg -s etcd-server >/dev/null 2>&1 || { \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq etcd-server >/dev/null; }
-	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q 'matplotlib>=3.7'  # the [bench] extra
+	@$(MAKE) --no-print-directory bench-deps
 	$(PY) bench/run.py $(if $(QUICK),--quick,)
+
+# The [bench] extra (matplotlib for the PNG, py-spy for bench/profile.py), installed once into the venv.
+bench-deps: $(STAMP)
+	@{ $(PY) -c 'import matplotlib' 2>/dev/null && test -x .venv/bin/py-spy; } || $(PY) -m pip install -q 'matplotlib>=3.7' 'py-spy>=0.3'
+
+# Where a replicated write's time goes: per-process CPU per I/O and py-spy's hottest frames for one fio job.
+profile: sysdeps bench-deps
+	$(PY) bench/profile.py --py-spy --job $(or $(JOB),randwrite-4k-qd32)
 
 demo: sysdeps $(STAMP)
 	$(PY) -m raftblock.cli demo

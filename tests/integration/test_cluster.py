@@ -254,15 +254,22 @@ def test_corrupt_replica_is_read_from_a_peer_and_repaired(cluster: Cluster, tmp_
     data = os.urandom(64 << 10)
     nbd_write(uri, 0, data, tmp_path, fua=True)
     group = cluster.status()["volumes"][0]["extent_groups"][0]
-    leader = next(g["leader"] for g in cluster.status()["groups"] if g["group"] == group)
     needle = data[8192:8192 + 64]  # inside the third 4 KiB block
-    engine_dir = cluster.root / f"n{leader}" / "engine"
     node: dict[str, Any] = {}
     for _attempt in range(5):
+        # The leader applied the write before acknowledging it, but leadership may have moved since (the
+        # preferred-leader balancer) to a node that applies it only when it learns the commit index: ask
+        # for the leader until its engine holds the block (deadline 10 s).
+        deadline = time.monotonic() + 10
+        while True:
+            leader = next(g["leader"] for g in cluster.status()["groups"] if g["group"] == group)
+            hits = find_on_disk(cluster.root / f"n{leader}" / "engine", needle)
+            if hits or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert hits, "the written block is not in the leader's engine"
         # Segment cleaning may move the record between finding it and reading it (then the flip hit a
         # dead copy and the read is clean): flip every copy found, and try again if nothing was caught.
-        hits = find_on_disk(engine_dir, needle)
-        assert hits, "the written block is not in the leader's engine"
         for path, off in hits:
             flip_byte(path, off)
         got = nbd_read(uri, 0, len(data), tmp_path)

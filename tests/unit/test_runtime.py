@@ -10,6 +10,8 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
+
 from raftblock._fast import blockcrc
 from raftblock.replication.raft.group import RaftClient, RaftGroup
 from raftblock.replication.raft.runtime import NodeRuntime, RuntimeConfig
@@ -35,7 +37,7 @@ class Cluster:
         self.peers = {i: ("127.0.0.1", p) for i, p in self.ports.items()}
         self.rts: dict[int, NodeRuntime] = {}
 
-    async def start(self, nid: int, **cfg: int) -> NodeRuntime:
+    async def start(self, nid: int, **cfg: int | str) -> NodeRuntime:
         disk = OsDisk()
         d = self.base / f"n{nid}"
         (d / "engine").mkdir(parents=True, exist_ok=True)
@@ -83,10 +85,11 @@ def _block(g: int, b: int, seq: int) -> tuple[bytes, list[int]]:
     return data, blockcrc.block_crcs(data)
 
 
-def test_writes_and_reads_on_many_groups(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wal_sync", ["inline", "thread"])
+def test_writes_and_reads_on_many_groups(tmp_path: Path, wal_sync: str) -> None:
     async def t(c: Cluster) -> None:
         for n in (1, 2, 3):
-            await c.start(n, batch_writes_max=16)
+            await c.start(n, batch_writes_max=16, wal_sync=wal_sync)
         client = RaftClient({n: c.peers[n] for n in (1, 2, 3)})
         writes = []
         for g in range(1, GROUPS + 1):
@@ -101,6 +104,8 @@ def test_writes_and_reads_on_many_groups(tmp_path: Path) -> None:
         # Leader batching: 80 concurrent writes arrived in few loop turns -> fewer entries than writes.
         proposed = sum(rt.counters["entries_proposed"] for rt in c.rts.values())
         assert proposed < 80
+        # The reads above were lease reads served at once by the leaders.
+        assert sum(rt.counters["reads_lease_fast"] for rt in c.rts.values()) > 0
         # Every replica applies the same entries (Raft §5.3): applied indexes converge.
         async def converged() -> bool:
             ap = {(g, n): rt.groups[g].core.applied_index for n, rt in c.rts.items() for g in range(1, GROUPS + 1)}
