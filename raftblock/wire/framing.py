@@ -44,7 +44,7 @@ class FatalFrameError(Exception):
 class Frame:
     __slots__ = ("type", "flags", "group", "message", "payload")
 
-    def __init__(self, type: int, flags: int, group: int, message: bytes, payload: bytes) -> None:
+    def __init__(self, type: int, flags: int, group: int, message: bytes, payload: bytes | memoryview) -> None:
         self.type = type  # an int: unknown types are the caller's to refuse (counted as malformed)
         self.flags = flags
         self.group = group
@@ -87,21 +87,65 @@ def encode_frame_bytes(ftype: int, group: int, message: bytes, payload: Sequence
     return b"".join(bytes(p) for p in encode_frame(ftype, group, message, payload))
 
 
-class FrameDecoder:
-    """Incremental reader of one connection's byte stream."""
+BIG_FRAME_BYTES = 32 << 10  # frames at least this long are read straight into a buffer of their own
+_RX_BYTES = 256 << 10
 
-    __slots__ = ("_buf",)
+
+class FrameDecoder:
+    """Incremental reader of one connection's byte stream.
+
+    Two ways in: `feed(bytes)` (asyncio.Protocol.data_received), or `get_buffer()` + `buffer_updated(n)`
+    (asyncio.BufferedProtocol: the kernel copies straight into our memory). Small frames are cut out of
+    an accumulation buffer. A big frame (BIG_FRAME_BYTES or more) gets a bytearray of its own as soon as
+    its header is known, and get_buffer() hands out the unfilled rest of it, so its bytes are copied once
+    (socket -> that buffer) and its payload is a memoryview of it, never copied again here.
+    """
+
+    __slots__ = ("_buf", "_big", "_big_have", "_big_head", "_rx")
 
     def __init__(self) -> None:
         self._buf = bytearray()
+        self._big: bytearray | None = None  # body (message + payload) of the big frame being read
+        self._big_have = 0
+        self._big_head = b""  # its header
+        self._rx: bytearray | None = None
 
+    # -- input ---------------------------------------------------------------------------------------------
     def feed(self, data: Buf) -> None:
+        big = self._big
+        if big is not None:
+            take = min(len(data), len(big) - self._big_have)
+            if take:
+                big[self._big_have : self._big_have + take] = memoryview(data)[:take]
+                self._big_have += take
+                data = memoryview(data)[take:]
+            if not len(data):
+                return
         self._buf += data
 
-    def buffered_bytes(self) -> int:
-        return len(self._buf)
+    def get_buffer(self, sizehint: int = -1) -> memoryview:
+        big = self._big
+        if big is not None and self._big_have < len(big):
+            return memoryview(big)[self._big_have :]
+        if self._rx is None:
+            self._rx = bytearray(_RX_BYTES)
+        return memoryview(self._rx)
 
+    def buffer_updated(self, nbytes: int) -> None:
+        big = self._big
+        if big is not None and self._big_have < len(big):
+            self._big_have += nbytes
+        else:
+            assert self._rx is not None
+            self.feed(memoryview(self._rx)[:nbytes])
+
+    def buffered_bytes(self) -> int:
+        return len(self._buf) + self._big_have
+
+    # -- output --------------------------------------------------------------------------------------------
     def next_event(self) -> Frame | BadFrame | None:
+        if self._big is not None:
+            return self._next_big()
         buf = self._buf
         if len(buf) < HEADER_SIZE:
             return None
@@ -112,6 +156,13 @@ class FrameDecoder:
             raise FatalFrameError("frames_too_large", f"frame too large: message {mlen}B payload {plen}B")
         end = HEADER_SIZE + mlen + plen
         if len(buf) < end:
+            if end >= BIG_FRAME_BYTES:
+                # Give the frame a buffer of its own; what is already here moves there once.
+                body = bytearray(mlen + plen)
+                have = len(buf) - HEADER_SIZE
+                body[:have] = memoryview(buf)[HEADER_SIZE:]
+                self._big, self._big_have, self._big_head = body, have, bytes(buf[:HEADER_SIZE])
+                buf.clear()
             return None
         view = memoryview(buf)
         try:
@@ -127,3 +178,16 @@ class FrameDecoder:
             view.release()
         del buf[:end]
         return bad
+
+    def _next_big(self) -> Frame | BadFrame | None:
+        body = self._big
+        assert body is not None
+        if self._big_have < len(body):
+            return None
+        head = self._big_head
+        self._big, self._big_have, self._big_head = None, 0, b""
+        _magic, _version, ftype, flags, _res, group, mlen, _plen, crc = HEADER.unpack_from(head, 0)
+        got = crc32c.crc32c(body, crc32c.crc32c(head[:_CRC_OFF], 0))
+        if got != crc:
+            return BadFrame("frames_bad_crc", group)
+        return Frame(ftype, flags, group, bytes(body[:mlen]), memoryview(body)[mlen:])

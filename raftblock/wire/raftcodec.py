@@ -64,7 +64,7 @@ def encode_raft(m: Message) -> list[Buf]:
     return encode_frame(FrameType.RAFT, m.group, pm.SerializeToString(), payload)
 
 
-def decode_raft(group: int, message: bytes, payload: bytes) -> Message:
+def decode_raft(group: int, message: bytes, payload: bytes | memoryview) -> Message:
     pm = pb.RaftMsg.FromString(message)
     mt = MessageType(pm.type)  # ValueError on an unknown type
     off = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import struct
 
 import pytest
@@ -20,6 +21,7 @@ from raftblock.replication.raft.types import (
 )
 from raftblock.wire import raftblock_pb2 as pb
 from raftblock.wire.framing import (
+    BIG_FRAME_BYTES,
     HEADER_SIZE,
     BadFrame,
     FatalFrameError,
@@ -164,3 +166,46 @@ def test_ops_batch_round_trip() -> None:
     ]
     with pytest.raises(ValueError):
         decode_batch(encode_batch(ops)[:-1])
+
+
+def _frames_buffered(raw: bytes, rng: random.Random) -> list[Frame | BadFrame]:
+    """As asyncio.BufferedProtocol drives the decoder: the 'kernel' copies at most what get_buffer offers."""
+    dec = FrameDecoder()
+    out: list[Frame | BadFrame] = []
+    pos = 0
+    while pos < len(raw):
+        buf = dec.get_buffer(-1)
+        n = min(len(buf), len(raw) - pos, rng.choice((1, 5, 28, 700, 4096, 70000, 1 << 20)))
+        buf[:n] = raw[pos : pos + n]
+        pos += n
+        dec.buffer_updated(n)
+        while (ev := dec.next_event()) is not None:
+            out.append(ev)
+    assert dec.buffered_bytes() == 0
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_big_and_small_frames_through_feed_and_buffered_reads(seed: int) -> None:
+    """Frames past BIG_FRAME_BYTES are read into a buffer of their own (payload a view of it); every split
+    point, both ways in, and a corrupt big frame between good ones."""
+    rng = random.Random(seed)
+    sent = []
+    raw = bytearray()
+    for i in range(30):
+        size = rng.choice((0, 10, 4096, BIG_FRAME_BYTES - 40, BIG_FRAME_BYTES, 200_000, 1 << 20))
+        msg, pay = rng.randbytes(rng.randrange(0, 50)), rng.randbytes(size)
+        frame = bytearray(encode_frame_bytes(FrameType.RAFT, i, msg, [pay]))
+        corrupt = size >= BIG_FRAME_BYTES and rng.random() < 0.2
+        if corrupt:
+            frame[-1] ^= 0x40
+        sent.append((i, msg, pay, corrupt))
+        raw += frame
+    step = rng.choice((1000, 65536, 300_001))
+    for got in (_frames(bytes(raw), step), _frames_buffered(bytes(raw), rng)):
+        assert len(got) == len(sent)
+        for ev, (i, msg, pay, corrupt) in zip(got, sent, strict=True):
+            if corrupt:
+                assert isinstance(ev, BadFrame) and ev.group == i
+            else:
+                assert isinstance(ev, Frame) and (ev.group, ev.message, bytes(ev.payload)) == (i, msg, pay)

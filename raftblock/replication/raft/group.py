@@ -51,7 +51,7 @@ class Fenced(GroupError):
 
     errno = errno.EPERM
 
-Reply = tuple[pb.ClientResponse, bytes]
+Reply = tuple[pb.ClientResponse, bytes | memoryview]
 
 
 def _expire(fut: asyncio.Future[Reply]) -> None:
@@ -59,7 +59,7 @@ def _expire(fut: asyncio.Future[Reply]) -> None:
         fut.set_exception(TimeoutError("no reply within the attempt timeout"))
 
 
-class _ClientConn(asyncio.Protocol):
+class _ClientConn(asyncio.BufferedProtocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self._dec = FrameDecoder()
@@ -73,8 +73,18 @@ class _ClientConn(asyncio.Protocol):
         hello = pb.Hello(node_id=0, role=ROLE_CLIENT, version=WIRE_VERSION)
         self.transport.writelines(encode_frame(FrameType.HELLO, 0, hello.SerializeToString()))
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._dec.get_buffer(sizehint)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._dec.buffer_updated(nbytes)
+        self._drain()
+
     def data_received(self, data: bytes) -> None:
         self._dec.feed(data)
+        self._drain()
+
+    def _drain(self) -> None:
         while True:
             try:
                 ev = self._dec.next_event()

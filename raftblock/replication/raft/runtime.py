@@ -744,7 +744,7 @@ class NodeRuntime:
         self.counters["reads_lease_fast"] += 1
         return True
 
-    def _write_fast(self, conn: Connection, gid: int, req: pb.ClientRequest, payload: bytes) -> None:
+    def _write_fast(self, conn: Connection, gid: int, req: pb.ClientRequest, payload: bytes | memoryview) -> None:
         """A write or trim without a task: the same checks, in the same order, as _serve_client; the
         reply leaves from _Reply when the entry applies."""
         reply = _Reply(self, conn, gid, req.request_id)
@@ -764,7 +764,7 @@ class NodeRuntime:
         except Exception as e:  # every refusal becomes a precise status, as in _serve_client
             reply.set_exception(e)
 
-    async def _serve_client(self, conn: Connection, gid: int, req: pb.ClientRequest, payload: bytes) -> None:
+    async def _serve_client(self, conn: Connection, gid: int, req: pb.ClientRequest, payload: bytes | memoryview) -> None:
         resp = pb.ClientResponse(request_id=req.request_id, node_id=self.node_id)
         out_payload: list[bytes | bytearray | memoryview] = []
         try:
@@ -870,7 +870,7 @@ class NodeRuntime:
             allocated_bytes=allocated_bytes,
         )
 
-    def _validate_write(self, g: _Group, req: pb.ClientRequest, payload: bytes) -> BlockOp:
+    def _validate_write(self, g: _Group, req: pb.ClientRequest, payload: bytes | memoryview) -> BlockOp:
         """The node's edge check (the gateway checks again at its own edge)."""
         if group_of_extent(req.extent_id) != g.id:
             raise ValueError(f"extent {req.extent_id:#x} does not belong to group {g.id}")

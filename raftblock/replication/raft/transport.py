@@ -44,7 +44,7 @@ class FrameHandler(Protocol):
     def on_peer_up(self, peer_id: int) -> None: ...
 
 
-class Connection(asyncio.Protocol):
+class Connection(asyncio.BufferedProtocol):
     """One TCP connection (peer or client), after HELLO."""
 
     def __init__(self, transport_owner: Transport, dial_peer: int | None = None) -> None:
@@ -64,9 +64,19 @@ class Connection(asyncio.Protocol):
         hello = pb.Hello(node_id=self.owner.node_id, role=ROLE_PEER, version=WIRE_VERSION)
         self.transport.writelines(encode_frame(FrameType.HELLO, 0, hello.SerializeToString()))
 
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self._decoder.get_buffer(sizehint)  # a big frame is received straight into its own buffer
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self._decoder.buffer_updated(nbytes)
+        self._drain()
+
     def data_received(self, data: bytes) -> None:
+        self._decoder.feed(data)
+        self._drain()
+
+    def _drain(self) -> None:
         dec = self._decoder
-        dec.feed(data)
         counters = self.owner.counters
         while True:
             try:
