@@ -880,9 +880,11 @@ class RaftCore:
                     pr.become_replicate()
                 elif pr.state == ProgressState.REPLICATE:
                     pr.free_inflight_to(m.index)
-                if self._maybe_commit():
-                    self._bcast_append()
-                elif was_paused:
+                # A new commit index is not broadcast in appends of its own: followers learn it from the
+                # next append or heartbeat (it only drives their apply; safety does not depend on it), which
+                # spares two messages, two follower wake-ups and two acknowledgements per commit.
+                self._maybe_commit()
+                if was_paused:
                     self._send_append(m.src, False)
                 while self._send_append(m.src, False):  # pipelining: fill the in-flight window
                     pass

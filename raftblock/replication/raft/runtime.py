@@ -508,6 +508,20 @@ class NodeRuntime:
         for g in self._sync_waiters:
             (done if g.wait_pos <= synced else still).append(g)
         self._sync_waiters = still
+        # Acknowledgements first: the messages these Readies held back until persisted leave now, before
+        # their committed entries are applied (a follower's ack is on the write's critical path, its
+        # apply is not).
+        sent = False
+        for g in done:
+            rd = g.rd
+            if rd is not None and rd.messages:
+                for m in rd.messages:
+                    self._send(m)
+                rd.messages = []
+                sent = True
+        if sent:
+            self._flush_heartbeats()
+            self.transport.flush()
         for g in done:
             self._finish_ready(g)
         if self.wal.gc() and not self._stopping:
