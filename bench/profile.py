@@ -28,7 +28,7 @@ sys.path.insert(0, str(HERE.parent))
 from raftblock.node.cluster import cluster_down, cluster_status, cluster_up, volume_create  # noqa: E402
 
 JOB_FILE = HERE / "jobs" / "block.fio"
-COUNTERS = ("entries_proposed", "wal_syncs", "commits", "reads_lease_fast")
+COUNTERS = ("entries_proposed", "wal_syncs", "commits", "reads_lease_fast", "wal_recycled_rolls")
 
 
 def _procs(root: Path) -> dict[int, str]:
@@ -127,7 +127,8 @@ def main() -> int:
         print(f"{'all':<10} {100 * tot / wall:>6.1f} {'':>10} {'':>10}   -> {tot * 1e6 / ops:.0f} us CPU per I/O")
         for nid in sorted(c1):
             d = {k: c1[nid][k] - c0.get(nid, {}).get(k, 0) for k in COUNTERS}
-            print(f"node {nid}: " + ", ".join(f"{k} {v}" for k, v in d.items()))
+            print(f"node {nid}: " + ", ".join(f"{k} {v}" for k, v in d.items())
+                  + f" (WAL segments recycled since start: {c1[nid]['wal_recycled_rolls']})")
         for p, name in sorted(procs.items(), key=lambda kv: kv[1]):
             raw = work / f"spy-{p}.txt"
             if raw.exists():

@@ -41,8 +41,10 @@ from raftblock.storage.disk import Disk, DiskFile
 
 log = structlog.get_logger(__name__)
 
-SEG_MAGIC = b"RBWAL001"
+SEG_MAGIC = b"RBWAL002"  # records' CRCs seeded with the segment's seq (a recycled file's old records fail)
+SEG_MAGIC_V1 = b"RBWAL001"  # still read: CRC seed 0
 SEG_HEADER = struct.Struct("<8sQ")  # magic, segment sequence number
+FREE_SEGMENTS_MAX = 2  # released segment files kept (renamed *.free) for the next rolls to overwrite
 REC_HEADER = struct.Struct("<IIBQ")  # crc32c, body_len, type, group
 _ENTRY = struct.Struct("<QQBI")  # term, index, type, data_len
 _HS = struct.Struct("<QQQ")  # term, vote, commit
@@ -62,6 +64,10 @@ class WalCorruptError(Exception):
 
 def segment_name(seq: int) -> str:
     return f"wal-{seq:016x}.log"
+
+
+def _seed(seq: int) -> int:
+    return crc32c.crc32c(_U64.pack(seq), 0)
 
 
 def _encode_meta(meta: SnapshotMeta) -> bytes:
@@ -122,7 +128,7 @@ class GroupDurable:
 
 
 class _Segment:
-    __slots__ = ("seq", "path", "file", "size", "max_index", "head_pos")
+    __slots__ = ("seq", "path", "file", "size", "max_index", "head_pos", "phys")
 
     def __init__(self, seq: int, path: str, file: DiskFile, size: int) -> None:
         self.head_pos = 0  # WAL position after this segment's base records
@@ -130,6 +136,7 @@ class _Segment:
         self.path = path
         self.file = file
         self.size = size
+        self.phys = size  # bytes in the file (more than `size` in a recycled file until the roll cuts it)
         self.max_index: dict[int, int] = {}  # group -> highest entry index in this segment
 
 
@@ -156,6 +163,12 @@ class Wal:
         self._pending_snap: list[tuple[int, int, int]] = []  # (position, group, index) not yet durable
         self.durable_snap: dict[int, int] = {}  # group -> compaction index known durable
         self.segments_removed = 0
+        self._seed = 0  # CRC seed of the active segment's records
+        # Released segment files, renamed <name>.free and kept open, overwritten by the next rolls:
+        # appending into blocks already allocated and written makes each fdatasync a data-only flush (no
+        # journal commit, no block allocation), about half the latency on ext4 here.
+        self._free: list[tuple[str, DiskFile, int]] = []
+        self.recycled_rolls = 0
 
     # --- open / recovery --------------------------------------------------------------------------------
     @classmethod
@@ -164,6 +177,9 @@ class Wal:
     ) -> tuple[Wal, dict[int, GroupDurable]]:
         disk.makedirs(directory)
         wal = cls(disk, directory, segment_bytes_max)
+        for n in disk.listdir(directory):
+            if n.startswith("wal-") and n.endswith(".free"):
+                disk.remove(os.path.join(directory, n))  # kept for reuse by a process that is gone
         names = [n for n in disk.listdir(directory) if n.startswith("wal-") and n.endswith(".log")]
         seqs = sorted(int(n[4:-4], 16) for n in names)
         groups: dict[int, GroupDurable] = {}
@@ -178,7 +194,7 @@ class Wal:
                 torn_bytes += seg.size - end
                 f.truncate(end)
                 f.fdatasync()
-                seg.size = end
+                seg.size = seg.phys = end
             wal._segments.append(seg)
         for g, st in groups.items():
             st._finish(g)
@@ -214,8 +230,9 @@ class Wal:
         if len(raw) < SEG_HEADER.size:
             return bad(0, "short segment header")
         magic, seq = SEG_HEADER.unpack_from(view, 0)
-        if magic != SEG_MAGIC or seq != seg.seq:
+        if magic not in (SEG_MAGIC, SEG_MAGIC_V1) or seq != seg.seq:
             return bad(0, "bad segment header")
+        seed = _seed(seq) if magic == SEG_MAGIC else 0
         off = SEG_HEADER.size
         while off < len(raw):
             if off + REC_HEADER.size > len(raw):
@@ -224,7 +241,7 @@ class Wal:
             end = off + REC_HEADER.size + blen
             if blen > RECORD_BODY_BYTES_MAX or end > len(raw):
                 return bad(off, "record runs past the end")
-            if crc32c.crc32c(view[off + 4 : end], 0) != crc:
+            if crc32c.crc32c(view[off + 4 : end], seed) != crc:
                 return bad(off, "record checksum mismatch")
             body = view[off + REC_HEADER.size : end]
             st = groups.get(group)
@@ -252,7 +269,7 @@ class Wal:
     def _record(self, rtype: int, group: int, body: list[bytes | memoryview]) -> int:
         blen = sum(len(b) for b in body)
         head = bytearray(REC_HEADER.pack(0, blen, rtype, group))
-        crc = crc32c.crc32c(memoryview(head)[4:], 0)
+        crc = crc32c.crc32c(memoryview(head)[4:], self._seed)
         for b in body:
             crc = crc32c.crc32c(b, crc)
         struct.pack_into("<I", head, 0, crc)
@@ -301,6 +318,8 @@ class Wal:
             self._buf_bytes = 0
             seg.file.pwrite(data, seg.size)
             seg.size += len(data)
+            if seg.size > seg.phys:
+                seg.phys = seg.size
             with self._lock:
                 self._dirty.add(seg.seq)
                 self.flushed_pos = self.appended_pos
@@ -310,11 +329,29 @@ class Wal:
         return self.flushed_pos
 
     def _roll(self, seq: int) -> None:
+        if self._segments:
+            prev = self._segments[-1]
+            if prev.phys > prev.size:
+                # A recycled file ends where its records end before the next segment exists: recovery
+                # reads an older segment to its end and calls anything unreadable corruption.
+                prev.file.truncate(prev.size)
+                prev.file.fdatasync()
+                prev.phys = prev.size
         path = os.path.join(self.directory, segment_name(seq))
-        f = self.disk.open_file(path, create=True)
-        f.truncate(0)
+        with self._lock:
+            free = self._free.pop() if self._free else None
+        if free is not None:
+            free_path, f, phys = free
+            self.disk.rename(free_path, path)  # made durable by the next sync's fsync_dir
+            self.recycled_rolls += 1
+        else:
+            f = self.disk.open_file(path, create=True)
+            f.truncate(0)
+            phys = 0
         f.pwrite(SEG_HEADER.pack(SEG_MAGIC, seq), 0)
         seg = _Segment(seq, path, f, SEG_HEADER.size)
+        seg.phys = max(phys, SEG_HEADER.size)
+        self._seed = _seed(seq)
         with self._lock:
             self._segments.append(seg)
             self._dirty.add(seq)
@@ -355,8 +392,7 @@ class Wal:
                     self._to_remove = to_remove + self._to_remove
                 raise
             for seg in to_remove:
-                seg.file.close()
-                self.disk.remove(seg.path)
+                self._release(seg)
             if to_remove:
                 self.disk.fsync_dir(self.directory)
             with self._lock:
@@ -365,6 +401,20 @@ class Wal:
                 self.syncs += 1
                 self.segments_removed += len(to_remove)
                 return self.synced_pos
+
+    def _release(self, seg: _Segment) -> None:
+        """A segment gc() dropped: kept for reuse (renamed *.free, still open) while fewer than
+        FREE_SEGMENTS_MAX are kept, else closed and removed."""
+        with self._lock:
+            keep = len(self._free) < FREE_SEGMENTS_MAX
+        if keep:
+            free_path = seg.path[: -len(".log")] + ".free"
+            self.disk.rename(seg.path, free_path)
+            with self._lock:
+                self._free.append((free_path, seg.file, seg.phys))
+            return
+        seg.file.close()
+        self.disk.remove(seg.path)
 
     def reap(self) -> int:
         """Close and remove the segments gc() queued, now (any thread but the sync's own: it may run
@@ -375,8 +425,7 @@ class Wal:
         done = 0
         try:
             for seg in remove:
-                seg.file.close()
-                self.disk.remove(seg.path)
+                self._release(seg)
                 done += 1
             if remove:
                 self.disk.fsync_dir(self.directory)
@@ -434,6 +483,7 @@ class Wal:
             "wal_syncs": self.syncs,
             "wal_segments_removed": self.segments_removed,
             "wal_synced_pos": self.synced_pos,
+            "wal_recycled_rolls": self.recycled_rolls,
         }
 
     def close(self) -> None:
@@ -441,6 +491,10 @@ class Wal:
         self.sync()
         for s in self._segments:
             s.file.close()
+        with self._lock:
+            free, self._free = self._free, []
+        for _path, f, _phys in free:
+            f.close()  # removed by the next open
         self._segments = []
 
 
