@@ -46,15 +46,17 @@ def _procs(root: Path) -> dict[int, str]:
     return out
 
 
-def _cpu(pid: int) -> tuple[int, int, int, int]:
-    """utime, stime (ticks), voluntary context switches of every thread, minor page faults."""
+def _cpu(pid: int) -> tuple[int, int, int, int, int]:
+    """utime, stime (ticks), voluntary context switches of every thread, minor page faults, bytes
+    written through write/pwrite/send calls (wchar)."""
     f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     vcsw = 0
     for t in Path(f"/proc/{pid}/task").iterdir():
         for line in (t / "status").read_text().splitlines():
             if line.startswith("voluntary_ctxt_switches"):
                 vcsw += int(line.split()[1])
-    return int(f[11]), int(f[12]), vcsw, int(f[7])
+    io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+    return int(f[11]), int(f[12]), vcsw, int(f[7]), int(io["wchar"])
 
 
 def _counters(root: Path) -> dict[int, dict[str, int]]:
@@ -117,13 +119,14 @@ def main() -> int:
         print(f"{args.job}: {io['iops']:.0f} IOPS, p50 {pct['50.000000'] / 1e3:.0f} us, "
               f"p99 {pct['99.000000'] / 1e3:.0f} us ({ops} I/Os in {wall:.1f} s incl. 1 s ramp)")
         hz = os.sysconf("SC_CLK_TCK")
-        print(f"{'process':<10} {'CPU %':>6} {'usr us/IO':>10} {'sys us/IO':>10} {'vcsw/IO':>8} {'faults/IO':>9}")
+        print(f"{'process':<10} {'CPU %':>6} {'usr us/IO':>10} {'sys us/IO':>10} {'vcsw/IO':>8} {'faults/IO':>9} {'KiB out/IO':>10}")
         tot = 0.0
         for p, name in sorted(procs.items(), key=lambda kv: kv[1]):
             du, ds = (t1[p][0] - t0[p][0]) / hz, (t1[p][1] - t0[p][1]) / hz
             tot += du + ds
             print(f"{name:<10} {100 * (du + ds) / wall:>6.1f} {du * 1e6 / ops:>10.0f} {ds * 1e6 / ops:>10.0f} "
-                  f"{(t1[p][2] - t0[p][2]) / ops:>8.2f} {(t1[p][3] - t0[p][3]) / ops:>9.1f}")
+                  f"{(t1[p][2] - t0[p][2]) / ops:>8.2f} {(t1[p][3] - t0[p][3]) / ops:>9.1f} "
+                  f"{(t1[p][4] - t0[p][4]) / ops / 1024:>10.1f}")
         print(f"{'all':<10} {100 * tot / wall:>6.1f} {'':>10} {'':>10}   -> {tot * 1e6 / ops:.0f} us CPU per I/O")
         for nid in sorted(c1):
             d = {k: c1[nid][k] - c0.get(nid, {}).get(k, 0) for k in COUNTERS}
