@@ -94,7 +94,7 @@ class RuntimeConfig:
         *,
         tick_ms: int = 100,
         election_timeout_ticks: int = 10,
-        heartbeat_interval_ticks: int = 2,
+        heartbeat_interval_ticks: int = 3,
         lease_margin_ticks: int = 2,
         batch_bytes_max: int = 1 << 20,
         batch_writes_max: int = 64,
