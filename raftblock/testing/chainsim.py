@@ -1,0 +1,702 @@
+# Deterministic simulation of one chain-replicated group (raftblock.replication.chain.ChainCore).
+#
+# Owns: the only PRNG (random.Random(seed)); virtual time; a network that drops, duplicates, delays,
+# reorders and partitions, and sometimes holds a message back for a long time (a "ghost" from an old
+# epoch); crashes that lose everything not persisted (tearing the last write); an oracle playing the
+# metadata group (leases, failure detection after a grace longer than the lease, removal with an epoch
+# bump, re-adding a wiped node or a fresh one at the tail); a client that writes at the head and reads at
+# the tail of the configuration it believes current (sometimes a stale one).
+#
+# Rules:
+# 1. One thread, no clocks, no I/O: a seed and a step count determine the run bit for bit, so a failing
+#    seed replays with `python -m raftblock.testing.chainsim --seed N --steps S`.
+# 2. The simulator drives the very ChainCore a runtime would and honours the Ready contract the way a
+#    runtime must: messages_now, then persist, then messages and client acks, then apply, reads, advance.
+# 3. Checkers run on every event, incrementally (docs/chain.md lists them): no acknowledged write lost;
+#    every applied sequence is a prefix of one history; reads not stale; no ACK before persist; a client
+#    ack only from the head of its epoch with the write durable on every member of that epoch.
+from __future__ import annotations
+
+import argparse
+import heapq
+import random
+import struct
+import sys
+import time
+import traceback
+import zlib
+from collections.abc import Sequence
+
+from raftblock.replication.chain.core import ChainCore
+from raftblock.replication.chain.types import (
+    ChainConfig,
+    ChainMessage,
+    ChainReady,
+    ChainSnapshot,
+    GroupId,
+    MessageType,
+    NodeId,
+    Record,
+)
+
+GROUP = GroupId(9)
+_SM = struct.Struct("<QI")  # state-machine image: applied seq, digest
+_MT = MessageType
+
+
+class SimFailure(AssertionError):
+    def __init__(self, seed: int, steps: int, step: int, reason: str, mutations: frozenset[str]) -> None:
+        self.seed = seed
+        self.step = step
+        self.reason = reason
+        mut = "".join(f" --mutation {m}" for m in sorted(mutations))
+        super().__init__(
+            f"chain simulation failed: seed={seed} step={step}: {reason}\n"
+            f"  replay: python -m raftblock.testing.chainsim --seed {seed} --steps {steps}{mut}"
+        )
+
+
+class SimStats:
+    __slots__ = (
+        "steps",
+        "proposed",
+        "writes_acked",
+        "acks_old_epoch",
+        "reconfigs",
+        "joins",
+        "snapshots_installed",
+        "reads_served",
+        "reads_refused",
+        "crashes",
+        "torn_writes",
+        "isolations",
+        "oracle_cuts",
+        "ghosts",
+        "stale_refused",
+        "stale_client_ops",
+        "messages",
+    )
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.proposed = 0
+        self.writes_acked = 0
+        self.acks_old_epoch = 0
+        self.reconfigs = 0
+        self.joins = 0
+        self.snapshots_installed = 0
+        self.reads_served = 0
+        self.reads_refused = 0
+        self.crashes = 0
+        self.torn_writes = 0
+        self.isolations = 0
+        self.oracle_cuts = 0
+        self.ghosts = 0
+        self.stale_refused = 0
+        self.stale_client_ops = 0
+        self.messages = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+    def add(self, other: SimStats) -> None:
+        for k in self.__slots__:
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
+
+class SimNode:
+    """One server: a core (None while down), its durable store and its state machine."""
+
+    __slots__ = (
+        "id",
+        "core",
+        "alive",
+        "incarnation",
+        "restart_at",
+        "isolated_until",
+        "cut_until",
+        "snap_seq",
+        "recs",
+        "durable_last",
+        "sm_seq",
+        "sm_digest",
+    )
+
+    def __init__(self, node_id: NodeId) -> None:
+        self.id = node_id
+        self.core: ChainCore | None = None
+        self.alive = False
+        self.incarnation = 0
+        self.restart_at = -1
+        self.isolated_until = -1  # cut from peers and from the oracle
+        self.cut_until = -1  # cut from the oracle only (peers still reachable)
+        self.wipe()
+
+    def wipe(self) -> None:
+        self.snap_seq = 0
+        self.recs: dict[int, bytes] = {}
+        self.durable_last = 0
+        self.sm_seq = 0
+        self.sm_digest = 0
+
+    def image(self) -> ChainSnapshot:
+        return ChainSnapshot(self.sm_seq, _SM.pack(self.sm_seq, self.sm_digest))
+
+    def holds(self, seq: int, data: bytes) -> bool:
+        """Durably holds write `seq` with `data` (a snapshot covering it counts; its digest was checked)."""
+        if seq <= self.snap_seq:
+            return True
+        return seq <= self.durable_last and self.recs.get(seq) == data
+
+
+class Simulation:
+    def __init__(self, seed: int, steps: int = 2000, mutations: frozenset[str] = frozenset()) -> None:
+        self.seed = seed
+        self.steps = steps
+        self.mutations = mutations
+        self.rng = random.Random(seed)
+        r = self.rng
+        # Per-seed shape.
+        self.chain_len = r.choice((1, 2, 3, 3, 3, 4))
+        self.inflight_max = r.choice((2, 8, 64))
+        self.batch_max = r.choice((1, 4, 16))
+        self.retry_interval = r.choice((3, 6))
+        self.lease = 20
+        self.grace = self.lease + r.choice((5, 15))  # the oracle removes only after the lease expired
+        self.p_drop = r.choice((0.0, 0.02, 0.08))
+        self.p_dup = r.choice((0.0, 0.02))
+        self.p_ghost = r.choice((0.0, 0.005, 0.02))
+        self.delay_max = r.choice((1, 3, 6))
+        self.p_crash = r.choice((0.002, 0.006))
+        self.p_crash_in_ready = r.choice((0.0005, 0.002))
+        self.p_isolate = r.choice((0.002, 0.006))
+        self.p_cut = r.choice((0.002, 0.006))
+        self.p_propose = r.choice((0.3, 0.7))
+        self.p_read = 0.3
+        self.p_stale_client = r.choice((0.05, 0.2))
+
+        self.now = 0
+        self.step_no = 0
+        self.stats = SimStats()
+        self.net: list[tuple[int, int, ChainMessage]] = []
+        self.msg_no = 0
+        self.nodes: dict[NodeId, SimNode] = {}
+        self.next_id = 1
+        # Oracle (metadata group) state.
+        self.configs: dict[int, ChainConfig] = {}
+        self.last_seen: dict[NodeId, int] = {}
+        self.lease_until: dict[NodeId, int] = {}
+        self.member_inc: dict[NodeId, int] = {}  # incarnation a member was added with
+        self.caught_up: dict[NodeId, int] = {}  # joiner -> acked seq it must hold before it counts
+        # Checker state.
+        self.hist: dict[int, tuple[bytes, int]] = {}  # seq -> (data, digest after), first apply anywhere
+        self.acked: dict[int, bytes] = {}
+        self.max_acked = 0
+        self.reads: dict[int, tuple[NodeId, int]] = {}  # ctx -> (node, max acked when invoked)
+        self.read_ctx = 0
+        self.write_id = 0
+
+        members = []
+        for _ in range(self.chain_len):
+            sn = self._new_node()
+            members.append(sn.id)
+        self._install(ChainConfig(1, tuple(members)))
+        for nid in members:
+            self.caught_up.pop(nid, None)  # founders start together, empty
+
+    # == run ===================================================================================================
+    def run(self) -> SimStats:
+        try:
+            for step in range(self.steps):
+                self.step_no = step
+                self._step(faults=True)
+            self._check_liveness()
+        except SimFailure:
+            raise
+        except Exception as e:  # an assertion inside the core fails this seed too
+            raise self._fail(f"{type(e).__name__}: {e}\n{traceback.format_exc()}") from e
+        self.stats.steps = self.steps
+        return self.stats
+
+    def _fail(self, reason: str) -> SimFailure:
+        return SimFailure(self.seed, self.steps, self.step_no, reason, self.mutations)
+
+    @property
+    def cur(self) -> ChainConfig:
+        return self.configs[max(self.configs)]
+
+    def _step(self, faults: bool) -> None:
+        self.now += 1
+        r = self.rng
+        for sn in list(self.nodes.values()):
+            if not sn.alive and sn.restart_at == self.now:
+                self._restart(sn, wipe=False)
+        if faults:
+            if r.random() < self.p_crash:
+                self._crash_someone()
+            if r.random() < self.p_isolate:
+                self._fault_someone(isolate=True)
+            if r.random() < self.p_cut:
+                self._fault_someone(isolate=False)
+        if r.random() < self.p_propose:
+            self._client_write()
+        if r.random() < self.p_read:
+            self._client_read()
+        # -- network ---------------------------------------------------------------------------------------
+        budget = 5000
+        net = self.net
+        while net and net[0][0] <= self.now and budget:
+            budget -= 1
+            _, _, m = heapq.heappop(net)
+            dst = self.nodes.get(m.dst)
+            src = self.nodes.get(m.src)
+            if (
+                dst is None
+                or dst.core is None
+                or self._isolated(dst)
+                or (src is not None and self._isolated(src))
+            ):
+                continue
+            before = dst.core.counters["stale_epoch"]
+            dst.core.step(m)
+            self.stats.stale_refused += dst.core.counters["stale_epoch"] - before
+            self._drain(dst)
+        # -- time and the oracle -----------------------------------------------------------------------------
+        for sn in list(self.nodes.values()):
+            if sn.core is not None:
+                sn.core.tick(self.now)
+                self._drain(sn)
+        self._oracle(faults)
+
+    # == nodes ===================================================================================================
+    def _new_node(self) -> SimNode:
+        sn = SimNode(NodeId(self.next_id))
+        self.next_id += 1
+        self.nodes[sn.id] = sn
+        self._restart(sn, wipe=True)
+        return sn
+
+    def _restart(self, sn: SimNode, wipe: bool) -> None:
+        """Start a blank core. After a crash the disk keeps what was durable (the checkers still look at
+        it) but the core does not load it: the oracle fences the new incarnation out until it is re-added
+        at the tail, wiped (`wipe`): a (re)joining member is empty (docs/chain.md)."""
+        if wipe:
+            sn.wipe()
+        sn.incarnation += 1
+        sn.core = ChainCore(
+            sn.id,
+            GROUP,
+            sn.image,
+            inflight_max=self.inflight_max,
+            batch_max=self.batch_max,
+            uncommitted_max=256,
+            retry_interval=self.retry_interval,
+            mutations=self.mutations,
+        )
+        sn.core.tick(self.now)
+        sn.alive = True
+        sn.restart_at = -1
+
+    def _crash(self, sn: SimNode, torn: ChainReady | None) -> None:
+        """Lose everything volatile; with `torn`, keep only a prefix of that Ready's writes."""
+        if torn is not None:
+            self.stats.torn_writes += 1
+            complete = True
+            if torn.snapshot is not None:
+                complete = self.rng.random() < 0.5
+                if complete:
+                    self._persist_snapshot(sn, torn.snapshot)
+            if complete:
+                self._persist_records(sn, torn.records[: self.rng.randint(0, len(torn.records))])
+        sn.core = None
+        sn.alive = False
+        self.stats.crashes += 1
+        sn.restart_at = self.now + self.rng.randint(1, 3 * self.grace)
+
+    def _isolated(self, sn: SimNode) -> bool:
+        return sn.isolated_until > self.now
+
+    def _reachable(self, sn: SimNode) -> bool:
+        """Can the oracle (metadata group) talk to this node?"""
+        return sn.alive and sn.isolated_until <= self.now and sn.cut_until <= self.now
+
+    def _healthy_count_ok(self) -> bool:
+        """Faults are injected one at a time: only while the current configuration is established."""
+        return self._established() and all(
+            self._reachable(sn) for sn in self.nodes.values() if sn.id in self.cur.members
+        )
+
+    def _may_crash(self, sn: SimNode) -> bool:
+        # A crash wipes the node; the sole member of a chain holds the only copy (no tolerance there).
+        return self._healthy_count_ok() and (sn.id not in self.cur.members or len(self.cur.members) > 1)
+
+    def _crash_someone(self) -> None:
+        live = [sn for sn in self.nodes.values() if sn.alive]
+        if live and self._may_crash(victim := self.rng.choice(live)):
+            self._crash(victim, None)
+
+    def _fault_someone(self, isolate: bool) -> None:
+        live = [sn for sn in self.nodes.values() if sn.alive]
+        if not live or not self._healthy_count_ok():
+            return
+        sn = self.rng.choice(live)
+        until = self.now + self.rng.randint(3, 3 * self.grace)
+        if isolate:
+            sn.isolated_until = until
+            self.stats.isolations += 1
+        else:
+            sn.cut_until = until
+            self.stats.oracle_cuts += 1
+
+    # == the Ready loop (what a runtime does) ===================================================================
+    def _drain(self, sn: SimNode) -> None:
+        r = self.rng
+        while True:
+            core = sn.core
+            if core is None or not core.has_ready():
+                return
+            rd = core.ready()
+            crash_at = r.random()
+            if crash_at < self.p_crash_in_ready and self._may_crash(sn):
+                self._crash(sn, None)
+                return
+            for m in rd.messages_now:
+                self._check_durable(sn, m)
+                self._send(m)
+            if crash_at < 2 * self.p_crash_in_ready and self._may_crash(sn):
+                self._crash(sn, rd)  # after the early sends, during the write
+                return
+            if rd.snapshot is not None:
+                self._persist_snapshot(sn, rd.snapshot)
+            self._persist_records(sn, rd.records)
+            for m in rd.messages:
+                self._check_durable(sn, m)
+                self._send(m)
+            if rd.snapshot is not None:
+                self._install_snapshot(sn, rd.snapshot)
+            for rec in rd.applies:
+                self._apply(sn, rec.seq, rec.data)
+            for seq in rd.client_acks:
+                self._client_ack(sn, core, seq)
+            for ctx, seq in rd.reads:
+                self._serve_read(sn, ctx, seq)
+            core.advance(rd)
+
+    def _persist_snapshot(self, sn: SimNode, snap: ChainSnapshot) -> None:
+        sn.snap_seq = snap.seq
+        sn.recs = {}
+        sn.durable_last = snap.seq
+
+    def _persist_records(self, sn: SimNode, records: Sequence[Record]) -> None:
+        core = sn.core
+        current = core is not None and core.epoch == self.cur.epoch and sn.id in self.cur.members
+        for rec in records:
+            seq, data = rec.seq, rec.data
+            if seq != sn.durable_last + 1:
+                raise self._fail(f"node {sn.id} persists seq {seq} after {sn.durable_last} (not consecutive)")
+            want = self.acked.get(seq)
+            # A zombie head (an old epoch's head, out of the current configuration) may persist its own
+            # records under seqs the current chain used: harmless, it is wiped before it rejoins.
+            if want is not None and want != data and current:
+                raise self._fail(f"node {sn.id} persists other data at acknowledged seq {seq}")
+            sn.recs[seq] = data
+            sn.durable_last = seq
+
+    def _install_snapshot(self, sn: SimNode, snap: ChainSnapshot) -> None:
+        seq, digest = _SM.unpack(snap.image)
+        if seq != snap.seq:
+            raise self._fail(f"node {sn.id} snapshot image at {seq} labelled {snap.seq}")
+        h = self.hist.get(seq)
+        if seq and (h is None or h[1] != digest):
+            raise self._fail(f"node {sn.id} installs a snapshot at {seq} that disagrees with the history")
+        sn.sm_seq, sn.sm_digest = seq, digest
+        self.stats.snapshots_installed += 1
+
+    def _apply(self, sn: SimNode, seq: int, data: bytes) -> None:
+        """Checker 2: every member's applied sequence is a prefix of one history."""
+        if seq != sn.sm_seq + 1:
+            raise self._fail(f"node {sn.id} applies seq {seq} after {sn.sm_seq} (out of order)")
+        if not sn.holds(seq, data):
+            raise self._fail(f"node {sn.id} applies seq {seq} that is not durable here")
+        digest = zlib.crc32(data, sn.sm_digest)
+        h = self.hist.get(seq)
+        if h is None:
+            self.hist[seq] = (data, digest)
+        elif h[1] != digest:
+            raise self._fail(
+                f"node {sn.id} applies seq {seq} with {'same' if h[0] == data else 'other'} data but a"
+                " different history: applied sequences are not prefixes of one another"
+            )
+        sn.sm_seq, sn.sm_digest = seq, digest
+
+    # == checkers ===============================================================================================
+    def _check_durable(self, sn: SimNode, m: ChainMessage) -> None:
+        """Checker 4: an ACK leaves only once its seq is durable on the sender."""
+        self.stats.messages += 1
+        if m.type == _MT.ACK and m.seq > sn.durable_last:
+            raise self._fail(
+                f"node {sn.id} sends ACK({m.seq}) in epoch {m.epoch} but has only {sn.durable_last} durable:"
+                " ack before persist"
+            )
+
+    def _client_ack(self, sn: SimNode, core: ChainCore, seq: int) -> None:
+        """Checkers 4 and 5: a client ack comes from the head of its epoch, with the write durable on every
+        member of that epoch; a removed member or a zombie of an older epoch cannot produce one."""
+        cfg = self.configs.get(core.epoch)
+        if cfg is None or cfg.head != sn.id:
+            raise self._fail(f"node {sn.id} acks seq {seq} to a client but is not head of epoch {core.epoch}")
+        h = self.hist.get(seq)
+        if h is None or sn.sm_seq < seq:
+            raise self._fail(f"node {sn.id} acks seq {seq} to a client before applying it")
+        data = h[0]
+        for nid in cfg.members:
+            m = self.nodes[nid]
+            if not m.holds(seq, data):
+                raise self._fail(
+                    f"head {sn.id} acks seq {seq} in epoch {core.epoch} but member {nid} does not hold it"
+                    f" durably (durable up to {m.durable_last}, snapshot {m.snap_seq})"
+                )
+        prev = self.acked.get(seq)
+        if prev is not None and prev != data:
+            raise self._fail(f"seq {seq} acknowledged twice with different data")
+        if prev is None:
+            self.acked[seq] = data
+            self.stats.writes_acked += 1
+            if core.epoch < self.cur.epoch:
+                self.stats.acks_old_epoch += 1
+        self.max_acked = max(self.max_acked, seq)
+
+    def _serve_read(self, sn: SimNode, ctx: int, seq: int) -> None:
+        """Checker 3: a read reflects every write acknowledged before it was invoked."""
+        req = self.reads.pop(ctx, None)
+        if req is None:
+            return
+        _, required = req
+        if sn.sm_seq < seq:
+            raise self._fail(f"node {sn.id} serves read {ctx} at {seq} but has applied only {sn.sm_seq}")
+        if seq < required:
+            raise self._fail(
+                f"stale read ctx={ctx} on node {sn.id} (epoch {sn.core.epoch if sn.core else '-'}): state at"
+                f" seq {seq}, but seq {required} was acknowledged before the read began"
+            )
+        h = self.hist.get(seq)
+        if seq and (h is None or h[1] != sn.sm_digest and seq == sn.sm_seq):
+            raise self._fail(f"read on node {sn.id} at {seq} sees a state off the history")
+        self.stats.reads_served += 1
+
+    def _check_reconfig(self, old: ChainConfig, new: ChainConfig) -> None:
+        """Checker 1: every member carried over from the old configuration holds every acked write."""
+        for nid in new.members:
+            if nid not in old.members or nid in self.caught_up:
+                continue
+            sn = self.nodes[nid]
+            for seq in range(max(sn.snap_seq, self.max_acked - 64) + 1, self.max_acked + 1):
+                data = self.acked.get(seq)
+                if data is not None and not sn.holds(seq, data):
+                    raise self._fail(
+                        f"after reconfiguration to {new}, member {nid} lacks acknowledged seq {seq}"
+                        f" (durable up to {sn.durable_last})"
+                    )
+
+    # == oracle (the metadata group) ============================================================================
+    def _install(self, cfg: ChainConfig) -> None:
+        prev = self.configs.get(cfg.epoch - 1)
+        self.configs[cfg.epoch] = cfg
+        for nid in cfg.members:
+            if prev is None or nid not in prev.members:
+                self.member_inc[nid] = self.nodes[nid].incarnation
+                self.last_seen[nid] = self.now
+                self.caught_up[nid] = self.max_acked
+        if prev is not None:
+            self._check_reconfig(prev, cfg)
+        self._push_configs()
+
+    def _push_configs(self) -> None:
+        cur = self.cur
+        for sn in self.nodes.values():
+            core = sn.core
+            if core is None or not self._reachable(sn) or core.epoch >= cur.epoch:
+                continue
+            if sn.id in cur.members and self.member_inc.get(sn.id) != sn.incarnation:
+                continue  # restarted since it was added: it lost its state; it must be removed, not told
+            core.set_config(cur)
+            self._drain(sn)
+
+    def _member_ok(self, nid: NodeId) -> bool:
+        sn = self.nodes[nid]
+        core = sn.core
+        return (
+            core is not None
+            and self._reachable(sn)
+            and self.member_inc.get(nid) == sn.incarnation
+            and core.epoch == self.cur.epoch
+        )
+
+    def _established(self) -> bool:
+        """Every member learned the current epoch, is synced and (joiners) holds what was acked before."""
+        for nid in self.cur.members:
+            if not self._member_ok(nid):
+                return False
+            core = self.nodes[nid].core
+            assert core is not None
+            if not core.synced or nid in self.caught_up:
+                return False
+        return True
+
+    def _oracle(self, faults: bool) -> None:
+        cur = self.cur
+        self._push_configs()
+        for nid in cur.members:
+            if self._member_ok(nid):
+                core = self.nodes[nid].core
+                assert core is not None
+                self.last_seen[nid] = self.now
+                self.lease_until[nid] = self.now + self.lease
+                core.grant_lease(cur.epoch, self.now + self.lease)
+                need = self.caught_up.get(nid)
+                if need is not None and core.synced and self.nodes[nid].durable_last >= need:
+                    del self.caught_up[nid]
+        # Removal: a member unseen for longer than the grace, whose lease therefore expired.
+        failed = [nid for nid in cur.members if self.now - self.last_seen[nid] > self.grace]
+        if failed and len(cur.members) > 1:
+            victim = failed[0]
+            others = [nid for nid in cur.members if nid != victim]
+            if all(self._member_ok(nid) and nid not in self.caught_up for nid in others):
+                if self.lease_until.get(victim, -1) >= self.now:
+                    raise self._fail(f"oracle removes {victim} before its lease expired")
+                self.stats.reconfigs += 1
+                self._install(ChainConfig(cur.epoch + 1, tuple(others)))
+            return
+        # Join: re-add a wiped node (or a fresh one) at the tail of a short chain.
+        if len(cur.members) < self.chain_len and self._established():
+            spare = [
+                sn
+                for sn in self.nodes.values()
+                if sn.id not in cur.members and self._reachable(sn) and sn.core is not None
+            ]
+            if spare and self.rng.random() < 0.7:
+                sn = self.rng.choice(spare)
+                self._restart(sn, wipe=True)  # a rejoining member is empty
+            elif len(self.nodes) < 4 * self.chain_len + 8:
+                sn = self._new_node()
+            else:
+                return
+            self.stats.joins += 1
+            self.stats.reconfigs += 1
+            self._install(ChainConfig(cur.epoch + 1, (*cur.members, sn.id)))
+
+    # == network =================================================================================================
+    def _send(self, m: ChainMessage) -> None:
+        r = self.rng
+        if r.random() < self.p_drop:
+            return
+        self._enqueue(m)
+        if r.random() < self.p_dup:
+            self._enqueue(m)
+
+    def _enqueue(self, m: ChainMessage) -> None:
+        r = self.rng
+        x = r.random()
+        if x < self.p_ghost:
+            delay = r.randint(2 * self.grace, 8 * self.grace)  # a message from an older epoch, much later
+            self.stats.ghosts += 1
+        elif x < 0.6:
+            delay = 0
+        elif x < 0.85:
+            delay = 1
+        else:
+            delay = r.randint(1, self.delay_max)
+        self.msg_no += 1
+        heapq.heappush(self.net, (self.now + delay, self.msg_no, m))
+
+    # == client ==================================================================================================
+    def _pick(self, head: bool) -> SimNode | None:
+        cfg = self.cur
+        if len(self.configs) > 1 and self.rng.random() < self.p_stale_client:
+            cfg = self.configs[self.rng.choice(sorted(self.configs))]  # a client with a stale map
+            self.stats.stale_client_ops += 1
+        sn = self.nodes[cfg.head if head else cfg.tail]
+        return sn if sn.core is not None else None
+
+    def _client_write(self) -> None:
+        sn = self._pick(head=True)
+        if sn is None or sn.core is None:
+            return
+        self.write_id += 1
+        data = struct.pack("<Q", self.write_id) + b"w" * self.rng.randint(0, 40)
+        if sn.core.propose(data):
+            self.stats.proposed += 1
+            self._drain(sn)
+
+    def _client_read(self) -> None:
+        sn = self._pick(head=False)
+        if sn is None or sn.core is None:
+            return
+        self.read_ctx += 1
+        ctx = self.read_ctx
+        self.reads[ctx] = (sn.id, self.max_acked)
+        if sn.core.read(ctx):
+            self._drain(sn)
+        else:
+            del self.reads[ctx]
+            self.stats.reads_refused += 1
+
+    # == liveness ================================================================================================
+    def _check_liveness(self) -> None:
+        """Once faults stop, the chain re-forms, acks new writes, and every member applies every acked one."""
+        for sn in self.nodes.values():
+            sn.isolated_until = sn.cut_until = -1
+            if not sn.alive:
+                self._restart(sn, wipe=False)
+        self.p_drop = self.p_dup = self.p_ghost = 0.0
+        self.p_stale_client = 0.0
+        acked_before = self.stats.writes_acked
+        quiet = 30 * self.grace
+        for k in range(quiet):
+            self.step_no = self.steps + k
+            self._step(faults=False)
+            if k < 10 * self.grace or self.stats.writes_acked == acked_before or not self._established():
+                continue
+            members = [self.nodes[nid] for nid in self.cur.members]
+            if len(members) == self.chain_len and all(m.sm_seq >= self.max_acked for m in members):
+                return
+        state = ", ".join(
+            f"{sn.id}:{'down' if sn.core is None else f'e{sn.core.epoch}'}"
+            f"(last={sn.core.last_seq if sn.core else '-'}, durable={sn.durable_last}, applied={sn.sm_seq},"
+            f" synced={sn.core.synced if sn.core else '-'})"
+            for sn in self.nodes.values()
+            if sn.id in self.cur.members
+        )
+        raise self._fail(
+            f"no progress in {quiet} quiet steps after the faults stopped: {self.cur}, max acked"
+            f" {self.max_acked}, acked in quiet {self.stats.writes_acked - acked_before}: {state}"
+        )
+
+
+def run_seed(seed: int, steps: int = 2000, mutations: frozenset[str] = frozenset()) -> SimStats:
+    return Simulation(seed, steps, mutations).run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m raftblock.testing.chainsim", description=__doc__)
+    ap.add_argument("--seed", type=int, default=0, help="first seed")
+    ap.add_argument("--seeds", type=int, default=1, help="how many consecutive seeds")
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--mutation", action="append", default=[], help="plant a bug (mutation test)")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    total = SimStats()
+    for seed in range(args.seed, args.seed + args.seeds):
+        try:
+            total.add(run_seed(seed, args.steps, frozenset(args.mutation)))
+        except SimFailure as e:
+            print(e, file=sys.stderr)
+            return 1
+    dt = time.perf_counter() - t0
+    print(f"ok: seeds {args.seed}..{args.seed + args.seeds - 1} x {args.steps} steps in {dt:.1f}s")
+    print("  " + " ".join(f"{k}={v}" for k, v in total.as_dict().items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
