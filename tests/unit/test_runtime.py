@@ -9,6 +9,7 @@ import socket
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -18,7 +19,7 @@ from raftblock.replication.raft.runtime import NodeRuntime, RuntimeConfig
 from raftblock.replication.raft.transport import ROLE_PEER
 from raftblock.replication.raft.types import GroupId, Message, MessageType, NodeId, Role
 from raftblock.replication.raft.wal import Wal
-from raftblock.storage.disk import OsDisk
+from raftblock.storage.disk import Disk, DiskFile, OsDisk
 from raftblock.storage.engine import Engine, EngineConfig
 from raftblock.testing.raftload import tagged_block
 from raftblock.testing.serve import free_port
@@ -37,13 +38,13 @@ class Cluster:
         self.peers = {i: ("127.0.0.1", p) for i, p in self.ports.items()}
         self.rts: dict[int, NodeRuntime] = {}
 
-    async def start(self, nid: int, **cfg: int | str) -> NodeRuntime:
+    async def start(self, nid: int, wal_disk: Disk | None = None, **cfg: int | str | float) -> NodeRuntime:
         disk = OsDisk()
         d = self.base / f"n{nid}"
         (d / "engine").mkdir(parents=True, exist_ok=True)
         eng = Engine.open(disk, str(d / "engine"), b"c" * 16, EngineConfig(segment_size_bytes=1 << 20))
         rcfg = RuntimeConfig(nid, tick_ms=20, **cfg)
-        wal, rec = Wal.open(disk, str(d / "wal"), rcfg.wal_segment_bytes_max)
+        wal, rec = Wal.open(wal_disk or disk, str(d / "wal"), rcfg.wal_segment_bytes_max)
         rt = NodeRuntime(rcfg, eng, wal, rec, {g: [1, 2, 3] for g in range(1, GROUPS + 1)}, self.peers, seed=nid)
         await rt.start("127.0.0.1", self.ports[nid])
         self.rts[nid] = rt
@@ -230,6 +231,59 @@ def test_restart_recovers_from_wal_and_catches_up_by_snapshot(tmp_path: Path) ->
         # The restarted node can lead: transfer is not exposed yet, so stop the others' leadership by
         # checking that it is a consistent voter instead (its log matches the leader's commit).
         assert rt.groups[1].core.role in (Role.FOLLOWER, Role.LEADER)
+        await client.close()
+
+    _run(t, tmp_path)
+
+
+class _SlowSyncFile:
+    """A DiskFile whose fdatasync takes `delay_s` while its disk is slow (an fsync stall)."""
+
+    def __init__(self, inner: DiskFile, disk: _SlowSyncDisk) -> None:
+        self._inner = inner
+        self._disk = disk
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def fdatasync(self) -> None:
+        if self._disk.slow:
+            time.sleep(self._disk.delay_s)  # the stall being simulated, not synchronisation
+        self._inner.fdatasync()
+
+
+class _SlowSyncDisk(OsDisk):
+    def __init__(self, delay_s: float) -> None:
+        self.delay_s = delay_s
+        self.slow = False
+
+    def open_file(self, path: str, create: bool) -> DiskFile:
+        return cast(DiskFile, _SlowSyncFile(super().open_file(path, create), self))
+
+
+def test_slow_inline_fsync_moves_the_node_to_the_sync_thread(tmp_path: Path) -> None:
+    """wal_sync=inline blocks the loop for one fdatasync; one slower than wal_sync_inline_max_ms moves the
+    node's WAL syncs to the thread (counted, logged) and writes keep completing."""
+
+    async def t(c: Cluster) -> None:
+        slow = _SlowSyncDisk(0.15)
+        rts = {n: await c.start(n, wal_disk=slow if n == 1 else None, wal_sync_inline_max_ms=50.0,
+                                wal_sync_thread_s=30.0) for n in (1, 2, 3)}
+        client = RaftClient({n: c.peers[n] for n in (1, 2, 3)})
+        data, crcs = _block(1, 0, 1)
+        await RaftGroup(client, 1).write(1 << 32, 0, data, crcs)
+        assert rts[1].counters["wal_sync_slow"] == 0
+        slow.slow = True
+        for b in range(1, 6):
+            d, cr = _block(1, b, b)
+            await asyncio.gather(*(RaftGroup(client, g).write(g << 32, b, d, cr) for g in range(1, GROUPS + 1)))
+        assert rts[1].counters["wal_sync_slow"] >= 1
+        assert not rts[1]._sync_inline_now()  # the thread takes the syncs for wal_sync_thread_s
+        syncs = rts[1].wal.syncs
+        d, cr = _block(1, 9, 9)
+        await asyncio.gather(*(RaftGroup(client, g).write(g << 32, 9, d, cr) for g in range(1, GROUPS + 1)))
+        await _until(lambda: rts[1].wal.syncs > syncs)  # node 1 still syncs (on the thread) and keeps up
+        assert rts[1].counters["wal_sync_slow"] <= 2  # once on the thread, no more loop stalls counted
         await client.close()
 
     _run(t, tmp_path)

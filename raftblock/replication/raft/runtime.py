@@ -106,6 +106,8 @@ class RuntimeConfig:
         catch_up_ticks_max: int = 64,
         engine_sync_bytes: int = 32 << 20,
         wal_sync: str = "inline",
+        wal_sync_inline_max_ms: float = 50.0,
+        wal_sync_thread_s: float = 60.0,
     ) -> None:
         if wal_sync not in ("inline", "thread"):
             raise ValueError(f"wal_sync must be 'inline' or 'thread', not {wal_sync!r}")
@@ -128,6 +130,11 @@ class RuntimeConfig:
         # "thread": a worker thread syncs while the loop goes on. On a small machine every hand-off to
         # a thread costs context switches and GIL transfers that cost more than the loop's wait.
         self.wal_sync = wal_sync
+        # An inline fdatasync blocks the loop: heartbeats and reads of every group wait for it. One slower
+        # than wal_sync_inline_max_ms moves the node to the thread for wal_sync_thread_s (then it tries
+        # inline again), so a disk with fsync stalls cannot starve heartbeats into elections.
+        self.wal_sync_inline_max_ms = wal_sync_inline_max_ms
+        self.wal_sync_thread_s = wal_sync_thread_s
 
 
 class LazyImage:
@@ -276,6 +283,7 @@ class NodeRuntime:
         self._kicked = False
         self._sync_waiters: list[_Group] = []
         self._syncing = False
+        self._sync_thread_until = 0.0  # monotonic time until which WAL syncs run on the thread (slow disk)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-sync")
         # The engine's fdatasync of a compact cycle (hundreds of MB under streaming writes) runs on its
         # own thread so WAL group commits never queue behind it.
@@ -456,7 +464,7 @@ class NodeRuntime:
         except Exception as e:
             self._fail(e)
             return
-        if self._sync_waiters and self.cfg.wal_sync == "inline" and not self._syncing:
+        if self._sync_waiters and self._sync_inline_now() and not self._syncing:
             self._sync_inline()
             return
         if self._sync_waiters and not self._syncing:
@@ -491,15 +499,27 @@ class NodeRuntime:
         for g in self.groups.values():
             self._fail_group_requests(g, RetryError(f"node failed: {e!r}"))
 
+    def _sync_inline_now(self) -> bool:
+        if self.cfg.wal_sync != "inline":
+            return False
+        return self._sync_thread_until == 0.0 or time.monotonic() >= self._sync_thread_until
+
     def _sync_inline(self) -> None:
         """One group commit on the loop thread: fdatasync what this turn wrote, then complete the Readies
         it covers. Their messages (a follower's acknowledgements) and applies run in the next turn, with
         whatever arrived meanwhile (that is the batching)."""
+        t0 = time.monotonic()
         try:
             synced = self.wal.sync(remove=False)  # unlinks stay on the reaper thread
         except OSError as e:
             self._fail(e)  # fsync errors cannot be retried honestly
             return
+        took_ms = (time.monotonic() - t0) * 1000.0
+        if took_ms > self.cfg.wal_sync_inline_max_ms:
+            self.counters["wal_sync_slow"] += 1
+            self._sync_thread_until = time.monotonic() + self.cfg.wal_sync_thread_s
+            log.warning("wal.sync_slow", took_ms=round(took_ms, 1), limit_ms=self.cfg.wal_sync_inline_max_ms,
+                        thread_for_s=self.cfg.wal_sync_thread_s)
         self._sync_done(synced)
 
     def _sync_done(self, synced: int) -> None:
