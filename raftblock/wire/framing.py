@@ -88,6 +88,10 @@ def encode_frame_bytes(ftype: int, group: int, message: bytes, payload: Sequence
 
 
 BIG_FRAME_BYTES = 32 << 10  # frames at least this long are read straight into a buffer of their own
+# ... up to this long: the buffer is allocated when the header arrives, so a forged header must not make
+# a connection allocate more than this before any of the bytes it announces have arrived (longer frames,
+# within PAYLOAD_LEN_MAX, accumulate as they come).
+BIG_FRAME_BYTES_MAX = 4 << 20
 _RX_BYTES = 256 << 10
 
 
@@ -156,7 +160,7 @@ class FrameDecoder:
             raise FatalFrameError("frames_too_large", f"frame too large: message {mlen}B payload {plen}B")
         end = HEADER_SIZE + mlen + plen
         if len(buf) < end:
-            if end >= BIG_FRAME_BYTES:
+            if BIG_FRAME_BYTES <= end <= BIG_FRAME_BYTES_MAX:
                 # Give the frame a buffer of its own; what is already here moves there once.
                 body = bytearray(mlen + plen)
                 have = len(buf) - HEADER_SIZE

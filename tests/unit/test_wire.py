@@ -22,6 +22,7 @@ from raftblock.replication.raft.types import (
 from raftblock.wire import raftblock_pb2 as pb
 from raftblock.wire.framing import (
     BIG_FRAME_BYTES,
+    BIG_FRAME_BYTES_MAX,
     HEADER_SIZE,
     BadFrame,
     FatalFrameError,
@@ -193,7 +194,7 @@ def test_big_and_small_frames_through_feed_and_buffered_reads(seed: int) -> None
     sent = []
     raw = bytearray()
     for i in range(30):
-        size = rng.choice((0, 10, 4096, BIG_FRAME_BYTES - 40, BIG_FRAME_BYTES, 200_000, 1 << 20))
+        size = rng.choice((0, 10, 4096, BIG_FRAME_BYTES - 40, BIG_FRAME_BYTES, 200_000, 1 << 20, 5 << 20))
         msg, pay = rng.randbytes(rng.randrange(0, 50)), rng.randbytes(size)
         frame = bytearray(encode_frame_bytes(FrameType.RAFT, i, msg, [pay]))
         corrupt = size >= BIG_FRAME_BYTES and rng.random() < 0.2
@@ -209,3 +210,14 @@ def test_big_and_small_frames_through_feed_and_buffered_reads(seed: int) -> None
                 assert isinstance(ev, BadFrame) and ev.group == i
             else:
                 assert isinstance(ev, Frame) and (ev.group, ev.message, bytes(ev.payload)) == (i, msg, pay)
+
+
+def test_a_forged_big_header_allocates_at_most_big_frame_bytes_max() -> None:
+    """A header announcing a frame longer than BIG_FRAME_BYTES_MAX gets no buffer of its own: the bytes
+    accumulate as they arrive (what a connection holds is what it was sent)."""
+    dec = FrameDecoder()
+    head = encode_frame_bytes(FrameType.RAFT, 1, b"m", [bytes(BIG_FRAME_BYTES_MAX + 1)])[:HEADER_SIZE]
+    dec.feed(head)
+    assert dec.next_event() is None
+    assert len(dec.get_buffer(-1)) <= 256 << 10  # the receive scratch buffer, not a 4 MiB+ allocation
+    assert dec.buffered_bytes() == HEADER_SIZE
