@@ -31,6 +31,7 @@ class FrameType(IntEnum):
     HEARTBEATS = 3
     CLIENT_REQ = 4
     CLIENT_RESP = 5
+    CHAIN = 6
 
 
 class FatalFrameError(Exception):

@@ -81,6 +81,32 @@ class RaftMsg(_message.Message):
     entries: _containers.RepeatedCompositeFieldContainer[EntryHeader]
     def __init__(self, type: _Optional[int] = ..., src: _Optional[int] = ..., dst: _Optional[int] = ..., term: _Optional[int] = ..., log_term: _Optional[int] = ..., index: _Optional[int] = ..., commit: _Optional[int] = ..., reject: _Optional[bool] = ..., reject_hint: _Optional[int] = ..., context: _Optional[int] = ..., lease_tick: _Optional[int] = ..., force: _Optional[bool] = ..., snap_meta: _Optional[_Union[SnapMeta, _Mapping]] = ..., chunk_index: _Optional[int] = ..., chunk_total: _Optional[int] = ..., data_len: _Optional[int] = ..., epoch: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[EntryHeader, _Mapping]]] = ...) -> None: ...
 
+class ChainRecordHeader(_message.Message):
+    __slots__ = ("seq", "data_len")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    DATA_LEN_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    data_len: int
+    def __init__(self, seq: _Optional[int] = ..., data_len: _Optional[int] = ...) -> None: ...
+
+class ChainMsg(_message.Message):
+    __slots__ = ("type", "src", "dst", "epoch", "seq", "records", "data_len")
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    SRC_FIELD_NUMBER: _ClassVar[int]
+    DST_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    DATA_LEN_FIELD_NUMBER: _ClassVar[int]
+    type: int
+    src: int
+    dst: int
+    epoch: int
+    seq: int
+    records: _containers.RepeatedCompositeFieldContainer[ChainRecordHeader]
+    data_len: int
+    def __init__(self, type: _Optional[int] = ..., src: _Optional[int] = ..., dst: _Optional[int] = ..., epoch: _Optional[int] = ..., seq: _Optional[int] = ..., records: _Optional[_Iterable[_Union[ChainRecordHeader, _Mapping]]] = ..., data_len: _Optional[int] = ...) -> None: ...
+
 class HeartbeatBatch(_message.Message):
     __slots__ = ("src", "dst", "response", "group", "term", "commit", "context", "lease_tick", "epoch")
     SRC_FIELD_NUMBER: _ClassVar[int]

@@ -1,0 +1,57 @@
+# Chain-replication messages <-> CHAIN frames (docs/format/wire.md, "CHAIN payload"; protocol: docs/chain.md).
+#
+# Rules:
+# 1. Record data and the snapshot image go to the frame payload, never into the protobuf message (the
+#    same rule as RAFT frames): records' data in order, then `ChainMsg.data_len` bytes of image.
+# 2. Decoding validates the type, record seqs (>= 1, consecutive) and every length, and raises ValueError
+#    on anything malformed: the caller drops the frame and counts it. Fencing by epoch is the core's job.
+from __future__ import annotations
+
+from raftblock.replication.chain.types import ChainMessage, MessageType, Record
+from raftblock.replication.raft.types import GroupId, NodeId
+from raftblock.wire import raftblock_pb2 as pb
+from raftblock.wire.framing import Buf, FrameType, encode_frame
+
+
+def encode_chain(m: ChainMessage) -> list[Buf]:
+    pm = pb.ChainMsg(type=int(m.type), src=m.src, dst=m.dst, epoch=m.epoch, seq=m.seq, data_len=len(m.data))
+    payload: list[Buf] = []
+    for r in m.records:
+        pm.records.add(seq=r.seq, data_len=len(r.data))
+        if r.data:
+            payload.append(r.data)
+    if m.data:
+        payload.append(m.data)
+    return encode_frame(FrameType.CHAIN, m.group, pm.SerializeToString(), payload)
+
+
+def decode_chain(group: int, message: bytes, payload: bytes | memoryview) -> ChainMessage:
+    pm = pb.ChainMsg.FromString(message)
+    mt = MessageType(pm.type)  # ValueError on an unknown type
+    view = memoryview(payload)
+    off = 0
+    records: list[Record] = []
+    prev = 0
+    for h in pm.records:
+        if h.seq < 1 or (prev and h.seq != prev + 1):
+            raise ValueError(f"record seqs must be consecutive from 1, got {h.seq} after {prev}")
+        end = off + h.data_len
+        if end > len(view):
+            raise ValueError("record data beyond the payload")
+        records.append(Record(h.seq, bytes(view[off:end])))
+        prev = h.seq
+        off = end
+    if records and mt != MessageType.WRITE:
+        raise ValueError(f"{mt.name} carries no records")
+    data = b""
+    if pm.data_len:
+        if mt != MessageType.SNAPSHOT:
+            raise ValueError(f"{mt.name} carries no image")
+        end = off + pm.data_len
+        if end > len(view):
+            raise ValueError("snapshot image beyond the payload")
+        data = bytes(view[off:end])
+        off = end
+    if off != len(view):
+        raise ValueError("payload length does not match the message")
+    return ChainMessage(mt, GroupId(group), NodeId(pm.src), NodeId(pm.dst), pm.epoch, pm.seq, tuple(records), data)
