@@ -282,6 +282,7 @@ class MetaNode:
         self.group: MetaGroup | None = None
         self.detector: FailureDetector | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self.proposals = 0  # commands proposed through this node (metric; low write rate is tested on it)
 
     async def start(self) -> None:
@@ -291,6 +292,10 @@ class MetaNode:
         log.info("meta_node_started", node_id=self.config.node_id, address=self.config.address)
 
     async def close(self) -> None:
+        # The flag, not only the cancel: on Python 3.11 asyncio.wait_for swallows a cancellation that
+        # arrives in the same loop turn as its future's result (CPython gh-86296, fixed in 3.12), and
+        # the leader-duties loop would then run on and this await would never end.
+        self._closing = True
         if self._task is not None:
             self._task.cancel()
             try:
@@ -373,10 +378,10 @@ class MetaNode:
     async def _leader_duties(self) -> None:
         """While leader: initialise the cluster id, run the failure detector, propose its transitions."""
         interval_s = max(self.health_config.heartbeat_interval_ms / 4000, 0.05)
-        while True:
+        while not self._closing:
             await asyncio.sleep(interval_s)
             g = self.group
-            if g is None:
+            if g is None or self._closing:
                 return
             if not g.is_leader():
                 self.detector = None

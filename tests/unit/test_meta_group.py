@@ -38,7 +38,7 @@ from raftblock.control.health import HealthConfig
 from raftblock.meta import group as meta_group
 from raftblock.meta.group import MetaConfig, MetaGroup, MetaNode, Timings
 from raftblock.meta.journal import DurableJournal, durable_replace
-from raftblock.meta.state import CreateVolume, InitCluster, RegisterNode
+from raftblock.meta.state import CreateVolume, InitCluster, RegisterNode, Result
 from raftblock.replication.raft.types import NodeId
 from raftblock.testing.serve import free_port
 
@@ -341,6 +341,44 @@ def test_heartbeats_are_not_log_entries(tmp_path: Path) -> None:
             assert node.status()["commit_index"] == log0 + 2
         finally:
             await node.close()
+
+    asyncio.run(scenario())
+
+
+def test_close_ends_even_when_a_cancellation_is_swallowed(tmp_path: Path) -> None:
+    """On Python 3.11 asyncio.wait_for (inside propose) swallows a cancellation that lands in the same loop
+    turn as its result (CPython gh-86296): the leader-duties loop then went on and `close()` waited for it
+    forever (a test hung for 300 s once). Here propose swallows every cancellation on purpose."""
+    health = HealthConfig(heartbeat_interval_ms=100, down_grace_ms=800, proposal_interval_ms_min=0)
+
+    async def scenario() -> None:
+        port = free_port()
+        node = MetaNode(MetaConfig(NodeId(1), {NodeId(1): f"127.0.0.1:{port}"}, tmp_path, SECRET, cluster_id="c",
+                                   timings=FAST), health)
+        await node.start()
+        entered = asyncio.Event()
+
+        async def swallowing_propose(cmd: object, timeout_s: float = 10.0) -> Result:
+            entered.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                pass  # what 3.11's wait_for does when the result arrives in the same turn
+            return Result(True)
+
+        assert (await node.propose(RegisterNode(7, "r7", "h:7", 1 << 40, 0))).ok
+        node.propose = swallowing_propose  # type: ignore[method-assign]
+        await asyncio.wait_for(entered.wait(), 10)  # node 7 never heartbeats: the detector proposes
+        closing = asyncio.ensure_future(node.close())
+        done, _ = await asyncio.wait({closing}, timeout=10)
+        if not done:  # the bug: end the loop another way so the test reports instead of hanging
+            g, node.group = node.group, None
+            if node._task is not None:
+                node._task.cancel()  # swallowed again, but the loop now finds no group and returns
+            await closing
+            if g is not None:
+                await asyncio.to_thread(g.destroy_synchronous)
+            raise AssertionError("close() did not end: the leader-duties loop outlived its cancellation")
 
     asyncio.run(scenario())
 
