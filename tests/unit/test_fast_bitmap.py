@@ -4,28 +4,19 @@
 
 from __future__ import annotations
 
-import importlib
 import random
 from types import ModuleType
 from typing import Any
 
 import pytest
+from test_fast import load_impl  # the one loader of a module's twin or Cython build (skips if not built)
 
 SIZES = [0, 1, 7, 8, 63, 64, 65, 127, 128, 129, 200, 1000, 4097]
 
 
-def load_impl(impl: str) -> ModuleType:
-    if impl == "python":
-        return importlib.import_module("raftblock._fast._bitmap_py")
-    try:
-        return importlib.import_module("raftblock._fast._bitmap_c")
-    except ImportError as e:
-        pytest.skip(f"raftblock._fast._bitmap_c is not built ({e}); `make compile` builds it in place")
-
-
 @pytest.fixture(scope="module", params=["python", "cython"])
 def bm(request: pytest.FixtureRequest) -> ModuleType:
-    return load_impl(request.param)
+    return load_impl("bitmap", request.param)
 
 
 def test_new_bitmap_is_clear(bm: ModuleType) -> None:
@@ -157,8 +148,8 @@ def _random_range(rng: random.Random, n: int) -> tuple[int, int]:
 
 @pytest.mark.parametrize("seed", range(4))
 def test_differential_c_vs_twin_vs_list(seed: int) -> None:
-    py = load_impl("python")
-    c = load_impl("cython")
+    py = load_impl("bitmap", "python")
+    c = load_impl("bitmap", "cython")
     rng = random.Random(seed)
     for n in SIZES + [rng.randrange(1, 3000) for _ in range(3)]:
         model = _ListModel(n)

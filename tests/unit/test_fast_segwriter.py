@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import array
 import hashlib
-import importlib
 import random
 import struct
 from types import ModuleType
@@ -15,6 +14,7 @@ from typing import Any, cast
 
 import crc32c
 import pytest
+from test_fast import load_impl  # the one loader of a module's twin or Cython build (skips if not built)
 
 from raftblock._fast._segformat import BlockCrcMismatch
 from raftblock.storage import segment
@@ -24,18 +24,9 @@ BLOCK = 4096
 _REC_HEADER = struct.Struct("<I4sBBHIIIQQQ")
 
 
-def load_impl(impl: str) -> ModuleType:
-    if impl == "python":
-        return importlib.import_module("raftblock._fast._segwriter_py")
-    try:
-        return importlib.import_module("raftblock._fast._segwriter_c")
-    except ImportError as e:
-        pytest.skip(f"raftblock._fast._segwriter_c is not built ({e}); `make compile` builds it in place")
-
-
 @pytest.fixture(scope="module", params=["python", "cython"])
 def sw(request: pytest.FixtureRequest) -> ModuleType:
-    return load_impl(request.param)
+    return load_impl("segwriter", request.param)
 
 
 # --- segment.py's framing before _fast.segwriter (commit ede768f), verbatim but for the names -------
@@ -227,8 +218,8 @@ def test_out_of_range_crc_value_is_a_mismatch(sw: ModuleType) -> None:
 
 
 def test_one_error_class_for_both() -> None:
-    assert load_impl("python").BlockCrcMismatch is BlockCrcMismatch
-    assert load_impl("cython").BlockCrcMismatch is BlockCrcMismatch
+    assert load_impl("segwriter", "python").BlockCrcMismatch is BlockCrcMismatch
+    assert load_impl("segwriter", "cython").BlockCrcMismatch is BlockCrcMismatch
 
 
 def test_refusals_write_nothing(sw: ModuleType) -> None:
@@ -279,7 +270,7 @@ def test_refusals_write_nothing(sw: ModuleType) -> None:
 def test_differential_c_vs_twin(seed: int) -> None:
     """Many random records framed back to back into two buffers with stale bytes; every result,
     exception and byte must agree."""
-    py, c = load_impl("python"), load_impl("cython")
+    py, c = load_impl("segwriter", "python"), load_impl("segwriter", "cython")
     rng = random.Random(seed)
     size = 3 << 20
     stale = rng.randbytes(4096) * (size // 4096)

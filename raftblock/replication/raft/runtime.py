@@ -164,8 +164,8 @@ class LazyImage:
 
 class _Reply:
     """The completion of a client write on the fast path: it answers the client itself when the entry
-    applies (or fails), so a write costs no task and no future on the leader. Duck-types the three
-    Future methods the proposal bookkeeping uses."""
+    applies (or fails), so a write costs no task and no future on the leader. The proposal bookkeeping
+    uses it like a future: done(), set_result(index), set_exception(exc)."""
 
     __slots__ = ("rt", "conn", "gid", "request_id", "_done")
 
@@ -181,14 +181,15 @@ class _Reply:
 
     def set_result(self, _index: int) -> None:
         self._done = True
-        resp = pb.ClientResponse(request_id=self.request_id, node_id=self.rt.node_id)
-        self.conn.send_soon(encode_frame(FrameType.CLIENT_RESP, self.gid, resp.SerializeToString()))
+        self.rt._answer(self.conn, self.gid, self.request_id, None)
 
     def set_exception(self, exc: BaseException) -> None:
         self._done = True
-        resp = pb.ClientResponse(request_id=self.request_id, node_id=self.rt.node_id)
-        self.rt._error_response(resp, exc)
-        self.conn.send_soon(encode_frame(FrameType.CLIENT_RESP, self.gid, resp.SerializeToString()))
+        self.rt._answer(self.conn, self.gid, self.request_id, exc)
+
+
+# Client ops on a volume's blocks: checked at the edge by _io_refusal (group, fences, attach epoch).
+_FENCED_OPS = (OP_C_WRITE, OP_C_TRIM, OP_C_READ, OP_C_BLOCK_STATUS)
 
 
 class _Refused(Exception):
@@ -201,7 +202,7 @@ class _Refused(Exception):
 class _Pending:
     __slots__ = ("op", "fut")
 
-    def __init__(self, op: BlockOp, fut: asyncio.Future[int] | _Reply) -> None:
+    def __init__(self, op: BlockOp, fut: _Reply) -> None:
         self.op = op
         self.fut = fut
 
@@ -234,7 +235,7 @@ class _Group:
         self.hs = hs
         self.pending: list[_Pending] = []
         self.pending_bytes = 0
-        self.proposals: dict[int, tuple[int, list[asyncio.Future[int] | _Reply]]] = {}
+        self.proposals: dict[int, tuple[int, list[_Reply]]] = {}
         self.reads: dict[int, asyncio.Future[int]] = {}  # ctx -> waiting for its ReadState
         self.read_waits: list[tuple[int, asyncio.Future[int]]] = []  # (index, fut): waiting for apply
         self.last_role = Role.FOLLOWER
@@ -671,10 +672,10 @@ class NodeRuntime:
                     fut.set_exception(NotLeaderError(g.core.lead))
 
     def _fail_group_requests(self, g: _Group, exc: Exception) -> None:
-        for _, futs in g.proposals.values():
-            for fut in futs:
-                if not fut.done():
-                    fut.set_exception(exc)
+        for _, replies in g.proposals.values():
+            for reply in replies:
+                if not reply.done():
+                    reply.set_exception(exc)
         g.proposals.clear()
         for p in g.pending:
             if not p.fut.done():
@@ -745,20 +746,48 @@ class NodeRuntime:
             self.counters["frames_malformed"] += 1
             return
         req = pb.ClientRequest.FromString(frame.message)
-        if req.op in (OP_C_WRITE, OP_C_TRIM):
-            self._write_fast(conn, frame.group, req, frame.payload)
-            return
-        if req.op == OP_C_READ and self._read_fast(conn, frame.group, req):
-            return
+        gid = frame.group
+        if req.op in _FENCED_OPS:
+            refused = self._io_refusal(gid, req)
+            if refused is not None:
+                self._answer(conn, gid, req.request_id, refused)
+                return
+            if req.op in (OP_C_WRITE, OP_C_TRIM):
+                self._write_fast(conn, gid, req, frame.payload)
+                return
+            if req.op == OP_C_READ and self._read_fast(conn, gid, req):
+                return
         assert self._loop is not None
-        self._loop.create_task(self._serve_client(conn, frame.group, req, frame.payload))
+        self._loop.create_task(self._serve_client(conn, gid, req, frame.payload))
+
+    def _io_refusal(self, gid: int, req: pb.ClientRequest) -> _Refused | None:
+        """The edge checks of a client's block I/O (write, trim, read, block status), in one place: the
+        group is hosted here, the node knows the fences, the request's attach epoch is current."""
+        if gid not in self.groups:
+            self.counters["client_unknown_group"] += 1
+            return _Refused(ST_UNKNOWN_GROUP, f"group {gid} is not hosted here")
+        if not self.fences_known:
+            return _Refused(ST_UNAVAILABLE, "node starting: waiting for the metadata map")
+        if not self._fence_ok(gid, req.epoch):
+            self.counters["stale_epoch_refused"] += 1
+            return _Refused(ST_STALE_EPOCH, f"attach epoch {req.epoch} is older than "
+                            f"{self.fence_epochs.get(gid, 0)}: another gateway attached this volume")
+        return None
+
+    def _answer(self, conn: Connection, gid: int, request_id: int, exc: BaseException | None) -> None:
+        """A reply without data: OK, or the status `exc` maps to."""
+        resp = pb.ClientResponse(request_id=request_id, node_id=self.node_id)
+        if exc is not None:
+            self._error_response(resp, exc)
+        conn.send_soon(encode_frame(FrameType.CLIENT_RESP, gid, resp.SerializeToString()))
 
     def _read_fast(self, conn: Connection, gid: int, req: pb.ClientRequest) -> bool:
         """A read served at once under the leader's lease when everything up to the commit index is
-        applied: no task, no future, no Ready. Anything else (no lease, apply behind, a refusal, a bad
-        block) returns False and takes the general path, which answers it precisely."""
-        g = self.groups.get(gid)
-        if g is None or self.failed is not None or not self.fences_known or not self._fence_ok(gid, req.epoch):
+        applied: no task, no future, no Ready. Anything else (no lease, apply behind, a bad range, a bad
+        block) returns False and takes the general path, which answers it precisely. The edge checks
+        (_io_refusal) have passed."""
+        g = self.groups[gid]
+        if self.failed is not None:
             return False
         n = req.count
         if group_of_extent(req.extent_id) != gid or n < 1 or n > MAX_WRITE_BLOCKS or req.block + n > MAX_BLOCK:
@@ -779,23 +808,13 @@ class NodeRuntime:
         return True
 
     def _write_fast(self, conn: Connection, gid: int, req: pb.ClientRequest, payload: bytes | memoryview) -> None:
-        """A write or trim without a task: the same checks, in the same order, as _serve_client; the
-        reply leaves from _Reply when the entry applies."""
+        """A write or trim without a task (the edge checks, _io_refusal, have passed); the reply leaves
+        from _Reply when the entry applies."""
         reply = _Reply(self, conn, gid, req.request_id)
         try:
-            grp = self.groups.get(gid)
-            if grp is None:
-                self.counters["client_unknown_group"] += 1
-                raise _Refused(ST_UNKNOWN_GROUP, f"group {gid} is not hosted here")
-            if not self.fences_known:
-                raise _Refused(ST_UNAVAILABLE, "node starting: waiting for the metadata map")
-            if not self._fence_ok(gid, req.epoch):
-                self.counters["stale_epoch_refused"] += 1
-                raise _Refused(ST_STALE_EPOCH, f"attach epoch {req.epoch} is older than "
-                               f"{self.fence_epochs.get(gid, 0)}: another gateway attached this volume")
-            op = self._validate_write(grp, req, payload)
-            self._enqueue(grp, op, reply)
-        except Exception as e:  # every refusal becomes a precise status, as in _serve_client
+            grp = self.groups[gid]
+            self._enqueue(grp, self._validate_write(grp, req, payload), reply)
+        except Exception as e:  # every refusal becomes a precise status (_error_response)
             reply.set_exception(e)
 
     async def _serve_client(self, conn: Connection, gid: int, req: pb.ClientRequest, payload: bytes | memoryview) -> None:
@@ -823,18 +842,6 @@ class NodeRuntime:
                     resp.error = f"group {gid} is not hosted here"
                 elif req.op == OP_C_STATUS:
                     resp.groups.append(self._group_info(grp, self._allocated_bytes_by_group().get(gid, 0)))
-                elif req.op in (OP_C_WRITE, OP_C_TRIM, OP_C_READ, OP_C_BLOCK_STATUS) and not self.fences_known:
-                    resp.status = ST_UNAVAILABLE
-                    resp.error = "node starting: waiting for the metadata map"
-                elif (req.op in (OP_C_WRITE, OP_C_TRIM, OP_C_READ, OP_C_BLOCK_STATUS)
-                      and not self._fence_ok(gid, req.epoch)):
-                    self.counters["stale_epoch_refused"] += 1
-                    resp.status = ST_STALE_EPOCH
-                    resp.error = (f"attach epoch {req.epoch} is older than {self.fence_epochs.get(gid, 0)}: "
-                                  "another gateway attached this volume")
-                elif req.op in (OP_C_WRITE, OP_C_TRIM):
-                    op = self._validate_write(grp, req, payload)
-                    await self._propose(grp, op)
                 elif req.op == OP_C_READ:
                     data, crcs = await self._read(grp, req)
                     resp.crcs.extend(crcs)
@@ -931,13 +938,7 @@ class NodeRuntime:
         if g.core.role != Role.LEADER:
             raise NotLeaderError(g.core.lead)
 
-    async def _propose(self, g: _Group, op: BlockOp) -> int:
-        assert self._loop is not None
-        fut: asyncio.Future[int] = self._loop.create_future()
-        self._enqueue(g, op, fut)
-        return await fut
-
-    def _enqueue(self, g: _Group, op: BlockOp, fut: asyncio.Future[int] | _Reply) -> None:
+    def _enqueue(self, g: _Group, op: BlockOp, fut: _Reply) -> None:
         self._check_leader(g)
         if len(g.pending) + len(g.proposals) >= self.cfg.pending_writes_max:
             self.counters["client_overloaded"] += 1
