@@ -74,7 +74,7 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
 
     try:
         uri = cluster_up(Path(args.dir), nodes=args.nodes, racks=args.racks, nbd_port=args.nbd_port,
-                         port_base=args.port_base, disk=args.disk)
+                         port_base=args.port_base, disk=args.disk, replication=args.replication)
     except ClusterError as e:
         return _fail("cluster up", e)
     print(uri)
@@ -123,10 +123,11 @@ def cmd_volume_create(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import ClusterError, volume_create
 
     try:
-        v = volume_create(Path(args.dir), args.name, args.size)
+        v = volume_create(Path(args.dir), args.name, args.size, args.replication)
     except ClusterError as e:
         return _fail("volume create", e)
-    print(f"created volume {v['name']} ({v['size_bytes']} bytes, {v['extents']} extents in groups {v['groups']})")
+    print(f"created volume {v['name']} ({v['size_bytes']} bytes, {v['extents']} extents in groups {v['groups']}, "
+          f"replication {v.get('replication', '?')})")
     return 0
 
 
@@ -191,7 +192,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     d = Path(args.dir)
     try:
-        uri = cluster_up(d, nbd_port=args.nbd_port)
+        uri = cluster_up(d, nbd_port=args.nbd_port, replication=args.replication)
         if not any(v["name"] == "demo" for v in volume_list(d)):
             volume_create(d, "demo", parse_size(args.size))
     except ClusterError as e:
@@ -236,6 +237,8 @@ def build_parser() -> argparse.ArgumentParser:
     cu.add_argument("--nbd-port", type=int, default=10809, help="gateway NBD port (0 picks a free one)")
     cu.add_argument("--port-base", type=int, default=None, help="node i listens on P+i (default: free ports)")
     cu.add_argument("--disk", choices=["os", "volatile", "volatile-tear"], default="os")
+    cu.add_argument("--replication", choices=["raft", "chain"], default=None,
+                    help="default replication of new volumes (fixed when the cluster is made; default raft)")
     cu.set_defaults(func=cmd_cluster_up)
     cd = csub.add_parser("down", help="stop every process of the cluster (data stays)")
     cd.add_argument("--dir", default=str(DEMO_DIR))
@@ -250,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     vc = vsub.add_parser("create", help="create a volume")
     vc.add_argument("name")
     vc.add_argument("--size", type=_size_arg, required=True, help="e.g. 1G")
+    vc.add_argument("--replication", choices=["raft", "chain"], default=None,
+                    help="raft (a majority of 3 fsyncs) or chain (head -> middle -> tail, all fsync); "
+                         "default: the cluster's (cluster up --replication)")
     vc.add_argument("--dir", default=str(DEMO_DIR))
     vc.set_defaults(func=cmd_volume_create)
     vl = vsub.add_parser("list", help="list volumes")
@@ -285,6 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--dir", default=str(DEMO_DIR))
     d.add_argument("--nbd-port", type=int, default=10809)
     d.add_argument("--size", default="1G")
+    d.add_argument("--replication", choices=["raft", "chain"], default=None,
+                   help="the cluster's default replication (when the demo cluster is first made)")
     d.set_defaults(func=cmd_demo)
     return p
 

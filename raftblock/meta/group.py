@@ -281,6 +281,10 @@ class MetaNode:
         self._transport = transport
         self.group: MetaGroup | None = None
         self.detector: FailureDetector | None = None
+        # Chain members' reports (ChainHost.report), from their heartbeats: leader memory only, like the
+        # heartbeat times (control/chainrepair.py reads them).
+        self.chain_reports: dict[NodeId, dict[int, list[int]]] = {}
+        self.chain_changes = 0
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.proposals = 0  # commands proposed through this node (metric; low write rate is tested on it)
@@ -368,12 +372,21 @@ class MetaNode:
 
     # -- liveness --------------------------------------------------------------------------------------
 
-    def heartbeat(self, node_id: NodeId, used_bytes: int | None = None) -> None:
-        """A storage node's heartbeat: memory only. Raises NotLeader with the leader to send it to."""
+    def heartbeat(self, node_id: NodeId, used_bytes: int | None = None,
+                  chains: dict[int, list[int]] | None = None) -> int:
+        """A storage node's heartbeat: memory only. Raises NotLeader with the leader to send it to.
+        Returns the lease (ms, from when the node sent it) the node may give its chain groups: shorter
+        than the silence after which this leader marks it suspect and removes it from its chains."""
         det = self.detector
         if det is None or not self.is_leader():
             raise NotLeader(self.leader_id())
         det.heartbeat(node_id, self._clock_ms(), used_bytes)
+        if chains is not None:
+            self.chain_reports[node_id] = chains
+        return self.chain_lease_ms()
+
+    def chain_lease_ms(self) -> int:
+        return self.health_config.suspect_after_ms * 2 // 3
 
     async def _leader_duties(self) -> None:
         """While leader: initialise the cluster id, run the failure detector, propose its transitions."""
@@ -385,6 +398,7 @@ class MetaNode:
                 return
             if not g.is_leader():
                 self.detector = None
+                self.chain_reports = {}
                 continue
             now = self._clock_ms()
             if self.detector is None:
@@ -408,8 +422,23 @@ class MetaNode:
                                  ok=res.ok)
                     finally:
                         det.done()
+                await self._repair_chains(g)
             except MetaUnavailable as e:
                 log.warning("meta_leader_duty_failed", reason=e.reason)
+
+
+    async def _repair_chains(self, g: MetaGroup) -> None:
+        """Chain configuration changes (control/chainrepair.py), proposed one per group."""
+        text = g.state_json()
+        if '"chain"' not in text:
+            return
+        from raftblock.control.chainrepair import plan_chain_changes
+
+        for cmd, reason in plan_chain_changes(MetaState.from_json(text), self.chain_reports):
+            res = await self.propose(cmd)
+            self.chain_changes += 1
+            log.info("meta_chain_change", group=cmd.group_id, members=list(cmd.members),
+                     expected_epoch=cmd.expected_epoch, reason=reason, ok=res.ok, error=res.error)
 
 
 def pysyncobj_version() -> str:

@@ -7,7 +7,8 @@
 # 2. Bounded: a request line is at most `LINE_BYTES_MAX`; a connection serves requests one at a time;
 #    the server holds at most `connections_max` connections.
 # 3. Requests: {"op": "propose", "command": {...}} | {"op": "state", "barrier": bool} | {"op": "status"}
-#    | {"op": "heartbeat", "node_id": N, "used_bytes": B}. Replies: {"ok": true, ...} or
+#    | {"op": "heartbeat", "node_id": N, "used_bytes": B, "chains": {GID: [EPOCH, CONFIGURED, CAUGHT_UP]}}
+#    (answered with "lease_ms": the chain lease the node may take, docs/chain.md). Replies: {"ok": true, ...} or
 #    {"ok": false, "error": CODE, "message": TEXT, "leader": ID|null}. A heartbeat to a follower answers
 #    error "not_leader" with the leader's id; the client follows it.
 from __future__ import annotations
@@ -123,8 +124,12 @@ class AdminServer:
                 nid, used = req.get("node_id"), req.get("used_bytes")
                 if not isinstance(nid, int) or (used is not None and not isinstance(used, int)):
                     return {"ok": False, "error": "bad_request", "message": "node_id: int, used_bytes: int"}
-                node.heartbeat(NodeId(nid), used)
-                return {"ok": True}
+                chains = _chain_report(req.get("chains"))
+                if chains is None and req.get("chains") is not None:
+                    return {"ok": False, "error": "bad_request",
+                            "message": "chains: {group id: [epoch, configured, caught_up]}"}
+                lease_ms = node.heartbeat(NodeId(nid), used, chains)
+                return {"ok": True, "lease_ms": lease_ms}
             return {"ok": False, "error": "bad_request", "message": f"unknown op {op!r}"}
         except CommandError as e:
             return {"ok": False, "error": "bad_request", "message": str(e)}
@@ -133,6 +138,19 @@ class AdminServer:
         except MetaUnavailable as e:
             return {"ok": False, "error": "unavailable", "message": e.reason, "leader": node.leader_id(),
                     "outcome_unknown": e.outcome_unknown}
+
+
+def _chain_report(raw: Any) -> dict[int, list[int]] | None:
+    """A heartbeat's chain report, validated: {"gid": [int, int, int]} (JSON object keys are strings)."""
+    if not isinstance(raw, dict) or len(raw) > 1 << 20:
+        return None
+    out: dict[int, list[int]] = {}
+    for k, v in raw.items():
+        if not (isinstance(k, str) and k.isdigit() and isinstance(v, list) and len(v) == 3
+                and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)):
+            return None
+        out[int(k)] = [int(x) for x in v]
+    return out
 
 
 class MetaClientError(Exception):
@@ -213,8 +231,15 @@ class MetaClient:
         status: dict[str, Any] = reply["status"]
         return status
 
-    async def heartbeat(self, node_id: NodeId, used_bytes: int | None = None) -> None:
-        await self._retrying({"op": "heartbeat", "node_id": int(node_id), "used_bytes": used_bytes}, True)
+    async def heartbeat(self, node_id: NodeId, used_bytes: int | None = None,
+                        chains: dict[int, list[int]] | None = None) -> int:
+        """Returns the chain lease (ms from before the call) the metadata leader grants; 0 if none."""
+        req: dict[str, Any] = {"op": "heartbeat", "node_id": int(node_id), "used_bytes": used_bytes}
+        if chains is not None:
+            req["chains"] = {str(k): v for k, v in chains.items()}
+        reply = await self._retrying(req, True)
+        lease = reply.get("lease_ms", 0)
+        return lease if isinstance(lease, int) else 0
 
     # -- conveniences --------------------------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 Owns: registering the node (rack, data address, capacity), heartbeating the metadata leader, and
 reconciling the groups this node hosts with the map (a group whose members include this node is
-hosted; members[0] is its preferred leader).
+hosted; members[0] is its preferred leader, or a chain's head), handing chain groups their configuration
+(members and epoch) and, after each heartbeat the metadata leader accepted, their lease.
 
 Rules:
 1. Heartbeats are not log entries (the metadata leader keeps them in memory); they carry used bytes.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 from pathlib import Path
 
 import structlog
@@ -62,7 +64,13 @@ class MetaAgent:
             self.registered = True
             log.info("agent.registered", node=self.node_id, rack=self.rack, capacity_bytes=capacity)
         used = int(self.runtime.engine.stats().get("live_bytes", 0))
-        await self.client.heartbeat(self.node_id, used)  # type: ignore[arg-type]
+        sent = time.monotonic()
+        chains = self.runtime.chains.report() if self.runtime.chains.groups else None
+        lease_ms = await self.client.heartbeat(self.node_id, used, chains)  # type: ignore[arg-type]
+        if lease_ms > 0:
+            # The metadata leader took this heartbeat: it will not remove this node from a chain before
+            # `sent + lease_ms` (it waits for a longer silence), so the node's tails may serve reads until then.
+            self.runtime.grant_chain_lease(sent + lease_ms / 1000.0)
         st = await self.client.state(barrier=False)
         self.state = st
         self.reconcile(st)
@@ -70,7 +78,12 @@ class MetaAgent:
     def reconcile(self, st: MetaState) -> None:
         for gid, g in sorted(st.groups.items()):
             members = [int(m) for m in g.members]
-            if self.node_id in members:
+            if g.mode == "chain":
+                # A member hosts it; a former member keeps getting the configuration (it learns it was
+                # removed, and stops acting in the old epoch).
+                if self.node_id in members or int(gid) in self.runtime.chains.groups:
+                    self.runtime.host_chain_group(int(gid), members, g.epoch)
+            elif self.node_id in members:
                 self.runtime.host_group(int(gid), members)
         # Fencing: each group learns its volume's latest attach epoch from the map too (not only from
         # the requests of the gateway that holds it).

@@ -225,13 +225,21 @@ def read_map(layout: Layout, cmap: ClusterMap) -> MetaState:
 
 # --- commands ------------------------------------------------------------------------------------
 def cluster_up(root: Path, nodes: int = 3, racks: int = 3, nbd_port: int = 10809, port_base: int | None = None,
-               disk: str = "os", bind: str = "127.0.0.1") -> str:
+               disk: str = "os", bind: str = "127.0.0.1", replication: str | None = None) -> str:
+    """`replication`: the default mode of `volume create` ("raft" | "chain"), fixed when the cluster is
+    first made (the layout file is written once); asking for another one later is an error."""
     layout = Layout(root)
     root.mkdir(parents=True, exist_ok=True)
+    if replication is not None and replication not in ("raft", "chain"):
+        raise ClusterError(f"--replication must be raft or chain, not {replication!r}")
     if layout.map_path.exists():
         cmap = ClusterMap.load(layout.map_path)
+        if replication is not None and replication != cmap.replication:
+            raise ClusterError(f"the cluster in {root} was made with --replication {cmap.replication}; "
+                               f"it is kept (create volumes with --replication {replication} instead)")
     else:
         cmap = create_layout(layout, nodes, racks, port_base, bind)
+        cmap.replication = replication or "raft"
         if nbd_port == 0:
             nbd_port = _free_port(bind)
         write_configs(layout, cmap, disk, bind, nbd_port)
@@ -387,12 +395,14 @@ def cluster_down(root: Path) -> list[str]:
     return stopped
 
 
-def volume_create(root: Path, name: str, size_bytes: int) -> dict[str, Any]:
+def volume_create(root: Path, name: str, size_bytes: int, replication: str | None = None) -> dict[str, Any]:
+    """`replication`: "raft" | "chain"; None: the cluster's default (`cluster up --replication`)."""
     layout = Layout(root)
     cmap = _load(layout)
+    mode = replication or cmap.replication
 
     async def go() -> Any:
-        return await meta_client(layout, cmap).create_volume(name, size_bytes)
+        return await meta_client(layout, cmap).create_volume(name, size_bytes, mode)
 
     try:
         res = asyncio.run(go())
@@ -405,7 +415,7 @@ def volume_create(root: Path, name: str, size_bytes: int) -> dict[str, Any]:
     groups = {int(g) for g in vol.extent_groups}
     wait_healthy(layout, cmap, groups)
     return {"name": vol.name, "size_bytes": vol.size_bytes, "extents": len(vol.extent_groups),
-            "groups": sorted(groups)}
+            "groups": sorted(groups), "replication": vol.mode}
 
 
 def volume_delete(root: Path, name: str) -> None:

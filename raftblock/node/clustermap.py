@@ -33,6 +33,7 @@ class ClusterMap:
     cluster_id: str
     nodes: list[NodeEntry]
     meta_admin: dict[str, str] = field(default_factory=dict)  # metadata node id -> admin "host:port"
+    replication: str = "raft"  # the default of `volume create` (`cluster up --replication`)
 
     # --- persistence --------------------------------------------------------------------------
     @classmethod
@@ -42,6 +43,7 @@ class ClusterMap:
             cluster_id=raw["cluster_id"],
             nodes=[NodeEntry(**n) for n in raw["nodes"]],
             meta_admin=dict(raw.get("meta_admin", {})),
+            replication=str(raw.get("replication", "raft")),
         )
 
     def save(self, path: Path) -> None:

@@ -50,7 +50,7 @@ from raftblock.gateway.nbd_server import GatewayConfig, NbdServer, VolumeCatalog
 from raftblock.meta.rpc import MetaClient, MetaClientError
 from raftblock.meta.state import MetaState
 from raftblock.node.clustermap import volume_infos
-from raftblock.replication.raft.group import RaftClient, RaftGroup
+from raftblock.replication.raft.group import ChainReplicaGroup, RaftClient, RaftGroup
 from raftblock.replication.raft.runtime import group_of_extent
 from raftblock.replication.raft.types import NodeId
 
@@ -85,7 +85,9 @@ class Gateway:
         gid = group_of_extent(extent_id)
         g = self._groups.get(gid)
         if g is None:
-            g = self._groups[gid] = RaftGroup(self.client, gid, self.deadline_s)
+            rec = self.state.groups.get(gid) if self.state is not None else None  # type: ignore[call-overload]
+            cls = ChainReplicaGroup if rec is not None and rec.mode == "chain" else RaftGroup
+            g = self._groups[gid] = cls(self.client, gid, self.deadline_s)
         return g
 
     async def reload(self) -> None:
@@ -95,6 +97,10 @@ class Gateway:
             self.client.nodes[int(n.node_id)] = (host, int(port))
         changed = self.state is None or st.volumes != self.state.volumes
         self.state = st
+        for gid, grec in st.groups.items():  # chains: route to the map's head and tail at once
+            if grec.mode == "chain" and grec.members:
+                self.client.leaders[int(gid)] = int(grec.members[0])
+                self.client.leaders[-int(gid)] = int(grec.members[-1])
         if not changed:
             return
         volumes = []

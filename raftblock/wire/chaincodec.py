@@ -14,10 +14,11 @@ from raftblock.wire.framing import Buf, FrameType, encode_frame
 
 
 def encode_chain(m: ChainMessage) -> list[Buf]:
-    pm = pb.ChainMsg(type=int(m.type), src=m.src, dst=m.dst, epoch=m.epoch, seq=m.seq, data_len=len(m.data))
+    pm = pb.ChainMsg(type=int(m.type), src=m.src, dst=m.dst, epoch=m.epoch, seq=m.seq, data_len=len(m.data),
+                     log_epoch=m.log_epoch)
     payload: list[Buf] = []
     for r in m.records:
-        pm.records.add(seq=r.seq, data_len=len(r.data))
+        pm.records.add(seq=r.seq, data_len=len(r.data), epoch=r.epoch)
         if r.data:
             payload.append(r.data)
     if m.data:
@@ -38,7 +39,7 @@ def decode_chain(group: int, message: bytes, payload: bytes | memoryview) -> Cha
         end = off + h.data_len
         if end > len(view):
             raise ValueError("record data beyond the payload")
-        records.append(Record(h.seq, bytes(view[off:end])))
+        records.append(Record(h.seq, bytes(view[off:end]), h.epoch))
         prev = h.seq
         off = end
     if records and mt != MessageType.WRITE:
@@ -54,4 +55,5 @@ def decode_chain(group: int, message: bytes, payload: bytes | memoryview) -> Cha
         off = end
     if off != len(view):
         raise ValueError("payload length does not match the message")
-    return ChainMessage(mt, GroupId(group), NodeId(pm.src), NodeId(pm.dst), pm.epoch, pm.seq, tuple(records), data)
+    return ChainMessage(mt, GroupId(group), NodeId(pm.src), NodeId(pm.dst), pm.epoch, pm.seq, tuple(records), data,
+                        pm.log_epoch)

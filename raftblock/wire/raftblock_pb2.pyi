@@ -82,15 +82,17 @@ class RaftMsg(_message.Message):
     def __init__(self, type: _Optional[int] = ..., src: _Optional[int] = ..., dst: _Optional[int] = ..., term: _Optional[int] = ..., log_term: _Optional[int] = ..., index: _Optional[int] = ..., commit: _Optional[int] = ..., reject: _Optional[bool] = ..., reject_hint: _Optional[int] = ..., context: _Optional[int] = ..., lease_tick: _Optional[int] = ..., force: _Optional[bool] = ..., snap_meta: _Optional[_Union[SnapMeta, _Mapping]] = ..., chunk_index: _Optional[int] = ..., chunk_total: _Optional[int] = ..., data_len: _Optional[int] = ..., epoch: _Optional[int] = ..., entries: _Optional[_Iterable[_Union[EntryHeader, _Mapping]]] = ...) -> None: ...
 
 class ChainRecordHeader(_message.Message):
-    __slots__ = ("seq", "data_len")
+    __slots__ = ("seq", "data_len", "epoch")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     DATA_LEN_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     seq: int
     data_len: int
-    def __init__(self, seq: _Optional[int] = ..., data_len: _Optional[int] = ...) -> None: ...
+    epoch: int
+    def __init__(self, seq: _Optional[int] = ..., data_len: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class ChainMsg(_message.Message):
-    __slots__ = ("type", "src", "dst", "epoch", "seq", "records", "data_len")
+    __slots__ = ("type", "src", "dst", "epoch", "seq", "records", "data_len", "log_epoch")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     SRC_FIELD_NUMBER: _ClassVar[int]
     DST_FIELD_NUMBER: _ClassVar[int]
@@ -98,6 +100,7 @@ class ChainMsg(_message.Message):
     SEQ_FIELD_NUMBER: _ClassVar[int]
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     DATA_LEN_FIELD_NUMBER: _ClassVar[int]
+    LOG_EPOCH_FIELD_NUMBER: _ClassVar[int]
     type: int
     src: int
     dst: int
@@ -105,7 +108,8 @@ class ChainMsg(_message.Message):
     seq: int
     records: _containers.RepeatedCompositeFieldContainer[ChainRecordHeader]
     data_len: int
-    def __init__(self, type: _Optional[int] = ..., src: _Optional[int] = ..., dst: _Optional[int] = ..., epoch: _Optional[int] = ..., seq: _Optional[int] = ..., records: _Optional[_Iterable[_Union[ChainRecordHeader, _Mapping]]] = ..., data_len: _Optional[int] = ...) -> None: ...
+    log_epoch: int
+    def __init__(self, type: _Optional[int] = ..., src: _Optional[int] = ..., dst: _Optional[int] = ..., epoch: _Optional[int] = ..., seq: _Optional[int] = ..., records: _Optional[_Iterable[_Union[ChainRecordHeader, _Mapping]]] = ..., data_len: _Optional[int] = ..., log_epoch: _Optional[int] = ...) -> None: ...
 
 class HeartbeatBatch(_message.Message):
     __slots__ = ("src", "dst", "response", "group", "term", "commit", "context", "lease_tick", "epoch")
@@ -150,7 +154,7 @@ class ClientRequest(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., op: _Optional[int] = ..., extent_id: _Optional[int] = ..., block: _Optional[int] = ..., count: _Optional[int] = ..., crcs: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., min_applied: _Optional[int] = ...) -> None: ...
 
 class GroupInfo(_message.Message):
-    __slots__ = ("group", "role", "term", "leader", "commit", "applied", "last_index", "snap_index", "lease", "allocated_bytes")
+    __slots__ = ("group", "role", "term", "leader", "commit", "applied", "last_index", "snap_index", "lease", "allocated_bytes", "mode", "tail", "synced")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
@@ -161,6 +165,9 @@ class GroupInfo(_message.Message):
     SNAP_INDEX_FIELD_NUMBER: _ClassVar[int]
     LEASE_FIELD_NUMBER: _ClassVar[int]
     ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    TAIL_FIELD_NUMBER: _ClassVar[int]
+    SYNCED_FIELD_NUMBER: _ClassVar[int]
     group: int
     role: int
     term: int
@@ -171,7 +178,10 @@ class GroupInfo(_message.Message):
     snap_index: int
     lease: bool
     allocated_bytes: int
-    def __init__(self, group: _Optional[int] = ..., role: _Optional[int] = ..., term: _Optional[int] = ..., leader: _Optional[int] = ..., commit: _Optional[int] = ..., applied: _Optional[int] = ..., last_index: _Optional[int] = ..., snap_index: _Optional[int] = ..., lease: _Optional[bool] = ..., allocated_bytes: _Optional[int] = ...) -> None: ...
+    mode: str
+    tail: int
+    synced: bool
+    def __init__(self, group: _Optional[int] = ..., role: _Optional[int] = ..., term: _Optional[int] = ..., leader: _Optional[int] = ..., commit: _Optional[int] = ..., applied: _Optional[int] = ..., last_index: _Optional[int] = ..., snap_index: _Optional[int] = ..., lease: _Optional[bool] = ..., allocated_bytes: _Optional[int] = ..., mode: _Optional[str] = ..., tail: _Optional[int] = ..., synced: _Optional[bool] = ...) -> None: ...
 
 class ClientResponse(_message.Message):
     __slots__ = ("request_id", "status", "leader_hint", "leader_address", "error", "crcs", "groups", "counters", "node_id", "runs")

@@ -62,7 +62,8 @@ COUNTERS = (
     "gap",  # WRITE records after a missing seq (dropped; the predecessor resends)
     "ack_beyond_log",  # refused: ACK for a seq this member does not hold
     "sync_unsynced",  # SYNC postponed: this member is not synced itself yet
-    "sync_ahead",  # SYNC from a successor holding more than me (update propagation broken)
+    "sync_ahead",  # SYNC from a successor whose log is longer than mine (answered with a snapshot)
+    "sync_mismatch",  # SYNC whose (seq, epoch) is not in my log (answered with a snapshot)
     "snapshots_sent",
     "resends",
     "proposals_refused",
@@ -90,6 +91,9 @@ class ChainCore:
         "_retry_interval",
         "_log",
         "_base",
+        "_base_epoch",
+        "_gen",
+        "_out_gen",
         "_last",
         "_persist_out",
         "_durable",
@@ -98,6 +102,7 @@ class ChainCore:
         "_client_acked",
         "_pred_synced",
         "_postponed_sync",
+        "_postponed_epoch",
         "_read_floor",
         "_sync_sent_at",
         "_acked_up",
@@ -152,6 +157,9 @@ class ChainCore:
         # A member starts empty: a (re)joining member is always treated as empty (docs/chain.md).
         self._log: list[Record] = []
         self._base = 0
+        self._base_epoch = 0  # the epoch of the record at _base (log matching)
+        self._gen = 0  # bumped when a snapshot replaces the log: an older outstanding Ready is void
+        self._out_gen = 0
         self._last = 0
         self._persist_out = 0  # records <= this have been handed to a Ready for persisting
         self._durable = 0  # records <= this are durable (advanced)
@@ -161,6 +169,7 @@ class ChainCore:
         # Upstream side (toward the head).
         self._pred_synced = True
         self._postponed_sync = -1  # a successor's SYNC seq that arrived before I was synced
+        self._postponed_epoch = 0
         self._read_floor = 0  # tail: predecessor's last seq when it answered my SYNC
         self._sync_sent_at = 0
         self._acked_up = 0  # highest ACK sent to the predecessor in this epoch
@@ -219,6 +228,48 @@ class ChainCore:
 
     def lease_valid(self) -> bool:
         return self.now < self._lease_until
+
+    @property
+    def caught_up(self) -> bool:
+        """Synced in this epoch and applied what the predecessor held when it answered the SYNC."""
+        return self.synced and self._applied >= self._read_floor
+
+    def read_now(self) -> bool:
+        """Tail only: a read may be served from the state machine right now, without a Ready (the same
+        conditions as read(), and nothing waits to be applied or installed)."""
+        return (
+            self.is_tail
+            and self._pred_synced
+            and self._applied >= self._read_floor
+            and self._applied == self._apply_out
+            and self._snap_pending is None
+            and (self._outstanding is None or self._outstanding.snapshot is None)
+            and self.now < self._lease_until
+        )
+
+    def epoch_at(self, seq: int) -> int:
+        """The epoch of the record at `seq` (0 for seq 0); -1 if this member no longer or not yet knows."""
+        if seq == self._base:
+            return self._base_epoch
+        if self._base < seq <= self._last:
+            return self._log[seq - self._base - 1].epoch
+        return -1
+
+    # == restart ===============================================================================================
+    def restore(self, base: int, base_epoch: int, records: list[Record], epoch: int) -> None:
+        """Start from what a previous incarnation left durable: the state machine at `base` (the runtime
+        re-applies nothing below it), `records` after it, and the last epoch this member adopted. The
+        member then waits for a configuration with a newer epoch (its place in `epoch` is lost: it may
+        have sent records it never persisted) and SYNCs with its log's end; a predecessor whose log does
+        not match there replaces the member's log by a snapshot (docs/chain.md, "restart")."""
+        assert self.config is None and self._last == 0, "restore() a fresh core only"
+        assert all(r.seq == base + 1 + i for i, r in enumerate(records)), "records must follow base"
+        self._log = list(records)
+        self._base = self._applied = self._apply_out = base
+        self._base_epoch = base_epoch
+        self._last = self._persist_out = self._durable = base + len(records)
+        self._client_acked = base
+        self.epoch = epoch
 
     # == inputs from the metadata group ========================================================================
     def set_config(self, cfg: ChainConfig) -> None:
@@ -282,7 +333,7 @@ class ChainCore:
             self.counters["proposals_refused"] += 1
             return 0
         seq = self._last + 1
-        self._log.append(Record(seq, data))
+        self._log.append(Record(seq, data, self.epoch))
         self._last = seq
         self._flush(reply=False)
         return seq
@@ -356,6 +407,7 @@ class ChainCore:
         if self._persist_out < self._last:
             rd.records = self._log[self._persist_out - self._base :]
             self._persist_out = self._last
+        self._out_gen = self._gen
         rd.applies, self._applies = self._applies, []
         rd.client_acks, self._client_acks = self._client_acks, []
         rd.reads, self._reads = self._reads, []
@@ -367,11 +419,14 @@ class ChainCore:
     def advance(self, rd: ChainReady) -> None:
         assert rd is self._outstanding, "advance() the Ready last returned by ready()"
         self._outstanding = None
-        # A snapshot installed after ready() may have moved _base past what this Ready persisted.
-        self._durable = max(self._durable, min(self._out_durable, self._last))
-        self._applied = max(self._applied, self._out_applied)
+        if self._out_gen == self._gen:
+            self._durable = max(self._durable, min(self._out_durable, self._last))
+            self._applied = max(self._applied, self._out_applied)
+        # else: a snapshot replaced the log after ready(); what this Ready persisted or applied is void
+        # (_on_snapshot set _durable and _applied), the snapshot's own Ready makes them durable.
         drop = min(self._applied, self._durable) - self._base
         if drop > 0:
+            self._base_epoch = self._log[drop - 1].epoch
             del self._log[:drop]
             self._base += drop
         self._progress()
@@ -381,9 +436,13 @@ class ChainCore:
         held = self._last if "ack_before_persist" in self._mutations else self._durable
         if not self.is_member:
             return 0
-        if self.succ == NO_NODE:
-            return held
-        return min(held, self._succ_acked)
+        ap = held if self.succ == NO_NODE else min(held, self._succ_acked)
+        if not self._pred_synced:
+            # Not synced in this epoch: my log may end in records that are not the chain's (a restarted
+            # or re-added member); nothing more is applied until my predecessor has matched it, and no
+            # ACK leaves (_progress).
+            return min(ap, self._apply_out)
+        return ap
 
     def _progress(self) -> None:
         """Emit what the ack point allows: an ACK upstream (or client acks at the head), and applies."""
@@ -391,7 +450,7 @@ class ChainCore:
             return
         ap = self._ack_point()
         if self.pred != NO_NODE:
-            if ap > 0 and (ap > self._acked_up or self._ack_due):
+            if ap > 0 and self._pred_synced and (ap > self._acked_up or self._ack_due):
                 early = "ack_before_persist" in self._mutations  # the planted bug: ACK with the forwards
                 (self._msgs_now if early else self._msgs_after).append(
                     ChainMessage(_MT.ACK, self.group, self.id, self.pred, self.epoch, seq=ap)
@@ -408,17 +467,22 @@ class ChainCore:
             self._apply_out = ap
 
     def _send_sync(self) -> None:
+        # The end of my log, durable or not: records past it from an old predecessor are in flight to
+        # my disk, and must match too (a member that crashes meanwhile restarts in a newer epoch).
         self._sync_sent_at = self.now
         self._msgs_now.append(
-            ChainMessage(_MT.SYNC, self.group, self.id, self.pred, self.epoch, seq=self._durable)
+            ChainMessage(_MT.SYNC, self.group, self.id, self.pred, self.epoch, seq=self._last,
+                         log_epoch=self.epoch_at(self._last))
         )
 
     def _on_write(self, m: ChainMessage) -> None:
         postponed = -1
+        postponed_epoch = 0
         if not self._pred_synced:
             self._pred_synced = True
             self._read_floor = m.seq
             postponed, self._postponed_sync = self._postponed_sync, -1
+            postponed_epoch = self._postponed_epoch
         for r in m.records:
             if r.seq <= self._last:
                 self.counters["duplicate_records"] += 1
@@ -430,19 +494,26 @@ class ChainCore:
                 break
         self._ack_due = True
         if postponed >= 0:
-            self._answer_sync(postponed)
+            self._answer_sync(postponed, postponed_epoch)
         else:
             self._flush(reply=False)
         self._progress()
 
     def _on_snapshot(self, m: ChainMessage) -> None:
-        if m.seq <= self._last:
-            return  # I hold everything it covers (a resent snapshot)
+        if self._pred_synced and m.seq <= self._last:
+            return  # synced (my log matches), and I hold everything it covers: a resent snapshot
+        # The answer to my SYNC (my log did not match, or is too old), or a resend ahead of my log: the
+        # image replaces my log and my state machine; records after it follow.
+        self._gen += 1
         self._log = []
         self._base = self._last = self._persist_out = m.seq
-        self._snap_pending = ChainSnapshot(m.seq, m.data)
-        self._apply_out = max(self._apply_out, m.seq)  # installing the image applies it
-        self._next_send = max(self._next_send, m.seq + 1)
+        self._base_epoch = m.log_epoch
+        self._durable = min(self._durable, m.seq)
+        self._applied = min(self._applied, m.seq)
+        self._snap_pending = ChainSnapshot(m.seq, m.data, m.log_epoch)
+        self._apply_out = m.seq  # installing the image applies it (and undoes anything applied after it)
+        self._applies = []
+        self._next_send = m.seq + 1
 
     def _on_ack(self, m: ChainMessage) -> None:
         if m.seq > self._last:
@@ -459,16 +530,22 @@ class ChainCore:
         if not self._pred_synced:
             self.counters["sync_unsynced"] += 1  # answered once I am synced (and the successor retries)
             self._postponed_sync = m.seq
+            self._postponed_epoch = m.log_epoch
             return
-        self._answer_sync(m.seq)
+        self._answer_sync(m.seq, m.log_epoch)
 
-    def _answer_sync(self, seq: int) -> None:
-        if seq > self._last:
-            self.counters["sync_ahead"] += 1
-            return
+    def _answer_sync(self, seq: int, log_epoch: int) -> None:
         self._succ_synced = True
-        self._succ_have = max(self._succ_have, seq)
         self._progress_at = self.now
+        if seq > self._last or (seq > 0 and (seq < self._base or self.epoch_at(seq) != log_epoch)):
+            # The successor's log does not end in mine: it holds records beyond mine (never acked:
+            # I hold every acked write) or a record of another history at `seq`, or I cannot check.
+            # A snapshot replaces its log; my records after the snapshot follow.
+            self.counters["sync_ahead" if seq > self._last else "sync_mismatch"] += 1
+            self._succ_have = 0
+            self._send_from(-1, reply=True)
+            return
+        self._succ_have = max(self._succ_have, seq)
         if "skip_sync_resend" in self._mutations:
             # The planted bug: take the successor as holding all I hold; only new records go downstream.
             self._succ_have = self._next_send = self._last
@@ -478,14 +555,16 @@ class ChainCore:
         self._send_from(seq, reply=True)
 
     def _send_from(self, have: int, reply: bool) -> None:
-        """Resend everything after `have` (with a snapshot first if my log no longer holds it)."""
-        if have < self._base:
+        """Resend everything after `have` (with a snapshot first if my log no longer holds it; -1: a
+        snapshot in any case)."""
+        if have < self._base or have < 0:
             snap = self._snapshot_fn()
             assert self._base <= snap.seq <= self._last, (snap.seq, self._base, self._last)
             self.counters["snapshots_sent"] += 1
             self._msgs_now.append(
                 ChainMessage(
-                    _MT.SNAPSHOT, self.group, self.id, self.succ, self.epoch, seq=snap.seq, data=snap.image
+                    _MT.SNAPSHOT, self.group, self.id, self.succ, self.epoch, seq=snap.seq, data=snap.image,
+                    log_epoch=self.epoch_at(snap.seq),
                 )
             )
             have = snap.seq

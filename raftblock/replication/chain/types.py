@@ -64,33 +64,39 @@ class ChainConfig:
 
 
 class Record:
-    """One write in the chain's log: `seq` is assigned by the head, consecutive from 1."""
+    """One write in the chain's log: `seq` is assigned by the head, consecutive from 1; `epoch` is the
+    configuration epoch its head proposed it in. (epoch, seq) names a record: one head per epoch assigns
+    each seq once, so two records with the same name hold the same data (log matching, as Raft's
+    (term, index))."""
 
-    __slots__ = ("seq", "data")
+    __slots__ = ("seq", "data", "epoch")
 
-    def __init__(self, seq: int, data: bytes) -> None:
+    def __init__(self, seq: int, data: bytes, epoch: int = 0) -> None:
         assert seq >= 1
         self.seq = seq
         self.data = data
+        self.epoch = epoch
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Record) and self.seq == other.seq and self.data == other.data
+        return (isinstance(other, Record) and self.seq == other.seq and self.data == other.data
+                and self.epoch == other.epoch)
 
     def __hash__(self) -> int:
         return hash((self.seq, self.data))
 
     def __repr__(self) -> str:
-        return f"Record({self.seq}, {len(self.data)}B)"
+        return f"Record({self.seq}@e{self.epoch}, {len(self.data)}B)"
 
 
 class ChainSnapshot:
     """A state-machine image at applied seq `seq` (what a joining member starts from)."""
 
-    __slots__ = ("seq", "image")
+    __slots__ = ("seq", "image", "epoch")
 
-    def __init__(self, seq: int, image: bytes) -> None:
+    def __init__(self, seq: int, image: bytes, epoch: int = 0) -> None:
         self.seq = seq
         self.image = image
+        self.epoch = epoch  # the epoch of the record at `seq` (log matching after the snapshot)
 
     def __repr__(self) -> str:
         return f"ChainSnapshot({self.seq}, {len(self.image)}B)"
@@ -99,12 +105,12 @@ class ChainSnapshot:
 class MessageType(IntEnum):
     WRITE = 1  # pred -> succ: `records` (maybe none: an answer to SYNC); `seq` = sender's last seq
     ACK = 2  # succ -> pred: everything <= `seq` is durable here and on every member after me
-    SYNC = 3  # succ -> pred, on a new epoch: "I hold (durably) everything <= `seq`; resend the rest"
-    SNAPSHOT = 4  # pred -> succ: state-machine image at `seq` in `data`; WRITEs after it follow
+    SYNC = 3  # succ -> pred, on a new epoch: "my log ends at `seq` (its record's epoch: `log_epoch`)"
+    SNAPSHOT = 4  # pred -> succ: state-machine image at `seq` (`log_epoch`) in `data`; WRITEs follow
 
 
 class ChainMessage:
-    __slots__ = ("type", "group", "src", "dst", "epoch", "seq", "records", "data")
+    __slots__ = ("type", "group", "src", "dst", "epoch", "seq", "records", "data", "log_epoch")
 
     def __init__(
         self,
@@ -116,6 +122,7 @@ class ChainMessage:
         seq: int = 0,
         records: tuple[Record, ...] = (),
         data: bytes = b"",
+        log_epoch: int = 0,
     ) -> None:
         self.type = type
         self.group = group
@@ -125,6 +132,7 @@ class ChainMessage:
         self.seq = seq
         self.records = records
         self.data = data
+        self.log_epoch = log_epoch  # SYNC, SNAPSHOT: the epoch of the record at `seq`
 
     def __repr__(self) -> str:
         extra = f", {len(self.records)} rec" if self.records else ""

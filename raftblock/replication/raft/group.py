@@ -137,6 +137,10 @@ class _ClientConn(asyncio.BufferedProtocol):
             self.transport.close()
 
 
+ROUTE_LEADER = 0  # writes (and Raft reads): the Raft leader, or a chain's head
+ROUTE_TAIL = 1  # chain reads: the tail
+
+
 class RaftClient:
     """Connections to the nodes of a cluster (by node id) and the leader cache."""
 
@@ -179,44 +183,53 @@ class RaftClient:
         return resp
 
     async def call(
-        self, group: int, req: pb.ClientRequest, payload: Sequence[Buf] = (), deadline_s: float | None = None
+        self,
+        group: int,
+        req: pb.ClientRequest,
+        payload: Sequence[Buf] = (),
+        deadline_s: float | None = None,
+        route: int = ROUTE_LEADER,
     ) -> Reply:
+        """`route`: which member serves it, each with its own cached node: ROUTE_LEADER (a Raft leader, a
+        chain's head) or ROUTE_TAIL (a chain's tail, for reads). A member that is not the one asked for
+        answers NOT_LEADER with a hint, which is followed."""
         deadline = time.monotonic() + (self.deadline_s if deadline_s is None else deadline_s)
+        key = group if route == ROUTE_LEADER else -group
         ids = sorted(self.nodes)
         backoff_s = 0.01
         unknown: set[int] = set()
         last_err = "no attempt"
         while True:
-            nid = self.leaders.get(group)
+            nid = self.leaders.get(key)
             if nid is None or nid not in self.nodes:
                 nid = ids[next(self._rr) % len(ids)]
             try:
                 resp, data = await self.call_node(nid, group, req, payload)
             except (OSError, ConnectionError, TimeoutError) as e:
                 last_err = f"node {nid}: {e!r}"
-                self.leaders.pop(group, None)
+                self.leaders.pop(key, None)
                 self._drop(nid)
                 resp = None
             if resp is not None:
                 st = resp.status
                 if st == ST_OK:
-                    self.leaders[group] = nid
+                    self.leaders[key] = nid
                     return resp, data
                 if st == ST_NOT_LEADER:
                     last_err = f"node {nid}: not leader (hint {resp.leader_hint})"
                     if resp.leader_hint and resp.leader_hint != nid and resp.leader_hint in self.nodes:
-                        self.leaders[group] = int(resp.leader_hint)
+                        self.leaders[key] = int(resp.leader_hint)
                         self.retries += 1
                         if time.monotonic() < deadline:
                             continue
                     else:
-                        self.leaders.pop(group, None)
+                        self.leaders.pop(key, None)
                 elif st == ST_UNAVAILABLE:
                     last_err = f"node {nid}: unavailable: {resp.error}"
-                    self.leaders.pop(group, None)
+                    self.leaders.pop(key, None)
                 elif st == ST_UNKNOWN_GROUP:
                     unknown.add(nid)
-                    self.leaders.pop(group, None)
+                    self.leaders.pop(key, None)
                     if unknown >= set(ids):
                         raise GroupError(f"group {group} is not hosted by any node")
                 elif st == ST_CORRUPT:
@@ -298,4 +311,36 @@ class RaftGroup:
             members=[str(n) for n in sorted(self.client.nodes)],
             leader=str(lead) if lead is not None else None,
             healthy=lead is not None,
+        )
+
+
+class ChainReplicaGroup(RaftGroup):
+    """ReplicationGroup over a chain-replicated extent group (docs/chain.md): writes and trims go to the
+    head, reads and block status to the tail; the nodes answer NOT_LEADER with the right member as hint.
+    An acknowledged write is durable on every member of the chain."""
+
+    async def read(self, extent_id: int, block: int, count: int) -> tuple[bytearray, list[int]]:
+        req = pb.ClientRequest(op=OP_C_READ, extent_id=extent_id, block=block, count=count, epoch=self.epoch)
+        resp, data = await self.client.call(self.group_id, req, (), self.deadline_s, ROUTE_TAIL)
+        return bytearray(data), list(resp.crcs)
+
+    async def block_status(self, extent_id: int, block: int, count: int) -> list[tuple[int, bool]]:
+        req = pb.ClientRequest(op=OP_C_BLOCK_STATUS, extent_id=extent_id, block=block, count=count, epoch=self.epoch)
+        resp, _ = await self.client.call(self.group_id, req, (), self.deadline_s, ROUTE_TAIL)
+        runs = list(resp.runs)
+        out = [(runs[i], bool(runs[i + 1])) for i in range(0, len(runs) - 1, 2)]
+        if sum(n for n, _ in out) != count:
+            raise GroupError(f"block status of group {self.group_id} covers {sum(n for n, _ in out)} of {count} blocks")
+        return out
+
+    def status(self) -> GroupStatus:
+        head = self.client.leaders.get(self.group_id)
+        tail = self.client.leaders.get(-self.group_id)
+        return GroupStatus(
+            group_id=self.group_id,
+            mode="chain",
+            members=[str(n) for n in sorted(self.client.nodes)],
+            leader=str(head) if head is not None else None,
+            healthy=head is not None,
+            detail={"tail": str(tail) if tail is not None else "-"},
         )

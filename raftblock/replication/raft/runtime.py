@@ -39,6 +39,7 @@ from typing import Any, cast
 import structlog
 
 from raftblock._fast import blockcrc
+from raftblock.replication.chain.runtime import ChainGroup, ChainHost
 from raftblock.replication.raft.core import RaftConfig, RaftCore, Ready
 from raftblock.replication.raft.storage import bootstrap_snapshot
 from raftblock.replication.raft.transport import Connection, Transport
@@ -281,8 +282,12 @@ class NodeRuntime:
             self._add_group(gid, members, recovered.get(gid))
         self._dirty: set[int] = set()
         self._propose_dirty: set[int] = set()
+        # Chain-replicated groups (replication/chain/runtime.py): same loop, WAL, transport and engine.
+        self.chains = ChainHost(self)
+        self._dirty_chain: set[int] = set()
+        self._chain_propose_dirty: set[int] = set()
         self._kicked = False
-        self._sync_waiters: list[_Group] = []
+        self._sync_waiters: list[_Group | ChainGroup] = []
         self._syncing = False
         self._sync_thread_until = 0.0  # monotonic time until which WAL syncs run on the thread (slow disk)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-sync")
@@ -355,6 +360,19 @@ class NodeRuntime:
         g.preferred = NodeId(members[0]) if members else NO_NODE
         return new
 
+    def host_chain_group(self, gid: int, members: list[int], epoch: int) -> bool:
+        """Host chain group `gid` and hand it the map's configuration (members head first, epoch)."""
+        if gid in self.groups:
+            log.error("chain.group_is_raft", group=gid)
+            return False
+        return self.chains.host(gid, members, epoch)
+
+    def grant_chain_lease(self, until_monotonic: float) -> None:
+        """The node's chain lease from the metadata leader (chain/runtime.py rule 5), in ticks."""
+        tick = int((until_monotonic - self._t0) * 1000.0 / self.cfg.tick_ms)
+        self.chains.grant_lease(tick)
+        self._kick()
+
     def _fence_ok(self, gid: int, epoch: int) -> bool:
         """Zombie fencing by generation: a request carries the attach epoch of the gateway that sent it;
         the highest epoch seen for a group (from requests or from the metadata map) wins, and anything
@@ -403,6 +421,8 @@ class NodeRuntime:
             await self._peer_client.close()
         for g in self.groups.values():
             self._fail_group_requests(g, NotLeaderError(NO_NODE))
+        for cg in self.chains.groups.values():
+            self.chains.fail_requests(cg, NotLeaderError(NO_NODE))
         while self._syncing:
             await asyncio.sleep(0.01)
         loop = asyncio.get_running_loop()
@@ -443,6 +463,8 @@ class NodeRuntime:
             for _ in range(n):
                 core.tick()
         self._dirty.update(self.groups)
+        if self.chains.groups:
+            self.chains.tick(due)
         self._kick()
 
     def _process(self) -> None:
@@ -453,12 +475,20 @@ class NodeRuntime:
             for gid in self._propose_dirty:
                 self._flush_proposals(self.groups[gid])
             self._propose_dirty.clear()
-            while self._dirty:
+            if self._chain_propose_dirty:
+                for gid in self._chain_propose_dirty:
+                    self.chains.flush_proposals(self.chains.groups[gid])
+                self._chain_propose_dirty.clear()
+            while self._dirty or self._dirty_chain:
                 dirty, self._dirty = self._dirty, set()
                 for gid in dirty:
                     g = self.groups[gid]
                     if g.rd is None and g.core.has_ready():
                         self._handle_ready(g)
+                if self._dirty_chain:
+                    cdirty, self._dirty_chain = self._dirty_chain, set()
+                    for gid in cdirty:
+                        self.chains.process(gid)
             self._flush_heartbeats()
             self.transport.flush()
             self.wal.flush()
@@ -499,6 +529,8 @@ class NodeRuntime:
         self.failed = e
         for g in self.groups.values():
             self._fail_group_requests(g, RetryError(f"node failed: {e!r}"))
+        for cg in self.chains.groups.values():
+            self.chains.fail_requests(cg, RetryError(f"node failed: {e!r}"))
 
     def _sync_inline_now(self) -> bool:
         if self.cfg.wal_sync != "inline":
@@ -524,8 +556,8 @@ class NodeRuntime:
         self._sync_done(synced)
 
     def _sync_done(self, synced: int) -> None:
-        still: list[_Group] = []
-        done: list[_Group] = []
+        still: list[_Group | ChainGroup] = []
+        done: list[_Group | ChainGroup] = []
         for g in self._sync_waiters:
             (done if g.wait_pos <= synced else still).append(g)
         self._sync_waiters = still
@@ -534,6 +566,9 @@ class NodeRuntime:
         # apply is not).
         sent = False
         for g in done:
+            if isinstance(g, ChainGroup):
+                sent = self.chains.synced_messages(g) or sent
+                continue
             rd = g.rd
             if rd is not None and rd.messages:
                 for m in rd.messages:
@@ -544,7 +579,10 @@ class NodeRuntime:
             self._flush_heartbeats()
             self.transport.flush()
         for g in done:
-            self._finish_ready(g)
+            if isinstance(g, ChainGroup):
+                self.chains.synced(g)
+            else:
+                self._finish_ready(g)
         if self.wal.gc() and not self._stopping:
             assert self._loop is not None
             self._loop.run_in_executor(self._engine_executor, self._reap_wal)
@@ -636,30 +674,34 @@ class NodeRuntime:
         self._dirty.add(g.id)
         self._kick()
 
+    def _apply_data(self, gid: int, index: int, data: bytes) -> None:
+        """Apply one committed entry (Raft) or record (chain): a batch of whole-block writes and trims."""
+        try:
+            writes: list[tuple[int, int, bytes | bytearray | memoryview, Sequence[int]]] = []
+            for op in decode_batch(data):
+                if op.kind == OP_WRITE:
+                    writes.append((op.extent_id, op.block, op.data, op.crcs))
+                    continue
+                if writes:
+                    self.engine.write_many(writes)  # one pwrite for the run of writes
+                    writes = []
+                self.engine.trim(op.extent_id, op.block, op.count)
+            if writes:
+                self.engine.write_many(writes)
+        except (NoSpaceError, CorruptBlockError, ValueError) as ex:
+            # A replica that cannot apply a committed entry must not pretend it did: the node stops
+            # serving (runtime failed) and is repaired from its peers.
+            self.counters["apply_errors"] += 1
+            log.error("raft.apply_failed", group=gid, index=index, error=repr(ex))
+            raise
+        self.commits += 1
+        self._applied_bytes += len(data)
+        if self._applied_bytes >= self.cfg.engine_sync_bytes and not self._engine_syncing and not self._stopping:
+            self._start_engine_sync()
+
     def _apply(self, g: _Group, e: Entry) -> None:
         if e.type == EntryType.NORMAL and e.data:
-            try:
-                writes: list[tuple[int, int, bytes | bytearray | memoryview, Sequence[int]]] = []
-                for op in decode_batch(e.data):
-                    if op.kind == OP_WRITE:
-                        writes.append((op.extent_id, op.block, op.data, op.crcs))
-                        continue
-                    if writes:
-                        self.engine.write_many(writes)  # one pwrite for the run of writes
-                        writes = []
-                    self.engine.trim(op.extent_id, op.block, op.count)
-                if writes:
-                    self.engine.write_many(writes)
-            except (NoSpaceError, CorruptBlockError, ValueError) as ex:
-                # A replica that cannot apply a committed entry must not pretend it did: the node stops
-                # serving (runtime failed) and is repaired from its peers.
-                self.counters["apply_errors"] += 1
-                log.error("raft.apply_failed", group=g.id, index=e.index, error=repr(ex))
-                raise
-            self.commits += 1
-            self._applied_bytes += len(e.data)
-            if self._applied_bytes >= self.cfg.engine_sync_bytes and not self._engine_syncing and not self._stopping:
-                self._start_engine_sync()
+            self._apply_data(g.id, e.index, e.data)
         p = g.proposals.pop(e.index, None)
         if p is not None:
             term, futs = p
@@ -720,6 +762,8 @@ class NodeRuntime:
         elif frame.type == FrameType.HEARTBEATS:
             for m in decode_heartbeats(frame.message):
                 self._step(m)
+        elif frame.type == FrameType.CHAIN:
+            self.chains.on_frame(frame.group, frame.message, frame.payload)
         elif frame.type in (FrameType.CLIENT_REQ,):
             self.counters["frames_malformed"] += 1
         else:
@@ -752,6 +796,9 @@ class NodeRuntime:
             if refused is not None:
                 self._answer(conn, gid, req.request_id, refused)
                 return
+            if gid in self.chains.groups:
+                self._chain_client(conn, gid, req, frame.payload)
+                return
             if req.op in (OP_C_WRITE, OP_C_TRIM):
                 self._write_fast(conn, gid, req, frame.payload)
                 return
@@ -763,7 +810,7 @@ class NodeRuntime:
     def _io_refusal(self, gid: int, req: pb.ClientRequest) -> _Refused | None:
         """The edge checks of a client's block I/O (write, trim, read, block status), in one place: the
         group is hosted here, the node knows the fences, the request's attach epoch is current."""
-        if gid not in self.groups:
+        if gid not in self.groups and gid not in self.chains.groups:
             self.counters["client_unknown_group"] += 1
             return _Refused(ST_UNKNOWN_GROUP, f"group {gid} is not hosted here")
         if not self.fences_known:
@@ -780,6 +827,76 @@ class NodeRuntime:
         if exc is not None:
             self._error_response(resp, exc)
         conn.send_soon(encode_frame(FrameType.CLIENT_RESP, gid, resp.SerializeToString()))
+
+    def _chain_client(self, conn: Connection, gid: int, req: pb.ClientRequest, payload: bytes | memoryview) -> None:
+        """Block I/O on a chain group (the edge checks have passed): writes and trims at the head, reads and
+        block status at the tail (docs/chain.md); a member that is not the one asked for answers
+        NOT_LEADER with the right node as hint."""
+        ch = self.chains
+        g = ch.groups[gid]
+        if req.op in (OP_C_WRITE, OP_C_TRIM):
+            reply = _Reply(self, conn, gid, req.request_id)
+            try:
+                op = self._validate_write(g, req, payload)  # type: ignore[arg-type]
+                ch.check_head(g)
+                if len(g.pending) + len(g.proposals) >= self.cfg.pending_writes_max:
+                    self.counters["client_overloaded"] += 1
+                    raise RetryError("too many writes in flight for this group")
+                g.pending.append(_Pending(op, reply))
+                g.pending_bytes += op.encoded_size()
+                self._chain_propose_dirty.add(gid)
+                self._kick()
+            except Exception as e:  # every refusal becomes a precise status (_error_response)
+                reply.set_exception(e)
+            return
+        if req.op == OP_C_READ and self.failed is None:
+            n = req.count
+            if group_of_extent(req.extent_id) == gid and 1 <= n <= MAX_WRITE_BLOCKS and req.block + n <= MAX_BLOCK:
+                self._catch_up_ticks()  # a tail that was stopped must see its lease expire first
+                if g.core.read_now():
+                    try:
+                        data, crcs = self.engine.read(req.extent_id, req.block, n)
+                    except CorruptBlockError:
+                        pass  # the general path answers it precisely
+                    else:
+                        resp = pb.ClientResponse(request_id=req.request_id, node_id=self.node_id)
+                        resp.crcs.extend(crcs)
+                        conn.send_soon(encode_frame(FrameType.CLIENT_RESP, gid, resp.SerializeToString(), [data]))
+                        self.counters["chain_reads_fast"] += 1
+                        return
+        assert self._loop is not None
+        self._loop.create_task(self._chain_serve(conn, gid, req))
+
+    async def _chain_serve(self, conn: Connection, gid: int, req: pb.ClientRequest) -> None:
+        resp = pb.ClientResponse(request_id=req.request_id, node_id=self.node_id)
+        out_payload: list[bytes | bytearray | memoryview] = []
+        ch = self.chains
+        try:
+            g = ch.groups[gid]
+            if self.failed is not None:
+                raise RetryError(f"node failed: {self.failed!r}")
+            if group_of_extent(req.extent_id) != gid:
+                raise ValueError(f"extent {req.extent_id:#x} does not belong to group {gid}")
+            n = req.count
+            limit = BLOCK_STATUS_BLOCKS_MAX if req.op == OP_C_BLOCK_STATUS else MAX_WRITE_BLOCKS
+            if n < 1 or n > limit or req.block + n > MAX_BLOCK:
+                raise ValueError("bad block range")
+            await ch.read_barrier(g)
+            if req.op == OP_C_READ:
+                try:
+                    data, crcs = self.engine.read(req.extent_id, req.block, n)
+                except CorruptBlockError as e:
+                    self.counters["corrupt_reads"] += 1
+                    log.error("chain.corrupt_read", group=gid, extent_id=req.extent_id, block=e.block, reason=e.reason)
+                    raise
+                resp.crcs.extend(crcs)
+                out_payload.append(data)
+            else:
+                for count, allocated in self.engine.block_status(req.extent_id, req.block, n):
+                    resp.runs.extend((count, int(allocated)))
+        except (NotLeaderError, RetryError, CorruptBlockError, NoSpaceError, ValueError) as e:
+            self._error_response(resp, e)
+        conn.send_soon(encode_frame(FrameType.CLIENT_RESP, gid, resp.SerializeToString(), out_payload))
 
     def _read_fast(self, conn: Connection, gid: int, req: pb.ClientRequest) -> bool:
         """A read served at once under the leader's lease when everything up to the commit index is
@@ -826,6 +943,8 @@ class NodeRuntime:
                 by_group = self._allocated_bytes_by_group()  # one pass over the index, not one per group
                 for g in self.groups.values():
                     resp.groups.append(self._group_info(g, by_group.get(g.id, 0)))
+                for cg in self.chains.groups.values():
+                    resp.groups.append(self._chain_info(cg, by_group.get(cg.id, 0)))
                 for k, v in self.counters.items():
                     resp.counters[k] = v
                 for k, v in self.wal.stats().items():
@@ -834,6 +953,9 @@ class NodeRuntime:
                 for k, v in self.engine.stats().items():
                     resp.counters[f"engine_{k}"] = int(v)
                 resp.counters["peers_connected"] = len(self.transport.conns)
+            elif gid in self.chains.groups and req.op == OP_C_STATUS:
+                cg = self.chains.groups[gid]
+                resp.groups.append(self._chain_info(cg, self._allocated_bytes_by_group().get(gid, 0)))
             else:
                 grp = self.groups.get(gid)
                 if grp is None:
@@ -896,10 +1018,15 @@ class NodeRuntime:
             out[gid] = out.get(gid, 0) + len(blocks) * BLOCK_SIZE
         return out
 
+    def _chain_info(self, g: ChainGroup, allocated_bytes: int) -> pb.GroupInfo:
+        i = self.chains.info(g)
+        return pb.GroupInfo(group=g.id, mode="chain", allocated_bytes=allocated_bytes, **i)  # type: ignore[arg-type]
+
     def _group_info(self, g: _Group, allocated_bytes: int) -> pb.GroupInfo:
         c = g.core
         return pb.GroupInfo(
             group=g.id,
+            mode="raft",
             role=int(c.role),
             term=c.term,
             leader=c.lead,
@@ -1142,7 +1269,11 @@ class NodeRuntime:
         loop = asyncio.get_running_loop()
         try:
             applied = {gid: g.core.applied_index for gid, g in self.groups.items()}
+            chain_points = self.chains.compaction_points()
             await loop.run_in_executor(self._engine_executor, self.engine.sync)
+            n_chain = self.chains.compact(chain_points)
+            if n_chain:
+                self._dirty_chain.update(chain_points)
             n = 0
             for gid, idx in applied.items():
                 g = self.groups.get(gid)

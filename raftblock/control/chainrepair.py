@@ -1,0 +1,77 @@
+# Chain repair: the configuration changes the metadata leader makes to chain-replicated groups
+# (docs/chain.md, "What the metadata group must guarantee"). A core without I/O: the committed map and
+# the members' latest reports (carried by their heartbeats) in, SetGroupMembers commands out.
+#
+# Rules:
+# 1. One change per group at a time, each a compare-and-set on the group's epoch (SetGroupMembers).
+# 2. A restarted member (it reports no configuration, and an epoch at least the map's: it persisted that
+#    epoch and may have acted in it) gets a bump: same members, epoch + 1. It then syncs with its log.
+# 3. A member whose node is not `up` (suspect or down: silent for longer than the lease nodes are given)
+#    is removed, but only once every other member has adopted the current epoch and caught up, and never
+#    below one member. The head's successor becomes head; a new tail holds every acknowledged write.
+# 4. A chain shorter than `replicas` gets an `up` node in a rack it does not use, at the tail, once every
+#    member has adopted the current epoch and caught up. The node joins with its durable log if it has one
+#    (it syncs: matching records are kept, anything else is replaced by a snapshot).
+# 5. A member's report is [epoch adopted, configured 0/1, caught up 0/1] per group (ChainHost.report).
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from raftblock.meta.state import MetaState, SetGroupMembers
+from raftblock.replication.raft.types import NodeId
+
+Report = Sequence[int]
+
+
+def plan_chain_changes(
+    st: MetaState, reports: Mapping[NodeId, Mapping[int, Report]], max_changes: int = 16
+) -> list[tuple[SetGroupMembers, str]]:
+    """(command, reason) for the groups that need a change now; at most `max_changes`."""
+    out: list[tuple[SetGroupMembers, str]] = []
+    for gid in sorted(st.groups):
+        g = st.groups[gid]
+        if g.mode != "chain":
+            continue
+        members = [int(m) for m in g.members]
+
+        def rep(m: int, gid: int = int(gid)) -> Report | None:
+            return reports.get(NodeId(m), {}).get(gid)
+
+        def up(m: int) -> bool:
+            n = st.nodes.get(NodeId(m))
+            return n is not None and n.state == "up"
+
+        def settled(m: int, epoch: int = g.epoch) -> bool:
+            r = rep(m)
+            return r is not None and len(r) >= 3 and r[0] == epoch and r[1] == 1 and r[2] == 1
+
+        restarted = [m for m in members if up(m) and (r := rep(m)) is not None and len(r) >= 2
+                     and r[1] == 0 and r[0] >= g.epoch]
+        cmd: SetGroupMembers | None = None
+        reason = ""
+        if restarted:
+            cmd = SetGroupMembers(int(gid), tuple(members), g.epoch)
+            reason = f"member {restarted[0]} restarted"
+        else:
+            failed = [m for m in members if not up(m)]
+            if failed and len(members) > 1:
+                others = [m for m in members if m != failed[0]]
+                if all(settled(m) for m in others):
+                    cmd = SetGroupMembers(int(gid), tuple(others), g.epoch)
+                    reason = f"member {failed[0]} is {st.nodes[NodeId(failed[0])].state if NodeId(failed[0]) in st.nodes else 'gone'}"
+            elif not failed and len(members) < st.replicas and all(settled(m) for m in members):
+                racks = {st.nodes[NodeId(m)].rack for m in members}
+                spare = sorted(
+                    (n.reserved_bytes, int(n.node_id))
+                    for n in st.nodes.values()
+                    if n.state == "up" and int(n.node_id) not in members and n.rack not in racks
+                )
+                if spare:
+                    new = spare[0][1]
+                    cmd = SetGroupMembers(int(gid), (*members, new), g.epoch)
+                    reason = f"node {new} joins at the tail"
+        if cmd is not None:
+            out.append((cmd, reason))
+            if len(out) >= max_changes:
+                break
+    return out

@@ -1,0 +1,414 @@
+# ChainHost: drives the chain-replicated groups of one node inside the node's NodeRuntime (raft/runtime.py).
+#
+# Owns: the chain groups' cores, their client requests (writes at the head, reads at the tail), their
+# configurations and leases as the metadata group hands them out. Shares with the Raft groups of the node:
+# the event loop, the transport (CHAIN frames on the same peer connections), the WAL (one group commit
+# covers both), the engine (the state machine every group applies to), ticks, snapshots and compaction.
+#
+# Rules (the core's Ready contract, docs/chain.md, over the shared WAL):
+# 1. A chain group's durable state is kept in the WAL with Raft's records: a record is an entry
+#    (term = the record's epoch, index = its seq), the snapshot/compaction point is (index = seq,
+#    term = epoch of that record), and the hard state's term is the last configuration epoch adopted.
+# 2. A configuration with a newer epoch is adopted only once that epoch is durable in the WAL, so a
+#    restarted member never acts again in an epoch it may already have acted in (it waits for the
+#    metadata group to bump the epoch: MetaAgent reports it, the metadata leader bumps).
+# 3. Per group at most one Ready is outstanding: `messages_now` (WRITE/SYNC/SNAPSHOT) leave at once, the
+#    snapshot and records go to the WAL, and the rest (ACKs, applies, client acks, reads) waits for the
+#    WAL fdatasync that covers them. ACKs leave before applies (as Raft's acknowledgements do).
+# 4. A client write is answered OK only when its seq is in `client_acks` of the head: durable on every
+#    member of the configuration and applied on the head. A read is answered only by the tail, synced,
+#    under a lease (rule 5), after what it must see is applied.
+# 5. Leases: the node's MetaAgent grants one after each heartbeat the metadata leader accepted, until
+#    `sent + lease_ms` (the metadata leader removes a member only after a longer silence, HealthConfig).
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import structlog
+
+from raftblock.replication.chain.core import ChainCore
+from raftblock.replication.chain.types import ChainConfig, ChainMessage, ChainReady, ChainSnapshot, Record
+from raftblock.replication.raft.types import (
+    NO_NODE,
+    ConfState,
+    Entry,
+    EntryType,
+    GroupId,
+    HardState,
+    NodeId,
+    Snapshot,
+    SnapshotMeta,
+)
+from raftblock.replication.raft.wal import GroupDurable, WalStorage
+from raftblock.wire.chaincodec import decode_chain, encode_chain
+
+if TYPE_CHECKING:
+    from raftblock.replication.raft.runtime import NodeRuntime, _Pending, _Reply
+
+log = structlog.get_logger(__name__)
+
+INFLIGHT_MAX = 128  # records forwarded and not yet acknowledged by the successor
+BATCH_MAX = 32  # records per WRITE
+UNCOMMITTED_MAX = 1024  # head: records proposed and not acknowledged by the whole chain
+RETRY_TICKS = 10  # resend / re-SYNC after this many ticks without progress
+
+
+class ChainGroup:
+    __slots__ = (
+        "id",
+        "core",
+        "storage",
+        "rd",
+        "wait_pos",
+        "waiting",
+        "pending_cfg",
+        "pending",
+        "pending_bytes",
+        "proposals",
+        "reads",
+        "members",
+        "was_head",
+    )
+
+    def __init__(self, gid: int, core: ChainCore, storage: WalStorage) -> None:
+        self.id = gid
+        self.core = core
+        self.storage = storage
+        self.rd: ChainReady | None = None
+        self.wait_pos = 0
+        self.waiting = False  # in the runtime's sync waiters
+        self.pending_cfg: ChainConfig | None = None  # adopted once its epoch is durable (rule 2)
+        self.pending: list[_Pending] = []
+        self.pending_bytes = 0
+        self.proposals: dict[int, list[_Reply]] = {}  # seq -> the writes it carries
+        self.reads: dict[int, asyncio.Future[int]] = {}  # ctx -> waiting for the tail's Ready
+        self.members: tuple[int, ...] = ()
+        self.was_head = False
+
+
+def _durable_of(rec: GroupDurable | None) -> tuple[int, int, list[Record], int]:
+    """(base seq, base epoch, records, last adopted epoch) from what the WAL recovered (rule 1)."""
+    if rec is None:
+        return 0, 0, [], 0
+    base = rec.snap.index if rec.snap is not None else 0
+    base_epoch = rec.snap.term if rec.snap is not None else 0
+    records = [Record(e.index, e.data, e.term) for e in rec.entries]
+    return base, base_epoch, records, rec.hard_state.term
+
+
+class ChainHost:
+    def __init__(self, rt: NodeRuntime) -> None:
+        self.rt = rt
+        self.groups: dict[int, ChainGroup] = {}
+        self.lease_until_tick = -1  # the node's lease, in runtime ticks (rule 5)
+
+    # == hosting and configuration (from the MetaAgent) =======================================================
+    def host(self, gid: int, members: Sequence[int], epoch: int) -> bool:
+        """Host chain group `gid` (the map names this node a member) and hand it the map's configuration
+        (members head first, epoch). Returns True when it was not hosted before."""
+        rt = self.rt
+        g = self.groups.get(gid)
+        new = g is None
+        if g is None:
+            rec = rt._recovered.pop(gid, None)
+            storage = WalStorage(rt.wal, gid, rec, SnapshotMeta(0, 0, ConfState(frozenset())), lambda _m: b"")
+            core = ChainCore(
+                rt.node_id,
+                GroupId(gid),
+                self._snapshot_fn(gid),
+                inflight_max=INFLIGHT_MAX,
+                batch_max=BATCH_MAX,
+                uncommitted_max=UNCOMMITTED_MAX,
+                retry_interval=RETRY_TICKS,
+            )
+            base, base_epoch, records, last_epoch = _durable_of(rec)
+            if rec is not None:
+                core.restore(base, base_epoch, records, last_epoch)
+                log.info("chain.restored", group=gid, base=base, records=len(records), epoch=last_epoch)
+            core.tick(rt._ticks_done)
+            g = self.groups[gid] = ChainGroup(gid, core, storage)
+            log.info("chain.group_hosted", group=gid, members=list(members), epoch=epoch)
+        self.configure(g, members, epoch)
+        return new
+
+    def configure(self, g: ChainGroup, members: Sequence[int], epoch: int) -> None:
+        core = g.core
+        pend = g.pending_cfg
+        if epoch <= core.epoch or (pend is not None and epoch <= pend.epoch) or not members:
+            return
+        cfg = ChainConfig(epoch, tuple(NodeId(m) for m in members))
+        g.pending_cfg = cfg
+        g.storage.set_hard_state(HardState(epoch, NO_NODE, 0))  # rule 2: durable before adopted
+        self._wait_sync(g)
+        self.rt._kick()
+
+    def _adopt(self, g: ChainGroup) -> None:
+        cfg = g.pending_cfg
+        if cfg is None:
+            return
+        g.pending_cfg = None
+        core = g.core
+        core.set_config(cfg)
+        g.members = tuple(int(m) for m in cfg.members)
+        core.grant_lease(core.epoch, self.lease_until_tick)
+        log.info("chain.config", group=g.id, epoch=cfg.epoch, members=list(g.members), head=core.is_head,
+                 tail=core.is_tail, member=core.is_member)
+        if g.was_head and not core.is_head:
+            self.fail_requests(g, self._not_head(g))
+        g.was_head = core.is_head
+        self.rt._dirty_chain.add(g.id)
+
+    def grant_lease(self, until_tick: int) -> None:
+        """The node's lease from the metadata group (rule 5), given to every group's current epoch."""
+        if until_tick <= self.lease_until_tick:
+            return
+        self.lease_until_tick = until_tick
+        for g in self.groups.values():
+            if g.core.config is not None:
+                g.core.grant_lease(g.core.epoch, until_tick)
+
+    def report(self) -> dict[int, list[int]]:
+        """What the metadata leader needs for its one-change-at-a-time rule: per group [epoch adopted,
+        configured (0/1), synced and caught up (0/1)]. A restarted member reports configured = 0 with
+        the epoch it persisted: the leader bumps the epoch for it."""
+        out: dict[int, list[int]] = {}
+        for gid, g in self.groups.items():
+            c = g.core
+            out[gid] = [c.epoch, int(c.config is not None), int(c.synced and c.caught_up)]
+        return out
+
+    def _snapshot_fn(self, gid: int) -> Callable[[], ChainSnapshot]:
+        def make() -> ChainSnapshot:
+            g = self.groups[gid]
+            return ChainSnapshot(g.core.applied_seq, self.rt.export_group(gid))
+
+        return make
+
+    # == ticks, messages =======================================================================================
+    def tick(self, now: int) -> None:
+        for g in self.groups.values():
+            g.core.tick(now)
+        self.rt._dirty_chain.update(self.groups)
+
+    def on_frame(self, group: int, message: bytes, payload: bytes | memoryview) -> None:
+        rt = self.rt
+        try:
+            m = decode_chain(group, message, payload)
+        except ValueError:
+            rt.counters["frames_malformed"] += 1
+            return
+        g = self.groups.get(m.group)
+        if g is None:
+            rt.counters["chain_unknown_group"] += 1
+            return
+        if m.dst != rt.node_id:
+            rt.counters["chain_wrong_destination"] += 1
+            return
+        g.core.step(m)
+        rt._dirty_chain.add(g.id)
+
+    def send(self, m: ChainMessage) -> None:
+        self.rt.transport.send(m.dst, encode_chain(m))
+
+    # == Ready handling (rule 3) ===============================================================================
+    def process(self, gid: int) -> None:
+        g = self.groups.get(gid)
+        if g is None or g.rd is not None or not g.core.has_ready():
+            return
+        core = g.core
+        rd = core.ready()
+        g.rd = rd
+        for m in rd.messages_now:
+            self.send(m)
+        must_sync = False
+        st = g.storage
+        if rd.snapshot is not None:
+            snap = rd.snapshot
+            self.rt._install_image(g.id, snap.image)
+            st.install_snapshot(Snapshot(SnapshotMeta(snap.seq, snap.epoch, ConfState(frozenset())), b""))
+            self.rt.counters["chain_snapshots_installed"] += 1
+            must_sync = True
+        if rd.records:
+            st.append([Entry(r.epoch, r.seq, EntryType.NORMAL, r.data) for r in rd.records])
+            must_sync = True
+        if must_sync:
+            self._wait_sync(g)
+        else:
+            self.finish(g)
+
+    def _wait_sync(self, g: ChainGroup) -> None:
+        g.wait_pos = max(g.wait_pos, g.storage.last_pos)
+        if not g.waiting:
+            g.waiting = True
+            self.rt._sync_waiters.append(g)
+
+    def synced_messages(self, g: ChainGroup) -> bool:
+        """The WAL sync covering this group's Ready is done: its ACKs leave first (rule 3)."""
+        g.waiting = False
+        rd = g.rd
+        if rd is None or not rd.messages:
+            return False
+        for m in rd.messages:
+            self.send(m)
+        rd.messages = []
+        return True
+
+    def synced(self, g: ChainGroup) -> None:
+        if g.pending_cfg is not None:
+            self._adopt(g)
+        if g.rd is not None:
+            self.finish(g)
+        self.rt._dirty_chain.add(g.id)
+
+    def finish(self, g: ChainGroup) -> None:
+        rd = g.rd
+        assert rd is not None
+        rt = self.rt
+        for m in rd.messages:
+            self.send(m)
+        for r in rd.applies:
+            rt._apply_data(g.id, r.seq, r.data)
+        for seq in rd.client_acks:
+            for reply in g.proposals.pop(seq, ()):
+                if not reply.done():
+                    reply.set_result(seq)
+        for ctx, _seq in rd.reads:
+            fut = g.reads.pop(ctx, None)
+            if fut is not None and not fut.done():
+                fut.set_result(g.core.applied_seq)
+        g.core.advance(rd)
+        g.rd = None
+        rt._dirty_chain.add(g.id)
+        rt._kick()
+
+    # == client requests =======================================================================================
+    def _not_head(self, g: ChainGroup) -> Exception:
+        from raftblock.replication.raft.runtime import NotLeaderError, RetryError
+
+        cfg = g.core.config
+        if cfg is None:
+            return RetryError(f"chain group {g.id}: no configuration yet")
+        return NotLeaderError(int(cfg.head))
+
+    def check_head(self, g: ChainGroup) -> None:
+        from raftblock.replication.raft.runtime import RetryError
+
+        if self.rt.failed is not None:
+            raise RetryError(f"node failed: {self.rt.failed!r}")
+        if not g.core.is_head or g.pending_cfg is not None:
+            raise self._not_head(g)
+
+    def not_tail(self, g: ChainGroup) -> Exception:
+        from raftblock.replication.raft.runtime import NotLeaderError, RetryError
+
+        cfg = g.core.config
+        if cfg is None or not g.core.is_member:
+            return RetryError(f"chain group {g.id}: not a member of a configuration here")
+        if g.core.is_tail:
+            return RetryError(f"chain group {g.id}: tail not readable yet (syncing, applying or no lease)")
+        return NotLeaderError(int(cfg.tail))
+
+    def flush_proposals(self, g: ChainGroup) -> None:
+        """Head batching: the writes of one loop turn become as few records as the bounds allow."""
+        from raftblock.replication.raft.runtime import RetryError
+        from raftblock.wire.ops import encode_batch
+
+        cfg = self.rt.cfg
+        pending, g.pending = g.pending, []
+        g.pending_bytes = 0
+        core = g.core
+        i = 0
+        while i < len(pending):
+            batch: list[_Pending] = []
+            size = 0
+            while i < len(pending) and len(batch) < cfg.batch_writes_max:
+                s = pending[i].op.encoded_size()
+                if batch and size + s > cfg.batch_bytes_max:
+                    break
+                batch.append(pending[i])
+                size += s
+                i += 1
+            live = [p for p in batch if not p.fut.done()]
+            if not live:
+                continue
+            seq = core.propose(encode_batch([p.op for p in live]))
+            if seq == 0:
+                exc = self._not_head(g) if not core.is_head else RetryError("chain: too many writes in flight")
+                for p in live:
+                    p.fut.set_exception(exc)
+                continue
+            g.proposals[seq] = [p.fut for p in live]
+            self.rt.counters["chain_records_proposed"] += 1
+        self.rt._dirty_chain.add(g.id)
+
+    async def read_barrier(self, g: ChainGroup) -> None:
+        """Wait until this tail may serve a read that sees every acknowledged write."""
+        rt = self.rt
+        rt._catch_up_ticks()
+        core = g.core
+        if core.read_now():
+            return
+        rt._read_ctx += 1
+        ctx = rt._read_ctx
+        if not core.read(ctx):
+            raise self.not_tail(g)
+        assert rt._loop is not None
+        fut: asyncio.Future[int] = rt._loop.create_future()
+        g.reads[ctx] = fut
+        rt._dirty_chain.add(g.id)
+        rt._kick()
+        await fut
+
+    def fail_requests(self, g: ChainGroup, exc: Exception) -> None:
+        for replies in g.proposals.values():
+            for reply in replies:
+                if not reply.done():
+                    reply.set_exception(exc)
+        g.proposals.clear()
+        for p in g.pending:
+            if not p.fut.done():
+                p.fut.set_exception(exc)
+        g.pending = []
+        g.pending_bytes = 0
+        for fut in g.reads.values():
+            if not fut.done():
+                fut.set_exception(exc)
+        g.reads.clear()
+
+    # == compaction ===========================================================================================
+    def compaction_points(self) -> dict[int, int]:
+        return {gid: min(g.core.applied_seq, g.core.durable_seq) for gid, g in self.groups.items()}
+
+    def compact(self, points: dict[int, int]) -> int:
+        """After an engine fdatasync that covers everything applied up to `points`: drop WAL records at or
+        below them (the engine holds their effect)."""
+        n = 0
+        for gid, seq in points.items():
+            g = self.groups.get(gid)
+            if g is None or seq <= 0:
+                continue
+            ep = g.core.epoch_at(seq)
+            if ep < 0 or seq <= g.storage.snapshot().meta.index:
+                continue
+            g.storage.compact(Snapshot(SnapshotMeta(seq, ep, ConfState(frozenset())), b""))
+            n += 1
+        return n
+
+    # == introspection ========================================================================================
+    def info(self, g: ChainGroup) -> dict[str, int | bool]:
+        c = g.core
+        cfg = c.config
+        return {
+            "term": c.epoch,
+            "leader": int(cfg.head) if cfg is not None else 0,
+            "tail": int(cfg.tail) if cfg is not None else 0,
+            "commit": c.ack_point,
+            "applied": c.applied_seq,
+            "last_index": c.last_seq,
+            "lease": c.lease_valid(),
+            "synced": c.synced,
+            "role": 2 if c.is_head else (1 if c.is_member else 0),
+        }
+
