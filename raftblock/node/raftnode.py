@@ -70,7 +70,10 @@ class NodeConfig:
                 members = [int(m) for m in g["members"]]
                 if self.node_id in members:
                     self.groups[int(g["id"])] = members
-        else:
+        elif "groups" in raw or "meta" not in raw:
+            # Static groups; without a metadata group and without [groups], one group 1 on every peer.
+            # Under a metadata group the map alone says which groups exist (and whether they are Raft
+            # or chain groups): no group is made up here.
             g = raw.get("groups", {})
             first, count = int(g.get("first", 1)), int(g.get("count", 1))
             members = [int(m) for m in g.get("members", sorted(self.peers))]

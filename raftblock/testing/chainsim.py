@@ -2,10 +2,13 @@
 #
 # Owns: the only PRNG (random.Random(seed)); virtual time; a network that drops, duplicates, delays,
 # reorders and partitions, and sometimes holds a message back for a long time (a "ghost" from an old
-# epoch); crashes that lose everything not persisted (tearing the last write); an oracle playing the
-# metadata group (leases, failure detection after a grace longer than the lease, removal with an epoch
-# bump, re-adding a wiped node or a fresh one at the tail); a client that writes at the head and reads at
-# the tail of the configuration it believes current (sometimes a stale one).
+# epoch); crashes that lose everything not persisted (tearing the last write), after which the node
+# restarts either from its durable log (ChainCore.restore: snapshot, records with their epochs, the last
+# adopted config epoch) or blank (fenced until removed); an oracle playing the metadata group (leases,
+# failure detection after a grace longer than the lease, removal with an epoch bump, an epoch bump with
+# the same members for a member restarted from its log, re-adding a removed node at the tail with its
+# log or wiped, or a fresh one); a client that writes at the head and reads at the tail of the
+# configuration it believes current (sometimes a stale one).
 #
 # Rules:
 # 1. One thread, no clocks, no I/O: a seed and a step count determine the run bit for bit, so a failing
@@ -13,8 +16,10 @@
 # 2. The simulator drives the very ChainCore a runtime would and honours the Ready contract the way a
 #    runtime must: messages_now, then persist, then messages and client acks, then apply, reads, advance.
 # 3. Checkers run on every event, incrementally (docs/chain.md lists them): no acknowledged write lost;
-#    every applied sequence is a prefix of one history; reads not stale; no ACK before persist; a client
-#    ack only from the head of its epoch with the write durable on every member of that epoch.
+#    every applied sequence is a prefix of one history (a snapshot, even below what was applied, restarts
+#    the state machine at its seq and digest); reads not stale; no ACK before persist; a client ack only
+#    from the head of its epoch with the write durable on every member of that epoch; one (epoch, seq)
+#    names one record (the premise of log matching).
 from __future__ import annotations
 
 import argparse
@@ -68,6 +73,14 @@ class SimStats:
         "reads_served",
         "reads_refused",
         "crashes",
+        "restarts_with_log",
+        "restarts_blank",
+        "checkpoints",
+        "epoch_bumps",
+        "rejoins_with_log",
+        "sync_mismatch",
+        "sync_ahead",
+        "snapshots_below_applied",
         "torn_writes",
         "isolations",
         "oracle_cuts",
@@ -88,6 +101,14 @@ class SimStats:
         self.reads_served = 0
         self.reads_refused = 0
         self.crashes = 0
+        self.restarts_with_log = 0  # crashed nodes restarted from their durable log (ChainCore.restore)
+        self.restarts_blank = 0  # crashed nodes restarted with a blank core (fenced until removed)
+        self.checkpoints = 0  # durable state-machine images taken before a crash (log compacted to them)
+        self.epoch_bumps = 0  # oracle: same members, epoch + 1, for a member restarted from its log
+        self.rejoins_with_log = 0  # removed nodes re-added at the tail with their log (not wiped)
+        self.sync_mismatch = 0  # SYNCs answered with a snapshot: (seq, epoch) not in the predecessor's log
+        self.sync_ahead = 0  # SYNCs answered with a snapshot: the successor's log was longer
+        self.snapshots_below_applied = 0  # snapshot installs that replaced a state machine further on
         self.torn_writes = 0
         self.isolations = 0
         self.oracle_cuts = 0
@@ -105,7 +126,11 @@ class SimStats:
 
 
 class SimNode:
-    """One server: a core (None while down), its durable store and its state machine."""
+    """One server: a core (None while down), its durable store and its state machine.
+
+    The durable store is what a restart can load: a snapshot (seq, the epoch of its record, the image's
+    digest), the records after it with their epochs (consecutive up to `durable_last`), and the last
+    config epoch the node adopted (the runtime persists it before adopting the config)."""
 
     __slots__ = (
         "id",
@@ -113,11 +138,17 @@ class SimNode:
         "alive",
         "incarnation",
         "restart_at",
+        "keep_log",
+        "from_log",
+        "loaded",
         "isolated_until",
         "cut_until",
         "snap_seq",
+        "snap_epoch",
+        "snap_digest",
         "recs",
         "durable_last",
+        "durable_epoch",
         "sm_seq",
         "sm_digest",
     )
@@ -128,25 +159,37 @@ class SimNode:
         self.alive = False
         self.incarnation = 0
         self.restart_at = -1
+        self.keep_log = False  # while down: the next restart loads the durable log (else blank)
+        self.from_log = False  # this incarnation restored its core from the durable log
+        self.loaded = True  # the core reflects the durable store (False: a blank core over a kept disk)
         self.isolated_until = -1  # cut from peers and from the oracle
         self.cut_until = -1  # cut from the oracle only (peers still reachable)
         self.wipe()
 
     def wipe(self) -> None:
         self.snap_seq = 0
-        self.recs: dict[int, bytes] = {}
+        self.snap_epoch = 0
+        self.snap_digest = 0
+        self.recs: dict[int, Record] = {}
         self.durable_last = 0
+        self.durable_epoch = 0
         self.sm_seq = 0
         self.sm_digest = 0
 
     def image(self) -> ChainSnapshot:
         return ChainSnapshot(self.sm_seq, _SM.pack(self.sm_seq, self.sm_digest))
 
+    def durable_records(self) -> list[Record]:
+        return [self.recs[s] for s in range(self.snap_seq + 1, self.durable_last + 1)]
+
     def holds(self, seq: int, data: bytes) -> bool:
         """Durably holds write `seq` with `data` (a snapshot covering it counts; its digest was checked)."""
         if seq <= self.snap_seq:
             return True
-        return seq <= self.durable_last and self.recs.get(seq) == data
+        if seq > self.durable_last:
+            return False
+        rec = self.recs.get(seq)
+        return rec is not None and rec.data == data
 
 
 class Simulation:
@@ -174,6 +217,9 @@ class Simulation:
         self.p_propose = r.choice((0.3, 0.7))
         self.p_read = 0.3
         self.p_stale_client = r.choice((0.05, 0.2))
+        self.p_keep_log = 0.5  # a restart loads the durable log (else: blank core, fenced until removed)
+        self.p_checkpoint = 0.5  # before a crash, the runtime had checkpointed its state machine
+        self.p_rejoin_log = 0.5  # a removed node with a loaded core is re-added with its log (else wiped)
 
         self.now = 0
         self.step_no = 0
@@ -189,7 +235,9 @@ class Simulation:
         self.member_inc: dict[NodeId, int] = {}  # incarnation a member was added with
         self.caught_up: dict[NodeId, int] = {}  # joiner -> acked seq it must hold before it counts
         # Checker state.
-        self.hist: dict[int, tuple[bytes, int]] = {}  # seq -> (data, digest after), first apply anywhere
+        # seq -> (data, digest after, epoch of the record), from the first apply anywhere
+        self.hist: dict[int, tuple[bytes, int, int]] = {}
+        self.names: dict[tuple[int, int], bytes] = {}  # (epoch, seq) -> data of every record persisted
         self.acked: dict[int, bytes] = {}
         self.max_acked = 0
         self.reads: dict[int, tuple[NodeId, int]] = {}  # ctx -> (node, max acked when invoked)
@@ -230,7 +278,7 @@ class Simulation:
         r = self.rng
         for sn in list(self.nodes.values()):
             if not sn.alive and sn.restart_at == self.now:
-                self._restart(sn, wipe=False)
+                self._restart(sn, "log" if sn.keep_log else "blank")
         if faults:
             if r.random() < self.p_crash:
                 self._crash_someone()
@@ -257,9 +305,12 @@ class Simulation:
                 or (src is not None and self._isolated(src))
             ):
                 continue
-            before = dst.core.counters["stale_epoch"]
+            c = dst.core.counters
+            before = (c["stale_epoch"], c["sync_mismatch"], c["sync_ahead"])
             dst.core.step(m)
-            self.stats.stale_refused += dst.core.counters["stale_epoch"] - before
+            self.stats.stale_refused += c["stale_epoch"] - before[0]
+            self.stats.sync_mismatch += c["sync_mismatch"] - before[1]
+            self.stats.sync_ahead += c["sync_ahead"] - before[2]
             self._drain(dst)
         # -- time and the oracle -----------------------------------------------------------------------------
         for sn in list(self.nodes.values()):
@@ -273,14 +324,18 @@ class Simulation:
         sn = SimNode(NodeId(self.next_id))
         self.next_id += 1
         self.nodes[sn.id] = sn
-        self._restart(sn, wipe=True)
+        self._restart(sn, "wipe")
         return sn
 
-    def _restart(self, sn: SimNode, wipe: bool) -> None:
-        """Start a blank core. After a crash the disk keeps what was durable (the checkers still look at
-        it) but the core does not load it: the oracle fences the new incarnation out until it is re-added
-        at the tail, wiped (`wipe`): a (re)joining member is empty (docs/chain.md)."""
-        if wipe:
+    def _restart(self, sn: SimNode, mode: str) -> None:
+        """Start a new incarnation. "log": the core restores what the node left durable (snapshot,
+        records with their epochs, the last adopted epoch) and waits for a newer configuration (the oracle
+        bumps the epoch, or re-adds it at the tail with its log). "blank": a blank core; the disk keeps
+        what was durable (the checkers still look at it) but the core does not load it, so the oracle
+        fences it out until it is removed, then re-adds it wiped. "wipe": the disk is wiped too (a fresh
+        or wiped joiner)."""
+        assert mode in ("log", "blank", "wipe"), mode
+        if mode == "wipe":
             sn.wipe()
         sn.incarnation += 1
         sn.core = ChainCore(
@@ -293,12 +348,30 @@ class Simulation:
             retry_interval=self.retry_interval,
             mutations=self.mutations,
         )
+        sn.from_log = mode == "log"
+        sn.loaded = mode != "blank"
+        if mode == "log":
+            # The runtime reloads the state machine from the durable image and replays nothing below it;
+            # the records after it are re-applied once the chain has matched them (ChainCore.restore).
+            self._check_image(sn, sn.snap_seq, sn.snap_digest, sn.snap_epoch, "restores")
+            sn.sm_seq, sn.sm_digest = sn.snap_seq, sn.snap_digest
+            sn.core.restore(sn.snap_seq, sn.snap_epoch, sn.durable_records(), sn.durable_epoch)
+            self.stats.restarts_with_log += 1
+        elif mode == "blank":
+            self.stats.restarts_blank += 1
         sn.core.tick(self.now)
         sn.alive = True
         sn.restart_at = -1
 
     def _crash(self, sn: SimNode, torn: ChainReady | None) -> None:
-        """Lose everything volatile; with `torn`, keep only a prefix of that Ready's writes."""
+        """Lose everything volatile; with `torn`, keep only a prefix of that Ready's writes. Before that,
+        maybe the runtime had checkpointed its state machine (the durable log then starts at its image).
+        Whether the restart loads the durable log is chosen now; the only member of a chain always does
+        (it holds the only copy)."""
+        if self.rng.random() < self.p_checkpoint:
+            self._checkpoint(sn)
+        sole = self.cur.members == (sn.id,)
+        sn.keep_log = sole or self.rng.random() < self.p_keep_log
         if torn is not None:
             self.stats.torn_writes += 1
             complete = True
@@ -327,8 +400,8 @@ class Simulation:
         )
 
     def _may_crash(self, sn: SimNode) -> bool:
-        # A crash wipes the node; the sole member of a chain holds the only copy (no tolerance there).
-        return self._healthy_count_ok() and (sn.id not in self.cur.members or len(self.cur.members) > 1)
+        # The sole member of a chain may crash too: it always restarts from its durable log (_crash).
+        return self._healthy_count_ok()
 
     def _crash_someone(self) -> None:
         live = [sn for sn in self.nodes.values() if sn.alive]
@@ -375,7 +448,7 @@ class Simulation:
             if rd.snapshot is not None:
                 self._install_snapshot(sn, rd.snapshot)
             for rec in rd.applies:
-                self._apply(sn, rec.seq, rec.data)
+                self._apply(sn, rec)
             for seq in rd.client_acks:
                 self._client_ack(sn, core, seq)
             for ctx, seq in rd.reads:
@@ -383,7 +456,10 @@ class Simulation:
             core.advance(rd)
 
     def _persist_snapshot(self, sn: SimNode, snap: ChainSnapshot) -> None:
+        seq, digest = _SM.unpack(snap.image)
         sn.snap_seq = snap.seq
+        sn.snap_epoch = snap.epoch
+        sn.snap_digest = digest
         sn.recs = {}
         sn.durable_last = snap.seq
 
@@ -396,24 +472,66 @@ class Simulation:
                 raise self._fail(f"node {sn.id} persists seq {seq} after {sn.durable_last} (not consecutive)")
             want = self.acked.get(seq)
             # A zombie head (an old epoch's head, out of the current configuration) may persist its own
-            # records under seqs the current chain used: harmless, it is wiped before it rejoins.
+            # records under seqs the current chain used: harmless, when it rejoins its SYNC does not match
+            # (another epoch at that seq) and a snapshot replaces its log, or it is wiped.
             if want is not None and want != data and current:
                 raise self._fail(f"node {sn.id} persists other data at acknowledged seq {seq}")
-            sn.recs[seq] = data
+            name = (rec.epoch, seq)
+            prev = self.names.setdefault(name, data)
+            if prev != data:
+                raise self._fail(
+                    f"node {sn.id} persists record {seq} of epoch {rec.epoch} with other data than another"
+                    " record of that name: (epoch, seq) no longer names one record (log matching broken)"
+                )
+            if rec.epoch > sn.durable_epoch:
+                raise self._fail(
+                    f"node {sn.id} persists record {seq} of epoch {rec.epoch}, newer than any epoch it adopted"
+                    f" ({sn.durable_epoch})"
+                )
+            sn.recs[seq] = rec
             sn.durable_last = seq
 
+    def _checkpoint(self, sn: SimNode) -> None:
+        """The runtime makes its state machine's image durable and compacts the log to it."""
+        seq = sn.sm_seq
+        if seq <= sn.snap_seq:
+            return
+        rec = sn.recs.get(seq)
+        if rec is None or seq > sn.durable_last:
+            raise self._fail(f"node {sn.id} applied {seq} but holds durably only up to {sn.durable_last}")
+        sn.snap_seq, sn.snap_epoch, sn.snap_digest = seq, rec.epoch, sn.sm_digest
+        for s in [s for s in sn.recs if s <= seq]:
+            del sn.recs[s]
+        self.stats.checkpoints += 1
+
+    def _check_image(self, sn: SimNode, seq: int, digest: int, epoch: int, what: str) -> None:
+        """A snapshot agrees with the history: its digest, and the epoch of its record (log matching
+        after it compares that epoch)."""
+        h = self.hist.get(seq)
+        if seq and (h is None or h[1] != digest):
+            raise self._fail(f"node {sn.id} {what} a snapshot at {seq} that disagrees with the history")
+        if seq and h is not None and h[2] != epoch:
+            raise self._fail(
+                f"node {sn.id} {what} a snapshot at {seq} labelled epoch {epoch}, but that record's epoch is"
+                f" {h[2]}"
+            )
+
     def _install_snapshot(self, sn: SimNode, snap: ChainSnapshot) -> None:
+        """The image replaces the state machine, even one that had applied further (a member whose log
+        did not match its predecessor's): applying restarts at the image's seq and digest."""
         seq, digest = _SM.unpack(snap.image)
         if seq != snap.seq:
             raise self._fail(f"node {sn.id} snapshot image at {seq} labelled {snap.seq}")
-        h = self.hist.get(seq)
-        if seq and (h is None or h[1] != digest):
-            raise self._fail(f"node {sn.id} installs a snapshot at {seq} that disagrees with the history")
+        self._check_image(sn, seq, digest, snap.epoch, "installs")
+        if seq < sn.sm_seq:
+            self.stats.snapshots_below_applied += 1
         sn.sm_seq, sn.sm_digest = seq, digest
         self.stats.snapshots_installed += 1
 
-    def _apply(self, sn: SimNode, seq: int, data: bytes) -> None:
-        """Checker 2: every member's applied sequence is a prefix of one history."""
+    def _apply(self, sn: SimNode, rec: Record) -> None:
+        """Checker 2: every member's applied sequence is a prefix of one history (after a snapshot install
+        or a restart from the log, the state machine restarts at the image's seq and digest)."""
+        seq, data = rec.seq, rec.data
         if seq != sn.sm_seq + 1:
             raise self._fail(f"node {sn.id} applies seq {seq} after {sn.sm_seq} (out of order)")
         if not sn.holds(seq, data):
@@ -421,12 +539,14 @@ class Simulation:
         digest = zlib.crc32(data, sn.sm_digest)
         h = self.hist.get(seq)
         if h is None:
-            self.hist[seq] = (data, digest)
+            self.hist[seq] = (data, digest, rec.epoch)
         elif h[1] != digest:
             raise self._fail(
                 f"node {sn.id} applies seq {seq} with {'same' if h[0] == data else 'other'} data but a"
                 " different history: applied sequences are not prefixes of one another"
             )
+        elif h[2] != rec.epoch:
+            raise self._fail(f"node {sn.id} applies seq {seq} of epoch {rec.epoch}, the history's is {h[2]}")
         sn.sm_seq, sn.sm_digest = seq, digest
 
     # == checkers ===============================================================================================
@@ -485,30 +605,37 @@ class Simulation:
         self.stats.reads_served += 1
 
     def _check_reconfig(self, old: ChainConfig, new: ChainConfig) -> None:
-        """Checker 1: every member carried over from the old configuration holds every acked write."""
+        """Checker 1: every member carried over from the old configuration holds every acked write (a
+        member restarted from its log, given a newer epoch in place, too: it held them when it crashed)."""
         for nid in new.members:
             if nid not in old.members or nid in self.caught_up:
                 continue
-            sn = self.nodes[nid]
-            for seq in range(max(sn.snap_seq, self.max_acked - 64) + 1, self.max_acked + 1):
-                data = self.acked.get(seq)
-                if data is not None and not sn.holds(seq, data):
-                    raise self._fail(
-                        f"after reconfiguration to {new}, member {nid} lacks acknowledged seq {seq}"
-                        f" (durable up to {sn.durable_last})"
-                    )
+            self._check_holds_acked(self.nodes[nid], self.max_acked, f"after reconfiguration to {new}")
+
+    def _check_holds_acked(self, sn: SimNode, hi: int, when: str) -> None:
+        """`sn` durably holds every acknowledged write up to `hi` (the last 64 of them: incremental)."""
+        for seq in range(max(sn.snap_seq, hi - 64) + 1, hi + 1):
+            data = self.acked.get(seq)
+            if data is not None and not sn.holds(seq, data):
+                rec = sn.recs.get(seq) if seq <= sn.durable_last else None
+                raise self._fail(
+                    f"{when}, member {sn.id} lacks acknowledged seq {seq} (durable up to {sn.durable_last},"
+                    f" snapshot {sn.snap_seq}; {'holds other data' if rec else 'missing'})"
+                )
 
     # == oracle (the metadata group) ============================================================================
-    def _install(self, cfg: ChainConfig) -> None:
+    def _install(self, cfg: ChainConfig, restarted: NodeId | None = None) -> None:
+        """Install the next configuration; `restarted`: a member restarted from its log, kept in place
+        (its new incarnation is the member now; it counts once synced and caught up, like a joiner)."""
         prev = self.configs.get(cfg.epoch - 1)
         self.configs[cfg.epoch] = cfg
+        if prev is not None:
+            self._check_reconfig(prev, cfg)
         for nid in cfg.members:
-            if prev is None or nid not in prev.members:
+            if prev is None or nid not in prev.members or nid == restarted:
                 self.member_inc[nid] = self.nodes[nid].incarnation
                 self.last_seen[nid] = self.now
                 self.caught_up[nid] = self.max_acked
-        if prev is not None:
-            self._check_reconfig(prev, cfg)
         self._push_configs()
 
     def _push_configs(self) -> None:
@@ -518,7 +645,10 @@ class Simulation:
             if core is None or not self._reachable(sn) or core.epoch >= cur.epoch:
                 continue
             if sn.id in cur.members and self.member_inc.get(sn.id) != sn.incarnation:
-                continue  # restarted since it was added: it lost its state; it must be removed, not told
+                # Restarted since it was added: its place is lost. Blank, it must be removed; restored
+                # from its log, it ignores this epoch anyway and waits for the bump (_oracle).
+                continue
+            sn.durable_epoch = cur.epoch  # the runtime persists the epoch before adopting the config
             core.set_config(cur)
             self._drain(sn)
 
@@ -554,8 +684,27 @@ class Simulation:
                 self.lease_until[nid] = self.now + self.lease
                 core.grant_lease(cur.epoch, self.now + self.lease)
                 need = self.caught_up.get(nid)
-                if need is not None and core.synced and self.nodes[nid].durable_last >= need:
+                sn = self.nodes[nid]
+                if need is not None and core.synced and sn.durable_last >= need:
+                    # Synced: its log now ends in its predecessor's (matched, or replaced by a snapshot).
+                    self._check_holds_acked(sn, min(sn.durable_last, self.max_acked), "caught up")
                     del self.caught_up[nid]
+        # Restart in place: a member restarted from its durable log ignores the epoch it had adopted; it
+        # gets the same members with epoch + 1 (one change at a time: once every other member is settled)
+        # and SYNCs with its log. A blank restart is fenced out until removed (below).
+        for nid in cur.members:
+            sn = self.nodes[nid]
+            if (
+                sn.from_log
+                and sn.core is not None
+                and self._reachable(sn)
+                and self.member_inc.get(nid) != sn.incarnation
+                and all(self._member_ok(o) and o not in self.caught_up for o in cur.members if o != nid)
+            ):
+                self.stats.epoch_bumps += 1
+                self.stats.reconfigs += 1
+                self._install(ChainConfig(cur.epoch + 1, cur.members), restarted=nid)
+                return
         # Removal: a member unseen for longer than the grace, whose lease therefore expired.
         failed = [nid for nid in cur.members if self.now - self.last_seen[nid] > self.grace]
         if failed and len(cur.members) > 1:
@@ -567,7 +716,9 @@ class Simulation:
                 self.stats.reconfigs += 1
                 self._install(ChainConfig(cur.epoch + 1, tuple(others)))
             return
-        # Join: re-add a wiped node (or a fresh one) at the tail of a short chain.
+        # Join: re-add a removed node at the tail of a short chain, with its log (its core was restored
+        # from it, or has run on since its removal) or wiped (always, if its core is blank over a kept
+        # disk); or add a fresh one.
         if len(cur.members) < self.chain_len and self._established():
             spare = [
                 sn
@@ -576,7 +727,10 @@ class Simulation:
             ]
             if spare and self.rng.random() < 0.7:
                 sn = self.rng.choice(spare)
-                self._restart(sn, wipe=True)  # a rejoining member is empty
+                if sn.loaded and self.rng.random() < self.p_rejoin_log:
+                    self.stats.rejoins_with_log += 1  # it SYNCs with its log: matched, or a snapshot
+                else:
+                    self._restart(sn, "wipe")
             elif len(self.nodes) < 4 * self.chain_len + 8:
                 sn = self._new_node()
             else:
@@ -647,7 +801,7 @@ class Simulation:
         for sn in self.nodes.values():
             sn.isolated_until = sn.cut_until = -1
             if not sn.alive:
-                self._restart(sn, wipe=False)
+                self._restart(sn, "log" if sn.keep_log else "blank")
         self.p_drop = self.p_dup = self.p_ghost = 0.0
         self.p_stale_client = 0.0
         acked_before = self.stats.writes_acked

@@ -113,13 +113,18 @@ def volatile_cluster(tmp_path: Path) -> Iterator[Cluster]:
     _cleanup(c)
 
 
-def test_cluster_serves_real_clients(cluster: Cluster, tmp_path: Path) -> None:
+MODES = ["raft", "chain"]  # every real-client test of the data path runs on both kinds of volume
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cluster_serves_real_clients(cluster: Cluster, tmp_path: Path, mode: str) -> None:
     require_tools("qemu-img", "qemu-io", "nbdinfo")
     base = cluster.up()
-    cluster.cli("volume", "create", "vol", "--size", "1G")
+    cluster.cli("volume", "create", "vol", "--size", "1G", "--replication", mode)
     st = cluster.status()
     (vol,) = [v for v in st["volumes"] if v["name"] == "vol"]
     assert len(vol["groups"]) >= 2, vol
+    assert vol["replication"] == mode and {g["replication"] for g in st["groups"]} == {mode}, st
 
     def leaders() -> set[Any]:
         return {g["leader"] for g in cluster.status()["groups"] if g["group"] in vol["groups"]}
@@ -154,10 +159,11 @@ def test_cluster_serves_real_clients(cluster: Cluster, tmp_path: Path) -> None:
     assert cluster.cli("volume", "delete", "missing", check=False).returncode != 0
 
 
-def test_cluster_ext4_survives_cluster_restart(cluster: Cluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_cluster_ext4_survives_cluster_restart(cluster: Cluster, tmp_path: Path, mode: str) -> None:
     require_tools("nbdfuse", "fusermount3", "mkfs.ext4", "fsck.ext4", "unshare")
     cluster.up()
-    cluster.cli("volume", "create", "fs", "--size", "128M")
+    cluster.cli("volume", "create", "fs", "--size", "128M", "--replication", mode)
     src = tmp_path / "src"
     expected = _make_tree(src)
     work = tmp_path / "work"
@@ -189,11 +195,14 @@ def _verify(uri: str, journal: Path, tmp_path: Path, when: str) -> Journal:
     return j
 
 
-def test_kill_leader_under_writes_then_power_cut(volatile_cluster: Cluster, tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_kill_leader_under_writes_then_power_cut(volatile_cluster: Cluster, tmp_path: Path, mode: str) -> None:
+    """Raft: kill -9 the leader; chain: kill -9 the head (the tail's turn is in
+    test_chain_zombie_head_is_fenced_and_tail_kill_loses_nothing)."""
     py = require_libnbd()
     cluster = volatile_cluster
     cluster.up()
-    cluster.cli("volume", "create", "vol", "--size", "256M")
+    cluster.cli("volume", "create", "vol", "--size", "256M", "--replication", mode)
     group = cluster.status()["volumes"][0]["extent_groups"][0]
     uri = f"{cluster.uri}/vol"
     journal = tmp_path / "journal.txt"

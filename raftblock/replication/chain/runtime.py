@@ -169,6 +169,15 @@ class ChainHost:
             if g.core.config is not None:
                 g.core.grant_lease(g.core.epoch, until_tick)
 
+    def counters(self) -> dict[str, int]:
+        """The cores' counters (refusals such as stale_epoch, resends, snapshots) summed, prefixed chain_."""
+        out: dict[str, int] = {}
+        for g in self.groups.values():
+            for k, v in g.core.counters.items():
+                if v:
+                    out[f"chain_{k}"] = out.get(f"chain_{k}", 0) + v
+        return out
+
     def report(self) -> dict[int, list[int]]:
         """What the metadata leader needs for its one-change-at-a-time rule: per group [epoch adopted,
         configured (0/1), synced and caught up (0/1)]. A restarted member reports configured = 0 with

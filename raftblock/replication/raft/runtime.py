@@ -950,6 +950,8 @@ class NodeRuntime:
                 for k, v in self.wal.stats().items():
                     resp.counters[k] = v
                 resp.counters["commits"] = self.commits
+                for k, v in self.chains.counters().items():
+                    resp.counters[k] = v
                 for k, v in self.engine.stats().items():
                     resp.counters[f"engine_{k}"] = int(v)
                 resp.counters["peers_connected"] = len(self.transport.conns)
