@@ -406,3 +406,116 @@ def test_forged_frames_to_a_node_are_refused_counted_and_it_keeps_serving(cluste
         c.write(0, b"Q" * 65536)
         assert c.read(0, 65536) == b"Q" * 65536
     assert {n["state"] for n in cluster.status()["nodes"]} == {"up"}
+
+
+def _group(cluster: Cluster, gid: int) -> dict[str, Any]:
+    return next(g for g in cluster.status()["groups"] if g["group"] == gid)
+
+
+def _counter(cluster: Cluster, node: int, name: str) -> int:
+    n = next(n for n in cluster.status()["nodes"] if n["id"] == node)
+    return int(n.get("counters", {}).get(name, 0))
+
+
+def test_chain_zombie_head_is_fenced_and_tail_kill_loses_nothing(cluster: Cluster, tmp_path: Path) -> None:
+    """Chain fencing at process level (docs/chain.md "Epochs"): a head frozen (SIGSTOP) is removed by the
+    metadata group (epoch + 1) while the writer goes on through the new head; thawed, the zombie cannot
+    acknowledge a write (a write sent straight to it is refused or never answered OK, and never becomes
+    visible); forged frames of the old epoch are refused and counted (stale_epoch) as are frames from a
+    non-member (not_neighbour); kill -9 of the tail under the same writer; the verifier finds every
+    acknowledged write; the removed nodes rejoin at the tail and the chain is whole again."""
+    import asyncio
+    import socket
+
+    from raftblock.replication.chain.types import ChainMessage, MessageType, Record
+    from raftblock.replication.raft.group import RaftClient
+    from raftblock.replication.raft.runtime import OP_C_WRITE, ST_OK
+    from raftblock.replication.raft.transport import ROLE_PEER
+    from raftblock.replication.raft.types import GroupId, NodeId
+    from raftblock.wire import raftblock_pb2 as pb
+    from raftblock.wire.chaincodec import encode_chain
+    from raftblock.wire.framing import FrameType, encode_frame_bytes
+    from raftblock.wire.ops import OP_TRIM, BlockOp, encode_batch
+
+    py = require_libnbd()
+    cluster.up()
+    cluster.cli("volume", "create", "vol", "--size", "64M", "--replication", "chain")
+    st = cluster.status()
+    gid = st["volumes"][0]["extent_groups"][0]
+    head = _group(cluster, gid)["members"][0]
+    addr = {n["id"]: n["address"] for n in st["nodes"]}
+    epoch0 = _group(cluster, gid)["epoch"]
+    uri = f"{cluster.uri}/vol"
+    journal = tmp_path / "journal.txt"
+    writer = _writer(py, uri, journal, seed=3, first_seq=1, max_ops=1_000_000)
+    try:
+        _wait(lambda: _count_acks(journal) >= 200, 90, "200 acknowledged writes")
+        # 1. freeze the head: the metadata group removes it, the writer goes on through the next member
+        os.kill(cluster.pids()[f"n{head}"], signal.SIGSTOP)
+        try:
+            _wait(lambda: head not in _group(cluster, gid)["members"], 60, f"n{head} to be removed")
+            acks = _count_acks(journal)
+            _wait(lambda: _count_acks(journal) > acks + QD, 30, "writes to go on through the new head")
+        finally:
+            os.kill(cluster.pids()[f"n{head}"], signal.SIGCONT)
+        # 2. the zombie: a write sent straight to it (block 2000, outside the writer's blocks) is never OK
+        block = 2000
+        extent = gid << 32
+        payload = b"Z" * BLOCK
+
+        async def zombie_write() -> int:
+            from raftblock._fast import blockcrc
+
+            h, p = addr[head].rsplit(":", 1)
+            client = RaftClient({head: (h, int(p))}, attempt_timeout_s=5.0)
+            req = pb.ClientRequest(op=OP_C_WRITE, extent_id=extent, block=block, count=1)
+            req.crcs.extend(blockcrc.block_crcs(payload))
+            try:
+                resp, _ = await client.call_node(head, gid, req, [payload])
+                return int(resp.status)
+            except (OSError, TimeoutError):
+                return -1
+            finally:
+                await client.close()
+
+        status = asyncio.run(zombie_write())
+        assert status != ST_OK, "a removed head acknowledged a write"
+        # 3. forged frames: the old epoch to the new head, and a write from a node that is not its predecessor
+        new_head = _group(cluster, gid)["members"][0]
+        cur_epoch = _group(cluster, gid)["epoch"]
+        assert cur_epoch > epoch0
+        stale0 = _counter(cluster, new_head, "chain_stale_epoch")
+        nn0 = _counter(cluster, new_head, "chain_not_neighbour")
+        h, p = addr[new_head].rsplit(":", 1)
+        rec = Record(10**6, encode_batch([BlockOp(OP_TRIM, extent, 0, 16)]), epoch0)  # would trim acked data
+        with socket.create_connection((h, int(p)), timeout=10) as s:
+            s.sendall(encode_frame_bytes(FrameType.HELLO, 0, pb.Hello(node_id=head, role=ROLE_PEER, version=1).SerializeToString()))
+            for m in (ChainMessage(MessageType.ACK, GroupId(gid), NodeId(head), NodeId(new_head), epoch0, seq=10**6),
+                      ChainMessage(MessageType.WRITE, GroupId(gid), NodeId(head), NodeId(new_head), epoch0,
+                                   seq=10**6, records=(rec,)),
+                      ChainMessage(MessageType.WRITE, GroupId(gid), NodeId(head), NodeId(new_head), cur_epoch,
+                                   seq=10**6, records=(rec,))):
+                s.sendall(b"".join(bytes(b) for b in encode_chain(m)))
+            _wait(lambda: _counter(cluster, new_head, "chain_stale_epoch") >= stale0 + 2
+                  and _counter(cluster, new_head, "chain_not_neighbour") >= nn0 + 1, 30, "the forged frames to be refused")
+        # 4. kill -9 the tail under the writer
+        tail = _group(cluster, gid)["members"][-1]
+        acks = _count_acks(journal)
+        cluster.kill(f"n{tail}")
+        _wait(lambda: _count_acks(journal) > acks + QD, 60, "writes to resume after the tail was killed")
+    finally:
+        kill_group(writer)
+    j = _verify(uri, journal, tmp_path, "after a zombie head and a killed tail")
+    assert len(j.acked) >= 200
+    got = nbd_read(uri, block * BLOCK, BLOCK, tmp_path)
+    assert got["ok"] and got["data"] == bytes(BLOCK), "the zombie's write became visible"
+    # 5. the killed tail comes back; both removed nodes rejoin at the tail; every member applies the same
+    cluster.up()
+
+    def whole() -> bool:
+        g = _group(cluster, gid)
+        return sorted(g["members"]) == sorted(addr) and len(set(g["applied"].values())) == 1 \
+            and len(g["applied"]) == 3
+
+    _wait(whole, 90, "the chain to be whole again")
+    _verify(uri, journal, tmp_path, "after the rejoins")
