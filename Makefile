@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 QUICK    ?=
 SEED     ?=
 
-.PHONY: all venv sysdeps test test-fast lint compile bench bench-deps bench-raft profile demo demo-down clean sim proto
+.PHONY: all venv sysdeps test test-fast lint compile bench bench-compare bench-deps bench-raft profile demo demo-down clean sim proto
 
 all: venv
 
@@ -57,6 +57,14 @@ bench: sysdeps $(STAMP)
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq etcd-server >/dev/null; }
 	@$(MAKE) --no-print-directory bench-deps
 	$(PY) bench/run.py $(if $(QUICK),--quick,)
+
+# Raft vs chain on one cluster (a raft and a chain volume) with qemu-nbd as the single-copy baseline: the same fio
+# jobs (4k rand read/write QD1/QD32, 1M sequential, 70/30 mixed QD16), 3 interleaved rounds, then kill -9 of the
+# Raft leader, the chain head and the chain tail under a QD8 tagged-write load (pause + lost-write verifier).
+# Markdown table, JSON and PNGs under bench/results/ (bench/README.md). QUICK=1: one short round.
+bench-compare: sysdeps $(STAMP)
+	@$(MAKE) --no-print-directory bench-deps
+	$(PY) bench/compare.py $(if $(QUICK),--quick,)
 
 # The [bench] extra (matplotlib for the PNG, py-spy for bench/profile.py), installed once into the venv.
 bench-deps: $(STAMP)

@@ -7,8 +7,10 @@
 # 2. A restarted member (it reports no configuration, and an epoch at least the map's: it persisted that
 #    epoch and may have acted in it) gets a bump: same members, epoch + 1. It then syncs with its log.
 # 3. A member whose node is not `up` (suspect or down: silent for longer than the lease nodes are given)
-#    is removed, but only once every other member has adopted the current epoch and caught up, and never
-#    below one member. The head's successor becomes head; a new tail holds every acknowledged write.
+#    is removed, but only once every other member has adopted the current epoch and the first surviving
+#    member (the head afterwards) has caught up, and never below one member. The head's successor becomes
+#    head; a joiner that was still catching up behind the failed member syncs again from its new
+#    predecessor (so a failure during a rejoin does not stall the chain).
 # 4. A chain shorter than `replicas` gets an `up` node in a rack it does not use, at the tail, once every
 #    member has adopted the current epoch and caught up. The node joins with its durable log if it has one
 #    (it syncs: matching records are kept, anything else is replaced by a snapshot).
@@ -45,6 +47,10 @@ def plan_chain_changes(
             r = rep(m)
             return r is not None and len(r) >= 3 and r[0] == epoch and r[1] == 1 and r[2] == 1
 
+        def learned(m: int, epoch: int = g.epoch) -> bool:
+            r = rep(m)
+            return r is not None and len(r) >= 2 and r[0] == epoch and r[1] == 1
+
         restarted = [m for m in members if up(m) and (r := rep(m)) is not None and len(r) >= 2
                      and r[1] == 0 and r[0] >= g.epoch]
         cmd: SetGroupMembers | None = None
@@ -56,7 +62,10 @@ def plan_chain_changes(
             failed = [m for m in members if not up(m)]
             if failed and len(members) > 1:
                 others = [m for m in members if m != failed[0]]
-                if all(settled(m) for m in others):
+                # The first survivor becomes (or stays) head: it must hold every acknowledged write, so it
+                # must be caught up; the others only need to have adopted the epoch (a joiner after the
+                # failed member syncs again from its new predecessor).
+                if settled(others[0]) and all(learned(m) for m in others):
                     cmd = SetGroupMembers(int(gid), tuple(others), g.epoch)
                     reason = f"member {failed[0]} is {st.nodes[NodeId(failed[0])].state if NodeId(failed[0]) in st.nodes else 'gone'}"
             elif not failed and len(members) < st.replicas and all(settled(m) for m in members):

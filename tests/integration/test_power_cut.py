@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections import defaultdict
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from raftblock.testing.journal import CHECK, RECORD, Journal, judge
+from raftblock.testing.journal import count_acks as _count_acks
 
 from .helpers import BLOCK, CLIENTS, ServeFactory, kill_group, nbd_read, require_libnbd
 
@@ -22,82 +23,6 @@ NBLOCKS = 512
 QD = 16
 MAX_OPS = 1_000_000  # the kill ends the writer, not this
 ACKS_BEFORE_KILL = (150, 400, 250)  # per crash cycle: different amounts of history before each cut
-CHECK = 0x5A5A5A5A5A5A5A5A
-RECORD = 32
-
-
-@dataclass
-class Journal:
-    writes: dict[int, tuple[int, int, bool]] = field(default_factory=dict)  # seq -> (first block, nblocks, fua)
-    flushes: set[int] = field(default_factory=set)
-    acked: set[int] = field(default_factory=set)
-    failed: set[int] = field(default_factory=set)
-    ends: list[str] = field(default_factory=list)
-
-    @classmethod
-    def load(cls, path: Path) -> Journal:
-        j = cls()
-        for line in path.read_text().splitlines():
-            f = line.split()
-            if not f:
-                continue
-            if f[0] == "S" and f[1] == "W":
-                j.writes[int(f[2])] = (int(f[3]), int(f[4]), f[5] == "1")
-            elif f[0] == "S" and f[1] == "F":
-                j.flushes.add(int(f[2]))
-            elif f[0] == "A":
-                j.acked.add(int(f[1]))
-            elif f[0] == "X":
-                j.failed.add(int(f[1]))
-            elif f[0] == "END":
-                j.ends.append(line[4:])
-        return j
-
-    def max_seq(self) -> int:
-        return max([0, *self.writes, *self.flushes])
-
-
-def _count_acks(path: Path) -> int:
-    try:
-        return sum(1 for line in path.read_text().splitlines() if line.startswith("A "))
-    except FileNotFoundError:
-        return 0
-
-
-def judge(data: bytes, j: Journal, nblocks: int) -> list[str]:
-    """Problems with the volume image `data` given the journal; empty means the crash was survived."""
-    submitted: dict[int, set[int]] = defaultdict(set)
-    newest_acked: dict[int, int] = {}
-    for seq, (first, n, _) in j.writes.items():
-        for b in range(first, first + n):
-            submitted[b].add(seq)
-            if seq in j.acked and seq > newest_acked.get(b, -1):
-                newest_acked[b] = seq
-    problems = []
-    for b in range(nblocks):
-        blk = data[b * BLOCK:(b + 1) * BLOCK]
-        holds: int | None = None
-        if blk != bytes(BLOCK):
-            rec = blk[:RECORD]
-            magic, seq, block, check = (rec[:8], int.from_bytes(rec[8:16], "big"),
-                                        int.from_bytes(rec[16:24], "big"), int.from_bytes(rec[24:32], "big"))
-            if blk != rec * (BLOCK // RECORD):
-                problems.append(f"block {b}: torn (more than one record or partial zeroes inside the block)")
-                continue
-            if magic != b"PWRCUT01" or check != seq ^ block ^ CHECK or block != b:
-                problems.append(f"block {b}: garbage record {rec.hex()}")
-                continue
-            if seq not in submitted[b]:
-                problems.append(f"block {b}: holds write {seq}, which never targeted this block")
-                continue
-            holds = seq
-        want = newest_acked.get(b)
-        if want is not None:
-            if holds is None:
-                problems.append(f"block {b}: acknowledged write {want} lost (block reads as zeroes)")
-            elif holds < want:
-                problems.append(f"block {b}: acknowledged write {want} lost (holds older write {holds})")
-    return problems
 
 
 def test_judge_catches_what_it_should() -> None:

@@ -1,6 +1,6 @@
 # Power-cut load: tagged 4 KiB blocks with a journal of what was acknowledged (run with /usr/bin/python3).
 #
-#   nbd_tagged_writer.py URI JOURNAL NBLOCKS SEED FIRST_SEQ QD MAX_OPS
+#   nbd_tagged_writer.py URI JOURNAL NBLOCKS SEED FIRST_SEQ QD MAX_OPS [TIMES [SECONDS]]
 #
 # Writes 1..8-block requests at random block-aligned offsets in [0, NBLOCKS), up to QD in flight, never two
 # in flight on the same block (so "the newest acknowledged write of a block" is well defined), some with
@@ -13,6 +13,8 @@
 #   A seq                               after the server acknowledged request seq (fsynced per batch)
 #   X seq errno                         the request failed
 #   END reason
+# TIMES (optional): a file of "CLOCK_MONOTONIC_NS COMPLETIONS" lines, one per batch of completions (the bench's
+# pause measurement around a kill); SECONDS (optional): stop submitting after that long.
 # Runs until MAX_OPS requests or until the connection fails (the server was killed), then prints
 # {"submitted": n, "acked": n, "failed": n, "end": reason}.
 import json
@@ -20,6 +22,7 @@ import os
 import random
 import struct
 import sys
+import time
 
 import nbd
 
@@ -34,6 +37,8 @@ def block_bytes(seq, block):
 def main(argv):
     uri, journal_path = argv[0], argv[1]
     nblocks, seed, seq, qd, max_ops = map(int, argv[2:7])
+    times = open(argv[7], "a", buffering=1 << 16) if len(argv) > 7 else None
+    stop_at = time.monotonic() + float(argv[8]) if len(argv) > 8 else float("inf")
     rng = random.Random(seed)
     journal = open(journal_path, "a", buffering=1 << 16)
     submitted = acked = failed = 0
@@ -44,6 +49,8 @@ def main(argv):
         h = nbd.NBD()
         h.connect_uri(uri)
         while submitted < max_ops or pending:
+            if time.monotonic() >= stop_at:
+                max_ops = submitted  # drain what is in flight, submit nothing more
             while submitted < max_ops and len(pending) < qd:
                 if rng.random() < 0.04:
                     journal.write(f"S F {seq}\n")
@@ -86,6 +93,8 @@ def main(argv):
                     else:
                         batch.append(f"X {s} {err}\n")
                         failed += 1
+            if batch and times is not None:
+                times.write(f"{time.monotonic_ns()} {len(batch)}\n")
             if batch:
                 journal.write("".join(batch))
                 journal.flush()
@@ -103,6 +112,8 @@ def main(argv):
                     acked += 1
             except nbd.Error:
                 pass
+    if times is not None:
+        times.close()
     journal.write(f"END {end}\n")
     journal.flush()
     os.fsync(journal.fileno())
