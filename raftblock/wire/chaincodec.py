@@ -26,7 +26,20 @@ def encode_chain(m: ChainMessage) -> list[Buf]:
     return encode_frame(FrameType.CHAIN, m.group, pm.SerializeToString(), payload)
 
 
+def encode_snapshot_chunk(m: ChainMessage, offset: int, total: int, chunk: Buf) -> list[Buf]:
+    """One chunk of a SNAPSHOT's image (the message's other fields repeated in every chunk)."""
+    pm = pb.ChainMsg(type=int(m.type), src=m.src, dst=m.dst, epoch=m.epoch, seq=m.seq, data_len=len(chunk),
+                     log_epoch=m.log_epoch, image_offset=offset, image_total=total)
+    return encode_frame(FrameType.CHAIN, m.group, pm.SerializeToString(), [chunk] if len(chunk) else [])
+
+
 def decode_chain(group: int, message: bytes, payload: bytes | memoryview) -> ChainMessage:
+    return decode_chain_frame(group, message, payload)[0]
+
+
+def decode_chain_frame(group: int, message: bytes, payload: bytes | memoryview) -> tuple[ChainMessage, int, int]:
+    """(message, image_offset, image_total): a SNAPSHOT chunk carries its piece of the image in `data`
+    (image_total > 0); anything else has image_total 0."""
     pm = pb.ChainMsg.FromString(message)
     mt = MessageType(pm.type)  # ValueError on an unknown type
     view = memoryview(payload)
@@ -55,5 +68,8 @@ def decode_chain(group: int, message: bytes, payload: bytes | memoryview) -> Cha
         off = end
     if off != len(view):
         raise ValueError("payload length does not match the message")
-    return ChainMessage(mt, GroupId(group), NodeId(pm.src), NodeId(pm.dst), pm.epoch, pm.seq, tuple(records), data,
-                        pm.log_epoch)
+    if pm.image_total and (mt != MessageType.SNAPSHOT or pm.image_offset + pm.data_len > pm.image_total):
+        raise ValueError("an image chunk beyond its image, or on a message that is not a SNAPSHOT")
+    msg = ChainMessage(mt, GroupId(group), NodeId(pm.src), NodeId(pm.dst), pm.epoch, pm.seq, tuple(records), data,
+                       pm.log_epoch)
+    return msg, pm.image_offset, pm.image_total

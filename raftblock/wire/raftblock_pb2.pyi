@@ -92,7 +92,7 @@ class ChainRecordHeader(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., data_len: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class ChainMsg(_message.Message):
-    __slots__ = ("type", "src", "dst", "epoch", "seq", "records", "data_len", "log_epoch")
+    __slots__ = ("type", "src", "dst", "epoch", "seq", "records", "data_len", "log_epoch", "image_offset", "image_total")
     TYPE_FIELD_NUMBER: _ClassVar[int]
     SRC_FIELD_NUMBER: _ClassVar[int]
     DST_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,8 @@ class ChainMsg(_message.Message):
     RECORDS_FIELD_NUMBER: _ClassVar[int]
     DATA_LEN_FIELD_NUMBER: _ClassVar[int]
     LOG_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_TOTAL_FIELD_NUMBER: _ClassVar[int]
     type: int
     src: int
     dst: int
@@ -109,7 +111,9 @@ class ChainMsg(_message.Message):
     records: _containers.RepeatedCompositeFieldContainer[ChainRecordHeader]
     data_len: int
     log_epoch: int
-    def __init__(self, type: _Optional[int] = ..., src: _Optional[int] = ..., dst: _Optional[int] = ..., epoch: _Optional[int] = ..., seq: _Optional[int] = ..., records: _Optional[_Iterable[_Union[ChainRecordHeader, _Mapping]]] = ..., data_len: _Optional[int] = ..., log_epoch: _Optional[int] = ...) -> None: ...
+    image_offset: int
+    image_total: int
+    def __init__(self, type: _Optional[int] = ..., src: _Optional[int] = ..., dst: _Optional[int] = ..., epoch: _Optional[int] = ..., seq: _Optional[int] = ..., records: _Optional[_Iterable[_Union[ChainRecordHeader, _Mapping]]] = ..., data_len: _Optional[int] = ..., log_epoch: _Optional[int] = ..., image_offset: _Optional[int] = ..., image_total: _Optional[int] = ...) -> None: ...
 
 class HeartbeatBatch(_message.Message):
     __slots__ = ("src", "dst", "response", "group", "term", "commit", "context", "lease_tick", "epoch")

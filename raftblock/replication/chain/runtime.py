@@ -20,16 +20,29 @@
 #    under a lease (rule 5), after what it must see is applied.
 # 5. Leases: the node's MetaAgent grants one after each heartbeat the metadata leader accepted, until
 #    `sent + lease_ms` (the metadata leader removes a member only after a longer silence, HealthConfig).
+# 6. A SNAPSHOT's image (the group's extent data, made when first sent) travels in chunks of
+#    SNAPSHOT_CHUNK_BYTES, paced by the peer connection's queue (STREAM_QUEUE_BYTES); the messages the core
+#    sends the same successor behind it wait for the last chunk (up to HELD_BYTES_MAX, later ones are
+#    dropped: the core resends). One stream per (group, successor): a resent SNAPSHOT of the same epoch
+#    while one is on its way is dropped. The receiver reassembles in order and steps the core with the
+#    whole image; a chunk out of order ends that stream (the core resends).
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import structlog
 
 from raftblock.replication.chain.core import ChainCore
-from raftblock.replication.chain.types import ChainConfig, ChainMessage, ChainReady, ChainSnapshot, Record
+from raftblock.replication.chain.types import (
+    ChainConfig,
+    ChainMessage,
+    ChainReady,
+    ChainSnapshot,
+    MessageType,
+    Record,
+)
 from raftblock.replication.raft.types import (
     NO_NODE,
     ConfState,
@@ -42,7 +55,7 @@ from raftblock.replication.raft.types import (
     SnapshotMeta,
 )
 from raftblock.replication.raft.wal import GroupDurable, WalStorage
-from raftblock.wire.chaincodec import decode_chain, encode_chain
+from raftblock.wire.chaincodec import decode_chain_frame, encode_chain, encode_snapshot_chunk
 
 if TYPE_CHECKING:
     from raftblock.replication.raft.runtime import NodeRuntime, _Pending, _Reply
@@ -53,6 +66,41 @@ INFLIGHT_MAX = 128  # records forwarded and not yet acknowledged by the successo
 BATCH_MAX = 32  # records per WRITE
 UNCOMMITTED_MAX = 1024  # head: records proposed and not acknowledged by the whole chain
 RETRY_TICKS = 10  # resend / re-SYNC after this many ticks without progress
+SNAPSHOT_CHUNK_BYTES = 1 << 20
+STREAM_QUEUE_BYTES = 4 << 20  # a snapshot stream sends while the connection holds less than this unsent
+HELD_BYTES_MAX = 16 << 20  # messages waiting behind a snapshot stream
+IMAGE_BYTES_MAX = 1 << 30  # a received image larger than this is refused (a group holds at most 512 MiB)
+
+
+class _Image:
+    """A group's snapshot image, made from the engine only when the SNAPSHOT is first sent (rule 6)."""
+
+    __slots__ = ("make",)
+
+    def __init__(self, make: Callable[[], bytes]) -> None:
+        self.make = make
+
+
+class _OutStream:
+    __slots__ = ("msg", "image", "offset", "conn", "held", "held_bytes")
+
+    def __init__(self, msg: ChainMessage, image: bytes) -> None:
+        self.msg = msg
+        self.image = image
+        self.offset = 0
+        self.conn: object = None
+        self.held: list[ChainMessage] = []
+        self.held_bytes = 0
+
+
+class _InStream:
+    __slots__ = ("epoch", "seq", "buf", "offset")
+
+    def __init__(self, epoch: int, seq: int, total: int) -> None:
+        self.epoch = epoch
+        self.seq = seq
+        self.buf = bytearray(total)
+        self.offset = 0
 
 
 class ChainGroup:
@@ -103,6 +151,8 @@ class ChainHost:
         self.rt = rt
         self.groups: dict[int, ChainGroup] = {}
         self.lease_until_tick = -1  # the node's lease, in runtime ticks (rule 5)
+        self._out: dict[tuple[int, int], _OutStream] = {}  # (group, successor) -> snapshot stream (rule 6)
+        self._in: dict[tuple[int, int], _InStream] = {}  # (group, predecessor) -> image being received
 
     # == hosting and configuration (from the MetaAgent) =======================================================
     def host(self, gid: int, members: Sequence[int], epoch: int) -> bool:
@@ -191,7 +241,7 @@ class ChainHost:
     def _snapshot_fn(self, gid: int) -> Callable[[], ChainSnapshot]:
         def make() -> ChainSnapshot:
             g = self.groups[gid]
-            return ChainSnapshot(g.core.applied_seq, self.rt.export_group(gid))
+            return ChainSnapshot(g.core.applied_seq, cast(bytes, _Image(lambda: self.rt.export_group(gid))))
 
         return make
 
@@ -204,7 +254,7 @@ class ChainHost:
     def on_frame(self, group: int, message: bytes, payload: bytes | memoryview) -> None:
         rt = self.rt
         try:
-            m = decode_chain(group, message, payload)
+            m, offset, total = decode_chain_frame(group, message, payload)
         except ValueError:
             rt.counters["frames_malformed"] += 1
             return
@@ -215,11 +265,89 @@ class ChainHost:
         if m.dst != rt.node_id:
             rt.counters["chain_wrong_destination"] += 1
             return
+        if total:
+            whole = self._receive_chunk(m, offset, total)
+            if whole is None:
+                return
+            m = whole
         g.core.step(m)
         rt._dirty_chain.add(g.id)
 
+    def _receive_chunk(self, m: ChainMessage, offset: int, total: int) -> ChainMessage | None:
+        """Reassemble a SNAPSHOT's image (rule 6); the whole message once its last chunk is in."""
+        key = (int(m.group), int(m.src))
+        if total > IMAGE_BYTES_MAX:
+            self.rt.counters["frames_malformed"] += 1
+            return None
+        ins = self._in.get(key)
+        if offset == 0:
+            ins = self._in[key] = _InStream(m.epoch, m.seq, total)
+        elif ins is None or (ins.epoch, ins.seq, ins.offset, len(ins.buf)) != (m.epoch, m.seq, offset, total):
+            self._in.pop(key, None)
+            self.rt.counters["chain_image_chunk_out_of_order"] += 1
+            return None
+        n = len(m.data)
+        ins.buf[offset : offset + n] = m.data
+        ins.offset += n
+        if ins.offset < total:
+            return None
+        del self._in[key]
+        self.rt.counters["chain_images_received"] += 1
+        return ChainMessage(m.type, m.group, m.src, m.dst, m.epoch, m.seq, (), bytes(ins.buf), m.log_epoch)
+
     def send(self, m: ChainMessage) -> None:
+        key = (int(m.group), int(m.dst))
+        st = self._out.get(key)
+        if m.type == MessageType.SNAPSHOT:
+            if st is not None and st.msg.epoch == m.epoch:
+                self.rt.counters["chain_snapshot_resend_skipped"] += 1  # one is on its way (rule 6)
+                return
+            data = cast(object, m.data)
+            image = data.make() if isinstance(data, _Image) else bytes(m.data)
+            self.rt.counters["chain_images_sent"] += 1
+            self._out[key] = _OutStream(m, image)
+            self.pump()
+            return
+        if st is not None:
+            size = sum(len(r.data) for r in m.records) + 64
+            if st.held_bytes + size <= HELD_BYTES_MAX:
+                st.held.append(m)
+                st.held_bytes += size
+            else:
+                self.rt.counters["chain_dropped_behind_snapshot"] += 1
+            return
         self.rt.transport.send(m.dst, encode_chain(m))
+
+    def pump(self) -> bool:
+        """Send the next chunks of every snapshot stream the peer connections have room for; True while
+        some stream is not finished (the runtime calls again soon)."""
+        if not self._out:
+            return False
+        tr = self.rt.transport
+        for key in list(self._out):
+            st = self._out[key]
+            dst = key[1]
+            conn = tr.conns.get(dst)
+            if conn is None:
+                continue  # not connected: wait (the core resends after a while anyway)
+            if st.conn is not conn:
+                st.conn, st.offset = conn, 0  # a new connection: the receiver starts over
+            total = len(st.image)
+            view = memoryview(st.image)
+            while st.offset < total and conn.write_buffer_bytes() < STREAM_QUEUE_BYTES:
+                chunk = view[st.offset : st.offset + SNAPSHOT_CHUNK_BYTES]
+                if not tr.send(dst, encode_snapshot_chunk(st.msg, st.offset, total, chunk)):
+                    break
+                st.offset += len(chunk)
+            if total == 0 and st.offset == 0:
+                tr.send(dst, encode_chain(ChainMessage(st.msg.type, st.msg.group, st.msg.src, st.msg.dst,
+                                                       st.msg.epoch, st.msg.seq, (), b"", st.msg.log_epoch)))
+                st.offset = -1
+            if st.offset >= total or st.offset < 0:
+                del self._out[key]
+                for m in st.held:
+                    tr.send(m.dst, encode_chain(m))
+        return bool(self._out)
 
     # == Ready handling (rule 3) ===============================================================================
     def process(self, gid: int) -> None:

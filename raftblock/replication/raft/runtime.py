@@ -490,6 +490,9 @@ class NodeRuntime:
                     for gid in cdirty:
                         self.chains.process(gid)
             self._flush_heartbeats()
+            if self.chains.pump():
+                assert self._loop is not None
+                self._loop.call_later(0.002, self._kick)  # more snapshot chunks once the socket drains
             self.transport.flush()
             self.wal.flush()
         except Exception as e:
