@@ -253,12 +253,14 @@ def test_kill_leader_under_writes_then_power_cut(volatile_cluster: Cluster, tmp_
     _verify(uri, journal, tmp_path, "after a power cut of the whole cluster")
 
 
-def test_corrupt_replica_is_read_from_a_peer_and_repaired(cluster: Cluster, tmp_path: Path) -> None:
-    """DESIGN "Data path": a block failing its CRC on the leader is served from a healthy replica and
-    rewritten; `cluster status` shows the error on that node."""
+@pytest.mark.parametrize("mode", MODES)
+def test_corrupt_replica_is_read_from_a_peer_and_repaired(cluster: Cluster, tmp_path: Path, mode: str) -> None:
+    """DESIGN "Data path": a block failing its CRC on the member that serves reads (the Raft leader, the
+    chain's tail) is served from a healthy replica and rewritten; `cluster status` shows the error on that
+    node."""
     require_libnbd()
     cluster.up()
-    cluster.cli("volume", "create", "vol", "--size", "256M")
+    cluster.cli("volume", "create", "vol", "--size", "256M", "--replication", mode)
     uri = f"{cluster.uri}/vol"
     data = os.urandom(64 << 10)
     nbd_write(uri, 0, data, tmp_path, fua=True)
@@ -271,7 +273,8 @@ def test_corrupt_replica_is_read_from_a_peer_and_repaired(cluster: Cluster, tmp_
         # for the leader until its engine holds the block (deadline 10 s).
         deadline = time.monotonic() + 10
         while True:
-            leader = next(g["leader"] for g in cluster.status()["groups"] if g["group"] == group)
+            g = next(g for g in cluster.status()["groups"] if g["group"] == group)
+            leader = g["leader"] if mode == "raft" else g["members"][-1]
             hits = find_on_disk(cluster.root / f"n{leader}" / "engine", needle)
             if hits or time.monotonic() > deadline:
                 break

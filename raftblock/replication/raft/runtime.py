@@ -891,7 +891,8 @@ class NodeRuntime:
                 except CorruptBlockError as e:
                     self.counters["corrupt_reads"] += 1
                     log.error("chain.corrupt_read", group=gid, extent_id=req.extent_id, block=e.block, reason=e.reason)
-                    raise
+                    others = [m for m in reversed(g.members) if m != self.node_id]  # nearest predecessor first
+                    data, crcs = await self._read_repair(gid, others, req.extent_id, req.block, n, g.core.applied_seq)
                 resp.crcs.extend(crcs)
                 out_payload.append(data)
             else:
@@ -961,6 +962,10 @@ class NodeRuntime:
             elif gid in self.chains.groups and req.op == OP_C_STATUS:
                 cg = self.chains.groups[gid]
                 resp.groups.append(self._chain_info(cg, self._allocated_bytes_by_group().get(gid, 0)))
+            elif gid in self.chains.groups and req.op == OP_C_REPLICA_READ:
+                data, crcs = await self._chain_replica_read(self.chains.groups[gid], req)
+                resp.crcs.extend(crcs)
+                out_payload.append(data)
             else:
                 grp = self.groups.get(gid)
                 if grp is None:
@@ -1124,7 +1129,8 @@ class NodeRuntime:
         except CorruptBlockError as e:
             self.counters["corrupt_reads"] += 1
             log.error("raft.corrupt_read", group=g.id, extent_id=req.extent_id, block=e.block, reason=e.reason)
-            return await self._read_repair(g, req.extent_id, req.block, n, applied)
+            others = sorted(int(p) for p in self.group_conf(g.id).voters if p != self.node_id)
+            return await self._read_repair(g.id, others, req.extent_id, req.block, n, applied)
 
     async def _block_status(self, g: _Group, req: pb.ClientRequest) -> list[tuple[int, bool]]:
         """Which blocks are allocated, as of a linearizable point (same barrier as a read)."""
@@ -1171,20 +1177,36 @@ class NodeRuntime:
         self.counters["replica_reads_served"] += 1
         return self.engine.read(req.extent_id, req.block, n)
 
-    async def _read_repair(self, g: _Group, extent_id: int, block: int, n: int, applied: int) -> tuple[bytearray, list[int]]:
-        """Serve a read whose local copy failed its CRC from another member, then rewrite the bad blocks
-        locally (only those still bad: a block overwritten meanwhile keeps its newer value)."""
+    async def _chain_replica_read(self, g: ChainGroup, req: pb.ClientRequest) -> tuple[bytearray, list[int]]:
+        """A chain member serves blocks a peer found corrupt, once it has applied `min_applied` (a
+        predecessor applies a record when the tail's acknowledgement comes back: it waits briefly)."""
+        if group_of_extent(req.extent_id) != g.id:
+            raise ValueError(f"extent {req.extent_id:#x} does not belong to group {g.id}")
+        n = req.count
+        if n < 1 or n > MAX_WRITE_BLOCKS or req.block + n > MAX_BLOCK:
+            raise ValueError("bad block range")
+        deadline = time.monotonic() + REPLICA_READ_WAIT_S
+        while g.core.applied_seq < req.min_applied:
+            if time.monotonic() > deadline:
+                raise RetryError(f"replica applied {g.core.applied_seq} < {req.min_applied}")
+            await asyncio.sleep(self.cfg.tick_ms / 1000)
+        self.counters["replica_reads_served"] += 1
+        return self.engine.read(req.extent_id, req.block, n)
+
+    async def _read_repair(self, gid: int, others: list[int], extent_id: int, block: int, n: int,
+                           applied: int) -> tuple[bytearray, list[int]]:
+        """Serve a read whose local copy failed its CRC from another member (`others`, in the order to ask),
+        then rewrite the bad blocks locally (only those still bad: a block overwritten meanwhile keeps its
+        newer value). A member answers once it has applied `applied` (Raft index, chain seq)."""
         from raftblock.replication.raft.group import RaftClient  # the node is a client of its peers here
 
         if self._peer_client is None:
             self._peer_client = RaftClient(self.peers, attempt_timeout_s=REPLICA_READ_WAIT_S + 1)
         req = pb.ClientRequest(op=OP_C_REPLICA_READ, extent_id=extent_id, block=block, count=n, min_applied=applied)
         last = "no other member"
-        for peer in sorted(self.group_conf(g.id).voters):
-            if peer == self.node_id:
-                continue
+        for peer in others:
             try:
-                resp, data = await self._peer_client.call_node(peer, g.id, req)
+                resp, data = await self._peer_client.call_node(peer, gid, req)
             except (OSError, ConnectionError, TimeoutError) as e:
                 last = f"node {peer}: {e!r}"
                 continue
@@ -1202,7 +1224,7 @@ class NodeRuntime:
                     repaired += 1
             self.counters["read_repairs"] += 1
             self.counters["blocks_repaired"] += repaired
-            log.warning("raft.read_repaired", group=g.id, extent_id=extent_id, block=block, count=n,
+            log.warning("raft.read_repaired", group=gid, extent_id=extent_id, block=block, count=n,
                         blocks_repaired=repaired, source=peer)
             return bytearray(data), crcs
         self.counters["read_repair_failed"] += 1
