@@ -2,7 +2,8 @@
 #
 # Owns: the only PRNG (random.Random(seed)); virtual time; a network that drops, duplicates, delays,
 # reorders and partitions, and sometimes holds a message back for a long time (a "ghost" from an old
-# epoch); crashes that lose everything not persisted (tearing the last write), after which the node
+# epoch); slow disks (a Ready's write ends steps later while the core goes on); crashes that lose
+# everything not persisted (tearing the write in progress), after which the node
 # restarts either from its durable log (ChainCore.restore: snapshot, records with their epochs, the last
 # adopted config epoch) or blank (fenced until removed); an oracle playing the metadata group (leases,
 # failure detection after a grace longer than the lease, removal with an epoch bump, an epoch bump with
@@ -14,7 +15,8 @@
 # 1. One thread, no clocks, no I/O: a seed and a step count determine the run bit for bit, so a failing
 #    seed replays with `python -m raftblock.testing.chainsim --seed N --steps S`.
 # 2. The simulator drives the very ChainCore a runtime would and honours the Ready contract the way a
-#    runtime must: messages_now, then persist, then messages and client acks, then apply, reads, advance.
+#    runtime must: messages_now, then persist, then messages and client acks, then apply, reads, advance
+#    (one Ready outstanding at a time; step/tick/propose/read go on while its write is in progress).
 # 3. Checkers run on every event, incrementally (docs/chain.md lists them): no acknowledged write lost;
 #    every applied sequence is a prefix of one history (a snapshot, even below what was applied, restarts
 #    the state machine at its seq and digest); reads not stale; no ACK before persist; a client ack only
@@ -82,6 +84,7 @@ class SimStats:
         "sync_ahead",
         "snapshots_below_applied",
         "torn_writes",
+        "slow_writes",
         "isolations",
         "oracle_cuts",
         "ghosts",
@@ -110,6 +113,7 @@ class SimStats:
         self.sync_ahead = 0  # SYNCs answered with a snapshot: the successor's log was longer
         self.snapshots_below_applied = 0  # snapshot installs that replaced a state machine further on
         self.torn_writes = 0
+        self.slow_writes = 0  # Readies whose disk write completed steps later (the core went on meanwhile)
         self.isolations = 0
         self.oracle_cuts = 0
         self.ghosts = 0
@@ -140,6 +144,11 @@ class SimNode:
         "restart_at",
         "keep_log",
         "from_log",
+        "pending",
+        "pending_at",
+        "ready_epoch",
+        "pending_epochs",
+        "pending_current",
         "loaded",
         "isolated_until",
         "cut_until",
@@ -162,6 +171,11 @@ class SimNode:
         self.keep_log = False  # while down: the next restart loads the durable log (else blank)
         self.from_log = False  # this incarnation restored its core from the durable log
         self.loaded = True  # the core reflects the durable store (False: a blank core over a kept disk)
+        self.pending: ChainReady | None = None  # a Ready whose disk write is still in progress
+        self.pending_at = -1  # ... until this step
+        self.ready_epoch = 0  # the core's epoch at its last ready()
+        self.pending_epochs = (0, 0)  # the core's epochs at the ready() before the last one and at the last
+        self.pending_current = False  # the last Ready's records came to a member of the current epoch
         self.isolated_until = -1  # cut from peers and from the oracle
         self.cut_until = -1  # cut from the oracle only (peers still reachable)
         self.wipe()
@@ -220,6 +234,8 @@ class Simulation:
         self.p_keep_log = 0.5  # a restart loads the durable log (else: blank core, fenced until removed)
         self.p_checkpoint = 0.5  # before a crash, the runtime had checkpointed its state machine
         self.p_rejoin_log = 0.5  # a removed node with a loaded core is re-added with its log (else wiped)
+        self.p_slow_disk = r.choice((0.0, 0.05, 0.2))  # a Ready's disk write completes only later
+        self.slow_disk_max = r.choice((2, 6))
 
         self.now = 0
         self.step_no = 0
@@ -233,7 +249,8 @@ class Simulation:
         self.last_seen: dict[NodeId, int] = {}
         self.lease_until: dict[NodeId, int] = {}
         self.member_inc: dict[NodeId, int] = {}  # incarnation a member was added with
-        self.caught_up: dict[NodeId, int] = {}  # joiner -> acked seq it must hold before it counts
+        # joiner, member restarted in place or after one -> seq it must hold durably before it counts
+        self.caught_up: dict[NodeId, int] = {}
         # Checker state.
         # seq -> (data, digest after, epoch of the record), from the first apply anywhere
         self.hist: dict[int, tuple[bytes, int, int]] = {}
@@ -271,7 +288,8 @@ class Simulation:
 
     @property
     def cur(self) -> ChainConfig:
-        return self.configs[max(self.configs)]
+        """The current configuration (the newest installed)."""
+        return self._cur
 
     def _step(self, faults: bool) -> None:
         self.now += 1
@@ -279,6 +297,7 @@ class Simulation:
         for sn in list(self.nodes.values()):
             if not sn.alive and sn.restart_at == self.now:
                 self._restart(sn, "log" if sn.keep_log else "blank")
+        self._disk_done()
         if faults:
             if r.random() < self.p_crash:
                 self._crash_someone()
@@ -337,6 +356,7 @@ class Simulation:
         assert mode in ("log", "blank", "wipe"), mode
         if mode == "wipe":
             sn.wipe()
+        sn.pending = None  # a running node wiped to rejoin: its write in progress is void
         sn.incarnation += 1
         sn.core = ChainCore(
             sn.id,
@@ -359,6 +379,7 @@ class Simulation:
             self.stats.restarts_with_log += 1
         elif mode == "blank":
             self.stats.restarts_blank += 1
+        sn.ready_epoch = sn.core.epoch
         sn.core.tick(self.now)
         sn.alive = True
         sn.restart_at = -1
@@ -372,6 +393,9 @@ class Simulation:
             self._checkpoint(sn)
         sole = self.cur.members == (sn.id,)
         sn.keep_log = sole or self.rng.random() < self.p_keep_log
+        if torn is None and sn.pending is not None:
+            torn = sn.pending  # the slow disk was still writing it
+        sn.pending = None
         if torn is not None:
             self.stats.torn_writes += 1
             complete = True
@@ -380,7 +404,9 @@ class Simulation:
                 if complete:
                     self._persist_snapshot(sn, torn.snapshot)
             if complete:
-                self._persist_records(sn, torn.records[: self.rng.randint(0, len(torn.records))])
+                self._persist_records(
+                    sn, torn.records[: self.rng.randint(0, len(torn.records))], sn.pending_current
+                )
         sn.core = None
         sn.alive = False
         self.stats.crashes += 1
@@ -426,9 +452,18 @@ class Simulation:
         r = self.rng
         while True:
             core = sn.core
-            if core is None or not core.has_ready():
+            if core is None or sn.pending is not None or not core.has_ready():
                 return
             rd = core.ready()
+            # When the Ready's contents were made: since the previous ready(), in epochs from that one's to
+            # this one's (the core may have adopted configurations meanwhile, and the disk write may end
+            # after it moved on). Client acks belong to one of these epochs; records are checked against
+            # the acknowledged ones only if they were all received as a member of the current epoch.
+            sn.pending_epochs = (sn.ready_epoch, core.epoch)
+            sn.ready_epoch = core.epoch
+            sn.pending_current = (
+                sn.pending_epochs == (self.cur.epoch, self.cur.epoch) and sn.id in self.cur.members
+            )
             crash_at = r.random()
             if crash_at < self.p_crash_in_ready and self._may_crash(sn):
                 self._crash(sn, None)
@@ -439,21 +474,41 @@ class Simulation:
             if crash_at < 2 * self.p_crash_in_ready and self._may_crash(sn):
                 self._crash(sn, rd)  # after the early sends, during the write
                 return
-            if rd.snapshot is not None:
-                self._persist_snapshot(sn, rd.snapshot)
-            self._persist_records(sn, rd.records)
-            for m in rd.messages:
-                self._check_durable(sn, m)
-                self._send(m)
-            if rd.snapshot is not None:
-                self._install_snapshot(sn, rd.snapshot)
-            for rec in rd.applies:
-                self._apply(sn, rec)
-            for seq in rd.client_acks:
-                self._client_ack(sn, core, seq)
-            for ctx, seq in rd.reads:
-                self._serve_read(sn, ctx, seq)
-            core.advance(rd)
+            if r.random() < self.p_slow_disk:
+                # A slow disk: the write (and what follows it) completes in a later step; meanwhile the core
+                # steps, ticks and forwards (pipelining), and a crash tears this write.
+                sn.pending = rd
+                sn.pending_at = self.now + r.randint(1, self.slow_disk_max)
+                self.stats.slow_writes += 1
+                return
+            self._finish(sn, core, rd)
+
+    def _finish(self, sn: SimNode, core: ChainCore, rd: ChainReady) -> None:
+        """The rest of the Ready contract once the disk write is done: persist, ACKs and client acks,
+        install and apply, reads, advance."""
+        if rd.snapshot is not None:
+            self._persist_snapshot(sn, rd.snapshot)
+        self._persist_records(sn, rd.records, sn.pending_current)
+        for m in rd.messages:
+            self._check_durable(sn, m)
+            self._send(m)
+        if rd.snapshot is not None:
+            self._install_snapshot(sn, rd.snapshot)
+        for rec in rd.applies:
+            self._apply(sn, rec)
+        for seq in rd.client_acks:
+            self._client_ack(sn, sn.pending_epochs, seq)
+        for ctx, seq in rd.reads:
+            self._serve_read(sn, ctx, seq)
+        core.advance(rd)
+
+    def _disk_done(self) -> None:
+        for sn in list(self.nodes.values()):
+            rd = sn.pending
+            if rd is not None and sn.pending_at <= self.now and sn.core is not None:
+                sn.pending = None
+                self._finish(sn, sn.core, rd)
+                self._drain(sn)
 
     def _persist_snapshot(self, sn: SimNode, snap: ChainSnapshot) -> None:
         seq, digest = _SM.unpack(snap.image)
@@ -463,9 +518,11 @@ class Simulation:
         sn.recs = {}
         sn.durable_last = snap.seq
 
-    def _persist_records(self, sn: SimNode, records: Sequence[Record]) -> None:
+    def _persist_records(self, sn: SimNode, records: Sequence[Record], current: bool) -> None:
+        """`current`: the records came to a member of the current epoch (when the Ready was made); the
+        check below holds if it still is one now that they are written."""
         core = sn.core
-        current = core is not None and core.epoch == self.cur.epoch and sn.id in self.cur.members
+        current = current and core is not None and core.epoch == self.cur.epoch and sn.id in self.cur.members
         for rec in records:
             seq, data = rec.seq, rec.data
             if seq != sn.durable_last + 1:
@@ -559,30 +616,38 @@ class Simulation:
                 " ack before persist"
             )
 
-    def _client_ack(self, sn: SimNode, core: ChainCore, seq: int) -> None:
+    def _client_ack(self, sn: SimNode, epochs: tuple[int, int], seq: int) -> None:
         """Checkers 4 and 5: a client ack comes from the head of its epoch, with the write durable on every
-        member of that epoch; a removed member or a zombie of an older epoch cannot produce one."""
-        cfg = self.configs.get(core.epoch)
-        if cfg is None or cfg.head != sn.id:
-            raise self._fail(f"node {sn.id} acks seq {seq} to a client but is not head of epoch {core.epoch}")
+        member of that epoch; a removed member or a zombie of an older epoch cannot produce one. The ack
+        was made in one of `epochs` (lo, hi): the core's epochs at the previous ready() and at the one
+        that handed it out."""
         h = self.hist.get(seq)
         if h is None or sn.sm_seq < seq:
             raise self._fail(f"node {sn.id} acks seq {seq} to a client before applying it")
         data = h[0]
-        for nid in cfg.members:
-            m = self.nodes[nid]
-            if not m.holds(seq, data):
-                raise self._fail(
-                    f"head {sn.id} acks seq {seq} in epoch {core.epoch} but member {nid} does not hold it"
-                    f" durably (durable up to {m.durable_last}, snapshot {m.snap_seq})"
-                )
+        epoch, why = -1, f"is not head of epoch {epochs[1]}"
+        for e in range(epochs[1], epochs[0] - 1, -1):
+            cfg = self.configs.get(e)
+            if cfg is None or cfg.head != sn.id:
+                continue
+            lacking = [m for m in (self.nodes[nid] for nid in cfg.members) if not m.holds(seq, data)]
+            if not lacking:
+                epoch = e
+                break
+            m = lacking[0]
+            why = (
+                f"in epoch {e} member {m.id} does not hold it durably (durable up to {m.durable_last},"
+                f" snapshot {m.snap_seq})"
+            )
+        if epoch < 0:
+            raise self._fail(f"head {sn.id} acks seq {seq} to a client but {why}")
         prev = self.acked.get(seq)
         if prev is not None and prev != data:
             raise self._fail(f"seq {seq} acknowledged twice with different data")
         if prev is None:
             self.acked[seq] = data
             self.stats.writes_acked += 1
-            if core.epoch < self.cur.epoch:
+            if epoch < self.cur.epoch:
                 self.stats.acks_old_epoch += 1
         self.max_acked = max(self.max_acked, seq)
 
@@ -626,16 +691,29 @@ class Simulation:
     # == oracle (the metadata group) ============================================================================
     def _install(self, cfg: ChainConfig, restarted: NodeId | None = None) -> None:
         """Install the next configuration; `restarted`: a member restarted from its log, kept in place
-        (its new incarnation is the member now; it counts once synced and caught up, like a joiner)."""
+        (its new incarnation is the member now; it counts once synced and caught up, like a joiner).
+        Its log may be shorter than its successors' (records it forwarded before they were durable
+        here): their SYNCs are then answered with a snapshot, which may take them below acknowledged
+        writes until the records after it arrive, so they count again only once caught up too."""
         prev = self.configs.get(cfg.epoch - 1)
         self.configs[cfg.epoch] = cfg
+        self._cur = cfg
         if prev is not None:
             self._check_reconfig(prev, cfg)
+        after = cfg.members[cfg.members.index(restarted) :] if restarted is not None else ()
+        # What a joiner must hold before it counts: every acked write, and every one the previous head may
+        # still ack in its epoch (client acks in a Ready still being written): up to its ack point there
+        # (the metadata group learns both from the head).
+        need = self.max_acked
+        head = self.nodes[prev.head].core if prev is not None else None
+        if prev is not None and head is not None and head.epoch == prev.epoch:
+            need = max(need, head.ack_point)
         for nid in cfg.members:
             if prev is None or nid not in prev.members or nid == restarted:
                 self.member_inc[nid] = self.nodes[nid].incarnation
                 self.last_seen[nid] = self.now
-                self.caught_up[nid] = self.max_acked
+            if prev is None or nid not in prev.members or nid in after:
+                self.caught_up[nid] = need
         self._push_configs()
 
     def _push_configs(self) -> None:
@@ -685,8 +763,14 @@ class Simulation:
                 core.grant_lease(cur.epoch, self.now + self.lease)
                 need = self.caught_up.get(nid)
                 sn = self.nodes[nid]
-                if need is not None and core.synced and sn.durable_last >= need:
-                    # Synced: its log now ends in its predecessor's (matched, or replaced by a snapshot).
+                if (
+                    need is not None
+                    and core.synced
+                    and sn.pending is None
+                    and sn.durable_last >= max(need, self.max_acked)
+                ):
+                    # Synced: its log now ends in its predecessor's (matched, or replaced by a snapshot), and
+                    # its disk writes are done (it reports its durable seq).
                     self._check_holds_acked(sn, min(sn.durable_last, self.max_acked), "caught up")
                     del self.caught_up[nid]
         # Restart in place: a member restarted from its durable log ignores the epoch it had adopted; it

@@ -1,7 +1,8 @@
 # The deterministic chain simulation (raftblock.testing.chainsim) over the real ChainCore, with every
 # checker on (docs/chain.md: no acked write lost, applied histories are prefixes, reads not stale, no ACK
 # before persist, client acks only from the head of their epoch with every member durable, liveness
-# once the faults stop), plus the mutation test: each planted bug must be caught within a few seeds.
+# once the faults stop), with crashed members restarting from their durable log or blank, plus the
+# mutation test: each planted bug must be caught within a few seeds.
 from __future__ import annotations
 
 import pytest
@@ -25,6 +26,14 @@ def test_simulation_default_seeds() -> None:
         assert getattr(total, k) > SEEDS, (k, total.as_dict())
     for k in ("reads_served", "stale_refused", "ghosts", "torn_writes", "stale_client_ops"):
         assert getattr(total, k) > SEEDS // 2, (k, total.as_dict())
+    # Restarts from the durable log: in place (an epoch bump, same members) and as a rejoin at the tail,
+    # and SYNCs whose (seq, epoch) the predecessor's log does not hold, answered with a snapshot.
+    for k in ("restarts_with_log", "restarts_blank", "epoch_bumps", "slow_writes"):
+        assert getattr(total, k) > SEEDS, (k, total.as_dict())
+    for k in ("rejoins_with_log", "checkpoints"):
+        assert getattr(total, k) > SEEDS // 2, (k, total.as_dict())
+    assert total.sync_mismatch + total.sync_ahead > SEEDS // 2, total.as_dict()
+    assert total.sync_mismatch >= 1 and total.sync_ahead >= 1, total.as_dict()
 
 
 def test_simulation_is_deterministic() -> None:

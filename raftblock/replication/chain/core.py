@@ -64,6 +64,7 @@ COUNTERS = (
     "sync_unsynced",  # SYNC postponed: this member is not synced itself yet
     "sync_ahead",  # SYNC from a successor whose log is longer than mine (answered with a snapshot)
     "sync_mismatch",  # SYNC whose (seq, epoch) is not in my log (answered with a snapshot)
+    "sync_unmatched",  # unsynced: a WRITE that does not continue my log (a snapshot still to come)
     "snapshots_sent",
     "resends",
     "proposals_refused",
@@ -429,6 +430,8 @@ class ChainCore:
             self._base_epoch = self._log[drop - 1].epoch
             del self._log[:drop]
             self._base += drop
+        if self.pred == NO_NODE:
+            self._flush(reply=False)  # the head: what just became durable may go downstream
         self._progress()
 
     # == internals =============================================================================================
@@ -479,8 +482,15 @@ class ChainCore:
         postponed = -1
         postponed_epoch = 0
         if not self._pred_synced:
+            # The answer to my SYNC only if it continues my log: it starts right after my last record and
+            # the sender holds that record with the same epoch. Else it follows a SNAPSHOT I have not
+            # installed yet (lost or overtaken), or answers an older SYNC: drop it (SYNC is retried).
+            prev = m.records[0].seq - 1 if m.records else m.seq
+            if prev != self._last or self.epoch_at(prev) != m.log_epoch:
+                self.counters["sync_unmatched"] += 1
+                return
             self._pred_synced = True
-            self._read_floor = m.seq
+            self._read_floor = max(self._read_floor, m.seq)
             postponed, self._postponed_sync = self._postponed_sync, -1
             postponed_epoch = self._postponed_epoch
         for r in m.records:
@@ -511,6 +521,9 @@ class ChainCore:
         self._durable = min(self._durable, m.seq)
         self._applied = min(self._applied, m.seq)
         self._snap_pending = ChainSnapshot(m.seq, m.data, m.log_epoch)
+        # Reads wait until I have applied again what I had applied: a write acknowledged before now may
+        # be above my predecessor's last seq (its own log was just replaced by a snapshot too).
+        self._read_floor = max(self._read_floor, self._apply_out)
         self._apply_out = m.seq  # installing the image applies it (and undoes anything applied after it)
         self._applies = []
         self._next_send = m.seq + 1
@@ -521,8 +534,9 @@ class ChainCore:
             return
         if m.seq > self._succ_acked:
             self._succ_acked = m.seq
-            self._succ_have = max(self._succ_have, m.seq)
             self._progress_at = self.now
+        # Even an ACK that acknowledges nothing new: a late SYNC answered with a snapshot reset _succ_have.
+        self._succ_have = max(self._succ_have, m.seq)
         self._flush(reply=False)
         self._progress()
 
@@ -569,13 +583,22 @@ class ChainCore:
             )
             have = snap.seq
         self._next_send = have + 1
-        self._flush(reply=reply)
+        self._flush(reply=reply, have=have)
 
-    def _flush(self, reply: bool) -> None:
-        """Forward records from _next_send within the in-flight window; `reply`: send even if empty."""
+    def _flush(self, reply: bool, have: int = 0) -> None:
+        """Forward records from _next_send within the in-flight window (counted from what the successor
+        holds, or from `have`, where a resend starts: after a snapshot); `reply`: send even if empty."""
         if self.succ == NO_NODE or not self._succ_synced or not self.is_member:
             return
-        hi = min(self._last, self._succ_have + self._inflight_max)
+        if self._next_send <= self._base:
+            # What comes next has left my log since (a Ready outstanding when I answered the SYNC applied
+            # it, and advance() dropped it): a snapshot first.
+            self._send_from(self._succ_have, reply)
+            return
+        # The head forwards only what is durable on it: a record it could lose in a crash must not reach
+        # (and be applied at) the tail, since nobody upstream could give it back after its restart.
+        last = self._durable if self.pred == NO_NODE else self._last
+        hi = min(last, max(self._succ_have, have) + self._inflight_max)
         batch: list[Record] = []
         while self._next_send <= hi:
             batch.append(self._log[self._next_send - self._base - 1])
@@ -588,8 +611,12 @@ class ChainCore:
             self._write(tuple(batch))
 
     def _write(self, records: tuple[Record, ...]) -> None:
+        # log_epoch: the epoch of my record just before `records` (at my last seq if none), so that an
+        # unsynced successor can tell whether this WRITE continues its log.
+        prev = records[0].seq - 1 if records else self._last
         self._msgs_now.append(
             ChainMessage(
-                _MT.WRITE, self.group, self.id, self.succ, self.epoch, seq=self._last, records=records
+                _MT.WRITE, self.group, self.id, self.succ, self.epoch, seq=self._last, records=records,
+                log_epoch=self.epoch_at(prev),
             )
         )
