@@ -10,6 +10,7 @@ DEB_PKGS := qemu-utils libnbd-bin python3-libnbd nbdkit fuse3 fio e2fsprogs util
 PYTEST_ARGS ?=
 QUICK    ?=
 SEED     ?=
+REPLICATION ?=
 
 .PHONY: all venv sysdeps test test-fast lint compile bench bench-compare bench-deps bench-raft profile demo demo-down clean sim proto
 
@@ -75,7 +76,7 @@ profile: sysdeps bench-deps
 	$(PY) bench/profile.py --py-spy --job $(or $(JOB),randwrite-4k-qd32)
 
 demo: sysdeps $(STAMP)
-	$(PY) -m raftblock.cli demo
+	$(PY) -m raftblock.cli demo $(if $(REPLICATION),--replication $(REPLICATION),)
 
 # Raft commits/s on one group and across 100 groups (3 node processes, real fdatasync) against a
 # 3-member etcd in the same run (Debian's etcd-server, installed here when missing), idle CPU per node
