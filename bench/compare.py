@@ -463,12 +463,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{k['resumed_after_kill_s']:.2f}s after the kill, acked {k['acked']}, failed {k['failed']}, "
                       f"lost {k['lost_writes']} ({k['problem_count']} problems: {k['problems'][:2]})", flush=True)
     finally:
-        for t in targets:
-            if t.name in bench.uris:
-                try:
-                    t.stop()
-                except Exception as e:  # noqa: BLE001 -- keep stopping the others
-                    print(f"warning: stopping {t.name}: {e}", file=sys.stderr)
+        bench.stop_all()
         cl.down()
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

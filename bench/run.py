@@ -379,6 +379,15 @@ class Bench:
         self.ramp_s = ramp_s
         self.uris: dict[str, str] = {}
 
+    def stop_all(self) -> None:
+        """Stop every target that was started, even when one of them fails to stop."""
+        for t in self.targets:
+            if t.name in self.uris:
+                try:
+                    t.stop()
+                except Exception as e:  # noqa: BLE001 -- keep stopping the others
+                    print(f"warning: stopping {t.name}: {e}", file=sys.stderr)
+
     def all_pids(self) -> dict[str, int]:
         return {f"{t.name}/{role}": pid for t in self.targets if t.name in self.uris
                 for role, pid in t.pids().items()}
@@ -769,12 +778,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"p50 {r.p50_us:>7.0f}us p99 {r.p99_us:>8.0f}us{cpu}  load {r.machine.load_before:.2f} "
                           f"steal {r.machine.steal_pct:.1f}%", flush=True)
     finally:
-        for t in targets:
-            if t.name in bench.uris:
-                try:
-                    t.stop()
-                except Exception as e:  # noqa: BLE001 -- keep stopping the others
-                    print(f"warning: stopping {t.name}: {e}", file=sys.stderr)
+        bench.stop_all()
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
 

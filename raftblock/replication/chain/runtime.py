@@ -449,27 +449,14 @@ class ChainHost:
 
     def flush_proposals(self, g: ChainGroup) -> None:
         """Head batching: the writes of one loop turn become as few records as the bounds allow."""
-        from raftblock.replication.raft.runtime import RetryError
+        from raftblock.replication.raft.runtime import RetryError, live_batches
         from raftblock.wire.ops import encode_batch
 
         cfg = self.rt.cfg
         pending, g.pending = g.pending, []
         g.pending_bytes = 0
         core = g.core
-        i = 0
-        while i < len(pending):
-            batch: list[_Pending] = []
-            size = 0
-            while i < len(pending) and len(batch) < cfg.batch_writes_max:
-                s = pending[i].op.encoded_size()
-                if batch and size + s > cfg.batch_bytes_max:
-                    break
-                batch.append(pending[i])
-                size += s
-                i += 1
-            live = [p for p in batch if not p.fut.done()]
-            if not live:
-                continue
+        for live in live_batches(pending, cfg.batch_writes_max, cfg.batch_bytes_max):
             seq = core.propose(encode_batch([p.op for p in live]))
             if seq == 0:
                 exc = self._not_head(g) if not core.is_head else RetryError("chain: too many writes in flight")
@@ -499,19 +486,12 @@ class ChainHost:
         await fut
 
     def fail_requests(self, g: ChainGroup, exc: Exception) -> None:
-        for replies in g.proposals.values():
-            for reply in replies:
-                if not reply.done():
-                    reply.set_exception(exc)
+        from raftblock.replication.raft.runtime import fail_requests
+
+        fail_requests(g.proposals.values(), g.pending, g.reads.values(), exc)
         g.proposals.clear()
-        for p in g.pending:
-            if not p.fut.done():
-                p.fut.set_exception(exc)
         g.pending = []
         g.pending_bytes = 0
-        for fut in g.reads.values():
-            if not fut.done():
-                fut.set_exception(exc)
         g.reads.clear()
 
     # == compaction ===========================================================================================

@@ -32,7 +32,7 @@ import random
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
@@ -243,6 +243,41 @@ class _Group:
         self.last_term = 0
         self.preferred = NO_NODE  # the preferred leader (members[0] in the map), 0 = none
         self.transfer_at_tick = 0  # earliest tick for the next transfer attempt
+
+
+def live_batches(pending: list[_Pending], writes_max: int, bytes_max: int) -> Iterator[list[_Pending]]:
+    """The writes of one loop turn cut into batches of at most `writes_max` writes and `bytes_max` encoded
+    bytes (one entry or record each), without those already answered (timed out, refused)."""
+    i = 0
+    while i < len(pending):
+        batch: list[_Pending] = []
+        size = 0
+        while i < len(pending) and len(batch) < writes_max:
+            s = pending[i].op.encoded_size()
+            if batch and size + s > bytes_max:
+                break
+            batch.append(pending[i])
+            size += s
+            i += 1
+        live = [p for p in batch if not p.fut.done()]
+        if live:
+            yield live
+
+
+def fail_requests(proposals: Iterable[list[_Reply]], pending: Iterable[_Pending],
+                  reads: Iterable[asyncio.Future[int]], exc: Exception) -> None:
+    """Answer every waiting write and read of a group with `exc` (the group lost its role, the node failed
+    or stops); the caller clears its collections."""
+    for replies in proposals:
+        for reply in replies:
+            if not reply.done():
+                reply.set_exception(exc)
+    for p in pending:
+        if not p.fut.done():
+            p.fut.set_exception(exc)
+    for fut in reads:
+        if not fut.done():
+            fut.set_exception(exc)
 
 
 class NotLeaderError(Exception):
@@ -717,19 +752,10 @@ class NodeRuntime:
                     fut.set_exception(NotLeaderError(g.core.lead))
 
     def _fail_group_requests(self, g: _Group, exc: Exception) -> None:
-        for _, replies in g.proposals.values():
-            for reply in replies:
-                if not reply.done():
-                    reply.set_exception(exc)
+        fail_requests([replies for _, replies in g.proposals.values()], g.pending, g.reads.values(), exc)
         g.proposals.clear()
-        for p in g.pending:
-            if not p.fut.done():
-                p.fut.set_exception(exc)
         g.pending = []
         g.pending_bytes = 0
-        for fut in g.reads.values():
-            if not fut.done():
-                fut.set_exception(exc)
         g.reads.clear()
         for _, fut in g.read_waits:
             if not fut.done():
@@ -963,7 +989,8 @@ class NodeRuntime:
                 cg = self.chains.groups[gid]
                 resp.groups.append(self._chain_info(cg, self._allocated_bytes_by_group().get(gid, 0)))
             elif gid in self.chains.groups and req.op == OP_C_REPLICA_READ:
-                data, crcs = await self._chain_replica_read(self.chains.groups[gid], req)
+                cg = self.chains.groups[gid]
+                data, crcs = await self._replica_read(gid, lambda: cg.core.applied_seq, req)
                 resp.crcs.extend(crcs)
                 out_payload.append(data)
             else:
@@ -982,7 +1009,8 @@ class NodeRuntime:
                     for count, allocated in await self._block_status(grp, req):
                         resp.runs.extend((count, int(allocated)))
                 elif req.op == OP_C_REPLICA_READ:
-                    data, crcs = await self._replica_read(grp, req)
+                    core = grp.core
+                    data, crcs = await self._replica_read(gid, lambda: core.applied_index, req)
                     resp.crcs.extend(crcs)
                     out_payload.append(data)
                 else:
@@ -1091,20 +1119,7 @@ class NodeRuntime:
         pending, g.pending = g.pending, []
         g.pending_bytes = 0
         core = g.core
-        i = 0
-        while i < len(pending):
-            batch: list[_Pending] = []
-            size = 0
-            while i < len(pending) and len(batch) < self.cfg.batch_writes_max:
-                s = pending[i].op.encoded_size()
-                if batch and size + s > self.cfg.batch_bytes_max:
-                    break
-                batch.append(pending[i])
-                size += s
-                i += 1
-            live = [p for p in batch if not p.fut.done()]
-            if not live:
-                continue
+        for live in live_batches(pending, self.cfg.batch_writes_max, self.cfg.batch_bytes_max):
             index = core.propose(encode_batch([p.op for p in live]))
             if index == 0:
                 exc: Exception = (
@@ -1161,34 +1176,20 @@ class NodeRuntime:
         await fut
         return g.core.applied_index
 
-    async def _replica_read(self, g: _Group, req: pb.ClientRequest) -> tuple[bytearray, list[int]]:
+    async def _replica_read(self, gid: int, applied: Callable[[], int], req: pb.ClientRequest) -> tuple[bytearray, list[int]]:
         """A peer asks for blocks it found corrupt: served by any member once it has applied at least
-        `min_applied` (so the answer is no older than what the asking leader would have returned)."""
-        if group_of_extent(req.extent_id) != g.id:
-            raise ValueError(f"extent {req.extent_id:#x} does not belong to group {g.id}")
+        `min_applied` (so the answer is no older than what the asking member would have returned; a chain
+        predecessor applies a record when the tail's acknowledgement comes back, so it may wait briefly).
+        `applied`: the group's applied index (Raft) or seq (chain)."""
+        if group_of_extent(req.extent_id) != gid:
+            raise ValueError(f"extent {req.extent_id:#x} does not belong to group {gid}")
         n = req.count
         if n < 1 or n > MAX_WRITE_BLOCKS or req.block + n > MAX_BLOCK:
             raise ValueError("bad block range")
         deadline = time.monotonic() + REPLICA_READ_WAIT_S
-        while g.core.applied_index < req.min_applied:
+        while applied() < req.min_applied:
             if time.monotonic() > deadline:
-                raise RetryError(f"replica applied {g.core.applied_index} < {req.min_applied}")
-            await asyncio.sleep(self.cfg.tick_ms / 1000)
-        self.counters["replica_reads_served"] += 1
-        return self.engine.read(req.extent_id, req.block, n)
-
-    async def _chain_replica_read(self, g: ChainGroup, req: pb.ClientRequest) -> tuple[bytearray, list[int]]:
-        """A chain member serves blocks a peer found corrupt, once it has applied `min_applied` (a
-        predecessor applies a record when the tail's acknowledgement comes back: it waits briefly)."""
-        if group_of_extent(req.extent_id) != g.id:
-            raise ValueError(f"extent {req.extent_id:#x} does not belong to group {g.id}")
-        n = req.count
-        if n < 1 or n > MAX_WRITE_BLOCKS or req.block + n > MAX_BLOCK:
-            raise ValueError("bad block range")
-        deadline = time.monotonic() + REPLICA_READ_WAIT_S
-        while g.core.applied_seq < req.min_applied:
-            if time.monotonic() > deadline:
-                raise RetryError(f"replica applied {g.core.applied_seq} < {req.min_applied}")
+                raise RetryError(f"replica applied {applied()} < {req.min_applied}")
             await asyncio.sleep(self.cfg.tick_ms / 1000)
         self.counters["replica_reads_served"] += 1
         return self.engine.read(req.extent_id, req.block, n)
