@@ -15,6 +15,9 @@
 #    member has adopted the current epoch and caught up. The node joins with its durable log if it has one
 #    (it syncs: matching records are kept, anything else is replaced by a snapshot).
 # 5. A member's report is [epoch adopted, configured 0/1, caught up 0/1] per group (ChainHost.report).
+#    Caught up (ChainCore.caught_up): synced in this epoch and applied what its predecessor held; or known
+#    to hold every acknowledged write without syncing again: the head, or the head's successor caught up
+#    in the epoch before (so a head that fails as a change is made can still be replaced).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence

@@ -3,12 +3,13 @@
 # Owns: the only PRNG (random.Random(seed)); virtual time; a network that drops, duplicates, delays,
 # reorders and partitions, and sometimes holds a message back for a long time (a "ghost" from an old
 # epoch); slow disks (a Ready's write ends steps later while the core goes on); crashes that lose
-# everything not persisted (tearing the write in progress), after which the node
-# restarts either from its durable log (ChainCore.restore: snapshot, records with their epochs, the last
-# adopted config epoch) or blank (fenced until removed); an oracle playing the metadata group (leases,
-# failure detection after a grace longer than the lease, removal with an epoch bump, an epoch bump with
-# the same members for a member restarted from its log, re-adding a removed node at the tail with its
-# log or wiped, or a fresh one); a client that writes at the head and reads at the tail of the
+# everything not persisted (tearing the write in progress), after which the node restarts either from
+# its durable log (ChainCore.restore: snapshot, records with their epochs, the last adopted config
+# epoch) or blank (silent until removed); the metadata group as production runs it: a MetaState, the
+# FailureDetector (suspect after a grace longer than the lease) and control/chainrepair's
+# plan_chain_changes over the reports ChainHost.report would send, every change applied to the map and
+# installed from it; what the planner does not decide (wiping a node before it is re-added, registering a
+# fresh one when no spare is up); a client that writes at the head and reads at the tail of the
 # configuration it believes current (sometimes a stale one).
 #
 # Rules:
@@ -17,11 +18,13 @@
 # 2. The simulator drives the very ChainCore a runtime would and honours the Ready contract the way a
 #    runtime must: messages_now, then persist, then messages and client acks, then apply, reads, advance
 #    (one Ready outstanding at a time; step/tick/propose/read go on while its write is in progress).
-# 3. Checkers run on every event, incrementally (docs/chain.md lists them): no acknowledged write lost;
-#    every applied sequence is a prefix of one history (a snapshot, even below what was applied, restarts
-#    the state machine at its seq and digest); reads not stale; no ACK before persist; a client ack only
-#    from the head of its epoch with the write durable on every member of that epoch; one (epoch, seq)
-#    names one record (the premise of log matching).
+# 3. Checkers run on every event, incrementally (docs/chain.md lists them): no acknowledged write lost
+#    (the head of every new configuration holds them all); every applied sequence is a prefix of one
+#    history (a snapshot, even below what was applied, restarts the state machine at its seq and
+#    digest); reads not stale; no ACK before persist; a client ack only from the head of its epoch with
+#    the write durable on every member of that epoch; one (epoch, seq) names one record (the premise of
+#    log matching); no member removed before its lease expired; liveness once the faults stop.
+# 4. The planner's rules are checked, not restated: the simulator never overrides a change it makes.
 from __future__ import annotations
 
 import argparse
@@ -33,8 +36,21 @@ import time
 import traceback
 import zlib
 from collections.abc import Sequence
+from typing import cast
 
-from raftblock.replication.chain.core import ChainCore
+from raftblock.control.chainrepair import plan_chain_changes
+from raftblock.control.health import FailureDetector, HealthConfig
+from raftblock.meta.state import (
+    CreateVolume,
+    InitCluster,
+    MetaState,
+    RegisterNode,
+    SetGroupMembers,
+    SetNodeStates,
+    StateChange,
+)
+from raftblock.replication.chain.core import MUTATIONS, ChainCore
+from raftblock.replication.chain.runtime import ChainHost
 from raftblock.replication.chain.types import (
     ChainConfig,
     ChainMessage,
@@ -47,6 +63,10 @@ from raftblock.replication.chain.types import (
 )
 
 GROUP = GroupId(9)
+# Planted bugs outside the core (the core's are core.MUTATIONS): a runtime that reports a member caught up
+# as soon as it has adopted the epoch (the planner may then make a member that lacks acknowledged
+# writes head).
+SIM_MUTATIONS = frozenset({"report_caught_up_early"})
 _SM = struct.Struct("<QI")  # state-machine image: applied seq, digest
 _MT = MessageType
 
@@ -79,6 +99,10 @@ class SimStats:
         "restarts_blank",
         "checkpoints",
         "epoch_bumps",
+        "bumps_unsettled",
+        "removals",
+        "removals_unsettled",
+        "fresh_nodes",
         "rejoins_with_log",
         "sync_mismatch",
         "sync_ahead",
@@ -86,6 +110,7 @@ class SimStats:
         "torn_writes",
         "slow_writes",
         "isolations",
+        "faults_catching_up",
         "oracle_cuts",
         "ghosts",
         "stale_refused",
@@ -107,7 +132,11 @@ class SimStats:
         self.restarts_with_log = 0  # crashed nodes restarted from their durable log (ChainCore.restore)
         self.restarts_blank = 0  # crashed nodes restarted with a blank core (fenced until removed)
         self.checkpoints = 0  # durable state-machine images taken before a crash (log compacted to them)
-        self.epoch_bumps = 0  # oracle: same members, epoch + 1, for a member restarted from its log
+        self.epoch_bumps = 0  # planner: same members, epoch + 1, for a member restarted from its log
+        self.bumps_unsettled = 0  # ... while another member had not settled (adopted and caught up)
+        self.removals = 0  # planner: a member not up removed
+        self.removals_unsettled = 0  # ... while a survivor after the next head was still catching up
+        self.fresh_nodes = 0  # nodes registered because no node was up outside the short chain
         self.rejoins_with_log = 0  # removed nodes re-added at the tail with their log (not wiped)
         self.sync_mismatch = 0  # SYNCs answered with a snapshot: (seq, epoch) not in the predecessor's log
         self.sync_ahead = 0  # SYNCs answered with a snapshot: the successor's log was longer
@@ -115,6 +144,7 @@ class SimStats:
         self.torn_writes = 0
         self.slow_writes = 0  # Readies whose disk write completed steps later (the core went on meanwhile)
         self.isolations = 0
+        self.faults_catching_up = 0  # the predecessor of a member catching up failed (its disk kept)
         self.oracle_cuts = 0
         self.ghosts = 0
         self.stale_refused = 0
@@ -206,10 +236,20 @@ class SimNode:
         return rec is not None and rec.data == data
 
 
+class _HostView:
+    """What ChainHost.report reads of a node: its groups, each with its `core` (the SimNode has one)."""
+
+    __slots__ = ("groups",)
+
+    def __init__(self, gid: int, sn: SimNode) -> None:
+        self.groups = {gid: sn}
+
+
 class Simulation:
     def __init__(self, seed: int, steps: int = 2000, mutations: frozenset[str] = frozenset()) -> None:
         self.seed = seed
         self.steps = steps
+        assert mutations <= MUTATIONS | SIM_MUTATIONS, mutations - MUTATIONS - SIM_MUTATIONS
         self.mutations = mutations
         self.rng = random.Random(seed)
         r = self.rng
@@ -236,6 +276,8 @@ class Simulation:
         self.p_rejoin_log = 0.5  # a removed node with a loaded core is re-added with its log (else wiped)
         self.p_slow_disk = r.choice((0.0, 0.05, 0.2))  # a Ready's disk write completes only later
         self.slow_disk_max = r.choice((2, 6))
+        # per step while a member catches up: its predecessor fails (_fault_catching_up)
+        self.p_fault_catching_up = r.choice((0.0, 0.01, 0.03))
 
         self.now = 0
         self.step_no = 0
@@ -244,13 +286,31 @@ class Simulation:
         self.msg_no = 0
         self.nodes: dict[NodeId, SimNode] = {}
         self.next_id = 1
-        # Oracle (metadata group) state.
+        # Oracle (metadata group) state: the real map (MetaState: nodes with one rack each, one chain group
+        # whose members and epoch are the configuration installed here), the real failure detector, the
+        # members' latest reports (as the metadata leader keeps them from heartbeats), and the real
+        # planner (control/chainrepair.plan_chain_changes) deciding every configuration change.
+        self.meta = MetaState()
+        self.meta.apply(InitCluster("chainsim", replicas=self.chain_len))
+        # suspect once silent for more than the grace (longer than the lease), down after three graces
+        self.detector = FailureDetector(
+            HealthConfig(
+                heartbeat_interval_ms=1,
+                suspect_after_missed=self.grace + 1,
+                down_grace_ms=3 * self.grace,
+                proposal_interval_ms_min=0,
+            ),
+            0,
+        )
+        self.reports: dict[NodeId, dict[int, list[int]]] = {}
+        self.host_views: dict[NodeId, _HostView] = {}
+        self.plan_inputs_changed = True  # the map or a report changed since the planner last ran
         self.configs: dict[int, ChainConfig] = {}
-        self.last_seen: dict[NodeId, int] = {}
         self.lease_until: dict[NodeId, int] = {}
-        self.member_inc: dict[NodeId, int] = {}  # incarnation a member was added with
-        # joiner, member restarted in place or after one -> seq it must hold durably before it counts
-        self.caught_up: dict[NodeId, int] = {}
+        self.member_inc: dict[NodeId, int] = {}  # incarnation that holds the member's place
+        # Joiners, members restarted in place and the members after them -> seq they must hold durably
+        # before the checkers count them as caught up (bookkeeping of checker 1, not a rule of the planner).
+        self.catching_up: dict[NodeId, int] = {}
         # Checker state.
         # seq -> (data, digest after, epoch of the record), from the first apply anywhere
         self.hist: dict[int, tuple[bytes, int, int]] = {}
@@ -261,13 +321,14 @@ class Simulation:
         self.read_ctx = 0
         self.write_id = 0
 
-        members = []
         for _ in range(self.chain_len):
-            sn = self._new_node()
-            members.append(sn.id)
-        self._install(ChainConfig(1, tuple(members)))
-        for nid in members:
-            self.caught_up.pop(nid, None)  # founders start together, empty
+            self._new_node()
+        res = self.meta.apply(CreateVolume("v", self.meta.extent_size_bytes, 0, "chain"))
+        assert res.ok, res
+        (gid,) = res.value["groups"]
+        self.meta_gid = int(gid)
+        self._install(self._map_config())  # the placement's order (head first)
+        self.catching_up.clear()  # founders start together, empty
 
     # == run ===================================================================================================
     def run(self) -> SimStats:
@@ -305,6 +366,8 @@ class Simulation:
                 self._fault_someone(isolate=True)
             if r.random() < self.p_cut:
                 self._fault_someone(isolate=False)
+            if self.catching_up and r.random() < self.p_fault_catching_up:
+                self._fault_catching_up()
         if r.random() < self.p_propose:
             self._client_write()
         if r.random() < self.p_read:
@@ -340,9 +403,14 @@ class Simulation:
 
     # == nodes ===================================================================================================
     def _new_node(self) -> SimNode:
+        """A fresh node, registered in the map in a rack of its own (members must use distinct racks)."""
         sn = SimNode(NodeId(self.next_id))
         self.next_id += 1
         self.nodes[sn.id] = sn
+        res = self.meta.apply(RegisterNode(int(sn.id), f"rack{int(sn.id)}", f"sim:{int(sn.id)}", 1 << 40, self.now))
+        assert res.ok, res
+        self.plan_inputs_changed = True
+        self.detector.heartbeat(sn.id, self.now)
         self._restart(sn, "wipe")
         return sn
 
@@ -366,7 +434,7 @@ class Simulation:
             batch_max=self.batch_max,
             uncommitted_max=256,
             retry_interval=self.retry_interval,
-            mutations=self.mutations,
+            mutations=self.mutations & MUTATIONS,
         )
         sn.from_log = mode == "log"
         sn.loaded = mode != "blank"
@@ -384,15 +452,18 @@ class Simulation:
         sn.alive = True
         sn.restart_at = -1
 
-    def _crash(self, sn: SimNode, torn: ChainReady | None) -> None:
+    def _crash(self, sn: SimNode, torn: ChainReady | None, keep_log: bool = False) -> None:
         """Lose everything volatile; with `torn`, keep only a prefix of that Ready's writes. Before that,
         maybe the runtime had checkpointed its state machine (the durable log then starts at its image).
         Whether the restart loads the durable log is chosen now; the only member of a chain always does
-        (it holds the only copy)."""
+        (it holds the only copy), and so does a node crashing while a member catches up (`keep_log`) or
+        while a member does not report itself caught up yet: losing the disk then is a second failure
+        before the chain has re-synced after a change (the planner may have to wait for this node)."""
         if self.rng.random() < self.p_checkpoint:
             self._checkpoint(sn)
         sole = self.cur.members == (sn.id,)
-        sn.keep_log = sole or self.rng.random() < self.p_keep_log
+        resynced = all(self._reports_caught_up(self.nodes[nid]) for nid in self.cur.members)
+        sn.keep_log = sole or keep_log or not resynced or self.rng.random() < self.p_keep_log
         if torn is None and sn.pending is not None:
             torn = sn.pending  # the slow disk was still writing it
         sn.pending = None
@@ -420,7 +491,8 @@ class Simulation:
         return sn.alive and sn.isolated_until <= self.now and sn.cut_until <= self.now
 
     def _healthy_count_ok(self) -> bool:
-        """Faults are injected one at a time: only while the current configuration is established."""
+        """Faults are injected one at a time: only while the current configuration is established (but
+        see _fault_catching_up)."""
         return self._established() and all(
             self._reachable(sn) for sn in self.nodes.values() if sn.id in self.cur.members
         )
@@ -433,6 +505,24 @@ class Simulation:
         live = [sn for sn in self.nodes.values() if sn.alive]
         if live and self._may_crash(victim := self.rng.choice(live)):
             self._crash(victim, None)
+
+    def _fault_catching_up(self) -> None:
+        """The one fault injected while the configuration is not established: a member is still catching
+        up (a joiner, a member restarted in place or one after it), every member is heard from, and the
+        member it syncs from crashes (its disk kept: the one that catches up may lack acknowledged writes,
+        so this is not a second failure) or is isolated. The planner must not make the member that
+        catches up head before it holds every acknowledged write; the chain may wait for the other."""
+        cur = self.cur
+        behind = [i for i, nid in enumerate(cur.members) if i and nid in self.catching_up]
+        if not behind or not all(self._heartbeats(self.nodes[nid]) for nid in cur.members):
+            return
+        victim = self.nodes[cur.members[self.rng.choice(behind) - 1]]
+        self.stats.faults_catching_up += 1
+        if self.rng.random() < 0.5:
+            self._crash(victim, None, keep_log=True)
+        else:
+            victim.isolated_until = self.now + self.rng.randint(3, 3 * self.grace)
+            self.stats.isolations += 1
 
     def _fault_someone(self, isolate: bool) -> None:
         live = [sn for sn in self.nodes.values() if sn.alive]
@@ -671,9 +761,12 @@ class Simulation:
 
     def _check_reconfig(self, old: ChainConfig, new: ChainConfig) -> None:
         """Checker 1: every member carried over from the old configuration holds every acked write (a
-        member restarted from its log, given a newer epoch in place, too: it held them when it crashed)."""
+        member restarted from its log, given a newer epoch in place, too: it held them when it crashed).
+        The head of the new configuration holds them even if it was counted as catching up: the planner
+        promotes only a member that reports itself caught up (everyone after it syncs from it)."""
+        self._check_holds_acked(self.nodes[new.head], self.max_acked, f"head of {new}")
         for nid in new.members:
-            if nid not in old.members or nid in self.caught_up:
+            if nid not in old.members or nid in self.catching_up:
                 continue
             self._check_holds_acked(self.nodes[nid], self.max_acked, f"after reconfiguration to {new}")
 
@@ -689,43 +782,73 @@ class Simulation:
                 )
 
     # == oracle (the metadata group) ============================================================================
-    def _install(self, cfg: ChainConfig, restarted: NodeId | None = None) -> None:
-        """Install the next configuration; `restarted`: a member restarted from its log, kept in place
-        (its new incarnation is the member now; it counts once synced and caught up, like a joiner).
-        Its log may be shorter than its successors' (records it forwarded before they were durable
-        here): their SYNCs are then answered with a snapshot, which may take them below acknowledged
-        writes until the records after it arrive, so they count again only once caught up too."""
+    def _map_config(self) -> ChainConfig:
+        g = self.meta.groups[GroupId(self.meta_gid)]
+        return ChainConfig(g.epoch, tuple(NodeId(int(m)) for m in g.members))
+
+    def _silent(self, sn: SimNode) -> bool:
+        """A blank core (its disk was not loaded) while the map lists it as a member: the node stays away
+        from the metadata group until it is removed (it cannot take its place back empty; the planner could
+        not tell it from a member that holds its data), then is re-added wiped."""
+        return not sn.loaded and sn.id in self.cur.members
+
+    def _heartbeats(self, sn: SimNode) -> bool:
+        """The metadata group hears from this node (heartbeats, reports) and reaches it (map, leases)."""
+        return sn.core is not None and self._reachable(sn) and not self._silent(sn)
+
+    def _need(self, cfg: ChainConfig) -> int:
+        """What a member catching up in `cfg` must hold before it counts: every acked write, and every one
+        the previous configuration's head may still ack in its epoch (client acks in a Ready still being
+        written): up to its ack point there."""
+        need = self.max_acked
         prev = self.configs.get(cfg.epoch - 1)
+        head = self.nodes[prev.head].core if prev is not None else None
+        if prev is not None and head is not None and head.epoch == prev.epoch:
+            need = max(need, head.ack_point)
+        return need
+
+    def _catch_up_from(self, cfg: ChainConfig, nid: NodeId) -> None:
+        """`nid` takes its place in `cfg` with a new incarnation, with its log: its log may be shorter than
+        its successors' (records it forwarded before they were durable here): their SYNCs are then
+        answered with a snapshot, which may take them below acknowledged writes until the records after
+        it arrive. It and every member after it count again only once caught up."""
+        self.member_inc[nid] = self.nodes[nid].incarnation
+        need = self._need(cfg)
+        for m in cfg.members[cfg.members.index(nid) :]:
+            self.catching_up[m] = max(need, self.catching_up.get(m, 0))
+
+    def _install(self, cfg: ChainConfig) -> None:
+        """Install the map's next configuration. Joiners count once synced and caught up; so does a member
+        restarted from its log since it took its place (the planner's bump), and every member after it."""
+        prev = self.configs.get(cfg.epoch - 1)
+        if prev is not None and cfg.epoch != prev.epoch + 1:
+            raise self._fail(f"the map's configuration {cfg} does not follow {prev}")
         self.configs[cfg.epoch] = cfg
         self._cur = cfg
         if prev is not None:
             self._check_reconfig(prev, cfg)
-        after = cfg.members[cfg.members.index(restarted) :] if restarted is not None else ()
-        # What a joiner must hold before it counts: every acked write, and every one the previous head may
-        # still ack in its epoch (client acks in a Ready still being written): up to its ack point there
-        # (the metadata group learns both from the head).
-        need = self.max_acked
-        head = self.nodes[prev.head].core if prev is not None else None
-        if prev is not None and head is not None and head.epoch == prev.epoch:
-            need = max(need, head.ack_point)
+        need = self._need(cfg)
         for nid in cfg.members:
-            if prev is None or nid not in prev.members or nid == restarted:
-                self.member_inc[nid] = self.nodes[nid].incarnation
-                self.last_seen[nid] = self.now
-            if prev is None or nid not in prev.members or nid in after:
-                self.caught_up[nid] = need
+            sn = self.nodes[nid]
+            if prev is None or nid not in prev.members:
+                self.member_inc[nid] = sn.incarnation
+                self.catching_up[nid] = need
+            elif self.member_inc.get(nid) != sn.incarnation and sn.core is not None and sn.loaded:
+                self._catch_up_from(cfg, nid)
         self._push_configs()
 
     def _push_configs(self) -> None:
+        """Every node the metadata group reaches learns the map's configuration (MetaAgent.reconcile);
+        the core ignores one not newer than the epoch it adopted. A member restarted from its log whose
+        last adopted epoch is older takes its place in this one with its log (ChainHost.host); one whose
+        epoch is not older waits for the planner's bump."""
         cur = self.cur
         for sn in self.nodes.values():
             core = sn.core
-            if core is None or not self._reachable(sn) or core.epoch >= cur.epoch:
+            if core is None or core.epoch >= cur.epoch or not self._heartbeats(sn):
                 continue
             if sn.id in cur.members and self.member_inc.get(sn.id) != sn.incarnation:
-                # Restarted since it was added: its place is lost. Blank, it must be removed; restored
-                # from its log, it ignores this epoch anyway and waits for the bump (_oracle).
-                continue
+                self._catch_up_from(cur, sn.id)
             sn.durable_epoch = cur.epoch  # the runtime persists the epoch before adopting the config
             core.set_config(cur)
             self._drain(sn)
@@ -735,8 +858,9 @@ class Simulation:
         core = sn.core
         return (
             core is not None
-            and self._reachable(sn)
+            and self._heartbeats(sn)
             and self.member_inc.get(nid) == sn.incarnation
+            and core.config is not None
             and core.epoch == self.cur.epoch
         )
 
@@ -747,81 +871,149 @@ class Simulation:
                 return False
             core = self.nodes[nid].core
             assert core is not None
-            if not core.synced or nid in self.caught_up:
+            if not core.synced or nid in self.catching_up:
                 return False
         return True
 
+    def _report(self, sn: SimNode) -> list[int]:
+        """What the node's heartbeat carries for this group: ChainHost.report itself, run over the node's
+        core ([epoch adopted, configured 0/1, caught up 0/1])."""
+        core = sn.core
+        assert core is not None
+        if "report_caught_up_early" in self.mutations:
+            return [core.epoch, int(core.config is not None), int(core.config is not None)]
+        view = self.host_views.get(sn.id)
+        if view is None:
+            view = self.host_views[sn.id] = _HostView(self.meta_gid, sn)
+        return ChainHost.report(cast(ChainHost, view))[self.meta_gid]
+
+    def _reports_caught_up(self, sn: SimNode) -> bool:
+        """What its report would say now: adopted the current epoch, configured, caught up."""
+        return sn.core is not None and self._report(sn) == [self.cur.epoch, 1, 1]
+
+    def _settled(self, nid: NodeId) -> bool:
+        r = self.reports.get(nid, {}).get(self.meta_gid)
+        return r is not None and r == [self.cur.epoch, 1, 1]
+
+    def _restarted_report(self, nid: NodeId) -> bool:
+        r = self.reports.get(nid, {}).get(self.meta_gid)
+        return r is not None and r[1] == 0 and r[0] >= self.cur.epoch
+
     def _oracle(self, faults: bool) -> None:
         cur = self.cur
+        st = self.meta
         self._push_configs()
+        # Heartbeats: each node the metadata group reaches reports its groups and gets a lease (every
+        # configured group, at the epoch it has adopted: ChainHost.grant_lease).
+        for sn in self.nodes.values():
+            if not self._heartbeats(sn):
+                continue
+            core = sn.core
+            assert core is not None
+            self.detector.heartbeat(sn.id, self.now)
+            report = {self.meta_gid: self._report(sn)}
+            if self.reports.get(sn.id) != report:
+                self.reports[sn.id] = report
+                self.plan_inputs_changed = True
+            if core.config is not None:
+                self.lease_until[sn.id] = self.now + self.lease
+                core.grant_lease(core.epoch, self.now + self.lease)
+        # Checker bookkeeping: a member catching up counts again once synced with its disk writes done and
+        # durably holding what it must.
         for nid in cur.members:
-            if self._member_ok(nid):
-                core = self.nodes[nid].core
-                assert core is not None
-                self.last_seen[nid] = self.now
-                self.lease_until[nid] = self.now + self.lease
-                core.grant_lease(cur.epoch, self.now + self.lease)
-                need = self.caught_up.get(nid)
-                sn = self.nodes[nid]
-                if (
-                    need is not None
-                    and core.synced
-                    and sn.pending is None
-                    and sn.durable_last >= max(need, self.max_acked)
-                ):
-                    # Synced: its log now ends in its predecessor's (matched, or replaced by a snapshot), and
-                    # its disk writes are done (it reports its durable seq).
-                    self._check_holds_acked(sn, min(sn.durable_last, self.max_acked), "caught up")
-                    del self.caught_up[nid]
-        # Restart in place: a member restarted from its durable log ignores the epoch it had adopted; it
-        # gets the same members with epoch + 1 (one change at a time: once every other member is settled)
-        # and SYNCs with its log. A blank restart is fenced out until removed (below).
-        for nid in cur.members:
+            need = self.catching_up.get(nid)
             sn = self.nodes[nid]
-            if (
-                sn.from_log
-                and sn.core is not None
-                and self._reachable(sn)
-                and self.member_inc.get(nid) != sn.incarnation
-                and all(self._member_ok(o) and o not in self.caught_up for o in cur.members if o != nid)
-            ):
-                self.stats.epoch_bumps += 1
-                self.stats.reconfigs += 1
-                self._install(ChainConfig(cur.epoch + 1, cur.members), restarted=nid)
-                return
-        # Removal: a member unseen for longer than the grace, whose lease therefore expired.
-        failed = [nid for nid in cur.members if self.now - self.last_seen[nid] > self.grace]
-        if failed and len(cur.members) > 1:
-            victim = failed[0]
-            others = [nid for nid in cur.members if nid != victim]
-            if all(self._member_ok(nid) and nid not in self.caught_up for nid in others):
-                if self.lease_until.get(victim, -1) >= self.now:
-                    raise self._fail(f"oracle removes {victim} before its lease expired")
-                self.stats.reconfigs += 1
-                self._install(ChainConfig(cur.epoch + 1, tuple(others)))
+            if need is None or not self._member_ok(nid):
+                continue
+            core = sn.core
+            assert core is not None
+            if core.synced and sn.pending is None and sn.durable_last >= max(need, self.max_acked):
+                self._check_holds_acked(sn, min(sn.durable_last, self.max_acked), "caught up")
+                del self.catching_up[nid]
+        # Failure detection: the leader proposes the state transitions of nodes silent for longer than
+        # the grace (suspect) or three graces (down), and those heard from again (up).
+        changes = self.detector.tick(self.now, {nid: n.state for nid, n in st.nodes.items()})
+        if changes:
+            res = st.apply(
+                SetNodeStates(
+                    tuple(StateChange(int(c.node_id), c.state, c.last_heartbeat_ms) for c in changes), self.now
+                )
+            )
+            self.detector.done()
+            if not res.ok:
+                raise self._fail(f"the map refuses the failure detector's transitions: {res}")
+            self.plan_inputs_changed = True
+        # Configuration changes: the planner's, applied to the map (a compare-and-set on the epoch). The
+        # planner is a pure function of the map and the reports: unchanged, it would plan nothing again.
+        if not self.plan_inputs_changed:
             return
-        # Join: re-add a removed node at the tail of a short chain, with its log (its core was restored
-        # from it, or has run on since its removal) or wiped (always, if its core is blank over a kept
-        # disk); or add a fresh one.
-        if len(cur.members) < self.chain_len and self._established():
-            spare = [
-                sn
-                for sn in self.nodes.values()
-                if sn.id not in cur.members and self._reachable(sn) and sn.core is not None
-            ]
-            if spare and self.rng.random() < 0.7:
-                sn = self.rng.choice(spare)
-                if sn.loaded and self.rng.random() < self.p_rejoin_log:
-                    self.stats.rejoins_with_log += 1  # it SYNCs with its log: matched, or a snapshot
-                else:
-                    self._restart(sn, "wipe")
-            elif len(self.nodes) < 4 * self.chain_len + 8:
-                sn = self._new_node()
-            else:
-                return
+        self.plan_inputs_changed = False
+        plan = plan_chain_changes(st, self.reports)
+        if not plan and self._wants_fresh_node():
+            # The planner would add a node at the tail but no node is up outside the chain: a fresh one
+            # registers (in a rack of its own).
+            self._new_node()
+            self.stats.fresh_nodes += 1
+            plan = plan_chain_changes(st, self.reports)
+        for cmd, reason in plan:
+            if cmd.group_id != self.meta_gid:
+                raise self._fail(f"the planner changes group {cmd.group_id}, not {self.meta_gid}: {reason}")
+            self._reconfigure(cmd, reason)
+
+    def _wants_fresh_node(self) -> bool:
+        cur = self.cur
+        st = self.meta
+        if len(cur.members) >= self.chain_len or len(self.nodes) >= 4 * self.chain_len + 8:
+            return False
+        if not all(st.nodes[nid].state == "up" and self._settled(nid) for nid in cur.members):
+            return False
+        return not any(n.state == "up" and NodeId(int(n.node_id)) not in cur.members for n in st.nodes.values())
+
+    def _reconfigure(self, cmd: SetGroupMembers, reason: str) -> None:
+        """Apply the planner's command to the map and install the configuration it makes. A node joining
+        with a disk holds its log (it SYNCs with it: matched, or replaced by a snapshot) or is wiped first
+        (always, if its core is blank over a kept disk); a removed member's lease must have expired."""
+        cur = self.cur
+        members = tuple(NodeId(m) for m in cmd.members)
+        # The planner's looser cases, counted: a bump while another member is not settled; a removal while
+        # a survivor other than the next head has not caught up.
+        unsettled = [nid for nid in cur.members if nid in members and not self._settled(nid)]
+        restarted = [nid for nid in unsettled if self._restarted_report(nid)]
+        settled = not [nid for nid in unsettled if nid not in restarted]
+        for nid in cur.members:
+            if nid not in members and self.lease_until.get(nid, -1) >= self.now:
+                raise self._fail(f"oracle removes {nid} before its lease expired ({reason})")
+        res = self.meta.apply(cmd)
+        self.plan_inputs_changed = True
+        if not res.ok:
+            raise self._fail(f"the map refuses the planner's {cmd} ({reason}): {res}")
+        cfg = self._map_config()
+        if cfg.members != members:
+            raise self._fail(f"the map installed {cfg}, the planner asked for {members}")
+        self.stats.reconfigs += 1
+        if cfg.members == cur.members:
+            self.stats.epoch_bumps += 1
+            if not settled:
+                self.stats.bumps_unsettled += 1
+        elif len(cfg.members) < len(cur.members):
+            self.stats.removals += 1
+            if not settled:
+                self.stats.removals_unsettled += 1
+        for nid in cfg.members:
+            if nid in cur.members:
+                continue
             self.stats.joins += 1
-            self.stats.reconfigs += 1
-            self._install(ChainConfig(cur.epoch + 1, (*cur.members, sn.id)))
+            sn = self.nodes[nid]
+            if sn.core is None:
+                continue  # down (still within the grace): it restarts as it was going to
+            known = any(nid in c.members for c in self.configs.values())  # else its disk is empty
+            if not sn.loaded:
+                self._restart(sn, "wipe")
+            elif known and self.rng.random() < self.p_rejoin_log:
+                self.stats.rejoins_with_log += 1  # it SYNCs with its log: matched, or a snapshot
+            elif known:
+                self._restart(sn, "wipe")
+        self._install(cfg)
 
     # == network =================================================================================================
     def _send(self, m: ChainMessage) -> None:
@@ -888,6 +1080,7 @@ class Simulation:
                 self._restart(sn, "log" if sn.keep_log else "blank")
         self.p_drop = self.p_dup = self.p_ghost = 0.0
         self.p_stale_client = 0.0
+        self.p_crash_in_ready = 0.0  # no crash inside a Ready either
         acked_before = self.stats.writes_acked
         quiet = 30 * self.grace
         for k in range(quiet):

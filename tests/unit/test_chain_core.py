@@ -552,3 +552,31 @@ def test_log_dropped_after_answering_a_sync_is_sent_as_a_snapshot() -> None:
     assert new.sm_seq == 3 and new.sm_digest == m1.sm_digest
     c.write(1, b"w4")
     assert m1.client_acks == [1, 2, 3, 4] and new.durable == {4: b"w4"}
+
+
+def test_caught_up_behind_the_head_holds_into_the_next_epoch_before_syncing() -> None:
+    """chain.md, what the metadata group must guarantee: the head's successor, caught up, still reports
+    caught up in the next epoch (a join at the tail) before it has synced there, so the metadata group can
+    replace a head that failed as the join was made; a joiner, or a member caught up behind a middle, does
+    not; an epoch skipped (removed and re-added meanwhile) loses it."""
+    c = Chain(3)
+    for i in range(3):
+        c.write(1, b"w%d" % i)
+    assert all(m.core.caught_up for m in c.members.values())
+    new = c.add(4)
+    c.down.add(n(1))  # the head fails as the join is made: nobody hears from it again
+    c.configure(ChainConfig(2, (n(1), n(2), n(3), n(4))))
+    c.run()
+    second, third = c.members[n(2)].core, c.members[n(3)].core
+    assert not second.synced and second.caught_up
+    assert not third.synced and not third.caught_up  # it caught up behind a middle: not known
+    assert not new.core.caught_up
+    # The metadata group removes the failed head: the successor heads, the others sync from it.
+    c.configure(ChainConfig(3, (n(2), n(3), n(4))))
+    c.run()
+    assert all(c.members[n(i)].core.caught_up for i in (2, 3, 4))
+    c.write(2, b"after")
+    assert c.members[n(2)].client_acks[-1] == 4
+    # An epoch skipped: not known any more until it syncs again.
+    third.set_config(ChainConfig(5, (n(2), n(3))))
+    assert not third.caught_up

@@ -102,6 +102,7 @@ class ChainCore:
         "_applied",
         "_client_acked",
         "_pred_synced",
+        "_complete",
         "_postponed_sync",
         "_postponed_epoch",
         "_read_floor",
@@ -169,6 +170,7 @@ class ChainCore:
         self._client_acked = 0  # head: client acks reported up to here
         # Upstream side (toward the head).
         self._pred_synced = True
+        self._complete = False  # known to hold every write that may have been acknowledged (caught_up)
         self._postponed_sync = -1  # a successor's SYNC seq that arrived before I was synced
         self._postponed_epoch = 0
         self._read_floor = 0  # tail: predecessor's last seq when it answered my SYNC
@@ -232,8 +234,16 @@ class ChainCore:
 
     @property
     def caught_up(self) -> bool:
-        """Synced in this epoch and applied what the predecessor held when it answered the SYNC."""
-        return self.synced and self._applied >= self._read_floor
+        """Synced in this epoch and applied what the predecessor held when it answered the SYNC; or known
+        to hold every write that may have been acknowledged, even before it syncs in this epoch: the head,
+        or a member that caught up right behind the head in the epoch before and is a member of this one
+        (every ack since needed its ACK). The metadata group makes only a member that reports this head,
+        so a head that fails right after a change (a join, a bump) can still be replaced by its successor
+        (docs/chain.md, "What the metadata group must guarantee")."""
+        return self.is_member and (self._complete or self._synced_up())
+
+    def _synced_up(self) -> bool:
+        return self._pred_synced and self._applied >= self._read_floor
 
     def read_now(self) -> bool:
         """Tail only: a read may be served from the state machine right now, without a Ready (the same
@@ -278,10 +288,21 @@ class ChainCore:
         if cfg.epoch <= self.epoch:
             self.counters["configs_ignored"] += 1
             return
+        # Known to hold every acknowledged write: the head (only such a member is made head), or a member
+        # that was so in the epoch before, or caught up right behind its head then (every ack since needed
+        # my ACK). An epoch skipped (removed meanwhile, maybe) or a removal loses it.
+        old = self.config
+        keep = (
+            old is not None
+            and self.id in old.members
+            and cfg.epoch == self.epoch + 1
+            and (self._complete or (self._synced_up() and self.pred == old.head))
+        )
         self.config = cfg
         self.epoch = cfg.epoch
         self.pred, self.succ = cfg.neighbours(self.id)
         member = self.id in cfg.members
+        self._complete = member and (keep or self.pred == NO_NODE)
         self._pred_synced = self.pred == NO_NODE
         self._postponed_sync = -1
         self._read_floor = 0
@@ -515,6 +536,7 @@ class ChainCore:
         # The answer to my SYNC (my log did not match, or is too old), or a resend ahead of my log: the
         # image replaces my log and my state machine; records after it follow.
         self._gen += 1
+        self._complete = False  # the image may be below acknowledged writes until the records after it come
         self._log = []
         self._base = self._last = self._persist_out = m.seq
         self._base_epoch = m.log_epoch

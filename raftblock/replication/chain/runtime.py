@@ -230,12 +230,12 @@ class ChainHost:
 
     def report(self) -> dict[int, list[int]]:
         """What the metadata leader needs for its one-change-at-a-time rule: per group [epoch adopted,
-        configured (0/1), synced and caught up (0/1)]. A restarted member reports configured = 0 with
-        the epoch it persisted: the leader bumps the epoch for it."""
+        configured (0/1), caught up (0/1): ChainCore.caught_up]. A restarted member reports configured
+        = 0 with the epoch it persisted: the leader bumps the epoch for it."""
         out: dict[int, list[int]] = {}
         for gid, g in self.groups.items():
             c = g.core
-            out[gid] = [c.epoch, int(c.config is not None), int(c.synced and c.caught_up)]
+            out[gid] = [c.epoch, int(c.config is not None), int(c.caught_up)]
         return out
 
     def _snapshot_fn(self, gid: int) -> Callable[[], ChainSnapshot]:
