@@ -243,8 +243,9 @@ class MetaClient:
 
     # -- conveniences --------------------------------------------------------------------------------
 
-    async def register_node(self, node_id: int, rack: str, address: str, capacity_bytes: int) -> Result:
-        return await self.propose(RegisterNode(node_id, rack, address, capacity_bytes, _now_ms()))
+    async def register_node(self, node_id: int, rack: str, address: str, capacity_bytes: int,
+                            disk_id: str = "") -> Result:
+        return await self.propose(RegisterNode(node_id, rack, address, capacity_bytes, _now_ms(), disk_id))
 
     async def create_volume(self, name: str, size_bytes: int, mode: str = "raft") -> Result:
         return await self.propose(CreateVolume(name, size_bytes, _now_ms(), mode))

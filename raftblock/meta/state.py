@@ -57,6 +57,7 @@ class NodeRecord:
     last_heartbeat_ms: int = 0  # as known when the last transition was committed (heartbeats are not logged)
     returns: int = 0  # times it came back up from suspect/down
     registered_ms: int = 0
+    disk_id: str = ""  # the identity of its data directory (made with it); "" = not told
 
 
 @dataclass
@@ -139,6 +140,7 @@ class RegisterNode(Command):
     address: str
     capacity_bytes: int
     now_ms: int
+    disk_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -342,13 +344,28 @@ class MetaState:
         if old is None:
             self.nodes[nid] = NodeRecord(nid, cmd.rack, cmd.address, cmd.capacity_bytes,
                                          state_since_ms=cmd.now_ms, last_heartbeat_ms=cmd.now_ms,
-                                         registered_ms=cmd.now_ms)
+                                         registered_ms=cmd.now_ms, disk_id=cmd.disk_id)
             return _ok(node_id=cmd.node_id, new=True)
         if old.rack != cmd.rack and any(nid in g.members for g in self.groups.values()):
             return _err("rack_change", f"node {cmd.node_id} is in rack {old.rack!r} and holds replicas; "
                         f"it cannot move to {cmd.rack!r}")
         old.rack, old.address, old.capacity_bytes = cmd.rack, cmd.address, cmd.capacity_bytes
-        return _ok(node_id=cmd.node_id, new=False)
+        removed: list[int] = []
+        if cmd.disk_id and old.disk_id and cmd.disk_id != old.disk_id:
+            # A new disk: the node lost whatever its chains' members must hold, and its place in them. It
+            # leaves every chain it is in (epoch + 1; never the last member), before it can adopt a
+            # configuration again; the chain repair adds it back at the tail, where it copies the data.
+            # (Raft groups: re-replication, issue "self-healing".)
+            for gid, g in sorted(self.groups.items()):
+                if g.mode == "chain" and nid in g.members and len(g.members) > 1:
+                    per_member = self._group_bytes(gid)
+                    g.members = [m for m in g.members if m != nid]
+                    g.epoch += 1
+                    old.reserved_bytes -= per_member
+                    removed.append(int(gid))
+        if cmd.disk_id:
+            old.disk_id = cmd.disk_id
+        return _ok(node_id=cmd.node_id, new=False, left_chains=removed)
 
     def _apply_set_node_states(self, cmd: SetNodeStates) -> Result:
         for c in cmd.changes:

@@ -32,7 +32,7 @@ log = structlog.get_logger(__name__)
 
 class MetaAgent:
     def __init__(self, client: MetaClient, runtime: NodeRuntime, node_id: int, rack: str, address: str,
-                 data_dir: Path, interval_s: float = 1.0) -> None:
+                 data_dir: Path, interval_s: float = 1.0, disk_id: str = "") -> None:
         self.client = client
         self.runtime = runtime
         self.node_id = node_id
@@ -40,6 +40,7 @@ class MetaAgent:
         self.address = address
         self.data_dir = data_dir
         self.interval_s = interval_s
+        self.disk_id = disk_id  # the data directory's identity: a new one tells the map the disk was replaced
         self.state: MetaState | None = None
         self.registered = False
 
@@ -57,12 +58,13 @@ class MetaAgent:
     async def step(self) -> None:
         if not self.registered:
             capacity = shutil.disk_usage(self.data_dir).total
-            res = await self.client.register_node(self.node_id, self.rack, self.address, capacity)
+            res = await self.client.register_node(self.node_id, self.rack, self.address, capacity, self.disk_id)
             if not res.ok:
                 log.error("agent.register_refused", error=res.error, message=res.message)
                 return
             self.registered = True
-            log.info("agent.registered", node=self.node_id, rack=self.rack, capacity_bytes=capacity)
+            log.info("agent.registered", node=self.node_id, rack=self.rack, capacity_bytes=capacity,
+                     left_chains=res.value.get("left_chains", []))
         used = int(self.runtime.engine.stats().get("live_bytes", 0))
         sent = time.monotonic()
         chains = self.runtime.chains.report() if self.runtime.chains.groups else None

@@ -139,7 +139,8 @@ async def run_node(cfg: NodeConfig) -> int:
 
         client = MetaClient({MetaNodeId(k): v for k, v in cfg.meta_admin.items()},
                             cfg.meta_secret_file.read_bytes().strip())
-        agent = MetaAgent(client, rt, cfg.node_id, cfg.rack, f"{cfg.host}:{port}", cfg.data_dir)
+        agent = MetaAgent(client, rt, cfg.node_id, cfg.rack, f"{cfg.host}:{port}", cfg.data_dir,
+                          disk_id=cluster_id.hex())  # made with the data directory: a new disk, a new id
         agent_task = loop.create_task(agent.run(stop))
     print(f"READY raft://{cfg.host}:{port}", flush=True)
     await stop.wait()

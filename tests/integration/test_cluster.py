@@ -549,10 +549,12 @@ def test_chain_zombie_head_is_fenced_and_tail_kill_loses_nothing(cluster: Cluste
 
 
 def test_chain_replacement_disk_joins_at_the_tail_by_a_chunked_snapshot(cluster: Cluster, tmp_path: Path) -> None:
-    """docs/chain.md "Join at the tail": the tail's node is killed and its disk replaced (data dir wiped);
-    it registers again, the metadata group adds it back at the tail, and its predecessor sends the group's
-    image (72 MiB: more than one frame may carry, so in chunks) and then the records after it. Reads are
-    the tail's: every block reads back from the replacement."""
+    """docs/chain.md "Join at the tail": the head's node is killed and comes back at once with a new disk
+    (data dir wiped), before the metadata group has noticed it was gone. It registers with a new disk id,
+    so it leaves the chain (an empty head would hand its emptiness down the chain); the metadata group
+    adds it back at the tail and its predecessor sends the group's image (72 MiB: more than one frame
+    may carry, so in chunks), then the records after it. Reads are the tail's: every block reads back
+    from the replacement."""
     import shutil
 
     require_tools("qemu-io")
@@ -562,17 +564,16 @@ def test_chain_replacement_disk_joins_at_the_tail_by_a_chunked_snapshot(cluster:
     _qemu_io(uri, ["write -P 0x5c 0 72M", "write -P 0xc5 200M 1M"])
     gid = cluster.status()["volumes"][0]["extent_groups"][0]
     assert all(g == gid for g in cluster.status()["volumes"][0]["extent_groups"]), "one group for the volume"
-    tail = _group(cluster, gid)["members"][-1]
-    cluster.kill(f"n{tail}")
-    _wait(lambda: tail not in _group(cluster, gid)["members"], 60, f"n{tail} to be removed")
-    shutil.rmtree(cluster.root / f"n{tail}")  # a new disk
+    head = _group(cluster, gid)["members"][0]
+    cluster.kill(f"n{head}")
+    shutil.rmtree(cluster.root / f"n{head}")  # a new disk
     cluster.up()
 
     def whole() -> bool:
         g = _group(cluster, gid)
-        return g["members"][-1] == tail and len(g["applied"]) == 3 and len(set(g["applied"].values())) == 1
+        return g["members"][-1] == head and len(g["applied"]) == 3 and len(set(g["applied"].values())) == 1
 
-    _wait(whole, 120, f"n{tail} to rejoin at the tail and catch up")
-    assert _counter(cluster, tail, "chain_images_received") >= 1
-    assert _counter(cluster, tail, "chain_snapshots_installed") >= 1
+    _wait(whole, 120, f"n{head} to rejoin at the tail and catch up")
+    assert _counter(cluster, head, "chain_images_received") >= 1
+    assert _counter(cluster, head, "chain_snapshots_installed") >= 1
     _qemu_io(uri, ["read -P 0x5c 0 72M", "read -P 0 72M 128M", "read -P 0xc5 200M 1M"])  # served by the new tail

@@ -225,3 +225,31 @@ def test_replicas_applying_the_same_log_agree(log: list) -> None:  # type: ignor
     for v in a.volumes.values():  # invariants hold after any sequence
         assert all(g in a.groups for g in v.extent_groups)
     assert all(n.reserved_bytes >= 0 for n in a.nodes.values())
+
+
+def test_a_node_back_with_a_new_disk_leaves_its_chains_but_not_the_last_place() -> None:
+    """A node that registers again with another disk id lost what its chains' members must hold: it
+    leaves every chain it is in (epoch + 1), except where it is the only member; Raft groups are left to
+    re-replication; the same disk id, or none, changes nothing."""
+    from raftblock.meta.state import CreateVolume, InitCluster, MetaState, RegisterNode, SetGroupMembers
+
+    st = MetaState()
+    assert st.apply(InitCluster("c")).ok
+    for i in (1, 2, 3):
+        assert st.apply(RegisterNode(i, f"r{i}", f"h:{i}", 1 << 40, 0, disk_id=f"d{i}")).ok
+    chain = st.apply(CreateVolume("c1", 64 << 20, 0, "chain")).value["groups"][0]
+    solo = st.apply(CreateVolume("c2", 64 << 20, 0, "chain")).value["groups"][0]
+    raft = st.apply(CreateVolume("r1", 64 << 20, 0, "raft")).value["groups"][0]
+    assert st.apply(SetGroupMembers(solo, (1,), 1)).ok
+    before = {g: (list(st.groups[g].members), st.groups[g].epoch) for g in (chain, solo, raft)}
+    reserved = st.nodes[1].reserved_bytes
+    assert st.apply(RegisterNode(1, "r1", "h:1", 1 << 40, 5, disk_id="d1")).value["left_chains"] == []
+    assert st.apply(RegisterNode(1, "r1", "h:1", 1 << 40, 5)).value["left_chains"] == []
+    res = st.apply(RegisterNode(1, "r1", "h:1", 1 << 40, 5, disk_id="new"))
+    assert res.ok and res.value["left_chains"] == [chain]
+    assert st.groups[chain].members == [m for m in before[chain][0] if m != 1]
+    assert st.groups[chain].epoch == before[chain][1] + 1
+    assert (st.groups[solo].members, st.groups[solo].epoch) == ([1], before[solo][1])  # never the last one
+    assert (list(st.groups[raft].members), st.groups[raft].epoch) == before[raft]
+    assert st.nodes[1].disk_id == "new" and st.nodes[1].reserved_bytes == reserved - (64 << 20)
+    assert MetaState.from_json(st.to_json()).to_json() == st.to_json()
