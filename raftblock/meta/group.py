@@ -245,6 +245,14 @@ class MetaGroup(SyncObj):  # type: ignore[misc]
         with self._lock:
             return {n: r.state for n, r in self._state.nodes.items()}
 
+    def chain_view(self, node_id: NodeId) -> tuple[str, dict[int, int]]:
+        """(the node's committed state, {chain group it is a member of: epoch}) as applied here."""
+        with self._lock:
+            n = self._state.nodes.get(node_id)
+            epochs = {int(gid): g.epoch for gid, g in self._state.groups.items()
+                      if g.mode == "chain" and node_id in g.members}
+            return (n.state if n is not None else ""), epochs
+
     def cluster_id(self) -> str:
         with self._lock:
             return self._state.cluster_id
@@ -373,17 +381,24 @@ class MetaNode:
     # -- liveness --------------------------------------------------------------------------------------
 
     def heartbeat(self, node_id: NodeId, used_bytes: int | None = None,
-                  chains: dict[int, list[int]] | None = None) -> int:
+                  chains: dict[int, list[int]] | None = None) -> tuple[int, dict[int, int]]:
         """A storage node's heartbeat: memory only. Raises NotLeader with the leader to send it to.
-        Returns the lease (ms, from when the node sent it) the node may give its chain groups: shorter
-        than the silence after which this leader marks it suspect and removes it from its chains."""
+
+        Returns the chain lease: (ms from when the node sent the heartbeat, {chain group: epoch}). The node
+        may let its tails serve reads for that long in those epochs only: this leader removes a member
+        from a chain only after a longer silence (it is `suspect` first), and a removal already decided
+        is in the epochs given (the node's state becomes `up` again only by a proposal after that
+        removal's, so while it is not `up` there is no lease at all)."""
         det = self.detector
         if det is None or not self.is_leader():
             raise NotLeader(self.leader_id())
         det.heartbeat(node_id, self._clock_ms(), used_bytes)
         if chains is not None:
             self.chain_reports[node_id] = chains
-        return self.chain_lease_ms()
+        state, epochs = self._g().chain_view(node_id)
+        if state != "up":
+            return 0, {}
+        return self.chain_lease_ms(), epochs
 
     def chain_lease_ms(self) -> int:
         return self.health_config.suspect_after_ms * 2 // 3

@@ -128,8 +128,8 @@ class AdminServer:
                 if chains is None and req.get("chains") is not None:
                     return {"ok": False, "error": "bad_request",
                             "message": "chains: {group id: [epoch, configured, caught_up]}"}
-                lease_ms = node.heartbeat(NodeId(nid), used, chains)
-                return {"ok": True, "lease_ms": lease_ms}
+                lease_ms, epochs = node.heartbeat(NodeId(nid), used, chains)
+                return {"ok": True, "lease_ms": lease_ms, "chain_epochs": {str(k): v for k, v in epochs.items()}}
             return {"ok": False, "error": "bad_request", "message": f"unknown op {op!r}"}
         except CommandError as e:
             return {"ok": False, "error": "bad_request", "message": str(e)}
@@ -232,14 +232,18 @@ class MetaClient:
         return status
 
     async def heartbeat(self, node_id: NodeId, used_bytes: int | None = None,
-                        chains: dict[int, list[int]] | None = None) -> int:
-        """Returns the chain lease (ms from before the call) the metadata leader grants; 0 if none."""
+                        chains: dict[int, list[int]] | None = None) -> tuple[int, dict[int, int]]:
+        """Returns the chain lease the metadata leader grants: (ms from before the call, {group: epoch});
+        (0, {}) if none (MetaNode.heartbeat)."""
         req: dict[str, Any] = {"op": "heartbeat", "node_id": int(node_id), "used_bytes": used_bytes}
         if chains is not None:
             req["chains"] = {str(k): v for k, v in chains.items()}
         reply = await self._retrying(req, True)
         lease = reply.get("lease_ms", 0)
-        return lease if isinstance(lease, int) else 0
+        raw = reply.get("chain_epochs", {})
+        epochs = {int(k): int(v) for k, v in raw.items() if str(k).isdigit() and isinstance(v, int)} \
+            if isinstance(raw, dict) else {}
+        return (lease if isinstance(lease, int) else 0), epochs
 
     # -- conveniences --------------------------------------------------------------------------------
 

@@ -68,11 +68,12 @@ class MetaAgent:
         used = int(self.runtime.engine.stats().get("live_bytes", 0))
         sent = time.monotonic()
         chains = self.runtime.chains.report() if self.runtime.chains.groups else None
-        lease_ms = await self.client.heartbeat(self.node_id, used, chains)  # type: ignore[arg-type]
+        lease_ms, epochs = await self.client.heartbeat(self.node_id, used, chains)  # type: ignore[arg-type]
         if lease_ms > 0:
             # The metadata leader took this heartbeat: it will not remove this node from a chain before
-            # `sent + lease_ms` (it waits for a longer silence), so the node's tails may serve reads until then.
-            self.runtime.grant_chain_lease(sent + lease_ms / 1000.0)
+            # `sent + lease_ms` (it waits for a longer silence), so the node's tails may serve reads until
+            # then, in the epochs it named (a removal already decided is in them).
+            self.runtime.grant_chain_lease(sent + lease_ms / 1000.0, epochs)
         st = await self.client.state(barrier=False)
         self.state = st
         self.reconcile(st)

@@ -383,6 +383,56 @@ def test_close_ends_even_when_a_cancellation_is_swallowed(tmp_path: Path) -> Non
     asyncio.run(scenario())
 
 
+def test_chain_leases_only_for_up_members_at_the_current_epoch_and_a_silent_member_is_removed(tmp_path: Path) -> None:
+    """docs/chain.md, leases: a heartbeat gets a lease and the epochs of the chains the node is in; a node
+    that is not `up` in the committed map gets no lease; the leader removes a silent member from its chain
+    once the others report the epoch adopted and caught up, and the node, back, gets a lease without
+    that chain (it must not serve it in the old epoch)."""
+    health = HealthConfig(heartbeat_interval_ms=100, down_grace_ms=2000, proposal_interval_ms_min=0)
+
+    async def scenario() -> None:
+        port = free_port()
+        node = MetaNode(MetaConfig(NodeId(1), {NodeId(1): f"127.0.0.1:{port}"}, tmp_path, SECRET, cluster_id="c",
+                                   timings=FAST), health)
+        await node.start()
+        try:
+            for i in (1, 2, 3):
+                assert (await node.propose(RegisterNode(i, f"r{i}", f"h:{i}", 1 << 40, 0))).ok
+            await _until(lambda: node.detector is not None and bool(node.state().cluster_id), 10)
+            res = await node.propose(CreateVolume("c", 64 << 20, 0, "chain"))
+            (gid,) = res.value["groups"]
+            lease, epochs = node.heartbeat(NodeId(1), chains={gid: [1, 1, 1]})
+            assert lease == health.suspect_after_ms * 2 // 3 and epochs == {gid: 1}
+
+            def beat_two() -> bool:  # nodes 1 and 2 report epoch adopted and caught up; node 3 is silent
+                g = node.state().groups[gid]
+                for i in (1, 2):
+                    node.heartbeat(NodeId(i), chains={gid: [g.epoch, 1, 1]})
+                return NodeId(3) not in g.members
+
+            await _until(beat_two, 10)
+            assert node.state().groups[gid].epoch == 2
+            assert node.state().nodes[NodeId(3)].state != "up"
+            assert node.heartbeat(NodeId(3), chains={gid: [1, 1, 1]}) == (0, {})  # not up: no lease
+
+            def back() -> bool:
+                node.heartbeat(NodeId(1))
+                node.heartbeat(NodeId(2))
+                return node.heartbeat(NodeId(3))[0] > 0
+
+            await _until(back, 10)
+            # up again: the lease names the chain only at an epoch that has node 3 (re-added at the tail
+            # meanwhile, maybe), never the old one it was removed from
+            lease, epochs = node.heartbeat(NodeId(3))
+            g = node.state().groups[gid]
+            assert lease > 0 and epochs.get(gid, 0) != 1
+            assert gid not in epochs or (epochs[gid] == g.epoch >= 3 and NodeId(3) in g.members)
+        finally:
+            await node.close()
+
+    asyncio.run(scenario())
+
+
 def _heartbeat_until_down(node: MetaNode) -> bool:
     node.heartbeat(NodeId(1))
     node.heartbeat(NodeId(2))

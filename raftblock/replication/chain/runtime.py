@@ -151,6 +151,7 @@ class ChainHost:
         self.rt = rt
         self.groups: dict[int, ChainGroup] = {}
         self.lease_until_tick = -1  # the node's lease, in runtime ticks (rule 5)
+        self.lease_epochs: dict[int, int] = {}  # the epoch each group's lease is for
         self._out: dict[tuple[int, int], _OutStream] = {}  # (group, successor) -> snapshot stream (rule 6)
         self._in: dict[tuple[int, int], _InStream] = {}  # (group, predecessor) -> image being received
 
@@ -202,7 +203,8 @@ class ChainHost:
         core = g.core
         core.set_config(cfg)
         g.members = tuple(int(m) for m in cfg.members)
-        core.grant_lease(core.epoch, self.lease_until_tick)
+        if core.is_member and core.epoch >= self.lease_epochs.get(g.id, core.epoch + 1):
+            core.grant_lease(core.epoch, self.lease_until_tick)  # a newer epoch that has me: see grant_lease
         log.info("chain.config", group=g.id, epoch=cfg.epoch, members=list(g.members), head=core.is_head,
                  tail=core.is_tail, member=core.is_member)
         if g.was_head and not core.is_head:
@@ -210,13 +212,17 @@ class ChainHost:
         g.was_head = core.is_head
         self.rt._dirty_chain.add(g.id)
 
-    def grant_lease(self, until_tick: int) -> None:
-        """The node's lease from the metadata group (rule 5), given to every group's current epoch."""
-        if until_tick <= self.lease_until_tick:
-            return
-        self.lease_until_tick = until_tick
-        for g in self.groups.values():
-            if g.core.config is not None:
+    def grant_lease(self, until_tick: int, epochs: dict[int, int]) -> None:
+        """The node's lease from the metadata group (rule 5), for the chains the metadata leader named
+        this node a member of, at their epochs then. A member still in an older epoch (removed while it
+        was cut off, maybe) gets none until it has adopted that epoch or a later one that has it: once
+        the node was `up` and a member at the heartbeat, no configuration without it can be made before
+        the lease ends (that takes a longer silence)."""
+        self.lease_until_tick = max(self.lease_until_tick, until_tick)
+        self.lease_epochs = dict(epochs)
+        for gid, epoch in epochs.items():
+            g = self.groups.get(gid)
+            if g is not None and g.core.is_member and g.core.epoch >= epoch:
                 g.core.grant_lease(g.core.epoch, until_tick)
 
     def counters(self) -> dict[str, int]:

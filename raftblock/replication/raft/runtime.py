@@ -402,10 +402,11 @@ class NodeRuntime:
             return False
         return self.chains.host(gid, members, epoch)
 
-    def grant_chain_lease(self, until_monotonic: float) -> None:
-        """The node's chain lease from the metadata leader (chain/runtime.py rule 5), in ticks."""
+    def grant_chain_lease(self, until_monotonic: float, epochs: dict[int, int]) -> None:
+        """The node's chain lease from the metadata leader (chain/runtime.py rule 5), in ticks, for the
+        groups' epochs it named."""
         tick = int((until_monotonic - self._t0) * 1000.0 / self.cfg.tick_ms)
-        self.chains.grant_lease(tick)
+        self.chains.grant_lease(tick, epochs)
         self._kick()
 
     def _fence_ok(self, gid: int, epoch: int) -> bool:
