@@ -350,8 +350,9 @@ def plots(runs: list[Run], jobs: list[str], names: list[str], kills: list[dict[s
         cols = 4
         rows = (len(lat_jobs) + cols - 1) // cols
         fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.2 * rows), squeeze=False)
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         for ax, job in zip(axes.flat, lat_jobs, strict=False):
-            for t in names:
+            for ti, t in enumerate(names):
                 rr = sorted((r for r in runs if r.job == job and r.target == t), key=lambda r: r.iops)
                 if not rr:
                     continue
@@ -361,7 +362,8 @@ def plots(runs: list[Run], jobs: list[str], names: list[str], kills: list[dict[s
                     if not pct:
                         continue
                     pts = sorted((v, float(k) / 100) for k, v in pct.items())
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=f"{t} {d}")
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, color=colors[ti % len(colors)],
+                            label=f"{t} {d}")
             ax.set_xscale("log")
             ax.set_title(job, fontsize=9)
             ax.set_xlabel("latency us")
