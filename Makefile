@@ -12,7 +12,7 @@ QUICK    ?=
 SEED     ?=
 REPLICATION ?=
 
-.PHONY: all venv sysdeps test test-fast lint compile bench bench-compare bench-deps bench-raft profile demo demo-down clean sim proto
+.PHONY: all venv sysdeps test test-fast lint compile bench bench-compare bench-deps bench-raft profile demo demo-down clean sim sim-chain proto
 
 all: venv
 
@@ -93,6 +93,10 @@ proto: $(STAMP)
 # Replay one simulation seed (a failing seed prints this command): make sim SEED=n [NODES=3|5] [STEPS=2000]
 sim: $(STAMP)
 	$(PY) -m raftblock.testing.sim --seed $(SEED) $(if $(NODES),--nodes $(NODES),) $(if $(STEPS),--steps $(STEPS),)
+
+# Replay one seed of the chain-replication simulator (docs/chain.md, "The simulator").
+sim-chain: $(STAMP)
+	$(PY) -m raftblock.testing.chainsim --seed $(SEED) --steps $(or $(STEPS),2000)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache
