@@ -577,3 +577,35 @@ def test_chain_replacement_disk_joins_at_the_tail_by_a_chunked_snapshot(cluster:
     assert _counter(cluster, head, "chain_images_received") >= 1
     assert _counter(cluster, head, "chain_snapshots_installed") >= 1
     _qemu_io(uri, ["read -P 0x5c 0 72M", "read -P 0 72M 128M", "read -P 0xc5 200M 1M"])  # served by the new tail
+
+
+def test_chain_re_replicates_to_a_spare_node_of_the_dead_members_rack(tmp_path: Path) -> None:
+    """Issue "self-healing", re-replication (chain): 4 nodes in 3 racks; the member whose rack has a spare
+    node dies for good; the metadata group removes it and adds the spare at the tail (3 replicas in 3
+    racks again), which copies the data; every block reads back from it (the tail serves reads)."""
+    require_tools("qemu-io")
+    c = Cluster(tmp_path / "cluster")
+    try:
+        r = c.cli("cluster", "up", "--nbd-port", "0", "--nodes", "4", "--racks", "3")
+        base = r.stdout.strip().splitlines()[-1]
+        c.cli("volume", "create", "vol", "--size", "128M", "--replication", "chain")
+        uri = f"{base}/vol"
+        _qemu_io(uri, ["write -P 0x3c 0 8M", "write -P 0xc3 100M 1M"])
+        st = c.status()
+        gid = st["volumes"][0]["extent_groups"][0]
+        rack = {n["id"]: n["rack"] for n in st["nodes"]}
+        members = _group(c, gid)["members"]
+        (spare,) = [n for n in rack if n not in members]
+        (victim,) = [m for m in members if rack[m] == rack[spare]]
+        c.kill(f"n{victim}")
+
+        def healed() -> bool:
+            g = _group(c, gid)
+            return (g["members"][-1] == spare and victim not in g["members"] and len(g["members"]) == 3
+                    and len(g["applied"]) == 3 and len(set(g["applied"].values())) == 1)
+
+        _wait(healed, 120, f"n{spare} to replace n{victim}")
+        assert len({rack[m] for m in _group(c, gid)["members"]}) == 3
+        _qemu_io(uri, ["read -P 0x3c 0 8M", "read -P 0 8M 92M", "read -P 0xc3 100M 1M"])  # from the new tail
+    finally:
+        _cleanup(c)
