@@ -83,9 +83,14 @@ class MetaAgent:
             members = [int(m) for m in g.members]
             if g.mode == "chain":
                 # A member hosts it; a former member keeps getting the configuration (it learns it was
-                # removed, and stops acting in the old epoch).
-                if self.node_id in members or int(gid) in self.runtime.chains.groups:
+                # removed, and stops acting in the old epoch), until the chain is whole without it: then
+                # it was replaced, and drops its stale replica.
+                known = int(gid) in self.runtime.chains.groups or int(gid) in self.runtime._recovered
+                if self.node_id in members or known:
                     self.runtime.host_chain_group(int(gid), members, g.epoch)
+                if self.node_id not in members and len(members) >= st.replicas \
+                        and int(gid) in self.runtime.chains.groups:
+                    self.runtime.discard_chain_group(int(gid))
             elif self.node_id in members:
                 self.runtime.host_group(int(gid), members)
         # Fencing: each group learns its volume's latest attach epoch from the map too (not only from

@@ -581,8 +581,9 @@ def test_chain_replacement_disk_joins_at_the_tail_by_a_chunked_snapshot(cluster:
 
 def test_chain_re_replicates_to_a_spare_node_of_the_dead_members_rack(tmp_path: Path) -> None:
     """Issue "self-healing", re-replication (chain): 4 nodes in 3 racks; the member whose rack has a spare
-    node dies for good; the metadata group removes it and adds the spare at the tail (3 replicas in 3
-    racks again), which copies the data; every block reads back from it (the tail serves reads)."""
+    node dies; the metadata group removes it and adds the spare at the tail (3 replicas in 3 racks again),
+    which copies the data; every block reads back from it (the tail serves reads). The dead node comes
+    back after it was replaced: it drops its stale replica."""
     require_tools("qemu-io")
     c = Cluster(tmp_path / "cluster")
     try:
@@ -607,5 +608,14 @@ def test_chain_re_replicates_to_a_spare_node_of_the_dead_members_rack(tmp_path: 
         _wait(healed, 120, f"n{spare} to replace n{victim}")
         assert len({rack[m] for m in _group(c, gid)["members"]}) == 3
         _qemu_io(uri, ["read -P 0x3c 0 8M", "read -P 0 8M 92M", "read -P 0xc3 100M 1M"])  # from the new tail
+        c.cli("cluster", "up")  # the replaced node comes back
+
+        def discarded() -> bool:
+            n = next(n for n in c.status()["nodes"] if n["id"] == victim)
+            return n.get("counters", {}).get("chain_replicas_discarded", 0) >= 1 and n.get("groups") == 0
+
+        _wait(discarded, 60, f"n{victim} to drop its stale replica")
+        assert victim not in _group(c, gid)["members"] and str(victim) not in _group(c, gid)["applied"]
+        _qemu_io(uri, ["read -P 0x3c 0 8M", "read -P 0xc3 100M 1M"])
     finally:
         _cleanup(c)

@@ -402,6 +402,10 @@ class NodeRuntime:
             return False
         return self.chains.host(gid, members, epoch)
 
+    def discard_chain_group(self, gid: int) -> bool:
+        """Drop this node's stale replica of chain group `gid` (it was replaced there)."""
+        return self.chains.discard(gid)
+
     def grant_chain_lease(self, until_monotonic: float, epochs: dict[int, int]) -> None:
         """The node's chain lease from the metadata leader (chain/runtime.py rule 5), in ticks, for the
         groups' epochs it named."""
