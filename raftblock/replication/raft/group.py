@@ -263,6 +263,8 @@ class RaftClient:
 class RaftGroup:
     """ReplicationGroup over a Raft extent group served by remote nodes."""
 
+    read_route = ROUTE_LEADER  # which member serves reads and block status (RaftClient.call)
+
     def __init__(self, client: RaftClient, group_id: int, deadline_s: float | None = None, epoch: int = 0) -> None:
         self.client = client
         self.group_id = group_id
@@ -276,7 +278,7 @@ class RaftGroup:
 
     async def read(self, extent_id: int, block: int, count: int) -> tuple[bytearray, list[int]]:
         req = pb.ClientRequest(op=OP_C_READ, extent_id=extent_id, block=block, count=count, epoch=self.epoch)
-        resp, data = await self.client.call(self.group_id, req, (), self.deadline_s)
+        resp, data = await self.client.call(self.group_id, req, (), self.deadline_s, self.read_route)
         return bytearray(data), list(resp.crcs)
 
     async def trim(self, extent_id: int, block: int, count: int) -> None:
@@ -292,7 +294,7 @@ class RaftGroup:
 
     async def block_status(self, extent_id: int, block: int, count: int) -> list[tuple[int, bool]]:
         req = pb.ClientRequest(op=OP_C_BLOCK_STATUS, extent_id=extent_id, block=block, count=count, epoch=self.epoch)
-        resp, _ = await self.client.call(self.group_id, req, (), self.deadline_s)
+        resp, _ = await self.client.call(self.group_id, req, (), self.deadline_s, self.read_route)
         runs = list(resp.runs)
         out = [(runs[i], bool(runs[i + 1])) for i in range(0, len(runs) - 1, 2)]
         if sum(n for n, _ in out) != count:  # an answer that does not cover the range is not trusted
@@ -319,19 +321,7 @@ class ChainReplicaGroup(RaftGroup):
     head, reads and block status to the tail; the nodes answer NOT_LEADER with the right member as hint.
     An acknowledged write is durable on every member of the chain."""
 
-    async def read(self, extent_id: int, block: int, count: int) -> tuple[bytearray, list[int]]:
-        req = pb.ClientRequest(op=OP_C_READ, extent_id=extent_id, block=block, count=count, epoch=self.epoch)
-        resp, data = await self.client.call(self.group_id, req, (), self.deadline_s, ROUTE_TAIL)
-        return bytearray(data), list(resp.crcs)
-
-    async def block_status(self, extent_id: int, block: int, count: int) -> list[tuple[int, bool]]:
-        req = pb.ClientRequest(op=OP_C_BLOCK_STATUS, extent_id=extent_id, block=block, count=count, epoch=self.epoch)
-        resp, _ = await self.client.call(self.group_id, req, (), self.deadline_s, ROUTE_TAIL)
-        runs = list(resp.runs)
-        out = [(runs[i], bool(runs[i + 1])) for i in range(0, len(runs) - 1, 2)]
-        if sum(n for n, _ in out) != count:
-            raise GroupError(f"block status of group {self.group_id} covers {sum(n for n, _ in out)} of {count} blocks")
-        return out
+    read_route = ROUTE_TAIL
 
     def status(self) -> GroupStatus:
         head = self.client.leaders.get(self.group_id)

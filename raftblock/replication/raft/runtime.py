@@ -88,6 +88,17 @@ def group_of_extent(extent_id: int) -> int:
     return extent_id >> 32
 
 
+def check_range(gid: int, req: pb.ClientRequest, limit: int) -> int:
+    """A read-side request's extent is in group `gid` and its range is 1..`limit` blocks inside the
+    extent; returns the block count, else ValueError (a precise BAD_REQUEST)."""
+    if group_of_extent(req.extent_id) != gid:
+        raise ValueError(f"extent {req.extent_id:#x} does not belong to group {gid}")
+    n = req.count
+    if n < 1 or n > limit or req.block + n > MAX_BLOCK:
+        raise ValueError("bad block range")
+    return int(n)
+
+
 class RuntimeConfig:
     def __init__(
         self,
@@ -871,33 +882,14 @@ class NodeRuntime:
         if req.op in (OP_C_WRITE, OP_C_TRIM):
             reply = _Reply(self, conn, gid, req.request_id)
             try:
-                op = self._validate_write(g, req, payload)  # type: ignore[arg-type]
+                op = self._validate_write(gid, req, payload)
                 ch.check_head(g)
-                if len(g.pending) + len(g.proposals) >= self.cfg.pending_writes_max:
-                    self.counters["client_overloaded"] += 1
-                    raise RetryError("too many writes in flight for this group")
-                g.pending.append(_Pending(op, reply))
-                g.pending_bytes += op.encoded_size()
-                self._chain_propose_dirty.add(gid)
-                self._kick()
+                self._add_pending(g, op, reply, self._chain_propose_dirty)
             except Exception as e:  # every refusal becomes a precise status (_error_response)
                 reply.set_exception(e)
             return
-        if req.op == OP_C_READ and self.failed is None:
-            n = req.count
-            if group_of_extent(req.extent_id) == gid and 1 <= n <= MAX_WRITE_BLOCKS and req.block + n <= MAX_BLOCK:
-                self._catch_up_ticks()  # a tail that was stopped must see its lease expire first
-                if g.core.read_now():
-                    try:
-                        data, crcs = self.engine.read(req.extent_id, req.block, n)
-                    except CorruptBlockError:
-                        pass  # the general path answers it precisely
-                    else:
-                        resp = pb.ClientResponse(request_id=req.request_id, node_id=self.node_id)
-                        resp.crcs.extend(crcs)
-                        conn.send_soon(encode_frame(FrameType.CLIENT_RESP, gid, resp.SerializeToString(), [data]))
-                        self.counters["chain_reads_fast"] += 1
-                        return
+        if req.op == OP_C_READ and self._read_now(conn, gid, req, g.core.read_now, "chain_reads_fast"):
+            return
         assert self._loop is not None
         self._loop.create_task(self._chain_serve(conn, gid, req))
 
@@ -909,12 +901,7 @@ class NodeRuntime:
             g = ch.groups[gid]
             if self.failed is not None:
                 raise RetryError(f"node failed: {self.failed!r}")
-            if group_of_extent(req.extent_id) != gid:
-                raise ValueError(f"extent {req.extent_id:#x} does not belong to group {gid}")
-            n = req.count
-            limit = BLOCK_STATUS_BLOCKS_MAX if req.op == OP_C_BLOCK_STATUS else MAX_WRITE_BLOCKS
-            if n < 1 or n > limit or req.block + n > MAX_BLOCK:
-                raise ValueError("bad block range")
+            n = check_range(gid, req, BLOCK_STATUS_BLOCKS_MAX if req.op == OP_C_BLOCK_STATUS else MAX_WRITE_BLOCKS)
             await ch.read_barrier(g)
             if req.op == OP_C_READ:
                 try:
@@ -938,16 +925,26 @@ class NodeRuntime:
         applied: no task, no future, no Ready. Anything else (no lease, apply behind, a bad range, a bad
         block) returns False and takes the general path, which answers it precisely. The edge checks
         (_io_refusal) have passed."""
-        g = self.groups[gid]
+        core = self.groups[gid].core
+
+        def readable() -> bool:
+            idx = core.lease_read_now()
+            return idx >= 0 and core.applied_index >= idx
+
+        return self._read_now(conn, gid, req, readable, "reads_lease_fast")
+
+    def _read_now(self, conn: Connection, gid: int, req: pb.ClientRequest, readable: Callable[[], bool],
+                  counter: str) -> bool:
+        """Answer a read from the engine in this callback if `readable()` (checked after the ticks caught
+        up: a member that was stopped sees its lease expire first) and the range and block are good;
+        False sends it down the general path, which answers it precisely."""
         if self.failed is not None:
             return False
         n = req.count
         if group_of_extent(req.extent_id) != gid or n < 1 or n > MAX_WRITE_BLOCKS or req.block + n > MAX_BLOCK:
             return False
-        self._catch_up_ticks()  # a leader that was stopped must see its lease expire first
-        core = g.core
-        idx = core.lease_read_now()
-        if idx < 0 or core.applied_index < idx:
+        self._catch_up_ticks()
+        if not readable():
             return False
         try:
             data, crcs = self.engine.read(req.extent_id, req.block, n)
@@ -956,7 +953,7 @@ class NodeRuntime:
         resp = pb.ClientResponse(request_id=req.request_id, node_id=self.node_id)
         resp.crcs.extend(crcs)
         conn.send_soon(encode_frame(FrameType.CLIENT_RESP, gid, resp.SerializeToString(), [data]))
-        self.counters["reads_lease_fast"] += 1
+        self.counters[counter] += 1
         return True
 
     def _write_fast(self, conn: Connection, gid: int, req: pb.ClientRequest, payload: bytes | memoryview) -> None:
@@ -965,7 +962,7 @@ class NodeRuntime:
         reply = _Reply(self, conn, gid, req.request_id)
         try:
             grp = self.groups[gid]
-            self._enqueue(grp, self._validate_write(grp, req, payload), reply)
+            self._enqueue(grp, self._validate_write(gid, req, payload), reply)
         except Exception as e:  # every refusal becomes a precise status (_error_response)
             reply.set_exception(e)
 
@@ -1081,10 +1078,10 @@ class NodeRuntime:
             allocated_bytes=allocated_bytes,
         )
 
-    def _validate_write(self, g: _Group, req: pb.ClientRequest, payload: bytes | memoryview) -> BlockOp:
+    def _validate_write(self, gid: int, req: pb.ClientRequest, payload: bytes | memoryview) -> BlockOp:
         """The node's edge check (the gateway checks again at its own edge)."""
-        if group_of_extent(req.extent_id) != g.id:
-            raise ValueError(f"extent {req.extent_id:#x} does not belong to group {g.id}")
+        if group_of_extent(req.extent_id) != gid:
+            raise ValueError(f"extent {req.extent_id:#x} does not belong to group {gid}")
         n = req.count
         if n < 1 or req.block + n > MAX_BLOCK:
             raise ValueError("block range out of bounds")
@@ -1110,12 +1107,17 @@ class NodeRuntime:
 
     def _enqueue(self, g: _Group, op: BlockOp, fut: _Reply) -> None:
         self._check_leader(g)
+        self._add_pending(g, op, fut, self._propose_dirty)
+
+    def _add_pending(self, g: _Group | ChainGroup, op: BlockOp, fut: _Reply, dirty: set[int]) -> None:
+        """Queue a write for this loop turn's batch (flushed by _process); RetryError when the group has
+        `pending_writes_max` in flight."""
         if len(g.pending) + len(g.proposals) >= self.cfg.pending_writes_max:
             self.counters["client_overloaded"] += 1
             raise RetryError("too many writes in flight for this group")
         g.pending.append(_Pending(op, fut))
         g.pending_bytes += op.encoded_size()
-        self._propose_dirty.add(g.id)
+        dirty.add(g.id)
         self._kick()
 
     def _flush_proposals(self, g: _Group) -> None:
@@ -1138,11 +1140,7 @@ class NodeRuntime:
         self._dirty.add(g.id)
 
     async def _read(self, g: _Group, req: pb.ClientRequest) -> tuple[bytearray, list[int]]:
-        if group_of_extent(req.extent_id) != g.id:
-            raise ValueError(f"extent {req.extent_id:#x} does not belong to group {g.id}")
-        n = req.count
-        if n < 1 or n > MAX_WRITE_BLOCKS or req.block + n > MAX_BLOCK:
-            raise ValueError("bad block range")
+        n = check_range(g.id, req, MAX_WRITE_BLOCKS)
         applied = await self._read_barrier(g)
         try:
             return self.engine.read(req.extent_id, req.block, n)
@@ -1154,11 +1152,7 @@ class NodeRuntime:
 
     async def _block_status(self, g: _Group, req: pb.ClientRequest) -> list[tuple[int, bool]]:
         """Which blocks are allocated, as of a linearizable point (same barrier as a read)."""
-        if group_of_extent(req.extent_id) != g.id:
-            raise ValueError(f"extent {req.extent_id:#x} does not belong to group {g.id}")
-        n = req.count
-        if n < 1 or n > BLOCK_STATUS_BLOCKS_MAX or req.block + n > MAX_BLOCK:
-            raise ValueError("bad block range")
+        n = check_range(g.id, req, BLOCK_STATUS_BLOCKS_MAX)
         await self._read_barrier(g)
         return self.engine.block_status(req.extent_id, req.block, n)
 
@@ -1186,11 +1180,7 @@ class NodeRuntime:
         `min_applied` (so the answer is no older than what the asking member would have returned; a chain
         predecessor applies a record when the tail's acknowledgement comes back, so it may wait briefly).
         `applied`: the group's applied index (Raft) or seq (chain)."""
-        if group_of_extent(req.extent_id) != gid:
-            raise ValueError(f"extent {req.extent_id:#x} does not belong to group {gid}")
-        n = req.count
-        if n < 1 or n > MAX_WRITE_BLOCKS or req.block + n > MAX_BLOCK:
-            raise ValueError("bad block range")
+        n = check_range(gid, req, MAX_WRITE_BLOCKS)
         deadline = time.monotonic() + REPLICA_READ_WAIT_S
         while applied() < req.min_applied:
             if time.monotonic() > deadline:
