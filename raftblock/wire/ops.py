@@ -5,6 +5,9 @@
 #    BATCH_OPS_MAX here and by the runtime's batch_bytes_max / batch_writes_max.
 # 2. Block data is referenced, never re-encoded, when a batch is decoded (memoryview slices).
 # 3. Every WRITE carries one CRC32C per 4 KiB block; the engine checks them before it writes.
+# 4. An op may carry its client's name for exactly-once apply (replication/sessions.py): flag
+#    FLAG_NAMED in the op's first reserved byte, then (client id, write id, low-water mark) as 3 x u64.
+#    An op without the flag is applied unconditionally (the batch format before names existed).
 from __future__ import annotations
 
 import struct
@@ -15,11 +18,13 @@ BATCH_OPS_MAX = 0xFFFF
 OP_WRITE = 1
 OP_TRIM = 2
 _COUNT = struct.Struct("<H")
-_OP = struct.Struct("<BBHIQII")  # kind, reserved, reserved, count, extent_id, block, reserved
+_OP = struct.Struct("<BBHIQII")  # kind, flags, reserved, count, extent_id, block, reserved
+_NAME = struct.Struct("<QQQ")  # client id, write id, low-water mark (FLAG_NAMED)
+FLAG_NAMED = 1
 
 
 class BlockOp:
-    __slots__ = ("kind", "extent_id", "block", "count", "crcs", "data")
+    __slots__ = ("kind", "extent_id", "block", "count", "crcs", "data", "client", "wid", "low")
 
     def __init__(
         self,
@@ -29,6 +34,9 @@ class BlockOp:
         count: int,
         crcs: Sequence[int] = (),
         data: bytes | bytearray | memoryview = b"",
+        client: int = 0,
+        wid: int = 0,
+        low: int = 0,
     ) -> None:
         self.kind = kind
         self.extent_id = extent_id
@@ -36,11 +44,15 @@ class BlockOp:
         self.count = count
         self.crcs = crcs
         self.data = data
+        self.client = client  # 0: unnamed (always applied)
+        self.wid = wid
+        self.low = low
 
     def encoded_size(self) -> int:
+        n = _OP.size + (_NAME.size if self.client else 0)
         if self.kind == OP_WRITE:
-            return _OP.size + 4 * self.count + self.count * BLOCK_SIZE
-        return _OP.size
+            return n + 4 * self.count + self.count * BLOCK_SIZE
+        return n
 
     def __repr__(self) -> str:
         kind = "W" if self.kind == OP_WRITE else "T"
@@ -52,7 +64,11 @@ def encode_batch(ops: Sequence[BlockOp]) -> bytes:
         raise ValueError(f"a batch holds 1..{BATCH_OPS_MAX} ops, got {len(ops)}")
     parts: list[bytes | bytearray | memoryview] = [_COUNT.pack(len(ops))]
     for op in ops:
-        parts.append(_OP.pack(op.kind, 0, 0, op.count, op.extent_id, op.block, 0))
+        if op.client:
+            parts.append(_OP.pack(op.kind, FLAG_NAMED, 0, op.count, op.extent_id, op.block, 0))
+            parts.append(_NAME.pack(op.client, op.wid, op.low))
+        else:
+            parts.append(_OP.pack(op.kind, 0, 0, op.count, op.extent_id, op.block, 0))
         if op.kind == OP_WRITE:
             if len(op.crcs) != op.count or len(op.data) != op.count * BLOCK_SIZE:
                 raise ValueError("write op: crcs/data do not match count")
@@ -76,18 +92,24 @@ def _decode_batch(view: memoryview) -> list[BlockOp]:
     off = _COUNT.size
     ops: list[BlockOp] = []
     for _ in range(n):
-        kind, _r1, _r2, count, extent_id, block, _r3 = _OP.unpack_from(view, off)
+        kind, flags, _r2, count, extent_id, block, _r3 = _OP.unpack_from(view, off)
         off += _OP.size
+        client = wid = low = 0
+        if flags & FLAG_NAMED:
+            client, wid, low = _NAME.unpack_from(view, off)
+            off += _NAME.size
+        elif flags:
+            raise ValueError(f"unknown op flags {flags:#x}")
         if kind == OP_WRITE:
             crcs = list(struct.unpack_from(f"<{count}I", view, off))
             off += 4 * count
             end = off + count * BLOCK_SIZE
             if end > len(view):
                 raise ValueError("batch truncated")
-            ops.append(BlockOp(kind, extent_id, block, count, crcs, view[off:end]))
+            ops.append(BlockOp(kind, extent_id, block, count, crcs, view[off:end], client, wid, low))
             off = end
         elif kind == OP_TRIM:
-            ops.append(BlockOp(kind, extent_id, block, count))
+            ops.append(BlockOp(kind, extent_id, block, count, (), b"", client, wid, low))
         else:
             raise ValueError(f"unknown op kind {kind}")
     if off != len(view):

@@ -287,3 +287,67 @@ def test_slow_inline_fsync_moves_the_node_to_the_sync_thread(tmp_path: Path) -> 
         await client.close()
 
     _run(t, tmp_path)
+
+
+def test_a_retried_write_applies_once_on_every_replica_across_snapshot_and_restart(tmp_path: Path) -> None:
+    """Exactly-once writes (replication/sessions.py): a gateway's retry of a write whose first attempt
+    committed too must not apply again after another client's newer write to the block; the decision is
+    the same on every replica, also on one brought up by snapshot install (the image carries the session
+    table) and after a restart from the WAL (the compaction point carries it)."""
+
+    async def t(c: Cluster) -> None:
+        small = {"wal_segment_bytes_max": 256 << 10, "wal_compact_bytes": 512 << 10}
+        for n in (1, 2, 3):
+            await c.start(n, **small)
+        client = RaftClient({n: c.peers[n] for n in (1, 2, 3)}, deadline_s=10.0)
+        old, old_crcs = _block(1, 0, 1)
+        new, new_crcs = _block(1, 0, 2)
+
+        def named(cid: int, wid: int, data: bytes, crcs: list[int]) -> pb.ClientRequest:
+            req = pb.ClientRequest(op=1, extent_id=1 << 32, block=0, count=1, client_id=cid, write_id=wid,
+                                   low_water=1)
+            req.crcs.extend(crcs)
+            return req
+
+        async def send(cid: int, wid: int, data: bytes, crcs: list[int]) -> None:
+            await client.call(1, named(cid, wid, data, crcs), [data])
+
+        await send(0xA, 1, old, old_crcs)  # gateway A's write 1: its "first attempt"
+        await send(0xB, 1, new, new_crcs)  # gateway B overwrites the block
+        await send(0xA, 1, old, old_crcs)  # A's retry of write 1
+        got, _ = await RaftGroup(client, 1).read(1 << 32, 0, 1)
+        assert bytes(got) == new, "the retry applied a second time over a newer write"
+        leader = client.leaders[1]
+        victim = next(n for n in (1, 2, 3) if n != leader)
+        await _until(lambda: all(rt.groups[1].core.applied_index == c.rts[leader].groups[1].core.applied_index
+                                 for rt in c.rts.values()))
+        assert all(rt.counters["writes_deduplicated"] == 1 for rt in c.rts.values())
+        await c.stop(victim)
+        for seq in range(3, 300):  # enough to compact the live nodes' WALs past what the victim holds
+            await RaftGroup(client, 1).write(1 << 32, 1 + seq % 7, *_block(1, 1 + seq % 7, seq))
+        live = [n for n in (1, 2, 3) if n != victim]
+        await _until(lambda: all(c.rts[n].wal.segments_removed >= 1 for n in live))
+        rt = await c.start(victim, **small)
+        target = c.rts[leader].groups[1].core.applied_index
+        await _until(lambda: rt.groups[1].core.applied_index >= target)
+        assert rt.counters["snapshots_installed"] >= 1
+        assert rt.sessions[1].clients.keys() >= {0xA, 0xB}  # the table came with the image
+        await send(0xA, 1, old, old_crcs)  # the retry, once more, after the snapshot
+        for n in (1, 2, 3):  # and every replica restarted from its WAL
+            await c.stop(n)
+        for n in (1, 2, 3):
+            await c.start(n, **small)
+        await send(0xA, 1, old, old_crcs)
+        client.leaders.clear()
+        got, _ = await RaftGroup(client, 1).read(1 << 32, 0, 1)
+        assert bytes(got) == new
+        final = max(r.groups[1].core.applied_index for r in c.rts.values())
+        await _until(lambda: all(r.groups[1].core.applied_index >= final for r in c.rts.values()))
+        for r in c.rts.values():
+            got, _ = r.engine.read(1 << 32, 0, 1)
+            assert bytes(got) == new
+        tables = {r.sessions[1].encode() for r in c.rts.values()}
+        assert len(tables) == 1
+        await client.close()
+
+    _run(t, tmp_path)

@@ -111,7 +111,7 @@ def test_compaction_removes_old_segments_and_recovery_keeps_the_rest(tmp_path: P
         wal.flush()
     wal.sync()
     assert wal.segment_count() > 3
-    wal.compact(1, SnapshotMeta(150, 1, CONF))
+    wal.compact(1, SnapshotMeta(150, 1, CONF, app=b"sessions at 150"))
     wal.compact(2, SnapshotMeta(180, 1, CONF))
     wal.set_hard_state(1, HardState(1, NodeId(1), 200))
     wal.flush()
@@ -123,8 +123,9 @@ def test_compaction_removes_old_segments_and_recovery_keeps_the_rest(tmp_path: P
     wal.close()
     _, rec = Wal.open(OsDisk(), str(tmp_path))
     assert rec[1].snap is not None and rec[1].snap.index == 150
+    assert rec[1].snap.app == b"sessions at 150"  # the app state survives, also in a rolled segment's base
     assert rec[1].entries == _ents(151, 50, size=1000)
-    assert rec[2].snap is not None and rec[2].snap.index == 180
+    assert rec[2].snap is not None and rec[2].snap.index == 180 and rec[2].snap.app == b""
     assert rec[2].entries == _ents(181, 20, size=1000)
     assert rec[1].hard_state.commit == 200
 
@@ -132,11 +133,12 @@ def test_compaction_removes_old_segments_and_recovery_keeps_the_rest(tmp_path: P
 def test_snapshot_install_drops_the_log(tmp_path: Path) -> None:
     wal, _ = Wal.open(OsDisk(), str(tmp_path))
     wal.append_entries(3, _ents(1, 5))
-    wal.install_snapshot(3, SnapshotMeta(90, 4, CONF))
+    wal.install_snapshot(3, SnapshotMeta(90, 4, CONF, app=b"\x00" * 3000))
     wal.append_entries(3, _ents(91, 2, term=4))
     wal.close()
     _, rec = Wal.open(OsDisk(), str(tmp_path))
     assert rec[3].snap is not None and (rec[3].snap.index, rec[3].snap.term) == (90, 4)
+    assert rec[3].snap.app == b"\x00" * 3000 and rec[3].snap.conf == CONF
     assert rec[3].entries == _ents(91, 2, term=4)
 
 

@@ -169,6 +169,27 @@ def test_ops_batch_round_trip() -> None:
         decode_batch(encode_batch(ops)[:-1])
 
 
+def test_named_ops_carry_their_name_and_unnamed_ones_keep_the_old_format() -> None:
+    """Ops with a gateway's name (exactly-once apply) round-trip it; unnamed ops encode exactly as before
+    names existed (flags byte 0), so an old log still decodes; an unknown flag is a malformed batch."""
+    named = [
+        BlockOp(OP_WRITE, 5 << 32, 3, 1, [7], b"y" * 4096, client=0xABCDEF, wid=42, low=40),
+        BlockOp(OP_TRIM, 5 << 32, 9, 4, client=0xABCDEF, wid=43, low=40),
+        BlockOp(OP_WRITE, 5 << 32, 11, 1, [8], b"z" * 4096),
+    ]
+    raw = encode_batch(named)
+    back = decode_batch(raw)
+    assert [(o.client, o.wid, o.low) for o in back] == [(0xABCDEF, 42, 40), (0xABCDEF, 43, 40), (0, 0, 0)]
+    assert [bytes(o.data) for o in back] == [b"y" * 4096, b"", b"z" * 4096]
+    assert sum(o.encoded_size() for o in named) + 2 == len(raw)
+    old = encode_batch([BlockOp(OP_TRIM, 5 << 32, 100, 50)])
+    assert old == struct.pack("<HBBHIQII", 1, OP_TRIM, 0, 0, 50, 5 << 32, 100, 0)
+    bad = bytearray(old)
+    bad[3] = 0x80  # the first op's flags byte
+    with pytest.raises(ValueError, match="flags"):
+        decode_batch(bytes(bad))
+
+
 def _frames_buffered(raw: bytes, rng: random.Random) -> list[Frame | BadFrame]:
     """As asyncio.BufferedProtocol drives the decoder: the 'kernel' copies at most what get_buffer offers."""
     dec = FrameDecoder()

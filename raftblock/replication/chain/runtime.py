@@ -55,6 +55,7 @@ from raftblock.replication.raft.types import (
     SnapshotMeta,
 )
 from raftblock.replication.raft.wal import GroupDurable, WalStorage
+from raftblock.replication.sessions import Sessions
 from raftblock.wire.chaincodec import decode_chain_frame, encode_chain, encode_snapshot_chunk
 
 if TYPE_CHECKING:
@@ -164,6 +165,7 @@ class ChainHost:
         new = g is None
         if g is None:
             rec = rt._recovered.pop(gid, None)
+            rt.recovered_sessions(gid, rec)
             storage = WalStorage(rt.wal, gid, rec, SnapshotMeta(0, 0, ConfState(frozenset())), lambda _m: b"")
             core = ChainCore(
                 rt.node_id,
@@ -203,6 +205,7 @@ class ChainHost:
         for ext in rt._group_extents(gid):
             rt.engine.drop_extent(ext)
         del self.groups[gid]
+        rt.sessions.pop(gid, None)
         self._out = {k: v for k, v in self._out.items() if k[0] != gid}
         self._in = {k: v for k, v in self._in.items() if k[0] != gid}
         rt.counters["chain_replicas_discarded"] += 1
@@ -272,7 +275,8 @@ class ChainHost:
     def _snapshot_fn(self, gid: int) -> Callable[[], ChainSnapshot]:
         def make() -> ChainSnapshot:
             g = self.groups[gid]
-            return ChainSnapshot(g.core.applied_seq, cast(bytes, _Image(lambda: self.rt.export_group(gid))))
+            app = self.rt.sessions[gid].encode()  # the table at applied_seq; the data may be newer
+            return ChainSnapshot(g.core.applied_seq, cast(bytes, _Image(lambda: self.rt.export_group(gid, app))))
 
         return make
 
@@ -394,8 +398,8 @@ class ChainHost:
         st = g.storage
         if rd.snapshot is not None:
             snap = rd.snapshot
-            self.rt._install_image(g.id, snap.image)
-            st.install_snapshot(Snapshot(SnapshotMeta(snap.seq, snap.epoch, ConfState(frozenset())), b""))
+            app = self.rt._install_image(g.id, snap.image)
+            st.install_snapshot(Snapshot(SnapshotMeta(snap.seq, snap.epoch, ConfState(frozenset()), app), b""))
             self.rt.counters["chain_snapshots_installed"] += 1
             must_sync = True
         if rd.records:
@@ -526,21 +530,28 @@ class ChainHost:
         g.reads.clear()
 
     # == compaction ===========================================================================================
-    def compaction_points(self) -> dict[int, int]:
-        return {gid: min(g.core.applied_seq, g.core.durable_seq) for gid, g in self.groups.items()}
+    def compaction_points(self) -> dict[int, tuple[int, Sessions, bytes]]:
+        """Per group: the applied seq, when it is durable here too, with the session table exactly there."""
+        out: dict[int, tuple[int, Sessions, bytes]] = {}
+        for gid, g in self.groups.items():
+            seq = g.core.applied_seq
+            if 0 < seq <= g.core.durable_seq:
+                sess = self.rt.sessions[gid]
+                out[gid] = (seq, sess, sess.encode())
+        return out
 
-    def compact(self, points: dict[int, int]) -> int:
+    def compact(self, points: dict[int, tuple[int, Sessions, bytes]]) -> int:
         """After an engine fdatasync that covers everything applied up to `points`: drop WAL records at or
-        below them (the engine holds their effect)."""
+        below them (the engine holds their effect; the compaction record holds the session table)."""
         n = 0
-        for gid, seq in points.items():
+        for gid, (seq, sess, app) in points.items():
             g = self.groups.get(gid)
-            if g is None or seq <= 0:
+            if g is None or self.rt.sessions.get(gid) is not sess:  # gone, or an image installed meanwhile
                 continue
             ep = g.core.epoch_at(seq)
             if ep < 0 or seq <= g.storage.snapshot().meta.index:
                 continue
-            g.storage.compact(Snapshot(SnapshotMeta(seq, ep, ConfState(frozenset())), b""))
+            g.storage.compact(Snapshot(SnapshotMeta(seq, ep, ConfState(frozenset()), app), b""))
             n += 1
         return n
 

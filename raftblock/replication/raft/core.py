@@ -351,14 +351,15 @@ class RaftCore:
             self._send_append(to, True)
         return True
 
-    def compact(self, index: int, data: bytes) -> bool:
+    def compact(self, index: int, data: bytes, app: bytes = b"") -> bool:
         """Take a local snapshot at an applied index (data: the state machine image there, or a newer
-        one: entries are idempotent block writes, so replaying the suffix after `index` converges)."""
+        one: entries are idempotent block writes, so replaying the suffix after `index` converges;
+        app: SnapshotMeta.app, state exactly at `index`)."""
         if index > self.log.applied or index <= self.log.snap_index:
             return False
         t = self.log.term(index)
         assert t is not None
-        snap = Snapshot(SnapshotMeta(index, t, self.conf), data)
+        snap = Snapshot(SnapshotMeta(index, t, self.conf, app), data)
         self.log.compact(index)
         self._snapshot = snap
         self._pending_compaction = snap

@@ -8,14 +8,19 @@
 # 1. Success is reported only when the leader answers OK, i.e. after the write is committed (majority
 #    of WALs fsynced) and applied on the leader; a read only from a leader under lease/read-index.
 # 2. NOT_LEADER (with a hint), UNAVAILABLE, a lost connection or an attempt timeout are retried, on the
-#    hinted leader or the next node, until `deadline_s`; then Unavailable. A retried write may apply
-#    twice: harmless, a write is whole blocks with the same content.
+#    hinted leader or the next node, until `deadline_s`; then Unavailable.
 # 3. Bounded: `attempt_timeout_s` per try, `deadline_s` per operation, backoff up to `backoff_s_max`.
+# 4. Exactly-once writes: every write and trim is named (client_id = this client's random incarnation,
+#    write_id = a counter) and keeps its name across retries; each attempt carries the lowest write id
+#    still outstanding (low_water). A retry whose first attempt committed too is skipped where it
+#    applies (replication/sessions.py), and so is a late attempt of a write this client gave up on.
 from __future__ import annotations
 
 import asyncio
 import errno
+import heapq
 import itertools
+import secrets
 import time
 from collections.abc import Sequence
 from typing import cast
@@ -161,6 +166,28 @@ class RaftClient:
         self.leaders: dict[int, int] = {}
         self._rr = itertools.count()
         self.retries = 0
+        self.client_id = secrets.randbits(63) | 1  # this incarnation's name (rule 4); never 0
+        self._next_wid = 1
+        self._outstanding: list[int] = []  # heap of write ids in flight
+        self._finished: set[int] = set()  # finished ids still inside the heap (lazy deletion)
+
+    def begin_write(self) -> int:
+        """A new write id, outstanding until end_write."""
+        wid = self._next_wid
+        self._next_wid += 1
+        heapq.heappush(self._outstanding, wid)
+        return wid
+
+    def end_write(self, wid: int) -> None:
+        """The write answered or was given up on: no attempt of it may apply from now on."""
+        self._finished.add(wid)
+        out = self._outstanding
+        while out and out[0] in self._finished:
+            self._finished.discard(heapq.heappop(out))
+
+    def low_water(self) -> int:
+        """The lowest write id still outstanding (every lower one is finished)."""
+        return self._outstanding[0] if self._outstanding else self._next_wid
 
     async def _conn(self, nid: int) -> _ClientConn:
         c = self._conns.get(nid)
@@ -203,6 +230,8 @@ class RaftClient:
             nid = self.leaders.get(key)
             if nid is None or nid not in self.nodes:
                 nid = ids[next(self._rr) % len(ids)]
+            if req.client_id == self.client_id:  # named by this client (rule 4): the mark as of now
+                req.low_water = self.low_water()
             try:
                 resp, data = await self.call_node(nid, group, req, payload)
             except (OSError, ConnectionError, TimeoutError) as e:
@@ -274,7 +303,18 @@ class RaftGroup:
     async def write(self, extent_id: int, block: int, data: memoryview | bytes, crcs: Sequence[int]) -> None:
         req = pb.ClientRequest(op=OP_C_WRITE, extent_id=extent_id, block=block, count=len(crcs), epoch=self.epoch)
         req.crcs.extend(crcs)
-        await self.client.call(self.group_id, req, [data], self.deadline_s)
+        await self._named(req, [data])
+
+    async def _named(self, req: pb.ClientRequest, payload: Sequence[Buf]) -> None:
+        """A write or trim under its name (rule 4)."""
+        client = self.client
+        wid = client.begin_write()
+        req.client_id = client.client_id
+        req.write_id = wid
+        try:
+            await client.call(self.group_id, req, payload, self.deadline_s)
+        finally:
+            client.end_write(wid)
 
     async def read(self, extent_id: int, block: int, count: int) -> tuple[bytearray, list[int]]:
         req = pb.ClientRequest(op=OP_C_READ, extent_id=extent_id, block=block, count=count, epoch=self.epoch)
@@ -283,7 +323,7 @@ class RaftGroup:
 
     async def trim(self, extent_id: int, block: int, count: int) -> None:
         req = pb.ClientRequest(op=OP_C_TRIM, extent_id=extent_id, block=block, count=count, epoch=self.epoch)
-        await self.client.call(self.group_id, req, (), self.deadline_s)
+        await self._named(req, ())
 
     async def zero(self, extent_id: int, block: int, count: int) -> None:
         await self.trim(extent_id, block, count)  # thin store: a zeroed block is a dropped block

@@ -28,6 +28,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import struct
 import time
@@ -54,9 +55,11 @@ from raftblock.replication.raft.types import (
     MessageType,
     NodeId,
     Role,
+    Snapshot,
     SnapshotMeta,
 )
 from raftblock.replication.raft.wal import GroupDurable, Wal, WalStorage
+from raftblock.replication.sessions import IMAGE_SESSIONS_MARK, Sessions, image_prefix
 from raftblock.storage.engine import CorruptBlockError, Engine, NoSpaceError
 from raftblock.storage.segment import MAX_BLOCK, MAX_WRITE_BLOCKS
 from raftblock.wire import raftblock_pb2 as pb
@@ -323,6 +326,8 @@ class NodeRuntime:
         )
         self._rng = random.Random(seed if seed is not None else cfg.node_id * 7919 + int(time.time_ns()))
         self.groups: dict[int, _Group] = {}
+        # Per group (Raft and chain): the client session table, replicated state (replication/sessions.py).
+        self.sessions: dict[int, Sessions] = {}
         self._recovered = recovered  # WAL state of groups the map has not named yet (host_group uses it)
         for gid, members in sorted(groups.items()):
             self._add_group(gid, members, recovered.get(gid))
@@ -361,12 +366,18 @@ class NodeRuntime:
         self.commits = 0
 
     def _image_factory(self, gid: int) -> Callable[[SnapshotMeta], LazyImage]:
-        def make(_meta: SnapshotMeta) -> LazyImage:
-            return LazyImage(lambda: self.export_group(gid))
+        def make(meta: SnapshotMeta) -> LazyImage:
+            return LazyImage(lambda: self.export_group(gid, meta.app))
 
         return make
 
+    def recovered_sessions(self, gid: int, rec: GroupDurable | None) -> None:
+        """A group's session table as of its durable snapshot point; the replayed log rebuilds the rest."""
+        app = rec.snap.app if rec is not None and rec.snap is not None else b""
+        self.sessions[gid] = Sessions.decode(app)
+
     def _add_group(self, gid: int, members: list[int], rec: GroupDurable | None) -> None:
+        self.recovered_sessions(gid, rec)
         voters = frozenset(NodeId(m) for m in members)
         storage = WalStorage(
             self.wal,
@@ -669,8 +680,9 @@ class NodeRuntime:
         must_sync = False
         st = g.storage
         if rd.snapshot is not None:
-            self._install_image(g.id, rd.snapshot.data)
-            st.install_snapshot(rd.snapshot)
+            app = self._install_image(g.id, rd.snapshot.data)
+            meta = rd.snapshot.meta
+            st.install_snapshot(Snapshot(SnapshotMeta(meta.index, meta.term, meta.conf, app), rd.snapshot.data))
             must_sync = True
             self.counters["snapshots_installed"] += 1
         if rd.entries:
@@ -729,10 +741,16 @@ class NodeRuntime:
         self._kick()
 
     def _apply_data(self, gid: int, index: int, data: bytes) -> None:
-        """Apply one committed entry (Raft) or record (chain): a batch of whole-block writes and trims."""
+        """Apply one committed entry (Raft) or record (chain): a batch of whole-block writes and trims.
+        A named op that its session table has seen (a retry whose first attempt committed too) or that
+        its gateway has given up on is skipped, the same way on every replica (sessions.py)."""
+        sessions = self.sessions[gid]
         try:
             writes: list[tuple[int, int, bytes | bytearray | memoryview, Sequence[int]]] = []
             for op in decode_batch(data):
+                if op.client and not sessions.admit(op.client, op.wid, op.low, index):
+                    self.counters["writes_deduplicated"] += 1
+                    continue
                 if op.kind == OP_WRITE:
                     writes.append((op.extent_id, op.block, op.data, op.crcs))
                     continue
@@ -1085,10 +1103,12 @@ class NodeRuntime:
         n = req.count
         if n < 1 or req.block + n > MAX_BLOCK:
             raise ValueError("block range out of bounds")
+        if req.client_id and req.low_water > req.write_id:
+            raise ValueError("low_water above the write's own id")
         if req.op == OP_C_TRIM:
             if payload:
                 raise ValueError("trim carries no payload")
-            return BlockOp(OP_TRIM, req.extent_id, req.block, n)
+            return BlockOp(OP_TRIM, req.extent_id, req.block, n, (), b"", req.client_id, req.write_id, req.low_water)
         if n > MAX_WRITE_BLOCKS:
             raise ValueError(f"a write covers at most {MAX_WRITE_BLOCKS} blocks")
         if len(payload) != n * BLOCK_SIZE or len(req.crcs) != n:
@@ -1097,7 +1117,7 @@ class NodeRuntime:
         bad = blockcrc.first_mismatch(payload, crcs)
         if bad >= 0:
             raise CorruptBlockError(req.extent_id, req.block + bad, "checksum mismatch on arrival")
-        return BlockOp(OP_WRITE, req.extent_id, req.block, n, crcs, payload)
+        return BlockOp(OP_WRITE, req.extent_id, req.block, n, crcs, payload, req.client_id, req.write_id, req.low_water)
 
     def _check_leader(self, g: _Group) -> None:
         if self.failed is not None:
@@ -1230,9 +1250,11 @@ class NodeRuntime:
     def _group_extents(self, gid: int) -> list[int]:
         return sorted(e for e in self.engine.index.extents if group_of_extent(e) == gid)
 
-    def export_group(self, gid: int) -> bytes:
-        """The group's extent data as snapshot image: (u32 length, ops batch)*, runs of <= 256 blocks."""
-        parts: list[bytes] = []
+    def export_group(self, gid: int, app: bytes) -> bytes:
+        """The group's snapshot image: a first section with the session table `app` (taken at the image's
+        log position; see sessions.py), then its extent data as (u32 length, ops batch)*, runs of <= 256
+        blocks. The data may be newer than that position: replaying the log suffix converges."""
+        parts: list[bytes] = [image_prefix(app)]
         ops: list[BlockOp] = []
 
         def flush_ops() -> None:
@@ -1258,13 +1280,20 @@ class NodeRuntime:
         self.counters["snapshot_images_made"] += 1
         return b"".join(parts)
 
-    def _install_image(self, gid: int, data: Any) -> None:
-        """Replace the group's extents by a received image, durably (before the WAL records it)."""
+    def _install_image(self, gid: int, data: Any) -> bytes:
+        """Replace the group's extents and session table by a received image, durably (before the WAL
+        records it). Returns the image's session table (encoded) for the WAL's snapshot record."""
         raw = bytes(data) if isinstance(data, bytes | bytearray) else bytes(data[0 : len(data)])
+        view = memoryview(raw)
+        app = b""
+        off = 0
+        if len(view) >= 2 * _IMG_LEN.size and _IMG_LEN.unpack_from(view, 0)[0] == IMAGE_SESSIONS_MARK:
+            (alen,) = _IMG_LEN.unpack_from(view, _IMG_LEN.size)
+            off = 2 * _IMG_LEN.size + alen
+            app = bytes(view[2 * _IMG_LEN.size : off])
+        sessions = Sessions.decode(app)  # ValueError before anything is dropped
         for ext in self._group_extents(gid):
             self.engine.drop_extent(ext)
-        off = 0
-        view = memoryview(raw)
         while off < len(view):
             (blen,) = _IMG_LEN.unpack_from(view, off)
             off += _IMG_LEN.size
@@ -1274,6 +1303,8 @@ class NodeRuntime:
                 self.engine.write(op.extent_id, op.block, op.data, op.crcs)
             off += blen
         self.engine.sync()  # rare; the WAL's SNAPSHOT record must not outlive the image
+        self.sessions[gid] = sessions
+        return app
 
     def _maybe_start_compaction(self) -> None:
         if self._compacting or self._stopping:
@@ -1291,20 +1322,23 @@ class NodeRuntime:
         at the noted index; the WAL drops segments after that. No fdatasync runs on the loop."""
         loop = asyncio.get_running_loop()
         try:
-            applied = {gid: g.core.applied_index for gid, g in self.groups.items()}
+            # Each group's applied index and its session table at that very index (one loop turn).
+            applied = {gid: (g.core.applied_index, self.sessions[gid]) for gid, g in self.groups.items()}
+            apps = {gid: sess.encode() for gid, (_, sess) in applied.items()}
             chain_points = self.chains.compaction_points()
             await loop.run_in_executor(self._engine_executor, self.engine.sync)
             n_chain = self.chains.compact(chain_points)
             if n_chain:
                 self._dirty_chain.update(chain_points)
             n = 0
-            for gid, idx in applied.items():
+            for gid, (idx, sess) in applied.items():
                 g = self.groups.get(gid)
-                if g is None:
+                if g is None or self.sessions.get(gid) is not sess:  # an image was installed meanwhile
                     continue
                 c = g.core
-                image = self._image_factory(g.id)(g.storage.snapshot().meta)
-                if idx > c.log.snap_index and idx <= c.applied_index and c.compact(idx, cast(bytes, image)):
+                app = apps[gid]
+                image = LazyImage(functools.partial(self.export_group, gid, app))
+                if idx > c.log.snap_index and idx <= c.applied_index and c.compact(idx, cast(bytes, image), app):
                     n += 1
                     self._dirty.add(g.id)
             self._wal_bytes_at_compact = self.wal.total_bytes()

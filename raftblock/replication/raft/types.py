@@ -147,12 +147,15 @@ class ConfChange:
 
 
 class SnapshotMeta:
-    __slots__ = ("index", "term", "conf")
+    __slots__ = ("index", "term", "conf", "app")
 
-    def __init__(self, index: int, term: int, conf: ConfState) -> None:
+    def __init__(self, index: int, term: int, conf: ConfState, app: bytes = b"") -> None:
         self.index = index
         self.term = term
         self.conf = conf
+        # Opaque state-machine state exactly at `index` that the engine does not hold (the block store:
+        # the client session table, replication/sessions.py); durable with the meta in the WAL.
+        self.app = app
 
     def __repr__(self) -> str:
         return f"SnapshotMeta(i={self.index}, t={self.term}, {self.conf})"

@@ -50,6 +50,7 @@ _ENTRY = struct.Struct("<QQBI")  # term, index, type, data_len
 _HS = struct.Struct("<QQQ")  # term, vote, commit
 _META = struct.Struct("<QQQH")  # index, term, epoch, voter count
 _U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
 
 REC_ENTRIES = 1
 REC_HARD_STATE = 2
@@ -71,14 +72,25 @@ def _seed(seq: int) -> int:
 
 
 def _encode_meta(meta: SnapshotMeta) -> bytes:
+    """index, term, epoch, voter count, voters, then (when there is any) u32 length + SnapshotMeta.app."""
     voters = sorted(meta.conf.voters)
-    return _META.pack(meta.index, meta.term, meta.conf.epoch, len(voters)) + b"".join(_U64.pack(v) for v in voters)
+    head = _META.pack(meta.index, meta.term, meta.conf.epoch, len(voters)) + b"".join(_U64.pack(v) for v in voters)
+    if meta.app:
+        return head + _U32.pack(len(meta.app)) + meta.app
+    return head
 
 
 def _decode_meta(body: memoryview) -> SnapshotMeta:
     index, term, epoch, n = _META.unpack_from(body, 0)
     voters = frozenset(NodeId(_U64.unpack_from(body, _META.size + 8 * k)[0]) for k in range(n))
-    return SnapshotMeta(index, term, ConfState(voters, epoch))
+    off = _META.size + 8 * n
+    app = b""
+    if len(body) > off:
+        (alen,) = _U32.unpack_from(body, off)
+        if off + _U32.size + alen != len(body):
+            raise WalCorruptError("snapshot meta: app length does not match the record")
+        app = bytes(body[off + _U32.size :])
+    return SnapshotMeta(index, term, ConfState(voters, epoch), app)
 
 
 class GroupDurable:
