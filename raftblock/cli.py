@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from raftblock.units import parse_size
 
@@ -112,11 +113,56 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
     for g in st["groups"]:
         print(f"  {g['group']:<4} {g['replication']:<12} {','.join(map(str, g['members'])):<11} "
               f"{str(g['leader'] or '-'):<7} {g['term']:<5} {g['epoch']}")
+    print_repairs(st["repairs"])
     print("\nVOLUMES\n  name             size        allocated   extents  groups       connections  attached by")
     for v in st["volumes"]:
         print(f"  {v['name']:<16} {format_size(v['size_bytes']):<11} {format_size(v['allocated_bytes']):<11} "
               f"{v['extents']:<8} {','.join(map(str, v['groups'])):<12} {v['attached']:<12} {v['attached_by'] or '-'}")
     return 0
+
+
+def _bar(frac: float, width: int = 30) -> str:
+    n = int(max(0.0, min(1.0, frac)) * width)
+    return "[" + "#" * n + "." * (width - n) + "]"
+
+
+def print_repairs(repairs: list[dict[str, Any]]) -> None:
+    from raftblock.units import format_size
+
+    if not repairs:
+        print("\nREPAIRS\n  none: every group has its full count of live copies")
+        return
+    print("\nREPAIRS\n  group  from  to   progress                              done/total            rate       ETA")
+    for r in repairs:
+        if r["state"] != "copying":
+            print(f"  {r['group']:<6} {'-':<5} {'-':<4} {r['state']}: {r['why']}")
+            continue
+        frac = r["bytes_done"] / max(1, r["bytes_total"])
+        eta = f"{r['eta_s']:.0f} s" if r["eta_s"] is not None else "-"
+        print(f"  {r['group']:<6} n{r['from']:<4} n{r['to']:<3} {_bar(frac)} {frac * 100:5.1f}%  "
+              f"{format_size(r['bytes_done']) + '/' + format_size(r['bytes_total']):<21} "
+              f"{format_size(r['rate_bytes_per_s']) + '/s':<10} {eta}")
+
+
+def cmd_repair_watch(args: argparse.Namespace) -> int:
+    """Redraw the repairs every `interval` seconds until none is left (or Ctrl-C); --once: one frame."""
+    import time as _time
+
+    from raftblock.node.cluster import ClusterError, cluster_status
+
+    while True:
+        try:
+            st = cluster_status(Path(args.dir))
+        except ClusterError as e:
+            return _fail("repair watch", e)
+        if sys.stdout.isatty():
+            print("\x1b[2J\x1b[H", end="")
+        print(_time.strftime("%H:%M:%S"), f"cluster {st['cluster_id']}")
+        print_repairs(st["repairs"])
+        sys.stdout.flush()
+        if args.once or not st["repairs"]:
+            return 0
+        _time.sleep(args.interval)
 
 
 def cmd_volume_create(args: argparse.Namespace) -> int:
@@ -247,6 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
     cs.add_argument("--dir", default=str(DEMO_DIR))
     cs.add_argument("--json", action="store_true")
     cs.set_defaults(func=cmd_cluster_status)
+
+    r = sub.add_parser("repair", help="re-replication in progress")
+    rsub = r.add_subparsers(dest="repair_command", required=True)
+    rw = rsub.add_parser("watch", help="progress bars of the replicas being rebuilt, until none is left")
+    rw.add_argument("--dir", default=str(DEMO_DIR))
+    rw.add_argument("--interval", type=float, default=1.0, help="seconds between frames (default 1)")
+    rw.add_argument("--once", action="store_true", help="print one frame and exit")
+    rw.set_defaults(func=cmd_repair_watch)
 
     v = sub.add_parser("volume", help="create, list, delete volumes")
     vsub = v.add_subparsers(dest="volume_command", required=True)

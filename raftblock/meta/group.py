@@ -293,6 +293,9 @@ class MetaNode:
         # heartbeat times (control/chainrepair.py reads them).
         self.chain_reports: dict[NodeId, dict[int, list[int]]] = {}
         self.chain_changes = 0
+        # Per node: the Raft groups it leads, [configuration epoch, voters...] (control/raftrepair.py).
+        self.raft_reports: dict[NodeId, dict[int, list[int]]] = {}
+        self.raft_changes = 0
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.proposals = 0  # commands proposed through this node (metric; low write rate is tested on it)
@@ -381,7 +384,8 @@ class MetaNode:
     # -- liveness --------------------------------------------------------------------------------------
 
     def heartbeat(self, node_id: NodeId, used_bytes: int | None = None,
-                  chains: dict[int, list[int]] | None = None) -> tuple[int, dict[int, int]]:
+                  chains: dict[int, list[int]] | None = None,
+                  raft: dict[int, list[int]] | None = None) -> tuple[int, dict[int, int]]:
         """A storage node's heartbeat: memory only. Raises NotLeader with the leader to send it to.
 
         Returns the chain lease: (ms from when the node sent the heartbeat, {chain group: epoch}). The node
@@ -395,6 +399,8 @@ class MetaNode:
         det.heartbeat(node_id, self._clock_ms(), used_bytes)
         if chains is not None:
             self.chain_reports[node_id] = chains
+        if raft is not None:
+            self.raft_reports[node_id] = raft
         state, epochs = self._g().chain_view(node_id)
         if state != "up":
             return 0, {}
@@ -414,6 +420,7 @@ class MetaNode:
             if not g.is_leader():
                 self.detector = None
                 self.chain_reports = {}
+                self.raft_reports = {}
                 continue
             now = self._clock_ms()
             if self.detector is None:
@@ -438,6 +445,7 @@ class MetaNode:
                     finally:
                         det.done()
                 await self._repair_chains(g)
+                await self._repair_raft(g)
             except MetaUnavailable as e:
                 log.warning("meta_leader_duty_failed", reason=e.reason)
 
@@ -453,6 +461,20 @@ class MetaNode:
             res = await self.propose(cmd)
             self.chain_changes += 1
             log.info("meta_chain_change", group=cmd.group_id, members=list(cmd.members),
+                     expected_epoch=cmd.expected_epoch, reason=reason, ok=res.ok, error=res.error)
+
+
+    async def _repair_raft(self, g: MetaGroup) -> None:
+        """Raft membership changes (control/raftrepair.py), proposed one per group; the group's leader
+        carries each out as a single-server configuration change."""
+        if not self.raft_reports:
+            return
+        from raftblock.control.raftrepair import plan_raft_changes
+
+        for cmd, reason in plan_raft_changes(MetaState.from_json(g.state_json()), self.raft_reports):
+            res = await self.propose(cmd)
+            self.raft_changes += 1
+            log.info("meta_raft_change", group=cmd.group_id, members=list(cmd.members),
                      expected_epoch=cmd.expected_epoch, reason=reason, ok=res.ok, error=res.error)
 
 

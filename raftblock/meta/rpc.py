@@ -7,7 +7,8 @@
 # 2. Bounded: a request line is at most `LINE_BYTES_MAX`; a connection serves requests one at a time;
 #    the server holds at most `connections_max` connections.
 # 3. Requests: {"op": "propose", "command": {...}} | {"op": "state", "barrier": bool} | {"op": "status"}
-#    | {"op": "heartbeat", "node_id": N, "used_bytes": B, "chains": {GID: [EPOCH, CONFIGURED, CAUGHT_UP]}}
+#    | {"op": "heartbeat", "node_id": N, "used_bytes": B, "chains": {GID: [EPOCH, CONFIGURED, CAUGHT_UP]},
+#       "raft": {GID: [CONF_EPOCH, VOTER...]} (the Raft groups the node leads)}
 #    (answered with "lease_ms": the chain lease the node may take, docs/chain.md). Replies: {"ok": true, ...} or
 #    {"ok": false, "error": CODE, "message": TEXT, "leader": ID|null}. A heartbeat to a follower answers
 #    error "not_leader" with the leader's id; the client follows it.
@@ -128,7 +129,11 @@ class AdminServer:
                 if chains is None and req.get("chains") is not None:
                     return {"ok": False, "error": "bad_request",
                             "message": "chains: {group id: [epoch, configured, caught_up]}"}
-                lease_ms, epochs = node.heartbeat(NodeId(nid), used, chains)
+                raft = _report(req.get("raft"), 1, 8)
+                if raft is None and req.get("raft") is not None:
+                    return {"ok": False, "error": "bad_request",
+                            "message": "raft: {group id: [configuration epoch, voter...]}"}
+                lease_ms, epochs = node.heartbeat(NodeId(nid), used, chains, raft)
                 return {"ok": True, "lease_ms": lease_ms, "chain_epochs": {str(k): v for k, v in epochs.items()}}
             return {"ok": False, "error": "bad_request", "message": f"unknown op {op!r}"}
         except CommandError as e:
@@ -142,11 +147,16 @@ class AdminServer:
 
 def _chain_report(raw: Any) -> dict[int, list[int]] | None:
     """A heartbeat's chain report, validated: {"gid": [int, int, int]} (JSON object keys are strings)."""
+    return _report(raw, 3, 3)
+
+
+def _report(raw: Any, n_min: int, n_max: int) -> dict[int, list[int]] | None:
+    """{"gid": [n_min..n_max non-negative ints]}, validated; None if anything is off."""
     if not isinstance(raw, dict) or len(raw) > 1 << 20:
         return None
     out: dict[int, list[int]] = {}
     for k, v in raw.items():
-        if not (isinstance(k, str) and k.isdigit() and isinstance(v, list) and len(v) == 3
+        if not (isinstance(k, str) and k.isdigit() and isinstance(v, list) and n_min <= len(v) <= n_max
                 and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)):
             return None
         out[int(k)] = [int(x) for x in v]
@@ -232,12 +242,15 @@ class MetaClient:
         return status
 
     async def heartbeat(self, node_id: NodeId, used_bytes: int | None = None,
-                        chains: dict[int, list[int]] | None = None) -> tuple[int, dict[int, int]]:
+                        chains: dict[int, list[int]] | None = None,
+                        raft: dict[int, list[int]] | None = None) -> tuple[int, dict[int, int]]:
         """Returns the chain lease the metadata leader grants: (ms from before the call, {group: epoch});
         (0, {}) if none (MetaNode.heartbeat)."""
         req: dict[str, Any] = {"op": "heartbeat", "node_id": int(node_id), "used_bytes": used_bytes}
         if chains is not None:
             req["chains"] = {str(k): v for k, v in chains.items()}
+        if raft is not None:
+            req["raft"] = {str(k): v for k, v in raft.items()}
         reply = await self._retrying(req, True)
         lease = reply.get("lease_ms", 0)
         raw = reply.get("chain_epochs", {})

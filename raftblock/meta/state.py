@@ -352,12 +352,13 @@ class MetaState:
         old.rack, old.address, old.capacity_bytes = cmd.rack, cmd.address, cmd.capacity_bytes
         removed: list[int] = []
         if cmd.disk_id and old.disk_id and cmd.disk_id != old.disk_id:
-            # A new disk: the node lost whatever its chains' members must hold, and its place in them. It
-            # leaves every chain it is in (epoch + 1; never the last member), before it can adopt a
-            # configuration again; the chain repair adds it back at the tail, where it copies the data.
-            # (Raft groups: re-replication, issue "self-healing".)
+            # A new disk: the node lost whatever its groups' members must hold, and its place in them. It
+            # leaves every group it is in (epoch + 1; never the last member), before it can act in one
+            # again: a chain's repair adds it back at the tail, where it copies the data; a Raft group's
+            # leader removes it from the configuration (a voter that forgot its log and its votes must not
+            # vote) and the Raft repair adds a node back, which joins with an empty log.
             for gid, g in sorted(self.groups.items()):
-                if g.mode == "chain" and nid in g.members and len(g.members) > 1:
+                if nid in g.members and len(g.members) > 1:
                     per_member = self._group_bytes(gid)
                     g.members = [m for m in g.members if m != nid]
                     g.epoch += 1
@@ -365,7 +366,7 @@ class MetaState:
                     removed.append(int(gid))
         if cmd.disk_id:
             old.disk_id = cmd.disk_id
-        return _ok(node_id=cmd.node_id, new=False, left_chains=removed)
+        return _ok(node_id=cmd.node_id, new=False, left_groups=removed)
 
     def _apply_set_node_states(self, cmd: SetNodeStates) -> Result:
         for c in cmd.changes:

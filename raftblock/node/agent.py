@@ -12,6 +12,9 @@ Rules:
    already hosted keep serving, the agent retries.
 3. Groups that vanish from the map (volume deleted) are left running until the node restarts
    (their data was trimmed by `volume delete`); see README "What is missing".
+4. A group that names other members only, and has its full count of them, replaced this node: its copy
+   (hosted, or only in the WAL after a restart) is discarded. One still short of members keeps it: the
+   node may be added back, and then catches up from its log.
 """
 
 from __future__ import annotations
@@ -64,11 +67,12 @@ class MetaAgent:
                 return
             self.registered = True
             log.info("agent.registered", node=self.node_id, rack=self.rack, capacity_bytes=capacity,
-                     left_chains=res.value.get("left_chains", []))
+                     left_groups=res.value.get("left_groups", []))
         used = int(self.runtime.engine.stats().get("live_bytes", 0))
         sent = time.monotonic()
         chains = self.runtime.chains.report() if self.runtime.chains.groups else None
-        lease_ms, epochs = await self.client.heartbeat(self.node_id, used, chains)  # type: ignore[arg-type]
+        lease_ms, epochs = await self.client.heartbeat(self.node_id, used, chains,  # type: ignore[arg-type]
+                                                       self.runtime.raft_report())
         if lease_ms > 0:
             # The metadata leader took this heartbeat: it will not remove this node from a chain before
             # `sent + lease_ms` (it waits for a longer silence), so the node's tails may serve reads until
@@ -92,7 +96,12 @@ class MetaAgent:
                         and int(gid) in self.runtime.chains.groups:
                     self.runtime.discard_chain_group(int(gid))
             elif self.node_id in members:
-                self.runtime.host_group(int(gid), members)
+                self.runtime.host_group(int(gid), members, g.epoch)
+            elif len(members) >= st.replicas and (int(gid) in self.runtime.groups
+                                                  or int(gid) in self.runtime._recovered):
+                # Replaced: the group is whole without this node (its removal was carried out before the
+                # replacement was added, control/raftrepair.py), so its copy is stale: drop it.
+                self.runtime.discard_group(int(gid))
         # Fencing: each group learns its volume's latest attach epoch from the map too (not only from
         # the requests of the gateway that holds it).
         for name, vol in st.volumes.items():

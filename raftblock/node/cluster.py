@@ -331,7 +331,32 @@ async def collect_status(cmap: ClusterMap, st: MetaState) -> dict[str, Any]:
                        "leader": leader, "term": max(terms, default=0), "epoch": g.epoch,
                        "applied": {str(k): v.applied for k, v in views.items()},
                        "allocated_bytes": views[leader].allocated_bytes if leader in views else None})
-    return {"nodes": nodes, "groups": groups}
+    return {"nodes": nodes, "groups": groups, "repairs": repairs_of(infos, st)}
+
+
+def repairs_of(infos: dict[int, dict[int, Any]], st: MetaState) -> list[dict[str, Any]]:
+    """The replicas being rebuilt (a Raft leader's snapshot stream, a chain member's image stream to its
+    successor), with bytes done, rate and ETA; and the groups short of live copies with nothing streaming
+    yet (waiting: for the detector to call a member down, for a spare node in an unused rack, for a
+    leader)."""
+    from raftblock.control.raftrepair import repair_needed
+
+    out: list[dict[str, Any]] = []
+    streaming: set[int] = set()
+    for gid, views in sorted(infos.items()):
+        for src, v in sorted(views.items()):
+            if not v.repair_bytes_total:
+                continue
+            done, total, ms = v.repair_bytes_done, v.repair_bytes_total, max(1, v.repair_elapsed_ms)
+            rate = done * 1000 / ms
+            out.append({"group": gid, "from": src, "to": int(v.repair_node), "bytes_done": done, "bytes_total": total,
+                        "elapsed_s": round(ms / 1000, 1), "rate_bytes_per_s": int(rate),
+                        "eta_s": round((total - done) / rate, 1) if rate > 0 else None, "state": "copying"})
+            streaming.add(gid)
+    for gid, why in sorted(repair_needed(st).items()):
+        if gid not in streaming:
+            out.append({"group": gid, "state": "degraded", "why": why})
+    return out
 
 
 def _gateway_call(layout: Layout, op: str) -> dict[str, Any] | None:

@@ -164,7 +164,7 @@ class ClientRequest(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., op: _Optional[int] = ..., extent_id: _Optional[int] = ..., block: _Optional[int] = ..., count: _Optional[int] = ..., crcs: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., min_applied: _Optional[int] = ..., client_id: _Optional[int] = ..., write_id: _Optional[int] = ..., low_water: _Optional[int] = ...) -> None: ...
 
 class GroupInfo(_message.Message):
-    __slots__ = ("group", "role", "term", "leader", "commit", "applied", "last_index", "snap_index", "lease", "allocated_bytes", "mode", "tail", "synced")
+    __slots__ = ("group", "role", "term", "leader", "commit", "applied", "last_index", "snap_index", "lease", "allocated_bytes", "mode", "tail", "synced", "repair_node", "repair_bytes_done", "repair_bytes_total", "repair_elapsed_ms")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
@@ -178,6 +178,10 @@ class GroupInfo(_message.Message):
     MODE_FIELD_NUMBER: _ClassVar[int]
     TAIL_FIELD_NUMBER: _ClassVar[int]
     SYNCED_FIELD_NUMBER: _ClassVar[int]
+    REPAIR_NODE_FIELD_NUMBER: _ClassVar[int]
+    REPAIR_BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
+    REPAIR_BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    REPAIR_ELAPSED_MS_FIELD_NUMBER: _ClassVar[int]
     group: int
     role: int
     term: int
@@ -191,7 +195,11 @@ class GroupInfo(_message.Message):
     mode: str
     tail: int
     synced: bool
-    def __init__(self, group: _Optional[int] = ..., role: _Optional[int] = ..., term: _Optional[int] = ..., leader: _Optional[int] = ..., commit: _Optional[int] = ..., applied: _Optional[int] = ..., last_index: _Optional[int] = ..., snap_index: _Optional[int] = ..., lease: _Optional[bool] = ..., allocated_bytes: _Optional[int] = ..., mode: _Optional[str] = ..., tail: _Optional[int] = ..., synced: _Optional[bool] = ...) -> None: ...
+    repair_node: int
+    repair_bytes_done: int
+    repair_bytes_total: int
+    repair_elapsed_ms: int
+    def __init__(self, group: _Optional[int] = ..., role: _Optional[int] = ..., term: _Optional[int] = ..., leader: _Optional[int] = ..., commit: _Optional[int] = ..., applied: _Optional[int] = ..., last_index: _Optional[int] = ..., snap_index: _Optional[int] = ..., lease: _Optional[bool] = ..., allocated_bytes: _Optional[int] = ..., mode: _Optional[str] = ..., tail: _Optional[int] = ..., synced: _Optional[bool] = ..., repair_node: _Optional[int] = ..., repair_bytes_done: _Optional[int] = ..., repair_bytes_total: _Optional[int] = ..., repair_elapsed_ms: _Optional[int] = ...) -> None: ...
 
 class ClientResponse(_message.Message):
     __slots__ = ("request_id", "status", "leader_hint", "leader_address", "error", "crcs", "groups", "counters", "node_id", "runs")

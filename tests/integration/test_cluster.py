@@ -579,6 +579,62 @@ def test_chain_replacement_disk_joins_at_the_tail_by_a_chunked_snapshot(cluster:
     _qemu_io(uri, ["read -P 0x5c 0 72M", "read -P 0 72M 128M", "read -P 0xc5 200M 1M"])  # served by the new tail
 
 
+def _spare_cluster(c: Cluster, mode: str, writes: list[str]) -> tuple[str, int, dict[int, str], list[int], int, int]:
+    """4 nodes in 3 racks, a 128 MiB volume of one group in `mode` written by qemu-io `writes`: (uri, group,
+    rack of each node, members, the spare node, the member in the spare's rack)."""
+    r = c.cli("cluster", "up", "--nbd-port", "0", "--nodes", "4", "--racks", "3")
+    base = r.stdout.strip().splitlines()[-1]
+    c.cli("volume", "create", "vol", "--size", "128M", "--replication", mode)
+    uri = f"{base}/vol"
+    _qemu_io(uri, writes)
+    st = c.status()
+    gid = st["volumes"][0]["extent_groups"][0]
+    rack = {n["id"]: n["rack"] for n in st["nodes"]}
+    members = _group(c, gid)["members"]
+    (spare,) = [n for n in rack if n not in members]
+    (victim,) = [m for m in members if rack[m] == rack[spare]]
+    return uri, gid, rack, members, spare, victim
+
+
+def test_raft_re_replicates_to_a_spare_node_and_the_replaced_node_discards(tmp_path: Path) -> None:
+    """Issue "self-healing", re-replication (Raft): 4 nodes in 3 racks; the member whose rack has a spare
+    node dies. Once the detector calls it down, the metadata group removes it (the group's leader commits
+    a single-server removal), then adds the spare (a single-server add), which joins with an empty log and
+    copies the extents by snapshot plus the log tail; every block reads back, writes go on meanwhile, and
+    `raftblock repair watch` reports. The dead node comes back after it was replaced: it drops its stale
+    replica (WAL first, then the engine)."""
+    require_tools("qemu-io")
+    c = Cluster(tmp_path / "cluster")
+    try:
+        uri, gid, rack, members, spare, victim = _spare_cluster(c, "raft", ["write -P 0x3c 0 24M", "write -P 0xc3 100M 1M"])
+        c.kill(f"n{victim}")
+        _qemu_io(uri, ["write -P 0x77 50M 2M"])  # the survivors are a majority: writes go on at once
+
+        def healed() -> bool:
+            g = _group(c, gid)
+            return (sorted(g["members"]) == sorted([m for m in members if m != victim] + [spare])
+                    and len(g["applied"]) == 3 and len(set(g["applied"].values())) == 1)
+
+        _wait(healed, 120, f"n{spare} to replace n{victim}")
+        assert len({rack[m] for m in _group(c, gid)["members"]}) == 3
+        out = c.cli("repair", "watch", "--once").stdout
+        assert "REPAIRS" in out and "none" in out, out
+        leader = _group(c, gid)["leader"]
+        c.kill(f"n{leader}")  # the new replica must be a full member: it and the third form the majority
+        _qemu_io(uri, ["read -P 0x3c 0 24M", "read -P 0x77 50M 2M", "read -P 0 52M 48M", "read -P 0xc3 100M 1M"])
+        c.cli("cluster", "up")  # the old leader, and the replaced node, come back
+
+        def discarded() -> bool:
+            n = next(n for n in c.status()["nodes"] if n["id"] == victim)
+            return n.get("counters", {}).get("replicas_discarded", 0) >= 1 and n.get("groups") == 0
+
+        _wait(discarded, 60, f"n{victim} to drop its stale replica")
+        assert victim not in _group(c, gid)["members"] and str(victim) not in _group(c, gid)["applied"]
+        _qemu_io(uri, ["read -P 0x3c 0 24M", "read -P 0x77 50M 2M"])
+    finally:
+        _cleanup(c)
+
+
 def test_chain_re_replicates_to_a_spare_node_of_the_dead_members_rack(tmp_path: Path) -> None:
     """Issue "self-healing", re-replication (chain): 4 nodes in 3 racks; the member whose rack has a spare
     node dies; the metadata group removes it and adds the spare at the tail (3 replicas in 3 racks again),
@@ -587,17 +643,7 @@ def test_chain_re_replicates_to_a_spare_node_of_the_dead_members_rack(tmp_path: 
     require_tools("qemu-io")
     c = Cluster(tmp_path / "cluster")
     try:
-        r = c.cli("cluster", "up", "--nbd-port", "0", "--nodes", "4", "--racks", "3")
-        base = r.stdout.strip().splitlines()[-1]
-        c.cli("volume", "create", "vol", "--size", "128M", "--replication", "chain")
-        uri = f"{base}/vol"
-        _qemu_io(uri, ["write -P 0x3c 0 8M", "write -P 0xc3 100M 1M"])
-        st = c.status()
-        gid = st["volumes"][0]["extent_groups"][0]
-        rack = {n["id"]: n["rack"] for n in st["nodes"]}
-        members = _group(c, gid)["members"]
-        (spare,) = [n for n in rack if n not in members]
-        (victim,) = [m for m in members if rack[m] == rack[spare]]
+        uri, gid, rack, members, spare, victim = _spare_cluster(c, "chain", ["write -P 0x3c 0 8M", "write -P 0xc3 100M 1M"])
         c.kill(f"n{victim}")
 
         def healed() -> bool:

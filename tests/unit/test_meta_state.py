@@ -227,10 +227,10 @@ def test_replicas_applying_the_same_log_agree(log: list) -> None:  # type: ignor
     assert all(n.reserved_bytes >= 0 for n in a.nodes.values())
 
 
-def test_a_node_back_with_a_new_disk_leaves_its_chains_but_not_the_last_place() -> None:
-    """A node that registers again with another disk id lost what its chains' members must hold: it
-    leaves every chain it is in (epoch + 1), except where it is the only member; Raft groups are left to
-    re-replication; the same disk id, or none, changes nothing."""
+def test_a_node_back_with_a_new_disk_leaves_its_groups_but_not_the_last_place() -> None:
+    """A node that registers again with another disk id lost what its groups' members must hold: it
+    leaves every group it is in (epoch + 1), chain or Raft (a voter that forgot its log and votes must not
+    vote), except where it is the only member; the same disk id, or none, changes nothing."""
     from raftblock.meta.state import CreateVolume, InitCluster, MetaState, RegisterNode, SetGroupMembers
 
     st = MetaState()
@@ -243,13 +243,14 @@ def test_a_node_back_with_a_new_disk_leaves_its_chains_but_not_the_last_place() 
     assert st.apply(SetGroupMembers(solo, (1,), 1)).ok
     before = {g: (list(st.groups[g].members), st.groups[g].epoch) for g in (chain, solo, raft)}
     reserved = st.nodes[1].reserved_bytes
-    assert st.apply(RegisterNode(1, "r1", "h:1", 1 << 40, 5, disk_id="d1")).value["left_chains"] == []
-    assert st.apply(RegisterNode(1, "r1", "h:1", 1 << 40, 5)).value["left_chains"] == []
+    assert st.apply(RegisterNode(1, "r1", "h:1", 1 << 40, 5, disk_id="d1")).value["left_groups"] == []
+    assert st.apply(RegisterNode(1, "r1", "h:1", 1 << 40, 5)).value["left_groups"] == []
     res = st.apply(RegisterNode(1, "r1", "h:1", 1 << 40, 5, disk_id="new"))
-    assert res.ok and res.value["left_chains"] == [chain]
+    assert res.ok and res.value["left_groups"] == sorted([chain, raft])
     assert st.groups[chain].members == [m for m in before[chain][0] if m != 1]
     assert st.groups[chain].epoch == before[chain][1] + 1
     assert (st.groups[solo].members, st.groups[solo].epoch) == ([1], before[solo][1])  # never the last one
-    assert (list(st.groups[raft].members), st.groups[raft].epoch) == before[raft]
-    assert st.nodes[1].disk_id == "new" and st.nodes[1].reserved_bytes == reserved - (64 << 20)
+    assert st.groups[raft].members == [m for m in before[raft][0] if m != 1]
+    assert st.groups[raft].epoch == before[raft][1] + 1
+    assert st.nodes[1].disk_id == "new" and st.nodes[1].reserved_bytes == reserved - 2 * (64 << 20)
     assert MetaState.from_json(st.to_json()).to_json() == st.to_json()

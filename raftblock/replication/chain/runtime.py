@@ -29,6 +29,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, cast
 
@@ -83,11 +84,12 @@ class _Image:
 
 
 class _OutStream:
-    __slots__ = ("msg", "image", "offset", "conn", "held", "held_bytes")
+    __slots__ = ("msg", "image", "offset", "conn", "held", "held_bytes", "started")
 
     def __init__(self, msg: ChainMessage, image: bytes) -> None:
         self.msg = msg
         self.image = image
+        self.started = time.monotonic()
         self.offset = 0
         self.conn: object = None
         self.held: list[ChainMessage] = []
@@ -371,6 +373,8 @@ class ChainHost:
             view = memoryview(st.image)
             while st.offset < total and conn.write_buffer_bytes() < STREAM_QUEUE_BYTES:
                 chunk = view[st.offset : st.offset + SNAPSHOT_CHUNK_BYTES]
+                if not self.rt.repair_allow(len(chunk)):
+                    break  # the repair bandwidth is spent: the runtime pumps again soon
                 if not tr.send(dst, encode_snapshot_chunk(st.msg, st.offset, total, chunk)):
                     break
                 st.offset += len(chunk)
@@ -556,6 +560,15 @@ class ChainHost:
         return n
 
     # == introspection ========================================================================================
+    def repair_info(self, gid: int) -> dict[str, int]:
+        """The image stream this member is sending its successor, if any: GroupInfo.repair_* fields."""
+        for (g, dst), st in self._out.items():
+            if g == gid:
+                return {"repair_node": dst, "repair_bytes_done": max(0, st.offset),
+                        "repair_bytes_total": len(st.image),
+                        "repair_elapsed_ms": int((time.monotonic() - st.started) * 1000)}
+        return {}
+
     def info(self, g: ChainGroup) -> dict[str, int | bool]:
         c = g.core
         cfg = c.config

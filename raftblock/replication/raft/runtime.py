@@ -46,6 +46,7 @@ from raftblock.replication.raft.storage import bootstrap_snapshot
 from raftblock.replication.raft.transport import Connection, Transport
 from raftblock.replication.raft.types import (
     NO_NODE,
+    ConfChangeType,
     ConfState,
     Entry,
     EntryType,
@@ -123,6 +124,7 @@ class RuntimeConfig:
         wal_sync: str = "inline",
         wal_sync_inline_max_ms: float = 50.0,
         wal_sync_thread_s: float = 60.0,
+        repair_bytes_per_s: int = 64 << 20,
     ) -> None:
         if wal_sync not in ("inline", "thread"):
             raise ValueError(f"wal_sync must be 'inline' or 'thread', not {wal_sync!r}")
@@ -150,6 +152,10 @@ class RuntimeConfig:
         # inline again), so a disk with fsync stalls cannot starve heartbeats into elections.
         self.wal_sync_inline_max_ms = wal_sync_inline_max_ms
         self.wal_sync_thread_s = wal_sync_thread_s
+        # Snapshot bytes this node sends per second to replicas that are being rebuilt (re-replication,
+        # a node that fell behind the log): foreground I/O keeps the rest of the disk and the network.
+        # 0 = unbounded.
+        self.repair_bytes_per_s = repair_bytes_per_s
 
 
 class LazyImage:
@@ -239,6 +245,8 @@ class _Group:
         "last_term",
         "preferred",
         "transfer_at_tick",
+        "target",
+        "repairs",
     )
 
     def __init__(self, gid: int, core: RaftCore, storage: WalStorage, hs: HardState) -> None:
@@ -257,6 +265,10 @@ class _Group:
         self.last_term = 0
         self.preferred = NO_NODE  # the preferred leader (members[0] in the map), 0 = none
         self.transfer_at_tick = 0  # earliest tick for the next transfer attempt
+        # The map's membership and epoch for this group; its leader carries a difference out as
+        # single-server configuration changes (_reconfigure).
+        self.target: tuple[frozenset[NodeId], int] | None = None
+        self.repairs: dict[int, float] = {}  # follower -> monotonic time its snapshot stream was first seen
 
 
 def live_batches(pending: list[_Pending], writes_max: int, bytes_max: int) -> Iterator[list[_Pending]]:
@@ -346,6 +358,13 @@ class NodeRuntime:
         # own thread so WAL group commits never queue behind it.
         self._engine_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-sync")
         self._hb_out: dict[int, tuple[list[Message], list[Message]]] = {}
+        # Repair bandwidth (cfg.repair_bytes_per_s): a token bucket shared by Raft snapshot chunks and
+        # chain image chunks; Raft chunks over budget wait in _snap_held (the core waits for their acks).
+        self._repair_burst = max(2 * cfg.snapshot_chunk_bytes, cfg.repair_bytes_per_s // 10)
+        self._repair_tokens = float(self._repair_burst)
+        self._repair_t = time.monotonic()
+        self._snap_held: list[Message] = []
+        self._snap_drain: asyncio.TimerHandle | None = None
         self._ticks_done = 0
         self._t0 = 0.0
         self._tick_handle: asyncio.TimerHandle | None = None
@@ -376,16 +395,18 @@ class NodeRuntime:
         app = rec.snap.app if rec is not None and rec.snap is not None else b""
         self.sessions[gid] = Sessions.decode(app)
 
-    def _add_group(self, gid: int, members: list[int], rec: GroupDurable | None) -> None:
+    def _add_group(self, gid: int, members: list[int], rec: GroupDurable | None, epoch: int = 1) -> None:
+        """Host group `gid`. Without durable state: a founder (the map's first epoch) starts from the
+        founding voters, recorded durably in the WAL with the group's first records; a replica added later
+        (a joiner) starts with no configuration: it cannot campaign, and learns the configuration and the
+        data from the leader (snapshot, then the log)."""
         self.recovered_sessions(gid, rec)
-        voters = frozenset(NodeId(m) for m in members)
-        storage = WalStorage(
-            self.wal,
-            gid,
-            rec,
-            bootstrap_snapshot(voters).meta,
-            self._image_factory(gid),
-        )
+        founding = epoch <= 1
+        voters = frozenset(NodeId(m) for m in members) if founding else frozenset()
+        boot = bootstrap_snapshot(voters).meta
+        storage = WalStorage(self.wal, gid, rec, boot, self._image_factory(gid))
+        if rec is None and founding:
+            self.wal.compact(gid, boot)
         rc = RaftConfig(
             self.node_id,
             GroupId(gid),
@@ -399,15 +420,16 @@ class NodeRuntime:
         hs = rec.hard_state if rec is not None else HardState()
         self.groups[gid] = _Group(gid, core, storage, hs)
 
-    def host_group(self, gid: int, members: list[int]) -> bool:
-        """Start hosting a replica of group `gid` (the metadata map named this node a member); its
-        durable state comes from the WAL if it had any. members[0] is the preferred leader. Returns
-        False when it is hosted already."""
+    def host_group(self, gid: int, members: list[int], epoch: int = 1) -> bool:
+        """Host a replica of group `gid` (the metadata map named this node a member at `epoch`); its
+        durable state comes from the WAL if it had any. members[0] is the preferred leader; a leader
+        carries the map's membership out (_reconfigure). Returns False when it is hosted already."""
         g = self.groups.get(gid)
         if g is None:
-            self._add_group(gid, members, self._recovered.pop(gid, None))
+            self._add_group(gid, members, self._recovered.pop(gid, None), epoch)
             g = self.groups[gid]
-            log.info("raft.group_hosted", group=gid, members=members)
+            log.info("raft.group_hosted", group=gid, members=members, epoch=epoch,
+                     joiner=not g.core.conf.voters)
             if self._loop is not None:
                 self._dirty.add(gid)
                 self._kick()
@@ -415,7 +437,74 @@ class NodeRuntime:
         else:
             new = False
         g.preferred = NodeId(members[0]) if members else NO_NODE
+        if g.target is None or epoch >= g.target[1]:
+            g.target = (frozenset(NodeId(m) for m in members), epoch)
+        self._reconfigure(g)
         return new
+
+    def _reconfigure(self, g: _Group) -> None:
+        """At the leader: one single-server configuration change (thesis 4.1) toward the map's
+        membership, removals first (control/raftrepair.py rule 2). A leader the map removed hands its
+        leadership to a member that stays, then that member removes it."""
+        core = g.core
+        if g.target is None or core.role != Role.LEADER or self.failed is not None:
+            return
+        members, epoch = g.target
+        voters = core.conf.voters
+        if voters == members or epoch < core.conf.epoch:
+            return
+        removes = sorted(voters - members)
+        adds = sorted(members - voters)
+        if removes:
+            node = removes[0]
+            if node == self.node_id:
+                if self._ticks_done >= g.transfer_at_tick:
+                    g.transfer_at_tick = self._ticks_done + TRANSFER_INTERVAL_TICKS
+                    to = next((m for m in sorted(members) if m in voters and m in self.transport.conns), None)
+                    if to is not None and core.transfer_leadership(to):
+                        self.counters["leader_transfers"] += 1
+                        self._dirty.add(g.id)
+                return
+            kind = ConfChangeType.REMOVE_VOTER
+        else:
+            node, kind = adds[0], ConfChangeType.ADD_VOTER
+        if core.propose_conf_change(kind, node, epoch):
+            self.counters["conf_changes_proposed"] += 1
+            log.info("raft.conf_change", group=g.id, change=kind.name, node=int(node), epoch=epoch,
+                     voters=sorted(int(v) for v in voters))
+            self._dirty.add(g.id)
+            self._kick()
+
+    def raft_report(self) -> dict[int, list[int]]:
+        """For the metadata leader's Raft repair (control/raftrepair.py): the groups this node leads,
+        [configuration epoch, voters...]."""
+        return {gid: [g.core.conf.epoch, *sorted(int(v) for v in g.core.conf.voters)]
+                for gid, g in self.groups.items() if g.core.role == Role.LEADER}
+
+    def discard_group(self, gid: int) -> bool:
+        """This node was replaced in Raft group `gid` (the map has it whole without this node): drop its
+        stale replica, hosted or only recovered from the WAL. The WAL first records the group as empty
+        (synced), then the engine drops its extents. Returns False when a Ready is still outstanding."""
+        g = self.groups.get(gid)
+        if g is None and gid not in self._recovered:
+            return False
+        if (g is not None and g.rd is not None) or self._syncing or g in self._sync_waiters:
+            return False
+        if g is not None:
+            self._fail_group_requests(g, NotLeaderError(NO_NODE))
+            del self.groups[gid]
+        self._recovered.pop(gid, None)
+        self.wal.install_snapshot(gid, bootstrap_snapshot(frozenset()).meta)
+        self.wal.flush()
+        self.wal.sync(remove=False)  # rare: once per replaced replica
+        for ext in self._group_extents(gid):
+            self.engine.drop_extent(ext)
+        self.sessions.pop(gid, None)
+        self._dirty.discard(gid)
+        self._propose_dirty.discard(gid)
+        self.counters["replicas_discarded"] += 1
+        log.info("raft.replica_discarded", group=gid)
+        return True
 
     def host_chain_group(self, gid: int, members: list[int], epoch: int) -> bool:
         """Host chain group `gid` and hand it the map's configuration (members head first, epoch)."""
@@ -478,6 +567,8 @@ class NodeRuntime:
         self._stopping = True  # no new work for the engine-sync thread
         if self._tick_handle is not None:
             self._tick_handle.cancel()
+        if self._snap_drain is not None:
+            self._snap_drain.cancel()
         await self.transport.stop()
         if self._peer_client is not None:
             await self._peer_client.close()
@@ -512,6 +603,8 @@ class NodeRuntime:
         self._catch_up_ticks()
         if self._ticks_done % BALANCE_EVERY_TICKS == 0:
             self._balance_leaders()
+            for g in self.groups.values():
+                self._reconfigure(g)
         self._schedule_tick()
 
     def _catch_up_ticks(self) -> None:
@@ -797,7 +890,37 @@ class NodeRuntime:
         g.read_waits = []
 
     # == messages ============================================================================================
+    def repair_allow(self, nbytes: int) -> bool:
+        """Take `nbytes` of repair bandwidth; False when the budget is spent (send later)."""
+        rate = self.cfg.repair_bytes_per_s
+        if rate > 0:
+            now = time.monotonic()
+            self._repair_tokens = min(self._repair_burst, self._repair_tokens + (now - self._repair_t) * rate)
+            self._repair_t = now
+            if self._repair_tokens < 0:
+                return False
+            self._repair_tokens -= nbytes
+        self.counters["repair_bytes_sent"] += nbytes
+        return True
+
+    def _drain_snap_held(self) -> None:
+        self._snap_drain = None
+        held = self._snap_held
+        while held and self.repair_allow(len(held[0].data)):
+            self.transport.send(held[0].dst, encode_raft(held.pop(0)))
+        if held and self._loop is not None and not self._stopping:
+            self._snap_drain = self._loop.call_later(0.02, self._drain_snap_held)
+
     def _send(self, m: Message) -> None:
+        if m.type == _MT.SNAP:
+            g = self.groups.get(int(m.group))
+            if g is not None and int(m.dst) not in g.repairs:
+                g.repairs[int(m.dst)] = time.monotonic()
+            if self._snap_held or not self.repair_allow(len(m.data)):
+                self._snap_held.append(m)
+                if self._snap_drain is None and self._loop is not None:
+                    self._snap_drain = self._loop.call_later(0.02, self._drain_snap_held)
+                return
         if m.type in HEARTBEAT_TYPES:
             pair = self._hb_out.get(m.dst)
             if pair is None:
@@ -1078,11 +1201,38 @@ class NodeRuntime:
 
     def _chain_info(self, g: ChainGroup, allocated_bytes: int) -> pb.GroupInfo:
         i = self.chains.info(g)
-        return pb.GroupInfo(group=g.id, mode="chain", allocated_bytes=allocated_bytes, **i)  # type: ignore[arg-type]
+        info = pb.GroupInfo(group=g.id, mode="chain", allocated_bytes=allocated_bytes, **i)  # type: ignore[arg-type]
+        for k, v in self.chains.repair_info(g.id).items():
+            setattr(info, k, v)
+        return info
+
+    def _repair_info(self, g: _Group) -> dict[str, int]:
+        """The first follower this leader is sending a snapshot to: GroupInfo.repair_* fields."""
+        c = g.core
+        if c.role != Role.LEADER:
+            g.repairs.clear()
+            return {}
+        streams = {v: pr for v, pr in c.prs.items() if pr.snap is not None and v != self.node_id}
+        for v in list(g.repairs):
+            if v not in streams:
+                del g.repairs[v]
+        for v, pr in sorted(streams.items()):
+            snap = pr.snap
+            assert snap is not None
+            if pr.snap_sent == 0:
+                continue  # not started: the image is built at the first chunk
+            total = len(snap.data)
+            started = g.repairs.get(int(v), time.monotonic())
+            return {"repair_node": int(v),
+                    "repair_bytes_done": min(total, pr.snap_acked * self.cfg.snapshot_chunk_bytes),
+                    "repair_bytes_total": total,
+                    "repair_elapsed_ms": int((time.monotonic() - started) * 1000)}
+        return {}
 
     def _group_info(self, g: _Group, allocated_bytes: int) -> pb.GroupInfo:
         c = g.core
         return pb.GroupInfo(
+            **self._repair_info(g),  # type: ignore[arg-type]
             group=g.id,
             mode="raft",
             role=int(c.role),
