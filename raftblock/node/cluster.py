@@ -49,7 +49,8 @@ POLL_S = 0.05
 # Node counters shown as errors in `cluster status` (data found bad, what was done about it, refused input)
 ERROR_COUNTERS = ("corrupt_reads", "read_repairs", "blocks_repaired", "read_repair_failed", "engine_bad_blocks",
                   "frames_bad_crc", "frames_bad_magic", "frames_malformed", "raft_unknown_group",
-                  "client_unknown_group", "stale_epoch_refused", "apply_errors", "wal_sync_slow")
+                  "client_unknown_group", "stale_epoch_refused", "apply_errors", "wal_sync_slow",
+                  "scrub_errors_found", "scrub_mismatches", "scrub_repair_failed")
 
 
 class ClusterError(Exception):

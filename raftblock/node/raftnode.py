@@ -42,6 +42,7 @@ from typing import Any
 
 import structlog
 
+from raftblock.control.scrub import Scrubber
 from raftblock.node.serve import load_or_create_cluster_id
 from raftblock.obs.log import configure
 from raftblock.replication.raft.runtime import NodeRuntime, RuntimeConfig
@@ -131,6 +132,7 @@ async def run_node(cfg: NodeConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     compactor = loop.create_task(_engine_compaction(engine, stop))
+    scrubber = loop.create_task(Scrubber(rt).run(stop))
     agent_task = None
     if cfg.meta_admin and cfg.meta_secret_file is not None:
         from raftblock.meta.rpc import MetaClient
@@ -146,6 +148,7 @@ async def run_node(cfg: NodeConfig) -> int:
     await stop.wait()
     log.info("raftnode.stopping", node=cfg.node_id)
     await compactor
+    await scrubber
     if agent_task is not None:
         await agent_task
     await rt.stop()

@@ -138,7 +138,7 @@ class HeartbeatBatch(_message.Message):
     def __init__(self, src: _Optional[int] = ..., dst: _Optional[int] = ..., response: _Optional[bool] = ..., group: _Optional[_Iterable[int]] = ..., term: _Optional[_Iterable[int]] = ..., commit: _Optional[_Iterable[int]] = ..., context: _Optional[_Iterable[int]] = ..., lease_tick: _Optional[_Iterable[int]] = ..., epoch: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ClientRequest(_message.Message):
-    __slots__ = ("request_id", "op", "extent_id", "block", "count", "crcs", "epoch", "min_applied", "client_id", "write_id", "low_water")
+    __slots__ = ("request_id", "op", "extent_id", "block", "count", "crcs", "epoch", "min_applied", "client_id", "write_id", "low_water", "source_node")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
     EXTENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,7 @@ class ClientRequest(_message.Message):
     CLIENT_ID_FIELD_NUMBER: _ClassVar[int]
     WRITE_ID_FIELD_NUMBER: _ClassVar[int]
     LOW_WATER_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     op: int
     extent_id: int
@@ -161,7 +162,8 @@ class ClientRequest(_message.Message):
     client_id: int
     write_id: int
     low_water: int
-    def __init__(self, request_id: _Optional[int] = ..., op: _Optional[int] = ..., extent_id: _Optional[int] = ..., block: _Optional[int] = ..., count: _Optional[int] = ..., crcs: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., min_applied: _Optional[int] = ..., client_id: _Optional[int] = ..., write_id: _Optional[int] = ..., low_water: _Optional[int] = ...) -> None: ...
+    source_node: int
+    def __init__(self, request_id: _Optional[int] = ..., op: _Optional[int] = ..., extent_id: _Optional[int] = ..., block: _Optional[int] = ..., count: _Optional[int] = ..., crcs: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., min_applied: _Optional[int] = ..., client_id: _Optional[int] = ..., write_id: _Optional[int] = ..., low_water: _Optional[int] = ..., source_node: _Optional[int] = ...) -> None: ...
 
 class GroupInfo(_message.Message):
     __slots__ = ("group", "role", "term", "leader", "commit", "applied", "last_index", "snap_index", "lease", "allocated_bytes", "mode", "tail", "synced", "repair_node", "repair_bytes_done", "repair_bytes_total", "repair_elapsed_ms")
@@ -202,7 +204,7 @@ class GroupInfo(_message.Message):
     def __init__(self, group: _Optional[int] = ..., role: _Optional[int] = ..., term: _Optional[int] = ..., leader: _Optional[int] = ..., commit: _Optional[int] = ..., applied: _Optional[int] = ..., last_index: _Optional[int] = ..., snap_index: _Optional[int] = ..., lease: _Optional[bool] = ..., allocated_bytes: _Optional[int] = ..., mode: _Optional[str] = ..., tail: _Optional[int] = ..., synced: _Optional[bool] = ..., repair_node: _Optional[int] = ..., repair_bytes_done: _Optional[int] = ..., repair_bytes_total: _Optional[int] = ..., repair_elapsed_ms: _Optional[int] = ...) -> None: ...
 
 class ClientResponse(_message.Message):
-    __slots__ = ("request_id", "status", "leader_hint", "leader_address", "error", "crcs", "groups", "counters", "node_id", "runs")
+    __slots__ = ("request_id", "status", "leader_hint", "leader_address", "error", "crcs", "groups", "counters", "node_id", "runs", "applied")
     class CountersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +222,7 @@ class ClientResponse(_message.Message):
     COUNTERS_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     RUNS_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     status: int
     leader_hint: int
@@ -230,4 +233,5 @@ class ClientResponse(_message.Message):
     counters: _containers.ScalarMap[str, int]
     node_id: int
     runs: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, request_id: _Optional[int] = ..., status: _Optional[int] = ..., leader_hint: _Optional[int] = ..., leader_address: _Optional[str] = ..., error: _Optional[str] = ..., crcs: _Optional[_Iterable[int]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., counters: _Optional[_Mapping[str, int]] = ..., node_id: _Optional[int] = ..., runs: _Optional[_Iterable[int]] = ...) -> None: ...
+    applied: int
+    def __init__(self, request_id: _Optional[int] = ..., status: _Optional[int] = ..., leader_hint: _Optional[int] = ..., leader_address: _Optional[str] = ..., error: _Optional[str] = ..., crcs: _Optional[_Iterable[int]] = ..., groups: _Optional[_Iterable[_Union[GroupInfo, _Mapping]]] = ..., counters: _Optional[_Mapping[str, int]] = ..., node_id: _Optional[int] = ..., runs: _Optional[_Iterable[int]] = ..., applied: _Optional[int] = ...) -> None: ...

@@ -61,7 +61,7 @@ from raftblock.replication.raft.types import (
 )
 from raftblock.replication.raft.wal import GroupDurable, Wal, WalStorage
 from raftblock.replication.sessions import IMAGE_SESSIONS_MARK, Sessions, image_prefix
-from raftblock.storage.engine import CorruptBlockError, Engine, NoSpaceError
+from raftblock.storage.engine import ZERO_BLOCK_CRC, CorruptBlockError, Engine, NoSpaceError
 from raftblock.storage.segment import MAX_BLOCK, MAX_WRITE_BLOCKS
 from raftblock.wire import raftblock_pb2 as pb
 from raftblock.wire.framing import Frame, FrameType, encode_frame
@@ -80,6 +80,7 @@ _MT = MessageType
 
 # Client ops and statuses (raftblock.proto).
 OP_C_WRITE, OP_C_READ, OP_C_TRIM, OP_C_STATUS, OP_C_NODE_STATUS, OP_C_REPLICA_READ, OP_C_BLOCK_STATUS = range(1, 8)
+OP_C_SCRUB_CRCS, OP_C_SCRUB_REPAIR = 8, 9  # member to member (control/scrub.py)
 BLOCK_STATUS_BLOCKS_MAX = 1 << 16  # one BLOCK_STATUS request covers at most 256 MiB
 REPLICA_READ_WAIT_S = 2.0
 BALANCE_EVERY_TICKS = 10  # look for groups to hand to their preferred leader every second (100 ms ticks)
@@ -125,6 +126,8 @@ class RuntimeConfig:
         wal_sync_inline_max_ms: float = 50.0,
         wal_sync_thread_s: float = 60.0,
         repair_bytes_per_s: int = 64 << 20,
+        scrub_bytes_per_s: int = 8 << 20,
+        scrub_pass_interval_s: float = 3600.0,
     ) -> None:
         if wal_sync not in ("inline", "thread"):
             raise ValueError(f"wal_sync must be 'inline' or 'thread', not {wal_sync!r}")
@@ -156,6 +159,10 @@ class RuntimeConfig:
         # a node that fell behind the log): foreground I/O keeps the rest of the disk and the network.
         # 0 = unbounded.
         self.repair_bytes_per_s = repair_bytes_per_s
+        # Background scrub (control/scrub.py): bytes re-read per second (0 = off) and the pause between
+        # two passes over every replica this node holds.
+        self.scrub_bytes_per_s = scrub_bytes_per_s
+        self.scrub_pass_interval_s = scrub_pass_interval_s
 
 
 class LazyImage:
@@ -1131,6 +1138,18 @@ class NodeRuntime:
             elif gid in self.chains.groups and req.op == OP_C_STATUS:
                 cg = self.chains.groups[gid]
                 resp.groups.append(self._chain_info(cg, self._allocated_bytes_by_group().get(gid, 0)))
+            elif req.op in (OP_C_SCRUB_CRCS, OP_C_SCRUB_REPAIR) and (view := self.scrub_view(gid)) is not None:
+                applied_fn = view[0]
+                if req.op == OP_C_SCRUB_CRCS:
+                    n = check_range(gid, req, MAX_WRITE_BLOCKS)
+                    await self._wait_applied(applied_fn, req.min_applied)
+                    _, crcs = self.engine.read(req.extent_id, req.block, n)
+                    resp.crcs.extend(crcs)
+                    resp.applied = applied_fn()
+                else:
+                    n = check_range(gid, req, MAX_WRITE_BLOCKS)
+                    fixed = await self.repair_from(gid, int(req.source_node), req.extent_id, req.block, n, applied_fn)
+                    resp.runs.append(fixed)
             elif gid in self.chains.groups and req.op == OP_C_REPLICA_READ:
                 cg = self.chains.groups[gid]
                 data, crcs = await self._replica_read(gid, lambda: cg.core.applied_seq, req)
@@ -1351,28 +1370,79 @@ class NodeRuntime:
         predecessor applies a record when the tail's acknowledgement comes back, so it may wait briefly).
         `applied`: the group's applied index (Raft) or seq (chain)."""
         n = check_range(gid, req, MAX_WRITE_BLOCKS)
-        deadline = time.monotonic() + REPLICA_READ_WAIT_S
-        while applied() < req.min_applied:
-            if time.monotonic() > deadline:
-                raise RetryError(f"replica applied {applied()} < {req.min_applied}")
-            await asyncio.sleep(self.cfg.tick_ms / 1000)
+        await self._wait_applied(applied, req.min_applied)
         self.counters["replica_reads_served"] += 1
         return self.engine.read(req.extent_id, req.block, n)
+
+    async def _wait_applied(self, applied: Callable[[], int], min_applied: int) -> None:
+        deadline = time.monotonic() + REPLICA_READ_WAIT_S
+        while applied() < min_applied:
+            if time.monotonic() > deadline:
+                raise RetryError(f"replica applied {applied()} < {min_applied}")
+            await asyncio.sleep(self.cfg.tick_ms / 1000)
+
+    def scrub_view(self, gid: int) -> tuple[Callable[[], int], list[int], bool] | None:
+        """For the scrub: (the group's applied index/seq, the other members, whether this member compares
+        the replicas: the Raft leader or the chain's head); None when the group is not hosted here."""
+        g = self.groups.get(gid)
+        if g is not None:
+            core = g.core
+            others = sorted(int(v) for v in core.conf.voters if v != self.node_id)
+            return (lambda: core.applied_index), others, core.role == Role.LEADER
+        cg = self.chains.groups.get(gid)
+        if cg is not None:
+            cc = cg.core
+            others = [m for m in cg.members if m != self.node_id]
+            return (lambda: cc.applied_seq), others, cc.is_head
+        return None
+
+    def _peer(self) -> Any:
+        from raftblock.replication.raft.group import RaftClient  # the node is a client of its peers here
+
+        if self._peer_client is None:
+            self._peer_client = RaftClient(self.peers, attempt_timeout_s=REPLICA_READ_WAIT_S + 1)
+        return self._peer_client
+
+    async def repair_from(self, gid: int, source: int, extent_id: int, block: int, n: int,
+                          applied: Callable[[], int]) -> int:
+        """The scrub found this replica's range different from `source`'s (the comparing member): copy the
+        blocks that differ (or are corrupt here) from it, as of a point at least as new as what this
+        replica has applied. Newer data than that is safe here: the log will apply the same writes again
+        (a replica only ever converges). Returns the number of blocks rewritten."""
+        req = pb.ClientRequest(op=OP_C_REPLICA_READ, extent_id=extent_id, block=block, count=n, min_applied=applied())
+        resp, data = await self._peer().call_node(source, gid, req)
+        crcs = list(resp.crcs)
+        if resp.status != ST_OK or len(data) != n * BLOCK_SIZE or blockcrc.first_mismatch(data, crcs) >= 0:
+            raise RetryError(f"node {source}: status {resp.status} {resp.error}")
+        fixed = 0
+        for i in range(n):
+            try:
+                _, mine = self.engine.read(extent_id, block + i, 1)
+                if mine[0] == crcs[i]:
+                    continue
+            except CorruptBlockError:
+                pass
+            if crcs[i] == ZERO_BLOCK_CRC:
+                self.engine.trim(extent_id, block + i, 1)  # zeros there (trimmed, or never written)
+            else:
+                self.engine.write(extent_id, block + i, memoryview(data)[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE],
+                                  [crcs[i]])
+            fixed += 1
+        self.counters["scrub_blocks_rewritten"] += fixed
+        log.warning("scrub.replica_repaired", group=gid, extent_id=extent_id, block=block, count=n,
+                    blocks_rewritten=fixed, source=source)
+        return fixed
 
     async def _read_repair(self, gid: int, others: list[int], extent_id: int, block: int, n: int,
                            applied: int) -> tuple[bytearray, list[int]]:
         """Serve a read whose local copy failed its CRC from another member (`others`, in the order to ask),
         then rewrite the bad blocks locally (only those still bad: a block overwritten meanwhile keeps its
         newer value). A member answers once it has applied `applied` (Raft index, chain seq)."""
-        from raftblock.replication.raft.group import RaftClient  # the node is a client of its peers here
-
-        if self._peer_client is None:
-            self._peer_client = RaftClient(self.peers, attempt_timeout_s=REPLICA_READ_WAIT_S + 1)
         req = pb.ClientRequest(op=OP_C_REPLICA_READ, extent_id=extent_id, block=block, count=n, min_applied=applied)
         last = "no other member"
         for peer in others:
             try:
-                resp, data = await self._peer_client.call_node(peer, gid, req)
+                resp, data = await self._peer().call_node(peer, gid, req)
             except (OSError, ConnectionError, TimeoutError) as e:
                 last = f"node {peer}: {e!r}"
                 continue

@@ -1,0 +1,174 @@
+# Scrub: a node's background pass over every replica it holds (DESIGN "Scrub"; docs/replication.md).
+#
+# Owns: the pass loop, its pacing, and the comparison of replicas; the runtime serves the member-to-member
+# requests it uses (SCRUB_CRCS, SCRUB_REPAIR, REPLICA_READ).
+#
+# Rules:
+# 1. Bounded: at most `scrub_bytes_per_s` re-read per second (paced per run of blocks), one run in flight,
+#    and a pause of `scrub_pass_interval_s` between passes. Foreground I/O is never queued behind it: the
+#    scrub reads on the event loop between other work, 1 MiB at a time.
+# 2. Every allocated block (and every block the engine has marked bad) is read back and its CRC32C
+#    checked (Engine.read). A bad block is fetched from another member and rewritten (the read-repair
+#    path): counters scrub_errors_found, scrub_blocks_repaired, scrub_repair_failed.
+# 3. Replicas are compared by the member that orders the writes (the Raft leader, the chain's head): it
+#    asks each other member for the CRCs of the run, once that member has applied at least what the
+#    comparer had when it read (SCRUB_CRCS). A difference is a finding only if it persists when both
+#    sides are at the same point: the comparer reads again; a member that is ahead may legitimately hold
+#    newer writes. After `COMPARE_TRIES` such tries the member is told to copy the run from the comparer
+#    (SCRUB_REPAIR; a replica only converges, runtime.repair_from). Counters scrub_mismatches,
+#    scrub_replica_repairs, scrub_compare_skipped (a member that did not answer).
+# 4. A pass logs what it found; `raftblock cluster status` shows the counters per node.
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import structlog
+
+from raftblock.storage.engine import CorruptBlockError
+from raftblock.storage.segment import MAX_WRITE_BLOCKS
+from raftblock.wire import raftblock_pb2 as pb
+from raftblock.wire.ops import BLOCK_SIZE
+
+if TYPE_CHECKING:
+    from raftblock.replication.raft.runtime import NodeRuntime
+
+log = structlog.get_logger(__name__)
+
+RUN_BLOCKS = min(256, MAX_WRITE_BLOCKS)  # 1 MiB per read
+COMPARE_TRIES = 4
+COMPARE_RETRY_S = 0.2
+
+
+def runs(blocks: list[int], limit: int = RUN_BLOCKS) -> list[tuple[int, int]]:
+    """Sorted block numbers -> (first, count) runs of consecutive blocks, at most `limit` long."""
+    out: list[tuple[int, int]] = []
+    for b in blocks:
+        if out and out[-1][0] + out[-1][1] == b and out[-1][1] < limit:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((b, 1))
+    return out
+
+
+class Scrubber:
+    def __init__(self, rt: NodeRuntime) -> None:
+        self.rt = rt
+        self.passes = 0
+        self._next_at = time.monotonic()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        cfg = self.rt.cfg
+        if cfg.scrub_bytes_per_s <= 0:
+            return
+        while not stop.is_set():
+            try:
+                await self.one_pass(stop)
+            except Exception as e:  # a scrub bug must not take the node down; it is logged and retried
+                log.error("scrub.pass_failed", error=repr(e), exc_info=e)
+            try:
+                await asyncio.wait_for(stop.wait(), cfg.scrub_pass_interval_s)
+            except TimeoutError:
+                pass
+
+    async def one_pass(self, stop: asyncio.Event | None = None) -> dict[str, int]:
+        rt = self.rt
+        c = rt.counters
+        before = {k: c[k] for k in ("scrub_blocks", "scrub_errors_found", "scrub_blocks_repaired",
+                                    "scrub_mismatches", "scrub_replica_repairs")}
+        t0 = time.monotonic()
+        for gid in sorted(set(rt.groups) | set(rt.chains.groups)):
+            for ext in rt._group_extents(gid):
+                index = rt.engine.index
+                blocks = sorted(set(index.extents.get(ext, {})) | set(index.bad.get(ext, ())))
+                for first, n in runs(blocks):
+                    if stop is not None and stop.is_set():
+                        return {}
+                    await self._pace(n * BLOCK_SIZE)
+                    if rt.scrub_view(gid) is None or rt.failed is not None:
+                        break  # discarded meanwhile, or the node failed
+                    await self.scrub_run(gid, ext, first, n)
+        self.passes += 1
+        c["scrub_passes"] += 1
+        found = {k: c[k] - v for k, v in before.items()}
+        log.info("scrub.pass_done", passes=self.passes, seconds=round(time.monotonic() - t0, 1), **found)
+        return found
+
+    async def _pace(self, nbytes: int) -> None:
+        rate = self.rt.cfg.scrub_bytes_per_s
+        now = time.monotonic()
+        if self._next_at > now:
+            await asyncio.sleep(self._next_at - now)  # pacing, rule 1
+        self._next_at = max(now, self._next_at) + nbytes / rate
+
+    async def scrub_run(self, gid: int, ext: int, block: int, n: int) -> None:
+        rt = self.rt
+        c = rt.counters
+        view = rt.scrub_view(gid)
+        if view is None:
+            return
+        applied, others, comparer = view
+        at = applied()
+        try:
+            _, crcs = rt.engine.read(ext, block, n)
+        except CorruptBlockError as e:
+            log.error("scrub.corrupt_block", group=gid, extent_id=ext, block=e.block, reason=e.reason)
+            repaired_before = c["blocks_repaired"]
+            try:
+                await rt._read_repair(gid, others, ext, block, n, at)
+            except CorruptBlockError:
+                c["scrub_repair_failed"] += 1
+                return
+            fixed = c["blocks_repaired"] - repaired_before
+            c["scrub_errors_found"] += max(1, fixed)
+            c["scrub_blocks_repaired"] += fixed
+            at = applied()
+            _, crcs = rt.engine.read(ext, block, n)
+        c["scrub_blocks"] += n
+        if comparer:
+            for peer in others:
+                await self._compare(gid, peer, ext, block, n, crcs, at, applied)
+
+    async def _compare(self, gid: int, peer: int, ext: int, block: int, n: int, crcs: list[int], at: int,
+                       applied: Callable[[], int]) -> None:
+        from raftblock.replication.raft.runtime import OP_C_SCRUB_CRCS, OP_C_SCRUB_REPAIR, ST_OK
+
+        rt = self.rt
+        c = rt.counters
+        for _ in range(COMPARE_TRIES):
+            req = pb.ClientRequest(op=OP_C_SCRUB_CRCS, extent_id=ext, block=block, count=n, min_applied=at)
+            try:
+                resp, _ = await rt._peer().call_node(peer, gid, req)
+            except (OSError, ConnectionError, TimeoutError):
+                c["scrub_compare_skipped"] += 1
+                return
+            if resp.status != ST_OK or len(resp.crcs) != n:
+                c["scrub_compare_skipped"] += 1  # lagging, corrupt there (its own scrub repairs it), gone
+                return
+            theirs = list(resp.crcs)
+            if theirs == crcs:
+                return
+            # Different: are we at the same point? Read again; the member may be ahead of our first read.
+            at = applied()
+            try:
+                _, crcs = rt.engine.read(ext, block, n)
+            except CorruptBlockError:
+                return  # ours went bad meanwhile: the next pass repairs it first
+            if theirs == crcs:
+                return
+            if at == resp.applied:
+                break  # same point, different data: a finding
+            await asyncio.sleep(COMPARE_RETRY_S)
+        c["scrub_mismatches"] += 1
+        log.error("scrub.replicas_differ", group=gid, extent_id=ext, block=block, count=n, member=peer,
+                  blocks=sum(1 for a, b in zip(crcs, theirs, strict=True) if a != b))
+        req = pb.ClientRequest(op=OP_C_SCRUB_REPAIR, extent_id=ext, block=block, count=n, source_node=rt.node_id)
+        try:
+            resp, _ = await rt._peer().call_node(peer, gid, req)
+        except (OSError, ConnectionError, TimeoutError) as e:
+            log.warning("scrub.replica_repair_failed", group=gid, member=peer, error=repr(e))
+            return
+        if resp.status == ST_OK:
+            c["scrub_replica_repairs"] += 1
