@@ -83,9 +83,12 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
 
 
 def cmd_cluster_down(args: argparse.Namespace) -> int:
-    from raftblock.node.cluster import cluster_down
+    from raftblock.node.cluster import ClusterError, cluster_down
 
-    stopped = cluster_down(Path(args.dir))
+    try:
+        stopped = cluster_down(Path(args.dir), args.node, args.force)
+    except ClusterError as e:
+        return _fail("cluster down", e)
     print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
     return 0
 
@@ -218,7 +221,56 @@ def cmd_volume_attach(args: argparse.Namespace) -> int:
 def cmd_node(args: argparse.Namespace) -> int:
     from raftblock.node import raftnode
 
+    if args.action is not None:
+        return cmd_node_action(args)
+    if args.config is None:
+        print("raftblock node: --config FILE (run a node), add, or drain|undrain|stop-check ID", file=sys.stderr)
+        return 2
     return raftnode.main(["--config", args.config, "--log-format", args.log_format, "--log-level", args.log_level])
+
+
+def cmd_node_action(args: argparse.Namespace) -> int:
+    """`node stop-check ID` (exit 0: safe to stop now, 1: not), `node drain ID [--wait]`, `node undrain ID`."""
+    import time as _time
+
+    from raftblock.node.cluster import ClusterError, cluster_status, node_add, node_drain, node_stop_check
+
+    if args.action == "add":
+        try:
+            info = node_add(Path(args.dir), args.rack)
+        except ClusterError as e:
+            return _fail("node add", e)
+        print(f"added node {info['node_id']} in rack {info['rack']} at {info['address']}; replicas move to it "
+              f"one group at a time (raftblock repair watch)")
+        return 0
+    if args.node_id is None:
+        print(f"raftblock node {args.action}: which node? (node {args.action} ID)", file=sys.stderr)
+        return 2
+    d = Path(args.dir)
+    try:
+        if args.action == "stop-check":
+            risks = node_stop_check(d, args.node_id)
+            if not risks:
+                print(f"node {args.node_id}: safe to stop now (every group keeps a majority of live members)")
+                return 0
+            print(f"node {args.node_id}: NOT safe to stop now:")
+            for g, why in risks:
+                print(f"  group {g}: {why}")
+            return 1
+        res = node_drain(d, args.node_id, args.action == "drain", args.force)
+        print(f"node {args.node_id}: draining={res['draining']}, member of {res['groups']} group(s)")
+        if args.action != "drain" or not args.wait:
+            return 0
+        while True:  # --wait: until the node holds no replica
+            st = cluster_status(d)
+            left = [g["group"] for g in st["groups"] if args.node_id in g["members"]]
+            copying = [r for r in st["repairs"] if r["state"] == "copying"]
+            print(f"  {len(left)} group(s) left on node {args.node_id}; {len(copying)} cop(ies) in flight", flush=True)
+            if not left:
+                return 0
+            _time.sleep(1.0)
+    except ClusterError as e:
+        return _fail(f"node {args.action}", e)
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -288,6 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     cu.set_defaults(func=cmd_cluster_up)
     cd = csub.add_parser("down", help="stop every process of the cluster (data stays)")
     cd.add_argument("--dir", default=str(DEMO_DIR))
+    cd.add_argument("--node", type=int, default=None,
+                    help="stop only this storage node; refused when a group would lose its majority")
+    cd.add_argument("--force", action="store_true", help="with --node: stop it even so")
     cd.set_defaults(func=cmd_cluster_down)
     cs = csub.add_parser("status", help="nodes, extent groups and volumes")
     cs.add_argument("--dir", default=str(DEMO_DIR))
@@ -329,8 +384,17 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--dir", default=str(DEMO_DIR))
     va.set_defaults(func=cmd_volume_attach)
 
-    n = sub.add_parser("node", help="run one storage node in the foreground (what systemd runs)")
-    n.add_argument("--config", required=True)
+    n = sub.add_parser("node", help="run one storage node in the foreground (what systemd runs); "
+                                    "or drain|undrain|stop-check ID")
+    n.add_argument("action", nargs="?", choices=["add", "drain", "undrain", "stop-check"],
+                   help="drain: move its replicas elsewhere; stop-check: would stopping it now leave a group "
+                        "without a majority (exit 1)")
+    n.add_argument("node_id", nargs="?", type=int)
+    n.add_argument("--config", default=None, help="run the node of this config in the foreground")
+    n.add_argument("--dir", default=str(DEMO_DIR), help="the cluster (for drain, undrain, stop-check)")
+    n.add_argument("--wait", action="store_true", help="drain: wait until the node holds no replica")
+    n.add_argument("--force", action="store_true", help="drain even if the stop check fails")
+    n.add_argument("--rack", default=None, help="add: the new node's rack (default: the rack with fewest nodes)")
     n.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     n.add_argument("--log-level", default="info")
     n.set_defaults(func=cmd_node)

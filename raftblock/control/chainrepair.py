@@ -18,6 +18,8 @@
 #    Caught up (ChainCore.caught_up): synced in this epoch and applied what its predecessor held; or known
 #    to hold every acknowledged write without syncing again: the head, or the head's successor caught up
 #    in the epoch before (so a head that fails as a change is made can still be replaced).
+# 6. A member on a draining node (`node drain`) leaves a whole chain once every member is settled; rule 4
+#    then adds a node at the tail. One drained member per group at a time.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -76,12 +78,19 @@ def plan_chain_changes(
                 spare = sorted(
                     (n.reserved_bytes, int(n.node_id))
                     for n in st.nodes.values()
-                    if n.state == "up" and int(n.node_id) not in members and n.rack not in racks
+                    if n.state == "up" and not n.draining and int(n.node_id) not in members and n.rack not in racks
                 )
                 if spare:
                     new = spare[0][1]
                     cmd = SetGroupMembers(int(gid), (*members, new), g.epoch)
                     reason = f"node {new} joins at the tail"
+            elif (not failed and len(members) >= st.replicas and all(settled(m) for m in members)
+                  and (leaving := [m for m in members if st.nodes[NodeId(m)].draining])):
+                # Rule 6: a member on a draining node leaves a whole, settled chain; rule 4 then adds a
+                # node at the tail, which copies the data (two live copies meanwhile).
+                others = [m for m in members if m != leaving[0]]
+                cmd = SetGroupMembers(int(gid), tuple(others), g.epoch)
+                reason = f"drain node {leaving[0]}"
         if cmd is not None:
             out.append((cmd, reason))
             if len(out) >= max_changes:

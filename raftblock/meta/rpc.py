@@ -8,7 +8,7 @@
 #    the server holds at most `connections_max` connections.
 # 3. Requests: {"op": "propose", "command": {...}} | {"op": "state", "barrier": bool} | {"op": "status"}
 #    | {"op": "heartbeat", "node_id": N, "used_bytes": B, "chains": {GID: [EPOCH, CONFIGURED, CAUGHT_UP]},
-#       "raft": {GID: [CONF_EPOCH, VOTER...]} (the Raft groups the node leads)}
+#       "raft": {GID: [CONF_EPOCH, CAUGHT_UP_MASK, VOTER...]} (the Raft groups the node leads)}
 #    (answered with "lease_ms": the chain lease the node may take, docs/chain.md). Replies: {"ok": true, ...} or
 #    {"ok": false, "error": CODE, "message": TEXT, "leader": ID|null}. A heartbeat to a follower answers
 #    error "not_leader" with the leader's id; the client follows it.
@@ -129,10 +129,10 @@ class AdminServer:
                 if chains is None and req.get("chains") is not None:
                     return {"ok": False, "error": "bad_request",
                             "message": "chains: {group id: [epoch, configured, caught_up]}"}
-                raft = _report(req.get("raft"), 1, 8)
+                raft = _report(req.get("raft"), 2, 10)
                 if raft is None and req.get("raft") is not None:
                     return {"ok": False, "error": "bad_request",
-                            "message": "raft: {group id: [configuration epoch, voter...]}"}
+                            "message": "raft: {group id: [configuration epoch, caught-up mask, voter...]}"}
                 lease_ms, epochs = node.heartbeat(NodeId(nid), used, chains, raft)
                 return {"ok": True, "lease_ms": lease_ms, "chain_epochs": {str(k): v for k, v in epochs.items()}}
             return {"ok": False, "error": "bad_request", "message": f"unknown op {op!r}"}

@@ -58,6 +58,7 @@ class NodeRecord:
     returns: int = 0  # times it came back up from suspect/down
     registered_ms: int = 0
     disk_id: str = ""  # the identity of its data directory (made with it); "" = not told
+    draining: bool = False  # `node drain`: its replicas move elsewhere; nothing new is placed on it
 
 
 @dataclass
@@ -160,6 +161,15 @@ class SetNodeStates(Command):
 
 
 @dataclass(frozen=True)
+class SetNodeDrain(Command):
+    """`raftblock node drain ID` (draining=True) / `node undrain ID` (False)."""
+
+    op: ClassVar[str] = "set_node_drain"
+    node_id: int
+    draining: bool
+
+
+@dataclass(frozen=True)
 class CreateVolume(Command):
     op: ClassVar[str] = "create_volume"
     name: str
@@ -211,7 +221,7 @@ class Noop(Command):
 COMMANDS: dict[str, type[Command]] = {
     c.op: c
     for c in (InitCluster, RegisterNode, SetNodeStates, CreateVolume, DeleteVolume, Attach, Detach,
-              SetGroupMembers, Noop)
+              SetGroupMembers, Noop, SetNodeDrain)
 }
 
 
@@ -368,6 +378,14 @@ class MetaState:
             old.disk_id = cmd.disk_id
         return _ok(node_id=cmd.node_id, new=False, left_groups=removed)
 
+    def _apply_set_node_drain(self, cmd: SetNodeDrain) -> Result:
+        n = self.nodes.get(NodeId(cmd.node_id))
+        if n is None:
+            return _err("unknown_node", f"node {cmd.node_id} is not registered")
+        n.draining = bool(cmd.draining)
+        left = sum(1 for g in self.groups.values() if n.node_id in g.members)
+        return _ok(node_id=cmd.node_id, draining=n.draining, groups=left)
+
     def _apply_set_node_states(self, cmd: SetNodeStates) -> Result:
         for c in cmd.changes:
             if NodeId(c.node_id) not in self.nodes:
@@ -401,7 +419,7 @@ class MetaState:
                         f"at most {VOLUME_SIZE_BYTES_MAX}")
         if cmd.qos_iops_max < 0 or cmd.qos_bytes_per_s_max < 0:
             return _err("invalid", "QoS limits must be >= 0")
-        views = [NodeView(n.node_id, n.rack, n.state == "up", n.capacity_bytes, n.reserved_bytes)
+        views = [NodeView(n.node_id, n.rack, n.state == "up" and not n.draining, n.capacity_bytes, n.reserved_bytes)
                  for n in self.nodes.values()]
         plans = place(views, cmd.size_bytes, extent_size_bytes=self.extent_size_bytes,
                       extents_per_group_max=self.extents_per_group_max, replicas=self.replicas,
@@ -488,7 +506,9 @@ class MetaState:
         if unknown:
             return _err("unknown_node", f"nodes {unknown} are not registered")
         racks = [self.nodes[m].rack for m in members]
-        if len(set(racks)) != len(racks):
+        # One extra member may share a rack while a live member's replica moves (drain, rebalance: the new
+        # one is added and caught up before the old one leaves).
+        if len(racks) - len(set(racks)) > (1 if len(members) > self.replicas else 0):
             return _err("same_rack", f"members {list(cmd.members)} share racks {racks}")
         bytes_per_member = self._group_bytes(grp.group_id)
         for m in grp.members:

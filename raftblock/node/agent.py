@@ -83,6 +83,11 @@ class MetaAgent:
         self.reconcile(st)
 
     def reconcile(self, st: MetaState) -> None:
+        for n in st.nodes.values():  # nodes added after this one started (`node add`): their addresses
+            if int(n.node_id) not in self.runtime.peers and int(n.node_id) != self.node_id and ":" in n.address:
+                host, port = n.address.rsplit(":", 1)
+                if port.isdigit():
+                    self.runtime.add_peer(int(n.node_id), host, int(port))
         for gid, g in sorted(st.groups.items()):
             members = [int(m) for m in g.members]
             if g.mode == "chain":
@@ -99,8 +104,11 @@ class MetaAgent:
                 self.runtime.host_group(int(gid), members, g.epoch)
             elif len(members) >= st.replicas and (int(gid) in self.runtime.groups
                                                   or int(gid) in self.runtime._recovered):
-                # Replaced: the group is whole without this node (its removal was carried out before the
-                # replacement was added, control/raftrepair.py), so its copy is stale: drop it.
+                # Replaced or moved away: the group is whole without this node (a dead member's removal was
+                # carried out before its replacement was added; a live one's replacement caught up before
+                # it was removed, control/raftrepair.py), so its copy is stale: drop it (a leader hands
+                # leadership on first).
+                self.runtime.retarget(int(gid), members, g.epoch)
                 self.runtime.discard_group(int(gid))
         # Fencing: each group learns its volume's latest attach epoch from the map too (not only from
         # the requests of the gateway that holds it).

@@ -168,11 +168,16 @@ def _toml_str(s: str) -> str:
     return json.dumps(s)  # a JSON string is a valid TOML basic string
 
 
-def write_configs(layout: Layout, cmap: ClusterMap, disk: str, nbd_bind: str, nbd_port: int) -> None:
+def _meta_section(layout: Layout, cmap: ClusterMap) -> str:
+    admin = ", ".join(f"{k} = {_toml_str(v)}" for k, v in sorted(cmap.meta_admin.items()))
+    return f"[meta]\nadmin = {{ {admin} }}\nsecret_file = {_toml_str(str(layout.secret_file.resolve()))}\n"
+
+
+def write_node_configs(layout: Layout, cmap: ClusterMap, disk: str) -> None:
+    """Every storage node's config (`raftblock node --config`): its place, data dir, and all peers."""
     (layout.root / "nodes").mkdir(parents=True, exist_ok=True)
     peers = "\n".join(f'{n.node_id} = {_toml_str(f"{n.host}:{n.port}")}' for n in cmap.nodes)
-    admin = ", ".join(f"{k} = {_toml_str(v)}" for k, v in sorted(cmap.meta_admin.items()))
-    meta = f"[meta]\nadmin = {{ {admin} }}\nsecret_file = {_toml_str(str(layout.secret_file.resolve()))}\n"
+    meta = _meta_section(layout, cmap)
     for n in cmap.nodes:
         text = (
             f"# raftblock node {n.node_id} (rack {n.rack}); written by `raftblock cluster up`\n"
@@ -183,6 +188,11 @@ def write_configs(layout: Layout, cmap: ClusterMap, disk: str, nbd_bind: str, nb
             f"disk = {_toml_str(disk)}\n\n[peers]\n{peers}\n\n{meta}"
         )
         layout.node_config(n.node_id).write_text(text)
+
+
+def write_configs(layout: Layout, cmap: ClusterMap, disk: str, nbd_bind: str, nbd_port: int) -> None:
+    write_node_configs(layout, cmap, disk)
+    meta = _meta_section(layout, cmap)
     layout.gateway_config.write_text(
         "# raftblock gateway; written by `raftblock cluster up`\n"
         'gateway_id = "gw1"\n'
@@ -404,11 +414,99 @@ def cluster_status(root: Path) -> dict[str, Any]:
     return st
 
 
-def cluster_down(root: Path) -> list[str]:
+def node_add(root: Path, rack: str | None = None) -> dict[str, Any]:
+    """`raftblock node add [--rack R]`: one more storage node in a running local cluster (in the rack with
+    the fewest nodes unless named). Every node's config gets the new peer (for restarts); running nodes
+    and the gateway learn its address from the map when it registers, and the metadata leader's
+    rebalancing moves replicas to it, one group at a time (control/raftrepair.py)."""
+    layout = Layout(root)
+    cmap = _load(layout)
+    first = layout.node_config(cmap.nodes[0].node_id).read_text()
+    disk = next((line.split("=", 1)[1].strip().strip('"') for line in first.splitlines()
+                 if line.startswith("disk =")), "os")
+    if rack is None:
+        per: dict[str, int] = {}
+        for n in cmap.nodes:
+            per[n.rack] = per.get(n.rack, 0) + 1
+        rack = min(per, key=lambda r: (per[r], r))
+    host = cmap.nodes[0].host
+    nid = max(n.node_id for n in cmap.nodes) + 1
+    entry = NodeEntry(nid, rack, host, _free_port(host))
+    cmap.nodes.append(entry)
+    write_node_configs(layout, cmap, disk)
+    cmap.save(layout.map_path)
+    name = f"n{nid}"
+    proc = _spawn(layout, name, [sys.executable, "-m", "raftblock.cli", "node", "--config",
+                                 str(layout.node_config(nid)), "--log-format", "json"])
+    _wait_ready(layout, name, proc)
+    deadline = time.monotonic() + HEALTHY_TIMEOUT_S
+    while True:
+        st = read_map(layout, cmap)
+        rec = st.nodes.get(NodeId(nid))
+        if rec is not None and rec.state == "up":
+            break
+        if time.monotonic() > deadline:
+            raise ClusterError(f"node {nid} did not register within {HEALTHY_TIMEOUT_S:.0f}s")
+        time.sleep(POLL_S)
+    return {"node_id": nid, "rack": rack, "address": f"{host}:{entry.port}"}
+
+
+def node_stop_check(root: Path, node_id: int) -> list[tuple[int, str]]:
+    """The groups that stopping node `node_id` now would leave without a majority (or a chain stalled)."""
+    from raftblock.control.raftrepair import stop_check
+
+    layout = Layout(root)
+    cmap = _load(layout)
+    if node_id not in {n.node_id for n in cmap.nodes}:
+        raise ClusterError(f"no node {node_id} in {root}")
+    return stop_check(read_map(layout, cmap), node_id)
+
+
+def _unsafe(node_id: int, risks: list[tuple[int, str]]) -> str:
+    return (f"stopping node {node_id} now would leave {len(risks)} group(s) without a majority: "
+            + "; ".join(f"group {g}: {why}" for g, why in risks[:5]) + " (--force to do it anyway)")
+
+
+def node_drain(root: Path, node_id: int, draining: bool = True, force: bool = False) -> dict[str, Any]:
+    """`node drain ID`: the metadata leader moves every replica of the node elsewhere (new member added and
+    caught up before the old one leaves, one group at a time) and places nothing new on it; refused while
+    the node is needed for a majority somewhere (a move needs the others whole). `undrain` ends it."""
+    layout = Layout(root)
+    cmap = _load(layout)
+    if draining and not force:
+        risks = node_stop_check(root, node_id)
+        if risks:
+            raise ClusterError(_unsafe(node_id, risks))
+
+    async def go() -> Any:
+        from raftblock.meta.state import SetNodeDrain
+
+        return await meta_client(layout, cmap).propose(SetNodeDrain(node_id, draining))
+
+    try:
+        res = asyncio.run(go())
+    except MetaClientError as e:
+        raise ClusterError(f"metadata group unreachable: {e}") from e
+    if not res.ok:
+        raise ClusterError(res.message)
+    return dict(res.value)
+
+
+def cluster_down(root: Path, node: int | None = None, force: bool = False) -> list[str]:
+    """Stop every process; with `node`, only that storage node, refused (unless `force`) when stopping it
+    would leave a group without a majority (node_stop_check)."""
     layout = Layout(root)
     if not layout.map_path.exists():
         return []
     cmap = ClusterMap.load(layout.map_path)
+    if node is not None:
+        if node not in {n.node_id for n in cmap.nodes}:
+            raise ClusterError(f"no node {node} in {root}")
+        if not force:
+            risks = node_stop_check(root, node)
+            if risks:
+                raise ClusterError(_unsafe(node, risks))
+        return [f"n{node}"] if _stop(layout, f"n{node}", layout.node_config(node)) else []
     stopped = []
     if _stop(layout, "gateway", layout.gateway_config):
         stopped.append("gateway")

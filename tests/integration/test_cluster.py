@@ -635,6 +635,83 @@ def test_raft_re_replicates_to_a_spare_node_and_the_replaced_node_discards(tmp_p
         _cleanup(c)
 
 
+def test_node_stop_check_refuses_and_drain_moves_every_replica_away(tmp_path: Path) -> None:
+    """Issue "self-healing", drain and stop-check (Raft): `node stop-check` says a member may be stopped
+    while the others are up, and refuses (exit 1, `cluster down --node` too) while another member is down;
+    `node drain --wait` adds the spare of the node's rack first, removes the drained node once the spare
+    caught up, and returns when it holds nothing; it drops its copy; every block reads back; then it may be
+    stopped."""
+    require_tools("qemu-io")
+    c = Cluster(tmp_path / "cluster")
+    try:
+        uri, gid, rack, members, spare, victim = _spare_cluster(c, "raft", ["write -P 0x5a 0 16M", "write -P 0xa5 90M 1M"])
+        ok = c.cli("node", "stop-check", str(victim))
+        assert "safe to stop" in ok.stdout, ok.stdout
+        other = next(m for m in members if m != victim)
+        c.kill(f"n{other}")
+        _wait(lambda: next(n for n in c.status()["nodes"] if n["id"] == other)["map_state"] != "up", 30,
+              f"n{other} to be suspected")
+        no = c.cli("node", "stop-check", str(victim), check=False)
+        assert no.returncode == 1 and f"group {gid}" in no.stdout and "majority" in no.stdout, no.stdout
+        down = c.cli("cluster", "down", "--node", str(victim), check=False)
+        assert down.returncode == 1 and "majority" in down.stderr, down.stderr
+        assert c.pids().get(f"n{victim}") and Path(f"/proc/{c.pids()[f'n{victim}']}").exists()  # still running
+        refused = c.cli("node", "drain", str(victim), check=False)
+        assert refused.returncode == 1 and "majority" in refused.stderr, refused.stderr
+        c.cli("cluster", "up")
+        _wait(lambda: all(n["map_state"] == "up" for n in c.status()["nodes"]), 60, "every node up again")
+        out = c.cli("node", "drain", str(victim), "--wait", timeout_s=180).stdout
+        assert "0 group(s) left" in out, out
+        g = _group(c, gid)
+        assert sorted(g["members"]) == sorted([m for m in members if m != victim] + [spare])
+        assert len({rack[m] for m in g["members"]}) == 3
+
+        def dropped() -> bool:
+            n = next(n for n in c.status()["nodes"] if n["id"] == victim)
+            return n.get("groups") == 0 and n.get("counters", {}).get("replicas_discarded", 0) >= 1
+
+        _wait(dropped, 60, f"n{victim} to drop its copy")
+        _qemu_io(uri, ["read -P 0x5a 0 16M", "read -P 0 16M 74M", "read -P 0xa5 90M 1M"])
+        assert c.cli("node", "stop-check", str(victim)).returncode == 0
+        assert c.cli("cluster", "down", "--node", str(victim)).stdout.strip() == f"stopped: n{victim}"
+    finally:
+        _cleanup(c)
+
+
+def test_node_add_rebalances_replicas_onto_the_new_node(tmp_path: Path) -> None:
+    """Issue "self-healing", rebalancing: on a 3-node cluster whose groups all use every node, `node add`
+    starts a fourth node; the running nodes learn its address from the map and the metadata leader moves
+    groups to it, one at a time, each new member caught up before the old one leaves; the data reads back
+    through the moved group."""
+    require_tools("qemu-io")
+    c = Cluster(tmp_path / "cluster")
+    try:
+        r = c.cli("cluster", "up", "--nbd-port", "0")
+        base = r.stdout.strip().splitlines()[-1]
+        for i in range(3):
+            c.cli("volume", "create", f"v{i}", "--size", "64M", "--replication", "raft")
+            _qemu_io(f"{base}/v{i}", [f"write -P 0x{0x41 + i:x} 0 8M"])
+        out = c.cli("node", "add").stdout
+        assert "added node 4" in out, out
+
+        def moved() -> bool:
+            st = c.status()
+            on4 = [g for g in st["groups"] if 4 in g["members"]]
+            return (len(on4) >= 1 and all(len(g["members"]) == 3 for g in st["groups"])
+                    and all(len(g["applied"]) == 3 and len(set(g["applied"].values())) == 1 for g in on4))
+
+        _wait(moved, 120, "a group to move to node 4")
+        st = c.status()
+        counts = {n["id"]: sum(1 for g in st["groups"] if n["id"] in g["members"]) for n in st["nodes"]}
+        assert counts[4] >= 1 and sum(counts.values()) == 9, counts
+        for g in st["groups"]:
+            assert len({next(n["rack"] for n in st["nodes"] if n["id"] == m) for m in g["members"]}) == 3
+        for i in range(3):
+            _qemu_io(f"{base}/v{i}", [f"read -P 0x{0x41 + i:x} 0 8M", "read -P 0 8M 56M"])
+    finally:
+        _cleanup(c)
+
+
 def test_chain_re_replicates_to_a_spare_node_of_the_dead_members_rack(tmp_path: Path) -> None:
     """Issue "self-healing", re-replication (chain): 4 nodes in 3 racks; the member whose rack has a spare
     node dies; the metadata group removes it and adds the spare at the tail (3 replicas in 3 racks again),

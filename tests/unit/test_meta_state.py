@@ -22,6 +22,7 @@ from raftblock.meta.state import (
     Noop,
     RegisterNode,
     SetGroupMembers,
+    SetNodeDrain,
     SetNodeStates,
     StateChange,
     decode_command,
@@ -53,6 +54,7 @@ ALL = [
     Detach("v", "gw1", 3),
     SetGroupMembers(4, (1, 2, 3), 2),
     Noop(),
+    SetNodeDrain(2, True),
 ]
 
 

@@ -36,7 +36,7 @@ def _lead(st: MetaState, gids: list[int], leader: int | None = None) -> dict[Nod
     for gid in gids:
         g = st.groups[gid]  # type: ignore[index]
         lead = leader if leader is not None else next(m for m in g.members if st.nodes[m].state == "up")
-        out.setdefault(NodeId(lead), {})[gid] = [g.epoch, *sorted(g.members)]
+        out.setdefault(NodeId(lead), {})[gid] = [g.epoch, (1 << len(g.members)) - 1, *sorted(g.members)]
     return out
 
 
@@ -57,7 +57,7 @@ def test_a_down_member_is_removed_then_a_node_of_its_rack_is_added() -> None:
     assert st.apply(cmd).ok
     # Not carried out yet: the leader still reports the old voters -> no next change.
     g = st.groups[gid]  # type: ignore[index]
-    stale = {NodeId(members[1]): {gid: [g.epoch - 1, *sorted(members)]}}
+    stale = {NodeId(members[1]): {gid: [g.epoch - 1, 7, *sorted(members)]}}
     assert plan_raft_changes(st, stale) == []
     [(cmd, why)] = plan_raft_changes(st, _lead(st, [gid]))
     (added,) = set(cmd.members) - set(g.members)
@@ -95,7 +95,7 @@ def test_groups_with_the_fewest_live_copies_go_first_and_adds_spread() -> None:
         g = st.groups[gid]  # type: ignore[index]
         live = [m for m in g.members if st.nodes[m].state == "up"]
         if live:
-            reps.setdefault(NodeId(live[0]), {})[gid] = [g.epoch, *sorted(g.members)]
+            reps.setdefault(NodeId(live[0]), {})[gid] = [g.epoch, 7, *sorted(g.members)]
     plan = plan_raft_changes(st, reps, max_changes=3)
     lives = [sum(1 for m in st.groups[c.group_id].members if st.nodes[m].state == "up") for c, _ in plan]  # type: ignore[index]
     assert lives == sorted(lives) and len(plan) <= 3
@@ -103,3 +103,61 @@ def test_groups_with_the_fewest_live_copies_go_first_and_adds_spread() -> None:
     assert {c.group_id for c, _ in all_plan} == {gid for gid in gids
                                                    if {1, 2} & set(st.groups[gid].members)  # type: ignore[index]
                                                    and any(st.nodes[m].state == "up" for m in st.groups[gid].members)}  # type: ignore[index]
+
+
+def _caught(st: MetaState, gids: list[int], mask: int | None = None) -> dict[NodeId, dict[int, list[int]]]:
+    out: dict[NodeId, dict[int, list[int]]] = {}
+    for gid in gids:
+        g = st.groups[gid]  # type: ignore[index]
+        lead = next(m for m in g.members if st.nodes[m].state == "up" and not st.nodes[m].draining)
+        m = (1 << len(g.members)) - 1 if mask is None else mask
+        out.setdefault(NodeId(lead), {})[gid] = [g.epoch, m, *sorted(g.members)]
+    return out
+
+
+def test_drain_adds_the_new_member_first_and_removes_the_old_one_once_caught_up() -> None:
+    from raftblock.meta.state import SetNodeDrain
+
+    st, (gid,) = _state()
+    members = list(st.groups[gid].members)  # type: ignore[index]
+    src = members[0]
+    assert st.apply(SetNodeDrain(src, True)).ok
+    [(cmd, why)] = plan_raft_changes(st, _caught(st, [gid]))
+    assert len(cmd.members) == 4 and cmd.members[-1] == src and "drain" in why
+    (dst,) = set(cmd.members) - set(members)
+    assert st.nodes[NodeId(dst)].rack == st.nodes[NodeId(src)].rack  # the only rack free of the others
+    assert st.apply(cmd).ok  # one rack shared while the new member copies
+    g = st.groups[gid]  # type: ignore[index]
+    voters = sorted(g.members)
+    not_dst = sum(1 << i for i, v in enumerate(voters) if v != dst)
+    assert plan_raft_changes(st, _caught(st, [gid], not_dst)) == []  # still copying: nothing yet
+    [(cmd, why)] = plan_raft_changes(st, _caught(st, [gid]))
+    assert set(cmd.members) == set(members) - {src} | {dst} and "remove" in why
+    assert st.apply(cmd).ok
+    assert plan_raft_changes(st, _caught(st, [gid])) == []
+
+
+def test_a_new_node_gets_groups_moved_to_it_one_at_a_time() -> None:
+    st, gids = _state(volumes=4)
+    assert st.apply(RegisterNode(6, "c", "127.0.0.1:7006", 1 << 40, 0)).ok
+    before = {int(n): sum(1 for g in st.groups.values() if n in g.members) for n in st.nodes}
+    assert before[6] == 0
+    plan = plan_raft_changes(st, _caught(st, gids))
+    moves = [(c, w) for c, w in plan if "rebalance" in w]
+    assert len(moves) == 1, plan  # moves_max 1: bounded bytes in flight
+    cmd, _ = moves[0]
+    assert cmd.members[-2] == 6 and st.apply(cmd).ok
+    # While it moves, no other move starts.
+    assert [w for _, w in plan_raft_changes(st, _caught(st, gids, mask=0)) if "rebalance" in w] == []
+
+
+def test_stop_check_names_the_groups_that_would_lose_their_majority() -> None:
+    from raftblock.control.raftrepair import stop_check
+
+    st, (gid,) = _state()
+    members = list(st.groups[gid].members)  # type: ignore[index]
+    assert stop_check(st, members[0]) == []
+    _set(st, members[1], "down")
+    [(g, why)] = stop_check(st, members[0])
+    assert g == gid and "majority" in why
+    assert stop_check(st, 5 if 5 not in members else 4) == []  # holds nothing of it

@@ -83,6 +83,7 @@ OP_C_WRITE, OP_C_READ, OP_C_TRIM, OP_C_STATUS, OP_C_NODE_STATUS, OP_C_REPLICA_RE
 OP_C_SCRUB_CRCS, OP_C_SCRUB_REPAIR = 8, 9  # member to member (control/scrub.py)
 BLOCK_STATUS_BLOCKS_MAX = 1 << 16  # one BLOCK_STATUS request covers at most 256 MiB
 REPLICA_READ_WAIT_S = 2.0
+CAUGHT_UP_ENTRIES = 64  # a follower this close to the commit index counts as caught up (raft_report)
 BALANCE_EVERY_TICKS = 10  # look for groups to hand to their preferred leader every second (100 ms ticks)
 TRANSFER_INTERVAL_TICKS = 50  # per group: one transfer attempt per 5 s at most  # how long a replica waits to reach `min_applied` before answering UNAVAILABLE
 ST_OK, ST_NOT_LEADER, ST_UNKNOWN_GROUP, ST_UNAVAILABLE, ST_BAD_REQUEST, ST_CORRUPT, ST_NO_SPACE, ST_STALE_EPOCH = range(8)
@@ -444,10 +445,18 @@ class NodeRuntime:
         else:
             new = False
         g.preferred = NodeId(members[0]) if members else NO_NODE
+        self.retarget(gid, members, epoch)
+        return new
+
+    def retarget(self, gid: int, members: list[int], epoch: int) -> None:
+        """The map's membership of a hosted group (also one that no longer names this node: its leader
+        must still carry the change out, handing leadership on first)."""
+        g = self.groups.get(gid)
+        if g is None:
+            return
         if g.target is None or epoch >= g.target[1]:
             g.target = (frozenset(NodeId(m) for m in members), epoch)
         self._reconfigure(g)
-        return new
 
     def _reconfigure(self, g: _Group) -> None:
         """At the leader: one single-server configuration change (thesis 4.1) toward the map's
@@ -482,11 +491,33 @@ class NodeRuntime:
             self._dirty.add(g.id)
             self._kick()
 
+    def add_peer(self, pid: int, host: str, port: int) -> None:
+        """A storage node that registered after this one started (rebalancing moves replicas to it)."""
+        if pid == self.node_id or pid in self.peers:
+            return
+        self.peers[pid] = (host, port)
+        self.transport.add_peer(pid, host, port)
+        if self._peer_client is not None:
+            self._peer_client.nodes[pid] = (host, port)
+
     def raft_report(self) -> dict[int, list[int]]:
         """For the metadata leader's Raft repair (control/raftrepair.py): the groups this node leads,
-        [configuration epoch, voters...]."""
-        return {gid: [g.core.conf.epoch, *sorted(int(v) for v in g.core.conf.voters)]
-                for gid, g in self.groups.items() if g.core.role == Role.LEADER}
+        [configuration epoch, caught-up mask, voters...]: bit i of the mask says voters[i] (sorted) holds
+        the log up to the commit index, give or take CAUGHT_UP_ENTRIES (the leader itself always)."""
+        out: dict[int, list[int]] = {}
+        for gid, g in self.groups.items():
+            core = g.core
+            if core.role != Role.LEADER:
+                continue
+            voters = sorted(int(v) for v in core.conf.voters)
+            mask = 0
+            for i, v in enumerate(voters):
+                pr = core.prs.get(NodeId(v))
+                if v == self.node_id or (pr is not None and pr.snap is None
+                                         and pr.match + CAUGHT_UP_ENTRIES >= core.commit_index):
+                    mask |= 1 << i
+            out[gid] = [core.conf.epoch, mask, *voters]
+        return out
 
     def discard_group(self, gid: int) -> bool:
         """This node was replaced in Raft group `gid` (the map has it whole without this node): drop its
@@ -495,8 +526,9 @@ class NodeRuntime:
         g = self.groups.get(gid)
         if g is None and gid not in self._recovered:
             return False
-        if (g is not None and g.rd is not None) or self._syncing or g in self._sync_waiters:
-            return False
+        if (g is not None and (g.rd is not None or g.core.role == Role.LEADER)) or self._syncing \
+                or g in self._sync_waiters:
+            return False  # a leader hands leadership on first (_reconfigure), then drops its copy
         if g is not None:
             self._fail_group_requests(g, NotLeaderError(NO_NODE))
             del self.groups[gid]

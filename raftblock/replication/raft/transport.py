@@ -196,6 +196,17 @@ class Transport:
                 self._tasks.append(loop.create_task(self._dial_loop(pid)))
         return bound
 
+    def add_peer(self, pid: int, host: str, port: int) -> bool:
+        """A node that joined the cluster after this one started (its address from the map): dial it if
+        its id is higher (the usual rule: the higher id accepts). Returns True if it was new."""
+        if pid == self.node_id or pid in self.peers:
+            return False
+        self.peers[pid] = (host, port)
+        if self._server is not None and pid > self.node_id and not self._stopping:
+            self._tasks.append(asyncio.get_running_loop().create_task(self._dial_loop(pid)))
+        log.info("peer.added", peer=pid, address=f"{host}:{port}")
+        return True
+
     def _accepted(self) -> Connection:
         c = Connection(self)
         self._client_conns.add(c)
