@@ -21,7 +21,7 @@ from raftblock.replication.raft.types import NodeId
 
 @dataclass(frozen=True)
 class HealthConfig:
-    heartbeat_interval_ms: int = 1000
+    heartbeat_interval_ms: int = 500  # nodes send at this interval too (node config [meta] heartbeat_interval_ms)
     suspect_after_missed: int = 3
     down_grace_ms: int = 15_000
     proposal_interval_ms_min: int = 500

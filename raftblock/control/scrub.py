@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
+from raftblock.replication.image import runs
 from raftblock.storage.engine import CorruptBlockError
 from raftblock.storage.segment import MAX_WRITE_BLOCKS
 from raftblock.wire import raftblock_pb2 as pb
@@ -40,17 +41,6 @@ log = structlog.get_logger(__name__)
 RUN_BLOCKS = min(256, MAX_WRITE_BLOCKS)  # 1 MiB per read
 COMPARE_TRIES = 4
 COMPARE_RETRY_S = 0.2
-
-
-def runs(blocks: list[int], limit: int = RUN_BLOCKS) -> list[tuple[int, int]]:
-    """Sorted block numbers -> (first, count) runs of consecutive blocks, at most `limit` long."""
-    out: list[tuple[int, int]] = []
-    for b in blocks:
-        if out and out[-1][0] + out[-1][1] == b and out[-1][1] < limit:
-            out[-1] = (out[-1][0], out[-1][1] + 1)
-        else:
-            out.append((b, 1))
-    return out
 
 
 class Scrubber:

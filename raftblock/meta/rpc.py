@@ -6,7 +6,8 @@
 #    "raftblock-meta-admin" + NONCE)}; anything else closes the connection. Nothing is acted on before.
 # 2. Bounded: a request line is at most `LINE_BYTES_MAX`; a connection serves requests one at a time;
 #    the server holds at most `connections_max` connections.
-# 3. Requests: {"op": "propose", "command": {...}} | {"op": "state", "barrier": bool} | {"op": "status"}
+# 3. Requests: {"op": "propose", "command": {...}} | {"op": "state", "barrier": bool, "known": N} | {"op": "status"}
+#    ("known": the applied count of the caller's copy; answered {"unchanged": true} when it is current)
 #    | {"op": "heartbeat", "node_id": N, "used_bytes": B, "chains": {GID: [EPOCH, CONFIGURED, CAUGHT_UP]},
 #       "raft": {GID: [CONF_EPOCH, CAUGHT_UP_MASK, VOTER...]} (the Raft groups the node leads)}
 #    (answered with "lease_ms": the chain lease the node may take, docs/chain.md). Replies: {"ok": true, ...} or
@@ -117,7 +118,11 @@ class AdminServer:
                 res = await node.propose(cmd)
                 return {"ok": True, "result": res.to_json()}
             if op == "state":
-                st = await node.read() if req.get("barrier", True) else node.state()
+                barrier = req.get("barrier", True)
+                st = await node.read() if barrier else node.state()
+                known = req.get("known")
+                if not barrier and isinstance(known, int) and known == st.applied:
+                    return {"ok": True, "unchanged": True, "node_id": node.config.node_id}  # cheap poll
                 return {"ok": True, "state": st.to_dict(), "node_id": node.config.node_id}
             if op == "status":
                 return {"ok": True, "status": node.status()}
@@ -234,6 +239,17 @@ class MetaClient:
 
     async def state(self, barrier: bool = True) -> MetaState:
         reply = await self._retrying({"op": "state", "barrier": barrier}, False)
+        return MetaState.from_dict(reply["state"])
+
+    async def state_if_changed(self, known: MetaState | None) -> MetaState:
+        """The map as the answering metadata node has it (no barrier); `known` back, not copied, when that
+        node has applied nothing since (a poll several times a second stays cheap)."""
+        req: dict[str, Any] = {"op": "state", "barrier": False}
+        if known is not None:
+            req["known"] = known.applied
+        reply = await self._retrying(req, False)
+        if reply.get("unchanged") and known is not None:
+            return known
         return MetaState.from_dict(reply["state"])
 
     async def status(self, node_id: NodeId) -> dict[str, Any]:

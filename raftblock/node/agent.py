@@ -78,7 +78,7 @@ class MetaAgent:
             # `sent + lease_ms` (it waits for a longer silence), so the node's tails may serve reads until
             # then, in the epochs it named (a removal already decided is in them).
             self.runtime.grant_chain_lease(sent + lease_ms / 1000.0, epochs)
-        st = await self.client.state(barrier=False)
+        st = await self.client.state_if_changed(self.state)
         self.state = st
         self.reconcile(st)
 

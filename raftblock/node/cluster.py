@@ -46,6 +46,7 @@ START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 HEALTHY_TIMEOUT_S = 60.0
 POLL_S = 0.05
+CATCHING_UP_ENTRIES = 64  # a member this far behind the group's most advanced one is still being rebuilt
 # Node counters shown as errors in `cluster status` (data found bad, what was done about it, refused input)
 ERROR_COUNTERS = ("corrupt_reads", "read_repairs", "blocks_repaired", "read_repair_failed", "engine_bad_blocks",
                   "frames_bad_crc", "frames_bad_magic", "frames_malformed", "raft_unknown_group",
@@ -364,9 +365,22 @@ def repairs_of(infos: dict[int, dict[int, Any]], st: MetaState) -> list[dict[str
                         "elapsed_s": round(ms / 1000, 1), "rate_bytes_per_s": int(rate),
                         "eta_s": round((total - done) / rate, 1) if rate > 0 else None, "state": "copying"})
             streaming.add(gid)
-    for gid, why in sorted(repair_needed(st).items()):
-        if gid not in streaming:
-            out.append({"group": gid, "state": "degraded", "why": why})
+    needed = repair_needed(st)
+    for gid, g in sorted(st.groups.items()):
+        if int(gid) in streaming:
+            continue
+        if int(gid) in needed:
+            out.append({"group": int(gid), "state": "degraded", "why": needed[int(gid)]})
+            continue
+        # Every member live, nothing streaming: a member that does not host the group yet, or is far
+        # behind the others (a copy about to start, or the log tail after one), is still being rebuilt.
+        views = infos.get(int(gid), {})
+        top = max((v.applied for v in views.values()), default=0)
+        lagging = [f"n{m} {'no report (not hosting it yet, or unreachable)' if m not in views else f'applied {views[m].applied} of {top}'}"
+                   for m in (int(x) for x in g.members)
+                   if m not in views or views[m].applied + CATCHING_UP_ENTRIES < top]
+        if lagging and views:
+            out.append({"group": int(gid), "state": "catching up", "why": ", ".join(lagging)})
     return out
 
 

@@ -42,6 +42,7 @@ from typing import Any
 
 import structlog
 
+from raftblock.control.health import HealthConfig
 from raftblock.control.scrub import Scrubber
 from raftblock.node.serve import load_or_create_cluster_id
 from raftblock.obs.log import configure
@@ -84,6 +85,9 @@ class NodeConfig:
         # [meta] admin = {1 = "host:port", ...}, secret_file = "...": groups then come from the metadata map
         self.meta_admin: dict[int, str] = {int(k): str(v) for k, v in meta["admin"].items()} if meta else {}
         self.meta_secret_file = Path(meta["secret_file"]) if meta else None
+        # Heartbeats to the metadata leader and map polls: as often as the detector there expects them.
+        self.meta_heartbeat_s = int(meta.get("heartbeat_interval_ms", HealthConfig().heartbeat_interval_ms)) / 1000 \
+            if meta else 1.0
         self.raft = dict(raw.get("raft", {}))
         self.engine = dict(raw.get("engine", {}))
         self.seed = raw.get("seed")
@@ -142,7 +146,7 @@ async def run_node(cfg: NodeConfig) -> int:
         client = MetaClient({MetaNodeId(k): v for k, v in cfg.meta_admin.items()},
                             cfg.meta_secret_file.read_bytes().strip())
         agent = MetaAgent(client, rt, cfg.node_id, cfg.rack, f"{cfg.host}:{port}", cfg.data_dir,
-                          disk_id=cluster_id.hex())  # made with the data directory: a new disk, a new id
+                          interval_s=cfg.meta_heartbeat_s, disk_id=cluster_id.hex())  # made with the data directory: a new disk, a new id
         agent_task = loop.create_task(agent.run(stop))
     print(f"READY raft://{cfg.host}:{port}", flush=True)
     await stop.wait()

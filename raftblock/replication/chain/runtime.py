@@ -44,6 +44,7 @@ from raftblock.replication.chain.types import (
     MessageType,
     Record,
 )
+from raftblock.replication.image import ChunkedImage
 from raftblock.replication.raft.types import (
     NO_NODE,
     ConfState,
@@ -74,19 +75,10 @@ HELD_BYTES_MAX = 16 << 20  # messages waiting behind a snapshot stream
 IMAGE_BYTES_MAX = 1 << 30  # a received image larger than this is refused (a group holds at most 512 MiB)
 
 
-class _Image:
-    """A group's snapshot image, made from the engine only when the SNAPSHOT is first sent (rule 6)."""
-
-    __slots__ = ("make",)
-
-    def __init__(self, make: Callable[[], bytes]) -> None:
-        self.make = make
-
-
 class _OutStream:
     __slots__ = ("msg", "image", "offset", "conn", "held", "held_bytes", "started")
 
-    def __init__(self, msg: ChainMessage, image: bytes) -> None:
+    def __init__(self, msg: ChainMessage, image: bytes | ChunkedImage) -> None:
         self.msg = msg
         self.image = image
         self.started = time.monotonic()
@@ -278,7 +270,7 @@ class ChainHost:
         def make() -> ChainSnapshot:
             g = self.groups[gid]
             app = self.rt.sessions[gid].encode()  # the table at applied_seq; the data may be newer
-            return ChainSnapshot(g.core.applied_seq, cast(bytes, _Image(lambda: self.rt.export_group(gid, app))))
+            return ChainSnapshot(g.core.applied_seq, cast(bytes, self.rt.image_of(gid, app)))
 
         return make
 
@@ -340,7 +332,7 @@ class ChainHost:
                 self.rt.counters["chain_snapshot_resend_skipped"] += 1  # one is on its way (rule 6)
                 return
             data = cast(object, m.data)
-            image = data.make() if isinstance(data, _Image) else bytes(m.data)
+            image = data if isinstance(data, ChunkedImage) else bytes(m.data)
             self.rt.counters["chain_images_sent"] += 1
             self._out[key] = _OutStream(m, image)
             self.pump()
@@ -370,9 +362,8 @@ class ChainHost:
             if st.conn is not conn:
                 st.conn, st.offset = conn, 0  # a new connection: the receiver starts over
             total = len(st.image)
-            view = memoryview(st.image)
             while st.offset < total and conn.write_buffer_bytes() < STREAM_QUEUE_BYTES:
-                chunk = view[st.offset : st.offset + SNAPSHOT_CHUNK_BYTES]
+                chunk = st.image[st.offset : st.offset + SNAPSHOT_CHUNK_BYTES]
                 if not self.rt.repair_allow(len(chunk)):
                     break  # the repair bandwidth is spent: the runtime pumps again soon
                 if not tr.send(dst, encode_snapshot_chunk(st.msg, st.offset, total, chunk)):

@@ -41,6 +41,7 @@ import structlog
 
 from raftblock._fast import blockcrc
 from raftblock.replication.chain.runtime import ChainGroup, ChainHost
+from raftblock.replication.image import ChunkedImage, runs
 from raftblock.replication.raft.core import RaftConfig, RaftCore, Ready
 from raftblock.replication.raft.storage import bootstrap_snapshot
 from raftblock.replication.raft.transport import Connection, Transport
@@ -60,7 +61,7 @@ from raftblock.replication.raft.types import (
     SnapshotMeta,
 )
 from raftblock.replication.raft.wal import GroupDurable, Wal, WalStorage
-from raftblock.replication.sessions import IMAGE_SESSIONS_MARK, Sessions, image_prefix
+from raftblock.replication.sessions import IMAGE_SESSIONS_MARK, Sessions
 from raftblock.storage.engine import ZERO_BLOCK_CRC, CorruptBlockError, Engine, NoSpaceError
 from raftblock.storage.segment import MAX_BLOCK, MAX_WRITE_BLOCKS
 from raftblock.wire import raftblock_pb2 as pb
@@ -83,6 +84,7 @@ OP_C_WRITE, OP_C_READ, OP_C_TRIM, OP_C_STATUS, OP_C_NODE_STATUS, OP_C_REPLICA_RE
 OP_C_SCRUB_CRCS, OP_C_SCRUB_REPAIR = 8, 9  # member to member (control/scrub.py)
 BLOCK_STATUS_BLOCKS_MAX = 1 << 16  # one BLOCK_STATUS request covers at most 256 MiB
 REPLICA_READ_WAIT_S = 2.0
+INSTALL_SLICE_BYTES = 8 << 20  # image bytes written per loop turn by an async snapshot install
 CAUGHT_UP_ENTRIES = 64  # a follower this close to the commit index counts as caught up (raft_report)
 BALANCE_EVERY_TICKS = 10  # look for groups to hand to their preferred leader every second (100 ms ticks)
 TRANSFER_INTERVAL_TICKS = 50  # per group: one transfer attempt per 5 s at most  # how long a replica waits to reach `min_applied` before answering UNAVAILABLE
@@ -111,8 +113,8 @@ class RuntimeConfig:
         node_id: int,
         *,
         tick_ms: int = 100,
-        election_timeout_ticks: int = 10,
-        heartbeat_interval_ticks: int = 3,
+        election_timeout_ticks: int = 6,
+        heartbeat_interval_ticks: int = 2,
         lease_margin_ticks: int = 2,
         batch_bytes_max: int = 1 << 20,
         batch_writes_max: int = 64,
@@ -164,31 +166,6 @@ class RuntimeConfig:
         # two passes over every replica this node holds.
         self.scrub_bytes_per_s = scrub_bytes_per_s
         self.scrub_pass_interval_s = scrub_pass_interval_s
-
-
-class LazyImage:
-    """A group's snapshot image, made from the engine only when a follower needs it.
-
-    The core treats Snapshot.data as bytes but only takes len() of it and slices it, so the image (the
-    group's extent data, possibly newer than the snapshot index: see rule 4) is read when first used.
-    """
-
-    __slots__ = ("_make", "_data")
-
-    def __init__(self, make: Callable[[], bytes]) -> None:
-        self._make = make
-        self._data: bytes | None = None
-
-    def _get(self) -> bytes:
-        if self._data is None:
-            self._data = self._make()
-        return self._data
-
-    def __len__(self) -> int:
-        return len(self._get())
-
-    def __getitem__(self, k: slice) -> bytes:
-        return self._get()[k]
 
 
 class _Reply:
@@ -372,6 +349,8 @@ class NodeRuntime:
         self._repair_tokens = float(self._repair_burst)
         self._repair_t = time.monotonic()
         self._snap_held: list[Message] = []
+        self._installing = 0  # snapshot images being installed (async)
+        self._pending_app = b""  # _install_steps' result
         self._snap_drain: asyncio.TimerHandle | None = None
         self._ticks_done = 0
         self._t0 = 0.0
@@ -392,11 +371,19 @@ class NodeRuntime:
         self.port = 0
         self.commits = 0
 
-    def _image_factory(self, gid: int) -> Callable[[SnapshotMeta], LazyImage]:
-        def make(meta: SnapshotMeta) -> LazyImage:
-            return LazyImage(lambda: self.export_group(gid, meta.app))
+    def _image_factory(self, gid: int) -> Callable[[SnapshotMeta], ChunkedImage]:
+        def make(meta: SnapshotMeta) -> ChunkedImage:
+            return self.image_of(gid, meta.app)
 
         return make
+
+    def image_of(self, gid: int, app: bytes) -> ChunkedImage:
+        """Group `gid`'s snapshot image with the session table `app` (replication/image.py): laid out when
+        first used, its data read a chunk at a time."""
+        return ChunkedImage(self.engine, functools.partial(self._group_extents, gid), app, self._image_made)
+
+    def _image_made(self) -> None:
+        self.counters["snapshot_images_made"] += 1
 
     def recovered_sessions(self, gid: int, rec: GroupDurable | None) -> None:
         """A group's session table as of its durable snapshot point; the replayed log rebuilds the rest."""
@@ -618,7 +605,7 @@ class NodeRuntime:
         while self._syncing:
             await asyncio.sleep(0.01)
         loop = asyncio.get_running_loop()
-        while self._compacting:
+        while self._compacting or self._installing:
             await asyncio.sleep(0.01)
         await loop.run_in_executor(None, self._engine_executor.shutdown)  # pending WAL reaps finish first
         await loop.run_in_executor(self._executor, self._close_storage)
@@ -809,14 +796,35 @@ class NodeRuntime:
         g.rd = rd
         for m in rd.messages_now:
             self._send(m)
-        must_sync = False
-        st = g.storage
         if rd.snapshot is not None:
-            app = self._install_image(g.id, rd.snapshot.data)
-            meta = rd.snapshot.meta
-            st.install_snapshot(Snapshot(SnapshotMeta(meta.index, meta.term, meta.conf, app), rd.snapshot.data))
-            must_sync = True
-            self.counters["snapshots_installed"] += 1
+            self._installing += 1
+            assert self._loop is not None
+            self._loop.create_task(self._install_then_persist(g, rd))
+            return
+        self._persist_ready(g, rd, False)
+
+    async def _install_then_persist(self, g: _Group, rd: Ready) -> None:
+        """A Ready with a snapshot: install the image (async, the group's Ready stays outstanding, so
+        nothing else of this group moves meanwhile), then persist the rest of the Ready as usual."""
+        snap = rd.snapshot
+        assert snap is not None
+        try:
+            app = await self._install_image_async(g.id, snap.data)
+        except RetryError:
+            return  # stopping
+        except Exception as e:
+            self._fail(e)
+            return
+        finally:
+            self._installing -= 1
+        meta = snap.meta
+        g.storage.install_snapshot(Snapshot(SnapshotMeta(meta.index, meta.term, meta.conf, app), snap.data))
+        self.counters["snapshots_installed"] += 1
+        self._persist_ready(g, rd, True)
+        self._kick()
+
+    def _persist_ready(self, g: _Group, rd: Ready, must_sync: bool) -> None:
+        st = g.storage
         if rd.entries:
             st.append(rd.entries)
             must_sync = True
@@ -1503,39 +1511,17 @@ class NodeRuntime:
         return sorted(e for e in self.engine.index.extents if group_of_extent(e) == gid)
 
     def export_group(self, gid: int, app: bytes) -> bytes:
-        """The group's snapshot image: a first section with the session table `app` (taken at the image's
-        log position; see sessions.py), then its extent data as (u32 length, ops batch)*, runs of <= 256
-        blocks. The data may be newer than that position: replaying the log suffix converges."""
-        parts: list[bytes] = [image_prefix(app)]
-        ops: list[BlockOp] = []
+        """The whole image as bytes (tests, tools); the data path streams image_of() instead."""
+        img = self.image_of(gid, app)
+        return img[0 : len(img)]
 
-        def flush_ops() -> None:
-            if ops:
-                b = encode_batch(ops)
-                parts.append(_IMG_LEN.pack(len(b)))
-                parts.append(b)
-                ops.clear()
-
-        for ext in self._group_extents(gid):
-            blocks = sorted(self.engine.index.extents.get(ext, {}))
-            i = 0
-            while i < len(blocks):
-                j = i + 1
-                while j < len(blocks) and blocks[j] == blocks[j - 1] + 1 and j - i < MAX_WRITE_BLOCKS:
-                    j += 1
-                data, crcs = self.engine.read(ext, blocks[i], j - i)
-                ops.append(BlockOp(OP_WRITE, ext, blocks[i], j - i, crcs, bytes(data)))
-                if len(ops) >= 256:
-                    flush_ops()
-                i = j
-        flush_ops()
-        self.counters["snapshot_images_made"] += 1
-        return b"".join(parts)
-
-    def _install_image(self, gid: int, data: Any) -> bytes:
-        """Replace the group's extents and session table by a received image, durably (before the WAL
-        records it). Returns the image's session table (encoded) for the WAL's snapshot record."""
-        raw = bytes(data) if isinstance(data, bytes | bytearray) else bytes(data[0 : len(data)])
+    def _install_steps(self, gid: int, data: Any) -> Iterator[int]:
+        """Write a received image over the group's blocks, yielding every INSTALL_SLICE_BYTES (the async
+        install lets the loop run between slices); then trim what the image does not hold. Blocks are
+        overwritten, never dropped first: a crash part-way leaves each block either as it was or as in the
+        image (newer), and the log replayed from the WAL's older point converges it (replication/image.py
+        rule 2). The caller syncs the engine and sets the session table (the value of the generator)."""
+        raw = data if isinstance(data, bytes | bytearray) else bytes(data[0 : len(data)])
         view = memoryview(raw)
         app = b""
         off = 0
@@ -1543,9 +1529,9 @@ class NodeRuntime:
             (alen,) = _IMG_LEN.unpack_from(view, _IMG_LEN.size)
             off = 2 * _IMG_LEN.size + alen
             app = bytes(view[2 * _IMG_LEN.size : off])
-        sessions = Sessions.decode(app)  # ValueError before anything is dropped
-        for ext in self._group_extents(gid):
-            self.engine.drop_extent(ext)
+        Sessions.decode(app)  # ValueError before anything is written
+        held: dict[int, set[int]] = {}
+        done = 0
         while off < len(view):
             (blen,) = _IMG_LEN.unpack_from(view, off)
             off += _IMG_LEN.size
@@ -1553,9 +1539,42 @@ class NodeRuntime:
                 if group_of_extent(op.extent_id) != gid:
                     raise ValueError("snapshot image holds an extent of another group")
                 self.engine.write(op.extent_id, op.block, op.data, op.crcs)
+                held.setdefault(op.extent_id, set()).update(range(op.block, op.block + op.count))
+                done += op.count * BLOCK_SIZE
+                if done >= INSTALL_SLICE_BYTES:
+                    done = 0
+                    yield 0
             off += blen
-        self.engine.sync()  # rare; the WAL's SNAPSHOT record must not outlive the image
-        self.sessions[gid] = sessions
+        for ext in self._group_extents(gid):
+            keep = held.get(ext)
+            if not keep:
+                self.engine.drop_extent(ext)
+                continue
+            extra = sorted(set(self.engine.index.extents.get(ext, {})) - keep)
+            for first, n in runs(extra):
+                self.engine.trim(ext, first, n)
+        self._pending_app = app
+
+    def _install_image(self, gid: int, data: Any) -> bytes:
+        """Install a received image at once (chain): see _install_steps; durable before the WAL records
+        it. Returns the image's session table (encoded) for the WAL's snapshot record."""
+        for _ in self._install_steps(gid, data):
+            pass
+        self.engine.sync()  # the WAL's SNAPSHOT record must not outlive the image
+        app = self._pending_app
+        self.sessions[gid] = Sessions.decode(app)
+        return app
+
+    async def _install_image_async(self, gid: int, data: Any) -> bytes:
+        """The same, a slice per loop turn, the engine fdatasync on its thread: a 512 MiB image does not
+        stall the node's other groups (heartbeats, elections) while it installs."""
+        for _ in self._install_steps(gid, data):
+            await asyncio.sleep(0)
+            if self._stopping or self.failed is not None:
+                raise RetryError("node stopping: snapshot install abandoned")
+        await asyncio.get_running_loop().run_in_executor(self._engine_executor, self.engine.sync)
+        app = self._pending_app
+        self.sessions[gid] = Sessions.decode(app)
         return app
 
     def _maybe_start_compaction(self) -> None:
@@ -1589,7 +1608,7 @@ class NodeRuntime:
                     continue
                 c = g.core
                 app = apps[gid]
-                image = LazyImage(functools.partial(self.export_group, gid, app))
+                image = self.image_of(gid, app)
                 if idx > c.log.snap_index and idx <= c.applied_index and c.compact(idx, cast(bytes, image), app):
                     n += 1
                     self._dirty.add(g.id)

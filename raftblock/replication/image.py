@@ -1,0 +1,132 @@
+# Snapshot images of an extent group, read from the engine one chunk at a time (Raft and chain).
+#
+# An image is: a first section with the client session table (replication/sessions.py), then the group's
+# blocks as (u32 length, ops batch)* (docs/format/wire.md, the batch encoding), runs of up to 256 blocks.
+#
+# Rules:
+# 1. Never whole in memory on the sender: the layout (which runs, at which offsets) is fixed when the image
+#    is first used, from the engine's index (no data read); the data of a batch is read when a chunk that
+#    covers it is asked for, at most `BATCH_BYTES` at a time (one loop turn reads about one chunk).
+# 2. Fuzzy, as before: a block's data is read when its chunk is sent, so it may be newer than the image's
+#    log position; a block trimmed meanwhile reads as zeros. Replaying the log suffix over the image
+#    converges either way (every write and trim after that position is replayed). The sizes do not
+#    depend on the data, so the layout holds.
+from __future__ import annotations
+
+import bisect
+import struct
+from collections.abc import Callable
+
+from raftblock.replication.sessions import image_prefix
+from raftblock.storage.segment import MAX_WRITE_BLOCKS
+from raftblock.wire.ops import BLOCK_SIZE, OP_WRITE, BlockOp, encode_batch
+
+BATCH_BYTES = 4 << 20  # block data per batch (and per engine read burst)
+BATCH_OPS = 256
+_LEN = struct.Struct("<I")
+_OP_BYTES = 24  # an unnamed op's header in the batch encoding (wire/ops.py _OP)
+
+
+class ChunkedImage:
+    """Behaves like the image's bytes for len() and slicing; the core and the chain stream only do that."""
+
+    __slots__ = ("_engine", "_extents", "_prefix", "_batches", "_starts", "_total", "_cache", "_made")
+
+    def __init__(self, engine: object, extents: Callable[[], list[int]], app: bytes,
+                 made: Callable[[], None] | None = None) -> None:
+        self._engine = engine
+        self._made = made  # called once, when the layout is fixed (a counter of images made)
+        self._extents = extents
+        self._prefix = image_prefix(app)
+        self._batches: list[list[tuple[int, int, int]]] | None = None
+        self._starts: list[int] = []
+        self._total = 0
+        self._cache: dict[int, bytes] = {}
+
+    def _plan(self) -> None:
+        if self._batches is not None:
+            return
+        index = self._engine.index  # type: ignore[attr-defined]
+        batches: list[list[tuple[int, int, int]]] = []
+        cur: list[tuple[int, int, int]] = []
+        cur_bytes = 0
+        for ext in self._extents():
+            blocks = sorted(index.extents.get(ext, {}))
+            i = 0
+            while i < len(blocks):
+                j = i + 1
+                while j < len(blocks) and blocks[j] == blocks[j - 1] + 1 and j - i < MAX_WRITE_BLOCKS:
+                    j += 1
+                cur.append((ext, blocks[i], j - i))
+                cur_bytes += (j - i) * BLOCK_SIZE
+                if len(cur) >= BATCH_OPS or cur_bytes >= BATCH_BYTES:
+                    batches.append(cur)
+                    cur, cur_bytes = [], 0
+                i = j
+        if cur:
+            batches.append(cur)
+        pos = len(self._prefix)
+        starts = []
+        for b in batches:
+            starts.append(pos)
+            pos += _LEN.size + 2 + sum(_OP_BYTES + 4 * n + n * BLOCK_SIZE for _, _, n in b)
+        self._batches, self._starts, self._total = batches, starts, pos
+        if self._made is not None:
+            self._made()
+
+    def _batch(self, k: int) -> bytes:
+        got = self._cache.get(k)
+        if got is not None:
+            return got
+        assert self._batches is not None
+        ops = []
+        for ext, block, n in self._batches[k]:
+            data, crcs = self._engine.read(ext, block, n)  # type: ignore[attr-defined]
+            ops.append(BlockOp(OP_WRITE, ext, block, n, crcs, bytes(data)))
+        body = encode_batch(ops)
+        out = _LEN.pack(len(body)) + body
+        end = self._starts[k + 1] if k + 1 < len(self._starts) else self._total
+        assert len(out) == end - self._starts[k], "image batch size differs from its layout"
+        if len(self._cache) >= 2:
+            self._cache.pop(min(self._cache))
+        self._cache[k] = out
+        return out
+
+    def __len__(self) -> int:
+        self._plan()
+        return self._total
+
+    def __getitem__(self, k: slice) -> bytes:
+        self._plan()
+        a, b, step = k.indices(self._total)
+        assert step == 1
+        if a >= b:
+            return b""
+        parts: list[bytes] = []
+        plen = len(self._prefix)
+        if a < plen:
+            parts.append(self._prefix[a : min(b, plen)])
+        if b > plen:
+            i = max(0, bisect.bisect_right(self._starts, max(a, plen)) - 1)
+            while i < len(self._starts) and self._starts[i] < b:
+                start = self._starts[i]
+                data = self._batch(i)
+                lo, hi = max(a, start) - start, min(b, start + len(data)) - start
+                if lo < hi:
+                    parts.append(data[lo:hi])
+                i += 1
+        return b"".join(parts)
+
+    def make(self) -> ChunkedImage:
+        return self
+
+
+def runs(blocks: list[int], limit: int = MAX_WRITE_BLOCKS) -> list[tuple[int, int]]:
+    """Sorted block numbers -> (first, count) runs of consecutive blocks, at most `limit` long."""
+    out: list[tuple[int, int]] = []
+    for b in blocks:
+        if out and out[-1][0] + out[-1][1] == b and out[-1][1] < limit:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((b, 1))
+    return out
