@@ -389,14 +389,41 @@ class ChainHost:
         g.rd = rd
         for m in rd.messages_now:
             self.send(m)
-        must_sync = False
-        st = g.storage
         if rd.snapshot is not None:
-            snap = rd.snapshot
-            app = self.rt._install_image(g.id, snap.image)
-            st.install_snapshot(Snapshot(SnapshotMeta(snap.seq, snap.epoch, ConfState(frozenset()), app), b""))
-            self.rt.counters["chain_snapshots_installed"] += 1
-            must_sync = True
+            rt = self.rt
+            rt._installing += 1
+            assert rt._loop is not None
+            rt._loop.create_task(self._install_then_persist(g, rd))
+            return
+        self._persist(g, rd, False)
+
+    async def _install_then_persist(self, g: ChainGroup, rd: ChainReady) -> None:
+        """An image to install (async, a slice per loop turn: NodeRuntime._install_image_async); the
+        group's Ready stays outstanding meanwhile, then the rest of it is persisted as usual."""
+        from raftblock.replication.raft.runtime import RetryError
+
+        rt = self.rt
+        snap = rd.snapshot
+        assert snap is not None
+        try:
+            app = await rt._install_image_async(g.id, snap.image)
+        except RetryError:
+            return  # stopping
+        except Exception as e:
+            rt._fail(e)
+            return
+        finally:
+            rt._installing -= 1
+        if self.groups.get(g.id) is not g:
+            return
+        g.storage.install_snapshot(Snapshot(SnapshotMeta(snap.seq, snap.epoch, ConfState(frozenset()), app), b""))
+        rt.counters["chain_snapshots_installed"] += 1
+        self._persist(g, rd, True)
+        rt._dirty_chain.add(g.id)
+        rt._kick()
+
+    def _persist(self, g: ChainGroup, rd: ChainReady, must_sync: bool) -> None:
+        st = g.storage
         if rd.records:
             st.append([Entry(r.epoch, r.seq, EntryType.NORMAL, r.data) for r in rd.records])
             must_sync = True

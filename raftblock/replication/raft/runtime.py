@@ -1555,19 +1555,11 @@ class NodeRuntime:
                 self.engine.trim(ext, first, n)
         self._pending_app = app
 
-    def _install_image(self, gid: int, data: Any) -> bytes:
-        """Install a received image at once (chain): see _install_steps; durable before the WAL records
-        it. Returns the image's session table (encoded) for the WAL's snapshot record."""
-        for _ in self._install_steps(gid, data):
-            pass
-        self.engine.sync()  # the WAL's SNAPSHOT record must not outlive the image
-        app = self._pending_app
-        self.sessions[gid] = Sessions.decode(app)
-        return app
-
     async def _install_image_async(self, gid: int, data: Any) -> bytes:
-        """The same, a slice per loop turn, the engine fdatasync on its thread: a 512 MiB image does not
-        stall the node's other groups (heartbeats, elections) while it installs."""
+        """Install a received image (Raft and chain; _install_steps), a slice per loop turn, then fdatasync
+        the engine on its thread before the WAL records the snapshot: a 512 MiB image does not stall the
+        node's other groups (heartbeats, elections) while it installs. Returns the image's session table
+        (encoded) for the WAL's snapshot record."""
         for _ in self._install_steps(gid, data):
             await asyncio.sleep(0)
             if self._stopping or self.failed is not None:
