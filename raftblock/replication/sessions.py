@@ -69,6 +69,14 @@ class Sessions:
         c.applied.add(wid)
         return True
 
+    def forget(self, client: int, wid: int) -> None:
+        """Undo an admit whose op could not be applied after all (the disk was full): the entry is applied
+        again later, and must be admitted again then. The low-water mark stays (it only says which ids
+        the client has finished with)."""
+        c = self.clients.get(client)
+        if c is not None:
+            c.applied.discard(wid)
+
     def encode(self) -> bytes:
         parts = [_HEAD.pack(len(self.clients))]
         for cid in sorted(self.clients):

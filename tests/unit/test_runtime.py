@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -38,13 +39,14 @@ class Cluster:
         self.peers = {i: ("127.0.0.1", p) for i, p in self.ports.items()}
         self.rts: dict[int, NodeRuntime] = {}
 
-    async def start(self, nid: int, wal_disk: Disk | None = None, **cfg: int | str | float) -> NodeRuntime:
-        disk = OsDisk()
+    async def start(self, nid: int, wal_disk: Disk | None = None, engine_disk: Disk | None = None,
+                    **cfg: int | str | float) -> NodeRuntime:
+        disk = engine_disk or OsDisk()
         d = self.base / f"n{nid}"
         (d / "engine").mkdir(parents=True, exist_ok=True)
         eng = Engine.open(disk, str(d / "engine"), b"c" * 16, EngineConfig(segment_size_bytes=1 << 20))
         rcfg = RuntimeConfig(nid, tick_ms=20, **cfg)
-        wal, rec = Wal.open(wal_disk or disk, str(d / "wal"), rcfg.wal_segment_bytes_max)
+        wal, rec = Wal.open(wal_disk or OsDisk(), str(d / "wal"), rcfg.wal_segment_bytes_max)
         rt = NodeRuntime(rcfg, eng, wal, rec, {g: [1, 2, 3] for g in range(1, GROUPS + 1)}, self.peers, seed=nid)
         await rt.start("127.0.0.1", self.ports[nid])
         self.rts[nid] = rt
@@ -398,6 +400,69 @@ def test_scrub_repairs_bit_rot_and_a_replica_that_silently_diverged(tmp_path: Pa
             assert bytes(got) == bytes(good)
         again = await Scrubber(c.rts[leader]).one_pass()
         assert again["scrub_mismatches"] == 0 and again["scrub_errors_found"] == 0, again
+        await client.close()
+
+    _run(t, tmp_path)
+
+
+class _FullFile:
+    """A DiskFile whose writes fail with ENOSPC while its disk is full."""
+
+    def __init__(self, inner: DiskFile, disk: _FullDisk) -> None:
+        self._inner = inner
+        self._disk = disk
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        if self._disk.full:
+            raise OSError(errno.ENOSPC, "No space left on device (test)")
+        self._inner.pwrite(data, offset)
+
+
+class _FullDisk(OsDisk):
+    def __init__(self) -> None:
+        self.full = False
+
+    def open_file(self, path: str, create: bool) -> DiskFile:
+        return cast(DiskFile, _FullFile(super().open_file(path, create), self))
+
+
+def test_a_full_disk_refuses_writes_at_the_leader_and_stalls_a_follower_until_space_returns(tmp_path: Path) -> None:
+    """Disk full: a follower whose engine finds no space keeps its log and stops applying (it stays up,
+    the majority goes on), then catches up once space returns; a leader whose disk is below its reserve
+    refuses new writes with NoSpace (ENOSPC at the NBD level) and what is stored stays readable."""
+    from raftblock.replication.group import NoSpace
+
+    async def t(c: Cluster) -> None:
+        full = _FullDisk()
+        for n in (1, 2, 3):
+            await c.start(n, engine_disk=full if n == 3 else None, election_timeout_ticks=1000 if n == 3 else 10)
+        client = RaftClient({n: c.peers[n] for n in (1, 2, 3)}, deadline_s=10.0)
+        ext = 1 << 32
+        for b in range(5):
+            await RaftGroup(client, 1).write(ext, b, *_block(1, b, 1))
+        leader = client.leaders[1]
+        assert leader != 3
+        full.full = True
+        for b in range(5, 15):
+            await RaftGroup(client, 1).write(ext, b, *_block(1, b, 1))  # the majority goes on
+        f = c.rts[3]
+        await _until(lambda: f.counters["apply_blocked_no_space"] >= 1)
+        assert f.failed is None and f.groups[1].core.applied_index < c.rts[leader].groups[1].core.applied_index
+        full.full = False
+        target = c.rts[leader].groups[1].core.applied_index
+        await _until(lambda: f.groups[1].core.applied_index >= target)
+        got, _ = f.engine.read(ext, 0, 15)
+        assert bytes(got) == b"".join(_block(1, b, 1)[0] for b in range(15))
+        c.rts[leader].cfg.space_reserve_bytes = 1 << 62  # the leader's disk "full" below its reserve
+        c.rts[leader]._space_checked_at = 0.0
+        with pytest.raises(NoSpace):
+            await RaftGroup(client, 1, deadline_s=3.0).write(ext, 20, *_block(1, 20, 1))
+        assert c.rts[leader].counters["writes_refused_no_space"] >= 1
+        got, _ = await RaftGroup(client, 1).read(ext, 0, 15)
+        assert bytes(got) == b"".join(_block(1, b, 1)[0] for b in range(15))
         await client.close()
 
     _run(t, tmp_path)

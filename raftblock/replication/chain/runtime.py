@@ -58,6 +58,7 @@ from raftblock.replication.raft.types import (
 )
 from raftblock.replication.raft.wal import GroupDurable, WalStorage
 from raftblock.replication.sessions import Sessions
+from raftblock.storage.engine import NoSpaceError
 from raftblock.wire.chaincodec import decode_chain_frame, encode_chain, encode_snapshot_chunk
 
 if TYPE_CHECKING:
@@ -462,8 +463,16 @@ class ChainHost:
         rt = self.rt
         for m in rd.messages:
             self.send(m)
-        for r in rd.applies:
-            rt._apply_data(g.id, r.seq, r.data)
+        try:
+            for r in rd.applies:
+                rt._apply_data(g.id, r.seq, r.data)
+        except NoSpaceError as ex:
+            # The disk is full: the records stay in the log and this member is stuck until space returns;
+            # a chain's apply cannot be retried piecemeal, so the node stops serving (runtime failed) and
+            # a restart replays them. Writes are refused at the head first (NodeRuntime.check_space).
+            rt.counters["chain_apply_no_space"] += 1
+            log.error("chain.apply_no_space", group=g.id, error=str(ex))
+            raise ex
         for seq in rd.client_acks:
             for reply in g.proposals.pop(seq, ()):
                 if not reply.done():

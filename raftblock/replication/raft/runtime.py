@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import os
 import random
 import struct
 import time
@@ -84,7 +85,8 @@ OP_C_WRITE, OP_C_READ, OP_C_TRIM, OP_C_STATUS, OP_C_NODE_STATUS, OP_C_REPLICA_RE
 OP_C_SCRUB_CRCS, OP_C_SCRUB_REPAIR = 8, 9  # member to member (control/scrub.py)
 BLOCK_STATUS_BLOCKS_MAX = 1 << 16  # one BLOCK_STATUS request covers at most 256 MiB
 REPLICA_READ_WAIT_S = 2.0
-INSTALL_SLICE_BYTES = 8 << 20  # image bytes written per loop turn by an async snapshot install
+INSTALL_SLICE_BYTES = 8 << 20
+APPLY_RETRY_S = 1.0  # a group whose apply found the disk full tries again this much later  # image bytes written per loop turn by an async snapshot install
 CAUGHT_UP_ENTRIES = 64  # a follower this close to the commit index counts as caught up (raft_report)
 BALANCE_EVERY_TICKS = 10  # look for groups to hand to their preferred leader every second (100 ms ticks)
 TRANSFER_INTERVAL_TICKS = 50  # per group: one transfer attempt per 5 s at most  # how long a replica waits to reach `min_applied` before answering UNAVAILABLE
@@ -131,6 +133,7 @@ class RuntimeConfig:
         repair_bytes_per_s: int = 64 << 20,
         scrub_bytes_per_s: int = 8 << 20,
         scrub_pass_interval_s: float = 3600.0,
+        space_reserve_bytes: int = 64 << 20,
     ) -> None:
         if wal_sync not in ("inline", "thread"):
             raise ValueError(f"wal_sync must be 'inline' or 'thread', not {wal_sync!r}")
@@ -166,6 +169,8 @@ class RuntimeConfig:
         # two passes over every replica this node holds.
         self.scrub_bytes_per_s = scrub_bytes_per_s
         self.scrub_pass_interval_s = scrub_pass_interval_s
+        # A leader or head refuses new writes (ENOSPC) while its data disk has less than this free.
+        self.space_reserve_bytes = space_reserve_bytes
 
 
 class _Reply:
@@ -350,6 +355,9 @@ class NodeRuntime:
         self._repair_t = time.monotonic()
         self._snap_held: list[Message] = []
         self._installing = 0  # snapshot images being installed (async)
+        self._blocked: set[int] = set()  # groups whose apply hit a full disk: retried every APPLY_RETRY_S
+        self._space_checked_at = 0.0
+        self._space_free = 1 << 62
         self._pending_app = b""  # _install_steps' result
         self._snap_drain: asyncio.TimerHandle | None = None
         self._ticks_done = 0
@@ -664,7 +672,7 @@ class NodeRuntime:
                 dirty, self._dirty = self._dirty, set()
                 for gid in dirty:
                     g = self.groups[gid]
-                    if g.rd is None and g.core.has_ready():
+                    if g.rd is None and gid not in self._blocked and g.core.has_ready():
                         self._handle_ready(g)
                 if self._dirty_chain:
                     cdirty, self._dirty_chain = self._dirty_chain, set()
@@ -848,8 +856,16 @@ class NodeRuntime:
         core = g.core
         for m in rd.messages:
             self._send(m)
-        for e in rd.committed_entries:
-            self._apply(g, e)
+        done = 0
+        try:
+            for e in rd.committed_entries:
+                self._apply(g, e)
+                done += 1
+        except NoSpaceError as ex:
+            # Apply what fitted; the rest comes again in a later Ready, once space returns (the group
+            # stays out of _process until APPLY_RETRY_S passed: its log keeps them, durable).
+            rd.committed_entries = rd.committed_entries[:done]
+            self._block_group(g.id, ex)
         for rs in rd.read_states:
             fut = g.reads.pop(rs.ctx, None)
             if fut is not None:
@@ -885,12 +901,15 @@ class NodeRuntime:
         A named op that its session table has seen (a retry whose first attempt committed too) or that
         its gateway has given up on is skipped, the same way on every replica (sessions.py)."""
         sessions = self.sessions[gid]
+        admitted: list[tuple[int, int]] = []
         try:
             writes: list[tuple[int, int, bytes | bytearray | memoryview, Sequence[int]]] = []
             for op in decode_batch(data):
-                if op.client and not sessions.admit(op.client, op.wid, op.low, index):
-                    self.counters["writes_deduplicated"] += 1
-                    continue
+                if op.client:
+                    if not sessions.admit(op.client, op.wid, op.low, index):
+                        self.counters["writes_deduplicated"] += 1
+                        continue
+                    admitted.append((op.client, op.wid))
                 if op.kind == OP_WRITE:
                     writes.append((op.extent_id, op.block, op.data, op.crcs))
                     continue
@@ -900,7 +919,13 @@ class NodeRuntime:
                 self.engine.trim(op.extent_id, op.block, op.count)
             if writes:
                 self.engine.write_many(writes)
-        except (NoSpaceError, CorruptBlockError, ValueError) as ex:
+        except NoSpaceError:
+            # The disk is full: this entry is applied again once space returns (its ops are whole-block
+            # writes; the ids it admitted are forgotten so they are admitted again then).
+            for client, wid in admitted:
+                sessions.forget(client, wid)
+            raise
+        except (CorruptBlockError, ValueError) as ex:
             # A replica that cannot apply a committed entry must not pretend it did: the node stops
             # serving (runtime failed) and is repaired from its peers.
             self.counters["apply_errors"] += 1
@@ -1072,6 +1097,7 @@ class NodeRuntime:
             try:
                 op = self._validate_write(gid, req, payload)
                 ch.check_head(g)
+                self.check_space()
                 self._add_pending(g, op, reply, self._chain_propose_dirty)
             except Exception as e:  # every refusal becomes a precise status (_error_response)
                 reply.set_exception(e)
@@ -1328,6 +1354,37 @@ class NodeRuntime:
             raise CorruptBlockError(req.extent_id, req.block + bad, "checksum mismatch on arrival")
         return BlockOp(OP_WRITE, req.extent_id, req.block, n, crcs, payload, req.client_id, req.write_id, req.low_water)
 
+    def _block_group(self, gid: int, ex: BaseException) -> None:
+        if gid not in self._blocked:
+            self._blocked.add(gid)
+            self.counters["apply_blocked_no_space"] += 1
+            log.warning("raft.apply_blocked", group=gid, error=str(ex), retry_s=APPLY_RETRY_S)
+            assert self._loop is not None
+            self._loop.call_later(APPLY_RETRY_S, self._unblock_group, gid)
+
+    def _unblock_group(self, gid: int) -> None:
+        self._blocked.discard(gid)
+        self._dirty.add(gid)
+        self._dirty_chain.add(gid)
+        self._kick()
+
+    def check_space(self) -> None:
+        """Admission at the leader or head: NoSpaceError (ENOSPC at the NBD level) while the data disk
+        has less than `space_reserve_bytes` free, so a full disk refuses new writes instead of failing
+        them after they were committed (statvfs, looked at most every 0.2 s)."""
+        now = time.monotonic()
+        if now - self._space_checked_at > 0.2:
+            self._space_checked_at = now
+            try:
+                st = os.statvfs(self.engine.directory)
+                self._space_free = st.f_bavail * st.f_frsize
+            except OSError:
+                self._space_free = 1 << 62
+        if self._space_free < self.cfg.space_reserve_bytes:
+            self.counters["writes_refused_no_space"] += 1
+            raise NoSpaceError(f"node {self.node_id}: {self._space_free} bytes free on its data disk, "
+                               f"below the reserve of {self.cfg.space_reserve_bytes}")
+
     def _check_leader(self, g: _Group) -> None:
         if self.failed is not None:
             raise RetryError(f"node failed: {self.failed!r}")
@@ -1336,6 +1393,7 @@ class NodeRuntime:
 
     def _enqueue(self, g: _Group, op: BlockOp, fut: _Reply) -> None:
         self._check_leader(g)
+        self.check_space()
         self._add_pending(g, op, fut, self._propose_dirty)
 
     def _add_pending(self, g: _Group | ChainGroup, op: BlockOp, fut: _Reply, dirty: set[int]) -> None:
