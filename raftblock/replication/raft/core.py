@@ -69,6 +69,8 @@ class RaftConfig:
         "apply_entries_max",
         "uncommitted_entries_max",
         "snapshot_chunk_bytes",
+        "snapshot_inflight_max",
+        "snapshot_stall_heartbeats",
         "pre_vote",
         "check_quorum",
         "applied_index",
@@ -88,6 +90,8 @@ class RaftConfig:
         apply_entries_max: int = 1024,
         uncommitted_entries_max: int = 4096,
         snapshot_chunk_bytes: int = 1 << 20,
+        snapshot_inflight_max: int = 8,
+        snapshot_stall_heartbeats: int = 0,
         pre_vote: bool = True,
         check_quorum: bool = True,
         applied_index: int | None = None,
@@ -109,6 +113,11 @@ class RaftConfig:
         self.apply_entries_max = apply_entries_max
         self.uncommitted_entries_max = uncommitted_entries_max
         self.snapshot_chunk_bytes = snapshot_chunk_bytes
+        # Snapshot chunks sent and not yet acknowledged (memory held per stream), and heartbeat intervals
+        # without an acknowledgement before a stream restarts from the last acknowledged chunk (0: half an
+        # election timeout; the runtime sets about 2 s, for a rate-limited sender and a busy receiver).
+        self.snapshot_inflight_max = snapshot_inflight_max
+        self.snapshot_stall_heartbeats = snapshot_stall_heartbeats
         self.pre_vote = pre_vote
         self.check_quorum = check_quorum
         # On restart: what the (durable) state machine has applied; default: the snapshot's index.
@@ -737,7 +746,7 @@ class RaftCore:
         if self._heartbeat_elapsed >= self.cfg.heartbeat_interval_ticks:
             self._heartbeat_elapsed = 0
             self._bcast_heartbeat()
-            stall_max = max(2, et // 2)
+            stall_max = max(2, et // 2, self.cfg.snapshot_stall_heartbeats)
             for v, pr in self.prs.items():
                 if pr.state == ProgressState.SNAPSHOT and pr.snap is not None:
                     pr.snap_stall_ticks += 1
@@ -824,7 +833,7 @@ class RaftCore:
         assert snap is not None
         cb = self.cfg.snapshot_chunk_bytes
         total = snap.chunk_count(cb)
-        while pr.snap_sent < total and pr.snap_sent - pr.snap_acked < self.cfg.inflight_max:
+        while pr.snap_sent < total and pr.snap_sent - pr.snap_acked < self.cfg.snapshot_inflight_max:
             k = pr.snap_sent
             self._send(
                 Message(

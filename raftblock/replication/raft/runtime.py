@@ -353,7 +353,9 @@ class NodeRuntime:
         self._repair_burst = max(2 * cfg.snapshot_chunk_bytes, cfg.repair_bytes_per_s // 10)
         self._repair_tokens = float(self._repair_burst)
         self._repair_t = time.monotonic()
-        self._snap_held: list[Message] = []
+        # Keyed by (group, follower, snapshot index, chunk): a chunk the core sends again (a stalled
+        # stream restarts from the last acknowledged chunk) while it still waits here is not queued twice.
+        self._snap_held: dict[tuple[int, int, int, int], Message] = {}
         self._installing = 0  # snapshot images being installed (async)
         self._blocked: set[int] = set()  # groups whose apply hit a full disk: retried every APPLY_RETRY_S
         self._space_checked_at = 0.0
@@ -417,6 +419,9 @@ class NodeRuntime:
             heartbeat_interval_ticks=self.cfg.heartbeat_interval_ticks,
             lease_margin_ticks=self.cfg.lease_margin_ticks,
             snapshot_chunk_bytes=self.cfg.snapshot_chunk_bytes,
+            # About 2 s without a chunk acknowledged before a stream restarts (rate-limited senders, busy
+            # receivers); at most 8 chunks in flight per stream.
+            snapshot_stall_heartbeats=max(2, 2000 // (self.cfg.tick_ms * self.cfg.heartbeat_interval_ticks)),
         )
         rng = random.Random(self._rng.getrandbits(64))
         core = RaftCore(rc, storage, rng.randrange)
@@ -978,10 +983,27 @@ class NodeRuntime:
     def _drain_snap_held(self) -> None:
         self._snap_drain = None
         held = self._snap_held
-        while held and self.repair_allow(len(held[0].data)):
-            self.transport.send(held[0].dst, encode_raft(held.pop(0)))
+        while held:
+            key = next(iter(held))
+            m = held[key]
+            if self._snap_chunk_stale(m):
+                del held[key]
+                self.counters["repair_chunks_dropped_stale"] += 1
+                continue
+            if not self.repair_allow(len(m.data)):
+                break
+            del held[key]
+            self.transport.send(m.dst, encode_raft(m))
         if held and self._loop is not None and not self._stopping:
             self._snap_drain = self._loop.call_later(0.02, self._drain_snap_held)
+
+    def _snap_chunk_stale(self, m: Message) -> bool:
+        """The follower already holds this chunk, or the leader no longer streams this snapshot to it."""
+        g = self.groups.get(int(m.group))
+        pr = g.core.prs.get(m.dst) if g is not None and g.core.role == Role.LEADER else None
+        if pr is None or pr.snap is None or m.snap_meta is None or pr.snap.meta.index != m.snap_meta.index:
+            return True
+        return m.chunk_index < pr.snap_acked
 
     def _send(self, m: Message) -> None:
         if m.type == _MT.SNAP:
@@ -989,7 +1011,11 @@ class NodeRuntime:
             if g is not None and int(m.dst) not in g.repairs:
                 g.repairs[int(m.dst)] = time.monotonic()
             if self._snap_held or not self.repair_allow(len(m.data)):
-                self._snap_held.append(m)
+                meta = m.snap_meta
+                key = (int(m.group), int(m.dst), meta.index if meta is not None else 0, m.chunk_index)
+                if key in self._snap_held:
+                    self.counters["repair_chunks_resend_merged"] += 1
+                self._snap_held[key] = m
                 if self._snap_drain is None and self._loop is not None:
                     self._snap_drain = self._loop.call_later(0.02, self._drain_snap_held)
                 return
