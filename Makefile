@@ -6,13 +6,13 @@ PYTHON   ?= python3
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
 STAMP    := $(VENV)/.installed
-DEB_PKGS := qemu-utils libnbd-bin python3-libnbd nbdkit fuse3 fio e2fsprogs util-linux procps iproute2 gcc
+DEB_PKGS := qemu-utils libnbd-bin python3-libnbd nbdkit fuse3 fio e2fsprogs util-linux procps iproute2 nftables gcc
 PYTEST_ARGS ?=
 QUICK    ?=
 SEED     ?=
 REPLICATION ?=
 
-.PHONY: all venv sysdeps test test-fast lint compile bench bench-compare bench-deps bench-raft profile demo demo-down clean sim sim-chain proto
+.PHONY: all venv sysdeps test test-fast lint compile bench bench-compare bench-deps bench-raft bench-rebuild profile demo demo-down clean sim sim-chain proto faults
 
 all: venv
 
@@ -80,6 +80,11 @@ demo: sysdeps $(STAMP)
 
 # Raft commits/s on one group and across 100 groups (3 node processes, real fdatasync) against a
 # 3-member etcd in the same run (Debian's etcd-server, installed here when missing), idle CPU per node
+# Kill -9 of a node holding 1 GiB of Raft replicas (4 nodes, 3 racks): detection, rebuild rate, foreground 4k write
+# p99 before/during the rebuild (bench/README.md). QUICK=1: 256 MiB, one round.
+bench-rebuild: sysdeps $(STAMP)
+	$(PY) bench/rebuild.py $(if $(QUICK),--quick,)
+
 bench-raft: $(STAMP)
 	@dpkg -s etcd-server >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null; }
 	$(PY) bench/raft_commits.py $(if $(QUICK),--rounds 1 --seconds 2 --idle-seconds 3,)
@@ -97,6 +102,12 @@ sim: $(STAMP)
 # Replay one seed of the chain-replication simulator (docs/chain.md, "The simulator").
 sim-chain: $(STAMP)
 	$(PY) -m raftblock.testing.chainsim --seed $(SEED) --steps $(or $(STEPS),2000)
+
+# The fault campaign (docs/fault-model.md, "The fault campaign"): seeded scenarios in network namespaces, results
+# appended to bench/results/faults.jsonl (seeds already there are skipped unless RERUN=1).
+# make faults [SEEDS=1-54|7|3,9,12-14] [RERUN=1]
+faults: sysdeps $(STAMP)
+	$(PY) -m raftblock.testing.campaign --seeds $(or $(SEEDS),1-54) $(if $(RERUN),--rerun,)
 
 clean:
 	rm -rf build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -438,6 +438,13 @@ class ChainCore:
         self._out_applied = self._apply_out
         return rd
 
+    def requeue_applies(self, seq: int) -> None:
+        """The runtime could not apply the outstanding Ready's records from `seq` on (its disk is full):
+        they count as not applied, stay in the log, and are emitted again by a later Ready."""
+        assert self._outstanding is not None, "only while a Ready is outstanding"
+        self._out_applied = min(self._out_applied, seq - 1)
+        self._apply_out = min(self._apply_out, seq - 1)
+
     def advance(self, rd: ChainReady) -> None:
         assert rd is self._outstanding, "advance() the Ready last returned by ready()"
         self._outstanding = None

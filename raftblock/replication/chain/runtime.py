@@ -383,7 +383,7 @@ class ChainHost:
     # == Ready handling (rule 3) ===============================================================================
     def process(self, gid: int) -> None:
         g = self.groups.get(gid)
-        if g is None or g.rd is not None or not g.core.has_ready():
+        if g is None or g.rd is not None or gid in self.rt._blocked or not g.core.has_ready():
             return
         core = g.core
         rd = core.ready()
@@ -463,16 +463,16 @@ class ChainHost:
         rt = self.rt
         for m in rd.messages:
             self.send(m)
-        try:
-            for r in rd.applies:
+        for r in rd.applies:
+            try:
                 rt._apply_data(g.id, r.seq, r.data)
-        except NoSpaceError as ex:
-            # The disk is full: the records stay in the log and this member is stuck until space returns;
-            # a chain's apply cannot be retried piecemeal, so the node stops serving (runtime failed) and
-            # a restart replays them. Writes are refused at the head first (NodeRuntime.check_space).
-            rt.counters["chain_apply_no_space"] += 1
-            log.error("chain.apply_no_space", group=g.id, error=str(ex))
-            raise ex
+            except NoSpaceError as ex:
+                # The disk is full: the records stay in the log (durable); the core emits them again and
+                # the group waits APPLY_RETRY_S between tries (reads at this tail wait meanwhile).
+                g.core.requeue_applies(r.seq)
+                rt.counters["chain_apply_no_space"] += 1
+                rt._block_group(g.id, ex)
+                break
         for seq in rd.client_acks:
             for reply in g.proposals.pop(seq, ()):
                 if not reply.done():

@@ -28,6 +28,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import os
 import random
@@ -358,6 +359,7 @@ class NodeRuntime:
         self._snap_held: dict[tuple[int, int, int, int], Message] = {}
         self._installing = 0  # snapshot images being installed (async)
         self._blocked: set[int] = set()  # groups whose apply hit a full disk: retried every APPLY_RETRY_S
+        self._wal_full = False  # the last WAL flush found the disk full (retried every APPLY_RETRY_S)
         self._space_checked_at = 0.0
         self._space_free = 1 << 62
         self._pending_app = b""  # _install_steps' result
@@ -688,7 +690,7 @@ class NodeRuntime:
                 assert self._loop is not None
                 self._loop.call_later(0.002, self._kick)  # more snapshot chunks once the socket drains
             self.transport.flush()
-            self.wal.flush()
+            self._flush_wal()
         except Exception as e:
             self._fail(e)
             return
@@ -1380,6 +1382,31 @@ class NodeRuntime:
             raise CorruptBlockError(req.extent_id, req.block + bad, "checksum mismatch on arrival")
         return BlockOp(OP_WRITE, req.extent_id, req.block, n, crcs, payload, req.client_id, req.write_id, req.low_water)
 
+    def _flush_wal(self) -> None:
+        """wal.flush, except that a full disk is not a failure: the records stay buffered (nothing that
+        depends on them leaves the node: acknowledgements wait for their sync), and the flush is tried
+        again every APPLY_RETRY_S until space returns (counter wal_no_space)."""
+        try:
+            self.wal.flush()
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            self.counters["wal_no_space"] += 1
+            if not self._wal_full:
+                self._wal_full = True
+                log.warning("wal.no_space", error=str(e), retry_s=APPLY_RETRY_S)
+                assert self._loop is not None
+                self._loop.call_later(APPLY_RETRY_S, self._retry_wal)
+            return
+        if self._wal_full:
+            self._wal_full = False
+            log.info("wal.space_back")
+
+    def _retry_wal(self) -> None:
+        if self._wal_full and not self._stopping:
+            self._wal_full = False  # _process flushes again; a new failure sets it and schedules the next try
+            self._kick()
+
     def _block_group(self, gid: int, ex: BaseException) -> None:
         if gid not in self._blocked:
             self._blocked.add(gid)
@@ -1390,8 +1417,10 @@ class NodeRuntime:
 
     def _unblock_group(self, gid: int) -> None:
         self._blocked.discard(gid)
-        self._dirty.add(gid)
-        self._dirty_chain.add(gid)
+        if gid in self.groups:
+            self._dirty.add(gid)
+        elif gid in self.chains.groups:
+            self._dirty_chain.add(gid)
         self._kick()
 
     def check_space(self) -> None:

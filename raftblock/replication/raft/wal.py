@@ -326,9 +326,11 @@ class Wal:
         if self._buf:
             seg = self._segments[-1]
             data = b"".join(self._buf)
+            # The buffer is dropped only once it is written: a pwrite that fails (ENOSPC: the disk is
+            # full) is retried later at the same offset, over whatever part of it reached the file.
+            seg.file.pwrite(data, seg.size)
             self._buf = []
             self._buf_bytes = 0
-            seg.file.pwrite(data, seg.size)
             seg.size += len(data)
             if seg.size > seg.phys:
                 seg.phys = seg.size
