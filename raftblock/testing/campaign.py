@@ -237,7 +237,8 @@ def run_scenario(sc: Scenario, work: Path) -> dict[str, Any]:
                     after = _node_counters(c.status(), node)
                     row["corruption"] = {"node": node, **{k: after.get(k, 0) - before.get(k, 0) for k in
                                                           ("corrupt_reads", "read_repairs", "blocks_repaired",
-                                                           "read_repair_failed")}}
+                                                           "read_repair_failed", "scrub_errors_found",
+                                                           "scrub_blocks_repaired", "scrub_mismatches")}}
                 except cl.ClusterError as e:
                     notes.append(f"no counters after the run: {e}")
     except Exception as e:  # noqa: BLE001 - a harness or cluster failure is reported as the scenario's verdict
@@ -434,7 +435,7 @@ def _fault_summary(row: dict[str, Any]) -> str:
         elif f["kind"] == "bit_flip":
             c = row.get("corruption", {})
             s += f"({len(f['details'].get('flips', []))} flips, corrupt_reads {c.get('corrupt_reads', '?')}, " \
-                 f"repaired {c.get('blocks_repaired', '?')})"
+                 f"scrub found {c.get('scrub_errors_found', '?')}, repaired {c.get('blocks_repaired', '?')})"
         parts.append(s)
     return "; ".join(parts) or "-"
 

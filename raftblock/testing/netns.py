@@ -54,6 +54,9 @@ META_ADMIN_PORT = 7200
 NBD_PORT = 10809
 
 
+SCRUB_PASS_INTERVAL_S = 3.0  # campaign clusters scrub often: a bit flip is found by the scrub or by a read
+SCRUB_BYTES_PER_S = 32 << 20
+
 class NetnsError(RuntimeError):
     pass
 
@@ -277,10 +280,17 @@ class NetCluster:
         admin = {str(i): f"{self.net.address(f'm{i}')}:{META_ADMIN_PORT}" for i in range(1, metas + 1)}
         self.cmap = ClusterMap(cid, entries, admin, replication=self.replication)
         cl.write_configs(self.layout, self.cmap, self.disk, self.net.address("gw"), NBD_PORT)
-        for node in sorted(self.small_disks):
-            # Small segments, so a small file system holds a node's engine and WAL
+        for node in range(1, self.nodes + 1):
+            # The scrub passes every few seconds (a scenario lasts about 30 s), at a rate a small volume
+            # allows; small segments where a small file system must hold a node's engine and WAL.
+            raft = f"scrub_pass_interval_s = {SCRUB_PASS_INTERVAL_S}\nscrub_bytes_per_s = {SCRUB_BYTES_PER_S}\n"
+            engine = ""
+            if node in self.small_disks:
+                raft += "wal_segment_bytes_max = 4194304\n"
+                engine = "\n[engine]\nsegment_size_bytes = 4194304\n"
             with open(self.layout.node_config(node), "a") as f:
-                f.write("\n[engine]\nsegment_size_bytes = 4194304\n\n[raft]\nwal_segment_bytes_max = 4194304\n")
+                f.write(f"{engine}\n[raft]\n{raft}")
+        for node in sorted(self.small_disks):
             img = self.disk_image(node)
             with open(img, "wb") as f:
                 f.truncate(self.disk_image_mib << 20)
