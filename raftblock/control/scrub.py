@@ -10,13 +10,15 @@
 # 2. Every allocated block (and every block the engine has marked bad) is read back and its CRC32C
 #    checked (Engine.read). A bad block is fetched from another member and rewritten (the read-repair
 #    path): counters scrub_errors_found, scrub_blocks_repaired, scrub_repair_failed.
-# 3. Replicas are compared by the member that orders the writes (the Raft leader, the chain's head): it
-#    asks each other member for the CRCs of the run, once that member has applied at least what the
-#    comparer had when it read (SCRUB_CRCS). A difference is a finding only if it persists when both
-#    sides are at the same point: the comparer reads again; a member that is ahead may legitimately hold
-#    newer writes. After `COMPARE_TRIES` such tries the member is told to copy the run from the comparer
-#    (SCRUB_REPAIR; a replica only converges, runtime.repair_from). Counters scrub_mismatches,
-#    scrub_replica_repairs, scrub_compare_skipped (a member that did not answer).
+# 3. Replicas are compared by the member that orders the writes (a Raft leader holding its lease, the
+#    chain's head): it asks each other member for the CRCs of the run, once that member has applied at
+#    least what the comparer had when it read (SCRUB_CRCS). A difference is a finding only if it persists
+#    when both sides are at the same point: the comparer reads again; a member that is ahead may
+#    legitimately hold newer writes. After `COMPARE_TRIES` such tries it is a suspect; the same run of the
+#    same member found again in the next pass is a mismatch (scrub_mismatches; scrub_suspects counts
+#    the first findings). A Raft follower with a mismatch is told to copy the run from its leader
+#    (SCRUB_REPAIR, runtime.repair_from); a member that serves reads refuses (runtime._repair_refusal),
+#    and a chain's mismatches are reported only. Counters scrub_replica_repairs, scrub_compare_skipped.
 # 4. A pass logs what it found; `raftblock cluster status` shows the counters per node.
 from __future__ import annotations
 
@@ -47,6 +49,8 @@ class Scrubber:
     def __init__(self, rt: NodeRuntime) -> None:
         self.rt = rt
         self.passes = 0
+        self._suspects: set[tuple[int, int, int, int]] = set()  # (group, extent, block, member) last pass
+        self._found: set[tuple[int, int, int, int]] = set()  # this pass
         self._next_at = time.monotonic()
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -67,7 +71,8 @@ class Scrubber:
         rt = self.rt
         c = rt.counters
         before = {k: c[k] for k in ("scrub_blocks", "scrub_errors_found", "scrub_blocks_repaired",
-                                    "scrub_mismatches", "scrub_replica_repairs")}
+                                    "scrub_suspects", "scrub_mismatches", "scrub_replica_repairs")}
+        self._found = set()
         t0 = time.monotonic()
         for gid in sorted(set(rt.groups) | set(rt.chains.groups)):
             for ext in rt._group_extents(gid):
@@ -81,6 +86,7 @@ class Scrubber:
                         break  # discarded meanwhile, or the node failed
                     await self.scrub_run(gid, ext, first, n)
         self.passes += 1
+        self._suspects = self._found
         c["scrub_passes"] += 1
         found = {k: c[k] - v for k, v in before.items()}
         log.info("scrub.pass_done", passes=self.passes, seconds=round(time.monotonic() - t0, 1), **found)
@@ -151,9 +157,18 @@ class Scrubber:
             if at == resp.applied:
                 break  # same point, different data: a finding
             await asyncio.sleep(COMPARE_RETRY_S)
+        key = (gid, ext, block, peer)
+        self._found.add(key)
+        differ = sum(1 for a, b in zip(crcs, theirs, strict=True) if a != b)
+        if key not in self._suspects:
+            c["scrub_suspects"] += 1
+            log.info("scrub.replicas_differ_once", group=gid, extent_id=ext, block=block, count=n, member=peer,
+                     blocks=differ)
+            return
         c["scrub_mismatches"] += 1
-        log.error("scrub.replicas_differ", group=gid, extent_id=ext, block=block, count=n, member=peer,
-                  blocks=sum(1 for a, b in zip(crcs, theirs, strict=True) if a != b))
+        log.error("scrub.replicas_differ", group=gid, extent_id=ext, block=block, count=n, member=peer, blocks=differ)
+        if rt.scrub_view(gid) is None or gid not in rt.groups:
+            return  # a chain: reported, not repaired
         req = pb.ClientRequest(op=OP_C_SCRUB_REPAIR, extent_id=ext, block=block, count=n, source_node=rt.node_id)
         try:
             resp, _ = await rt._peer().call_node(peer, gid, req)

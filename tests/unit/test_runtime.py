@@ -391,9 +391,19 @@ def test_scrub_repairs_bit_rot_and_a_replica_that_silently_diverged(tmp_path: Pa
         found = await Scrubber(c.rts[rot]).one_pass()
         assert found["scrub_errors_found"] == 1 and found["scrub_blocks_repaired"] == 1, found
         assert found["scrub_blocks"] >= 40 and found["scrub_mismatches"] == 0  # a follower does not compare
-        found = await Scrubber(c.rts[leader]).one_pass()
-        assert found["scrub_mismatches"] == 1 and found["scrub_replica_repairs"] == 1, found
+        scrub = Scrubber(c.rts[leader])
+        found = await scrub.one_pass()
+        assert found["scrub_suspects"] == 1 and found["scrub_mismatches"] == 0, found  # once: a suspect
+        found = await scrub.one_pass()
+        assert found["scrub_mismatches"] == 1 and found["scrub_replica_repairs"] == 1, found  # twice: repaired
         assert c.rts[div].counters["scrub_blocks_rewritten"] == 1
+        # A member that serves reads never copies from another one (it would go back in time).
+        from raftblock.replication.raft.runtime import OP_C_SCRUB_REPAIR, ST_OK
+
+        req = pb.ClientRequest(op=OP_C_SCRUB_REPAIR, extent_id=ext, block=0, count=8, source_node=rot)
+        resp, _ = await client.call_node(leader, 1, req)
+        assert resp.status != ST_OK and "refused" in resp.error
+        assert c.rts[leader].counters["scrub_repairs_refused"] == 1
         good, _ = c.rts[leader].engine.read(ext, 0, 40)
         for rt in c.rts.values():
             got, _ = rt.engine.read(ext, 0, 40)

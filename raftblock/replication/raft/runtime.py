@@ -1242,6 +1242,10 @@ class NodeRuntime:
                     resp.applied = applied_fn()
                 else:
                     n = check_range(gid, req, MAX_WRITE_BLOCKS)
+                    why = self._repair_refusal(gid, int(req.source_node))
+                    if why is not None:
+                        self.counters["scrub_repairs_refused"] += 1
+                        raise RetryError(f"scrub repair refused: {why}")
                     fixed = await self.repair_from(gid, int(req.source_node), req.extent_id, req.block, n, applied_fn)
                     resp.runs.append(fixed)
             elif gid in self.chains.groups and req.op == OP_C_REPLICA_READ:
@@ -1536,17 +1540,31 @@ class NodeRuntime:
 
     def scrub_view(self, gid: int) -> tuple[Callable[[], int], list[int], bool] | None:
         """For the scrub: (the group's applied index/seq, the other members, whether this member compares
-        the replicas: the Raft leader or the chain's head); None when the group is not hosted here."""
+        the replicas: a Raft leader holding its lease, so not a deposed one, or the chain's head);
+        None when the group is not hosted here."""
         g = self.groups.get(gid)
         if g is not None:
             core = g.core
             others = sorted(int(v) for v in core.conf.voters if v != self.node_id)
-            return (lambda: core.applied_index), others, core.role == Role.LEADER
+            return (lambda: core.applied_index), others, core.role == Role.LEADER and core.lease_valid()
         cg = self.chains.groups.get(gid)
         if cg is not None:
             cc = cg.core
             others = [m for m in cg.members if m != self.node_id]
             return (lambda: cc.applied_seq), others, cc.is_head
+        return None
+
+    def _repair_refusal(self, gid: int, source: int) -> str | None:
+        """Why this replica must not copy a range from `source` now (SCRUB_REPAIR), or None. Only a Raft
+        follower of that very leader does: its copy may then hold data newer than its applied index,
+        which it re-applies (each block goes back to older values on the way) before it can serve a read
+        (a new leader applies up to its commit first). A member that serves reads (a leader, a chain's
+        tail) must never go back in time, and a deposed leader's word is no order."""
+        g = self.groups.get(gid)
+        if g is None:
+            return "chain groups: replica comparison does not repair (docs/replication.md, Scrub)"
+        if g.core.role != Role.FOLLOWER or int(g.core.lead) != source:
+            return f"not a follower of node {source} (role {g.core.role.name}, leader {int(g.core.lead)})"
         return None
 
     def _peer(self) -> Any:
@@ -1558,10 +1576,10 @@ class NodeRuntime:
 
     async def repair_from(self, gid: int, source: int, extent_id: int, block: int, n: int,
                           applied: Callable[[], int]) -> int:
-        """The scrub found this replica's range different from `source`'s (the comparing member): copy the
-        blocks that differ (or are corrupt here) from it, as of a point at least as new as what this
-        replica has applied. Newer data than that is safe here: the log will apply the same writes again
-        (a replica only ever converges). Returns the number of blocks rewritten."""
+        """The scrub found this replica's range different from `source`'s (its leader): copy the blocks that
+        differ (or are corrupt here) from it, as of a point at least as new as what this replica has
+        applied. Newer data than that is safe on a follower only (_repair_refusal): its log applies the
+        same writes again before it can serve a read. Returns the number of blocks rewritten."""
         req = pb.ClientRequest(op=OP_C_REPLICA_READ, extent_id=extent_id, block=block, count=n, min_applied=applied())
         resp, data = await self._peer().call_node(source, gid, req)
         crcs = list(resp.crcs)
