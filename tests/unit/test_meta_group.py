@@ -401,6 +401,13 @@ def test_chain_leases_only_for_up_members_at_the_current_epoch_and_a_silent_memb
             await _until(lambda: node.detector is not None and bool(node.state().cluster_id), 10)
             res = await node.propose(CreateVolume("c", 64 << 20, 0, "chain"))
             (gid,) = res.value["groups"]
+
+            def all_up() -> bool:  # on a slow machine the detector may have suspected them already
+                for i in (1, 2, 3):
+                    node.heartbeat(NodeId(i))
+                return all(n.state == "up" for n in node.state().nodes.values())
+
+            await _until(all_up, 10)
             lease, epochs = node.heartbeat(NodeId(1), chains={gid: [1, 1, 1]})
             assert lease == health.suspect_after_ms * 2 // 3 and epochs == {gid: 1}
 
