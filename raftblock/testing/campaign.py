@@ -20,10 +20,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -40,6 +38,7 @@ from raftblock.obs.log import configure
 from raftblock.testing.linearizability import History, Op, check
 from raftblock.testing.nemesis import PAUSE_MAX_S, Nemesis
 from raftblock.testing.netns import Net, NetCluster, cluster_hosts
+from raftblock.testing.serve import kill_group
 
 log = structlog.get_logger("raftblock.testing.campaign")
 
@@ -220,7 +219,7 @@ def run_scenario(sc: Scenario, work: Path) -> dict[str, Any]:
                     outs.append(p.communicate(timeout=LOAD_S + 60))
                 except subprocess.TimeoutExpired:
                     notes.append("a client did not finish in time (killed)")
-                    _kill_group(p)
+                    kill_group(p)
                     outs.append(p.communicate())
             row["clients"] = [_last_json(o) for o, _ in outs]
             nem.heal_all()
@@ -246,7 +245,7 @@ def run_scenario(sc: Scenario, work: Path) -> dict[str, Any]:
         log.exception("campaign.scenario_error", seed=sc.seed)
     finally:
         for p in clients:
-            _kill_group(p)
+            kill_group(p)
         try:
             nem.heal_all()
         except Exception as e:  # noqa: BLE001
@@ -317,13 +316,6 @@ def _block_pass(uri: str, history: Path, first: int, count: int, mode: str) -> d
     return out if isinstance(out, dict) else {"done": 0, "errors": None, "stderr": r.stderr.decode()[-500:]}
 
 
-def _kill_group(p: subprocess.Popen[bytes]) -> None:
-    if p.poll() is None:
-        try:
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        p.wait(timeout=30)
 
 
 def _last_json(out: bytes) -> Any:

@@ -38,6 +38,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def kill_group(proc: subprocess.Popen[Any]) -> None:
+    """SIGKILL a process started with start_new_session=True and everything in its group; reap it."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+
 def default_command() -> list[str]:
     """`raftblock` next to the running interpreter (the venv's console script), else `python -m`."""
     script = Path(sys.executable).parent / "raftblock"

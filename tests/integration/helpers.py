@@ -9,7 +9,6 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from raftblock.testing.serve import ServeProcess, default_command
+from raftblock.testing.serve import ServeProcess, default_command, kill_group  # noqa: F401 (re-exported)
 
 HERE = Path(__file__).resolve().parent
 CLIENTS = HERE / "clients"
@@ -101,13 +100,6 @@ def run(
     return cp
 
 
-def kill_group(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
 
 
 def nbd_client(script: str, *args: object, timeout_s: float = 60.0) -> dict[str, Any]:

@@ -399,23 +399,13 @@ class ChainHost:
         self._persist(g, rd, False)
 
     async def _install_then_persist(self, g: ChainGroup, rd: ChainReady) -> None:
-        """An image to install (async, a slice per loop turn: NodeRuntime._install_image_async); the
-        group's Ready stays outstanding meanwhile, then the rest of it is persisted as usual."""
-        from raftblock.replication.raft.runtime import RetryError
-
+        """An image to install (NodeRuntime.install_image, async); the group's Ready stays outstanding
+        meanwhile, then the rest of it is persisted as usual."""
         rt = self.rt
         snap = rd.snapshot
         assert snap is not None
-        try:
-            app = await rt._install_image_async(g.id, snap.image)
-        except RetryError:
-            return  # stopping
-        except Exception as e:
-            rt._fail(e)
-            return
-        finally:
-            rt._installing -= 1
-        if self.groups.get(g.id) is not g:
+        app = await rt.install_image(g.id, snap.image)
+        if app is None or self.groups.get(g.id) is not g:
             return
         g.storage.install_snapshot(Snapshot(SnapshotMeta(snap.seq, snap.epoch, ConfState(frozenset()), app), b""))
         rt.counters["chain_snapshots_installed"] += 1

@@ -362,7 +362,6 @@ class NodeRuntime:
         self._wal_full = False  # the last WAL flush found the disk full (retried every APPLY_RETRY_S)
         self._space_checked_at = 0.0
         self._space_free = 1 << 62
-        self._pending_app = b""  # _install_steps' result
         self._snap_drain: asyncio.TimerHandle | None = None
         self._ticks_done = 0
         self._t0 = 0.0
@@ -823,15 +822,9 @@ class NodeRuntime:
         nothing else of this group moves meanwhile), then persist the rest of the Ready as usual."""
         snap = rd.snapshot
         assert snap is not None
-        try:
-            app = await self._install_image_async(g.id, snap.data)
-        except RetryError:
-            return  # stopping
-        except Exception as e:
-            self._fail(e)
+        app = await self.install_image(g.id, snap.data)
+        if app is None:
             return
-        finally:
-            self._installing -= 1
         meta = snap.meta
         g.storage.install_snapshot(Snapshot(SnapshotMeta(meta.index, meta.term, meta.conf, app), snap.data))
         self.counters["snapshots_installed"] += 1
@@ -1641,63 +1634,59 @@ class NodeRuntime:
     def _group_extents(self, gid: int) -> list[int]:
         return sorted(e for e in self.engine.index.extents if group_of_extent(e) == gid)
 
-    def export_group(self, gid: int, app: bytes) -> bytes:
-        """The whole image as bytes (tests, tools); the data path streams image_of() instead."""
-        img = self.image_of(gid, app)
-        return img[0 : len(img)]
+    async def install_image(self, gid: int, data: Any) -> bytes | None:
+        """Install a received snapshot image (Raft and chain) for a Ready that stays outstanding meanwhile,
+        so nothing else of the group moves: 8 MiB (INSTALL_SLICE_BYTES) per loop turn, then fdatasync the
+        engine on its thread before the WAL records the snapshot. A 512 MiB image does not stall the node's
+        other groups (heartbeats, elections) while it installs.
 
-    def _install_steps(self, gid: int, data: Any) -> Iterator[int]:
-        """Write a received image over the group's blocks, yielding every INSTALL_SLICE_BYTES (the async
-        install lets the loop run between slices); then trim what the image does not hold. Blocks are
-        overwritten, never dropped first: a crash part-way leaves each block either as it was or as in the
-        image (newer), and the log replayed from the WAL's older point converges it (replication/image.py
-        rule 2). The caller syncs the engine and sets the session table (the value of the generator)."""
-        raw = data if isinstance(data, bytes | bytearray) else bytes(data[0 : len(data)])
-        view = memoryview(raw)
-        app = b""
-        off = 0
-        if len(view) >= 2 * _IMG_LEN.size and _IMG_LEN.unpack_from(view, 0)[0] == IMAGE_SESSIONS_MARK:
-            (alen,) = _IMG_LEN.unpack_from(view, _IMG_LEN.size)
-            off = 2 * _IMG_LEN.size + alen
-            app = bytes(view[2 * _IMG_LEN.size : off])
-        Sessions.decode(app)  # ValueError before anything is written
-        held: dict[int, set[int]] = {}
-        done = 0
-        while off < len(view):
-            (blen,) = _IMG_LEN.unpack_from(view, off)
-            off += _IMG_LEN.size
-            for op in decode_batch(view[off : off + blen]):
-                if group_of_extent(op.extent_id) != gid:
-                    raise ValueError("snapshot image holds an extent of another group")
-                self.engine.write(op.extent_id, op.block, op.data, op.crcs)
-                held.setdefault(op.extent_id, set()).update(range(op.block, op.block + op.count))
-                done += op.count * BLOCK_SIZE
-                if done >= INSTALL_SLICE_BYTES:
-                    done = 0
-                    yield 0
-            off += blen
-        for ext in self._group_extents(gid):
-            keep = held.get(ext)
-            if not keep:
-                self.engine.drop_extent(ext)
-                continue
-            extra = sorted(set(self.engine.index.extents.get(ext, {})) - keep)
-            for first, n in runs(extra):
-                self.engine.trim(ext, first, n)
-        self._pending_app = app
-
-    async def _install_image_async(self, gid: int, data: Any) -> bytes:
-        """Install a received image (Raft and chain; _install_steps), a slice per loop turn, then fdatasync
-        the engine on its thread before the WAL records the snapshot: a 512 MiB image does not stall the
-        node's other groups (heartbeats, elections) while it installs. Returns the image's session table
-        (encoded) for the WAL's snapshot record."""
-        for _ in self._install_steps(gid, data):
-            await asyncio.sleep(0)
-            if self._stopping or self.failed is not None:
-                raise RetryError("node stopping: snapshot install abandoned")
-        await asyncio.get_running_loop().run_in_executor(self._engine_executor, self.engine.sync)
-        app = self._pending_app
-        self.sessions[gid] = Sessions.decode(app)
+        Blocks are overwritten, never dropped first, then what the image does not hold is trimmed: a crash
+        part-way leaves each block either as it was or as in the image (newer), and the log replayed from
+        the WAL's older point converges it (replication/image.py rule 2). Returns the image's session
+        table (encoded) for the WAL's snapshot record; None when the node stops or failed (then _fail was
+        called). The caller counted the install in `_installing`."""
+        try:
+            raw = data if isinstance(data, bytes | bytearray) else bytes(data[0 : len(data)])
+            view = memoryview(raw)
+            app = b""
+            off = 0
+            if len(view) >= 2 * _IMG_LEN.size and _IMG_LEN.unpack_from(view, 0)[0] == IMAGE_SESSIONS_MARK:
+                (alen,) = _IMG_LEN.unpack_from(view, _IMG_LEN.size)
+                off = 2 * _IMG_LEN.size + alen
+                app = bytes(view[2 * _IMG_LEN.size : off])
+            sessions = Sessions.decode(app)  # ValueError before anything is written
+            held: dict[int, set[int]] = {}
+            done = 0
+            while off < len(view):
+                (blen,) = _IMG_LEN.unpack_from(view, off)
+                off += _IMG_LEN.size
+                for op in decode_batch(view[off : off + blen]):
+                    if group_of_extent(op.extent_id) != gid:
+                        raise ValueError("snapshot image holds an extent of another group")
+                    self.engine.write(op.extent_id, op.block, op.data, op.crcs)
+                    held.setdefault(op.extent_id, set()).update(range(op.block, op.block + op.count))
+                    done += op.count * BLOCK_SIZE
+                    if done >= INSTALL_SLICE_BYTES:
+                        done = 0
+                        await asyncio.sleep(0)
+                        if self._stopping or self.failed is not None:
+                            return None  # abandoned: the WAL still has the older point
+                off += blen
+            for ext in self._group_extents(gid):
+                keep = held.get(ext)
+                if not keep:
+                    self.engine.drop_extent(ext)
+                    continue
+                extra = sorted(set(self.engine.index.extents.get(ext, {})) - keep)
+                for first, n in runs(extra):
+                    self.engine.trim(ext, first, n)
+            await asyncio.get_running_loop().run_in_executor(self._engine_executor, self.engine.sync)
+        except Exception as e:
+            self._fail(e)
+            return None
+        finally:
+            self._installing -= 1
+        self.sessions[gid] = sessions
         return app
 
     def _maybe_start_compaction(self) -> None:
