@@ -11,6 +11,10 @@ PYTEST_ARGS ?=
 QUICK    ?=
 SEED     ?=
 REPLICATION ?=
+# make demo DIR=/tmp/c2 NBD_PORT=10810 (or RAFTBLOCK_DIR / RAFTBLOCK_NBD_PORT in the environment): a second
+# cluster beside the first; `raftblock cluster ... --dir` (or $RAFTBLOCK_DIR) then addresses it.
+DIR      ?= $(RAFTBLOCK_DIR)
+NBD_PORT ?= $(RAFTBLOCK_NBD_PORT)
 
 .PHONY: all venv sysdeps test test-fast lint compile bench bench-compare bench-deps bench-raft bench-rebuild profile demo demo-down clean sim sim-chain proto faults
 
@@ -76,7 +80,7 @@ profile: sysdeps bench-deps
 	$(PY) bench/profile.py --py-spy --job $(or $(JOB),randwrite-4k-qd32)
 
 demo: sysdeps $(STAMP)
-	$(PY) -m raftblock.cli demo $(if $(REPLICATION),--replication $(REPLICATION),)
+	$(PY) -m raftblock.cli demo $(if $(REPLICATION),--replication $(REPLICATION),) $(if $(DIR),--dir $(DIR),) $(if $(NBD_PORT),--nbd-port $(NBD_PORT),)
 
 # Raft commits/s on one group and across 100 groups (3 node processes, real fdatasync) against a
 # 3-member etcd in the same run (Debian's etcd-server, installed here when missing), idle CPU per node

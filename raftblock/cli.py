@@ -63,7 +63,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
 
 
-DEMO_DIR = Path(".raftblock")
+# The cluster directory of every cluster command: --dir, else $RAFTBLOCK_DIR, else .raftblock (two clusters
+# side by side: `export RAFTBLOCK_DIR=/tmp/c2` in the second shell, `make demo DIR=/tmp/c2 NBD_PORT=10810`).
+DEMO_DIR = Path(os.environ.get("RAFTBLOCK_DIR") or ".raftblock")
+DEMO_NBD_PORT = int(os.environ.get("RAFTBLOCK_NBD_PORT") or 10809)
 
 
 def _print_json(obj: object) -> None:
@@ -406,8 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_gateway)
 
     d = sub.add_parser("demo", help="start a local 3-rack cluster with a volume 'demo' (make demo)")
-    d.add_argument("--dir", default=str(DEMO_DIR))
-    d.add_argument("--nbd-port", type=int, default=10809)
+    d.add_argument("--dir", default=str(DEMO_DIR), help="cluster directory (default $RAFTBLOCK_DIR or .raftblock)")
+    d.add_argument("--nbd-port", type=int, default=DEMO_NBD_PORT,
+                   help="gateway NBD port (default $RAFTBLOCK_NBD_PORT or 10809; 0 picks a free one)")
     d.add_argument("--size", default="1G")
     d.add_argument("--replication", choices=["raft", "chain"], default=None,
                    help="the cluster's default replication (when the demo cluster is first made)")

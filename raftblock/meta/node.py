@@ -5,6 +5,8 @@
 # 2. The secret comes from a file (mode 0600 recommended), never from the command line.
 # 3. stdout carries one line, `READY meta id=N admin=HOST:PORT raft=HOST:PORT`, once both ports listen;
 #    logs go to stderr. SIGTERM/SIGINT stop it cleanly; kill -9 loses nothing acknowledged.
+# 4. data_dir/LOCK is held for the process's lifetime (node/dirlock.py), taken before the journal is
+#    opened: a second process of the same metadata node exits 1 at once, having touched nothing.
 #
 # Config:
 #   node_id = 1
@@ -35,6 +37,7 @@ import structlog
 from raftblock.control.health import HealthConfig
 from raftblock.meta.group import MetaConfig, MetaNode, Timings
 from raftblock.meta.rpc import AdminServer
+from raftblock.node.dirlock import DirectoryInUse, lock_directory
 from raftblock.obs.log import configure
 from raftblock.replication.raft.types import NodeId
 
@@ -90,6 +93,8 @@ def write_local_configs(directory: Path, raft_ports: list[int], admin_ports: lis
 
 
 async def run(cfg: NodeFile) -> None:
+    # The journal and state in data_dir have one owner: taken before pysyncobj opens anything there.
+    dlock = lock_directory(cfg.meta.data_dir, "metadata data directory")
     node = MetaNode(cfg.meta, cfg.health)
     await node.start()
     server = AdminServer(node, cfg.admin[cfg.meta.node_id], cfg.meta.secret)
@@ -104,6 +109,7 @@ async def run(cfg: NodeFile) -> None:
     log.info("meta_node_stopping", node_id=cfg.meta.node_id)
     await server.close()
     await node.close()
+    dlock.release()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--log-format", default="auto", choices=["auto", "json", "console"])
     args = ap.parse_args(argv)
     configure(args.log_format)
-    asyncio.run(run(load_config(args.config)))
+    try:
+        asyncio.run(run(load_config(args.config)))
+    except DirectoryInUse as e:
+        print(f"raftblock meta: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -16,7 +16,10 @@ Rules:
 1. `up` on an existing DIR only starts what is not running (a killed node comes back on its data);
    it never rewrites the layout or any data. It returns when every storage node is registered and up
    in the metadata group and every extent group has a leader.
-2. Processes are found by pid file and checked by /proc/PID/cmdline, never by name.
+2. Processes are found by the lock each holds on its data directory (node/dirlock.py; the gateway: on
+   its admin socket), so any spelling of DIR (relative, absolute, through a symlink) finds them and `up`
+   never starts a second process on a directory in use; a pid file is only the fallback for a directory
+   this process cannot see, checked against the process's command line by inode. Never by name.
 3. `down` sends SIGTERM (processes drain and sync), waits with a deadline, then SIGKILL.
 4. Errors are one line on stderr and a non-zero exit (the CLI prints ClusterError).
 """
@@ -40,6 +43,7 @@ from raftblock.meta.node import write_local_configs
 from raftblock.meta.rpc import MetaClient, MetaClientError
 from raftblock.meta.state import MetaState
 from raftblock.node.clustermap import ClusterMap, NodeEntry, extent_id
+from raftblock.node.dirlock import LOCK_NAME, file_lock_holder
 from raftblock.replication.raft.types import NodeId
 
 START_TIMEOUT_S = 60.0
@@ -103,15 +107,41 @@ class Layout:
 
 
 # --- processes -----------------------------------------------------------------------------------
+def lock_path(layout: Layout, name: str) -> Path:
+    """The lock the process `name` holds while it runs (node/dirlock.py): its data directory's, or the
+    gateway's admin socket's."""
+    if name == "gateway":
+        return Path(f"{layout.admin_socket}.lock")
+    if name.startswith("m"):
+        return layout.root / "meta" / f"meta-{int(name[1:])}" / LOCK_NAME
+    return layout.data_dir(int(name[1:])) / LOCK_NAME
+
+
 def running_pid(layout: Layout, name: str, config: Path) -> int | None:
+    """The live process `name` of this cluster, whatever path spelling named the directory: the holder of
+    its lock (the kernel's table), else (a data directory on a mount this process cannot see: the fault
+    campaign's small disks) the pid file's process, if its command line names `config` (the same file,
+    compared by inode relative to that process's working directory)."""
+    pid = file_lock_holder(lock_path(layout, name))
+    if pid is not None:
+        return pid
     try:
         pid = int(layout.pidfile(name).read_text())
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        want = os.stat(config)
     except (OSError, ValueError):
         return None
-    if str(config).encode() in cmdline:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        if stat.rsplit(")", 1)[1].split()[0] != "Z":
+    if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+        return None
+    for arg in cmdline:
+        if not arg:
+            continue
+        try:
+            st = os.stat(os.path.join(f"/proc/{pid}/cwd", os.fsdecode(arg)))
+        except (OSError, ValueError):
+            continue
+        if (st.st_ino, st.st_dev) == (want.st_ino, want.st_dev):
             return pid
     return None
 

@@ -30,6 +30,8 @@ Rules:
    volume's groups, and nodes refuse older epochs, so a gateway whose attachment was taken over (`volume
    attach --force`) is fenced. The last connection's close detaches.
 4. SIGTERM drains in-flight requests, then exits 0.
+5. With an admin socket, `<admin_socket>.lock` is held for the process's lifetime (node/dirlock.py): a
+   second gateway on the same socket exits 1 at once instead of taking the socket from the first.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from raftblock.gateway.nbd_server import GatewayConfig, NbdServer, VolumeCatalog
 from raftblock.meta.rpc import MetaClient, MetaClientError
 from raftblock.meta.state import MetaState
 from raftblock.node.clustermap import volume_infos
+from raftblock.node.dirlock import DirectoryInUse, lock_file
 from raftblock.replication.raft.group import ChainReplicaGroup, RaftClient, RaftGroup
 from raftblock.replication.raft.runtime import group_of_extent
 from raftblock.replication.raft.types import NodeId
@@ -203,6 +206,9 @@ def load_config(path: Path) -> dict[str, Any]:
 
 
 async def run_gateway(cfg: dict[str, Any]) -> int:
+    admin_path = cfg.get("admin_socket")
+    # One gateway per admin socket: a second one would unlink the socket of the first (node/dirlock.py).
+    held = lock_file(Path(f"{admin_path}.lock"), f"gateway admin socket {admin_path}") if admin_path else None
     meta = cfg["meta"]
     secret = Path(meta["secret_file"]).read_bytes().strip()
     meta_admin = {int(k): str(v) for k, v in meta["admin"].items()}
@@ -211,7 +217,6 @@ async def run_gateway(cfg: dict[str, Any]) -> int:
     server = NbdServer(gw.catalog, GatewayConfig(bind=cfg.get("bind", "127.0.0.1"), port=int(cfg.get("port", 10809))),
                        attacher=gw)
     host, port = await server.start()
-    admin_path = cfg.get("admin_socket")
     admin = None
     if admin_path:
         Path(admin_path).unlink(missing_ok=True)
@@ -234,17 +239,22 @@ async def run_gateway(cfg: dict[str, Any]) -> int:
         loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_IGN)
     log.info("gateway.stopped")
+    if held is not None:
+        held.release()
     return 0
 
 
 def main(config: str) -> int:
     cfg = load_config(Path(config))
     try:
-        import uvloop
-
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.run(run_gateway(cfg))
         return uvloop.run(run_gateway(cfg))
-    except ImportError:
-        return asyncio.run(run_gateway(cfg))
+    except DirectoryInUse as e:
+        print(f"raftblock gateway: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -25,6 +25,9 @@ Config (TOML):
     tick_ms = 100
     [engine]                          # optional: EngineConfig fields (segment_size_bytes, ...)
 
+`data_dir/LOCK` is held (node/dirlock.py) from before the engine and the WAL are opened until the process
+exits: a second process of the same node exits at once, having touched nothing.
+
 An extent belongs to group `extent_id >> 32`. Rules: prints `READY raft://HOST:PORT` on stdout once
 listening (logs go to stderr); SIGTERM/SIGINT stop cleanly (WAL synced, engine checkpointed), exit 0.
 """
@@ -44,6 +47,7 @@ import structlog
 
 from raftblock.control.health import HealthConfig
 from raftblock.control.scrub import Scrubber
+from raftblock.node.dirlock import DirectoryInUse, lock_directory
 from raftblock.node.serve import load_or_create_cluster_id
 from raftblock.obs.log import configure
 from raftblock.replication.raft.runtime import NodeRuntime, RuntimeConfig
@@ -120,7 +124,8 @@ async def _engine_compaction(engine: Engine, stop: asyncio.Event) -> None:
 
 
 async def run_node(cfg: NodeConfig) -> int:
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    # Before the engine or the WAL recovers anything: a second process of this node must not touch them.
+    dlock = lock_directory(cfg.data_dir)
     disk = make_disk(cfg.disk)
     cluster_id = load_or_create_cluster_id(cfg.data_dir)
     (cfg.data_dir / "engine").mkdir(exist_ok=True)
@@ -160,6 +165,7 @@ async def run_node(cfg: NodeConfig) -> int:
         loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_IGN)
     log.info("raftnode.stopped", node=cfg.node_id)
+    dlock.release()
     return 0
 
 
@@ -172,11 +178,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure(args.log_format, args.log_level)
     cfg = NodeConfig.load(args.config)
     try:
-        import uvloop
-
+        try:
+            import uvloop
+        except ImportError:
+            return asyncio.run(run_node(cfg))
         return uvloop.run(run_node(cfg))
-    except ImportError:
-        return asyncio.run(run_node(cfg))
+    except DirectoryInUse as e:
+        print(f"raftblock node: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -7,7 +7,10 @@ run the data path without a cluster. Its directory holds:
     DIR/volumes.json    volumes: name, id, size, extent size (atomically replaced, fsynced)
     DIR/engine/         the storage engine's segments and checkpoints
 
+    DIR/LOCK            held (flock) while the process runs: a second one on DIR exits at once
+
 Rules:
+0. The directory's lock is taken before anything in it is read or written (node/dirlock.py).
 1. Volumes named on the command line are created on first start; on a restart the stored definition
    wins, and a different size on the command line is an error (never a silent resize).
 2. Start-up reports every corrupt block range the engine found, mapped to volume byte ranges.
@@ -31,6 +34,7 @@ import structlog
 from raftblock._fast import blockcrc
 from raftblock.client.volume import BLOCK_SIZE, Volume, VolumeInfo
 from raftblock.gateway.nbd_server import GatewayConfig, NbdServer, VolumeCatalog
+from raftblock.node.dirlock import DirectoryInUse, lock_directory
 from raftblock.replication.local import LocalGroup
 from raftblock.storage.disk import make_disk
 from raftblock.storage.engine import Engine, EngineConfig
@@ -162,7 +166,10 @@ async def run_serve(
     engine_config: EngineConfig | None = None,
     ready_stream: TextIO | None = None,
 ) -> int:
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        dlock = lock_directory(directory)  # before anything in it is read or written (node/dirlock.py)
+    except DirectoryInUse as e:
+        raise ServeError(str(e)) from None
     log.info("serve.starting", directory=str(directory), disk=disk_mode, fast=blockcrc.IMPLEMENTATION)
     cluster_id = load_or_create_cluster_id(directory)
     volumes = load_or_create_volumes(directory, specs)
@@ -197,4 +204,5 @@ async def run_serve(
         loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_IGN)
     log.info("serve.stopped")
+    dlock.release()
     return 0
