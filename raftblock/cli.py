@@ -108,12 +108,14 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
         _print_json(st)
         return 0
     print(f"cluster {st['cluster_id']}   gateway: {st['gateway']['uri'] or 'stopped'} (pid {st['gateway']['pid']})")
-    print("\nNODES\n  id  rack  address               pid      process      map      groups  leading  used/capacity        errors")
+    print("\nNODES\n  id  rack  address               pid      process      map      groups  leading  used/capacity"
+          "        wal        errors")
     for n in st["nodes"]:
         errors = " ".join(f"{k}={v}" for k, v in n.get("errors", {}).items()) or "-"
         print(f"  {n['id']:<3} {n['rack']:<5} {n['address']:<21} {str(n['pid']):<8} {n['state']:<12} {n['map_state']:<8} "
               f"{n.get('groups', '-'):<7} {n.get('leading', '-'):<8} "
-              f"{format_size(n.get('used_bytes', 0)) + '/' + format_size(n.get('capacity_bytes', 0)):<20} {errors}")
+              f"{format_size(n.get('used_bytes', 0)) + '/' + format_size(n.get('capacity_bytes', 0)):<20} "
+              f"{format_size(n.get('wal_bytes', 0)):<10} {errors}")
     print("\nMETADATA GROUP\n  " + "  ".join(f"m{m['id']} {m['admin']} (pid {m['pid']})" for m in st["metadata"]))
     print("\nEXTENT GROUPS\n  id   replication  members     leader  term  epoch")
     for g in st["groups"]:

@@ -10,8 +10,9 @@ Rules:
 2. The map is polled every `interval_s` (and at once when the node starts); a group appears on every
    member within one interval of `volume create`. A metadata outage never stops the data path: groups
    already hosted keep serving, the agent retries.
-3. Groups that vanish from the map (volume deleted) are left running until the node restarts
-   (their data was trimmed by `volume delete`); see README "What is missing".
+3. A group that vanishes from the map (volume deleted; ids are never reused, so an id below the map's
+   next_group_id that the map lacks is gone for good) is dropped here: the WAL records it empty and
+   forgets it, the engine drops its extents, so it pins neither WAL segments nor disk space.
 4. A group that names other members only, and has its full count of them, replaced this node: its copy
    (hosted, or only in the WAL after a restart) is discarded. One still short of members keeps it: the
    node may be added back, and then catches up from its log.
@@ -27,7 +28,7 @@ from pathlib import Path
 import structlog
 
 from raftblock.meta.rpc import MetaClient, MetaClientError
-from raftblock.meta.state import MetaState
+from raftblock.meta.state import GroupId, MetaState
 from raftblock.replication.raft.runtime import NodeRuntime
 
 log = structlog.get_logger(__name__)
@@ -110,6 +111,13 @@ class MetaAgent:
                 # leadership on first).
                 self.runtime.retarget(int(gid), members, g.epoch)
                 self.runtime.discard_group(int(gid))
+        # Deleted volumes: a group the map allocated once (id below next_group_id) and no longer has is gone
+        # for good; its replica here (hosted, or only in the WAL) is dropped, engine space and WAL segments
+        # with it. A Ready in flight makes it wait for the next poll.
+        here = set(self.runtime.groups) | set(self.runtime.chains.groups) | set(self.runtime._recovered)
+        for hid in sorted(here):
+            if GroupId(hid) not in st.groups and hid < st.next_group_id:
+                self.runtime.delete_group(hid)
         # Fencing: each group learns its volume's latest attach epoch from the map too (not only from
         # the requests of the gateway that holds it).
         for name, vol in st.volumes.items():

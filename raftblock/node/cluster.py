@@ -354,7 +354,11 @@ async def collect_status(cmap: ClusterMap, st: MetaState) -> dict[str, Any]:
                 c = dict(resp.counters)
                 entry.update(state="up", groups=len(resp.groups),
                              leading=sum(1 for g in resp.groups if g.leader == n.node_id),
-                             used_bytes=c.get("engine_live_bytes", 0), on_disk_bytes=c.get("engine_bytes_on_disk", 0),
+                             # what the node's files take on its disk: engine segments and checkpoint, and
+                             # the WAL (its released segments kept for reuse included)
+                             used_bytes=c.get("engine_bytes_on_disk", 0) + c.get("wal_bytes_on_disk", 0),
+                             live_bytes=c.get("engine_live_bytes", 0), on_disk_bytes=c.get("engine_bytes_on_disk", 0),
+                             wal_bytes=c.get("wal_bytes_on_disk", 0),
                              errors={k: c.get(k, 0) for k in ERROR_COUNTERS if c.get(k, 0)}, counters=c)
                 for g in resp.groups:
                     infos.setdefault(g.group, {})[n.node_id] = g

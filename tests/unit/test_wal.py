@@ -224,3 +224,80 @@ def test_old_records_right_after_the_tail_of_a_recycled_segment_fail_their_crc(t
     (tmp_path / segment_name(2)).write_bytes(raw)
     _, rec = Wal.open(OsDisk(), str(tmp_path))
     assert rec[4].entries == _ents(1, 2)
+
+
+def _fill(wal: Wal, groups: tuple[int, ...], first: int, n: int) -> None:
+    for i in range(first, first + n):
+        for g in groups:
+            wal.append_entries(g, _ents(i, 1, size=1000))
+        wal.flush()
+    wal.sync()
+
+
+@pytest.mark.parametrize("how", ["discarded", "deleted"])
+def test_a_dropped_groups_entries_never_pin_a_segment(tmp_path: Path, how: str) -> None:
+    """Issue 13: a discarded replica's snapshot is empty (index 0), below the entries it had in old
+    segments; before the fix those entries pinned every segment from the first one on, forever."""
+    wal, _ = Wal.open(OsDisk(), str(tmp_path), segment_bytes_max=64 << 10)
+    _fill(wal, (1, 2), 1, 200)
+    assert wal.segment_count() > 3
+    wal.compact(1, SnapshotMeta(200, 1, CONF))  # group 1: all applied and in the engine
+    if how == "discarded":
+        wal.install_snapshot(2, SnapshotMeta(0, 0, ConfState(frozenset())))
+    else:
+        wal.forget(2)
+    wal.flush()
+    assert wal.gc() == 0  # nothing is released before the records that allow it are durable
+    wal.sync()
+    wal.gc()
+    wal.sync()
+    assert wal.segment_count() == 1  # only the active one is left
+    # more of group 1 (rolls), compacted: the segment that recorded group 2 empty goes too
+    _fill(wal, (1,), 201, 100)
+    wal.compact(1, SnapshotMeta(300, 1, CONF))
+    wal.flush()
+    wal.sync()
+    wal.gc()
+    wal.sync()
+    assert wal.segment_count() == 1
+    wal.close()
+    wal, rec = Wal.open(OsDisk(), str(tmp_path))
+    assert rec[1].entries == [] and rec[1].snap is not None and rec[1].snap.index == 300
+    if how == "discarded":  # carried forward empty: a replaced replica is known to be empty
+        assert rec[2].snap is not None and rec[2].snap.index == 0 and rec[2].entries == []
+    else:  # forgotten: absent once the segment that recorded it empty is gone too
+        assert 2 not in rec
+    wal.close()
+
+
+def test_recovery_knows_a_snapshot_record_unpins_older_segments(tmp_path: Path) -> None:
+    """A restart between the discard and the release: the recovered segments' entries of the group are
+    behind its SNAPSHOT record, so the first gc after recovery releases them."""
+    wal, _ = Wal.open(OsDisk(), str(tmp_path), segment_bytes_max=64 << 10)
+    _fill(wal, (1, 2), 1, 200)
+    wal.compact(1, SnapshotMeta(200, 1, CONF))
+    wal.forget(2)
+    wal.flush()
+    wal.sync()
+    n_before = wal.segment_count()
+    wal.close()  # no gc ran: every segment is still there
+    wal, rec = Wal.open(OsDisk(), str(tmp_path), segment_bytes_max=64 << 10)
+    assert wal.segment_count() == n_before + 1 and rec[2].entries == []
+    wal.gc()
+    wal.sync()
+    assert wal.segment_count() == 1
+    wal.close()
+
+
+def test_a_group_dropped_and_then_hosted_again_pins_only_its_new_entries(tmp_path: Path) -> None:
+    wal, _ = Wal.open(OsDisk(), str(tmp_path), segment_bytes_max=64 << 10)
+    _fill(wal, (1,), 1, 100)
+    wal.install_snapshot(1, SnapshotMeta(0, 0, ConfState(frozenset())))  # discarded
+    wal.install_snapshot(1, SnapshotMeta(50, 3, CONF))  # a joiner again: a snapshot at 50 from the leader
+    _fill(wal, (1,), 51, 100)  # its new log, 51..150 in the same and later segments
+    wal.gc()
+    wal.sync()
+    wal.close()
+    _, rec = Wal.open(OsDisk(), str(tmp_path))
+    assert rec[1].snap is not None and rec[1].snap.index == 50
+    assert rec[1].entries == _ents(51, 100, size=1000)  # nothing needed was released

@@ -181,30 +181,27 @@ class ChainHost:
         self.configure(g, members, epoch)
         return new
 
-    def discard(self, gid: int) -> bool:
+    def discard(self, gid: int, deleted: bool = False) -> bool:
         """This node was replaced in chain `gid` (the map has it full without this node): drop its stale
         replica. The WAL first records the group as empty (synced), then the engine drops its extents, so
         a crash between the two leaves an empty group whose leftover blocks a later join's snapshot
-        replaces. Returns False when there is nothing to discard or a Ready is still outstanding."""
+        replaces. Returns False when there is nothing to discard or a Ready is still outstanding.
+        `deleted`: the group is gone from the map (volume deleted): a member drops its copy too."""
         from raftblock.replication.raft.runtime import NotLeaderError
 
         g = self.groups.get(gid)
         rt = self.rt
-        if (g is None or g.rd is not None or g.waiting or g.pending_cfg is not None or g.core.is_member
+        if (g is None or g.rd is not None or g.waiting or g.pending_cfg is not None
+                or (g.core.is_member and not deleted)
                 or rt._syncing):  # a WAL sync on the thread: the next map poll tries again
             return False
         self.fail_requests(g, NotLeaderError(NO_NODE))
-        g.storage.install_snapshot(Snapshot(SnapshotMeta(0, 0, ConfState(frozenset())), b""))
-        rt.wal.flush()
-        rt.wal.sync(remove=False)  # rare: once per replaced replica
-        for ext in rt._group_extents(gid):
-            rt.engine.drop_extent(ext)
         del self.groups[gid]
-        rt.sessions.pop(gid, None)
+        rt._drop_replica(gid, deleted)
         self._out = {k: v for k, v in self._out.items() if k[0] != gid}
         self._in = {k: v for k, v in self._in.items() if k[0] != gid}
-        rt.counters["chain_replicas_discarded"] += 1
-        log.info("chain.replica_discarded", group=gid)
+        rt.counters["groups_deleted" if deleted else "chain_replicas_discarded"] += 1
+        log.info("chain.group_deleted" if deleted else "chain.replica_discarded", group=gid)
         return True
 
     def configure(self, g: ChainGroup, members: Sequence[int], epoch: int) -> None:

@@ -368,7 +368,9 @@ class NodeRuntime:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._read_ctx = 0
         self._compacting = False
-        self._wal_bytes_at_compact = 0
+        # WAL bytes appended since the last compaction cycle started; what recovery found counts as
+        # appended, so a node restarted on a large WAL compacts (and frees it) at once.
+        self._wal_appended_at_compact = -wal.total_bytes()
         self._applied_bytes = 0  # entry bytes applied to the engine since its last trickle sync
         self._engine_syncing = False
         self._stopping = False
@@ -520,30 +522,57 @@ class NodeRuntime:
             out[gid] = [core.conf.epoch, mask, *voters]
         return out
 
-    def discard_group(self, gid: int) -> bool:
+    def discard_group(self, gid: int, deleted: bool = False) -> bool:
         """This node was replaced in Raft group `gid` (the map has it whole without this node): drop its
         stale replica, hosted or only recovered from the WAL. The WAL first records the group as empty
-        (synced), then the engine drops its extents. Returns False when a Ready is still outstanding."""
+        (synced), then the engine drops its extents. Returns False when a Ready is still outstanding.
+        `deleted`: the group is gone from the map (its volume was deleted): a leader drops its copy too
+        (nobody is left to hand over to), and the WAL stops carrying the group (Wal.forget)."""
         g = self.groups.get(gid)
         if g is None and gid not in self._recovered:
             return False
-        if (g is not None and (g.rd is not None or g.core.role == Role.LEADER)) or self._syncing \
-                or g in self._sync_waiters:
+        if (g is not None and (g.rd is not None or (g.core.role == Role.LEADER and not deleted))) \
+                or self._syncing or g in self._sync_waiters:
             return False  # a leader hands leadership on first (_reconfigure), then drops its copy
         if g is not None:
             self._fail_group_requests(g, NotLeaderError(NO_NODE))
             del self.groups[gid]
         self._recovered.pop(gid, None)
-        self.wal.install_snapshot(gid, bootstrap_snapshot(frozenset()).meta)
+        self._drop_replica(gid, deleted)
+        self._dirty.discard(gid)
+        self._propose_dirty.discard(gid)
+        self.counters["groups_deleted" if deleted else "replicas_discarded"] += 1
+        log.info("raft.group_deleted" if deleted else "raft.replica_discarded", group=gid)
+        return True
+
+    def _drop_replica(self, gid: int, deleted: bool) -> None:
+        """The WAL records group `gid` empty (synced; forgotten when `deleted`), then the engine drops its
+        extents; its WAL segments are released once nothing else pins them."""
+        if deleted:
+            self.wal.forget(gid)
+        else:
+            self.wal.install_snapshot(gid, bootstrap_snapshot(frozenset()).meta)
         self.wal.flush()
-        self.wal.sync(remove=False)  # rare: once per replaced replica
+        self.wal.sync(remove=False)  # rare: once per dropped replica
         for ext in self._group_extents(gid):
             self.engine.drop_extent(ext)
         self.sessions.pop(gid, None)
-        self._dirty.discard(gid)
-        self._propose_dirty.discard(gid)
-        self.counters["replicas_discarded"] += 1
-        log.info("raft.replica_discarded", group=gid)
+        self._collect_wal()
+
+    def delete_group(self, gid: int) -> bool:
+        """Group `gid` is gone from the map (its volume was deleted): drop this node's replica, Raft or
+        chain, hosted or only recovered from the WAL, so it holds neither engine space nor WAL segments.
+        Returns False when it must be tried again (a Ready outstanding, a WAL sync running)."""
+        if gid in self.groups:
+            return self.discard_group(gid, deleted=True)
+        if gid in self.chains.groups:
+            return self.chains.discard(gid, deleted=True)
+        if gid not in self._recovered or self._syncing:
+            return False
+        del self._recovered[gid]
+        self._drop_replica(gid, deleted=True)
+        self.counters["groups_deleted"] += 1
+        log.info("raft.group_deleted", group=gid, hosted=False)
         return True
 
     def host_chain_group(self, gid: int, members: list[int], epoch: int) -> bool:
@@ -781,10 +810,13 @@ class NodeRuntime:
                 self.chains.synced(g)
             else:
                 self._finish_ready(g)
-        if self.wal.gc() and not self._stopping:
-            assert self._loop is not None
-            self._loop.run_in_executor(self._engine_executor, self._reap_wal)
+        self._collect_wal()
         self._maybe_start_compaction()
+
+    def _collect_wal(self) -> None:
+        """Release the WAL segments nothing needs any more (Wal.gc); their files go on the reaper thread."""
+        if self.wal.gc() and not self._stopping and self._loop is not None:
+            self._loop.run_in_executor(self._engine_executor, self._reap_wal)
 
     async def _sync_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -1692,7 +1724,7 @@ class NodeRuntime:
     def _maybe_start_compaction(self) -> None:
         if self._compacting or self._stopping:
             return
-        grown = self.wal.total_bytes() - self._wal_bytes_at_compact
+        grown = self.wal.appended_pos - self._wal_appended_at_compact
         if grown < self.cfg.wal_compact_bytes:
             return
         self._compacting = True
@@ -1706,6 +1738,7 @@ class NodeRuntime:
         loop = asyncio.get_running_loop()
         try:
             # Each group's applied index and its session table at that very index (one loop turn).
+            self._wal_appended_at_compact = self.wal.appended_pos
             applied = {gid: (g.core.applied_index, self.sessions[gid]) for gid, g in self.groups.items()}
             apps = {gid: sess.encode() for gid, (_, sess) in applied.items()}
             chain_points = self.chains.compaction_points()
@@ -1724,10 +1757,18 @@ class NodeRuntime:
                 if idx > c.log.snap_index and idx <= c.applied_index and c.compact(idx, cast(bytes, image), app):
                     n += 1
                     self._dirty.add(g.id)
-            self._wal_bytes_at_compact = self.wal.total_bytes()
             self.counters["compactions"] += 1
-            log.info("raft.compacted", groups=n, wal_bytes=self._wal_bytes_at_compact)
             self._kick()
+            # The COMPACT records must be durable before gc may release what they cover; a node gone idle
+            # after this cycle would otherwise keep its old segments until its next write.
+            try:
+                self.wal.flush()
+            except OSError as e:  # a full disk: the loop's own flush retries it (_wal_full); gc waits
+                log.warning("raft.compaction_flush_failed", error=str(e))
+            else:
+                await loop.run_in_executor(self._executor, functools.partial(self.wal.sync, remove=False))
+                self._collect_wal()
+            log.info("raft.compacted", groups=n, chain_groups=n_chain, wal_bytes=self.wal.total_bytes())
         except Exception as e:
             self._fail(e)
         finally:

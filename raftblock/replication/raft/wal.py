@@ -172,7 +172,8 @@ class Wal:
         self.syncs = 0
         self._hs: dict[int, HardState] = {}  # last hard state written, per group
         self._snap: dict[int, SnapshotMeta] = {}  # last snapshot/compaction meta written, per group
-        self._pending_snap: list[tuple[int, int, int]] = []  # (position, group, index) not yet durable
+        # (position, group, index, seq of the segment of a SNAPSHOT record, else 0) not yet durable
+        self._pending_snap: list[tuple[int, int, int, int]] = []
         self.durable_snap: dict[int, int] = {}  # group -> compaction index known durable
         self.segments_removed = 0
         self._seed = 0  # CRC seed of the active segment's records
@@ -270,6 +271,10 @@ class Wal:
                 st.hard_state = HardState(t, NodeId(v), c)
             elif rtype == REC_SNAPSHOT:
                 st._install(_decode_meta(body))
+                # The group's earlier entries, here and in older segments, no longer pin anything.
+                seg.max_index.pop(group, None)
+                for older in self._segments:
+                    older.max_index.pop(group, None)
             elif rtype == REC_COMPACT:
                 st._compact(_decode_meta(body))
             else:
@@ -310,15 +315,29 @@ class Wal:
         return self._record(REC_HARD_STATE, group, [_HS.pack(hs.term, hs.vote, hs.commit)])
 
     def install_snapshot(self, group: int, meta: SnapshotMeta) -> int:
+        """The group's log is dropped (a snapshot installed, or the replica discarded: an empty one).
+        Its entries in this segment stop pinning it now (the segment goes only once all of it, this
+        record included, is durable); in older segments, once this record is durable (gc)."""
         self._snap[group] = meta
+        seg = self._segments[-1]
+        seg.max_index.pop(group, None)
         pos = self._record(REC_SNAPSHOT, group, [_encode_meta(meta)])
-        self._pending_snap.append((pos, group, meta.index))
+        self._pending_snap.append((pos, group, meta.index, seg.seq))
         return pos
 
     def compact(self, group: int, meta: SnapshotMeta) -> int:
         self._snap[group] = meta
         pos = self._record(REC_COMPACT, group, [_encode_meta(meta)])
-        self._pending_snap.append((pos, group, meta.index))
+        self._pending_snap.append((pos, group, meta.index, 0))
+        return pos
+
+    def forget(self, group: int) -> int:
+        """A deleted group (its volume is gone from the map): record it empty, then stop carrying its state
+        into new segments. Once the older segments are gone it is absent from the WAL; until then
+        recovery finds it empty. Returns the record's position (durable once synced)."""
+        pos = self.install_snapshot(group, SnapshotMeta(0, 0, ConfState(frozenset(), 0)))
+        self._snap.pop(group, None)
+        self._hs.pop(group, None)
         return pos
 
     def flush(self) -> int:
@@ -457,13 +476,19 @@ class Wal:
         """Queue for removal (by the next sync) old segments whose entries are all behind durable
         compaction points. Returns how many were queued."""
         synced = self.synced_pos
-        keep: list[tuple[int, int, int]] = []
-        for pos, g, idx in self._pending_snap:
-            if pos <= synced:
-                if idx > self.durable_snap.get(g, 0):
-                    self.durable_snap[g] = idx
-            else:
-                keep.append((pos, g, idx))
+        keep: list[tuple[int, int, int, int]] = []
+        for pos, g, idx, reset_seq in self._pending_snap:
+            if pos > synced:
+                keep.append((pos, g, idx, reset_seq))
+            elif reset_seq:
+                # A durable SNAPSHOT record: every entry of the group before it is obsolete, whatever its
+                # index (a discarded replica's snapshot is empty, index 0).
+                self.durable_snap[g] = idx
+                for seg in self._segments:
+                    if seg.seq < reset_seq:
+                        seg.max_index.pop(g, None)
+            elif idx > self.durable_snap.get(g, 0):
+                self.durable_snap[g] = idx
         self._pending_snap = keep
         with self._lock:
             dirty = set(self._dirty)
@@ -487,6 +512,12 @@ class Wal:
     def total_bytes(self) -> int:
         return sum(s.size for s in self._segments)
 
+    def bytes_on_disk(self) -> int:
+        """Segment files as allocated, the released ones kept for reuse included."""
+        with self._lock:
+            free = sum(phys for _p, _f, phys in self._free)
+        return sum(max(s.size, s.phys) for s in self._segments) + free
+
     def segment_count(self) -> int:
         return len(self._segments)
 
@@ -494,6 +525,7 @@ class Wal:
         return {
             "wal_segments": len(self._segments),
             "wal_bytes": self.total_bytes(),
+            "wal_bytes_on_disk": self.bytes_on_disk(),
             "wal_syncs": self.syncs,
             "wal_segments_removed": self.segments_removed,
             "wal_synced_pos": self.synced_pos,
