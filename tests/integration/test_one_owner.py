@@ -128,7 +128,17 @@ def test_cluster_commands_find_one_cluster_by_any_path_and_no_process_runs_twice
         n1 = root / "n1"
         pid_n1 = by["relative"]["n1"]
         wal_before = sorted(p.name for p in (n1 / "wal").iterdir())
-        r = _second([*RAFTBLOCK, "node", "--config", str(root / "nodes" / "n1.toml"), "--log-format", "json"])
+        # ... while a host writes 16 MiB (1 MiB at a time) at 16 MiB
+        writer = subprocess.Popen(["qemu-io", "-f", "raw", *[a for k in range(16) for a in
+                                   ("-c", f"write -P 0x{0x30 + k:x} {(16 + k) * MiB} {MiB}")], f"{uri}/v"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            r = _second([*RAFTBLOCK, "node", "--config", str(root / "nodes" / "n1.toml"), "--log-format", "json"])
+            out, err = writer.communicate(timeout=120)
+        finally:
+            if writer.poll() is None:
+                writer.kill()
+        assert writer.returncode == 0 and "error" not in (out + err).lower(), out + err
         assert r.returncode == 1
         assert r.stderr.strip() == f"raftblock node: data directory {n1.resolve()} is in use by pid {pid_n1}", r.stderr
         # one line and no log line: neither the engine nor the WAL was recovered (the WAL not rolled), which
@@ -148,6 +158,8 @@ def test_cluster_commands_find_one_cluster_by_any_path_and_no_process_runs_twice
         nbd_write(f"{uri}/v", 8 * MiB, more, tmp_path)
         got = nbd_read(f"{uri}/v", 0, 4 * MiB, tmp_path)
         assert got["ok"] and hashlib.sha256(got["data"]).digest() == hashlib.sha256(payload).digest()
+        got = nbd_read(f"{uri}/v", 16 * MiB, 16 * MiB, tmp_path)
+        assert got["ok"] and got["data"] == b"".join(bytes([0x30 + k]) * MiB for k in range(16))
 
         # kill -9 releases the lock: `up` (yet another spelling) restarts node 1 at once on its data
         os.kill(pid_n1, signal.SIGKILL)
