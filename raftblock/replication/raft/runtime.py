@@ -674,6 +674,7 @@ class NodeRuntime:
             self._balance_leaders()
             for g in self.groups.values():
                 self._reconfigure(g)
+            self._maybe_start_compaction()  # also on an idle node (a restart on a large WAL)
         self._schedule_tick()
 
     def _catch_up_ticks(self) -> None:
@@ -1722,7 +1723,9 @@ class NodeRuntime:
         return app
 
     def _maybe_start_compaction(self) -> None:
-        if self._compacting or self._stopping:
+        # Not before the map was read: until then the groups recovered from the WAL are not hosted, and a
+        # cycle would compact none of them and count their bytes as done.
+        if self._compacting or self._stopping or not self.fences_known:
             return
         grown = self.wal.appended_pos - self._wal_appended_at_compact
         if grown < self.cfg.wal_compact_bytes:
