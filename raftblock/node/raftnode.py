@@ -1,7 +1,8 @@
-"""`python -m raftblock.node.raftnode --config FILE`: one storage node running extent-group Raft.
+"""`raftblock node --config FILE` (or `python -m raftblock.node.raftnode`): one storage node.
 
-Owns: the composition root of a Raft node (config, Disk, Engine, WAL, NodeRuntime, signals). The next
-issue folds it into `raftblock node --config FILE`; until then the membership is static (below).
+Owns: the composition root of a storage node (config, data-directory lock, Disk, Engine, WAL, NodeRuntime,
+MetaAgent, scrubber, signals). Under a metadata group (`[meta]`) the groups come from the map; without
+one, from `[groups]` / `[[group]]` (static membership, the Raft benches and tests).
 
 Config (TOML):
 
