@@ -1,6 +1,8 @@
 """The `raftblock` command line.
 
-Rule 1: errors are one line on stderr and a non-zero exit; `--help` works everywhere.
+Rule 1: errors are one line on stderr and a non-zero exit (0 done, 1 failed, 2 usage); `--help` works
+everywhere, `--json` on every command that reports something, `--version`. RAFTBLOCK_DEBUG=1 shows the
+traceback of an OSError/ValueError instead of its one line.
 Rule 2: long-running commands configure logging (obs.log) and run one event loop (uvloop).
 """
 
@@ -10,7 +12,9 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,36 +78,36 @@ def _print_json(obj: object) -> None:
 
 
 def cmd_cluster_up(args: argparse.Namespace) -> int:
-    from raftblock.node.cluster import ClusterError, cluster_up
+    from raftblock.node.cluster import cluster_up
 
-    try:
-        uri = cluster_up(Path(args.dir), nodes=args.nodes, racks=args.racks, nbd_port=args.nbd_port,
-                         port_base=args.port_base, disk=args.disk, replication=args.replication)
-    except ClusterError as e:
-        return _fail("cluster up", e)
-    print(uri)
+    notes: list[str] = []
+    uri = cluster_up(Path(args.dir), nodes=args.nodes, racks=args.racks, nbd_port=args.nbd_port,
+                     port_base=args.port_base, disk=args.disk, replication=args.replication, notes=notes)
+    for n in notes:
+        print(f"raftblock cluster up: {n}", file=sys.stderr)
+    if args.json:
+        _print_json({"uri": uri, "dir": args.dir, "notes": notes})
+    else:
+        print(uri)
     return 0
 
 
 def cmd_cluster_down(args: argparse.Namespace) -> int:
-    from raftblock.node.cluster import ClusterError, cluster_down
+    from raftblock.node.cluster import cluster_down
 
-    try:
-        stopped = cluster_down(Path(args.dir), args.node, args.force)
-    except ClusterError as e:
-        return _fail("cluster down", e)
-    print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    stopped = cluster_down(Path(args.dir), args.node, args.force)
+    if args.json:
+        _print_json({"stopped": stopped})
+    else:
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
     return 0
 
 
 def cmd_cluster_status(args: argparse.Namespace) -> int:
-    from raftblock.node.cluster import ClusterError, cluster_status
+    from raftblock.node.cluster import cluster_status
     from raftblock.units import format_size
 
-    try:
-        st = cluster_status(Path(args.dir))
-    except ClusterError as e:
-        return _fail("cluster status", e)
+    st = cluster_status(Path(args.dir))
     if args.json:
         _print_json(st)
         return 0
@@ -153,73 +157,121 @@ def print_repairs(repairs: list[dict[str, Any]]) -> None:
 
 
 def cmd_repair_watch(args: argparse.Namespace) -> int:
-    """Redraw the repairs every `interval` seconds until none is left (or Ctrl-C); --once: one frame."""
-    import time as _time
-
-    from raftblock.node.cluster import ClusterError, cluster_status
+    """Redraw the repairs every `interval` seconds until none is left (or Ctrl-C); --once: one frame
+    (--json: the repairs as JSON, once)."""
+    from raftblock.node.cluster import cluster_status
 
     while True:
-        try:
-            st = cluster_status(Path(args.dir))
-        except ClusterError as e:
-            return _fail("repair watch", e)
+        st = cluster_status(Path(args.dir))
+        if args.json:
+            _print_json(st["repairs"])
+            return 0
         if sys.stdout.isatty():
             print("\x1b[2J\x1b[H", end="")
-        print(_time.strftime("%H:%M:%S"), f"cluster {st['cluster_id']}")
+        print(time.strftime("%H:%M:%S"), f"cluster {st['cluster_id']}")
         print_repairs(st["repairs"])
         sys.stdout.flush()
         if args.once or not st["repairs"]:
             return 0
-        _time.sleep(args.interval)
+        time.sleep(args.interval)
 
 
 def cmd_volume_create(args: argparse.Namespace) -> int:
-    from raftblock.node.cluster import ClusterError, volume_create
+    from raftblock.node.cluster import volume_create
+    from raftblock.units import format_size
 
-    try:
-        v = volume_create(Path(args.dir), args.name, args.size, args.replication)
-    except ClusterError as e:
-        return _fail("volume create", e)
-    print(f"created volume {v['name']} ({v['size_bytes']} bytes, {v['extents']} extents in groups {v['groups']}, "
-          f"replication {v.get('replication', '?')})")
+    v = volume_create(Path(args.dir), args.name, args.size, args.replication)
+    if args.json:
+        _print_json(v)
+    else:
+        print(f"created volume {v['name']} ({format_size(v['size_bytes'])}, {v['extents']} extents in groups "
+              f"{','.join(map(str, v['groups']))}, replication {v['replication']})")
     return 0
 
 
 def cmd_volume_list(args: argparse.Namespace) -> int:
-    from raftblock.node.cluster import ClusterError, volume_list
+    from raftblock.node.cluster import volume_list
     from raftblock.units import format_size
 
-    try:
-        vols = volume_list(Path(args.dir))
-    except ClusterError as e:
-        return _fail("volume list", e)
+    vols = volume_list(Path(args.dir))
     if args.json:
         _print_json(vols)
-    else:
-        for v in vols:
-            print(f"{v['name']}\t{format_size(v['size_bytes'])}\t{v['replication']}")
+        return 0
+    if vols:
+        print(f"{'NAME':<20} {'SIZE':<10} {'REPLICATION':<12} ATTACHED BY")
+    for v in vols:
+        print(f"{v['name']:<20} {format_size(v['size_bytes']):<10} {v['replication']:<12} {v['attached_by'] or '-'}")
+    return 0
+
+
+def cmd_volume_info(args: argparse.Namespace) -> int:
+    from raftblock.node.cluster import volume_info
+    from raftblock.units import format_size
+
+    v = volume_info(Path(args.dir), args.name)
+    if args.json:
+        _print_json(v)
+        return 0
+    print(f"volume {v['name']} (id {v['id']})\n"
+          f"  size:        {format_size(v['size_bytes'])} ({v['size_bytes']} bytes)\n"
+          f"  replication: {v['replication']}\n"
+          f"  created:     {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(v['created_ms'] / 1000))}\n"
+          f"  allocated:   {format_size(v['allocated_bytes'])}\n"
+          f"  extents:     {v['extents']} of {format_size(v['extent_size_bytes'])}\n"
+          f"  attached by: {v['attached_by'] or '-'} (attach epoch {v['attach_epoch']}, "
+          f"{v['connections']} connection(s))")
+    print("  groups:      id    members     leader  term  epoch")
+    for g in v["groups"]:
+        print(f"               {g['group']:<5} {','.join(map(str, g['members'])):<11} {str(g['leader'] or '-'):<7} "
+              f"{g['term']:<5} {g['epoch']}")
+    for r in v["repairs"]:
+        print(f"  repair:      group {r['group']}: {r['state']}" + (f" ({r['why']})" if r.get("why") else ""))
     return 0
 
 
 def cmd_volume_delete(args: argparse.Namespace) -> int:
-    from raftblock.node.cluster import ClusterError, volume_delete
+    from raftblock.node.cluster import volume_delete
 
-    try:
-        volume_delete(Path(args.dir), args.name)
-    except ClusterError as e:
-        return _fail("volume delete", e)
-    print(f"deleted volume {args.name}")
+    volume_delete(Path(args.dir), args.name)
+    if args.json:
+        _print_json({"deleted": args.name})
+    else:
+        print(f"deleted volume {args.name}")
     return 0
 
 
 def cmd_volume_attach(args: argparse.Namespace) -> int:
-    from raftblock.node.cluster import ClusterError, volume_attach
+    from raftblock.node.cluster import volume_attach
 
-    try:
-        epoch = volume_attach(Path(args.dir), args.name, args.gateway, args.force)
-    except ClusterError as e:
-        return _fail("volume attach", e)
-    print(f"volume {args.name} attached to gateway {args.gateway} (attach epoch {epoch})")
+    epoch = volume_attach(Path(args.dir), args.name, args.gateway, args.force)
+    if args.json:
+        _print_json({"name": args.name, "gateway": args.gateway, "attach_epoch": epoch})
+    else:
+        print(f"volume {args.name} attached to gateway {args.gateway} (attach epoch {epoch})")
+    return 0
+
+
+def cmd_volume_detach(args: argparse.Namespace) -> int:
+    from raftblock.node.cluster import volume_detach
+
+    res = volume_detach(Path(args.dir), args.name, args.force)
+    if args.json:
+        _print_json(res)
+    elif res["detached"]:
+        print(f"volume {args.name} detached from gateway {res['attached_by']}")
+    else:
+        print(f"volume {args.name} was not attached")
+    return 0
+
+
+def cmd_volume_rename(args: argparse.Namespace) -> int:
+    from raftblock.node.cluster import volume_rename
+
+    res = volume_rename(Path(args.dir), args.name, args.new_name)
+    if args.json:
+        _print_json(res)
+    else:
+        print(f"volume {args.name} renamed to {args.new_name}")
     return 0
 
 
@@ -235,47 +287,62 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 
 def cmd_node_action(args: argparse.Namespace) -> int:
-    """`node stop-check ID` (exit 0: safe to stop now, 1: not), `node drain ID [--wait]`, `node undrain ID`."""
-    import time as _time
-
-    from raftblock.node.cluster import ClusterError, cluster_status, node_add, node_drain, node_stop_check
+    """`node stop-check ID` (exit 0: safe to stop now, 1: not), `node drain ID [--wait]`, `node undrain ID`,
+    `node add [--rack R]`."""
+    from raftblock.node.cluster import cluster_status, node_add, node_drain, node_stop_check
 
     if args.action == "add":
-        try:
-            info = node_add(Path(args.dir), args.rack)
-        except ClusterError as e:
-            return _fail("node add", e)
-        print(f"added node {info['node_id']} in rack {info['rack']} at {info['address']}; replicas move to it "
-              f"one group at a time (raftblock repair watch)")
+        info = node_add(Path(args.dir), args.rack)
+        if args.json:
+            _print_json(info)
+        else:
+            print(f"added node {info['node_id']} in rack {info['rack']} at {info['address']}; replicas move to it "
+                  f"one group at a time (raftblock repair watch)")
         return 0
     if args.node_id is None:
         print(f"raftblock node {args.action}: which node? (node {args.action} ID)", file=sys.stderr)
         return 2
     d = Path(args.dir)
-    try:
-        if args.action == "stop-check":
-            risks = node_stop_check(d, args.node_id)
-            if not risks:
-                print(f"node {args.node_id}: safe to stop now (every group keeps a majority of live members)")
-                return 0
-            print(f"node {args.node_id}: NOT safe to stop now:")
-            for g, why in risks:
-                print(f"  group {g}: {why}")
-            return 1
-        res = node_drain(d, args.node_id, args.action == "drain", args.force)
-        print(f"node {args.node_id}: draining={res['draining']}, member of {res['groups']} group(s)")
-        if args.action != "drain" or not args.wait:
+    if args.action == "stop-check":
+        risks = node_stop_check(d, args.node_id)
+        if args.json:
+            _print_json({"node": args.node_id, "safe": not risks,
+                         "risks": [{"group": g, "why": why} for g, why in risks]})
+            return 0 if not risks else 1
+        if not risks:
+            print(f"node {args.node_id}: safe to stop now (every group keeps a majority of live members)")
             return 0
-        while True:  # --wait: until the node holds no replica
-            st = cluster_status(d)
-            left = [g["group"] for g in st["groups"] if args.node_id in g["members"]]
-            copying = [r for r in st["repairs"] if r["state"] == "copying"]
-            print(f"  {len(left)} group(s) left on node {args.node_id}; {len(copying)} cop(ies) in flight", flush=True)
-            if not left:
-                return 0
-            _time.sleep(1.0)
-    except ClusterError as e:
-        return _fail(f"node {args.action}", e)
+        print(f"node {args.node_id}: NOT safe to stop now:")
+        for g, why in risks:
+            print(f"  group {g}: {why}")
+        return 1
+    res = node_drain(d, args.node_id, args.action == "drain", args.force)
+    if args.json and not args.wait:
+        _print_json({"node": args.node_id, **res})
+        return 0
+    print(f"node {args.node_id}: draining={res['draining']}, member of {res['groups']} group(s)",
+          file=sys.stderr if args.json else sys.stdout)
+    if args.action != "drain" or not args.wait:
+        return 0
+    deadline = time.monotonic() + args.timeout if args.timeout else None
+    while True:  # --wait: until the node holds no replica; says what each group left waits for
+        st = cluster_status(d)
+        left = [g["group"] for g in st["groups"] if args.node_id in g["members"]]
+        copying = [r for r in st["repairs"] if r["state"] == "copying"]
+        waiting = [r for r in st["repairs"] if r["state"] != "copying" and r["group"] in left]
+        line = f"  {len(left)} group(s) left on node {args.node_id}; {len(copying)} cop(ies) in flight"
+        if waiting:
+            line += "; waiting: " + "; ".join(f"group {r['group']}: {r['why']}" for r in waiting[:3])
+        print(line, flush=True, file=sys.stderr if args.json else sys.stdout)
+        if not left:
+            if args.json:
+                _print_json({"node": args.node_id, "draining": True, "groups": 0})
+            return 0
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"raftblock node drain: {len(left)} group(s) still on node {args.node_id} after "
+                  f"{args.timeout:.0f} s (groups {', '.join(map(str, left[:10]))})", file=sys.stderr)
+            return 1
+        time.sleep(1.0)
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -291,19 +358,24 @@ def cmd_gateway(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """`make demo`: a 3-node, 3-rack cluster on loopback with a 1 GiB volume `demo`."""
-    from raftblock.node.cluster import ClusterError, cluster_up, volume_create, volume_list
+    from raftblock.node.cluster import cluster_up, volume_create, volume_list
 
     d = Path(args.dir)
-    try:
-        uri = cluster_up(d, nbd_port=args.nbd_port, replication=args.replication)
-        if not any(v["name"] == "demo" for v in volume_list(d)):
-            volume_create(d, "demo", parse_size(args.size))
-    except ClusterError as e:
-        return _fail("demo", e)
-    print(f"raftblock cluster is up (3 nodes in 3 racks) in {d}/; volume 'demo' ({args.size}) at {uri}/demo")
+    notes: list[str] = []
+    uri = cluster_up(d, nbd_port=args.nbd_port, replication=args.replication, notes=notes)
+    for n in notes:
+        print(f"raftblock demo: {n}", file=sys.stderr)
+    if not any(v["name"] == "demo" for v in volume_list(d)):
+        volume_create(d, "demo", args.size)
+    if args.json:
+        _print_json({"dir": str(d), "uri": uri, "volume": f"{uri}/demo"})
+        return 0
+    rb = ".venv/bin/raftblock" if Path(".venv/bin/raftblock").exists() else "raftblock"
+    flag = f" --dir {d}" if d != Path(".raftblock") else ""
+    print(f"raftblock cluster is up (3 nodes in 3 racks) in {d}/; volume 'demo' at {uri}/demo")
     print(f"  attach:  qemu-img info {uri}/demo     nbdinfo {uri}/demo")
-    print(f"  status:  .venv/bin/raftblock cluster status --dir {d}")
-    print(f"  stop:    .venv/bin/raftblock cluster down --dir {d}")
+    print(f"  status:  {rb} cluster status{flag}")
+    print(f"  stop:    {rb} cluster down{flag}")
     return 0
 
 
@@ -312,9 +384,35 @@ def _fail(what: str, e: BaseException) -> int:
     return 1
 
 
+EXIT_CODES = """exit codes: 0 done; 1 failed (one line on stderr says why); 2 usage error.
+Sizes: 4096, 64M, 1G, 2TiB: binary units (K/M/G/T = KiB/MiB/GiB/TiB); 10GB is refused as ambiguous.
+The cluster directory: --dir, else $RAFTBLOCK_DIR, else .raftblock (any spelling of it works)."""
+
+
+def _dir(p: argparse.ArgumentParser, what: str = "the cluster directory") -> None:
+    p.add_argument("--dir", default=str(DEMO_DIR), help=f"{what} (default $RAFTBLOCK_DIR or .raftblock)")
+
+
+def _json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print the result as JSON (for scripts)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with `--size -1G` read as a (refused) value rather than as an unknown option."""
+
+    def __init__(self, *a: Any, **kw: Any) -> None:
+        kw.setdefault("epilog", EXIT_CODES)
+        kw.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*a, **kw)
+        self._negative_number_matcher = re.compile(r"^-\d")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="raftblock", description="raftblock distributed block store")
-    sub = p.add_subparsers(dest="command", required=True)
+    from raftblock import __version__
+
+    p = _Parser(prog="raftblock", description="raftblock distributed block store")
+    p.add_argument("--version", action="version", version=f"raftblock {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     s = sub.add_parser("serve", help="serve volumes from one local copy over NBD (single node)")
     s.add_argument("--dir", required=True, help="data directory (created if missing)")
@@ -332,74 +430,100 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("cluster", help="a local cluster: up, down, status")
-    csub = c.add_subparsers(dest="cluster_command", required=True)
+    csub = c.add_subparsers(dest="cluster_command", required=True, parser_class=_Parser)
     cu = csub.add_parser("up", help="start (or complete) a local cluster; prints the NBD base URI")
-    cu.add_argument("--dir", default=str(DEMO_DIR))
+    _dir(cu)
     cu.add_argument("--nodes", type=int, default=3)
     cu.add_argument("--racks", type=int, default=3)
-    cu.add_argument("--nbd-port", type=int, default=10809, help="gateway NBD port (0 picks a free one)")
+    cu.add_argument("--nbd-port", type=int, default=None,
+                    help="gateway NBD port (new cluster: default 10809; 0 picks a free one; existing cluster: "
+                         "default the configured one, a new one is written to its gateway config)")
     cu.add_argument("--port-base", type=int, default=None, help="node i listens on P+i (default: free ports)")
     cu.add_argument("--disk", choices=["os", "volatile", "volatile-tear"], default="os")
     cu.add_argument("--replication", choices=["raft", "chain"], default=None,
                     help="default replication of new volumes (fixed when the cluster is made; default raft)")
+    _json(cu)
     cu.set_defaults(func=cmd_cluster_up)
     cd = csub.add_parser("down", help="stop every process of the cluster (data stays)")
-    cd.add_argument("--dir", default=str(DEMO_DIR))
+    _dir(cd)
     cd.add_argument("--node", type=int, default=None,
                     help="stop only this storage node; refused when a group would lose its majority")
     cd.add_argument("--force", action="store_true", help="with --node: stop it even so")
+    _json(cd)
     cd.set_defaults(func=cmd_cluster_down)
     cs = csub.add_parser("status", help="nodes, extent groups and volumes")
-    cs.add_argument("--dir", default=str(DEMO_DIR))
-    cs.add_argument("--json", action="store_true")
+    _dir(cs)
+    _json(cs)
     cs.set_defaults(func=cmd_cluster_status)
 
     r = sub.add_parser("repair", help="re-replication in progress")
-    rsub = r.add_subparsers(dest="repair_command", required=True)
+    rsub = r.add_subparsers(dest="repair_command", required=True, parser_class=_Parser)
     rw = rsub.add_parser("watch", help="progress bars of the replicas being rebuilt, until none is left")
-    rw.add_argument("--dir", default=str(DEMO_DIR))
+    _dir(rw)
     rw.add_argument("--interval", type=float, default=1.0, help="seconds between frames (default 1)")
     rw.add_argument("--once", action="store_true", help="print one frame and exit")
+    _json(rw)
     rw.set_defaults(func=cmd_repair_watch)
 
-    v = sub.add_parser("volume", help="create, list, delete volumes")
-    vsub = v.add_subparsers(dest="volume_command", required=True)
+    v = sub.add_parser("volume", help="create, list, info, rename, attach, detach, delete volumes")
+    vsub = v.add_subparsers(dest="volume_command", required=True, parser_class=_Parser)
     vc = vsub.add_parser("create", help="create a volume")
     vc.add_argument("name")
-    vc.add_argument("--size", type=_size_arg, required=True, help="e.g. 1G")
+    vc.add_argument("--size", type=_size_arg, required=True, help="e.g. 10G (= 10GiB)")
     vc.add_argument("--replication", choices=["raft", "chain"], default=None,
                     help="raft (a majority of 3 fsyncs) or chain (head -> middle -> tail, all fsync); "
                          "default: the cluster's (cluster up --replication)")
-    vc.add_argument("--dir", default=str(DEMO_DIR))
+    _dir(vc)
+    _json(vc)
     vc.set_defaults(func=cmd_volume_create)
     vl = vsub.add_parser("list", help="list volumes")
-    vl.add_argument("--dir", default=str(DEMO_DIR))
-    vl.add_argument("--json", action="store_true")
+    _dir(vl)
+    _json(vl)
     vl.set_defaults(func=cmd_volume_list)
-    vd = vsub.add_parser("delete", help="delete a volume (refused while a host is attached)")
+    vi = vsub.add_parser("info", help="one volume: size, replication, groups, leaders, allocated, attachment")
+    vi.add_argument("name")
+    _dir(vi)
+    _json(vi)
+    vi.set_defaults(func=cmd_volume_info)
+    vr = vsub.add_parser("rename", help="rename a volume (refused while attached)")
+    vr.add_argument("name")
+    vr.add_argument("new_name")
+    _dir(vr)
+    _json(vr)
+    vr.set_defaults(func=cmd_volume_rename)
+    vd = vsub.add_parser("delete", help="delete a volume (refused while attached)")
     vd.add_argument("name")
-    vd.add_argument("--dir", default=str(DEMO_DIR))
+    _dir(vd)
+    _json(vd)
     vd.set_defaults(func=cmd_volume_delete)
-
-
     va = vsub.add_parser("attach", help="attach a volume to a gateway (--force takes it over and fences the old one)")
     va.add_argument("name")
-    va.add_argument("--gateway", required=True, help="gateway id (gateway_id in its config)")
+    va.add_argument("--gateway", required=True, help="gateway id (gateway_id in its config, e.g. gw1)")
     va.add_argument("--force", action="store_true")
-    va.add_argument("--dir", default=str(DEMO_DIR))
+    _dir(va)
+    _json(va)
     va.set_defaults(func=cmd_volume_attach)
+    vt = vsub.add_parser("detach", help="end a volume's attachment (refused while a host is connected)")
+    vt.add_argument("name")
+    vt.add_argument("--force", action="store_true", help="detach even with a host connected")
+    _dir(vt)
+    _json(vt)
+    vt.set_defaults(func=cmd_volume_detach)
 
     n = sub.add_parser("node", help="run one storage node in the foreground (what systemd runs); "
-                                    "or drain|undrain|stop-check ID")
+                                    "or add, drain|undrain|stop-check ID")
     n.add_argument("action", nargs="?", choices=["add", "drain", "undrain", "stop-check"],
                    help="drain: move its replicas elsewhere; stop-check: would stopping it now leave a group "
                         "without a majority (exit 1)")
     n.add_argument("node_id", nargs="?", type=int)
     n.add_argument("--config", default=None, help="run the node of this config in the foreground")
-    n.add_argument("--dir", default=str(DEMO_DIR), help="the cluster (for drain, undrain, stop-check)")
+    _dir(n, "the cluster (for add, drain, undrain, stop-check)")
     n.add_argument("--wait", action="store_true", help="drain: wait until the node holds no replica")
-    n.add_argument("--force", action="store_true", help="drain even if the stop check fails")
-    n.add_argument("--rack", default=None, help="add: the new node's rack (default: the rack with fewest nodes)")
+    n.add_argument("--timeout", type=float, default=0.0, help="drain --wait: give up after this many seconds (exit 1)")
+    n.add_argument("--force", action="store_true", help="drain even if a check fails")
+    n.add_argument("--rack", default=None,
+                   help="add: the new node's rack (default: a draining node's, else the rack with fewest nodes)")
+    _json(n)
     n.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
     n.add_argument("--log-level", default="info")
     n.set_defaults(func=cmd_node)
@@ -410,24 +534,56 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-level", default="info")
     g.set_defaults(func=cmd_gateway)
 
+    lg = sub.add_parser("logs", help="every process's log of a local cluster, merged in time order")
+    _dir(lg)
+    lg.add_argument("--follow", "-f", action="store_true", help="keep printing new lines (Ctrl-C ends)")
+    lg.add_argument("--node", action="append", default=[], metavar="NAME",
+                    help="only these processes: n1, m2, gateway, or a node id (repeatable)")
+    lg.add_argument("--level", choices=["debug", "info", "warning", "error"], default="debug",
+                    help="only events at this level or above")
+    lg.add_argument("--since", type=float, default=None, metavar="SECONDS", help="only the last SECONDS")
+    lg.add_argument("--lines", "-n", type=int, default=0, help="only the last N lines (before --follow)")
+    _json(lg)
+    lg.set_defaults(func=cmd_logs)
+
     d = sub.add_parser("demo", help="start a local 3-rack cluster with a volume 'demo' (make demo)")
-    d.add_argument("--dir", default=str(DEMO_DIR), help="cluster directory (default $RAFTBLOCK_DIR or .raftblock)")
+    _dir(d)
     d.add_argument("--nbd-port", type=int, default=DEMO_NBD_PORT,
                    help="gateway NBD port (default $RAFTBLOCK_NBD_PORT or 10809; 0 picks a free one)")
-    d.add_argument("--size", default="1G")
+    d.add_argument("--size", type=_size_arg, default=1 << 30, help="the volume's size (default 1G)")
     d.add_argument("--replication", choices=["raft", "chain"], default=None,
                    help="the cluster's default replication (when the demo cluster is first made)")
+    _json(d)
     d.set_defaults(func=cmd_demo)
     return p
 
 
+def cmd_logs(args: argparse.Namespace) -> int:
+    from raftblock.node.logs import follow_logs
+
+    return follow_logs(Path(args.dir), names=args.node, level=args.level, since_s=args.since, lines=args.lines,
+                       follow=args.follow, as_json=args.json)
+
+
 def main(argv: list[str] | None = None) -> int:
+    from raftblock.node.cluster import ClusterError
+
     args = build_parser().parse_args(argv)
+    what = " ".join(x for x in (args.command, getattr(args, f"{args.command}_command", None),
+                                getattr(args, "action", None)) if x)
     try:
         rc: int = args.func(args)
     except BrokenPipeError:  # `raftblock cluster status | head`: the reader left, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt:
+        return 130
+    except ClusterError as e:
+        return _fail(what, e)
+    except (OSError, ValueError) as e:  # an expected condition (a file, a port, a parse): one line, no traceback
+        if os.environ.get("RAFTBLOCK_DEBUG"):
+            raise
+        return _fail(what, e)
     return rc
 
 

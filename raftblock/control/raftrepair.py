@@ -198,6 +198,25 @@ def stop_check(st: MetaState, node_id: int) -> list[tuple[int, str]]:
     return out
 
 
+def drain_blockers(st: MetaState, node_id: int) -> list[tuple[int, str]]:
+    """The groups whose replica on `node_id` no node could take over now (rule 3's candidates: `up`, not
+    draining, not a member, in a rack the other members do not use): a drain would wait for them
+    forever. [(group, why)]; empty: every replica has somewhere to go."""
+    out: list[tuple[int, str]] = []
+    for gid, g in sorted(st.groups.items()):
+        members = [int(m) for m in g.members]
+        if node_id not in members:
+            continue
+        used = {_rack(st, m) for m in members if m != node_id}
+        ok = [n for n in st.nodes.values() if n.state == "up" and not n.draining and int(n.node_id) not in members
+              and n.rack not in used]
+        if not ok:
+            racks = sorted({n.rack for n in st.nodes.values()} - used) or ["a new rack"]
+            out.append((int(gid), f"no up node outside racks {', '.join(sorted(used))} to take it "
+                                  f"(add one: raftblock node add --rack {racks[0]})"))
+    return out
+
+
 def repair_needed(st: MetaState) -> dict[int, str]:
     """Raft and chain groups short of live copies, with why: for `cluster status`."""
     out: dict[int, str] = {}

@@ -22,6 +22,7 @@ import json
 import os
 import time
 from collections.abc import Mapping
+from dataclasses import asdict
 from typing import Any
 
 import structlog
@@ -36,6 +37,7 @@ from raftblock.meta.state import (
     Detach,
     MetaState,
     RegisterNode,
+    RenameVolume,
     Result,
     command_from_dict,
     encode_command,
@@ -43,6 +45,12 @@ from raftblock.meta.state import (
 from raftblock.replication.raft.types import NodeId
 
 log = structlog.get_logger(__name__)
+
+# Commands an operator or a control loop issues that change the map: logged once, by the metadata node
+# that took the proposal, as the audit trail (heartbeats and node-state batches are not: too frequent or
+# logged by the failure detector itself).
+AUDITED = frozenset({"create_volume", "delete_volume", "rename_volume", "attach", "detach", "set_node_drain",
+                     "register_node", "set_group_members"})
 
 LINE_BYTES_MAX = 8 << 20  # a state reply for a large cluster fits
 _AUTH_CONTEXT = b"raftblock-meta-admin"
@@ -96,7 +104,7 @@ class AdminServer:
                 line = await reader.readline()
                 if not line:
                     return
-                reply = await self._handle(line)
+                reply = await self._handle(line, str(writer.get_extra_info("peername")))
                 writer.write(json.dumps(reply, sort_keys=True).encode() + b"\n")
                 await writer.drain()
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, TimeoutError):
@@ -105,7 +113,7 @@ class AdminServer:
             self._conns -= 1
             writer.close()
 
-    async def _handle(self, line: bytes) -> dict[str, Any]:
+    async def _handle(self, line: bytes, peer: str = "") -> dict[str, Any]:
         try:
             req = json.loads(line)
             op = req["op"]
@@ -116,6 +124,12 @@ class AdminServer:
             if op == "propose":
                 cmd = command_from_dict(req.get("command"))
                 res = await node.propose(cmd)
+                if cmd.op in AUDITED:  # the audit trail: who changed the map, as applied (`raftblock logs`)
+                    fields = {k: v for k, v in asdict(cmd).items() if k != "now_ms"}
+                    if not res.ok:
+                        fields.update(refused=res.error, message=res.message)
+                    (log.info if res.ok else log.warning)("meta_audit", command=cmd.op, ok=res.ok, peer=peer,
+                                                          **fields)
                 return {"ok": True, "result": res.to_json()}
             if op == "state":
                 barrier = req.get("barrier", True)
@@ -291,6 +305,9 @@ class MetaClient:
 
     async def detach(self, volume: str, gateway_id: str, attach_epoch: int) -> Result:
         return await self.propose(Detach(volume, gateway_id, attach_epoch))
+
+    async def rename_volume(self, name: str, new_name: str) -> Result:
+        return await self.propose(RenameVolume(name, new_name))
 
 
 def _now_ms() -> int:

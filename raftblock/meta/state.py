@@ -29,6 +29,7 @@ from raftblock.meta.placement import (
     place,
 )
 from raftblock.replication.raft.types import GroupId, NodeId
+from raftblock.units import format_size
 
 NodeState = Literal["up", "suspect", "down"]
 ReplicationMode = Literal["raft", "chain"]
@@ -204,6 +205,15 @@ class Detach(Command):
 
 
 @dataclass(frozen=True)
+class RenameVolume(Command):
+    """A new name for a detached volume; its id, groups and attach epochs stay (nodes fence by epoch)."""
+
+    op: ClassVar[str] = "rename_volume"
+    name: str
+    new_name: str
+
+
+@dataclass(frozen=True)
 class SetGroupMembers(Command):
     op: ClassVar[str] = "set_group_members"
     group_id: int
@@ -221,7 +231,7 @@ class Noop(Command):
 COMMANDS: dict[str, type[Command]] = {
     c.op: c
     for c in (InitCluster, RegisterNode, SetNodeStates, CreateVolume, DeleteVolume, Attach, Detach,
-              SetGroupMembers, Noop, SetNodeDrain)
+              SetGroupMembers, Noop, SetNodeDrain, RenameVolume)
 }
 
 
@@ -415,8 +425,8 @@ class MetaState:
         if cmd.mode not in MODES:
             return _err("invalid", f"mode {cmd.mode!r} is not one of {MODES}")
         if cmd.size_bytes <= 0 or cmd.size_bytes % BLOCK_SIZE or cmd.size_bytes > VOLUME_SIZE_BYTES_MAX:
-            return _err("invalid", f"size_bytes must be a positive multiple of {BLOCK_SIZE}, "
-                        f"at most {VOLUME_SIZE_BYTES_MAX}")
+            return _err("invalid", f"a volume's size must be a positive multiple of 4KiB, "
+                        f"at most {format_size(VOLUME_SIZE_BYTES_MAX)}")
         if cmd.qos_iops_max < 0 or cmd.qos_bytes_per_s_max < 0:
             return _err("invalid", "QoS limits must be >= 0")
         views = [NodeView(n.node_id, n.rack, n.state == "up" and not n.draining, n.capacity_bytes, n.reserved_bytes)
@@ -492,6 +502,24 @@ class MetaState:
             return refusal
         del self.attachments[cmd.volume]
         return _ok()
+
+    def _apply_rename_volume(self, cmd: RenameVolume) -> Result:
+        vol = self.volumes.get(cmd.name)
+        if vol is None:
+            return _err("not_found", f"no volume {cmd.name!r}")
+        if not valid_volume_name(cmd.new_name):
+            return _err("invalid", f"volume name {cmd.new_name!r}: 1-{VOLUME_NAME_BYTES_MAX} of [A-Za-z0-9._-]")
+        if cmd.new_name in self.volumes:
+            return _err("exists", f"volume {cmd.new_name!r} exists")
+        if cmd.name in self.attachments:
+            a = self.attachments[cmd.name]
+            return _err("attached", f"volume {cmd.name!r} is attached by gateway {a.gateway_id!r}; detach it first")
+        del self.volumes[cmd.name]
+        vol.name = cmd.new_name
+        self.volumes[cmd.new_name] = vol
+        if cmd.name in self.attach_epochs:
+            self.attach_epochs[cmd.new_name] = self.attach_epochs.pop(cmd.name)
+        return _ok(name=cmd.new_name, volume_id=vol.volume_id)
 
     def _apply_set_group_members(self, cmd: SetGroupMembers) -> Result:
         grp = self.groups.get(GroupId(cmd.group_id))

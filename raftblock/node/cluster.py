@@ -35,9 +35,10 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from raftblock.meta.node import write_local_configs
 from raftblock.meta.rpc import MetaClient, MetaClientError
@@ -45,6 +46,7 @@ from raftblock.meta.state import MetaState
 from raftblock.node.clustermap import ClusterMap, NodeEntry, extent_id
 from raftblock.node.dirlock import LOCK_NAME, file_lock_holder
 from raftblock.replication.raft.types import NodeId
+from raftblock.units import format_size
 
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
@@ -56,6 +58,9 @@ ERROR_COUNTERS = ("corrupt_reads", "read_repairs", "blocks_repaired", "read_repa
                   "frames_bad_crc", "frames_bad_magic", "frames_malformed", "raft_unknown_group",
                   "client_unknown_group", "stale_epoch_refused", "apply_errors", "wal_sync_slow",
                   "scrub_errors_found", "scrub_mismatches", "scrub_repair_failed")
+
+
+T = TypeVar("T")
 
 
 class ClusterError(Exception):
@@ -152,8 +157,10 @@ def _spawn(layout: Layout, name: str, argv: list[str]) -> subprocess.Popen[bytes
     ready = layout.readyfile(name)
     ready.unlink(missing_ok=True)
     with open(ready, "wb") as out, open(layout.logs / f"{name}.log", "ab") as err:
+        offset = err.tell()
         proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc.log_offset = offset  # type: ignore[attr-defined]  # where this run's log starts (_why)
     layout.pidfile(name).write_text(str(proc.pid))
     return proc
 
@@ -166,10 +173,39 @@ def _wait_ready(layout: Layout, name: str, proc: subprocess.Popen[bytes]) -> str
         if text.startswith("READY"):
             return text.split()[1]
         if proc.poll() is not None:
-            tail = (layout.logs / f"{name}.log").read_text(errors="replace").splitlines()[-5:]
-            raise ClusterError(f"{name} exited with {proc.returncode}: {' | '.join(tail)}")
+            log_path = layout.logs / f"{name}.log"
+            raise ClusterError(f"{name} exited with {proc.returncode}: "
+                               f"{_why(log_path, getattr(proc, 'log_offset', 0))} (log: {log_path})")
         time.sleep(POLL_S)
     raise ClusterError(f"{name} not ready within {START_TIMEOUT_S:.0f} s (see {layout.logs / (name + '.log')})")
+
+
+def _why(log_path: Path, offset: int) -> str:
+    """What a process that died at start said last, in one line: its own one-line error (the CLI's rule),
+    the last line of a traceback, or its last error/warning log event's fields."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    events: list[dict[str, Any]] = []
+    for line in reversed(lines):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            return line  # not a log event: the process's own last word
+        if isinstance(ev, dict) and ev.get("level") in ("error", "critical", "warning"):
+            events.append(ev)
+    if events:
+        ev = events[0]
+        exc = str(ev.get("exception") or "").strip().splitlines()
+        detail = ev.get("error") or (exc[-1] if exc else "")
+        return f"{ev.get('event')}: {detail}" if detail else str(ev.get("event"))
+    return lines[-1] if lines else "no output"
 
 
 def _stop(layout: Layout, name: str, config: Path) -> bool:
@@ -255,9 +291,11 @@ def meta_client(layout: Layout, cmap: ClusterMap, deadline_s: float = 20.0) -> M
     return MetaClient({NodeId(int(k)): v for k, v in cmap.meta_admin.items()}, secret, deadline_s=deadline_s)
 
 
-def read_map(layout: Layout, cmap: ClusterMap) -> MetaState:
-    async def go() -> MetaState:
-        return await meta_client(layout, cmap).state(barrier=True)
+def _meta(layout: Layout, cmap: ClusterMap, call: Callable[[MetaClient], Awaitable[T]],
+          deadline_s: float = 20.0) -> T:
+    """One call to the metadata group; unreachable is a ClusterError (one line), never a traceback."""
+    async def go() -> T:
+        return await call(meta_client(layout, cmap, deadline_s))
 
     try:
         return asyncio.run(go())
@@ -265,49 +303,132 @@ def read_map(layout: Layout, cmap: ClusterMap) -> MetaState:
         raise ClusterError(f"metadata group unreachable: {e}") from e
 
 
+def _done(res: Any) -> dict[str, Any]:
+    """A proposal's result: its value, or its refusal as a ClusterError."""
+    if not res.ok:
+        raise ClusterError(res.message or res.error)
+    return dict(res.value or {})
+
+
+def read_map(layout: Layout, cmap: ClusterMap) -> MetaState:
+    return _meta(layout, cmap, lambda c: c.state(barrier=True))
+
+
 # --- commands ------------------------------------------------------------------------------------
-def cluster_up(root: Path, nodes: int = 3, racks: int = 3, nbd_port: int = 10809, port_base: int | None = None,
-               disk: str = "os", bind: str = "127.0.0.1", replication: str | None = None) -> str:
+def cluster_up(root: Path, nodes: int = 3, racks: int = 3, nbd_port: int | None = None,
+               port_base: int | None = None, disk: str = "os", bind: str = "127.0.0.1",
+               replication: str | None = None, notes: list[str] | None = None) -> str:
     """`replication`: the default mode of `volume create` ("raft" | "chain"), fixed when the cluster is
-    first made (the layout file is written once); asking for another one later is an error."""
+    first made (the layout file is written once); asking for another one later is an error.
+    `nbd_port`: the gateway's NBD port (0: a free one); None keeps the configured one (10809 for a new
+    cluster). A new port for an existing cluster is written to the gateway's config when the gateway is
+    not running (said in `notes`), refused while it runs. Nothing is started when the NBD port is taken;
+    when a process fails to start, what this call started is stopped again."""
     layout = Layout(root)
-    root.mkdir(parents=True, exist_ok=True)
     if replication is not None and replication not in ("raft", "chain"):
         raise ClusterError(f"--replication must be raft or chain, not {replication!r}")
+    notes = notes if notes is not None else []
     if layout.map_path.exists():
         cmap = ClusterMap.load(layout.map_path)
         if replication is not None and replication != cmap.replication:
             raise ClusterError(f"the cluster in {root} was made with --replication {cmap.replication}; "
                                f"it is kept (create volumes with --replication {replication} instead)")
+        if running_pid(layout, "gateway", layout.gateway_config) is None:
+            have = _gateway_port(layout)
+            if nbd_port is not None and nbd_port != have:
+                nbd_port = _check_nbd_port(bind, nbd_port, root)
+                _set_gateway_port(layout, nbd_port)
+                notes.append(f"gateway NBD port changed from {have} to {nbd_port} (in {layout.gateway_config})")
+            else:
+                _check_nbd_port(bind, have, root)
+        elif nbd_port not in (None, 0, _gateway_port(layout)):
+            raise ClusterError(f"the gateway of {root} runs on port {_gateway_port(layout)}; stop the cluster "
+                               f"(raftblock cluster down --dir {root}) to move it to {nbd_port}")
     else:
+        nbd_port = _check_nbd_port(bind, 10809 if nbd_port is None else nbd_port, root)
+        root.mkdir(parents=True, exist_ok=True)
         cmap = create_layout(layout, nodes, racks, port_base, bind)
         cmap.replication = replication or "raft"
-        if nbd_port == 0:
-            nbd_port = _free_port(bind)
         write_configs(layout, cmap, disk, bind, nbd_port)
         cmap.save(layout.map_path)
-    procs: dict[str, subprocess.Popen[bytes]] = {}
-    for mid in sorted(int(k) for k in cmap.meta_admin):
-        cfg = layout.meta_config(mid)
-        if running_pid(layout, f"m{mid}", cfg) is None:
-            procs[f"m{mid}"] = _spawn(layout, f"m{mid}", [sys.executable, "-m", "raftblock.meta.node", "--config",
-                                                          str(cfg), "--log-format", "json"])
-    for n in cmap.nodes:
-        cfg = layout.node_config(n.node_id)
-        name = f"n{n.node_id}"
-        if running_pid(layout, name, cfg) is None:
-            procs[name] = _spawn(layout, name, [sys.executable, "-m", "raftblock.cli", "node", "--config", str(cfg),
-                                                "--log-format", "json"])
-    for name, proc in procs.items():
-        _wait_ready(layout, name, proc)
-    if running_pid(layout, "gateway", layout.gateway_config) is None:
-        gw = _spawn(layout, "gateway", [sys.executable, "-m", "raftblock.cli", "gateway", "--config",
-                                        str(layout.gateway_config), "--log-format", "json"])
-        uri = _wait_ready(layout, "gateway", gw)
-    else:
-        uri = layout.readyfile("gateway").read_text().split()[1]
+    started: list[str] = []
+    try:
+        procs: dict[str, subprocess.Popen[bytes]] = {}
+        for mid in sorted(int(k) for k in cmap.meta_admin):
+            cfg = layout.meta_config(mid)
+            if running_pid(layout, f"m{mid}", cfg) is None:
+                procs[f"m{mid}"] = _spawn(layout, f"m{mid}", [sys.executable, "-m", "raftblock.meta.node",
+                                                              "--config", str(cfg), "--log-format", "json"])
+        for n in cmap.nodes:
+            cfg = layout.node_config(n.node_id)
+            name = f"n{n.node_id}"
+            if running_pid(layout, name, cfg) is None:
+                procs[name] = _spawn(layout, name, [sys.executable, "-m", "raftblock.cli", "node", "--config",
+                                                    str(cfg), "--log-format", "json"])
+        started += procs
+        for name, proc in procs.items():
+            _wait_ready(layout, name, proc)
+        if running_pid(layout, "gateway", layout.gateway_config) is None:
+            gw = _spawn(layout, "gateway", [sys.executable, "-m", "raftblock.cli", "gateway", "--config",
+                                            str(layout.gateway_config), "--log-format", "json"])
+            started.append("gateway")
+            uri = _wait_ready(layout, "gateway", gw)
+        else:
+            uri = _ready_uri(layout, "gateway") or f"nbd://{bind}:{_gateway_port(layout)}"
+    except (ClusterError, OSError) as e:
+        for name in reversed(started):
+            _stop(layout, name, _config_of(layout, name))
+        what = f"; stopped what it had started ({', '.join(started)})" if started else ""
+        raise ClusterError(f"{e}{what}") from e
+    # Every process runs: a cluster that is slow to become healthy is left running (it may yet).
     wait_healthy(layout, cmap)
     return uri
+
+
+def _config_of(layout: Layout, name: str) -> Path:
+    if name == "gateway":
+        return layout.gateway_config
+    if name.startswith("m"):
+        return layout.meta_config(int(name[1:]))
+    return layout.node_config(int(name[1:]))
+
+
+def _gateway_port(layout: Layout) -> int:
+    import tomllib
+
+    with open(layout.gateway_config, "rb") as f:
+        return int(tomllib.load(f).get("port", 10809))
+
+
+def _set_gateway_port(layout: Layout, port: int) -> None:
+    lines = layout.gateway_config.read_text().splitlines()
+    lines = [f"port = {port}" if line.startswith("port =") else line for line in lines]
+    layout.gateway_config.write_text("\n".join(lines) + "\n")
+
+
+def _check_nbd_port(bind: str, port: int, root: Path) -> int:
+    """The NBD port if it can be bound (0: a free one, chosen now), else a ClusterError saying what to do,
+    before anything is started."""
+    if port == 0:
+        return _free_port(bind)
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((bind, port))
+        except OSError as e:
+            raise ClusterError(
+                f"NBD port {bind}:{port} is not free ({e.strerror}): another cluster or NBD server uses it; "
+                f"pick another one (make demo NBD_PORT={port + 1}, or cluster up --dir {root} --nbd-port "
+                f"{port + 1}; --nbd-port 0 picks a free one). Nothing was started.") from None
+    return port
+
+
+def _ready_uri(layout: Layout, name: str) -> str | None:
+    try:
+        words = layout.readyfile(name).read_text().split()
+    except OSError:
+        return None
+    return words[1] if len(words) >= 2 and words[0] == "READY" else None
 
 
 def wait_healthy(layout: Layout, cmap: ClusterMap, groups: set[int] | None = None,
@@ -323,7 +444,8 @@ def wait_healthy(layout: Layout, cmap: ClusterMap, groups: set[int] | None = Non
             time.sleep(0.2)
             continue
         missing = [n.node_id for n in cmap.nodes
-                   if NodeId(n.node_id) not in st.nodes or st.nodes[NodeId(n.node_id)].state != "up"]
+                   if NodeId(n.node_id) not in st.nodes or st.nodes[NodeId(n.node_id)].state != "up"] \
+            if groups is None else []  # a volume's groups need their own majority, not every node
         if missing:
             problem = f"storage nodes not up in the map: {missing}"
         else:
@@ -334,7 +456,7 @@ def wait_healthy(layout: Layout, cmap: ClusterMap, groups: set[int] | None = Non
                 return
             problem = f"groups without a leader: {leaderless[:10]}"
         time.sleep(0.2)
-    raise ClusterError(f"cluster not healthy after {timeout_s:.0f} s: {problem}")
+    raise ClusterError(f"not healthy after {timeout_s:.0f} s: {problem}")
 
 
 async def collect_status(cmap: ClusterMap, st: MetaState) -> dict[str, Any]:
@@ -446,9 +568,8 @@ def cluster_status(root: Path) -> dict[str, Any]:
             n["state"] = "stopped"
     gw = _gateway_call(layout, "status")
     connections = {k: v["attached"] for k, v in (gw or {}).get("volumes", {}).items()}
-    st["gateway"] = {"pid": running_pid(layout, "gateway", layout.gateway_config),
-                     "uri": (layout.readyfile("gateway").read_text().split()[1]
-                             if layout.readyfile("gateway").exists() else None)}
+    gw_pid = running_pid(layout, "gateway", layout.gateway_config)
+    st["gateway"] = {"pid": gw_pid, "uri": _ready_uri(layout, "gateway") if gw_pid is not None else None}
     st["metadata"] = [{"id": int(k), "admin": v, "pid": running_pid(layout, f"m{k}", layout.meta_config(int(k)))}
                       for k, v in sorted(cmap.meta_admin.items())]
     st["volumes"] = [{"name": v.name, "size_bytes": v.size_bytes, "replication": v.mode,
@@ -463,8 +584,8 @@ def cluster_status(root: Path) -> dict[str, Any]:
 
 
 def node_add(root: Path, rack: str | None = None) -> dict[str, Any]:
-    """`raftblock node add [--rack R]`: one more storage node in a running local cluster (in the rack with
-    the fewest nodes unless named). Every node's config gets the new peer (for restarts); running nodes
+    """`raftblock node add [--rack R]`: one more storage node in a running local cluster (unless named: in
+    the rack of a draining node, else in the rack with the fewest nodes). Every node's config gets the new peer (for restarts); running nodes
     and the gateway learn its address from the map when it registers, and the metadata leader's
     rebalancing moves replicas to it, one group at a time (control/raftrepair.py)."""
     layout = Layout(root)
@@ -473,10 +594,14 @@ def node_add(root: Path, rack: str | None = None) -> dict[str, Any]:
     disk = next((line.split("=", 1)[1].strip().strip('"') for line in first.splitlines()
                  if line.startswith("disk =")), "os")
     if rack is None:
+        # Where it can help: the rack of a draining node first (its replicas can only move to a node of a
+        # rack their group does not use: usually the draining node's own), else the rack with fewest nodes.
         per: dict[str, int] = {}
         for n in cmap.nodes:
             per[n.rack] = per.get(n.rack, 0) + 1
-        rack = min(per, key=lambda r: (per[r], r))
+        st = read_map(layout, cmap)
+        draining = {n.rack for n in st.nodes.values() if n.draining}
+        rack = min(per, key=lambda r: (r not in draining, per[r], r))
     host = cmap.nodes[0].host
     nid = max(n.node_id for n in cmap.nodes) + 1
     entry = NodeEntry(nid, rack, host, _free_port(host))
@@ -518,35 +643,32 @@ def _unsafe(node_id: int, risks: list[tuple[int, str]]) -> str:
 def node_drain(root: Path, node_id: int, draining: bool = True, force: bool = False) -> dict[str, Any]:
     """`node drain ID`: the metadata leader moves every replica of the node elsewhere (new member added and
     caught up before the old one leaves, one group at a time) and places nothing new on it; refused while
-    the node is needed for a majority somewhere (a move needs the others whole). `undrain` ends it."""
+    the node is needed for a majority somewhere (a move needs the others whole), or while some replica
+    has nowhere to go (a drain that would never end). `undrain` ends it."""
+    from raftblock.control.raftrepair import drain_blockers
+    from raftblock.meta.state import SetNodeDrain
+
     layout = Layout(root)
     cmap = _load(layout)
+    if node_id not in {n.node_id for n in cmap.nodes}:
+        raise ClusterError(f"no node {node_id} in {root}")
     if draining and not force:
         risks = node_stop_check(root, node_id)
         if risks:
             raise ClusterError(_unsafe(node_id, risks))
-
-    async def go() -> Any:
-        from raftblock.meta.state import SetNodeDrain
-
-        return await meta_client(layout, cmap).propose(SetNodeDrain(node_id, draining))
-
-    try:
-        res = asyncio.run(go())
-    except MetaClientError as e:
-        raise ClusterError(f"metadata group unreachable: {e}") from e
-    if not res.ok:
-        raise ClusterError(res.message)
-    return dict(res.value)
+        blocked = drain_blockers(read_map(layout, cmap), node_id)
+        if blocked:
+            raise ClusterError(f"node {node_id} cannot be drained now: {len(blocked)} group(s) have no node to move "
+                               f"to: " + "; ".join(f"group {g}: {why}" for g, why in blocked[:3])
+                               + " (--force to mark it draining anyway)")
+    return _done(_meta(layout, cmap, lambda c: c.propose(SetNodeDrain(node_id, draining))))
 
 
 def cluster_down(root: Path, node: int | None = None, force: bool = False) -> list[str]:
     """Stop every process; with `node`, only that storage node, refused (unless `force`) when stopping it
     would leave a group without a majority (node_stop_check)."""
     layout = Layout(root)
-    if not layout.map_path.exists():
-        return []
-    cmap = ClusterMap.load(layout.map_path)
+    cmap = _load(layout, running=False)
     if node is not None:
         if node not in {n.node_id for n in cmap.nodes}:
             raise ClusterError(f"no node {node} in {root}")
@@ -567,51 +689,105 @@ def cluster_down(root: Path, node: int | None = None, force: bool = False) -> li
     return stopped
 
 
-def volume_create(root: Path, name: str, size_bytes: int, replication: str | None = None) -> dict[str, Any]:
-    """`replication`: "raft" | "chain"; None: the cluster's default (`cluster up --replication`)."""
+def volume_create(root: Path, name: str, size_bytes: int, replication: str | None = None,
+                  timeout_s: float = 30.0) -> dict[str, Any]:
+    """`replication`: "raft" | "chain"; None: the cluster's default (`cluster up --replication`). Returns
+    once every group of the volume has a leader (a stopped node does not matter while each group keeps a
+    majority); if they do not within `timeout_s`, the error says that the volume exists."""
+    from raftblock.meta.state import VOLUME_SIZE_BYTES_MAX
+
     layout = Layout(root)
+    if size_bytes <= 0 or size_bytes % 4096 or size_bytes > VOLUME_SIZE_BYTES_MAX:
+        raise ClusterError(f"size {format_size(size_bytes)}: a volume is a positive multiple of 4KiB, "
+                           f"at most {format_size(VOLUME_SIZE_BYTES_MAX)}")
     cmap = _load(layout)
     mode = replication or cmap.replication
-
-    async def go() -> Any:
-        return await meta_client(layout, cmap).create_volume(name, size_bytes, mode)
-
-    try:
-        res = asyncio.run(go())
-    except MetaClientError as e:
-        raise ClusterError(f"metadata group unreachable: {e}") from e
-    if not res.ok:
-        raise ClusterError(res.message or res.error)
+    _done(_meta(layout, cmap, lambda c: c.create_volume(name, size_bytes, mode)))
     _gateway_call(layout, "reload")
     vol = read_map(layout, cmap).volumes[name]
     groups = {int(g) for g in vol.extent_groups}
-    wait_healthy(layout, cmap, groups)
+    try:
+        wait_healthy(layout, cmap, groups, timeout_s)
+    except ClusterError as e:
+        raise ClusterError(f"volume {name} was created, but is not serving yet: {e} "
+                           f"(it serves once they have; raftblock cluster status --dir {root})") from e
     return {"name": vol.name, "size_bytes": vol.size_bytes, "extents": len(vol.extent_groups),
             "groups": sorted(groups), "replication": vol.mode}
+
+
+def _connections(layout: Layout, name: str) -> int:
+    gw = _gateway_call(layout, "status")
+    return int((gw or {}).get("volumes", {}).get(name, {}).get("attached", 0))
 
 
 def volume_delete(root: Path, name: str) -> None:
     layout = Layout(root)
     cmap = _load(layout)
-    gw = _gateway_call(layout, "status")
-    if gw and gw.get("volumes", {}).get(name, {}).get("attached", 0):
-        raise ClusterError(f"volume {name} is attached by a host; detach it first")
+    if _connections(layout, name):
+        raise ClusterError(f"volume {name} is in use: a host is connected to it through the gateway; "
+                           f"disconnect it first")
     st = read_map(layout, cmap)
     vol = st.volumes.get(name)
     if vol is None:
         raise ClusterError(f"no volume {name}")
     if name in st.attachments:
-        raise ClusterError(f"volume {name} is attached by gateway {st.attachments[name].gateway_id}")
+        raise ClusterError(f"volume {name} is attached by gateway {st.attachments[name].gateway_id} "
+                           f"(raftblock volume detach {name})")
     ids = [extent_id(int(g), i) for i, g in enumerate(vol.extent_groups)]
     asyncio.run(_drop_extents(cmap, ids, vol.extent_size_bytes, st.attach_epochs.get(name, 0)))
-
-    async def go() -> Any:
-        return await meta_client(layout, cmap).delete_volume(name)
-
-    res = asyncio.run(go())
-    if not res.ok:
-        raise ClusterError(res.message or res.error)
+    _done(_meta(layout, cmap, lambda c: c.delete_volume(name)))
     _gateway_call(layout, "reload")
+
+
+def volume_info(root: Path, name: str) -> dict[str, Any]:
+    """`volume info NAME`: size, replication, its extent groups (members, leader, term, epoch), allocated
+    bytes, attachment and connections."""
+    layout = Layout(root)
+    cmap = _load(layout)
+    st = read_map(layout, cmap)
+    vol = st.volumes.get(name)
+    if vol is None:
+        raise ClusterError(f"no volume {name}")
+    gids = sorted({int(g) for g in vol.extent_groups})
+    status = asyncio.run(collect_status(cmap, st))
+    groups = [g for g in status["groups"] if g["group"] in gids]
+    att = st.attachments.get(name)
+    return {"name": vol.name, "id": vol.volume_id, "size_bytes": vol.size_bytes, "replication": vol.mode,
+            "created_ms": vol.created_ms, "extent_size_bytes": vol.extent_size_bytes,
+            "extents": len(vol.extent_groups), "extent_groups": [int(g) for g in vol.extent_groups],
+            "groups": [{k: g[k] for k in ("group", "members", "leader", "term", "epoch")} for g in groups],
+            "allocated_bytes": sum(g["allocated_bytes"] or 0 for g in groups),
+            "attached_by": att.gateway_id if att is not None else None,
+            "attach_epoch": st.attach_epochs.get(name, 0), "connections": _connections(layout, name),
+            "repairs": [r for r in status["repairs"] if r["group"] in gids]}
+
+
+def volume_detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
+    """`volume detach NAME`: end the volume's attachment in the map (so another gateway may attach it
+    without --force); refused while a host is connected through the gateway, unless forced."""
+    layout = Layout(root)
+    cmap = _load(layout)
+    st = read_map(layout, cmap)
+    if name not in st.volumes:
+        raise ClusterError(f"no volume {name}")
+    att = st.attachments.get(name)
+    if att is None:
+        return {"name": name, "detached": False, "attached_by": None}
+    if _connections(layout, name) and not force:
+        raise ClusterError(f"volume {name} is in use: a host is connected to it through gateway {att.gateway_id} "
+                           f"(disconnect it, or --force)")
+    _done(_meta(layout, cmap, lambda c: c.detach(name, att.gateway_id, att.attach_epoch)))
+    return {"name": name, "detached": True, "attached_by": att.gateway_id}
+
+
+def volume_rename(root: Path, name: str, new_name: str) -> dict[str, Any]:
+    layout = Layout(root)
+    cmap = _load(layout)
+    if _connections(layout, name):
+        raise ClusterError(f"volume {name} is in use: a host is connected to it; disconnect it first")
+    res = _done(_meta(layout, cmap, lambda c: c.rename_volume(name, new_name)))
+    _gateway_call(layout, "reload")
+    return {"name": new_name, "old_name": name, "id": res.get("volume_id")}
 
 
 async def _drop_extents(cmap: ClusterMap, extent_ids: list[int], extent_size_bytes: int, epoch: int) -> None:
@@ -626,29 +802,52 @@ async def _drop_extents(cmap: ClusterMap, extent_ids: list[int], extent_size_byt
         await client.close()
 
 
+def gateway_ids(layout: Layout) -> list[str]:
+    """The gateways of this cluster directory (their `gateway_id`s)."""
+    import tomllib
+
+    out = []
+    for p in sorted((layout.root / "nodes").glob("gateway*.toml")):
+        try:
+            with open(p, "rb") as f:
+                out.append(str(tomllib.load(f).get("gateway_id", "gw1")))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
 def volume_attach(root: Path, name: str, gateway_id: str, force: bool) -> int:
     """Attach a volume to a gateway in the map (force: take it over from another gateway, which is
     then fenced: the nodes refuse its older attach epoch). Returns the new attach epoch."""
     layout = Layout(root)
     cmap = _load(layout)
-
-    async def go() -> Any:
-        return await meta_client(layout, cmap).attach(name, gateway_id, force=force)
-
-    res = asyncio.run(go())
-    if not res.ok:
-        raise ClusterError(res.message or res.error)
-    return int(res.value["attach_epoch"])
+    known = gateway_ids(layout)
+    if gateway_id not in known:
+        raise ClusterError(f"no gateway {gateway_id!r} in {root} (its gateways: {', '.join(known) or 'none'})")
+    return int(_done(_meta(layout, cmap, lambda c: c.attach(name, gateway_id, force=force)))["attach_epoch"])
 
 
 def volume_list(root: Path) -> list[dict[str, Any]]:
     layout = Layout(root)
     st = read_map(layout, _load(layout))
-    return [{"name": v.name, "size_bytes": v.size_bytes, "replication": v.mode, "extents": len(v.extent_groups)}
+    return [{"name": v.name, "size_bytes": v.size_bytes, "replication": v.mode, "extents": len(v.extent_groups),
+             "attached_by": st.attachments[v.name].gateway_id if v.name in st.attachments else None}
             for v in sorted(st.volumes.values(), key=lambda v: v.name)]
 
 
-def _load(layout: Layout) -> ClusterMap:
+def _load(layout: Layout, running: bool = True) -> ClusterMap:
+    """The cluster of `layout`; with `running`, fail at once unless a majority of its metadata processes
+    runs (found by their locks): a command on a stopped cluster says so instead of waiting for a timeout."""
+    root = layout.root
     if not layout.map_path.exists():
-        raise ClusterError(f"no cluster in {layout.root} (run `raftblock cluster up --dir {layout.root}`)")
-    return ClusterMap.load(layout.map_path)
+        raise ClusterError(f"no cluster in {root} (start one: raftblock cluster up --dir {root})")
+    cmap = ClusterMap.load(layout.map_path)
+    if running:
+        metas = sorted(int(k) for k in cmap.meta_admin)
+        up = [k for k in metas if running_pid(layout, f"m{k}", layout.meta_config(k)) is not None]
+        if not up:
+            raise ClusterError(f"the cluster in {root} is not running (start it: raftblock cluster up --dir {root})")
+        if 2 * len(up) <= len(metas):
+            raise ClusterError(f"only {len(up)} of {len(metas)} metadata processes of {root} run, no majority "
+                               f"(start the others: raftblock cluster up --dir {root})")
+    return cmap
