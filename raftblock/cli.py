@@ -77,6 +77,15 @@ def _print_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
 
 
+def _report(args: argparse.Namespace, obj: object, text: str) -> int:
+    """A command's result: `obj` as JSON with --json, else the line `text`."""
+    if args.json:
+        _print_json(obj)
+    else:
+        print(text)
+    return 0
+
+
 def cmd_cluster_up(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import cluster_up
 
@@ -85,22 +94,14 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
                      port_base=args.port_base, disk=args.disk, replication=args.replication, notes=notes)
     for n in notes:
         print(f"raftblock cluster up: {n}", file=sys.stderr)
-    if args.json:
-        _print_json({"uri": uri, "dir": args.dir, "notes": notes})
-    else:
-        print(uri)
-    return 0
+    return _report(args, {"uri": uri, "dir": args.dir, "notes": notes}, uri)
 
 
 def cmd_cluster_down(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import cluster_down
 
     stopped = cluster_down(Path(args.dir), args.node, args.force)
-    if args.json:
-        _print_json({"stopped": stopped})
-    else:
-        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
-    return 0
+    return _report(args, {"stopped": stopped}, "stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
 
 
 def cmd_cluster_status(args: argparse.Namespace) -> int:
@@ -181,12 +182,8 @@ def cmd_volume_create(args: argparse.Namespace) -> int:
     from raftblock.units import format_size
 
     v = volume_create(Path(args.dir), args.name, args.size, args.replication)
-    if args.json:
-        _print_json(v)
-    else:
-        print(f"created volume {v['name']} ({format_size(v['size_bytes'])}, {v['extents']} extents in groups "
-              f"{','.join(map(str, v['groups']))}, replication {v['replication']})")
-    return 0
+    return _report(args, v, f"created volume {v['name']} ({format_size(v['size_bytes'])}, {v['extents']} extents "
+                            f"in groups {','.join(map(str, v['groups']))}, replication {v['replication']})")
 
 
 def cmd_volume_list(args: argparse.Namespace) -> int:
@@ -233,46 +230,30 @@ def cmd_volume_delete(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import volume_delete
 
     volume_delete(Path(args.dir), args.name)
-    if args.json:
-        _print_json({"deleted": args.name})
-    else:
-        print(f"deleted volume {args.name}")
-    return 0
+    return _report(args, {"deleted": args.name}, f"deleted volume {args.name}")
 
 
 def cmd_volume_attach(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import volume_attach
 
     epoch = volume_attach(Path(args.dir), args.name, args.gateway, args.force)
-    if args.json:
-        _print_json({"name": args.name, "gateway": args.gateway, "attach_epoch": epoch})
-    else:
-        print(f"volume {args.name} attached to gateway {args.gateway} (attach epoch {epoch})")
-    return 0
+    return _report(args, {"name": args.name, "gateway": args.gateway, "attach_epoch": epoch},
+                   f"volume {args.name} attached to gateway {args.gateway} (attach epoch {epoch})")
 
 
 def cmd_volume_detach(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import volume_detach
 
     res = volume_detach(Path(args.dir), args.name, args.force)
-    if args.json:
-        _print_json(res)
-    elif res["detached"]:
-        print(f"volume {args.name} detached from gateway {res['attached_by']}")
-    else:
-        print(f"volume {args.name} was not attached")
-    return 0
+    return _report(args, res, f"volume {args.name} detached from gateway {res['attached_by']}" if res["detached"]
+                   else f"volume {args.name} was not attached")
 
 
 def cmd_volume_rename(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import volume_rename
 
     res = volume_rename(Path(args.dir), args.name, args.new_name)
-    if args.json:
-        _print_json(res)
-    else:
-        print(f"volume {args.name} renamed to {args.new_name}")
-    return 0
+    return _report(args, res, f"volume {args.name} renamed to {args.new_name}")
 
 
 def cmd_node(args: argparse.Namespace) -> int:
@@ -293,12 +274,8 @@ def cmd_node_action(args: argparse.Namespace) -> int:
 
     if args.action == "add":
         info = node_add(Path(args.dir), args.rack)
-        if args.json:
-            _print_json(info)
-        else:
-            print(f"added node {info['node_id']} in rack {info['rack']} at {info['address']}; replicas move to it "
-                  f"one group at a time (raftblock repair watch)")
-        return 0
+        return _report(args, info, f"added node {info['node_id']} in rack {info['rack']} at {info['address']}; "
+                                   f"replicas move to it one group at a time (raftblock repair watch)")
     if args.node_id is None:
         print(f"raftblock node {args.action}: which node? (node {args.action} ID)", file=sys.stderr)
         return 2
