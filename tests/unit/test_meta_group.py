@@ -387,8 +387,10 @@ def test_chain_leases_only_for_up_members_at_the_current_epoch_and_a_silent_memb
     """docs/chain.md, leases: a heartbeat gets a lease and the epochs of the chains the node is in; a node
     that is not `up` in the committed map gets no lease; the leader removes a silent member from its chain
     once the others report the epoch adopted and caught up, and the node, back, gets a lease without
-    that chain (it must not serve it in the old epoch)."""
-    health = HealthConfig(heartbeat_interval_ms=100, down_grace_ms=2000, proposal_interval_ms_min=0)
+    that chain (it must not serve it in the old epoch). Margins for a loaded machine: a loop turn of this
+    test may take hundreds of ms, so nodes 1 and 2 are suspected only after 900 ms of silence; a removal of
+    one of them anyway is a legal outcome the asserts accept."""
+    health = HealthConfig(heartbeat_interval_ms=300, down_grace_ms=3000, proposal_interval_ms_min=0)
 
     async def scenario() -> None:
         port = free_port()
@@ -409,7 +411,8 @@ def test_chain_leases_only_for_up_members_at_the_current_epoch_and_a_silent_memb
 
             await _until(all_up, 10)
             lease, epochs = node.heartbeat(NodeId(1), chains={gid: [1, 1, 1]})
-            assert lease == health.suspect_after_ms * 2 // 3 and epochs == {gid: 1}
+            g = node.state().groups[gid]
+            assert lease == health.suspect_after_ms * 2 // 3 and epochs == {gid: g.epoch}
 
             def beat_two() -> bool:  # nodes 1 and 2 report epoch adopted and caught up; node 3 is silent
                 g = node.state().groups[gid]
@@ -418,7 +421,7 @@ def test_chain_leases_only_for_up_members_at_the_current_epoch_and_a_silent_memb
                 return NodeId(3) not in g.members
 
             await _until(beat_two, 10)
-            assert node.state().groups[gid].epoch == 2
+            assert node.state().groups[gid].epoch >= 2
             assert node.state().nodes[NodeId(3)].state != "up"
             assert node.heartbeat(NodeId(3), chains={gid: [1, 1, 1]}) == (0, {})  # not up: no lease
 
