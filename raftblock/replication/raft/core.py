@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from typing import cast
 
 from .log import RaftLog
 from .progress import NEVER, Progress, ProgressState
@@ -35,6 +36,7 @@ from .storage import Storage
 from .types import (
     NO_NODE,
     PERSIST_FIRST,
+    ChunkedBytes,
     ConfChange,
     ConfChangeType,
     ConfState,
@@ -683,7 +685,8 @@ class RaftCore:
         self._send_snap_ack(m, len(rx.chunks))
         if len(rx.chunks) == rx.total:
             self._snap_rx = None
-            self._restore(m.src, Snapshot(meta, b"".join(rx.chunks)))
+            # The chunks as they came, not joined (ChunkedBytes): the runtime installs the image batch by batch.
+            self._restore(m.src, Snapshot(meta, cast(bytes, ChunkedBytes(rx.chunks))))
 
     def _send_snap_ack(self, m: Message, next_chunk: int) -> None:
         self._send(
