@@ -2,12 +2,15 @@
 #
 # Enforces: heartbeats and the failure detector are never starved by bulk work on the same node. A real
 # cluster (`cluster_up`: 4 storage nodes in 3 racks, disk=os, free ports) with 1 GiB of Raft replicas on one
-# node of the two-node rack; that node is killed (-9), the detector calls it down, the metadata leader
-# replaces it in its groups by the other node of its rack (the spare), which receives 1 GiB of snapshots
-# (two 512 MiB images, paced by the senders' repair_bytes_per_s) and the log tail, while it must keep
-# heartbeating. Asserted: no live node (the spare included) changes state in the map from the kill until
-# some seconds after the cluster is whole again, and the rebuild did happen (the spare installed the
-# victim's groups, holds their bytes, every group has 3 caught-up members without the victim).
+# node of the two-node rack, and, as in the report, an idle chain volume of 20 groups; that node is killed
+# (-9), the chains drop it at once and take in the other node of its rack (the spare), the detector calls it
+# down and the metadata leader replaces it in its Raft groups by the spare, which receives 1 GiB of
+# snapshots (two 512 MiB images, paced by the senders' repair_bytes_per_s) and the log tail, while it must
+# keep heartbeating. Asserted: no live node (the spare included) changes state in the map from the kill
+# until some seconds after the cluster is whole again; the chain groups changed epoch only for the victim
+# (removed, then the spare added: + 2; a suspected spare would cost every chain it is in 2 more); and the
+# rebuild did happen (the spare installed the victim's groups, holds their bytes, every group has 3
+# caught-up members without the victim).
 #
 # Counting state changes: the map's NodeRecord of a live node keeps (state, state_since_ms, returns) unless a
 # transition commits (`set_node_states` sets state_since_ms; `up` after suspect/down counts a return), so a
@@ -49,6 +52,7 @@ from .helpers import require_tools, run
 
 EXTENT = 64 << 20
 REBUILD_BYTES = 1 << 30  # what the victim holds: the spare receives that much
+CHAIN_GROUPS = 20  # the idle chain volume of the report: 20 groups (8 extents each)
 SETTLE_S = 5.0  # the spare is watched this long after whole again (the log tail's compaction, the next scrub)
 WHOLE_TIMEOUT_S = 240.0  # kill -> whole again: down grace (15 s) + 1 GiB at 64 MiB/s, with a loaded machine's slack
 POLL_S = 0.2
@@ -109,6 +113,7 @@ def _fill(root: Path, uri: str, tmp: Path) -> Setup:
     """Volume `fill` (2 x REBUILD_BYTES, Raft): REBUILD_BYTES written into the extents of the groups of one node
     of the two-node rack (the victim), with qemu-img through the gateway; the other node of that rack is the
     only one those groups can take in when the victim dies (3 replicas in 3 racks): the spare."""
+    volume_create(root, "idle", CHAIN_GROUPS * 8 * EXTENT, "chain")
     volume_create(root, "fill", 2 * REBUILD_BYTES, "raft")
     st = _map(root)
     vol = st.volumes["fill"]
@@ -194,7 +199,11 @@ def test_a_node_receiving_a_rebuild_is_never_suspected(cluster: tuple[Path, str]
     layout = Layout(root)
     live = [n for n in _liveness(_map(root)) if n != s.victim]
     _wait("every node up before the kill", 30, lambda: all(v[0] == "up" for v in _liveness(_map(root)).values()))
-    before = _liveness(_map(root))
+    m0 = _map(root)
+    before = _liveness(m0)
+    chains0 = {g: (m0.groups[g].epoch, [int(m) for m in m0.groups[g].members])
+               for g in set(m0.volumes["idle"].extent_groups)}
+    assert len(chains0) == CHAIN_GROUPS
     st0 = cluster_status(root)
     c0 = _counters(st0)
     pid = running_pid(layout, f"n{s.victim}", layout.node_config(s.victim))
@@ -230,7 +239,10 @@ def test_a_node_receiving_a_rebuild_is_never_suspected(cluster: tuple[Path, str]
             timeline.append(f"+{time.monotonic() - t_kill:5.1f}s {dict(sorted((n, v[0]) for n, v in now.items()))}")
             seen = now
         time.sleep(POLL_S)  # pacing of the poll
-    after = _liveness(_map(root))
+    m1 = _map(root)
+    after = _liveness(m1)
+    chain_bumps = {int(g): m1.groups[g].epoch - e for g, (e, _) in chains0.items()}
+    chain_want = {int(g): 2 if s.victim in members else 0 for g, (_, members) in chains0.items()}
     st1 = cluster_status(root)
     c1 = _counters(st1)
     logged = [t for t in _meta_transitions(root, t_kill_wall) if t[2] != s.victim]
@@ -251,6 +263,7 @@ def test_a_node_receiving_a_rebuild_is_never_suspected(cluster: tuple[Path, str]
     print(f"kill -> whole {t_whole - t_kill:.1f} s; copy {copy_s:.1f} s, {s.victim_bytes / copy_s / 1e6:.0f} MB/s; "
           f"snapshot bytes sent {sent >> 20} MiB; spare installed {installed} images, +{spare_bytes >> 20} MiB; "
           f"loop stalls > 250 ms during the rebuild (count, longest ms since start) {stalls}; "
+          f"chain epoch changes {sorted(chain_bumps.items())}; "
           f"test {time.monotonic() - t_start:.0f} s so far; map states: {timeline}")
 
     # No live node changed state: not the spare receiving the rebuild, not the others.
@@ -258,4 +271,6 @@ def test_a_node_receiving_a_rebuild_is_never_suspected(cluster: tuple[Path, str]
     assert not changed and not logged, (
         f"live nodes changed state during the rebuild onto n{s.spare}: map (state, since_ms, returns) before/after "
         f"{changed}; metadata log transitions {[(round(t - t_kill_wall, 1), m, n, x) for t, m, n, x in logged]}; "
+        f"chain epoch changes (want 2 for the victim's, 0 for the others) {sorted(chain_bumps.items())}; "
         f"polled timeline {timeline}")
+    assert chain_bumps == chain_want, f"chain epoch changes {chain_bumps}, want {chain_want}"
