@@ -128,7 +128,7 @@ class SimNode:
 
     def sm_restore(self, data: bytes) -> None:
         if data:
-            self.sm_index, self.sm_digest, self.sm_writes = _SM.unpack_from(data, 0)
+            self.sm_index, self.sm_digest, self.sm_writes = _SM.unpack(data[: _SM.size])  # bytes or ChunkedBytes
         else:
             self.sm_index = self.sm_digest = self.sm_writes = 0
 
@@ -513,7 +513,7 @@ class Simulation:
         if i >= len(self.committed):
             raise self._fail(f"node {sn.id} holds a snapshot at {i} beyond anything applied")
         term, _, digest = self.committed[i]
-        got = _SM.unpack_from(snap.data, 0)
+        got = _SM.unpack(snap.data[: _SM.size])
         if term != snap.meta.term or got[0] != i or got[1] != digest:
             raise self._fail(f"node {sn.id} snapshot at {i} disagrees with the committed history")
 

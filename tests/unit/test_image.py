@@ -11,6 +11,7 @@ from pathlib import Path
 import crc32c
 
 from raftblock.replication.image import ChunkedImage, runs
+from raftblock.replication.raft.types import ChunkedBytes
 from raftblock.replication.sessions import IMAGE_SESSIONS_MARK, Sessions
 from raftblock.storage.disk import OsDisk
 from raftblock.storage.engine import Engine, EngineConfig
@@ -81,3 +82,19 @@ def test_runs_cut_consecutive_blocks() -> None:
     assert runs([1, 2, 3, 7, 8, 10]) == [(1, 3), (7, 2), (10, 1)]
     assert runs(list(range(600)), 256) == [(0, 256), (256, 256), (512, 88)]
     assert runs([]) == []
+
+
+def test_a_received_image_is_kept_in_its_chunks_and_reads_like_the_whole() -> None:
+    """ChunkedBytes (replication/raft/types.py): the chunks a follower received, never joined on the loop;
+    len, any slice, bytes() and == are those of the joined image."""
+    rng = random.Random(5)
+    chunks = [rng.randbytes(n) for n in (7, 1, 4096, 0, 13, 1000)]
+    whole = b"".join(chunks)
+    cb = ChunkedBytes(chunks)
+    assert len(cb) == len(whole) and bytes(cb) == whole and cb == whole and cb == ChunkedBytes([whole])
+    assert cb != whole[:-1] and cb != whole[:-1] + b"\0" and not (cb == "text")
+    for _ in range(500):
+        a, b = sorted(rng.randrange(-10, len(whole) + 10) for _ in range(2))
+        assert cb[a:b] == whole[a:b], (a, b)
+    assert cb[5:] == whole[5:] and cb[:9] == whole[:9] and cb[:] == whole
+    assert ChunkedBytes([])[0:10] == b"" and len(ChunkedBytes([])) == 0

@@ -21,6 +21,7 @@ from raftblock.meta.state import (
     MetaState,
     Noop,
     RegisterNode,
+    RenameVolume,
     SetGroupMembers,
     SetNodeDrain,
     SetNodeStates,
@@ -55,6 +56,7 @@ ALL = [
     SetGroupMembers(4, (1, 2, 3), 2),
     Noop(),
     SetNodeDrain(2, True),
+    RenameVolume("v", "w"),
 ]
 
 
@@ -256,3 +258,23 @@ def test_a_node_back_with_a_new_disk_leaves_its_groups_but_not_the_last_place() 
     assert st.groups[raft].epoch == before[raft][1] + 1
     assert st.nodes[1].disk_id == "new" and st.nodes[1].reserved_bytes == reserved - 2 * (64 << 20)
     assert MetaState.from_json(st.to_json()).to_json() == st.to_json()
+
+
+def test_rename_keeps_the_volume_and_its_attach_epoch_and_is_refused_while_attached() -> None:
+    s = cluster()
+    assert s.apply(CreateVolume("v", GiB, 1)).ok
+    assert s.apply(CreateVolume("other", GiB, 1)).ok
+    att = s.apply(Attach("v", "gw1", 2))
+    assert att.ok
+    res = s.apply(RenameVolume("v", "w"))
+    assert not res.ok and res.error == "attached"
+    assert s.apply(Detach("v", "gw1", att.value["attach_epoch"])).ok
+    assert s.apply(RenameVolume("v", "other")).error == "exists"
+    assert s.apply(RenameVolume("v", "bad name!")).error == "invalid"
+    assert s.apply(RenameVolume("nope", "x")).error == "not_found"
+    before = s.volumes["v"]
+    assert s.apply(RenameVolume("v", "w")).ok
+    assert "v" not in s.volumes and s.volumes["w"] is before and before.name == "w"
+    # the nodes fence by attach epoch: the renamed volume's next attach is newer than any before
+    assert s.attach_epochs["w"] == att.value["attach_epoch"] and "v" not in s.attach_epochs
+    assert s.apply(Attach("w", "gw2", 3)).value["attach_epoch"] == att.value["attach_epoch"] + 1

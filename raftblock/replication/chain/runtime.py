@@ -320,7 +320,9 @@ class ChainHost:
             return None
         del self._in[key]
         self.rt.counters["chain_images_received"] += 1
-        return ChainMessage(m.type, m.group, m.src, m.dst, m.epoch, m.seq, (), bytes(ins.buf), m.log_epoch)
+        # The buffer itself, not bytes() of it: a copy of the whole image would hold the loop (install_image
+        # reads a bytearray in place; nothing else holds this one once the stream is dropped above).
+        return ChainMessage(m.type, m.group, m.src, m.dst, m.epoch, m.seq, (), cast(bytes, ins.buf), m.log_epoch)
 
     def send(self, m: ChainMessage) -> None:
         key = (int(m.group), int(m.dst))

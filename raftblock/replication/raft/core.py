@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from typing import cast
 
 from .log import RaftLog
 from .progress import NEVER, Progress, ProgressState
@@ -35,6 +36,7 @@ from .storage import Storage
 from .types import (
     NO_NODE,
     PERSIST_FIRST,
+    ChunkedBytes,
     ConfChange,
     ConfChangeType,
     ConfState,
@@ -422,8 +424,13 @@ class RaftCore:
         lg = self.log
         if rd.hard_state is not None:
             self._prev_hs = rd.hard_state
-        if rd.snapshot is not None and rd.snapshot.meta.index > lg.applied:
-            lg.applied = rd.snapshot.meta.index
+        if rd.snapshot is not None:
+            if rd.snapshot.meta.index > lg.applied:
+                lg.applied = rd.snapshot.meta.index
+            if self._snapshot is rd.snapshot:
+                # Installed and persisted: from now on the snapshot is the storage's (the node runtime's is
+                # read from the engine on demand), so the received image is not kept in memory.
+                self._snapshot = self._storage.snapshot()
         if rd.entries:
             last = rd.entries[-1]
             lg.stable_to(last.index, last.term)
@@ -683,7 +690,8 @@ class RaftCore:
         self._send_snap_ack(m, len(rx.chunks))
         if len(rx.chunks) == rx.total:
             self._snap_rx = None
-            self._restore(m.src, Snapshot(meta, b"".join(rx.chunks)))
+            # The chunks as they came, not joined (ChunkedBytes): the runtime installs the image batch by batch.
+            self._restore(m.src, Snapshot(meta, cast(bytes, ChunkedBytes(rx.chunks))))
 
     def _send_snap_ack(self, m: Message, next_chunk: int) -> None:
         self._send(

@@ -86,8 +86,9 @@ OP_C_WRITE, OP_C_READ, OP_C_TRIM, OP_C_STATUS, OP_C_NODE_STATUS, OP_C_REPLICA_RE
 OP_C_SCRUB_CRCS, OP_C_SCRUB_REPAIR = 8, 9  # member to member (control/scrub.py)
 BLOCK_STATUS_BLOCKS_MAX = 1 << 16  # one BLOCK_STATUS request covers at most 256 MiB
 REPLICA_READ_WAIT_S = 2.0
-INSTALL_SLICE_BYTES = 8 << 20
-APPLY_RETRY_S = 1.0  # a group whose apply found the disk full tries again this much later  # image bytes written per loop turn by an async snapshot install
+INSTALL_SLICE_BYTES = 8 << 20  # image bytes written per loop turn by an async snapshot install, at most...
+INSTALL_SLICE_S = 0.01  # ...and loop time per turn: a pwrite into a page cache being flushed can take 50 ms
+APPLY_RETRY_S = 1.0  # a group whose apply found the disk full tries again this much later
 CAUGHT_UP_ENTRIES = 64  # a follower this close to the commit index counts as caught up (raft_report)
 BALANCE_EVERY_TICKS = 10  # look for groups to hand to their preferred leader every second (100 ms ticks)
 TRANSFER_INTERVAL_TICKS = 50  # per group: one transfer attempt per 5 s at most  # how long a replica waits to reach `min_applied` before answering UNAVAILABLE
@@ -1669,9 +1670,11 @@ class NodeRuntime:
 
     async def install_image(self, gid: int, data: Any) -> bytes | None:
         """Install a received snapshot image (Raft and chain) for a Ready that stays outstanding meanwhile,
-        so nothing else of the group moves: 8 MiB (INSTALL_SLICE_BYTES) per loop turn, then fdatasync the
-        engine on its thread before the WAL records the snapshot. A 512 MiB image does not stall the node's
-        other groups (heartbeats, elections) while it installs.
+        so nothing else of the group moves: at most 8 MiB (INSTALL_SLICE_BYTES) and 10 ms (INSTALL_SLICE_S)
+        per loop turn, then fdatasync the engine on its thread before the WAL records the snapshot. A 512 MiB
+        image does not stall the node's other groups (heartbeats, elections) while it installs. The image
+        (bytes, a received ChunkedBytes, an engine-backed ChunkedImage) is read one batch at a time, never
+        copied whole on the loop.
 
         Blocks are overwritten, never dropped first, then what the image does not hold is trimmed: a crash
         part-way leaves each block either as it was or as in the image (newer), and the log replayed from
@@ -1679,19 +1682,22 @@ class NodeRuntime:
         table (encoded) for the WAL's snapshot record; None when the node stops or failed (then _fail was
         called). The caller counted the install in `_installing`."""
         try:
-            raw = data if isinstance(data, bytes | bytearray) else bytes(data[0 : len(data)])
-            view = memoryview(raw)
+            # Slicing a memoryview of bytes copies nothing; slicing the others copies that range only.
+            view = memoryview(data) if isinstance(data, bytes | bytearray) else data
+            total = len(view)
             app = b""
             off = 0
-            if len(view) >= 2 * _IMG_LEN.size and _IMG_LEN.unpack_from(view, 0)[0] == IMAGE_SESSIONS_MARK:
-                (alen,) = _IMG_LEN.unpack_from(view, _IMG_LEN.size)
+            head = bytes(view[0 : 2 * _IMG_LEN.size])
+            if len(head) == 2 * _IMG_LEN.size and _IMG_LEN.unpack_from(head, 0)[0] == IMAGE_SESSIONS_MARK:
+                (alen,) = _IMG_LEN.unpack_from(head, _IMG_LEN.size)
                 off = 2 * _IMG_LEN.size + alen
                 app = bytes(view[2 * _IMG_LEN.size : off])
             sessions = Sessions.decode(app)  # ValueError before anything is written
             held: dict[int, set[int]] = {}
             done = 0
-            while off < len(view):
-                (blen,) = _IMG_LEN.unpack_from(view, off)
+            t_slice = time.monotonic()
+            while off < total:
+                (blen,) = _IMG_LEN.unpack(bytes(view[off : off + _IMG_LEN.size]))
                 off += _IMG_LEN.size
                 for op in decode_batch(view[off : off + blen]):
                     if group_of_extent(op.extent_id) != gid:
@@ -1699,11 +1705,12 @@ class NodeRuntime:
                     self.engine.write(op.extent_id, op.block, op.data, op.crcs)
                     held.setdefault(op.extent_id, set()).update(range(op.block, op.block + op.count))
                     done += op.count * BLOCK_SIZE
-                    if done >= INSTALL_SLICE_BYTES:
+                    if done >= INSTALL_SLICE_BYTES or time.monotonic() - t_slice >= INSTALL_SLICE_S:
                         done = 0
                         await asyncio.sleep(0)
                         if self._stopping or self.failed is not None:
                             return None  # abandoned: the WAL still has the older point
+                        t_slice = time.monotonic()
                 off += blen
             for ext in self._group_extents(gid):
                 keep = held.get(ext)

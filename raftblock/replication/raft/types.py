@@ -9,6 +9,7 @@
 # 3. Nothing here does I/O; encoding is struct-based and explicit (no pickle, DESIGN principle 4).
 from __future__ import annotations
 
+import bisect
 import struct
 from enum import IntEnum
 from typing import NewType
@@ -161,8 +162,58 @@ class SnapshotMeta:
         return f"SnapshotMeta(i={self.index}, t={self.term}, {self.conf})"
 
 
+class ChunkedBytes:
+    """A received snapshot image as the chunks it came in, never joined: joining a 512 MiB image is a
+    memcpy into fresh pages that holds the event loop (and the GIL) for most of a second and doubles the
+    memory. Behaves like the image's bytes for len(), slicing (a copy of that range only), bytes() and ==;
+    that is all the core and the runtime do with an image."""
+
+    __slots__ = ("_chunks", "_starts", "_total")
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._chunks = chunks
+        self._starts: list[int] = []
+        total = 0
+        for c in chunks:
+            self._starts.append(total)
+            total += len(c)
+        self._total = total
+
+    def __len__(self) -> int:
+        return self._total
+
+    def __getitem__(self, k: slice) -> bytes:
+        a, b, step = k.indices(self._total)
+        assert step == 1
+        if a >= b:
+            return b""
+        i = max(0, bisect.bisect_right(self._starts, a) - 1)
+        parts = []
+        while i < len(self._chunks) and self._starts[i] < b:
+            start, c = self._starts[i], self._chunks[i]
+            parts.append(c[max(a, start) - start : min(b, start + len(c)) - start])
+            i += 1
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self._chunks)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ChunkedBytes):
+            other = bytes(other)
+        if not isinstance(other, bytes | bytearray | memoryview):
+            return NotImplemented
+        view = memoryview(other)
+        if len(view) != self._total:
+            return False
+        return all(view[s : s + len(c)] == c for s, c in zip(self._starts, self._chunks, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
 class Snapshot:
-    """The group's state-machine image at `meta.index` (for the block store: the extent data)."""
+    """The group's state-machine image at `meta.index` (for the block store: the extent data). `data` is
+    bytes, or bytes-like (an engine-backed ChunkedImage on a leader, a ChunkedBytes on a receiver)."""
 
     __slots__ = ("meta", "data")
 
