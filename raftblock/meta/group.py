@@ -440,8 +440,10 @@ class MetaNode:
                             StateChange(int(c.node_id), c.state,
                                         wall - (now - c.last_heartbeat_ms) if c.last_heartbeat_ms else 0)
                             for c in changes), wall))
-                        log.info("meta_node_states", changes=[(int(c.node_id), c.state) for c in changes],
-                                 ok=res.ok)
+                        # A node lost (suspect, down) is a warning an operator should see; one back is news.
+                        lost = any(c.state != "up" for c in changes)
+                        (log.warning if lost else log.info)(
+                            "meta_node_states", changes=[(int(c.node_id), c.state) for c in changes], ok=res.ok)
                     finally:
                         det.done()
                 await self._repair_chains(g)

@@ -232,6 +232,17 @@ def test_volume_create_with_a_node_stopped_returns_once_its_groups_have_a_leader
         assert "racks with an up node" in line and took < FAST_S, line
         assert json.loads(rb("volume", "list", "--json", root=root).stdout) == []
 
+    def lost_logged() -> bool:  # a node lost is a warning in the merged logs
+        out = rb("logs", "--json", "--level", "warning", "--node", "m1", "--node", "m2", "--node", "m3",
+                 root=root).stdout
+        evs = [json.loads(x) for x in out.splitlines()]
+        return any(e.get("event") == "meta_node_states" and [3, "suspect"] in e.get("changes", []) for e in evs)
+
+    deadline = time.monotonic() + 30
+    while not lost_logged():
+        assert time.monotonic() < deadline, "node 3's loss was not logged as a warning"
+        time.sleep(0.2)
+
 
 def test_a_drain_that_could_never_end_is_refused_and_node_add_goes_where_it_helps(cluster: Cluster) -> None:
     root = cluster.root

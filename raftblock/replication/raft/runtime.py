@@ -856,9 +856,14 @@ class NodeRuntime:
         nothing else of this group moves meanwhile), then persist the rest of the Ready as usual."""
         snap = rd.snapshot
         assert snap is not None
+        t0 = time.monotonic()
+        size = len(snap.data)
+        log.info("raft.snapshot_install_started", group=g.id, bytes=size, index=snap.meta.index, leader=int(g.core.lead))
         app = await self.install_image(g.id, snap.data)
         if app is None:
             return
+        log.info("raft.snapshot_installed", group=g.id, bytes=size, index=snap.meta.index,
+                 took_s=round(time.monotonic() - t0, 2))
         meta = snap.meta
         g.storage.install_snapshot(Snapshot(SnapshotMeta(meta.index, meta.term, meta.conf, app), snap.data))
         self.counters["snapshots_installed"] += 1
@@ -1039,6 +1044,9 @@ class NodeRuntime:
             g = self.groups.get(int(m.group))
             if g is not None and int(m.dst) not in g.repairs:
                 g.repairs[int(m.dst)] = time.monotonic()
+                # The audit trail of a rebuild: its start here, its end and size where it is installed.
+                log.info("raft.snapshot_send_started", group=int(m.group), to=int(m.dst), chunks=m.chunk_total,
+                         index=m.snap_meta.index if m.snap_meta is not None else 0)
             if self._snap_held or not self.repair_allow(len(m.data)):
                 meta = m.snap_meta
                 key = (int(m.group), int(m.dst), meta.index if meta is not None else 0, m.chunk_index)
