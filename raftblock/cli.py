@@ -414,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
     cu.add_argument("--racks", type=int, default=3)
     cu.add_argument("--nbd-port", type=int, default=None,
                     help="gateway NBD port (new cluster: default 10809; 0 picks a free one; existing cluster: "
-                         "default the configured one, a new one is written to its gateway config)")
+                         "default the configured one, also for 0 while it is free; a new one is written to its gateway config)")
     cu.add_argument("--port-base", type=int, default=None, help="node i listens on P+i (default: free ports)")
     cu.add_argument("--disk", choices=["os", "volatile", "volatile-tear"], default="os")
     cu.add_argument("--replication", choices=["raft", "chain"], default=None,

@@ -36,6 +36,7 @@ from raftblock.meta.state import (
     DeleteVolume,
     Detach,
     MetaState,
+    RegisterGateway,
     RegisterNode,
     RenameVolume,
     Result,
@@ -50,7 +51,7 @@ log = structlog.get_logger(__name__)
 # that took the proposal, as the audit trail (heartbeats and node-state batches are not: too frequent or
 # logged by the failure detector itself).
 AUDITED = frozenset({"create_volume", "delete_volume", "rename_volume", "attach", "detach", "set_node_drain",
-                     "register_node", "set_group_members"})
+                     "register_node", "register_gateway", "set_group_members"})
 
 LINE_BYTES_MAX = 8 << 20  # a state reply for a large cluster fits
 _AUTH_CONTEXT = b"raftblock-meta-admin"
@@ -308,6 +309,9 @@ class MetaClient:
 
     async def rename_volume(self, name: str, new_name: str) -> Result:
         return await self.propose(RenameVolume(name, new_name))
+
+    async def register_gateway(self, gateway_id: str, address: str) -> Result:
+        return await self.propose(RegisterGateway(gateway_id, address, _now_ms()))
 
 
 def _now_ms() -> int:

@@ -84,6 +84,13 @@ class GroupRecord:
 
 
 @dataclass
+class GatewayRecord:
+    gateway_id: str
+    address: str  # NBD host:port
+    registered_ms: int
+
+
+@dataclass
 class Attachment:
     gateway_id: str
     attach_epoch: int
@@ -205,6 +212,16 @@ class Detach(Command):
 
 
 @dataclass(frozen=True)
+class RegisterGateway(Command):
+    """A gateway announces itself (id, NBD address) when it starts: `volume attach --gateway` names one."""
+
+    op: ClassVar[str] = "register_gateway"
+    gateway_id: str
+    address: str
+    now_ms: int
+
+
+@dataclass(frozen=True)
 class RenameVolume(Command):
     """A new name for a detached volume; its id, groups and attach epochs stay (nodes fence by epoch)."""
 
@@ -231,7 +248,7 @@ class Noop(Command):
 COMMANDS: dict[str, type[Command]] = {
     c.op: c
     for c in (InitCluster, RegisterNode, SetNodeStates, CreateVolume, DeleteVolume, Attach, Detach,
-              SetGroupMembers, Noop, SetNodeDrain, RenameVolume)
+              SetGroupMembers, Noop, SetNodeDrain, RenameVolume, RegisterGateway)
 }
 
 
@@ -313,6 +330,7 @@ class MetaState:
         self.groups: dict[GroupId, GroupRecord] = {}
         self.attachments: dict[str, Attachment] = {}  # volume name -> current attachment
         self.attach_epochs: dict[str, int] = {}  # volume name -> last attach epoch (kept across detach)
+        self.gateways: dict[str, GatewayRecord] = {}  # gateway id -> its last registration
         self.next_volume_id = 1
         self.next_group_id = 1
         self.applied = 0  # commands applied (including refused ones): a cheap change counter
@@ -503,6 +521,12 @@ class MetaState:
         del self.attachments[cmd.volume]
         return _ok()
 
+    def _apply_register_gateway(self, cmd: RegisterGateway) -> Result:
+        if not cmd.gateway_id or len(cmd.gateway_id) > VOLUME_NAME_BYTES_MAX or not cmd.address:
+            return _err("invalid", "gateway_id (1-64 bytes) and address must not be empty")
+        self.gateways[cmd.gateway_id] = GatewayRecord(cmd.gateway_id, cmd.address, cmd.now_ms)
+        return _ok()
+
     def _apply_rename_volume(self, cmd: RenameVolume) -> Result:
         vol = self.volumes.get(cmd.name)
         if vol is None:
@@ -580,6 +604,7 @@ class MetaState:
             "groups": {str(k): asdict(v) for k, v in self.groups.items()},
             "attachments": {k: asdict(v) for k, v in self.attachments.items()},
             "attach_epochs": dict(self.attach_epochs),
+            "gateways": {k: asdict(v) for k, v in self.gateways.items()},
             "next_volume_id": self.next_volume_id,
             "next_group_id": self.next_group_id,
             "applied": self.applied,
@@ -602,6 +627,7 @@ class MetaState:
         s.groups = {GroupId(int(k)): GroupRecord(**v) for k, v in d["groups"].items()}
         s.attachments = {k: Attachment(**v) for k, v in d["attachments"].items()}
         s.attach_epochs = dict(d["attach_epochs"])
+        s.gateways = {k: GatewayRecord(**v) for k, v in d.get("gateways", {}).items()}  # absent before issue 14
         s.next_volume_id = d["next_volume_id"]
         s.next_group_id = d["next_group_id"]
         s.applied = d["applied"]

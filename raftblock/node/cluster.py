@@ -321,7 +321,7 @@ def cluster_up(root: Path, nodes: int = 3, racks: int = 3, nbd_port: int | None 
     """`replication`: the default mode of `volume create` ("raft" | "chain"), fixed when the cluster is
     first made (the layout file is written once); asking for another one later is an error.
     `nbd_port`: the gateway's NBD port (0: a free one); None keeps the configured one (10809 for a new
-    cluster). A new port for an existing cluster is written to the gateway's config when the gateway is
+    cluster), and so does 0 on an existing cluster while the configured port is free. A new port for an existing cluster is written to the gateway's config when the gateway is
     not running (said in `notes`), refused while it runs. Nothing is started when the NBD port is taken;
     when a process fails to start, what this call started is stopped again."""
     layout = Layout(root)
@@ -335,12 +335,19 @@ def cluster_up(root: Path, nodes: int = 3, racks: int = 3, nbd_port: int | None 
                                f"it is kept (create volumes with --replication {replication} instead)")
         if running_pid(layout, "gateway", layout.gateway_config) is None:
             have = _gateway_port(layout)
-            if nbd_port is not None and nbd_port != have:
-                nbd_port = _check_nbd_port(bind, nbd_port, root)
-                _set_gateway_port(layout, nbd_port)
-                notes.append(f"gateway NBD port changed from {have} to {nbd_port} (in {layout.gateway_config})")
+            new = have
+            if nbd_port in (None, 0, have):
+                try:
+                    _check_nbd_port(bind, have, root)
+                except ClusterError:
+                    if nbd_port != 0:
+                        raise
+                    new = _free_port(bind)  # 0: any free port; the configured one is taken now
             else:
-                _check_nbd_port(bind, have, root)
+                new = _check_nbd_port(bind, nbd_port, root)
+            if new != have:
+                _set_gateway_port(layout, new)
+                notes.append(f"gateway NBD port changed from {have} to {new} (in {layout.gateway_config})")
         elif nbd_port not in (None, 0, _gateway_port(layout)):
             raise ClusterError(f"the gateway of {root} runs on port {_gateway_port(layout)}; stop the cluster "
                                f"(raftblock cluster down --dir {root}) to move it to {nbd_port}")
@@ -802,28 +809,15 @@ async def _drop_extents(cmap: ClusterMap, extent_ids: list[int], extent_size_byt
         await client.close()
 
 
-def gateway_ids(layout: Layout) -> list[str]:
-    """The gateways of this cluster directory (their `gateway_id`s)."""
-    import tomllib
-
-    out = []
-    for p in sorted((layout.root / "nodes").glob("gateway*.toml")):
-        try:
-            with open(p, "rb") as f:
-                out.append(str(tomllib.load(f).get("gateway_id", "gw1")))
-        except (OSError, ValueError):
-            continue
-    return out
-
-
 def volume_attach(root: Path, name: str, gateway_id: str, force: bool) -> int:
     """Attach a volume to a gateway in the map (force: take it over from another gateway, which is
     then fenced: the nodes refuse its older attach epoch). Returns the new attach epoch."""
     layout = Layout(root)
     cmap = _load(layout)
-    known = gateway_ids(layout)
+    known = sorted(read_map(layout, cmap).gateways)  # every gateway registers itself when it starts
     if gateway_id not in known:
-        raise ClusterError(f"no gateway {gateway_id!r} in {root} (its gateways: {', '.join(known) or 'none'})")
+        raise ClusterError(f"no gateway {gateway_id!r} in the cluster of {root} (its gateways: "
+                           f"{', '.join(known) or 'none has started yet'})")
     return int(_done(_meta(layout, cmap, lambda c: c.attach(name, gateway_id, force=force)))["attach_epoch"])
 
 

@@ -217,6 +217,10 @@ async def run_gateway(cfg: dict[str, Any]) -> int:
     server = NbdServer(gw.catalog, GatewayConfig(bind=cfg.get("bind", "127.0.0.1"), port=int(cfg.get("port", 10809))),
                        attacher=gw)
     host, port = await server.start()
+    # In the map, so `volume attach --gateway ID` can tell a gateway that exists from a typo.
+    res = await gw.meta.register_gateway(gw.gateway_id, f"{host}:{port}")
+    if not res.ok:
+        raise ValueError(f"the metadata group refused gateway {gw.gateway_id!r}: {res.message}")
     admin = None
     if admin_path:
         Path(admin_path).unlink(missing_ok=True)

@@ -20,6 +20,7 @@ from raftblock.meta.state import (
     InitCluster,
     MetaState,
     Noop,
+    RegisterGateway,
     RegisterNode,
     RenameVolume,
     SetGroupMembers,
@@ -57,6 +58,7 @@ ALL = [
     Noop(),
     SetNodeDrain(2, True),
     RenameVolume("v", "w"),
+    RegisterGateway("gw1", "127.0.0.1:10809", 5),
 ]
 
 
