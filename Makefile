@@ -44,8 +44,11 @@ sysdeps:
 compile: $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 
+# The suite on the Cython hot loops, then the unit tests again on their pure-Python twins (both modes in CI;
+# the integration tests that matter run both implementations in one pass, e.g. test_qemu_clients.py).
 test: sysdeps $(STAMP)
 	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS) tests
+	RAFTBLOCK_NO_EXTENSIONS=1 $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) tests/unit
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -x tests/unit $(PYTEST_ARGS)
