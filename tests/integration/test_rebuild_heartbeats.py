@@ -28,6 +28,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -262,6 +264,13 @@ def test_a_node_receiving_a_rebuild_is_never_suspected(cluster: tuple[Path, str]
     sent = sum(c1[n].get("repair_bytes_sent", 0) - c0[n].get("repair_bytes_sent", 0) for n in c1 if n != s.victim)
     assert sent >= s.victim_bytes, f"the survivors sent {sent} snapshot bytes"
     assert after[s.victim][0] == "down", f"n{s.victim} is {after[s.victim][0]}"
+    # ... and the merged logs say so (issue 14: a rebuild's start, end and size are events)
+    out = subprocess.run([sys.executable, "-m", "raftblock.cli", "logs", "--json", "--dir", str(root)],
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    evs = [json.loads(x) for x in out.splitlines()]
+    done = [e for e in evs if e.get("event") == "raft.snapshot_installed" and e["process"] == f"n{s.spare}"]
+    assert {e["group"] for e in done} >= set(s.victim_groups) and sum(e["bytes"] for e in done) >= s.victim_bytes, done
+    assert any(e.get("event") == "raft.snapshot_send_started" and e.get("to") == s.spare for e in evs)
     stalls = {n: (c1[n].get("loop_stalls", 0) - c0[n].get("loop_stalls", 0), c1[n].get("loop_stall_max_ms", 0))
               for n in c1 if n != s.victim}
     copy_s = t_whole - (t_copy or t_kill)
