@@ -31,13 +31,27 @@ def _loop_run(coro: object) -> int:
 
 
 def _volume_arg(text: str) -> tuple[str, int]:
-    name, sep, size = text.partition(":")
+    from raftblock.meta.state import VOLUME_NAME_BYTES_MAX, valid_volume_name
+
+    name, sep, size = text.rpartition(":")
     if not sep or not name:
         raise argparse.ArgumentTypeError(f"expected NAME:SIZE, got {text!r}")
+    if not valid_volume_name(name):
+        raise argparse.ArgumentTypeError(f"volume name {name!r}: 1-{VOLUME_NAME_BYTES_MAX} of [A-Za-z0-9._-]")
     try:
         return name, parse_size(size)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from e
+
+
+def _port_arg(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is not in 0-65535 (0 picks a free one)")
+    return port
 
 
 def _size_arg(text: str) -> int:
@@ -49,6 +63,7 @@ def _size_arg(text: str) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from raftblock.gateway.nbd_server import GatewayConfig
+    from raftblock.node.dirlock import DirectoryInUse
     from raftblock.node.serve import ServeError, VolumeSpec, run_serve
     from raftblock.obs.log import configure
     from raftblock.storage.engine import EngineConfig
@@ -59,6 +74,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     ec = EngineConfig(segment_size_bytes=args.segment_size)
     try:
         return _loop_run(run_serve(Path(args.dir), specs, gw, disk_mode=args.disk, engine_config=ec))
+    except DirectoryInUse as e:
+        print(f"raftblock serve: {e}", file=sys.stderr)
+        return 1
     except ServeError as e:
         print(f"raftblock serve: {e}", file=sys.stderr)
         return 2
@@ -70,11 +88,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # The cluster directory of every cluster command: --dir, else $RAFTBLOCK_DIR, else .raftblock (two clusters
 # side by side: `export RAFTBLOCK_DIR=/tmp/c2` in the second shell, `make demo DIR=/tmp/c2 NBD_PORT=10810`).
 DEMO_DIR = Path(os.environ.get("RAFTBLOCK_DIR") or ".raftblock")
-DEMO_NBD_PORT = int(os.environ.get("RAFTBLOCK_NBD_PORT") or 10809)
+# None: a new cluster gets 10809, an existing one keeps its configured port (a re-run of `make demo` works).
+DEMO_NBD_PORT = int(os.environ["RAFTBLOCK_NBD_PORT"]) if os.environ.get("RAFTBLOCK_NBD_PORT") else None
 
 
 def _print_json(obj: object) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _ranges(ids: list[int]) -> str:
+    """`groups 4-9, 12` for a sorted list of ids."""
+    runs: list[list[int]] = []
+    for i in ids:
+        if runs and i == runs[-1][1] + 1:
+            runs[-1][1] = i
+        else:
+            runs.append([i, i])
+    text = ", ".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)
+    return f"group{'s' if len(ids) != 1 else ''} {text}"
 
 
 def _report(args: argparse.Namespace, obj: object, text: str) -> int:
@@ -117,7 +148,7 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
           "        wal        errors")
     for n in st["nodes"]:
         errors = " ".join(f"{k}={v}" for k, v in n.get("errors", {}).items()) or "-"
-        print(f"  {n['id']:<3} {n['rack']:<5} {n['address']:<21} {str(n['pid']):<8} {n['state']:<12} {n['map_state']:<8} "
+        print(f"  {n['id']:<3} {n['rack']:<5} {n['address']:<21} {str(n['pid'] or '-'):<8} {n['state']:<12} {n['map_state']:<8} "
               f"{n.get('groups', '-'):<7} {n.get('leading', '-'):<8} "
               f"{format_size(n.get('used_bytes', 0)) + '/' + format_size(n.get('capacity_bytes', 0)):<20} "
               f"{format_size(n.get('wal_bytes', 0)):<10} {errors}")
@@ -183,7 +214,7 @@ def cmd_volume_create(args: argparse.Namespace) -> int:
 
     v = volume_create(Path(args.dir), args.name, args.size, args.replication)
     return _report(args, v, f"created volume {v['name']} ({format_size(v['size_bytes'])}, {v['extents']} extents "
-                            f"in groups {','.join(map(str, v['groups']))}, replication {v['replication']})")
+                            f"in {_ranges(v['groups'])}, replication {v['replication']})")
 
 
 def cmd_volume_list(args: argparse.Namespace) -> int:
@@ -274,6 +305,8 @@ def cmd_node_action(args: argparse.Namespace) -> int:
 
     if args.action == "add":
         info = node_add(Path(args.dir), args.rack)
+        if info["note"]:
+            print(f"raftblock node add: {info['note']}", file=sys.stderr)
         return _report(args, info, f"added node {info['node_id']} in rack {info['rack']} at {info['address']}; "
                                    f"replicas move to it one group at a time (raftblock repair watch)")
     if args.node_id is None:
@@ -287,7 +320,8 @@ def cmd_node_action(args: argparse.Namespace) -> int:
                          "risks": [{"group": g, "why": why} for g, why in risks]})
             return 0 if not risks else 1
         if not risks:
-            print(f"node {args.node_id}: safe to stop now (every group keeps a majority of live members)")
+            print(f"node {args.node_id}: safe to stop now (every Raft group keeps a majority of live members, "
+                  f"every chain all but one of its copies)")
             return 0
         print(f"node {args.node_id}: NOT safe to stop now:")
         for g, why in risks:
@@ -320,6 +354,12 @@ def cmd_node_action(args: argparse.Namespace) -> int:
                   f"{args.timeout:.0f} s (groups {', '.join(map(str, left[:10]))})", file=sys.stderr)
             return 1
         time.sleep(1.0)
+
+
+def cmd_meta(args: argparse.Namespace) -> int:
+    from raftblock.meta import node as meta_node
+
+    return meta_node.main(["--config", args.config, "--log-format", args.log_format])
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -394,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="serve volumes from one local copy over NBD (single node)")
     s.add_argument("--dir", required=True, help="data directory (created if missing)")
     s.add_argument("--bind", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    s.add_argument("--port", type=int, default=10809, help="NBD port (default 10809; 0 picks a free one)")
+    s.add_argument("--port", type=_port_arg, default=10809, help="NBD port (default 10809; 0 picks a free one)")
     s.add_argument("--volume", type=_volume_arg, action="append", default=[], metavar="NAME:SIZE",
                    help="volume to create on first start, e.g. demo:1G (repeatable)")
     s.add_argument("--disk", choices=["os", "volatile", "volatile-tear"], default="os",
@@ -403,20 +443,24 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--segment-size", type=_size_arg, default=64 << 20, metavar="SIZE",
                    help="engine segment file size (default 64M; each is preallocated)")
     s.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
-    s.add_argument("--log-level", default="info")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     s.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("cluster", help="a local cluster: up, down, status")
     csub = c.add_subparsers(dest="cluster_command", required=True, parser_class=_Parser)
     cu = csub.add_parser("up", help="start (or complete) a local cluster; prints the NBD base URI")
     _dir(cu)
-    cu.add_argument("--nodes", type=int, default=3)
-    cu.add_argument("--racks", type=int, default=3)
-    cu.add_argument("--nbd-port", type=int, default=None,
+    cu.add_argument("--nodes", type=int, default=None, help="storage nodes of a new cluster (default 3)")
+    cu.add_argument("--racks", type=int, default=None, help="racks of a new cluster: node i is in rack r{i mod R} "
+                                                            "(default 3)")
+    cu.add_argument("--nbd-port", type=_port_arg, default=None,
                     help="gateway NBD port (new cluster: default 10809; 0 picks a free one; existing cluster: "
                          "default the configured one, also for 0 while it is free; a new one is written to its gateway config)")
-    cu.add_argument("--port-base", type=int, default=None, help="node i listens on P+i (default: free ports)")
-    cu.add_argument("--disk", choices=["os", "volatile", "volatile-tear"], default="os")
+    cu.add_argument("--port-base", type=_port_arg, default=None,
+                    help="node i listens on P+i, metadata node i on P+100+i and P+200+i (default: free ports)")
+    cu.add_argument("--disk", choices=["os", "volatile", "volatile-tear"], default=None,
+                    help="disk port of a new cluster: os (default); volatile / volatile-tear are test modes that lose "
+                         "unsynced writes on kill -9")
     cu.add_argument("--replication", choices=["raft", "chain"], default=None,
                     help="default replication of new volumes (fixed when the cluster is made; default raft)")
     _json(cu)
@@ -476,7 +520,7 @@ def build_parser() -> argparse.ArgumentParser:
     va = vsub.add_parser("attach", help="attach a volume to a gateway (--force takes it over and fences the old one)")
     va.add_argument("name")
     va.add_argument("--gateway", required=True, help="gateway id (gateway_id in its config, e.g. gw1)")
-    va.add_argument("--force", action="store_true")
+    va.add_argument("--force", action="store_true", help="take the volume over from the gateway holding it (fenced)")
     _dir(va)
     _json(va)
     va.set_defaults(func=cmd_volume_attach)
@@ -502,13 +546,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="add: the new node's rack (default: a draining node's, else the rack with fewest nodes)")
     _json(n)
     n.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
-    n.add_argument("--log-level", default="info")
+    n.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     n.set_defaults(func=cmd_node)
 
+    m = sub.add_parser("meta", help="run one metadata node in the foreground (what systemd runs)")
+    m.add_argument("--config", required=True, help="the metadata node's TOML config (see raftblock/meta/node.py)")
+    m.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
+    m.set_defaults(func=cmd_meta)
+
     g = sub.add_parser("gateway", help="run the NBD gateway in the foreground (what systemd runs)")
-    g.add_argument("--config", required=True)
+    g.add_argument("--config", required=True, help="the gateway's TOML config (see raftblock/node/gateway.py)")
     g.add_argument("--log-format", choices=["auto", "json", "console"], default="auto")
-    g.add_argument("--log-level", default="info")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     g.set_defaults(func=cmd_gateway)
 
     lg = sub.add_parser("logs", help="every process's log of a local cluster, merged in time order")
@@ -520,13 +569,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="only events at this level or above")
     lg.add_argument("--since", type=float, default=None, metavar="SECONDS", help="only the last SECONDS")
     lg.add_argument("--lines", "-n", type=int, default=0, help="only the last N lines (before --follow)")
-    _json(lg)
+    lg.add_argument("--json", action="store_true", help="one JSON object per line (JSON Lines), with `process`")
     lg.set_defaults(func=cmd_logs)
 
     d = sub.add_parser("demo", help="start a local 3-rack cluster with a volume 'demo' (make demo)")
     _dir(d)
-    d.add_argument("--nbd-port", type=int, default=DEMO_NBD_PORT,
-                   help="gateway NBD port (default $RAFTBLOCK_NBD_PORT or 10809; 0 picks a free one)")
+    d.add_argument("--nbd-port", type=_port_arg, default=DEMO_NBD_PORT,
+                   help="gateway NBD port (default $RAFTBLOCK_NBD_PORT, else 10809 for a new cluster and the "
+                        "configured one for an existing cluster; 0 picks a free one)")
     d.add_argument("--size", type=_size_arg, default=1 << 30, help="the volume's size (default 1G)")
     d.add_argument("--replication", choices=["raft", "chain"], default=None,
                    help="the cluster's default replication (when the demo cluster is first made)")
@@ -544,6 +594,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from raftblock.node.cluster import ClusterError
+    from raftblock.replication.group import GroupError
 
     args = build_parser().parse_args(argv)
     what = " ".join(x for x in (args.command, getattr(args, f"{args.command}_command", None),
@@ -555,9 +606,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         return 130
-    except ClusterError as e:
-        return _fail(what, e)
-    except (OSError, ValueError) as e:  # an expected condition (a file, a port, a parse): one line, no traceback
+    except (ClusterError, GroupError, OSError, ValueError) as e:
+        # an expected condition (the cluster, a group, a file, a port, a parse): one line, no traceback
         if os.environ.get("RAFTBLOCK_DEBUG"):
             raise
         return _fail(what, e)

@@ -46,10 +46,14 @@ def _exact(d: Decimal) -> str:
 
 
 def format_size(n: int) -> str:
-    """Rule 3."""
+    """Rule 3 (a size that one decimal would round to a whole unit it is not, e.g. 4097 bytes, shows two
+    decimals or its bytes: never a figure that looks exact and is not)."""
     for unit in ("P", "T", "G", "M", "K"):
         if n >= _UNITS[unit]:
             if n % _UNITS[unit] == 0:
                 return f"{n // _UNITS[unit]}{unit}iB"
-            return f"{n / _UNITS[unit]:.1f}{unit}iB"
+            one = f"{n / _UNITS[unit]:.1f}"
+            if one.endswith(".0"):
+                return f"{n / _UNITS[unit]:.2f}{unit}iB" if unit != "K" else f"{n}B"
+            return f"{one}{unit}iB"
     return f"{n}B"

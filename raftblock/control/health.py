@@ -66,6 +66,8 @@ class FailureDetector:
         self.config = config
         self.started_ms = now_ms
         self._last: dict[NodeId, int] = {}
+        self._seen: dict[NodeId, int] = {}  # when a node without heartbeats was first in the map (`tick`)
+        self._ticked = False
         self._count: dict[NodeId, int] = {}
         self._used: dict[NodeId, int] = {}
         self._in_flight = False
@@ -78,7 +80,12 @@ class FailureDetector:
             self._used[node_id] = used_bytes
 
     def target(self, node_id: NodeId, now_ms: int) -> str:
-        last = self._last.get(node_id, self.started_ms)
+        # A node never heard from: its clock starts when this detector started (rule 3), or, for a node
+        # that registered later, when the detector first saw it in the map (`tick`): a node registered a
+        # moment ago is not `down` before its first heartbeat could arrive.
+        last = self._last.get(node_id)
+        if last is None:
+            last = self._seen.get(node_id, self.started_ms)
         silent_ms = now_ms - last
         if silent_ms >= self.config.down_grace_ms:
             return "down"
@@ -93,6 +100,10 @@ class FailureDetector:
         if (self._last_proposal_ms is not None
                 and now_ms - self._last_proposal_ms < self.config.proposal_interval_ms_min):
             return []
+        for nid in committed:
+            if nid not in self._last and nid not in self._seen:
+                self._seen[nid] = now_ms if self._ticked else self.started_ms
+        self._ticked = True
         out: list[Transition] = []
         for nid in sorted(committed):
             want = self.target(nid, now_ms)

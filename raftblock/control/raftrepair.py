@@ -189,9 +189,12 @@ def stop_check(st: MetaState, node_id: int) -> list[tuple[int, str]]:
             continue
         live_after = [m for m in members if m != node_id and _state(st, m) == "up"]
         if g.mode == "chain":
-            if len(live_after) < len(members) - 1 or not live_after:
-                out.append((int(gid), f"chain {members}: another member is not up "
-                                      f"({', '.join(f'n{m} {_state(st, m)}' for m in members if m != node_id)})"))
+            # A chain acknowledges a write once every member has it: stopping a member is safe only while
+            # the rest stay at least replicas - 1 live copies (one failure at a time, never down to one).
+            if len(live_after) < max(1, st.replicas - 1) or len(live_after) < len(members) - 1:
+                out.append((int(gid), f"chain {members}: {len(live_after)} live cop{'y' if len(live_after) == 1 else 'ies'} "
+                                      f"after the stop, at least {max(1, st.replicas - 1)} needed "
+                                      f"({', '.join(f'n{m} {_state(st, m)}' for m in members if m != node_id) or 'no other member'})"))
         elif len(live_after) < len(members) // 2 + 1:
             out.append((int(gid), f"Raft {members}: {len(live_after)} live of {len(members)} after the stop, "
                                   f"a majority is {len(members) // 2 + 1}"))

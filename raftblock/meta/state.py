@@ -37,6 +37,8 @@ NODE_STATES: tuple[str, ...] = ("up", "suspect", "down")
 MODES: tuple[str, ...] = ("raft", "chain")
 
 VOLUME_NAME_BYTES_MAX = 64
+GROUPS_PER_NODE_MAX = 512  # extent-group replicas one node runs; placement refuses a volume past it (a 4-node demo
+# on one 2-core machine was saturated by ~2,300 per node: issue 14 re-read)
 VOLUME_SIZE_BYTES_MAX = 4 << 40  # 4 TiB: 65536 extents of 64 MiB, each listed in the map
 GROUP_MEMBERS_MAX = 7
 STATE_CHANGES_PER_COMMAND_MAX = 256
@@ -452,6 +454,23 @@ class MetaState:
         plans = place(views, cmd.size_bytes, extent_size_bytes=self.extent_size_bytes,
                       extents_per_group_max=self.extents_per_group_max, replicas=self.replicas,
                       leader_counts=leader_counts_of(g.members for g in self.groups.values()))
+        # Each replica is a Raft or chain group the node runs on one event loop: past a few hundred
+        # idle groups per node, ticks and heartbeats alone saturate a core (GROUPS_PER_NODE_MAX).
+        # A volume that would put more than GROUPS_PER_NODE_MAX on a node is refused before it exists.
+        per_node = {m: 0 for m in self.nodes}
+        for g in self.groups.values():
+            for m in g.members:
+                if m in per_node:
+                    per_node[m] += 1
+        for p in plans:
+            for m in p.members:
+                per_node[m] += 1
+        over = sorted(int(m) for m, n in per_node.items() if n > GROUPS_PER_NODE_MAX)
+        if over:
+            return _err("too_many_groups",
+                        f"volume {cmd.name!r} needs {len(plans)} extent groups ({format_size(self.extents_per_group_max * self.extent_size_bytes)} "
+                        f"each); nodes {over} would host more than {GROUPS_PER_NODE_MAX} groups: add nodes, or make "
+                        f"it smaller (about {format_size(self._room_bytes())} fits now)")
         extents = sum(len(p.extents) for p in plans)
         mapping: list[GroupId] = [GroupId(0)] * extents
         group_ids = []
@@ -520,6 +539,14 @@ class MetaState:
             return refusal
         del self.attachments[cmd.volume]
         return _ok()
+
+    def _room_bytes(self) -> int:
+        """Roughly how big a new volume may be under GROUPS_PER_NODE_MAX: the groups the fullest racks'
+        nodes can still take, times the bytes per group."""
+        free = sorted((GROUPS_PER_NODE_MAX - sum(1 for g in self.groups.values() if m in g.members)
+                       for m, n in self.nodes.items() if n.state == "up" and not n.draining), reverse=True)
+        groups = sum(free) // max(1, self.replicas) if len(free) >= self.replicas else 0
+        return max(0, groups) * self.extents_per_group_max * self.extent_size_bytes
 
     def _apply_register_gateway(self, cmd: RegisterGateway) -> Result:
         if not cmd.gateway_id or len(cmd.gateway_id) > VOLUME_NAME_BYTES_MAX or not cmd.address:

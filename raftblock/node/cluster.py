@@ -52,6 +52,7 @@ START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 HEALTHY_TIMEOUT_S = 60.0
 POLL_S = 0.05
+DROP_IN_FLIGHT_MAX = 32  # trims in flight while `volume delete` empties a volume
 CATCHING_UP_ENTRIES = 64  # a member this far behind the group's most advanced one is still being rebuilt
 # Node counters shown as errors in `cluster status` (data found bad, what was done about it, refused input)
 ERROR_COUNTERS = ("corrupt_reads", "read_repairs", "blocks_repaired", "read_repair_failed", "engine_bad_blocks",
@@ -315,8 +316,8 @@ def read_map(layout: Layout, cmap: ClusterMap) -> MetaState:
 
 
 # --- commands ------------------------------------------------------------------------------------
-def cluster_up(root: Path, nodes: int = 3, racks: int = 3, nbd_port: int | None = None,
-               port_base: int | None = None, disk: str = "os", bind: str = "127.0.0.1",
+def cluster_up(root: Path, nodes: int | None = None, racks: int | None = None, nbd_port: int | None = None,
+               port_base: int | None = None, disk: str | None = None, bind: str = "127.0.0.1",
                replication: str | None = None, notes: list[str] | None = None) -> str:
     """`replication`: the default mode of `volume create` ("raft" | "chain"), fixed when the cluster is
     first made (the layout file is written once); asking for another one later is an error.
@@ -333,6 +334,17 @@ def cluster_up(root: Path, nodes: int = 3, racks: int = 3, nbd_port: int | None 
         if replication is not None and replication != cmap.replication:
             raise ClusterError(f"the cluster in {root} was made with --replication {cmap.replication}; "
                                f"it is kept (create volumes with --replication {replication} instead)")
+        # The layout is written once: say what an option for a new cluster does not change here.
+        if nodes is not None and nodes != len(cmap.nodes):
+            notes.append(f"--nodes {nodes} ignored: the cluster in {root} has {len(cmap.nodes)} storage nodes "
+                         f"(raftblock node add adds one)")
+        racks_now = len({n.rack for n in cmap.nodes})
+        if racks is not None and racks != racks_now:
+            notes.append(f"--racks {racks} ignored: the cluster in {root} has {racks_now} racks")
+        if port_base is not None:
+            notes.append(f"--port-base {port_base} ignored: the cluster in {root} keeps its ports")
+        if disk is not None:
+            notes.append(f"--disk {disk} ignored: the disk mode is in the node configs of {root}")
         if running_pid(layout, "gateway", layout.gateway_config) is None:
             have = _gateway_port(layout)
             new = have
@@ -354,9 +366,9 @@ def cluster_up(root: Path, nodes: int = 3, racks: int = 3, nbd_port: int | None 
     else:
         nbd_port = _check_nbd_port(bind, 10809 if nbd_port is None else nbd_port, root)
         root.mkdir(parents=True, exist_ok=True)
-        cmap = create_layout(layout, nodes, racks, port_base, bind)
+        cmap = create_layout(layout, 3 if nodes is None else nodes, 3 if racks is None else racks, port_base, bind)
         cmap.replication = replication or "raft"
-        write_configs(layout, cmap, disk, bind, nbd_port)
+        write_configs(layout, cmap, disk or "os", bind, nbd_port)
         cmap.save(layout.map_path)
     started: list[str] = []
     try:
@@ -387,6 +399,8 @@ def cluster_up(root: Path, nodes: int = 3, racks: int = 3, nbd_port: int | None 
             _stop(layout, name, _config_of(layout, name))
         what = f"; stopped what it had started ({', '.join(started)})" if started else ""
         raise ClusterError(f"{e}{what}") from e
+    if started and len(started) < 2 + len(cmap.nodes) + len(cmap.meta_admin) - 1:
+        notes.append(f"started {', '.join(started)} (the others were running)")
     # Every process runs: a cluster that is slow to become healthy is left running (it may yet).
     wait_healthy(layout, cmap)
     return uri
@@ -609,6 +623,10 @@ def node_add(root: Path, rack: str | None = None) -> dict[str, Any]:
         st = read_map(layout, cmap)
         draining = {n.rack for n in st.nodes.values() if n.draining}
         rack = min(per, key=lambda r: (r not in draining, per[r], r))
+    if rack not in {n.rack for n in cmap.nodes}:
+        notes = f"rack {rack} is new (the racks so far: {', '.join(sorted({n.rack for n in cmap.nodes}))})"
+    else:
+        notes = ""
     host = cmap.nodes[0].host
     nid = max(n.node_id for n in cmap.nodes) + 1
     entry = NodeEntry(nid, rack, host, _free_port(host))
@@ -628,7 +646,7 @@ def node_add(root: Path, rack: str | None = None) -> dict[str, Any]:
         if time.monotonic() > deadline:
             raise ClusterError(f"node {nid} did not register within {HEALTHY_TIMEOUT_S:.0f}s")
         time.sleep(POLL_S)
-    return {"node_id": nid, "rack": rack, "address": f"{host}:{entry.port}"}
+    return {"node_id": nid, "rack": rack, "address": f"{host}:{entry.port}", "note": notes}
 
 
 def node_stop_check(root: Path, node_id: int) -> list[tuple[int, str]]:
@@ -643,7 +661,7 @@ def node_stop_check(root: Path, node_id: int) -> list[tuple[int, str]]:
 
 
 def _unsafe(node_id: int, risks: list[tuple[int, str]]) -> str:
-    return (f"stopping node {node_id} now would leave {len(risks)} group(s) without a majority: "
+    return (f"stopping node {node_id} now would leave {len(risks)} group(s) short of live copies: "
             + "; ".join(f"group {g}: {why}" for g, why in risks[:5]) + " (--force to do it anyway)")
 
 
@@ -705,7 +723,7 @@ def volume_create(root: Path, name: str, size_bytes: int, replication: str | Non
 
     layout = Layout(root)
     if size_bytes <= 0 or size_bytes % 4096 or size_bytes > VOLUME_SIZE_BYTES_MAX:
-        raise ClusterError(f"size {format_size(size_bytes)}: a volume is a positive multiple of 4KiB, "
+        raise ClusterError(f"size {format_size(size_bytes)} ({size_bytes} bytes): a volume is a positive multiple of 4KiB, "
                            f"at most {format_size(VOLUME_SIZE_BYTES_MAX)}")
     cmap = _load(layout)
     mode = replication or cmap.replication
@@ -799,12 +817,21 @@ def volume_rename(root: Path, name: str, new_name: str) -> dict[str, Any]:
 
 async def _drop_extents(cmap: ClusterMap, extent_ids: list[int], extent_size_bytes: int, epoch: int) -> None:
     """Trim every block of the volume's extents, so its space comes back (committed through Raft)."""
+    from raftblock.replication.group import GroupError
     from raftblock.replication.raft.group import RaftClient, RaftGroup
 
     client = RaftClient(cmap.peers())
+    gate = asyncio.Semaphore(DROP_IN_FLIGHT_MAX)  # a 4 TiB volume has 65,536 extents: not all at once
+
+    async def trim(e: int) -> None:
+        async with gate:
+            await RaftGroup(client, e >> 32, epoch=epoch).trim(e, 0, blocks)
+
     try:
         blocks = extent_size_bytes // 4096
-        await asyncio.gather(*(RaftGroup(client, e >> 32, epoch=epoch).trim(e, 0, blocks) for e in extent_ids))
+        await asyncio.gather(*(trim(e) for e in extent_ids))
+    except GroupError as e:
+        raise ClusterError(f"could not trim the volume's data, nothing was deleted: {e}") from e
     finally:
         await client.close()
 

@@ -107,6 +107,12 @@ def follow_logs(root: Path, names: list[str] | None = None, level: str = "debug"
         print(f"raftblock logs: no logs in {root} (no cluster was started there)", file=sys.stderr)
         return 1
     names = names or []
+    have = sorted(p.stem for p in logs.glob("*.log"))
+    unknown = [n for n in names if not any(_wanted(h, [n]) for h in have)]
+    if unknown and not follow:
+        print(f"raftblock logs: no process {', '.join(unknown)} in {root} (its processes: {', '.join(have)})",
+              file=sys.stderr)
+        return 1
     floor = LEVELS.get(level, 0)
     sources: dict[Path, _Source] = {}
 

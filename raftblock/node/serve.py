@@ -34,7 +34,7 @@ import structlog
 from raftblock._fast import blockcrc
 from raftblock.client.volume import BLOCK_SIZE, Volume, VolumeInfo
 from raftblock.gateway.nbd_server import GatewayConfig, NbdServer, VolumeCatalog
-from raftblock.node.dirlock import DirectoryInUse, lock_directory
+from raftblock.node.dirlock import lock_directory
 from raftblock.replication.local import LocalGroup
 from raftblock.storage.disk import make_disk
 from raftblock.storage.engine import Engine, EngineConfig
@@ -166,13 +166,13 @@ async def run_serve(
     engine_config: EngineConfig | None = None,
     ready_stream: TextIO | None = None,
 ) -> int:
-    try:
-        dlock = lock_directory(directory)  # before anything in it is read or written (node/dirlock.py)
-    except DirectoryInUse as e:
-        raise ServeError(str(e)) from None
+    dlock = lock_directory(directory)  # before anything in it is read or written (node/dirlock.py)
     log.info("serve.starting", directory=str(directory), disk=disk_mode, fast=blockcrc.IMPLEMENTATION)
     cluster_id = load_or_create_cluster_id(directory)
     volumes = load_or_create_volumes(directory, specs)
+    if not volumes:
+        log.warning("serve.no_volumes", directory=str(directory),
+                    hint="nothing to export: add --volume NAME:SIZE (created on first start)")
     disk = make_disk(disk_mode)
     engine_dir = directory / "engine"
     engine_dir.mkdir(exist_ok=True)

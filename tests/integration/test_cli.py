@@ -97,6 +97,12 @@ def test_sizes_help_version_and_usage_errors(tmp_path: Path) -> None:
                 ["volume", "list"], ["volume", "info"], ["volume", "rename"], ["volume", "delete"],
                 ["volume", "attach"], ["volume", "detach"], ["node"], ["logs"], ["demo"], ["repair", "watch"]):
         assert "--json" in rb(*cmd, "--help").stdout, cmd
+    for bad in ("99999", "-1", "http"):
+        r = rb("serve", "--dir", str(tmp_path / "s"), "--port", bad, check=None)
+        assert r.returncode == 2 and "port" in r.stderr and not (tmp_path / "s").exists(), r.stderr
+    r = rb("serve", "--dir", str(tmp_path / "s"), "--volume", "v 1:1G", check=None)
+    assert r.returncode == 2 and "volume name 'v 1'" in r.stderr, r.stderr
+    assert "metadata node" in rb("meta", "--help").stdout
     root = tmp_path / "nothing"
     r = rb("volume", "create", "v", "--size", "10GB", root=root, check=None)
     assert r.returncode == 2 and "'10GB' is ambiguous: write 10G or 10GiB for 10737418240 bytes, or 10000000000" \
@@ -106,7 +112,7 @@ def test_sizes_help_version_and_usage_errors(tmp_path: Path) -> None:
         r = rb("volume", "create", "v", "--size", bad, root=root, check=None)
         assert r.returncode == 2 and why in r.stderr, (bad, r.stderr)
     line = one_line_error(rb("volume", "create", "v", "--size", "1.5K", root=root, check=None))
-    assert "size 1.5KiB: a volume is a positive multiple of 4KiB, at most 4TiB" in line, line
+    assert "size 1.5KiB (1536 bytes): a volume is a positive multiple of 4KiB, at most 4TiB" in line, line
     # a typo in --dir is an error, not "nothing was running"
     for cmd in (["cluster", "down"], ["cluster", "status"], ["volume", "list"]):
         line = one_line_error(rb(*cmd, root=root, check=None))
@@ -147,6 +153,9 @@ def test_a_taken_nbd_port_starts_nothing_and_a_new_port_is_taken(tmp_path: Path)
         st = c.status()
         c.pids.update(_pids(st))
         assert st["gateway"]["uri"] == f"nbd://127.0.0.1:{new}"
+        # `make demo` again (no port given) on this cluster keeps its port
+        r = rb("demo", "--size", "64M", root=c.root)
+        assert f"nbd://127.0.0.1:{new}/demo" in r.stdout, r.stdout
         # while the gateway runs, another port is refused with what to do
         line = one_line_error(rb("cluster", "up", "--nbd-port", str(port), root=c.root, check=None))
         assert f"runs on port {new}" in line and "cluster down" in line, line
@@ -171,6 +180,18 @@ def test_volume_verbs_json_and_a_stopped_cluster(cluster: Cluster, tmp_path: Pat
     assert "size:        100MiB" in rb("volume", "info", "db1", root=root).stdout
     line = one_line_error(rb("volume", "info", "nope", root=root, check=None))
     assert "no volume nope" in line
+    r = rb("volume", "info", "nope", root=root, check=None, env={"RAFTBLOCK_DEBUG": "1"})
+    assert r.returncode == 1 and "Traceback" in r.stderr and "ClusterError: no volume nope" in r.stderr
+    # a volume that would swamp the nodes with groups is refused before it exists (issue 14 re-read: 1.5T
+    # made 3,072 groups on a 4-node demo, which then could not even be deleted)
+    t0 = time.monotonic()
+    line = one_line_error(rb("volume", "create", "huge", "--size", "1.5T", root=root, check=None))
+    assert "would host more than 512 groups" in line and "fits now" in line and time.monotonic() - t0 < FAST_S, line
+    assert "huge" not in rb("volume", "list", root=root).stdout
+    line = one_line_error(rb("logs", "--node", "zz", root=root, check=None))
+    assert "no process zz" in line and "n1" in line, line
+    r = rb("cluster", "up", "--nodes", "5", "--racks", "2", root=root)
+    assert "--nodes 5 ignored: the cluster in" in r.stderr and "--racks 2 ignored" in r.stderr, r.stderr
 
     line = one_line_error(rb("volume", "attach", "db1", "--gateway", "gw9", root=root, check=None))
     assert "no gateway 'gw9'" in line and "gw1" in line

@@ -50,7 +50,7 @@ def test_a_second_serve_on_a_directory_in_use_exits_at_once_and_touches_nothing(
     assert lock_holder(sp.data_dir) == sp.pid
     before = _tree(sp.data_dir)
     r = _second([*sp.command, "serve", "--dir", str(sp.data_dir), "--port", "0", "--volume", "v:64M"])
-    assert r.returncode != 0
+    assert r.returncode == 1
     assert f"data directory {sp.data_dir} is in use by pid {sp.pid}" in r.stderr, r.stderr
     assert "READY" not in r.stdout
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr  # one line, no traceback

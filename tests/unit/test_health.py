@@ -103,3 +103,16 @@ def test_view_reports_liveness() -> None:
     det.heartbeat(A, 10, used_bytes=123)
     v = det.view(20, [A, B])
     assert (v[0].node_id, v[0].heartbeats, v[0].used_bytes, v[0].target) == (A, 1, 123, "up")
+
+
+def test_a_node_registered_later_gets_its_grace_from_when_the_detector_first_sees_it() -> None:
+    """Issue 14 re-read: `node add` showed the new node `down` for half a second (its clock had started
+    with the leader's, long before it registered)."""
+    h = Harness()
+    h.run(0, 5000)  # the leader has run for 5 s, A and B beating
+    h.state.apply(RegisterNode(3, "r3", "h:3", 1, 5000))
+    h.run(5000, 5200)  # node 3 registered, no heartbeat yet: within its grace
+    assert h.state.nodes[NodeId(3)].state == "up", h.proposals
+    h.run(5200, 5310)  # still silent past 3 intervals from when it was first seen: suspect, never down first
+    assert h.state.nodes[NodeId(3)].state == "suspect"
+    assert all(c.state != "down" for p in h.proposals for c in p if c.node_id == NodeId(3))

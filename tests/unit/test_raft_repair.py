@@ -161,3 +161,22 @@ def test_stop_check_names_the_groups_that_would_lose_their_majority() -> None:
     [(g, why)] = stop_check(st, members[0])
     assert g == gid and "majority" in why
     assert stop_check(st, 5 if 5 not in members else 4) == []  # holds nothing of it
+
+
+def test_stop_check_refuses_to_leave_a_chain_with_one_copy() -> None:
+    """Issue 14 re-read: a chain already down to two members (one removed) was called safe to stop one of
+    them, and then acknowledged writes on a single copy."""
+    from raftblock.control.raftrepair import stop_check
+    from raftblock.meta.state import SetGroupMembers
+
+    st = MetaState()
+    assert st.apply(InitCluster("c")).ok
+    for i in (1, 2, 3):
+        assert st.apply(RegisterNode(i, RACKS[i], f"127.0.0.1:{7000 + i}", 1 << 40, 0)).ok
+    (gid,) = st.apply(CreateVolume("c", 64 << 20, 0, "chain")).value["groups"]
+    members = [int(m) for m in st.groups[gid].members]
+    assert stop_check(st, members[0]) == []  # whole: one failure at a time is fine
+    _set(st, members[2], "suspect")
+    assert st.apply(SetGroupMembers(gid, tuple(members[:2]), st.groups[gid].epoch)).ok  # the chain repair removed it
+    [(g, why)] = stop_check(st, members[0])
+    assert g == gid and "1 live copy after the stop, at least 2 needed" in why
