@@ -129,7 +129,7 @@ class Scrubber:
 
     async def _compare(self, gid: int, peer: int, ext: int, block: int, n: int, crcs: list[int], at: int,
                        applied: Callable[[], int]) -> None:
-        from raftblock.replication.raft.runtime import OP_C_SCRUB_CRCS, OP_C_SCRUB_REPAIR, ST_OK
+        from raftblock.wire.client import OP_C_SCRUB_CRCS, OP_C_SCRUB_REPAIR, ST_OK
 
         rt = self.rt
         c = rt.counters

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from raftblock.client.volume import VolumeInfo
+from raftblock.ids import extent_id
 from raftblock.meta.state import MetaState
 from raftblock.node.serve import write_json_atomic
 
@@ -58,10 +59,6 @@ class ClusterMap:
 
     def peers(self) -> dict[int, tuple[str, int]]:
         return {n.node_id: (n.host, n.port) for n in self.nodes}
-
-
-def extent_id(group_id: int, extent_index: int) -> int:
-    return group_id << 32 | extent_index
 
 
 def volume_infos(st: MetaState) -> list[VolumeInfo]:

@@ -49,12 +49,12 @@ import structlog
 
 from raftblock.client.volume import Volume
 from raftblock.gateway.nbd_server import GatewayConfig, NbdServer, VolumeCatalog
+from raftblock.ids import group_of_extent
 from raftblock.meta.rpc import MetaClient, MetaClientError
 from raftblock.meta.state import MetaState
 from raftblock.node.clustermap import volume_infos
 from raftblock.node.dirlock import DirectoryInUse, lock_file
 from raftblock.replication.raft.group import ChainReplicaGroup, RaftClient, RaftGroup
-from raftblock.replication.raft.runtime import group_of_extent
 from raftblock.replication.raft.types import NodeId
 
 log = structlog.get_logger(__name__)

@@ -446,11 +446,11 @@ def test_chain_zombie_head_is_fenced_and_tail_kill_loses_nothing(cluster: Cluste
 
     from raftblock.replication.chain.types import ChainMessage, MessageType, Record
     from raftblock.replication.raft.group import RaftClient
-    from raftblock.replication.raft.runtime import OP_C_WRITE, ST_OK
     from raftblock.replication.raft.transport import ROLE_PEER
     from raftblock.replication.raft.types import GroupId, NodeId
     from raftblock.wire import raftblock_pb2 as pb
     from raftblock.wire.chaincodec import encode_chain
+    from raftblock.wire.client import OP_C_WRITE, ST_OK
     from raftblock.wire.framing import FrameType, encode_frame_bytes
     from raftblock.wire.ops import OP_TRIM, BlockOp, encode_batch
 

@@ -398,7 +398,7 @@ def test_scrub_repairs_bit_rot_and_a_replica_that_silently_diverged(tmp_path: Pa
         assert found["scrub_mismatches"] == 1 and found["scrub_replica_repairs"] == 1, found  # twice: repaired
         assert c.rts[div].counters["scrub_blocks_rewritten"] == 1
         # A member that serves reads never copies from another one (it would go back in time).
-        from raftblock.replication.raft.runtime import OP_C_SCRUB_REPAIR, ST_OK
+        from raftblock.wire.client import OP_C_SCRUB_REPAIR, ST_OK
 
         req = pb.ClientRequest(op=OP_C_SCRUB_REPAIR, extent_id=ext, block=0, count=8, source_node=rot)
         resp, _ = await client.call_node(leader, 1, req)

@@ -28,7 +28,9 @@ from typing import cast
 import structlog
 
 from raftblock.replication.group import CorruptData, GroupError, GroupStatus, NoSpace, Unavailable
-from raftblock.replication.raft.runtime import (
+from raftblock.replication.raft.transport import ROLE_CLIENT, WIRE_VERSION
+from raftblock.wire import raftblock_pb2 as pb
+from raftblock.wire.client import (
     OP_C_BLOCK_STATUS,
     OP_C_NODE_STATUS,
     OP_C_READ,
@@ -44,8 +46,6 @@ from raftblock.replication.raft.runtime import (
     ST_UNAVAILABLE,
     ST_UNKNOWN_GROUP,
 )
-from raftblock.replication.raft.transport import ROLE_CLIENT, WIRE_VERSION
-from raftblock.wire import raftblock_pb2 as pb
 from raftblock.wire.framing import BadFrame, Buf, FatalFrameError, FrameDecoder, FrameType, encode_frame
 
 log = structlog.get_logger(__name__)

@@ -42,6 +42,7 @@ from typing import Any, cast
 import structlog
 
 from raftblock._fast import blockcrc
+from raftblock.ids import group_of_extent
 from raftblock.replication.chain.runtime import ChainGroup, ChainHost
 from raftblock.replication.image import ChunkedImage, runs
 from raftblock.replication.raft.core import RaftConfig, RaftCore, Ready
@@ -67,6 +68,26 @@ from raftblock.replication.sessions import IMAGE_SESSIONS_MARK, Sessions
 from raftblock.storage.engine import ZERO_BLOCK_CRC, CorruptBlockError, Engine, NoSpaceError
 from raftblock.storage.segment import MAX_BLOCK, MAX_WRITE_BLOCKS
 from raftblock.wire import raftblock_pb2 as pb
+from raftblock.wire.client import (  # the client protocol's codes (served here, defined with the wire)
+    BLOCK_STATUS_BLOCKS_MAX,
+    OP_C_BLOCK_STATUS,
+    OP_C_NODE_STATUS,
+    OP_C_READ,
+    OP_C_REPLICA_READ,
+    OP_C_SCRUB_CRCS,
+    OP_C_SCRUB_REPAIR,
+    OP_C_STATUS,
+    OP_C_TRIM,
+    OP_C_WRITE,
+    ST_BAD_REQUEST,
+    ST_CORRUPT,
+    ST_NO_SPACE,
+    ST_NOT_LEADER,
+    ST_OK,
+    ST_STALE_EPOCH,
+    ST_UNAVAILABLE,
+    ST_UNKNOWN_GROUP,
+)
 from raftblock.wire.framing import Frame, FrameType, encode_frame
 from raftblock.wire.ops import BLOCK_SIZE, OP_TRIM, OP_WRITE, BlockOp, decode_batch, encode_batch
 from raftblock.wire.raftcodec import (
@@ -81,10 +102,6 @@ log = structlog.get_logger(__name__)
 
 _MT = MessageType
 
-# Client ops and statuses (raftblock.proto).
-OP_C_WRITE, OP_C_READ, OP_C_TRIM, OP_C_STATUS, OP_C_NODE_STATUS, OP_C_REPLICA_READ, OP_C_BLOCK_STATUS = range(1, 8)
-OP_C_SCRUB_CRCS, OP_C_SCRUB_REPAIR = 8, 9  # member to member (control/scrub.py)
-BLOCK_STATUS_BLOCKS_MAX = 1 << 16  # one BLOCK_STATUS request covers at most 256 MiB
 REPLICA_READ_WAIT_S = 2.0
 INSTALL_SLICE_BYTES = 8 << 20  # image bytes written per loop turn by an async snapshot install, at most...
 INSTALL_SLICE_S = 0.01  # ...and loop time per turn: a pwrite into a page cache being flushed can take 50 ms
@@ -92,12 +109,7 @@ APPLY_RETRY_S = 1.0  # a group whose apply found the disk full tries again this 
 CAUGHT_UP_ENTRIES = 64  # a follower this close to the commit index counts as caught up (raft_report)
 BALANCE_EVERY_TICKS = 10  # look for groups to hand to their preferred leader every second (100 ms ticks)
 TRANSFER_INTERVAL_TICKS = 50  # per group: one transfer attempt per 5 s at most  # how long a replica waits to reach `min_applied` before answering UNAVAILABLE
-ST_OK, ST_NOT_LEADER, ST_UNKNOWN_GROUP, ST_UNAVAILABLE, ST_BAD_REQUEST, ST_CORRUPT, ST_NO_SPACE, ST_STALE_EPOCH = range(8)
 _IMG_LEN = struct.Struct("<I")
-
-
-def group_of_extent(extent_id: int) -> int:
-    return extent_id >> 32
 
 
 def check_range(gid: int, req: pb.ClientRequest, limit: int) -> int:
