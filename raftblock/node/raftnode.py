@@ -52,7 +52,7 @@ from raftblock.node.dirlock import DirectoryInUse, lock_directory
 from raftblock.node.serve import load_or_create_cluster_id
 from raftblock.obs.log import configure
 from raftblock.replication.raft.runtime import NodeRuntime, RuntimeConfig
-from raftblock.replication.raft.wal import Wal
+from raftblock.replication.wal import Wal
 from raftblock.storage.disk import make_disk
 from raftblock.storage.engine import Engine, EngineConfig
 

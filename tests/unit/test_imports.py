@@ -21,10 +21,10 @@ ROOT = Path(__file__).resolve().parents[2] / "raftblock"
 CORES = ("raftblock.replication.raft.core", "raftblock.replication.raft.log", "raftblock.replication.raft.progress",
          "raftblock.replication.chain.core", "raftblock.gateway.nbd", "raftblock.wire.framing")
 IO_LAYERS = ("raftblock.node", "raftblock.meta", "raftblock.gateway.nbd_server", "raftblock.replication.raft.runtime",
-             "raftblock.replication.raft.transport", "raftblock.replication.raft.wal",
+             "raftblock.replication.raft.transport", "raftblock.replication.wal",
              "raftblock.replication.chain.runtime", "raftblock.storage.disk", "asyncio", "socket", "uvloop")
 CLIENT_SIDE = ("raftblock.client", "raftblock.gateway", "raftblock.replication.raft.group")
-SERVER = ("raftblock.replication.raft.runtime", "raftblock.replication.chain.runtime", "raftblock.replication.raft.wal",
+SERVER = ("raftblock.replication.raft.runtime", "raftblock.replication.chain.runtime", "raftblock.replication.wal",
           "raftblock.storage", "raftblock.node.raftnode", "raftblock.node.serve", "raftblock.replication.local")
 KNOWN_CYCLES = {
     frozenset({"raftblock.replication.chain.runtime", "raftblock.replication.raft.runtime"}),

@@ -19,7 +19,7 @@ from raftblock.replication.raft.group import RaftClient, RaftGroup
 from raftblock.replication.raft.runtime import NodeRuntime, RuntimeConfig
 from raftblock.replication.raft.transport import ROLE_PEER
 from raftblock.replication.raft.types import GroupId, Message, MessageType, NodeId, Role
-from raftblock.replication.raft.wal import Wal
+from raftblock.replication.wal import Wal
 from raftblock.storage.disk import Disk, DiskFile, OsDisk
 from raftblock.storage.engine import Engine, EngineConfig
 from raftblock.testing.raftload import tagged_block

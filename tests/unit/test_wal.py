@@ -1,4 +1,4 @@
-"""The shared write-ahead log (raftblock/replication/raft/wal.py, docs/format/wal.md)."""
+"""The shared write-ahead log (raftblock/replication/wal.py, docs/format/wal.md)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import cast
 import pytest
 
 from raftblock.replication.raft.types import ConfState, Entry, EntryType, HardState, NodeId, SnapshotMeta
-from raftblock.replication.raft.wal import Wal, segment_name
+from raftblock.replication.wal import Wal, segment_name
 from raftblock.storage.disk import DiskFile, OsDisk, VolatileDisk
 
 CONF = ConfState(frozenset({NodeId(1), NodeId(2), NodeId(3)}))
@@ -192,7 +192,7 @@ def test_released_segments_are_recycled_and_their_old_records_never_replay(tmp_p
 
 
 def test_version_1_segments_are_still_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import raftblock.replication.raft.wal as walmod
+    import raftblock.replication.wal as walmod
 
     monkeypatch.setattr(walmod, "SEG_MAGIC", walmod.SEG_MAGIC_V1)
     monkeypatch.setattr(walmod, "_seed", lambda seq: 0)  # version 1: unseeded record CRCs
@@ -209,7 +209,7 @@ def test_version_1_segments_are_still_read(tmp_path: Path, monkeypatch: pytest.M
 def test_old_records_right_after_the_tail_of_a_recycled_segment_fail_their_crc(tmp_path: Path) -> None:
     """The case alignment cannot catch: a recycled file whose earlier records start exactly where the new
     ones end. Only the seq-seeded CRC tells them apart (docs/format/wal.md "Recycling")."""
-    import raftblock.replication.raft.wal as walmod
+    import raftblock.replication.wal as walmod
 
     def records(seq: int, first: int, n: int) -> bytes:
         w = Wal(OsDisk(), str(tmp_path), 1 << 20)

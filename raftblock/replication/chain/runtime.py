@@ -56,8 +56,8 @@ from raftblock.replication.raft.types import (
     Snapshot,
     SnapshotMeta,
 )
-from raftblock.replication.raft.wal import GroupDurable, WalStorage
 from raftblock.replication.sessions import Sessions
+from raftblock.replication.wal import GroupDurable, WalStorage
 from raftblock.storage.engine import NoSpaceError
 from raftblock.wire.chaincodec import decode_chain_frame, encode_chain, encode_snapshot_chunk
 

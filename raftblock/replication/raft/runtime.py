@@ -63,8 +63,8 @@ from raftblock.replication.raft.types import (
     Snapshot,
     SnapshotMeta,
 )
-from raftblock.replication.raft.wal import GroupDurable, Wal, WalStorage
 from raftblock.replication.sessions import IMAGE_SESSIONS_MARK, Sessions
+from raftblock.replication.wal import GroupDurable, Wal, WalStorage
 from raftblock.storage.engine import ZERO_BLOCK_CRC, CorruptBlockError, Engine, NoSpaceError
 from raftblock.storage.segment import MAX_BLOCK, MAX_WRITE_BLOCKS
 from raftblock.wire import raftblock_pb2 as pb
