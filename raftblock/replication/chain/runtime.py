@@ -56,13 +56,21 @@ from raftblock.replication.raft.types import (
     Snapshot,
     SnapshotMeta,
 )
+from raftblock.replication.requests import (
+    NotLeaderError,
+    Pending,
+    Reply,
+    RetryError,
+    fail_requests,
+    live_batches,
+)
 from raftblock.replication.sessions import Sessions
 from raftblock.replication.wal import GroupDurable, WalStorage
 from raftblock.storage.engine import NoSpaceError
 from raftblock.wire.chaincodec import decode_chain_frame, encode_chain, encode_snapshot_chunk
 
 if TYPE_CHECKING:
-    from raftblock.replication.raft.runtime import NodeRuntime, _Pending, _Reply
+    from raftblock.replication.raft.runtime import NodeRuntime
 
 log = structlog.get_logger(__name__)
 
@@ -124,9 +132,9 @@ class ChainGroup:
         self.wait_pos = 0
         self.waiting = False  # in the runtime's sync waiters
         self.pending_cfg: ChainConfig | None = None  # adopted once its epoch is durable (rule 2)
-        self.pending: list[_Pending] = []
+        self.pending: list[Pending] = []
         self.pending_bytes = 0
-        self.proposals: dict[int, list[_Reply]] = {}  # seq -> the writes it carries
+        self.proposals: dict[int, list[Reply]] = {}  # seq -> the writes it carries
         self.reads: dict[int, asyncio.Future[int]] = {}  # ctx -> waiting for the tail's Ready
         self.members: tuple[int, ...] = ()
         self.was_head = False
@@ -187,7 +195,6 @@ class ChainHost:
         a crash between the two leaves an empty group whose leftover blocks a later join's snapshot
         replaces. Returns False when there is nothing to discard or a Ready is still outstanding.
         `deleted`: the group is gone from the map (volume deleted): a member drops its copy too."""
-        from raftblock.replication.raft.runtime import NotLeaderError
 
         g = self.groups.get(gid)
         rt = self.rt
@@ -477,7 +484,6 @@ class ChainHost:
 
     # == client requests =======================================================================================
     def _not_head(self, g: ChainGroup) -> Exception:
-        from raftblock.replication.raft.runtime import NotLeaderError, RetryError
 
         cfg = g.core.config
         if cfg is None:
@@ -485,7 +491,6 @@ class ChainHost:
         return NotLeaderError(int(cfg.head))
 
     def check_head(self, g: ChainGroup) -> None:
-        from raftblock.replication.raft.runtime import RetryError
 
         if self.rt.failed is not None:
             raise RetryError(f"node failed: {self.rt.failed!r}")
@@ -493,7 +498,6 @@ class ChainHost:
             raise self._not_head(g)
 
     def not_tail(self, g: ChainGroup) -> Exception:
-        from raftblock.replication.raft.runtime import NotLeaderError, RetryError
 
         cfg = g.core.config
         if cfg is None or not g.core.is_member:
@@ -504,7 +508,6 @@ class ChainHost:
 
     def flush_proposals(self, g: ChainGroup) -> None:
         """Head batching: the writes of one loop turn become as few records as the bounds allow."""
-        from raftblock.replication.raft.runtime import RetryError, live_batches
         from raftblock.wire.ops import encode_batch
 
         cfg = self.rt.cfg
@@ -541,7 +544,6 @@ class ChainHost:
         await fut
 
     def fail_requests(self, g: ChainGroup, exc: Exception) -> None:
-        from raftblock.replication.raft.runtime import fail_requests
 
         fail_requests(g.proposals.values(), g.pending, g.reads.values(), exc)
         g.proposals.clear()

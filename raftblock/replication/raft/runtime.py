@@ -35,7 +35,7 @@ import random
 import struct
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
@@ -62,6 +62,14 @@ from raftblock.replication.raft.types import (
     Role,
     Snapshot,
     SnapshotMeta,
+)
+from raftblock.replication.requests import (
+    NotLeaderError,
+    Pending,
+    Reply,
+    RetryError,
+    fail_requests,
+    live_batches,
 )
 from raftblock.replication.sessions import IMAGE_SESSIONS_MARK, Sessions
 from raftblock.replication.wal import GroupDurable, Wal, WalStorage
@@ -187,32 +195,6 @@ class RuntimeConfig:
         self.space_reserve_bytes = space_reserve_bytes
 
 
-class _Reply:
-    """The completion of a client write on the fast path: it answers the client itself when the entry
-    applies (or fails), so a write costs no task and no future on the leader. The proposal bookkeeping
-    uses it like a future: done(), set_result(index), set_exception(exc)."""
-
-    __slots__ = ("rt", "conn", "gid", "request_id", "_done")
-
-    def __init__(self, rt: NodeRuntime, conn: Connection, gid: int, request_id: int) -> None:
-        self.rt = rt
-        self.conn = conn
-        self.gid = gid
-        self.request_id = request_id
-        self._done = False
-
-    def done(self) -> bool:
-        return self._done
-
-    def set_result(self, _index: int) -> None:
-        self._done = True
-        self.rt._answer(self.conn, self.gid, self.request_id, None)
-
-    def set_exception(self, exc: BaseException) -> None:
-        self._done = True
-        self.rt._answer(self.conn, self.gid, self.request_id, exc)
-
-
 # Client ops on a volume's blocks: checked at the edge by _io_refusal (group, fences, attach epoch).
 _FENCED_OPS = (OP_C_WRITE, OP_C_TRIM, OP_C_READ, OP_C_BLOCK_STATUS)
 
@@ -222,14 +204,6 @@ class _Refused(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
-
-
-class _Pending:
-    __slots__ = ("op", "fut")
-
-    def __init__(self, op: BlockOp, fut: _Reply) -> None:
-        self.op = op
-        self.fut = fut
 
 
 class _Group:
@@ -260,9 +234,9 @@ class _Group:
         self.rd: Ready | None = None
         self.wait_pos = 0
         self.hs = hs
-        self.pending: list[_Pending] = []
+        self.pending: list[Pending] = []
         self.pending_bytes = 0
-        self.proposals: dict[int, tuple[int, list[_Reply]]] = {}
+        self.proposals: dict[int, tuple[int, list[Reply]]] = {}
         self.reads: dict[int, asyncio.Future[int]] = {}  # ctx -> waiting for its ReadState
         self.read_waits: list[tuple[int, asyncio.Future[int]]] = []  # (index, fut): waiting for apply
         self.last_role = Role.FOLLOWER
@@ -273,51 +247,6 @@ class _Group:
         # single-server configuration changes (_reconfigure).
         self.target: tuple[frozenset[NodeId], int] | None = None
         self.repairs: dict[int, float] = {}  # follower -> monotonic time its snapshot stream was first seen
-
-
-def live_batches(pending: list[_Pending], writes_max: int, bytes_max: int) -> Iterator[list[_Pending]]:
-    """The writes of one loop turn cut into batches of at most `writes_max` writes and `bytes_max` encoded
-    bytes (one entry or record each), without those already answered (timed out, refused)."""
-    i = 0
-    while i < len(pending):
-        batch: list[_Pending] = []
-        size = 0
-        while i < len(pending) and len(batch) < writes_max:
-            s = pending[i].op.encoded_size()
-            if batch and size + s > bytes_max:
-                break
-            batch.append(pending[i])
-            size += s
-            i += 1
-        live = [p for p in batch if not p.fut.done()]
-        if live:
-            yield live
-
-
-def fail_requests(proposals: Iterable[list[_Reply]], pending: Iterable[_Pending],
-                  reads: Iterable[asyncio.Future[int]], exc: Exception) -> None:
-    """Answer every waiting write and read of a group with `exc` (the group lost its role, the node failed
-    or stops); the caller clears its collections."""
-    for replies in proposals:
-        for reply in replies:
-            if not reply.done():
-                reply.set_exception(exc)
-    for p in pending:
-        if not p.fut.done():
-            p.fut.set_exception(exc)
-    for fut in reads:
-        if not fut.done():
-            fut.set_exception(exc)
-
-
-class NotLeaderError(Exception):
-    def __init__(self, leader: int) -> None:
-        super().__init__(f"not leader (leader hint {leader})")
-        self.leader = leader
-
-
-class RetryError(Exception):
-    """The group cannot serve now (no leader of this term yet, overloaded); the client retries."""
 
 
 class NodeRuntime:
@@ -1168,7 +1097,7 @@ class NodeRuntime:
         ch = self.chains
         g = ch.groups[gid]
         if req.op in (OP_C_WRITE, OP_C_TRIM):
-            reply = _Reply(self, conn, gid, req.request_id)
+            reply = Reply(self, conn, gid, req.request_id)
             try:
                 op = self._validate_write(gid, req, payload)
                 ch.check_head(g)
@@ -1247,8 +1176,8 @@ class NodeRuntime:
 
     def _write_fast(self, conn: Connection, gid: int, req: pb.ClientRequest, payload: bytes | memoryview) -> None:
         """A write or trim without a task (the edge checks, _io_refusal, have passed); the reply leaves
-        from _Reply when the entry applies."""
-        reply = _Reply(self, conn, gid, req.request_id)
+        from Reply when the entry applies."""
+        reply = Reply(self, conn, gid, req.request_id)
         try:
             grp = self.groups[gid]
             self._enqueue(grp, self._validate_write(gid, req, payload), reply)
@@ -1497,18 +1426,18 @@ class NodeRuntime:
         if g.core.role != Role.LEADER:
             raise NotLeaderError(g.core.lead)
 
-    def _enqueue(self, g: _Group, op: BlockOp, fut: _Reply) -> None:
+    def _enqueue(self, g: _Group, op: BlockOp, fut: Reply) -> None:
         self._check_leader(g)
         self.check_space()
         self._add_pending(g, op, fut, self._propose_dirty)
 
-    def _add_pending(self, g: _Group | ChainGroup, op: BlockOp, fut: _Reply, dirty: set[int]) -> None:
+    def _add_pending(self, g: _Group | ChainGroup, op: BlockOp, fut: Reply, dirty: set[int]) -> None:
         """Queue a write for this loop turn's batch (flushed by _process); RetryError when the group has
         `pending_writes_max` in flight."""
         if len(g.pending) + len(g.proposals) >= self.cfg.pending_writes_max:
             self.counters["client_overloaded"] += 1
             raise RetryError("too many writes in flight for this group")
-        g.pending.append(_Pending(op, fut))
+        g.pending.append(Pending(op, fut))
         g.pending_bytes += op.encoded_size()
         dirty.add(g.id)
         self._kick()
