@@ -509,6 +509,10 @@ class Wal:
                 self._segments = self._segments[len(drop) :]
         return len(drop)
 
+    def compactions_pending(self) -> bool:
+        """A snapshot or compaction record is written but not yet known durable (gc waits for it)."""
+        return bool(self._pending_snap)
+
     def total_bytes(self) -> int:
         return sum(s.size for s in self._segments)
 

@@ -195,7 +195,6 @@ class ChainHost:
         a crash between the two leaves an empty group whose leftover blocks a later join's snapshot
         replaces. Returns False when there is nothing to discard or a Ready is still outstanding.
         `deleted`: the group is gone from the map (volume deleted): a member drops its copy too."""
-
         g = self.groups.get(gid)
         rt = self.rt
         if (g is None or g.rd is not None or g.waiting or g.pending_cfg is not None
@@ -484,21 +483,18 @@ class ChainHost:
 
     # == client requests =======================================================================================
     def _not_head(self, g: ChainGroup) -> Exception:
-
         cfg = g.core.config
         if cfg is None:
             return RetryError(f"chain group {g.id}: no configuration yet")
         return NotLeaderError(int(cfg.head))
 
     def check_head(self, g: ChainGroup) -> None:
-
         if self.rt.failed is not None:
             raise RetryError(f"node failed: {self.rt.failed!r}")
         if not g.core.is_head or g.pending_cfg is not None:
             raise self._not_head(g)
 
     def not_tail(self, g: ChainGroup) -> Exception:
-
         cfg = g.core.config
         if cfg is None or not g.core.is_member:
             return RetryError(f"chain group {g.id}: not a member of a configuration here")
@@ -544,7 +540,6 @@ class ChainHost:
         await fut
 
     def fail_requests(self, g: ChainGroup, exc: Exception) -> None:
-
         fail_requests(g.proposals.values(), g.pending, g.reads.values(), exc)
         g.proposals.clear()
         g.pending = []

@@ -310,6 +310,7 @@ class NodeRuntime:
         self._tick_handle: asyncio.TimerHandle | None = None
         self._read_ctx = 0
         self._compacting = False
+        self._idle_syncing = False  # a WAL sync of compaction points on the executor (_sync_idle)
         # WAL bytes appended since the last compaction cycle started; what recovery found counts as
         # appended, so a node restarted on a large WAL compacts (and frees it) at once.
         self._wal_appended_at_compact = -wal.total_bytes()
@@ -617,7 +618,34 @@ class NodeRuntime:
             for g in self.groups.values():
                 self._reconfigure(g)
             self._maybe_start_compaction()  # also on an idle node (a restart on a large WAL)
+            self._sync_idle()
         self._schedule_tick()
+
+    def _sync_idle(self) -> None:
+        """Compaction points no Ready waits for (a compaction-only Ready is not synced) are made durable
+        within a second on a node with no sync of its own coming, so gc releases the segments they cover
+        (an idle node would otherwise keep them until its next write)."""
+        wal = self.wal
+        if self._syncing or self._sync_waiters or self._idle_syncing or self._stopping \
+                or not wal.compactions_pending():
+            return
+        try:
+            wal.flush()
+        except OSError:
+            return  # a full disk: the loop's own flush retries it (_wal_full)
+        self._idle_syncing = True
+        assert self._loop is not None
+        fut = self._loop.run_in_executor(self._executor, functools.partial(wal.sync, remove=False))
+
+        def done(f: asyncio.Future[int]) -> None:
+            self._idle_syncing = False
+            exc = f.exception() if not f.cancelled() else None
+            if exc is not None:
+                self._fail(exc)  # fsync errors cannot be retried honestly
+                return
+            self._collect_wal()
+
+        fut.add_done_callback(done)
 
     def _catch_up_ticks(self) -> None:
         due = int((time.monotonic() - self._t0) * 1000.0 / self.cfg.tick_ms)
@@ -1717,16 +1745,7 @@ class NodeRuntime:
                     n += 1
                     self._dirty.add(g.id)
             self.counters["compactions"] += 1
-            self._kick()
-            # The COMPACT records must be durable before gc may release what they cover; a node gone idle
-            # after this cycle would otherwise keep its old segments until its next write.
-            try:
-                self.wal.flush()
-            except OSError as e:  # a full disk: the loop's own flush retries it (_wal_full); gc waits
-                log.warning("raft.compaction_flush_failed", error=str(e))
-            else:
-                await loop.run_in_executor(self._executor, functools.partial(self.wal.sync, remove=False))
-                self._collect_wal()
+            self._kick()  # the Raft groups' COMPACT records go out with their next Ready (_sync_idle syncs them)
             log.info("raft.compacted", groups=n, chain_groups=n_chain, wal_bytes=self.wal.total_bytes())
         except Exception as e:
             self._fail(e)
