@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from raftblock._fast import blockcrc
-from raftblock.replication.raft.group import RaftClient, RaftGroup
+from raftblock.client.router import GroupClient, NodeClient
 from raftblock.replication.raft.types import Role
 from raftblock.testing.raftnodes import RaftNodes
 
@@ -39,7 +39,7 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])  # utime + stime (fields 14, 15 of stat)
 
 
-async def leaders(client: RaftClient, ids: list[int]) -> dict[int, tuple[int, int]]:
+async def leaders(client: NodeClient, ids: list[int]) -> dict[int, tuple[int, int]]:
     """group -> (leader node, term), from every node's status."""
     led: dict[int, tuple[int, int]] = {}
     for n in ids:
@@ -49,7 +49,7 @@ async def leaders(client: RaftClient, ids: list[int]) -> dict[int, tuple[int, in
     return led
 
 
-async def wait_leaders(client: RaftClient, ids: list[int], timeout_s: float = 60.0) -> None:
+async def wait_leaders(client: NodeClient, ids: list[int], timeout_s: float = 60.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if len(await leaders(client, ids)) == GROUPS:
@@ -58,7 +58,7 @@ async def wait_leaders(client: RaftClient, ids: list[int], timeout_s: float = 60
     raise RuntimeError("not every group has a leader")
 
 
-async def load(client: RaftClient, groups: list[int], inflight: int, seconds: float) -> tuple[int, float]:
+async def load(client: NodeClient, groups: list[int], inflight: int, seconds: float) -> tuple[int, float]:
     data = os.urandom(4096)
     crcs = blockcrc.block_crcs(data)
     stop_at = time.monotonic() + seconds
@@ -69,7 +69,7 @@ async def load(client: RaftClient, groups: list[int], inflight: int, seconds: fl
         nonlocal done
         while time.monotonic() < stop_at:
             g = groups[rng.randrange(len(groups))]
-            await RaftGroup(client, g).write(g << 32, w % 64, data, crcs)
+            await GroupClient(client, g).write(g << 32, w % 64, data, crcs)
             done += 1
 
     t0 = time.monotonic()
@@ -91,7 +91,7 @@ async def run(cluster: RaftNodes, etcd: object | None, args: argparse.Namespace)
     from etcd_baseline import EtcdCluster
     from etcd_baseline import load as etcd_load
 
-    client = RaftClient(cluster.addresses, deadline_s=30.0)
+    client = NodeClient(cluster.addresses, deadline_s=30.0)
     await wait_leaders(client, cluster.ids)
     await load(client, [1], 8, 1.0)  # warm up connections / leader cache
     results: dict[str, list[float]] = {name: [] for name, _, _ in CASES}

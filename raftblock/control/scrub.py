@@ -1,7 +1,8 @@
 # Scrub: a node's background pass over every replica it holds (DESIGN "Scrub"; docs/replication.md).
 #
-# Owns: the pass loop, its pacing, and the comparison of replicas; the runtime serves the member-to-member
-# requests it uses (SCRUB_CRCS, SCRUB_REPAIR, REPLICA_READ).
+# Owns: the pass loop, its pacing, and the comparison of replicas. It sees its node through `ScrubNode`
+# (node/host.py NodeHost) and each replica through its ScrubView (replication/replica.py); the node's
+# data plane serves the member-to-member requests it uses (SCRUB_CRCS, SCRUB_REPAIR, REPLICA_READ).
 #
 # Rules:
 # 1. Bounded: at most `scrub_bytes_per_s` re-read per second (paced per run of blocks), one run in flight,
@@ -17,26 +18,25 @@
 #    legitimately hold newer writes. After `COMPARE_TRIES` such tries it is a suspect; the same run of the
 #    same member found again in the next pass is a mismatch (scrub_mismatches; scrub_suspects counts
 #    the first findings). A Raft follower with a mismatch is told to copy the run from its leader
-#    (SCRUB_REPAIR, runtime.repair_from); a member that serves reads refuses (runtime._repair_refusal),
+#    (SCRUB_REPAIR, node/repair.py); a member that serves reads refuses (Replica.repair_refusal),
 #    and a chain's mismatches are reported only. Counters scrub_replica_repairs, scrub_compare_skipped.
 # 4. A pass logs what it found; `raftblock cluster status` shows the counters per node.
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import structlog
 
-from raftblock.replication.image import runs
-from raftblock.storage.engine import CorruptBlockError
+from raftblock.replication.image import group_extents, runs
+from raftblock.replication.replica import ScrubView
+from raftblock.storage.engine import CorruptBlockError, Engine
 from raftblock.storage.segment import MAX_WRITE_BLOCKS
 from raftblock.wire import raftblock_pb2 as pb
 from raftblock.wire.ops import BLOCK_SIZE
-
-if TYPE_CHECKING:
-    from raftblock.replication.raft.runtime import NodeRuntime
 
 log = structlog.get_logger(__name__)
 
@@ -45,8 +45,36 @@ COMPARE_TRIES = 4
 COMPARE_RETRY_S = 0.2
 
 
+class ScrubSettings(Protocol):
+    scrub_bytes_per_s: int
+    scrub_pass_interval_s: float
+
+
+class ScrubNode(Protocol):
+    """What the scrub needs of its node."""
+
+    node_id: int
+    counters: Counter[str]
+    engine: Engine
+
+    @property
+    def cfg(self) -> ScrubSettings: ...
+
+    @property
+    def failed(self) -> BaseException | None: ...
+
+    def scrub_groups(self) -> list[int]: ...
+
+    def scrub_view(self, gid: int) -> ScrubView | None: ...
+
+    async def read_repair(self, gid: int, others: list[int], extent_id: int, block: int, n: int,
+                          applied: int) -> tuple[bytearray, list[int]]: ...
+
+    async def call_peer(self, peer: int, gid: int, req: pb.ClientRequest) -> tuple[pb.ClientResponse, Any]: ...
+
+
 class Scrubber:
-    def __init__(self, rt: NodeRuntime) -> None:
+    def __init__(self, rt: ScrubNode) -> None:
         self.rt = rt
         self.passes = 0
         self._suspects: set[tuple[int, int, int, int]] = set()  # (group, extent, block, member) last pass
@@ -74,8 +102,8 @@ class Scrubber:
                                     "scrub_suspects", "scrub_mismatches", "scrub_replica_repairs")}
         self._found = set()
         t0 = time.monotonic()
-        for gid in sorted(set(rt.groups) | set(rt.chains.groups)):
-            for ext in rt._group_extents(gid):
+        for gid in rt.scrub_groups():
+            for ext in group_extents(rt.engine, gid):
                 index = rt.engine.index
                 blocks = sorted(set(index.extents.get(ext, {})) | set(index.bad.get(ext, ())))
                 for first, n in runs(blocks):
@@ -105,7 +133,7 @@ class Scrubber:
         view = rt.scrub_view(gid)
         if view is None:
             return
-        applied, others, comparer = view
+        applied, others, comparer, _ = view
         at = applied()
         try:
             _, crcs = rt.engine.read(ext, block, n)
@@ -113,7 +141,7 @@ class Scrubber:
             log.error("scrub.corrupt_block", group=gid, extent_id=ext, block=e.block, reason=e.reason)
             repaired_before = c["blocks_repaired"]
             try:
-                await rt._read_repair(gid, others, ext, block, n, at)
+                await rt.read_repair(gid, others, ext, block, n, at)
             except CorruptBlockError:
                 c["scrub_repair_failed"] += 1
                 return
@@ -136,7 +164,7 @@ class Scrubber:
         for _ in range(COMPARE_TRIES):
             req = pb.ClientRequest(op=OP_C_SCRUB_CRCS, extent_id=ext, block=block, count=n, min_applied=at)
             try:
-                resp, _ = await rt._peer().call_node(peer, gid, req)
+                resp, _ = await rt.call_peer(peer, gid, req)
             except (OSError, ConnectionError, TimeoutError):
                 c["scrub_compare_skipped"] += 1
                 return
@@ -167,11 +195,12 @@ class Scrubber:
             return
         c["scrub_mismatches"] += 1
         log.error("scrub.replicas_differ", group=gid, extent_id=ext, block=block, count=n, member=peer, blocks=differ)
-        if rt.scrub_view(gid) is None or gid not in rt.groups:
-            return  # a chain: reported, not repaired
+        view = rt.scrub_view(gid)
+        if view is None or not view.repairs:
+            return  # gone, or a chain: reported, not repaired
         req = pb.ClientRequest(op=OP_C_SCRUB_REPAIR, extent_id=ext, block=block, count=n, source_node=rt.node_id)
         try:
-            resp, _ = await rt._peer().call_node(peer, gid, req)
+            resp, _ = await rt.call_peer(peer, gid, req)
         except (OSError, ConnectionError, TimeoutError) as e:
             log.warning("scrub.replica_repair_failed", group=gid, member=peer, error=repr(e))
             return

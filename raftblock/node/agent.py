@@ -37,14 +37,16 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from raftblock.meta.rpc import MetaClient, MetaClientError
 from raftblock.meta.state import GroupId, MetaState
-from raftblock.replication.raft.runtime import NodeRuntime
 from raftblock.replication.raft.types import NodeId
+
+if TYPE_CHECKING:
+    from raftblock.node.host import NodeHost
 
 log = structlog.get_logger(__name__)
 
@@ -53,11 +55,11 @@ LOOP_STALL_LOG_S = 0.25  # a pulse this late is logged (agent.loop_stalled) and 
 
 
 class MetaAgent:
-    def __init__(self, client: MetaClient, runtime: NodeRuntime, node_id: int, rack: str, address: str,
+    def __init__(self, client: MetaClient, host: NodeHost, node_id: int, rack: str, address: str,
                  data_dir: Path, interval_s: float = 1.0, disk_id: str = "",
                  loop_stall_max_s: float | None = None, beat_client: MetaClient | None = None) -> None:
         self.client = client
-        self.runtime = runtime
+        self.host = host
         self.node_id = node_id
         self.rack = rack
         self.address = address
@@ -122,16 +124,16 @@ class MetaAgent:
         now = time.monotonic()
         late = now - self._pulse_at - PULSE_S if self._pulse_at else 0.0
         if late > LOOP_STALL_LOG_S:
-            c = self.runtime.counters
+            c = self.host.counters
             c["loop_stalls"] += 1
             c["loop_stall_max_ms"] = max(c["loop_stall_max_ms"], int(late * 1000))
             log.warning("agent.loop_stalled", late_ms=round(late * 1000))
         self._pulse_at = now
         if now >= self._report_due:
             self._report_due = now + self.interval_s
-            used = int(self.runtime.engine.stats().get("live_bytes", 0))
-            chains = self.runtime.chains.report() if self.runtime.chains.groups else None
-            report = (used, chains, self.runtime.raft_report())
+            used = int(self.host.engine.stats().get("live_bytes", 0))
+            chains, raft = self.host.report()
+            report = (used, chains, raft)
             with self._report_lock:
                 self._report = report
         assert self._loop is not None
@@ -182,7 +184,7 @@ class MetaAgent:
             # The metadata leader took this heartbeat: it will not remove this node from a chain before
             # `sent + lease_ms` (it waits for a longer silence), so the node's tails may serve reads until
             # then, in the epochs it named (a removal already decided is in them).
-            self._on_loop(self.runtime.grant_chain_lease, sent + lease_ms / 1000.0, epochs)
+            self._on_loop(self.host.grant_chain_lease, sent + lease_ms / 1000.0, epochs)
         return True
 
     def _on_loop(self, fn: Any, *args: Any) -> None:
@@ -210,46 +212,46 @@ class MetaAgent:
 
     def reconcile(self, st: MetaState) -> None:
         for n in st.nodes.values():  # nodes added after this one started (`node add`): their addresses
-            if int(n.node_id) not in self.runtime.peers and int(n.node_id) != self.node_id and ":" in n.address:
+            if int(n.node_id) not in self.host.peers and int(n.node_id) != self.node_id and ":" in n.address:
                 host, port = n.address.rsplit(":", 1)
                 if port.isdigit():
-                    self.runtime.add_peer(int(n.node_id), host, int(port))
+                    self.host.add_peer(int(n.node_id), host, int(port))
         for gid, g in sorted(st.groups.items()):
             members = [int(m) for m in g.members]
             if g.mode == "chain":
                 # A member hosts it; a former member keeps getting the configuration (it learns it was
                 # removed, and stops acting in the old epoch), until the chain is whole without it: then
                 # it was replaced, and drops its stale replica.
-                known = int(gid) in self.runtime.chains.groups or int(gid) in self.runtime._recovered
+                known = self.host.kind_of(int(gid)) == "chain" or int(gid) in self.host.recovered
                 if self.node_id in members or known:
-                    self.runtime.host_chain_group(int(gid), members, g.epoch)
+                    self.host.host_replica(int(gid), "chain", members, g.epoch)
                 if self.node_id not in members and len(members) >= st.replicas \
-                        and int(gid) in self.runtime.chains.groups:
-                    self.runtime.discard_chain_group(int(gid))
+                        and self.host.kind_of(int(gid)) == "chain":
+                    self.host.discard(int(gid))
             elif self.node_id in members:
-                self.runtime.host_group(int(gid), members, g.epoch)
-            elif len(members) >= st.replicas and (int(gid) in self.runtime.groups
-                                                  or int(gid) in self.runtime._recovered):
+                self.host.host_replica(int(gid), "raft", members, g.epoch)
+            elif len(members) >= st.replicas and (self.host.kind_of(int(gid)) == "raft"
+                                                  or int(gid) in self.host.recovered):
                 # Replaced or moved away: the group is whole without this node (a dead member's removal was
                 # carried out before its replacement was added; a live one's replacement caught up before
                 # it was removed, control/raftrepair.py), so its copy is stale: drop it (a leader hands
                 # leadership on first).
-                self.runtime.retarget(int(gid), members, g.epoch)
-                self.runtime.discard_group(int(gid))
+                self.host.configure(int(gid), members, g.epoch)
+                self.host.discard(int(gid))
         # Deleted volumes: a group the map allocated once (id below next_group_id) and no longer has is gone
         # for good; its replica here (hosted, or only in the WAL) is dropped, engine space and WAL segments
         # with it. A Ready in flight makes it wait for the next poll.
-        here = set(self.runtime.groups) | set(self.runtime.chains.groups) | set(self.runtime._recovered)
+        here = set(self.host.replicas) | set(self.host.recovered)
         for hid in sorted(here):
             if GroupId(hid) not in st.groups and hid < st.next_group_id:
-                self.runtime.delete_group(hid)
+                self.host.delete_group(hid)
         # Fencing: each group learns its volume's latest attach epoch from the map too (not only from
         # the requests of the gateway that holds it).
         for name, vol in st.volumes.items():
             epoch = st.attach_epochs.get(name, 0)
             if epoch:
                 for gid in set(vol.extent_groups):
-                    self.runtime.raise_fence(int(gid), epoch)
-        if not self.runtime.fences_known:
-            self.runtime.fences_known = True
-            log.info("agent.fences_known", groups=len(self.runtime.groups))
+                    self.host.raise_fence(int(gid), epoch)
+        if not self.host.fences_known:
+            self.host.fences_known = True
+            log.info("agent.fences_known", groups=len(self.host.replicas))

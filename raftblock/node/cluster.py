@@ -481,9 +481,9 @@ def wait_healthy(layout: Layout, cmap: ClusterMap, groups: set[int] | None = Non
 
 
 async def collect_status(cmap: ClusterMap, st: MetaState) -> dict[str, Any]:
-    from raftblock.replication.raft.group import RaftClient
+    from raftblock.client.router import NodeClient
 
-    client = RaftClient(cmap.peers(), attempt_timeout_s=1.0)
+    client = NodeClient(cmap.peers(), attempt_timeout_s=1.0)
     nodes: list[dict[str, Any]] = []
     infos: dict[int, dict[int, Any]] = {}
     try:
@@ -817,15 +817,15 @@ def volume_rename(root: Path, name: str, new_name: str) -> dict[str, Any]:
 
 async def _drop_extents(cmap: ClusterMap, extent_ids: list[int], extent_size_bytes: int, epoch: int) -> None:
     """Trim every block of the volume's extents, so its space comes back (committed through Raft)."""
+    from raftblock.client.router import GroupClient, NodeClient
     from raftblock.replication.group import GroupError
-    from raftblock.replication.raft.group import RaftClient, RaftGroup
 
-    client = RaftClient(cmap.peers())
+    client = NodeClient(cmap.peers())
     gate = asyncio.Semaphore(DROP_IN_FLIGHT_MAX)  # a 4 TiB volume has 65,536 extents: not all at once
 
     async def trim(e: int) -> None:
         async with gate:
-            await RaftGroup(client, e >> 32, epoch=epoch).trim(e, 0, blocks)
+            await GroupClient(client, e >> 32, epoch=epoch).trim(e, 0, blocks)
 
     try:
         blocks = extent_size_bytes // 4096

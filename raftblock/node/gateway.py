@@ -1,8 +1,8 @@
 """`raftblock gateway --config FILE`: the NBD gateway of a cluster.
 
 Composition root of the gateway process: it follows the cluster map in the metadata group, opens one
-RaftClient to the storage nodes (one connection per node, leader cache, retries within a deadline) and
-exports every volume of the map over NBD; each extent goes to the RaftGroup named by its extent id
+NodeClient to the storage nodes (one connection per node, leader cache, retries within a deadline) and
+exports every volume of the map over NBD; each extent goes to the GroupClient named by its extent id
 (clustermap.py rule 2).
 
 Config (TOML):
@@ -21,7 +21,7 @@ Storage node addresses come from the map (nodes register theirs).
 
 Rules:
 1. A write is acknowledged to the host only after the group's leader answered OK: committed on a
-   majority of fsynced WALs and applied (RaftGroup rule 1). FLUSH and FUA are therefore honest.
+   majority of fsynced WALs and applied (GroupClient rule 1). FLUSH and FUA are therefore honest.
 2. The map is re-read every `refresh_s` and on `reload` (sent by `raftblock volume create/delete`);
    volumes that vanished stop accepting new connections; attached hosts keep theirs until they detach.
    A metadata outage does not stop I/O on volumes already known.
@@ -47,6 +47,7 @@ from typing import Any
 
 import structlog
 
+from raftblock.client.router import GroupClient, NodeClient
 from raftblock.client.volume import Volume
 from raftblock.gateway.nbd_server import GatewayConfig, NbdServer, VolumeCatalog
 from raftblock.ids import group_of_extent
@@ -54,7 +55,6 @@ from raftblock.meta.rpc import MetaClient, MetaClientError
 from raftblock.meta.state import MetaState
 from raftblock.node.clustermap import volume_infos
 from raftblock.node.dirlock import DirectoryInUse, lock_file
-from raftblock.replication.raft.group import ChainReplicaGroup, RaftClient, RaftGroup
 from raftblock.replication.raft.types import NodeId
 
 log = structlog.get_logger(__name__)
@@ -80,17 +80,17 @@ class Gateway:
         self.deadline_s = deadline_s
         self.meta = MetaClient({NodeId(k): v for k, v in meta_admin.items()}, secret)
         self.state: MetaState | None = None
-        self.client = RaftClient({}, deadline_s=deadline_s)  # node addresses: from the map
+        self.client = NodeClient({}, deadline_s=deadline_s)  # node addresses: from the map
         self.catalog = VolumeCatalog()
-        self._groups: dict[int, RaftGroup] = {}
+        self._groups: dict[int, GroupClient] = {}
 
-    def group_for(self, extent_id: int) -> RaftGroup:
+    def group_for(self, extent_id: int) -> GroupClient:
         gid = group_of_extent(extent_id)
         g = self._groups.get(gid)
         if g is None:
             rec = self.state.groups.get(gid) if self.state is not None else None  # type: ignore[call-overload]
-            cls = ChainReplicaGroup if rec is not None and rec.mode == "chain" else RaftGroup
-            g = self._groups[gid] = cls(self.client, gid, self.deadline_s)
+            mode = "chain" if rec is not None and rec.mode == "chain" else "raft"
+            g = self._groups[gid] = GroupClient(self.client, gid, self.deadline_s, mode=mode)
         return g
 
     async def reload(self) -> None:

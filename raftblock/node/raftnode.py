@@ -1,6 +1,6 @@
 """`raftblock node --config FILE` (or `python -m raftblock.node.raftnode`): one storage node.
 
-Owns: the composition root of a storage node (config, data-directory lock, Disk, Engine, WAL, NodeRuntime,
+Owns: the composition root of a storage node (config, data-directory lock, Disk, Engine, WAL, NodeHost,
 MetaAgent, scrubber, signals). Under a metadata group (`[meta]`) the groups come from the map; without
 one, from `[groups]` / `[[group]]` (static membership, the Raft benches and tests).
 
@@ -22,7 +22,7 @@ Config (TOML):
     # [[group]]
     # id = 1
     # members = [1, 2, 3]
-    [raft]                            # optional: RuntimeConfig fields (tick_ms, batch_writes_max, ...)
+    [raft]                            # optional: HostConfig fields (node/config.py: tick_ms, batch_writes_max, ...)
     tick_ms = 100
     [engine]                          # optional: EngineConfig fields (segment_size_bytes, ...)
 
@@ -48,18 +48,19 @@ import structlog
 
 from raftblock.control.health import HealthConfig
 from raftblock.control.scrub import Scrubber
+from raftblock.node.config import HostConfig
 from raftblock.node.dirlock import DirectoryInUse, lock_directory
+from raftblock.node.host import NodeHost
 from raftblock.node.serve import load_or_create_cluster_id
 from raftblock.obs.log import configure
-from raftblock.replication.raft.runtime import NodeRuntime, RuntimeConfig
 from raftblock.replication.wal import Wal
 from raftblock.storage.disk import make_disk
 from raftblock.storage.engine import Engine, EngineConfig
 
 log = structlog.get_logger(__name__)
 
-ENGINE_COMPACT_INTERVAL_S = 5.0
-ENGINE_COMPACT_BUDGET_BYTES = 8 << 20
+ENGINE_CLEAN_INTERVAL_S = 5.0
+ENGINE_CLEAN_BUDGET_BYTES = 8 << 20
 
 
 class NodeConfig:
@@ -108,10 +109,10 @@ def parse_address(s: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-async def _engine_compaction(engine: Engine, stop: asyncio.Event) -> None:
+async def _engine_cleaning(engine: Engine, stop: asyncio.Event) -> None:
     while not stop.is_set():
         try:
-            await asyncio.wait_for(stop.wait(), ENGINE_COMPACT_INTERVAL_S)
+            await asyncio.wait_for(stop.wait(), ENGINE_CLEAN_INTERVAL_S)
             return
         except TimeoutError:
             pass
@@ -119,9 +120,9 @@ async def _engine_compaction(engine: Engine, stop: asyncio.Event) -> None:
             # The checkpoint and the segment cleaning fdatasync on the loop; flush what is dirty on a
             # worker thread first (Engine rule 1: sync() may run on any thread), so those stay short.
             await asyncio.get_running_loop().run_in_executor(None, engine.sync)
-            engine.compact(ENGINE_COMPACT_BUDGET_BYTES)
+            engine.clean(ENGINE_CLEAN_BUDGET_BYTES)
         except OSError as e:
-            log.warning("engine.compaction_failed", error=str(e))
+            log.warning("engine.cleaning_failed", error=str(e))
 
 
 async def run_node(cfg: NodeConfig) -> int:
@@ -131,9 +132,9 @@ async def run_node(cfg: NodeConfig) -> int:
     cluster_id = load_or_create_cluster_id(cfg.data_dir)
     (cfg.data_dir / "engine").mkdir(exist_ok=True)
     engine = Engine.open(disk, str(cfg.data_dir / "engine"), cluster_id, EngineConfig(**cfg.engine))
-    rcfg = RuntimeConfig(cfg.node_id, **cfg.raft)
-    wal, recovered = Wal.open(disk, str(cfg.data_dir / "wal"), rcfg.wal_segment_bytes_max)
-    rt = NodeRuntime(rcfg, engine, wal, recovered, cfg.groups, cfg.peers, seed=cfg.seed)
+    hcfg = HostConfig(cfg.node_id, **cfg.raft)
+    wal, recovered = Wal.open(disk, str(cfg.data_dir / "wal"), hcfg.wal_segment_bytes_max)
+    rt = NodeHost(hcfg, engine, wal, recovered, cfg.groups, cfg.peers, seed=cfg.seed)
     if cfg.meta_admin:
         rt.fences_known = False  # no client I/O until the first map read (MetaAgent.reconcile)
     port = await rt.start(cfg.host, cfg.port)
@@ -141,7 +142,7 @@ async def run_node(cfg: NodeConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    compactor = loop.create_task(_engine_compaction(engine, stop))
+    cleaner = loop.create_task(_engine_cleaning(engine, stop))
     scrubber = loop.create_task(Scrubber(rt).run(stop))
     agent_task = None
     if cfg.meta_admin and cfg.meta_secret_file is not None:
@@ -157,7 +158,7 @@ async def run_node(cfg: NodeConfig) -> int:
     print(f"READY raft://{cfg.host}:{port}", flush=True)
     await stop.wait()
     log.info("raftnode.stopping", node=cfg.node_id)
-    await compactor
+    await cleaner
     await scrubber
     if agent_task is not None:
         await agent_task

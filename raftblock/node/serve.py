@@ -142,7 +142,7 @@ def report_corruption(engine: Engine, volumes: list[VolumeInfo]) -> None:
         )
 
 
-async def _compaction_loop(engine: Engine, stop: asyncio.Event) -> None:
+async def _cleaning_loop(engine: Engine, stop: asyncio.Event) -> None:
     budget = int(COMPACTION_BUDGET_BYTES_PER_S * COMPACTION_INTERVAL_S)
     while not stop.is_set():
         try:
@@ -151,11 +151,11 @@ async def _compaction_loop(engine: Engine, stop: asyncio.Event) -> None:
         except TimeoutError:
             pass
         try:
-            moved = engine.compact(budget)
+            moved = engine.clean(budget)
             if moved:
-                log.debug("engine.compacted", bytes_rewritten=moved)
-        except OSError as e:  # ENOSPC while compacting: try again later, data is untouched
-            log.warning("engine.compaction_failed", error=str(e))
+                log.debug("engine.cleaned", bytes_rewritten=moved)
+        except OSError as e:  # ENOSPC while cleaning: try again later, data is untouched
+            log.warning("engine.cleaning_failed", error=str(e))
 
 
 async def run_serve(
@@ -191,13 +191,13 @@ async def run_serve(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    compactor = loop.create_task(_compaction_loop(engine, stop))
+    cleaner = loop.create_task(_cleaning_loop(engine, stop))
     out = ready_stream if ready_stream is not None else sys.stdout
     print(f"READY nbd://{host}:{port}", file=out, flush=True)
     await stop.wait()
     log.info("serve.stopping")
     await server.shutdown()
-    await compactor
+    await cleaner
     group.close()
     # Shutdown is complete: a second SIGTERM arriving while the loop closes must not turn exit 0 into -15.
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -11,20 +11,31 @@
 #    log position; a block trimmed meanwhile reads as zeros. Replaying the log suffix over the image
 #    converges either way (every write and trim after that position is replayed). The sizes do not
 #    depend on the data, so the layout holds.
+# 3. Installing a received image (`install_image`, both kinds) overwrites blocks, never drops them first,
+#    then trims what the image does not hold: a crash part-way leaves each block either as it was or as
+#    in the image (newer), and the log replayed from the WAL's older point converges it. It yields the
+#    loop every INSTALL_SLICE_BYTES or INSTALL_SLICE_S, and fdatasyncs the engine before it returns (the
+#    WAL's snapshot record may only follow a durable image).
 from __future__ import annotations
 
+import asyncio
 import bisect
 import struct
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
-from raftblock.replication.sessions import image_prefix
+from raftblock.ids import group_of_extent
+from raftblock.replication.sessions import IMAGE_SESSIONS_MARK, Sessions, image_prefix
 from raftblock.storage.segment import MAX_WRITE_BLOCKS
-from raftblock.wire.ops import BLOCK_SIZE, OP_WRITE, BlockOp, encode_batch
+from raftblock.wire.ops import BLOCK_SIZE, OP_WRITE, BlockOp, decode_batch, encode_batch
 
 BATCH_BYTES = 4 << 20  # block data per batch (and per engine read burst)
 BATCH_OPS = 256
 _LEN = struct.Struct("<I")
 _OP_BYTES = 24  # an unnamed op's header in the batch encoding (wire/ops.py _OP)
+INSTALL_SLICE_BYTES = 8 << 20  # image bytes written per loop turn by an install, at most...
+INSTALL_SLICE_S = 0.01  # ...and loop time per turn: a pwrite into a page cache being flushed can take 50 ms
 
 
 class ChunkedImage:
@@ -130,3 +141,55 @@ def runs(blocks: list[int], limit: int = MAX_WRITE_BLOCKS) -> list[tuple[int, in
         else:
             out.append((b, 1))
     return out
+
+
+def group_extents(engine: Any, gid: int) -> list[int]:
+    """The extents of group `gid` the engine holds, sorted."""
+    return sorted(e for e in engine.index.extents if group_of_extent(e) == gid)
+
+
+async def install_image(engine: Any, gid: int, data: Any, engine_sync: Callable[[], Awaitable[object]],
+                        abandoned: Callable[[], bool]) -> tuple[bytes, Sessions] | None:
+    """Rule 3. `data`: bytes, a received ChunkedBytes or an engine-backed ChunkedImage, read one batch at a
+    time, never copied whole on the loop. Returns the image's session table (encoded, for the WAL's
+    snapshot record, and decoded); None when `abandoned()` turned true between two slices (the WAL still
+    has the older point). Malformed images raise ValueError before the first block is written."""
+    view = memoryview(data) if isinstance(data, bytes | bytearray) else data  # a view of bytes copies nothing
+    total = len(view)
+    app = b""
+    off = 0
+    head = bytes(view[0 : 2 * _LEN.size])
+    if len(head) == 2 * _LEN.size and _LEN.unpack_from(head, 0)[0] == IMAGE_SESSIONS_MARK:
+        (alen,) = _LEN.unpack_from(head, _LEN.size)
+        off = 2 * _LEN.size + alen
+        app = bytes(view[2 * _LEN.size : off])
+    sessions = Sessions.decode(app)
+    held: dict[int, set[int]] = {}
+    done = 0
+    t_slice = time.monotonic()
+    while off < total:
+        (blen,) = _LEN.unpack(bytes(view[off : off + _LEN.size]))
+        off += _LEN.size
+        for op in decode_batch(view[off : off + blen]):
+            if group_of_extent(op.extent_id) != gid:
+                raise ValueError("snapshot image holds an extent of another group")
+            engine.write(op.extent_id, op.block, op.data, op.crcs)
+            held.setdefault(op.extent_id, set()).update(range(op.block, op.block + op.count))
+            done += op.count * BLOCK_SIZE
+            if done >= INSTALL_SLICE_BYTES or time.monotonic() - t_slice >= INSTALL_SLICE_S:
+                done = 0
+                await asyncio.sleep(0)
+                if abandoned():
+                    return None
+                t_slice = time.monotonic()
+        off += blen
+    for ext in group_extents(engine, gid):
+        keep = held.get(ext)
+        if not keep:
+            engine.drop_extent(ext)
+            continue
+        extra = sorted(set(engine.index.extents.get(ext, {})) - keep)
+        for first, n in runs(extra):
+            engine.trim(ext, first, n)
+    await engine_sync()
+    return app, sessions

@@ -5,7 +5,7 @@ elsewhere" and "ask again".
 
 Rules:
 1. A write costs no task and no future on the leader or head: `Reply` answers the client through its
-   node (`Answerer._answer`) when the entry applies or fails, and is used like a future by the proposal
+   node (`Answerer.answer`) when the entry applies or fails, and is used like a future by the proposal
    bookkeeping (done, set_result, set_exception).
 2. A batch is at most `writes_max` writes and `bytes_max` encoded bytes (one Raft entry or chain record);
    writes already answered (timed out, refused) are left out.
@@ -19,12 +19,13 @@ from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from raftblock.replication.raft.transport import Connection
     from raftblock.wire.ops import BlockOp
 
 
 class Answerer(Protocol):
-    def _answer(self, conn: Connection, gid: int, request_id: int, exc: BaseException | None) -> None: ...
+    """Who sends a client its reply (node/dataplane.py DataPlane.answer); `conn` is the client's connection."""
+
+    def answer(self, conn: object, gid: int, request_id: int, exc: BaseException | None) -> None: ...
 
 
 class Reply:
@@ -32,7 +33,7 @@ class Reply:
 
     __slots__ = ("rt", "conn", "gid", "request_id", "_done")
 
-    def __init__(self, rt: Answerer, conn: Connection, gid: int, request_id: int) -> None:
+    def __init__(self, rt: Answerer, conn: object, gid: int, request_id: int) -> None:
         self.rt = rt
         self.conn = conn
         self.gid = gid
@@ -44,11 +45,11 @@ class Reply:
 
     def set_result(self, _index: int) -> None:
         self._done = True
-        self.rt._answer(self.conn, self.gid, self.request_id, None)
+        self.rt.answer(self.conn, self.gid, self.request_id, None)
 
     def set_exception(self, exc: BaseException) -> None:
         self._done = True
-        self.rt._answer(self.conn, self.gid, self.request_id, exc)
+        self.rt.answer(self.conn, self.gid, self.request_id, exc)
 
 
 class Pending:

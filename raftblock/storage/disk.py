@@ -5,6 +5,7 @@
 #         fault-injecting wrapper.
 # Rule 2: errors from the OS are raised unchanged as OSError (ENOSPC stays errno.ENOSPC); the engine
 #         decides what they mean.
+# MemDisk keeps files in memory (unit tests of what sits on this port, without a file system).
 # Rule 3: DiskFile methods may be called from two threads (pwrite/pread on the event loop, fdatasync on
 #         a worker). OsFile relies on the kernel (pread/pwrite/fdatasync are thread-safe on one fd);
 #         VolatileDisk guards its in-memory state with one lock.
@@ -25,6 +26,8 @@ from typing import Protocol
 __all__ = [
     "Disk",
     "DiskFile",
+    "MemDisk",
+    "MemFile",
     "OsDisk",
     "OsFile",
     "VolatileDisk",
@@ -300,3 +303,113 @@ def make_disk(mode: str, seed: int | None = None) -> Disk:
     if mode == "volatile-tear":
         return VolatileDisk(tear=True, rng=random.Random(seed))
     raise ValueError(f"unknown disk mode {mode!r} (expected 'os', 'volatile' or 'volatile-tear')")
+
+
+# --- in memory (unit tests of what sits on the Disk port) -----------------------------------------
+
+
+class MemFile:
+    """One file of a MemDisk: its bytes; `fdatasync` counts (nothing is lost: see MemDisk)."""
+
+    def __init__(self, disk: MemDisk, data: bytearray) -> None:
+        self._disk = disk
+        self._data = data
+        self.closed = False
+
+    def pread(self, n: int, offset: int) -> bytes:
+        return bytes(self._data[offset : offset + n])
+
+    def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> None:
+        view = memoryview(data).cast("B")
+        end = offset + len(view)
+        if self._disk.space_bytes is not None and end > len(self._data) and \
+                self._disk.used() + end - len(self._data) > self._disk.space_bytes:
+            raise OSError(errno.ENOSPC, "no space left on device (MemDisk)")
+        if end > len(self._data):
+            self._data.extend(bytes(end - len(self._data)))
+        self._data[offset:end] = view
+
+    def fdatasync(self) -> None:
+        if self._disk.sync_error is not None:
+            raise self._disk.sync_error
+        self._disk.syncs += 1
+
+    def fallocate(self, offset: int, length: int) -> None:
+        if offset + length > len(self._data):
+            self.pwrite(bytes(offset + length - len(self._data)), len(self._data))
+
+    def truncate(self, length: int) -> None:
+        del self._data[length:]
+        if length > len(self._data):
+            self._data.extend(bytes(length - len(self._data)))
+
+    def size(self) -> int:
+        return len(self._data)
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class MemDisk:
+    """A Disk held in memory: files are bytearrays keyed by path, directories a set. Nothing is ever lost
+    (use VolatileDisk for power cuts); `syncs` counts fdatasyncs, `space_bytes` (None = unbounded) makes a
+    write that would grow the files past it fail with ENOSPC, and every fdatasync raises `sync_error` once
+    it is set (a failing disk)."""
+
+    def __init__(self, space_bytes: int | None = None) -> None:
+        self.files: dict[str, bytearray] = {}
+        self.dirs: set[str] = set()
+        self.syncs = 0
+        self.space_bytes = space_bytes
+        self.sync_error: OSError | None = None
+        self._lock = threading.Lock()
+
+    def used(self) -> int:
+        return sum(len(b) for b in self.files.values())
+
+    def open_file(self, path: str, create: bool) -> DiskFile:
+        path = os.path.normpath(path)
+        with self._lock:
+            data = self.files.get(path)
+            if data is None:
+                if not create:
+                    raise FileNotFoundError(errno.ENOENT, "no such file (MemDisk)", path)
+                if os.path.dirname(path) not in self.dirs:
+                    raise FileNotFoundError(errno.ENOENT, "no such directory (MemDisk)", os.path.dirname(path))
+                data = self.files[path] = bytearray()
+            return MemFile(self, data)
+
+    def listdir(self, path: str) -> list[str]:
+        path = os.path.normpath(path)
+        if path not in self.dirs:
+            raise FileNotFoundError(errno.ENOENT, "no such directory (MemDisk)", path)
+        names = {os.path.basename(p) for p in self.files if os.path.dirname(p) == path}
+        names |= {os.path.basename(d) for d in self.dirs if os.path.dirname(d) == path and d != path}
+        return sorted(names)
+
+    def remove(self, path: str) -> None:
+        path = os.path.normpath(path)
+        with self._lock:
+            if self.files.pop(path, None) is None:
+                raise FileNotFoundError(errno.ENOENT, "no such file (MemDisk)", path)
+
+    def rename(self, src: str, dst: str) -> None:
+        src, dst = os.path.normpath(src), os.path.normpath(dst)
+        with self._lock:
+            if src not in self.files:
+                raise FileNotFoundError(errno.ENOENT, "no such file (MemDisk)", src)
+            self.files[dst] = self.files.pop(src)
+
+    def exists(self, path: str) -> bool:
+        path = os.path.normpath(path)
+        return path in self.files or path in self.dirs
+
+    def makedirs(self, path: str) -> None:
+        path = os.path.normpath(path)
+        while path not in ("/", "", "."):
+            self.dirs.add(path)
+            path = os.path.dirname(path)
+
+    def fsync_dir(self, path: str) -> None:
+        if os.path.normpath(path) not in self.dirs:
+            raise FileNotFoundError(errno.ENOENT, "no such directory (MemDisk)", path)

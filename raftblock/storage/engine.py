@@ -1,7 +1,7 @@
 # The storage engine: append-only, CRC32C-framed segments + an in-memory index, checkpoints,
 # recovery, segment cleaning. Formats: docs/format/segment.md.
 #
-# Rule 1 (threads): write/trim/read/block_status/compact/checkpoint/drop_extent/pin/close run on ONE
+# Rule 1 (threads): write/trim/read/block_status/clean/checkpoint/drop_extent/pin/close run on ONE
 #         owner thread (the event loop). sync() may run on any thread, concurrently with them.
 #         `_lock` guards only the append state (active segment, its end, last_lsn, what is dirty); it
 #         is never held during a pwrite or an fdatasync. `_sync_lock` serialises syncs (a second
@@ -21,14 +21,14 @@ import errno
 import os
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import crc32c
 import structlog
 
 from raftblock._fast import bitmap, segwriter
-from raftblock.storage import compaction
+from raftblock.storage.cleaner import Cleaner
 from raftblock.storage.disk import Disk, DiskFile
 from raftblock.storage.index import Checkpoint, CorruptBlockError, Index, Rec, SegState, encode_checkpoint
 from raftblock.storage.recovery import (
@@ -46,11 +46,13 @@ from raftblock.storage.segment import (
     REC_TRIM,
     REC_WRITE,
     SEG_HEADER_SIZE,
+    RecordHeader,
     build_trim_record,
     build_write_record,
     encode_segment_header,
     payload_offset,
     position,
+    read_record,
     record_length,
     segment_name,
     segment_seed,
@@ -87,7 +89,7 @@ class EngineClosedError(RuntimeError):
 class EngineConfig:
     segment_size_bytes: int = 64 << 20
     checkpoint_interval_bytes: int = 256 << 20
-    compaction_garbage_ratio: float = 0.5
+    cleaning_garbage_ratio: float = 0.5  # a sealed segment with at least this much dead space is cleaned
     verify_on_open: bool = True
     preallocate: bool = True  # posix_fallocate each new segment to segment_size_bytes
 
@@ -121,7 +123,7 @@ class Engine:
         self.checkpoint_lsn = 0
         self._bytes_since_checkpoint = 0
         self._closed = False
-        self._clean: compaction.CleanCursor | None = None
+        self._cleaner = Cleaner(self)
 
     # --- open ------------------------------------------------------------------------------
 
@@ -523,13 +525,33 @@ class Engine:
 
     # --- space -----------------------------------------------------------------------------
 
-    def compact(self, budget_bytes: int) -> int:
+    def clean(self, budget_bytes: int) -> int:
         """Clean the emptiest segments, rewriting at most ~budget_bytes (at least one record)."""
         self._check_open()
         self.maybe_checkpoint()
-        return compaction.compact(self, budget_bytes)
+        return self._cleaner.clean(budget_bytes)
 
-    def _remove_segment(self, sid: int) -> None:
+    # --- the cleaning seam (storage/cleaner.py SegmentStore) --------------------------------
+
+    def active_segment_id(self) -> int | None:
+        return self._active.seg_id if self._active is not None else None
+
+    def cleanable(self, sid: int) -> bool:
+        """A segment the cleaner may copy from: open, and nothing in it waits for a sync."""
+        return sid in self._files and sid not in self._dirty
+
+    def read_stored(self, rec: Rec) -> tuple[RecordHeader, bytes, list[int]] | str:
+        """Read and check the record `rec` points at (segment.read_record)."""
+        return read_record(self._files[rec.seg], self._seeds[rec.seg], rec.off)
+
+    def append_built(self, length: int, build: Callable[[int, int], bytearray | bytes]) -> tuple[SegState, int, int]:
+        """Append a record of `length` bytes that `build(segment seed, durable mark)` frames; returns
+        (segment, offset, bytes written)."""
+        seg = self._room(length)
+        buf = build(self._seeds[seg.seg_id], self._durable_mark)
+        return seg, self._append(seg, buf), len(buf)
+
+    def remove_segment(self, sid: int) -> None:
         with self._sync_lock:
             with self._lock:
                 f = self._files.pop(sid, None)
@@ -542,7 +564,7 @@ class Engine:
             self.disk.fsync_dir(self.directory)
 
     def pin(self, lsn: int) -> None:
-        """Keep, for compaction, the newest version <= lsn of every block that is current now.
+        """Keep, for cleaning, the newest version <= lsn of every block that is current now.
 
         Versions already superseded before the call are not protected: pin last_lsn (snapshots do).
         """

@@ -5,7 +5,7 @@
 # Rule 1: an index value is a Rec (one object per on-disk record, shared by all its blocks); the
 #         block's place inside the record is `block - rec.block`. No per-block objects.
 # Rule 2: every change of a block's version goes through Index.set_blocks / Index.trim_blocks, which
-#         keep the live counters of segments and records exact (compaction trusts them).
+#         keep the live counters of segments and records exact (cleaning trusts them).
 # Rule 3: this module does no I/O; the engine reads and writes files.
 from __future__ import annotations
 
@@ -116,7 +116,7 @@ class Index:
     def trim_blocks(self, extent_id: int, start: int, count: int, lsn: int) -> int:
         """Make blocks holes; returns how many were allocated.
 
-        Only versions older than `lsn` are removed: during replay a compaction copy of an old trim
+        Only versions older than `lsn` are removed: during replay a cleaning copy of an old trim
         may meet a newer version loaded from the checkpoint, which must win.
         """
         emap = self.extents.get(extent_id)
@@ -144,7 +144,7 @@ class Index:
         return removed
 
     def replace_location(self, old: Rec, new: Rec, start: int, count: int) -> None:
-        """Compaction moved blocks [start, start+count) of `old` (current versions) to `new`."""
+        """Cleaning moved blocks [start, start+count) of `old` (current versions) to `new`."""
         emap = self.extents[old.extent_id]
         oseg = self.segs.get(old.seg)
         nseg = self.segs[new.seg]

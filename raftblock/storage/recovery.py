@@ -7,7 +7,7 @@
 #         silently.
 # Rule 2: the log is cut at the FIRST torn region; later records and segments are dropped (they
 #         were not synced either).
-# Rule 3: records are applied in (lsn, segment, offset) order, never in file order (compaction
+# Rule 3: records are applied in (lsn, segment, offset) order, never in file order (cleaning
 #         copies keep their original LSN).
 # Rule 4: a checkpoint that fails any check is ignored, and the scan starts from the first segment.
 from __future__ import annotations

@@ -352,7 +352,7 @@ def _loose_header(raw: bytes) -> RecordHeader | None:
 def read_record(
     f: DiskFile, seed: int, offset: int, verify_payload: bool = True
 ) -> tuple[RecordHeader, bytes, list[int]] | str:
-    """Read and check one record at a known offset (compaction, verify-on-open).
+    """Read and check one record at a known offset (cleaning, verify-on-open).
 
     Returns (header, raw record bytes, bad payload block indexes) or a reason string.
     """

@@ -7,7 +7,7 @@
 # its durable log (ChainCore.restore: snapshot, records with their epochs, the last adopted config
 # epoch) or blank (silent until removed); the metadata group as production runs it: a MetaState, the
 # FailureDetector (suspect after a grace longer than the lease) and control/chainrepair's
-# plan_chain_changes over the reports ChainHost.report would send, every change applied to the map and
+# plan_chain_changes over the reports ChainReplica.report would send, every change applied to the map and
 # installed from it; what the planner does not decide (wiping a node before it is re-added, registering a
 # fresh one when no spare is up); a client that writes at the head and reads at the tail of the
 # configuration it believes current (sometimes a stale one).
@@ -50,7 +50,7 @@ from raftblock.meta.state import (
     StateChange,
 )
 from raftblock.replication.chain.core import MUTATIONS, ChainCore
-from raftblock.replication.chain.runtime import ChainHost
+from raftblock.replication.chain.replica import ChainReplica
 from raftblock.replication.chain.types import (
     ChainConfig,
     ChainMessage,
@@ -236,13 +236,17 @@ class SimNode:
         return rec is not None and rec.data == data
 
 
-class _HostView:
-    """What ChainHost.report reads of a node: its groups, each with its `core` (the SimNode has one)."""
+class _ReplicaView:
+    """What ChainReplica.report reads of a member: its `core` (the SimNode has one)."""
 
-    __slots__ = ("groups",)
+    __slots__ = ("sn",)
 
-    def __init__(self, gid: int, sn: SimNode) -> None:
-        self.groups = {gid: sn}
+    def __init__(self, sn: SimNode) -> None:
+        self.sn = sn
+
+    @property
+    def core(self) -> ChainCore | None:
+        return self.sn.core
 
 
 class Simulation:
@@ -303,7 +307,7 @@ class Simulation:
             0,
         )
         self.reports: dict[NodeId, dict[int, list[int]]] = {}
-        self.host_views: dict[NodeId, _HostView] = {}
+        self.host_views: dict[NodeId, _ReplicaView] = {}
         self.plan_inputs_changed = True  # the map or a report changed since the planner last ran
         self.configs: dict[int, ChainConfig] = {}
         self.lease_until: dict[NodeId, int] = {}
@@ -840,7 +844,7 @@ class Simulation:
     def _push_configs(self) -> None:
         """Every node the metadata group reaches learns the map's configuration (MetaAgent.reconcile);
         the core ignores one not newer than the epoch it adopted. A member restarted from its log whose
-        last adopted epoch is older takes its place in this one with its log (ChainHost.host); one whose
+        last adopted epoch is older takes its place in this one with its log (NodeHost.host_replica); one whose
         epoch is not older waits for the planner's bump."""
         cur = self.cur
         for sn in self.nodes.values():
@@ -876,7 +880,7 @@ class Simulation:
         return True
 
     def _report(self, sn: SimNode) -> list[int]:
-        """What the node's heartbeat carries for this group: ChainHost.report itself, run over the node's
+        """What the node's heartbeat carries for this group: ChainReplica.report itself, run over the node's
         core ([epoch adopted, configured 0/1, caught up 0/1])."""
         core = sn.core
         assert core is not None
@@ -884,8 +888,8 @@ class Simulation:
             return [core.epoch, int(core.config is not None), int(core.config is not None)]
         view = self.host_views.get(sn.id)
         if view is None:
-            view = self.host_views[sn.id] = _HostView(self.meta_gid, sn)
-        return ChainHost.report(cast(ChainHost, view))[self.meta_gid]
+            view = self.host_views[sn.id] = _ReplicaView(sn)
+        return ChainReplica.report(cast(ChainReplica, view))
 
     def _reports_caught_up(self, sn: SimNode) -> bool:
         """What its report would say now: adopted the current epoch, configured, caught up."""
@@ -904,7 +908,7 @@ class Simulation:
         st = self.meta
         self._push_configs()
         # Heartbeats: each node the metadata group reaches reports its groups and gets a lease (every
-        # configured group, at the epoch it has adopted: ChainHost.grant_lease).
+        # configured group, at the epoch it has adopted: ChainReplica.take_lease).
         for sn in self.nodes.values():
             if not self._heartbeats(sn):
                 continue

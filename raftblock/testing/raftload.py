@@ -22,8 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from raftblock._fast import blockcrc
+from raftblock.client.router import GroupClient, NodeClient
 from raftblock.replication.group import GroupError
-from raftblock.replication.raft.group import RaftClient, RaftGroup
 
 BLOCK_SIZE = 4096
 TAG = struct.Struct("<8sIIQQQ")
@@ -108,7 +108,7 @@ class AckJournal:
 class Writer:
     def __init__(
         self,
-        client: RaftClient,
+        client: NodeClient,
         client_id: int,
         groups: Sequence[int],
         blocks_per_group: int,
@@ -145,7 +145,7 @@ class Writer:
             data = tagged_block(self.client_id, g, b, seq)
             t0 = time.monotonic()
             try:
-                await RaftGroup(self.client, g, self.write_deadline_s).write(
+                await GroupClient(self.client, g, self.write_deadline_s).write(
                     extent_of(g), b, data, blockcrc.block_crcs(data)
                 )
             except GroupError:
@@ -158,7 +158,7 @@ class Writer:
 
 
 async def verify(
-    client: RaftClient,
+    client: NodeClient,
     acked: dict[Key, int],
     attempted: dict[Key, set[int]],
     client_id: int,
@@ -174,7 +174,7 @@ async def verify(
         g, b = key
         async with sem:
             try:
-                data, crcs = await RaftGroup(client, g, deadline_s).read(extent_of(g), b, 1)
+                data, crcs = await GroupClient(client, g, deadline_s).read(extent_of(g), b, 1)
             except GroupError as e:
                 problems.append(f"{key}: read failed: {e}")
                 return

@@ -24,6 +24,11 @@ PAYLOAD_LEN_MAX = 64 << 20
 
 Buf = bytes | bytearray | memoryview
 
+# The HELLO frame's roles and the wire version it carries (node/transport.py rule 1).
+ROLE_PEER = 1
+ROLE_CLIENT = 2
+WIRE_VERSION = 1
+
 
 class FrameType(IntEnum):
     HELLO = 1

@@ -361,10 +361,9 @@ def test_forged_frames_to_a_node_are_refused_counted_and_it_keeps_serving(cluste
     (connection closed); all counted, shown in `cluster status`, and the node keeps serving."""
     import socket
 
-    from raftblock.replication.raft.transport import ROLE_PEER
     from raftblock.replication.raft.types import GroupId, Message, MessageType, NodeId
     from raftblock.wire import raftblock_pb2 as pb
-    from raftblock.wire.framing import FrameType, encode_frame_bytes
+    from raftblock.wire.framing import ROLE_PEER, FrameType, encode_frame_bytes
     from raftblock.wire.raftcodec import encode_raft
 
     cluster.up()
@@ -444,14 +443,13 @@ def test_chain_zombie_head_is_fenced_and_tail_kill_loses_nothing(cluster: Cluste
     import asyncio
     import socket
 
+    from raftblock.client.router import NodeClient
     from raftblock.replication.chain.types import ChainMessage, MessageType, Record
-    from raftblock.replication.raft.group import RaftClient
-    from raftblock.replication.raft.transport import ROLE_PEER
     from raftblock.replication.raft.types import GroupId, NodeId
     from raftblock.wire import raftblock_pb2 as pb
     from raftblock.wire.chaincodec import encode_chain
     from raftblock.wire.client import OP_C_WRITE, ST_OK
-    from raftblock.wire.framing import FrameType, encode_frame_bytes
+    from raftblock.wire.framing import ROLE_PEER, FrameType, encode_frame_bytes
     from raftblock.wire.ops import OP_TRIM, BlockOp, encode_batch
 
     py = require_libnbd()
@@ -484,7 +482,7 @@ def test_chain_zombie_head_is_fenced_and_tail_kill_loses_nothing(cluster: Cluste
             from raftblock._fast import blockcrc
 
             h, p = addr[head].rsplit(":", 1)
-            client = RaftClient({head: (h, int(p))}, attempt_timeout_s=5.0)
+            client = NodeClient({head: (h, int(p))}, attempt_timeout_s=5.0)
             req = pb.ClientRequest(op=OP_C_WRITE, extent_id=extent, block=block, count=1)
             req.crcs.extend(blockcrc.block_crcs(payload))
             try:

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from raftblock._fast import blockcrc
+from raftblock.client.router import GroupClient, NodeClient
 from raftblock.replication.group import Unavailable
-from raftblock.replication.raft.group import RaftClient, RaftGroup
 from raftblock.replication.raft.types import Role
 from raftblock.testing.raftload import AckJournal, Writer, extent_of, tagged_block, verify
 from raftblock.testing.raftnodes import RaftNodes
@@ -37,7 +37,7 @@ RAFT = {
 }
 
 
-async def _statuses(client: RaftClient, nodes: list[int]) -> dict[int, pb.ClientResponse]:
+async def _statuses(client: NodeClient, nodes: list[int]) -> dict[int, pb.ClientResponse]:
     out: dict[int, pb.ClientResponse] = {}
     for nid in nodes:
         try:
@@ -57,7 +57,7 @@ def _leaders(st: dict[int, pb.ClientResponse]) -> dict[int, tuple[int, int]]:
     return best
 
 
-async def _wait_all_leaders(client: RaftClient, nodes: list[int], timeout_s: float) -> dict[int, tuple[int, int]]:
+async def _wait_all_leaders(client: NodeClient, nodes: list[int], timeout_s: float) -> dict[int, tuple[int, int]]:
     deadline = time.monotonic() + timeout_s
     while True:
         leaders = _leaders(await _statuses(client, nodes))
@@ -71,7 +71,7 @@ async def _wait_all_leaders(client: RaftClient, nodes: list[int], timeout_s: flo
 
 async def _scenario(cluster: RaftNodes, tmp: Path) -> dict[str, float]:
     figures: dict[str, float] = {}
-    client = RaftClient(cluster.addresses, attempt_timeout_s=1.0, deadline_s=10.0)
+    client = NodeClient(cluster.addresses, attempt_timeout_s=1.0, deadline_s=10.0)
     all_nodes = list(cluster.ids)
     t0 = time.monotonic()
     await _wait_all_leaders(client, all_nodes, 30.0)
@@ -148,7 +148,7 @@ async def _scenario(cluster: RaftNodes, tmp: Path) -> dict[str, float]:
         cluster.pause(n)
     data = tagged_block(CLIENT_ID, group, 0, 10**9)
     task = asyncio.create_task(
-        RaftGroup(client, group, deadline_s=60.0).write(extent_of(group), 0, data, blockcrc.block_crcs(data))
+        GroupClient(client, group, deadline_s=60.0).write(extent_of(group), 0, data, blockcrc.block_crcs(data))
     )
     done, _ = await asyncio.wait({task}, timeout=3.0)
     assert not done, "a write completed with two of three nodes stopped"
@@ -157,7 +157,7 @@ async def _scenario(cluster: RaftNodes, tmp: Path) -> dict[str, float]:
     t_cont = time.monotonic()
     await asyncio.wait_for(task, 45.0)
     figures["write_after_sigcont_s"] = time.monotonic() - t_cont
-    back, _ = await RaftGroup(client, group).read(extent_of(group), 0, 1)
+    back, _ = await GroupClient(client, group).read(extent_of(group), 0, 1)
     assert bytes(back) == data
 
     # An unreachable majority is reported as Unavailable, not as success, within the deadline.
@@ -165,7 +165,7 @@ async def _scenario(cluster: RaftNodes, tmp: Path) -> dict[str, float]:
         cluster.pause(n)
     try:
         with pytest.raises(Unavailable):
-            await RaftGroup(client, 2, deadline_s=2.0).write(extent_of(2), 0, data, blockcrc.block_crcs(data))
+            await GroupClient(client, 2, deadline_s=2.0).write(extent_of(2), 0, data, blockcrc.block_crcs(data))
     finally:
         for n in paused:
             cluster.resume(n)

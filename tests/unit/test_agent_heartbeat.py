@@ -15,7 +15,7 @@ from typing import Any, cast
 
 from raftblock.meta.rpc import MetaClient
 from raftblock.node.agent import MetaAgent
-from raftblock.replication.raft.runtime import NodeRuntime
+from raftblock.node.host import NodeHost
 
 INTERVAL_S = 0.1
 STALL_MAX_S = 0.4
@@ -26,19 +26,14 @@ class _Engine:
         return {"live_bytes": 7 << 20}
 
 
-class _Chains:
-    groups: dict[int, object] = {}
-
-
 class _Runtime:
     def __init__(self) -> None:
         self.counters: Counter[str] = Counter()
         self.engine = _Engine()
-        self.chains = _Chains()
         self.leases: list[tuple[float, dict[int, int], str]] = []
 
-    def raft_report(self) -> dict[int, list[int]]:
-        return {5: [1, 7, 1, 2, 3]}
+    def report(self) -> tuple[dict[int, list[int]] | None, dict[int, list[int]]]:
+        return None, {5: [1, 7, 1, 2, 3]}
 
     def grant_chain_lease(self, until: float, epochs: dict[int, int]) -> None:
         self.leases.append((until, epochs, threading.current_thread().name))
@@ -57,7 +52,7 @@ class _BeatClient:
 
 def _agent() -> tuple[MetaAgent, _Runtime, _BeatClient]:
     rt, bc = _Runtime(), _BeatClient()
-    agent = MetaAgent(cast(MetaClient, object()), cast(NodeRuntime, rt), 3, "r0", "127.0.0.1:1", Path("."),
+    agent = MetaAgent(cast(MetaClient, object()), cast(NodeHost, rt), 3, "r0", "127.0.0.1:1", Path("."),
                       interval_s=INTERVAL_S, loop_stall_max_s=STALL_MAX_S, beat_client=cast(MetaClient, bc))
     agent.registered = True
     return agent, rt, bc

@@ -298,7 +298,7 @@ def test_ten_overwrites_do_not_take_ten_times_the_space(d: str) -> None:
         for b in range(0, n, 8):
             e.write(1, b, *blocks(rnd * 1000 + b, 8))
         e.sync()
-        while e.compact(512 << 10):  # bounded budget per call
+        while e.clean(512 << 10):  # bounded budget per call
             pass
     live = e.stats()["live_bytes"]
     assert live == n * BLOCK_SIZE
@@ -321,7 +321,7 @@ def test_compact_respects_budget(d: str) -> None:
     e.sync()
     total = 0
     calls = 0
-    while (w := e.compact(20 << 10)) > 0:
+    while (w := e.clean(20 << 10)) > 0:
         assert w <= 20 << 10
         total += w
         calls += 1
@@ -332,7 +332,7 @@ def test_compact_respects_budget(d: str) -> None:
 @pytest.mark.parametrize("lose_checkpoint", [False, True])
 def test_trimmed_blocks_stay_trimmed_after_compaction_and_restart(d: str, lose_checkpoint: bool) -> None:
     """segment.md tombstone rule: compaction never lets an older write reappear."""
-    cfg = EngineConfig(segment_size_bytes=64 << 10, compaction_garbage_ratio=0.2)
+    cfg = EngineConfig(segment_size_bytes=64 << 10, cleaning_garbage_ratio=0.2)
     e = Engine.open(OsDisk(), d, CLUSTER, cfg)
     for b in range(8):
         e.write(1, b, *blocks(b))  # old versions in the first segments
@@ -344,7 +344,7 @@ def test_trimmed_blocks_stay_trimmed_after_compaction_and_restart(d: str, lose_c
         e.write(2, 0, *blocks(5, 8))
     e.sync()
     for _ in range(20):
-        e.compact(1 << 20)
+        e.clean(1 << 20)
     path = os.path.join(d, "checkpoint")
     e._close_files()  # crash without a fresh checkpoint
     if lose_checkpoint:
@@ -360,7 +360,7 @@ def test_trimmed_blocks_stay_trimmed_after_compaction_and_restart(d: str, lose_c
 
 
 def test_pin_keeps_old_versions_through_compaction(d: str) -> None:
-    cfg = EngineConfig(segment_size_bytes=64 << 10, compaction_garbage_ratio=0.2)
+    cfg = EngineConfig(segment_size_bytes=64 << 10, cleaning_garbage_ratio=0.2)
     e = Engine.open(OsDisk(), d, CLUSTER, cfg)
     for b in range(8):
         e.write(1, b, *blocks(b))
@@ -371,7 +371,7 @@ def test_pin_keeps_old_versions_through_compaction(d: str) -> None:
         for b in range(8):
             e.write(1, b, *blocks(100 * rnd + b))
     e.sync()
-    while e.compact(1 << 20):
+    while e.clean(1 << 20):
         pass
     old, _ = e.read_at(1, 0, 8, snap)
     for b in range(7):
@@ -381,7 +381,7 @@ def test_pin_keeps_old_versions_through_compaction(d: str) -> None:
     assert segment_name(1) not in os.listdir(d)  # the pinned versions were copied, not just left
     e.unpin(snap)
     assert not e.index.history and e.stats()["pins"] == 0
-    while e.compact(1 << 20):
+    while e.clean(1 << 20):
         pass
     e.close()
     e2 = Engine.open(OsDisk(), d, CLUSTER, cfg)

@@ -27,7 +27,7 @@ from raftblock.storage.engine import BLOCK_SIZE, Engine, EngineConfig
 CLUSTER = bytes(range(16))
 EXTENTS = (1, 2)
 BLOCKS = 16
-CFG = EngineConfig(segment_size_bytes=64 << 10, checkpoint_interval_bytes=96 << 10, compaction_garbage_ratio=0.3)
+CFG = EngineConfig(segment_size_bytes=64 << 10, checkpoint_interval_bytes=96 << 10, cleaning_garbage_ratio=0.3)
 
 Key = tuple[int, int]
 
@@ -137,7 +137,7 @@ class EngineVsDict(RuleBasedStateMachine):
 
     @rule(budget=st.sampled_from([4096, 64 << 10, 1 << 20]))
     def compact(self, budget: int) -> None:
-        if self.e.compact(budget):
+        if self.e.clean(budget):
             event("compaction rewrote bytes")
         self._absorb_sync()
 

@@ -1,6 +1,11 @@
 # Segment cleaning: copy the live records of the emptiest sealed segments to the active segment, then
-# delete the segment, so overwritten and trimmed blocks give their space back.
-# Rules (docs/format/segment.md, "Compaction"):
+# delete the segment, so overwritten and trimmed blocks give their space back. ("Cleaning" is the engine's
+# own space; "compaction" is a replica's log cut behind the engine, node/compactor.py.)
+#
+# The cleaner sees the engine only through `SegmentStore` (its public cleaning seam), and keeps its own
+# cursor; it never reads the engine's private state.
+#
+# Rules (docs/format/segment.md, "Cleaning"):
 # Rule 1: a copy keeps the original LSN; a pinned old version is copied with flag HISTORY.
 # Rule 2: at most ~budget_bytes are rewritten per call (always at least one record, so it progresses);
 #         a cursor remembers a half-cleaned segment across calls.
@@ -14,12 +19,13 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import structlog
 
-from raftblock.storage.index import Rec, SegState
+from raftblock.storage.index import Index, Rec, SegState
 from raftblock.storage.segment import (
     BLOCK_SIZE,
     FLAG_HISTORY,
@@ -28,18 +34,42 @@ from raftblock.storage.segment import (
     REC_TRIM,
     REC_WRITE,
     SEG_HEADER_SIZE,
+    RecordHeader,
     build_trim_record,
     build_write_record,
     payload_offset,
-    read_record,
     record_length,
     segment_name,
 )
 
-if TYPE_CHECKING:
-    from raftblock.storage.engine import Engine
-
 log = structlog.get_logger(__name__)
+
+
+class CleanSettings(Protocol):
+    cleaning_garbage_ratio: float
+    segment_size_bytes: int
+
+
+class SegmentStore(Protocol):
+    """What the cleaner needs of the engine (storage/engine.py Engine implements it)."""
+
+    index: Index
+    checkpoint_lsn: int
+
+    @property
+    def config(self) -> CleanSettings: ...
+
+    def active_segment_id(self) -> int | None: ...
+
+    def cleanable(self, sid: int) -> bool: ...
+
+    def read_stored(self, rec: Rec) -> tuple[RecordHeader, bytes, list[int]] | str: ...
+
+    def append_built(self, length: int, build: Callable[[int, int], bytearray | bytes]) -> tuple[SegState, int, int]: ...
+
+    def sync(self) -> int: ...
+
+    def remove_segment(self, sid: int) -> None: ...
 
 
 @dataclass
@@ -60,7 +90,7 @@ def _live_fraction(seg: SegState) -> float:
     return min(1.0, seg.live_blocks * BLOCK_SIZE / used)
 
 
-def _has_bad_live(eng: Engine, seg: SegState) -> bool:
+def _has_bad_live(eng: SegmentStore, seg: SegState) -> bool:
     idx = eng.index
     for rec in seg.records.values():
         bad = idx.bad.get(rec.extent_id)
@@ -69,18 +99,16 @@ def _has_bad_live(eng: Engine, seg: SegState) -> bool:
     return False
 
 
-def pick_victim(eng: Engine) -> SegState | None:
-    active = eng._active
+def pick_victim(eng: SegmentStore) -> SegState | None:
+    active = eng.active_segment_id()
     best: SegState | None = None
     best_frac = 2.0
-    limit = 1.0 - eng.config.compaction_garbage_ratio
+    limit = 1.0 - eng.config.cleaning_garbage_ratio
     # Segments sealed early (each open starts a new segment) are merged even when mostly live, so
     # restarts do not leave an ever-growing number of small files.
     small = eng.config.segment_size_bytes // 8
     for sid, seg in eng.index.segs.items():
-        if active is not None and sid == active.seg_id:
-            continue
-        if sid not in eng._files or sid in eng._dirty:
+        if sid == active or not eng.cleanable(sid):
             continue
         if seg.has_bad:
             if _has_bad_live(eng, seg):
@@ -92,10 +120,10 @@ def pick_victim(eng: Engine) -> SegState | None:
     return best
 
 
-def _copy_write(eng: Engine, rec: Rec) -> int:
+def _copy_write(eng: SegmentStore, rec: Rec) -> int:
     """Copy the live and pinned blocks of one WRITE record; returns bytes written."""
     idx = eng.index
-    got = read_record(eng._files[rec.seg], eng._seeds[rec.seg], rec.off)
+    got = eng.read_stored(rec)
     emap = idx.extents.get(rec.extent_id, {})
     blocks = range(rec.block, rec.block + rec.count)
     current = [b for b in blocks if emap.get(b) is rec]
@@ -104,7 +132,7 @@ def _copy_write(eng: Engine, rec: Rec) -> int:
         for b in current:
             idx.mark_bad(rec.extent_id, b, 1)
         log.error("engine.corruption", segment=segment_name(rec.seg), offset=rec.off, extent_id=rec.extent_id,
-                  block_start=rec.block, block_count=rec.count, reason=got + " (found by compaction)")
+                  block_start=rec.block, block_count=rec.count, reason=got + " (found by cleaning)")
         raise _SkipSegment
     hdr, body, bad = got
     if bad:
@@ -115,7 +143,7 @@ def _copy_write(eng: Engine, rec: Rec) -> int:
         if hit or any(b in badset for b in pinned):
             log.error("engine.corruption", segment=segment_name(rec.seg), offset=rec.off,
                       extent_id=rec.extent_id, block_start=rec.block + bad[0], block_count=len(bad),
-                      reason="payload block checksum mismatch (found by compaction)")
+                      reason="payload block checksum mismatch (found by cleaning)")
             raise _SkipSegment
     bad_marks = idx.bad.get(rec.extent_id)
     if bad_marks and any(b in bad_marks for b in current):
@@ -126,14 +154,16 @@ def _copy_write(eng: Engine, rec: Rec) -> int:
     for group, flags in ((current, FLAG_RELOCATED), (pinned, FLAG_RELOCATED | FLAG_HISTORY)):
         for start, n in _runs(group):
             i0 = start - rec.block
-            seg = eng._room(record_length(REC_WRITE, n))
-            buf, badi = build_write_record(
-                eng._seeds[seg.seg_id], rec.extent_id, start, rec.lsn, eng._durable_mark,
-                memoryview(body)[pay + i0 * BLOCK_SIZE : pay + (i0 + n) * BLOCK_SIZE],
-                list(crc_all[i0 : i0 + n]), flags,
-            )
-            assert badi is None, "compaction copy failed its pair check"
-            off = eng._append(seg, buf)
+            payload = memoryview(body)[pay + i0 * BLOCK_SIZE : pay + (i0 + n) * BLOCK_SIZE]
+            crcs = list(crc_all[i0 : i0 + n])
+
+            def build(seed: int, mark: int, start: int = start, payload: memoryview = payload,
+                      crcs: list[int] = crcs, flags: int = flags) -> bytearray | bytes:
+                buf, badi = build_write_record(seed, rec.extent_id, start, rec.lsn, mark, payload, crcs, flags)
+                assert badi is None, "cleaning copy failed its pair check"
+                return buf
+
+            seg, off, size = eng.append_built(record_length(REC_WRITE, n), build)
             new = Rec(seg.seg_id, off, REC_WRITE, flags, rec.extent_id, start, n, rec.lsn)
             if flags & FLAG_HISTORY:
                 for b in range(start, start + n):
@@ -141,7 +171,7 @@ def _copy_write(eng: Engine, rec: Rec) -> int:
             else:
                 seg.note_write(rec.extent_id, rec.lsn)
                 idx.replace_location(rec, new, start, n)
-            written += len(buf)
+            written += size
     return written
 
 
@@ -155,7 +185,7 @@ def _runs(blocks: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def _tombstone_droppable(eng: Engine, t: Rec, victim: int) -> bool:
+def _tombstone_droppable(eng: SegmentStore, t: Rec, victim: int) -> bool:
     if t.lsn > eng.checkpoint_lsn:
         return False  # the durable checkpoint may still name older versions of these blocks
     for sid, seg in eng.index.segs.items():
@@ -167,62 +197,70 @@ def _tombstone_droppable(eng: Engine, t: Rec, victim: int) -> bool:
     return True
 
 
-def _finish(eng: Engine, victim: SegState) -> int:
+def _finish(eng: SegmentStore, victim: SegState) -> int:
     written = 0
     for off in sorted(victim.tombstones):
         t = victim.tombstones[off]
         if _tombstone_droppable(eng, t, victim.seg_id):
             continue
-        seg = eng._room(REC_HEADER_SIZE)
-        buf = build_trim_record(eng._seeds[seg.seg_id], t.extent_id, t.block, t.count, t.lsn,
-                                eng._durable_mark, FLAG_RELOCATED)
-        noff = eng._append(seg, buf)
+        def build(seed: int, mark: int, t: Rec = t) -> bytearray | bytes:
+            return build_trim_record(seed, t.extent_id, t.block, t.count, t.lsn, mark, FLAG_RELOCATED)
+
+        seg, noff, size = eng.append_built(REC_HEADER_SIZE, build)
         seg.tombstones[noff] = Rec(seg.seg_id, noff, REC_TRIM, FLAG_RELOCATED, t.extent_id, t.block,
                                    t.count, t.lsn)
-        written += len(buf)
+        written += size
     victim.tombstones.clear()  # copied or dropped; a retry after an error re-decides nothing twice
     eng.sync()
     assert victim.live_blocks == 0 and not victim.records, "cleaned segment still referenced"
-    eng._remove_segment(victim.seg_id)
+    eng.remove_segment(victim.seg_id)
     log.info("engine.segment_cleaned", segment=segment_name(victim.seg_id))
     return written
 
 
-def compact(eng: Engine, budget_bytes: int) -> int:
-    written = 0
-    while written < budget_bytes:
-        cur = eng._clean
-        if cur is None:
-            victim = pick_victim(eng)
-            if victim is None:
-                break
-            cur = eng._clean = CleanCursor(victim.seg_id, sorted(victim.records))
-        seg = eng.index.segs.get(cur.seg_id)
-        if seg is None:
-            eng._clean = None
-            continue
-        try:
-            while cur.pos < len(cur.offsets):
-                rec = seg.records.get(cur.offsets[cur.pos])
-                if rec is None:
+class Cleaner:
+    """Rule 2: cleans at most about `budget_bytes` per call, its cursor kept across calls."""
+
+    def __init__(self, store: SegmentStore) -> None:
+        self.store = store
+        self.cursor: CleanCursor | None = None
+
+    def clean(self, budget_bytes: int) -> int:
+        eng = self.store
+        written = 0
+        while written < budget_bytes:
+            cur = self.cursor
+            if cur is None:
+                victim = pick_victim(eng)
+                if victim is None:
+                    break
+                cur = self.cursor = CleanCursor(victim.seg_id, sorted(victim.records))
+            seg = eng.index.segs.get(cur.seg_id)
+            if seg is None:
+                self.cursor = None
+                continue
+            try:
+                while cur.pos < len(cur.offsets):
+                    rec = seg.records.get(cur.offsets[cur.pos])
+                    if rec is None:
+                        cur.pos += 1
+                        continue
+                    cost = (rec.live + rec.hist) * BLOCK_SIZE
+                    if written and written + cost > budget_bytes:
+                        return written
+                    written += _copy_write(eng, rec)
                     cur.pos += 1
-                    continue
-                cost = (rec.live + rec.hist) * BLOCK_SIZE
-                if written and written + cost > budget_bytes:
-                    return written
-                written += _copy_write(eng, rec)
-                cur.pos += 1
-        except _SkipSegment:
-            seg.has_bad = True
-            eng._clean = None
-            continue
-        if seg.records:
-            # Every record was visited, yet some are still referenced: the live counters disagree
-            # with the index. Never delete such a segment.
-            log.error("engine.compaction_stuck", segment=segment_name(seg.seg_id), records=len(seg.records))
-            seg.has_bad = True
-            eng._clean = None
-            continue
-        written += _finish(eng, seg)
-        eng._clean = None
-    return written
+            except _SkipSegment:
+                seg.has_bad = True
+                self.cursor = None
+                continue
+            if seg.records:
+                # Every record was visited, yet some are still referenced: the live counters disagree
+                # with the index. Never delete such a segment.
+                log.error("engine.cleaning_stuck", segment=segment_name(seg.seg_id), records=len(seg.records))
+                seg.has_bad = True
+                self.cursor = None
+                continue
+            written += _finish(eng, seg)
+            self.cursor = None
+        return written

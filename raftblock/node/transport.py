@@ -1,12 +1,12 @@
 # Node transport: the TCP listener, one connection per peer node, client connections (docs/format/wire.md).
 #
-# Owns: sockets and framing only. What a frame means is the handler's (the runtime's) business.
+# Owns: sockets and framing only. What a frame means is the handler's (node/host.py, node/dataplane.py) business.
 #
 # Rules:
 # 1. One connection per node pair: the smaller node id dials, the larger accepts; a new HELLO from a
 #    peer replaces its old connection. The dialer retries with bounded backoff (`redial_s_max`).
 # 2. Outgoing frames to a peer are queued during a loop turn and written with one `writelines` when the
-#    runtime calls `flush()` (client replies: `send_soon`, flushed by the loop's next turn); above `send_buffer_bytes_max` of unsent bytes, Raft frames are dropped
+#    host calls `flush()` (client replies: `send_soon`, flushed by the loop's next turn); above `send_buffer_bytes_max` of unsent bytes, Raft frames are dropped
 #    (Raft retransmits) and counted.
 # 3. A stream whose framing is lost (bad magic/version, oversize) is closed; a frame with a bad CRC is
 #    dropped and counted, and the connection goes on.
@@ -20,6 +20,9 @@ import structlog
 
 from raftblock.wire import raftblock_pb2 as pb
 from raftblock.wire.framing import (
+    ROLE_CLIENT,
+    ROLE_PEER,
+    WIRE_VERSION,
     BadFrame,
     Buf,
     FatalFrameError,
@@ -31,9 +34,6 @@ from raftblock.wire.framing import (
 
 log = structlog.get_logger(__name__)
 
-ROLE_PEER = 1
-ROLE_CLIENT = 2
-WIRE_VERSION = 1
 
 
 class FrameHandler(Protocol):

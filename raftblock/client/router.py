@@ -1,12 +1,14 @@
-# RaftGroup: the ReplicationGroup of one extent group replicated by Raft on remote nodes (client side).
+# The data-plane client: how a gateway (or a tool, or a node repairing a block) reaches the extent groups
+# on the storage nodes (client side; wire/client.py is its protocol).
 #
-# Owns: RaftClient (one connection per node, pipelined requests matched by request_id, the requests
-# of one loop turn written with one send, a cached leader per group) and RaftGroup (the
-# ReplicationGroup interface over it).
+# Owns: NodeClient (one connection per node, pipelined requests matched by request_id, the requests
+# of one loop turn written with one send, a cached leader/head and tail per group) and GroupClient (the
+# ReplicationGroup interface over it, for Raft and chain groups alike).
 #
 # Rules:
-# 1. Success is reported only when the leader answers OK, i.e. after the write is committed (majority
-#    of WALs fsynced) and applied on the leader; a read only from a leader under lease/read-index.
+# 1. Success is reported only when the member that orders writes answers OK: for Raft after the write is
+#    committed (majority of WALs fsynced) and applied on the leader, for a chain once it is durable on
+#    every member; a read only from a Raft leader under lease/read-index, or from a chain's synced tail.
 # 2. NOT_LEADER (with a hint), UNAVAILABLE, a lost connection or an attempt timeout are retried, on the
 #    hinted leader or the next node, until `deadline_s`; then Unavailable.
 # 3. Bounded: `attempt_timeout_s` per try, `deadline_s` per operation, backoff up to `backoff_s_max`.
@@ -28,7 +30,6 @@ from typing import cast
 import structlog
 
 from raftblock.replication.group import CorruptData, GroupError, GroupStatus, NoSpace, Unavailable
-from raftblock.replication.raft.transport import ROLE_CLIENT, WIRE_VERSION
 from raftblock.wire import raftblock_pb2 as pb
 from raftblock.wire.client import (
     OP_C_BLOCK_STATUS,
@@ -46,7 +47,16 @@ from raftblock.wire.client import (
     ST_UNAVAILABLE,
     ST_UNKNOWN_GROUP,
 )
-from raftblock.wire.framing import BadFrame, Buf, FatalFrameError, FrameDecoder, FrameType, encode_frame
+from raftblock.wire.framing import (
+    ROLE_CLIENT,
+    WIRE_VERSION,
+    BadFrame,
+    Buf,
+    FatalFrameError,
+    FrameDecoder,
+    FrameType,
+    encode_frame,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -146,7 +156,7 @@ ROUTE_LEADER = 0  # writes (and Raft reads): the Raft leader, or a chain's head
 ROUTE_TAIL = 1  # chain reads: the tail
 
 
-class RaftClient:
+class NodeClient:
     """Connections to the nodes of a cluster (by node id) and the leader cache."""
 
     def __init__(
@@ -289,16 +299,22 @@ class RaftClient:
         await asyncio.sleep(0)
 
 
-class RaftGroup:
-    """ReplicationGroup over a Raft extent group served by remote nodes."""
+class GroupClient:
+    """The ReplicationGroup of one extent group served by remote nodes, in either mode: "raft" (writes,
+    reads and block status at the leader) or "chain" (docs/chain.md: writes and trims at the head, reads
+    and block status at the tail; an acknowledged write is durable on every member). A member that is not
+    the one asked for answers NOT_LEADER with the right one as hint."""
 
-    read_route = ROUTE_LEADER  # which member serves reads and block status (RaftClient.call)
-
-    def __init__(self, client: RaftClient, group_id: int, deadline_s: float | None = None, epoch: int = 0) -> None:
+    def __init__(self, client: NodeClient, group_id: int, deadline_s: float | None = None, epoch: int = 0,
+                 mode: str = "raft") -> None:
+        if mode not in ("raft", "chain"):
+            raise ValueError(f"mode must be 'raft' or 'chain', not {mode!r}")
         self.client = client
         self.group_id = group_id
         self.deadline_s = deadline_s
         self.epoch = epoch  # the attach epoch of the volume this group serves (fencing), 0 = not attached
+        self.mode = mode
+        self.read_route = ROUTE_TAIL if mode == "chain" else ROUTE_LEADER
 
     async def write(self, extent_id: int, block: int, data: memoryview | bytes, crcs: Sequence[int]) -> None:
         req = pb.ClientRequest(op=OP_C_WRITE, extent_id=extent_id, block=block, count=len(crcs), epoch=self.epoch)
@@ -329,7 +345,7 @@ class RaftGroup:
         await self.trim(extent_id, block, count)  # thin store: a zeroed block is a dropped block
 
     async def flush(self) -> None:
-        # Every acknowledged write is already committed on a majority of fsynced WALs.
+        # Every acknowledged write is already durable (a majority of fsynced WALs, or the whole chain's).
         return None
 
     async def block_status(self, extent_id: int, block: int, count: int) -> list[tuple[int, bool]]:
@@ -347,30 +363,15 @@ class RaftGroup:
 
     def status(self) -> GroupStatus:
         lead = self.client.leaders.get(self.group_id)
+        detail: dict[str, int | str] = {}
+        if self.mode == "chain":
+            tail = self.client.leaders.get(-self.group_id)
+            detail["tail"] = str(tail) if tail is not None else "-"
         return GroupStatus(
             group_id=self.group_id,
-            mode="raft",
+            mode=self.mode,
             members=[str(n) for n in sorted(self.client.nodes)],
             leader=str(lead) if lead is not None else None,
             healthy=lead is not None,
-        )
-
-
-class ChainReplicaGroup(RaftGroup):
-    """ReplicationGroup over a chain-replicated extent group (docs/chain.md): writes and trims go to the
-    head, reads and block status to the tail; the nodes answer NOT_LEADER with the right member as hint.
-    An acknowledged write is durable on every member of the chain."""
-
-    read_route = ROUTE_TAIL
-
-    def status(self) -> GroupStatus:
-        head = self.client.leaders.get(self.group_id)
-        tail = self.client.leaders.get(-self.group_id)
-        return GroupStatus(
-            group_id=self.group_id,
-            mode="chain",
-            members=[str(n) for n in sorted(self.client.nodes)],
-            leader=str(head) if head is not None else None,
-            healthy=head is not None,
-            detail={"tail": str(tail) if tail is not None else "-"},
+            detail=detail,
         )

@@ -1,0 +1,49 @@
+"""The storage node's edge checks of a client request (the gateway checks again at its own edge): a
+range inside one extent of the group the request names, a write whose payload matches its count and whose
+every block matches its CRC32C on arrival. Each failure is a ValueError or CorruptBlockError the data
+plane answers with one precise status (BAD_REQUEST, CORRUPT)."""
+
+from __future__ import annotations
+
+from raftblock._fast import blockcrc
+from raftblock.ids import group_of_extent
+from raftblock.storage.engine import CorruptBlockError
+from raftblock.storage.segment import MAX_BLOCK, MAX_WRITE_BLOCKS
+from raftblock.wire import raftblock_pb2 as pb
+from raftblock.wire.client import OP_C_TRIM
+from raftblock.wire.ops import BLOCK_SIZE, OP_TRIM, OP_WRITE, BlockOp
+
+
+def check_range(gid: int, req: pb.ClientRequest, limit: int) -> int:
+    """A read-side request's extent is in group `gid` and its range is 1..`limit` blocks inside the
+    extent; returns the block count, else ValueError (a precise BAD_REQUEST)."""
+    if group_of_extent(req.extent_id) != gid:
+        raise ValueError(f"extent {req.extent_id:#x} does not belong to group {gid}")
+    n = req.count
+    if n < 1 or n > limit or req.block + n > MAX_BLOCK:
+        raise ValueError("bad block range")
+    return int(n)
+
+
+def validate_write(gid: int, req: pb.ClientRequest, payload: bytes | memoryview) -> BlockOp:
+    """The node's edge check of a write or trim (the gateway checks again at its own edge)."""
+    if group_of_extent(req.extent_id) != gid:
+        raise ValueError(f"extent {req.extent_id:#x} does not belong to group {gid}")
+    n = req.count
+    if n < 1 or req.block + n > MAX_BLOCK:
+        raise ValueError("block range out of bounds")
+    if req.client_id and req.low_water > req.write_id:
+        raise ValueError("low_water above the write's own id")
+    if req.op == OP_C_TRIM:
+        if payload:
+            raise ValueError("trim carries no payload")
+        return BlockOp(OP_TRIM, req.extent_id, req.block, n, (), b"", req.client_id, req.write_id, req.low_water)
+    if n > MAX_WRITE_BLOCKS:
+        raise ValueError(f"a write covers at most {MAX_WRITE_BLOCKS} blocks")
+    if len(payload) != n * BLOCK_SIZE or len(req.crcs) != n:
+        raise ValueError("payload / crcs do not match count")
+    crcs = list(req.crcs)
+    bad = blockcrc.first_mismatch(payload, crcs)
+    if bad >= 0:
+        raise CorruptBlockError(req.extent_id, req.block + bad, "checksum mismatch on arrival")
+    return BlockOp(OP_WRITE, req.extent_id, req.block, n, crcs, payload, req.client_id, req.write_id, req.low_water)

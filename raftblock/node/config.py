@@ -1,0 +1,69 @@
+"""HostConfig: a storage node's settings (the [raft] table of its TOML file, docs/operations.md): timing,
+batching, WAL, snapshots, repair and scrub pacing, space admission. One object, read by the host's
+modules and, through replication/replica.py Settings, by the replicas."""
+
+from __future__ import annotations
+
+
+class HostConfig:
+    def __init__(
+        self,
+        node_id: int,
+        *,
+        tick_ms: int = 100,
+        election_timeout_ticks: int = 6,
+        heartbeat_interval_ticks: int = 2,
+        lease_margin_ticks: int = 2,
+        batch_bytes_max: int = 1 << 20,
+        batch_writes_max: int = 64,
+        pending_writes_max: int = 1024,
+        wal_segment_bytes_max: int = 64 << 20,
+        wal_compact_bytes: int = 256 << 20,
+        snapshot_chunk_bytes: int = 1 << 20,
+        peer_send_buffer_bytes_max: int = 64 << 20,
+        catch_up_ticks_max: int = 64,
+        engine_sync_bytes: int = 32 << 20,
+        wal_sync: str = "inline",
+        wal_sync_inline_max_ms: float = 50.0,
+        wal_sync_thread_s: float = 60.0,
+        repair_bytes_per_s: int = 64 << 20,
+        scrub_bytes_per_s: int = 8 << 20,
+        scrub_pass_interval_s: float = 3600.0,
+        space_reserve_bytes: int = 64 << 20,
+    ) -> None:
+        if wal_sync not in ("inline", "thread"):
+            raise ValueError(f"wal_sync must be 'inline' or 'thread', not {wal_sync!r}")
+        self.node_id = node_id
+        self.tick_ms = tick_ms
+        self.election_timeout_ticks = election_timeout_ticks
+        self.heartbeat_interval_ticks = heartbeat_interval_ticks
+        self.lease_margin_ticks = lease_margin_ticks
+        self.batch_bytes_max = batch_bytes_max
+        self.batch_writes_max = batch_writes_max
+        self.pending_writes_max = pending_writes_max
+        self.wal_segment_bytes_max = wal_segment_bytes_max
+        self.wal_compact_bytes = wal_compact_bytes
+        self.snapshot_chunk_bytes = snapshot_chunk_bytes
+        self.peer_send_buffer_bytes_max = peer_send_buffer_bytes_max
+        self.catch_up_ticks_max = catch_up_ticks_max
+        self.engine_sync_bytes = engine_sync_bytes
+        # "inline": the event loop itself calls fdatasync once per loop turn, after every message of the
+        # turn is on the wire (followers and the leader sync in parallel, in their own processes);
+        # "thread": a worker thread syncs while the loop goes on. On a small machine every hand-off to
+        # a thread costs context switches and GIL transfers that cost more than the loop's wait.
+        self.wal_sync = wal_sync
+        # An inline fdatasync blocks the loop: heartbeats and reads of every group wait for it. One slower
+        # than wal_sync_inline_max_ms moves the node to the thread for wal_sync_thread_s (then it tries
+        # inline again), so a disk with fsync stalls cannot starve heartbeats into elections.
+        self.wal_sync_inline_max_ms = wal_sync_inline_max_ms
+        self.wal_sync_thread_s = wal_sync_thread_s
+        # Snapshot bytes this node sends per second to replicas that are being rebuilt (re-replication,
+        # a node that fell behind the log): foreground I/O keeps the rest of the disk and the network.
+        # 0 = unbounded.
+        self.repair_bytes_per_s = repair_bytes_per_s
+        # Background scrub (control/scrub.py): bytes re-read per second (0 = off) and the pause between
+        # two passes over every replica this node holds.
+        self.scrub_bytes_per_s = scrub_bytes_per_s
+        self.scrub_pass_interval_s = scrub_pass_interval_s
+        # A leader or head refuses new writes (ENOSPC) while its data disk has less than this free.
+        self.space_reserve_bytes = space_reserve_bytes

@@ -1,0 +1,330 @@
+"""DataPlane: a storage node's client front (the CLIENT_REQ frames of wire/client.py), for both replica
+kinds.
+
+Rules:
+1. Edge checks of block I/O (write, trim, read, block status), in one place (`refusal`): the group is
+   hosted here, the node knows the fences, the request's attach epoch is current (zombie fencing by
+   generation: the highest epoch seen for a group, from requests or from the metadata map, wins, and
+   anything older is refused, so a gateway that lost its attachment can never write again).
+2. A write is checked again here (range, payload, per-block CRC32C on arrival), admitted only while the
+   data disk has `space_reserve_bytes` free (statvfs, looked at most every 0.2 s), and handed to its
+   replica without a task or a future (replication/requests.py rule 1): the reply leaves when it applies.
+3. A read is served in the frame's callback when the replica says it may (`read_now`: a Raft leader's
+   lease with everything applied, a synced chain tail under its lease), after the ticks caught up;
+   anything else takes the general path (a task), which answers every case precisely.
+4. A corrupt local block is read from another member and rewritten (repair.py); a request that cannot be
+   served gets one precise status (`error_response`), never a dropped connection.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import Counter
+from collections.abc import Coroutine, Mapping
+from typing import Any, Protocol
+
+import structlog
+
+from raftblock.ids import group_of_extent
+from raftblock.node.checks import check_range, validate_write
+from raftblock.node.repair import PeerRepair
+from raftblock.replication.replica import Links, Replica
+from raftblock.replication.requests import NotLeaderError, Reply, RetryError
+from raftblock.replication.wal import Wal
+from raftblock.storage.engine import CorruptBlockError, Engine, NoSpaceError
+from raftblock.storage.segment import MAX_BLOCK, MAX_WRITE_BLOCKS
+from raftblock.wire import raftblock_pb2 as pb
+from raftblock.wire.client import (
+    BLOCK_STATUS_BLOCKS_MAX,
+    OP_C_BLOCK_STATUS,
+    OP_C_NODE_STATUS,
+    OP_C_READ,
+    OP_C_REPLICA_READ,
+    OP_C_SCRUB_CRCS,
+    OP_C_SCRUB_REPAIR,
+    OP_C_STATUS,
+    OP_C_TRIM,
+    OP_C_WRITE,
+    ST_BAD_REQUEST,
+    ST_CORRUPT,
+    ST_NO_SPACE,
+    ST_NOT_LEADER,
+    ST_STALE_EPOCH,
+    ST_UNAVAILABLE,
+    ST_UNKNOWN_GROUP,
+)
+from raftblock.wire.framing import Frame, FrameType, encode_frame
+from raftblock.wire.ops import BLOCK_SIZE
+
+log = structlog.get_logger(__name__)
+
+_FENCED_OPS = (OP_C_WRITE, OP_C_TRIM, OP_C_READ, OP_C_BLOCK_STATUS)
+SPACE_CHECK_S = 0.2
+
+
+class Refused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class DataSettings(Protocol):
+    space_reserve_bytes: int
+
+
+class DataHost(Protocol):
+    """What the data plane needs of its node (node/host.py NodeHost)."""
+
+    node_id: int
+    counters: Counter[str]
+    engine: Engine
+    wal: Wal
+    peers: dict[int, tuple[str, int]]
+    fences_known: bool
+    commits: int
+    repair: PeerRepair
+
+    @property
+    def cfg(self) -> DataSettings: ...
+
+    @property
+    def replicas(self) -> Mapping[int, Replica]: ...
+
+    @property
+    def links(self) -> Links: ...
+
+    @property
+    def failed(self) -> BaseException | None: ...
+
+    def catch_up_ticks(self) -> None: ...
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
+
+
+class DataPlane:
+    def __init__(self, host: DataHost) -> None:
+        self.host = host
+        self.fence_epochs: dict[int, int] = {}  # group -> highest attach epoch seen (rule 1)
+        self._space_checked_at = 0.0
+        self._space_free = 1 << 62
+
+    # == rule 1 ==================================================================================================
+    def fence_ok(self, gid: int, epoch: int) -> bool:
+        cur = self.fence_epochs.get(gid, 0)
+        if epoch < cur:
+            return False
+        if epoch > cur:
+            self.fence_epochs[gid] = epoch
+        return True
+
+    def raise_fence(self, gid: int, epoch: int) -> None:
+        if epoch > self.fence_epochs.get(gid, 0):
+            self.fence_epochs[gid] = epoch
+
+    def refusal(self, gid: int, req: pb.ClientRequest) -> Refused | None:
+        h = self.host
+        if gid not in h.replicas:
+            h.counters["client_unknown_group"] += 1
+            return Refused(ST_UNKNOWN_GROUP, f"group {gid} is not hosted here")
+        if not h.fences_known:
+            return Refused(ST_UNAVAILABLE, "node starting: waiting for the metadata map")
+        if not self.fence_ok(gid, req.epoch):
+            h.counters["stale_epoch_refused"] += 1
+            return Refused(ST_STALE_EPOCH, f"attach epoch {req.epoch} is older than "
+                           f"{self.fence_epochs.get(gid, 0)}: another gateway attached this volume")
+        return None
+
+    # == frames ==================================================================================================
+    def on_frame(self, conn: Any, frame: Frame) -> None:
+        h = self.host
+        if frame.type != FrameType.CLIENT_REQ:
+            h.counters["frames_malformed"] += 1
+            return
+        req = pb.ClientRequest.FromString(frame.message)
+        gid = frame.group
+        op = req.op
+        if op in _FENCED_OPS:
+            refused = self.refusal(gid, req)
+            if refused is not None:
+                self.answer(conn, gid, req.request_id, refused)
+                return
+            r = h.replicas[gid]
+            if op == OP_C_WRITE or op == OP_C_TRIM:
+                self._write(conn, r, req, frame.payload)
+                return
+            if op == OP_C_READ and self._read_now(conn, r, req):
+                return
+        h.spawn(self._serve(conn, gid, req))
+
+    def answer(self, conn: Any, gid: int, request_id: int, exc: BaseException | None) -> None:
+        """A reply without data: OK, or the status `exc` maps to."""
+        resp = pb.ClientResponse(request_id=request_id, node_id=self.host.node_id)
+        if exc is not None:
+            self.error_response(resp, exc)
+        conn.send_soon(encode_frame(FrameType.CLIENT_RESP, gid, resp.SerializeToString()))
+
+    # == rule 2 ==================================================================================================
+    def _write(self, conn: Any, r: Replica, req: pb.ClientRequest, payload: bytes | memoryview) -> None:
+        reply = Reply(self, conn, r.id, req.request_id)
+        try:
+            op = validate_write(r.id, req, payload)
+            r.check_writable()  # NOT_LEADER before NO_SPACE: a full follower must not fail a write
+            self.check_space()
+            r.add_pending(op, reply)
+        except Exception as e:  # every refusal becomes a precise status (error_response)
+            reply.set_exception(e)
+
+    def check_space(self) -> None:
+        """NoSpaceError (ENOSPC at the NBD level) while the data disk has less than `space_reserve_bytes`
+        free, so a full disk refuses new writes instead of failing them after they were committed."""
+        h = self.host
+        now = time.monotonic()
+        if now - self._space_checked_at > SPACE_CHECK_S:
+            self._space_checked_at = now
+            try:
+                st = os.statvfs(h.engine.directory)
+                self._space_free = st.f_bavail * st.f_frsize
+            except OSError:
+                self._space_free = 1 << 62
+        if self._space_free < h.cfg.space_reserve_bytes:
+            h.counters["writes_refused_no_space"] += 1
+            raise NoSpaceError(f"node {h.node_id}: {self._space_free} bytes free on its data disk, "
+                               f"below the reserve of {h.cfg.space_reserve_bytes}")
+
+    # == rule 3 ==================================================================================================
+    def _read_now(self, conn: Any, r: Replica, req: pb.ClientRequest) -> bool:
+        h = self.host
+        if h.failed is not None:
+            return False
+        n = req.count
+        gid = r.id
+        if group_of_extent(req.extent_id) != gid or n < 1 or n > MAX_WRITE_BLOCKS or req.block + n > MAX_BLOCK:
+            return False
+        h.catch_up_ticks()
+        if not r.read_now():
+            return False
+        try:
+            data, crcs = h.engine.read(req.extent_id, req.block, n)
+        except CorruptBlockError:
+            return False  # the general path reads again, logs, and repairs from a replica
+        resp = pb.ClientResponse(request_id=req.request_id, node_id=h.node_id)
+        resp.crcs.extend(crcs)
+        conn.send_soon(encode_frame(FrameType.CLIENT_RESP, gid, resp.SerializeToString(), [data]))
+        h.counters["reads_lease_fast" if r.kind == "raft" else "chain_reads_fast"] += 1
+        return True
+
+    async def _serve(self, conn: Any, gid: int, req: pb.ClientRequest) -> None:
+        """The general path: every op, every refusal answered with its status."""
+        h = self.host
+        resp = pb.ClientResponse(request_id=req.request_id, node_id=h.node_id)
+        out: list[bytes | bytearray | memoryview] = []
+        try:
+            op = req.op
+            if op == OP_C_NODE_STATUS:
+                self._node_status(resp)
+            else:
+                r = h.replicas.get(gid)
+                if r is None:
+                    h.counters["client_unknown_group"] += 1
+                    resp.status = ST_UNKNOWN_GROUP
+                    resp.error = f"group {gid} is not hosted here"
+                elif op == OP_C_STATUS:
+                    resp.groups.append(r.info(self.allocated_bytes_by_group().get(gid, 0)))
+                elif op == OP_C_READ or op == OP_C_BLOCK_STATUS:
+                    await self._read(r, req, resp, out)
+                elif op == OP_C_REPLICA_READ:
+                    data, crcs = await h.repair.replica_read(r, req)
+                    resp.crcs.extend(crcs)
+                    out.append(data)
+                elif op == OP_C_SCRUB_CRCS or op == OP_C_SCRUB_REPAIR:
+                    await h.repair.serve_scrub(r, req, resp)
+                else:
+                    resp.status = ST_BAD_REQUEST
+                    resp.error = f"unknown op {op}"
+        except (NotLeaderError, RetryError, CorruptBlockError, NoSpaceError, ValueError) as e:
+            self.error_response(resp, e)
+        conn.send_soon(encode_frame(FrameType.CLIENT_RESP, gid, resp.SerializeToString(), out))
+
+    async def _read(self, r: Replica, req: pb.ClientRequest, resp: pb.ClientResponse,
+                    out: list[bytes | bytearray | memoryview]) -> None:
+        """A read or block status at a linearizable point (the replica's read barrier)."""
+        h = self.host
+        if h.failed is not None:
+            raise RetryError(f"node failed: {h.failed!r}")
+        gid = r.id
+        if req.op == OP_C_BLOCK_STATUS:
+            n = check_range(gid, req, BLOCK_STATUS_BLOCKS_MAX)
+            await r.read_barrier()
+            for count, allocated in h.engine.block_status(req.extent_id, req.block, n):
+                resp.runs.extend((count, int(allocated)))
+            return
+        n = check_range(gid, req, MAX_WRITE_BLOCKS)
+        applied = await r.read_barrier()
+        try:
+            data, crcs = h.engine.read(req.extent_id, req.block, n)
+        except CorruptBlockError as e:
+            h.counters["corrupt_reads"] += 1
+            log.error(f"{r.kind}.corrupt_read", group=gid, extent_id=req.extent_id, block=e.block, reason=e.reason)
+            data, crcs = await h.repair.read_repair(gid, r.read_sources(), req.extent_id, req.block, n, applied)
+        resp.crcs.extend(crcs)
+        out.append(data)
+
+    def _node_status(self, resp: pb.ClientResponse) -> None:
+        h = self.host
+        h.catch_up_ticks()
+        by_group = self.allocated_bytes_by_group()  # one pass over the index, not one per group
+        chain: dict[str, int] = {}
+        for r in h.replicas.values():
+            resp.groups.append(r.info(by_group.get(r.id, 0)))
+            for k, v in r.counters().items():
+                chain[k] = chain.get(k, 0) + v
+        for k, v in h.counters.items():
+            resp.counters[k] = v
+        for k, v in h.wal.stats().items():
+            resp.counters[k] = v
+        resp.counters["commits"] = h.commits
+        for k, v in chain.items():
+            resp.counters[k] = v
+        for k, v in h.engine.stats().items():
+            resp.counters[f"engine_{k}"] = int(v)
+        resp.counters["peers_connected"] = len(h.links.conns)
+
+    def allocated_bytes_by_group(self) -> dict[int, int]:
+        out: dict[int, int] = {}
+        for e, blocks in self.host.engine.index.extents.items():
+            gid = group_of_extent(e)
+            out[gid] = out.get(gid, 0) + len(blocks) * BLOCK_SIZE
+        return out
+
+    # == rule 4 ==================================================================================================
+    def error_response(self, resp: pb.ClientResponse, e: BaseException) -> None:
+        """The status a client sees for a refused or failed request."""
+        if isinstance(e, Refused):
+            resp.status = e.status
+            resp.error = e.message
+        elif isinstance(e, NotLeaderError):
+            resp.status = ST_NOT_LEADER
+            lead = e.leader
+            resp.leader_hint = lead
+            peers = self.host.peers
+            if lead in peers:
+                h, p = peers[lead]
+                resp.leader_address = f"{h}:{p}"
+        elif isinstance(e, RetryError):
+            resp.status = ST_UNAVAILABLE
+            resp.error = str(e)
+        elif isinstance(e, CorruptBlockError):
+            resp.status = ST_CORRUPT
+            resp.error = str(e)
+        elif isinstance(e, NoSpaceError):
+            resp.status = ST_NO_SPACE
+            resp.error = str(e)
+        elif isinstance(e, ValueError):
+            resp.status = ST_BAD_REQUEST
+            resp.error = str(e)
+        else:
+            resp.status = ST_UNAVAILABLE
+            resp.error = f"internal error: {e!r}"
+            log.error("node.client_request_failed", error=repr(e), exc_info=e)

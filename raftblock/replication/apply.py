@@ -1,0 +1,57 @@
+"""Applying a committed Raft entry or an acknowledged chain record to the node's engine: the one state
+machine both replica kinds share.
+
+Rules:
+1. An entry is a batch of whole-block writes and trims (wire/ops.py); a run of writes goes to the engine
+   as one call (one pwrite). Replaying a suffix of the log in order converges to the same state, so an
+   entry applied twice (recovery from an older compaction point) is harmless.
+2. A named op (client id, write id) that the group's session table has seen, or that its gateway gave up
+   on, is skipped, the same way on every replica (sessions.py): a retried write applies once.
+3. A full disk (NoSpaceError) applies nothing durable of this entry that counts: the ids it admitted are
+   forgotten, so the entry is applied again, whole, once space returns.
+4. A replica that cannot apply a committed entry (a corrupt block, a malformed batch) must not pretend it
+   did: the error goes up, and the node stops serving (it is repaired from its peers).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+
+import structlog
+
+from raftblock.replication.sessions import Sessions
+from raftblock.storage.engine import CorruptBlockError, Engine, NoSpaceError
+from raftblock.wire.ops import OP_WRITE, decode_batch
+
+log = structlog.get_logger(__name__)
+
+
+def apply_batch(engine: Engine, sessions: Sessions, gid: int, index: int, data: bytes,
+                counters: Counter[str]) -> None:
+    admitted: list[tuple[int, int]] = []
+    try:
+        writes: list[tuple[int, int, bytes | bytearray | memoryview, Sequence[int]]] = []
+        for op in decode_batch(data):
+            if op.client:
+                if not sessions.admit(op.client, op.wid, op.low, index):
+                    counters["writes_deduplicated"] += 1
+                    continue
+                admitted.append((op.client, op.wid))
+            if op.kind == OP_WRITE:
+                writes.append((op.extent_id, op.block, op.data, op.crcs))
+                continue
+            if writes:
+                engine.write_many(writes)  # one pwrite for the run of writes
+                writes = []
+            engine.trim(op.extent_id, op.block, op.count)
+        if writes:
+            engine.write_many(writes)
+    except NoSpaceError:
+        for client, wid in admitted:  # rule 3
+            sessions.forget(client, wid)
+        raise
+    except (CorruptBlockError, ValueError) as ex:  # rule 4
+        counters["apply_errors"] += 1
+        log.error("replica.apply_failed", group=gid, index=index, error=repr(ex))
+        raise
