@@ -251,16 +251,15 @@ class DataPlane:
                     out: list[bytes | bytearray | memoryview]) -> None:
         """A read or block status at a linearizable point (the replica's read barrier)."""
         h = self.host
+        gid = r.id
+        n = check_range(gid, req, BLOCK_STATUS_BLOCKS_MAX if req.op == OP_C_BLOCK_STATUS else MAX_WRITE_BLOCKS)
         if h.failed is not None:
             raise RetryError(f"node failed: {h.failed!r}")
-        gid = r.id
         if req.op == OP_C_BLOCK_STATUS:
-            n = check_range(gid, req, BLOCK_STATUS_BLOCKS_MAX)
             await r.read_barrier()
             for count, allocated in h.engine.block_status(req.extent_id, req.block, n):
                 resp.runs.extend((count, int(allocated)))
             return
-        n = check_range(gid, req, MAX_WRITE_BLOCKS)
         applied = await r.read_barrier()
         try:
             data, crcs = h.engine.read(req.extent_id, req.block, n)

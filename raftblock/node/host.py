@@ -98,8 +98,10 @@ class NodeHost:
         # group commits never queue behind them.
         self.engine_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-sync")
         self.compactor = Compactor(self)
+        # Static groups (`[groups]` in the node's TOML, the Raft benches and tests): founding voters, no map,
+        # so no preferred leader and no membership target; leaders stay where elections put them.
         for gid, members in sorted(groups.items()):
-            self.host_replica(gid, "raft", members, 1)
+            self.replicas[gid] = self._raft(gid, members, recovered.get(gid), 1)
 
     # == NodeContext =============================================================================================
     @property
@@ -165,8 +167,9 @@ class NodeHost:
 
     def install_image(self, gid: int, data: Any) -> Coroutine[Any, Any, bytes | None]:
         """Install a received image for a Ready that stays outstanding meanwhile (replication/image.py rule
-        3); counted from this call, so `stop` waits for it. Returns the session table for the WAL's
-        snapshot record, or None when the node stops or failed (then `fail` was called)."""
+        3); counted from this call (before the task that awaits it runs), so `stop` waits for it. Its
+        result: the session table for the WAL's snapshot record, or None when the node stops or failed
+        (then `fail` was called)."""
         self._installing += 1
         return self._install(gid, data)
 
@@ -219,7 +222,7 @@ class NodeHost:
                 r = ChainReplica(self, self.chain_lease, gid, rec)
                 log.info("chain.group_hosted", group=gid, members=members, epoch=epoch)
             else:
-                r = RaftReplica(self, self.raft_out, gid, members, rec, epoch, random.Random(self._rng.getrandbits(64)))
+                r = self._raft(gid, members, rec, epoch)
                 log.info("raft.group_hosted", group=gid, members=members, epoch=epoch, joiner=not r.core.conf.voters)
             self.replicas[gid] = r
             if self._loop is not None:
@@ -230,6 +233,9 @@ class NodeHost:
             return False
         r.configure(members, epoch)
         return new
+
+    def _raft(self, gid: int, members: list[int], rec: GroupDurable | None, epoch: int) -> RaftReplica:
+        return RaftReplica(self, self.raft_out, gid, members, rec, epoch, random.Random(self._rng.getrandbits(64)))
 
     def configure(self, gid: int, members: list[int], epoch: int) -> None:
         """The map's membership of a hosted group (also one that no longer names this node)."""

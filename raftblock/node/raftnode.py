@@ -131,7 +131,11 @@ async def run_node(cfg: NodeConfig) -> int:
     disk = make_disk(cfg.disk)
     cluster_id = load_or_create_cluster_id(cfg.data_dir)
     (cfg.data_dir / "engine").mkdir(exist_ok=True)
-    engine = Engine.open(disk, str(cfg.data_dir / "engine"), cluster_id, EngineConfig(**cfg.engine))
+    engine_cfg = dict(cfg.engine)
+    if "compaction_garbage_ratio" in engine_cfg:  # its name before segment cleaning was called cleaning
+        engine_cfg.setdefault("cleaning_garbage_ratio", engine_cfg.pop("compaction_garbage_ratio"))
+        log.warning("config.key_renamed", old="engine.compaction_garbage_ratio", new="engine.cleaning_garbage_ratio")
+    engine = Engine.open(disk, str(cfg.data_dir / "engine"), cluster_id, EngineConfig(**engine_cfg))
     hcfg = HostConfig(cfg.node_id, **cfg.raft)
     wal, recovered = Wal.open(disk, str(cfg.data_dir / "wal"), hcfg.wal_segment_bytes_max)
     rt = NodeHost(hcfg, engine, wal, recovered, cfg.groups, cfg.peers, seed=cfg.seed)

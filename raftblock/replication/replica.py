@@ -118,7 +118,7 @@ class NodeContext(Protocol):
 
     def image_of(self, gid: int, app: bytes) -> ChunkedImage: ...
 
-    async def install_image(self, gid: int, data: Any) -> bytes | None: ...
+    def install_image(self, gid: int, data: Any) -> Coroutine[Any, Any, bytes | None]: ...
 
     def repair_allow(self, nbytes: int) -> bool: ...
 
@@ -184,7 +184,7 @@ class Replica(Protocol):
 
 class ReplicaBase:
     """The lifecycle both kinds share (the module's rules). Subclasses set `kind` and implement the core
-    calls: `propose`, `persist` and `finish` of a Ready, `install_point`."""
+    calls: `propose`, `persist`, `installed` and `finish` of a Ready, `send`."""
 
     kind: ClassVar[str] = ""
 
@@ -196,6 +196,7 @@ class ReplicaBase:
         self.rd: Any = None
         self.wait_pos = 0
         self.waiting = False  # in the node's group-commit waiters
+        self.installing = False  # the outstanding Ready's image is being installed (rule 2)
         self.pending: list[Pending] = []
         self.pending_bytes = 0
         self.proposals: dict[int, Any] = {}
@@ -210,12 +211,16 @@ class ReplicaBase:
 
     # == rule 2 ==================================================================================================
     def start_install(self, rd: Any, image: Any) -> None:
-        self.ctx.spawn(self._install_then_persist(rd, image))
+        """While the image installs, the Ready's messages and finish wait, even if a group commit this
+        replica joined for another reason (a chain configuration) completes meanwhile."""
+        self.installing = True
+        self.ctx.spawn(self._install_then_persist(rd, self.ctx.install_image(self.id, image)))
 
-    async def _install_then_persist(self, rd: Any, image: Any) -> None:
-        app = await self.ctx.install_image(self.id, image)
+    async def _install_then_persist(self, rd: Any, install: Coroutine[Any, Any, bytes | None]) -> None:
+        app = await install
         if app is None:
             return
+        self.installing = False
         self.installed(rd, app)
         self.persist(rd, True)
         self.ctx.dirty.add(self.id)
@@ -242,7 +247,7 @@ class ReplicaBase:
         follower's acknowledgements) leave now, before anything is applied."""
         self.waiting = False
         rd = self.rd
-        if rd is None or not rd.messages:
+        if rd is None or self.installing or not rd.messages:
             return False
         send = self.send
         for m in rd.messages:

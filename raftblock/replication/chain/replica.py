@@ -200,7 +200,7 @@ class ChainReplica(ReplicaBase):
     def synced(self) -> None:
         if self.pending_cfg is not None:
             self._adopt()
-        if self.rd is not None:
+        if self.rd is not None and not self.installing:
             self.finish()
         self.ctx.dirty.add(self.id)
 

@@ -106,7 +106,7 @@ class RaftReplica(ReplicaBase):
     def configure(self, members: list[int], epoch: int) -> None:
         """The map's membership (also one that no longer names this node: its leader must still carry the
         change out, handing leadership on first). members[0] is the preferred leader."""
-        if members:
+        if self.ctx.node_id in members:  # a member: members[0] leads; a departing one keeps its own hint
             self.preferred = NodeId(members[0])
         if self.target is None or epoch >= self.target[1]:
             self.target = (frozenset(NodeId(m) for m in members), epoch)
@@ -233,7 +233,7 @@ class RaftReplica(ReplicaBase):
         self.persisted(must_sync)
 
     def synced(self) -> None:
-        if self.rd is not None:
+        if self.rd is not None and not self.installing:
             self.finish()
 
     def finish(self) -> None:
