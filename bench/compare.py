@@ -91,8 +91,8 @@ class SharedCluster:
         return self.uri
 
     def pids(self) -> dict[str, int]:
-        from raftblock.node.cluster import Layout, running_pid
         from raftblock.node.clustermap import ClusterMap
+        from raftblock.node.layout import Layout, running_pid
 
         assert self.root is not None
         layout = Layout(self.root)

@@ -105,7 +105,8 @@ def mib(n: float) -> str:
 def start_cluster(root: Path, repair_rate: int | None, down_grace_ms: int | None) -> tuple[str, dict[str, str]]:
     """A fresh 4-node / 3-rack cluster. With an override, the layout and configs are written first (what
     cluster_up does on a new directory), the override appended to the TOML files, then cluster_up starts it."""
-    from raftblock.node.cluster import Layout, cluster_up, create_layout, write_configs
+    from raftblock.node.cluster import cluster_up
+    from raftblock.node.layout import Layout, create_layout, write_configs
 
     edits: dict[str, str] = {}
     if repair_rate is not None or down_grace_ms is not None:
@@ -130,7 +131,7 @@ def start_cluster(root: Path, repair_rate: int | None, down_grace_ms: int | None
 
 
 def node_pid(root: Path, node_id: int) -> int:
-    from raftblock.node.cluster import Layout, running_pid
+    from raftblock.node.layout import Layout, running_pid
 
     layout = Layout(root)
     pid = running_pid(layout, f"n{node_id}", layout.node_config(node_id))
@@ -140,8 +141,8 @@ def node_pid(root: Path, node_id: int) -> int:
 
 
 def racks_of(root: Path) -> dict[int, str]:
-    from raftblock.node.cluster import Layout
     from raftblock.node.clustermap import ClusterMap
+    from raftblock.node.layout import Layout
 
     return {n.node_id: n.rack for n in ClusterMap.load(Layout(root).map_path).nodes}
 
@@ -365,7 +366,7 @@ class Round:
 
     def poll(self) -> tuple[dict[str, Any] | None, float]:
         """cluster_status, and the wall time of the middle of the call."""
-        from raftblock.node.cluster import ClusterError
+        from raftblock.node.layout import ClusterError
 
         t0 = time.time()
         try:

@@ -252,8 +252,8 @@ class ClusterTarget(Target):
 
     def _find_pids(self) -> dict[str, int]:
         """Every process of the cluster, from its pid files (checked against /proc/PID/cmdline)."""
-        from raftblock.node.cluster import Layout, running_pid
         from raftblock.node.clustermap import ClusterMap
+        from raftblock.node.layout import Layout, running_pid
 
         layout = Layout(self.root)
         cmap = ClusterMap.load(layout.map_path)

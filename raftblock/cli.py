@@ -593,7 +593,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raftblock.node.cluster import ClusterError
+    from raftblock.node.layout import ClusterError
     from raftblock.replication.group import GroupError
 
     args = build_parser().parse_args(argv)

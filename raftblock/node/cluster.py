@@ -22,34 +22,39 @@ Rules:
    this process cannot see, checked against the process's command line by inode. Never by name.
 3. `down` sends SIGTERM (processes drain and sync), waits with a deadline, then SIGKILL.
 4. Errors are one line on stderr and a non-zero exit (the CLI prints ClusterError).
+The directory layout, the configs and the process handling (rules 2, 3) are node/layout.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import secrets
-import signal
 import socket
 import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from raftblock.meta.node import write_local_configs
 from raftblock.meta.rpc import MetaClient, MetaClientError
 from raftblock.meta.state import MetaState
 from raftblock.node.clustermap import ClusterMap, NodeEntry, extent_id
-from raftblock.node.dirlock import LOCK_NAME, file_lock_holder
+from raftblock.node.layout import (
+    ClusterError,
+    Layout,
+    create_layout,
+    free_port,
+    running_pid,
+    spawn,
+    stop_process,
+    wait_ready,
+    write_configs,
+    write_node_configs,
+)
 from raftblock.replication.raft.types import NodeId
 from raftblock.units import format_size
 
-START_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 30.0
 HEALTHY_TIMEOUT_S = 60.0
 POLL_S = 0.05
 DROP_IN_FLIGHT_MAX = 32  # trims in flight while `volume delete` empties a volume
@@ -62,229 +67,6 @@ ERROR_COUNTERS = ("corrupt_reads", "read_repairs", "blocks_repaired", "read_repa
 
 
 T = TypeVar("T")
-
-
-class ClusterError(Exception):
-    """Something the operator must fix; printed as one line."""
-
-
-@dataclass
-class Layout:
-    root: Path
-
-    @property
-    def map_path(self) -> Path:
-        return self.root / "cluster.json"
-
-    def node_config(self, node_id: int) -> Path:
-        return self.root / "nodes" / f"n{node_id}.toml"
-
-    def meta_config(self, meta_id: int) -> Path:
-        return self.root / "meta" / f"meta-{meta_id}.toml"
-
-    @property
-    def secret_file(self) -> Path:
-        return self.root / "meta" / "cluster.secret"
-
-    @property
-    def gateway_config(self) -> Path:
-        return self.root / "nodes" / "gateway.toml"
-
-    def data_dir(self, node_id: int) -> Path:
-        return self.root / f"n{node_id}"
-
-    @property
-    def run(self) -> Path:
-        return self.root / "run"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def admin_socket(self) -> Path:
-        return self.run / "gateway.sock"
-
-    def pidfile(self, name: str) -> Path:
-        return self.run / f"{name}.pid"
-
-    def readyfile(self, name: str) -> Path:
-        return self.run / f"{name}.ready"
-
-
-# --- processes -----------------------------------------------------------------------------------
-def lock_path(layout: Layout, name: str) -> Path:
-    """The lock the process `name` holds while it runs (node/dirlock.py): its data directory's, or the
-    gateway's admin socket's."""
-    if name == "gateway":
-        return Path(f"{layout.admin_socket}.lock")
-    if name.startswith("m"):
-        return layout.root / "meta" / f"meta-{int(name[1:])}" / LOCK_NAME
-    return layout.data_dir(int(name[1:])) / LOCK_NAME
-
-
-def running_pid(layout: Layout, name: str, config: Path) -> int | None:
-    """The live process `name` of this cluster, whatever path spelling named the directory: the holder of
-    its lock (the kernel's table), else (a data directory on a mount this process cannot see: the fault
-    campaign's small disks) the pid file's process, if its command line names `config` (the same file,
-    compared by inode relative to that process's working directory)."""
-    pid = file_lock_holder(lock_path(layout, name))
-    if pid is not None:
-        return pid
-    try:
-        pid = int(layout.pidfile(name).read_text())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        want = os.stat(config)
-    except (OSError, ValueError):
-        return None
-    if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
-        return None
-    for arg in cmdline:
-        if not arg:
-            continue
-        try:
-            st = os.stat(os.path.join(f"/proc/{pid}/cwd", os.fsdecode(arg)))
-        except (OSError, ValueError):
-            continue
-        if (st.st_ino, st.st_dev) == (want.st_ino, want.st_dev):
-            return pid
-    return None
-
-
-def _spawn(layout: Layout, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-    layout.run.mkdir(parents=True, exist_ok=True)
-    layout.logs.mkdir(parents=True, exist_ok=True)
-    ready = layout.readyfile(name)
-    ready.unlink(missing_ok=True)
-    with open(ready, "wb") as out, open(layout.logs / f"{name}.log", "ab") as err:
-        offset = err.tell()
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
-                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    proc.log_offset = offset  # type: ignore[attr-defined]  # where this run's log starts (_why)
-    layout.pidfile(name).write_text(str(proc.pid))
-    return proc
-
-
-def _wait_ready(layout: Layout, name: str, proc: subprocess.Popen[bytes]) -> str:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    ready = layout.readyfile(name)
-    while time.monotonic() < deadline:
-        text = ready.read_text() if ready.exists() else ""
-        if text.startswith("READY"):
-            return text.split()[1]
-        if proc.poll() is not None:
-            log_path = layout.logs / f"{name}.log"
-            raise ClusterError(f"{name} exited with {proc.returncode}: "
-                               f"{_why(log_path, getattr(proc, 'log_offset', 0))} (log: {log_path})")
-        time.sleep(POLL_S)
-    raise ClusterError(f"{name} not ready within {START_TIMEOUT_S:.0f} s (see {layout.logs / (name + '.log')})")
-
-
-def _why(log_path: Path, offset: int) -> str:
-    """What a process that died at start said last, in one line: its own one-line error (the CLI's rule),
-    the last line of a traceback, or its last error/warning log event's fields."""
-    try:
-        with open(log_path, "rb") as f:
-            f.seek(offset)
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return "no log"
-    events: list[dict[str, Any]] = []
-    for line in reversed(lines):
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            ev = json.loads(line)
-        except ValueError:
-            return line  # not a log event: the process's own last word
-        if isinstance(ev, dict) and ev.get("level") in ("error", "critical", "warning"):
-            events.append(ev)
-    if events:
-        ev = events[0]
-        exc = str(ev.get("exception") or "").strip().splitlines()
-        detail = ev.get("error") or (exc[-1] if exc else "")
-        return f"{ev.get('event')}: {detail}" if detail else str(ev.get("event"))
-    return lines[-1] if lines else "no output"
-
-
-def _stop(layout: Layout, name: str, config: Path) -> bool:
-    pid = running_pid(layout, name, config)
-    if pid is None:
-        return False
-    os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_TIMEOUT_S
-    while running_pid(layout, name, config) == pid and time.monotonic() < deadline:
-        time.sleep(POLL_S)
-    if running_pid(layout, name, config) == pid:
-        os.kill(pid, signal.SIGKILL)
-        while running_pid(layout, name, config) == pid:
-            time.sleep(POLL_S)
-    layout.pidfile(name).unlink(missing_ok=True)
-    return True
-
-
-# --- configuration -------------------------------------------------------------------------------
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-def _toml_str(s: str) -> str:
-    return json.dumps(s)  # a JSON string is a valid TOML basic string
-
-
-def _meta_section(layout: Layout, cmap: ClusterMap) -> str:
-    admin = ", ".join(f"{k} = {_toml_str(v)}" for k, v in sorted(cmap.meta_admin.items()))
-    return f"[meta]\nadmin = {{ {admin} }}\nsecret_file = {_toml_str(str(layout.secret_file.resolve()))}\n"
-
-
-def write_node_configs(layout: Layout, cmap: ClusterMap, disk: str) -> None:
-    """Every storage node's config (`raftblock node --config`): its place, data dir, and all peers."""
-    (layout.root / "nodes").mkdir(parents=True, exist_ok=True)
-    peers = "\n".join(f'{n.node_id} = {_toml_str(f"{n.host}:{n.port}")}' for n in cmap.nodes)
-    meta = _meta_section(layout, cmap)
-    for n in cmap.nodes:
-        text = (
-            f"# raftblock node {n.node_id} (rack {n.rack}); written by `raftblock cluster up`\n"
-            f"node_id = {n.node_id}\n"
-            f"rack = {_toml_str(n.rack)}\n"
-            f"data_dir = {_toml_str(str(layout.data_dir(n.node_id).resolve()))}\n"
-            f'listen = {_toml_str(f"{n.host}:{n.port}")}\n'
-            f"disk = {_toml_str(disk)}\n\n[peers]\n{peers}\n\n{meta}"
-        )
-        layout.node_config(n.node_id).write_text(text)
-
-
-def write_configs(layout: Layout, cmap: ClusterMap, disk: str, nbd_bind: str, nbd_port: int) -> None:
-    write_node_configs(layout, cmap, disk)
-    meta = _meta_section(layout, cmap)
-    layout.gateway_config.write_text(
-        "# raftblock gateway; written by `raftblock cluster up`\n"
-        'gateway_id = "gw1"\n'
-        f"bind = {_toml_str(nbd_bind)}\nport = {nbd_port}\n"
-        f"admin_socket = {_toml_str(str(layout.admin_socket.resolve()))}\n"
-        "deadline_s = 10.0\n\n"
-        f"{meta}"
-    )
-
-
-def create_layout(layout: Layout, nodes: int, racks: int, port_base: int | None, host: str) -> ClusterMap:
-    if nodes < 1 or racks < 1:
-        raise ClusterError("--nodes and --racks must be at least 1")
-    entries = []
-    for i in range(1, nodes + 1):
-        port = port_base + i if port_base else _free_port(host)
-        entries.append(NodeEntry(i, f"r{i % racks}", host, port))
-    metas = 3 if nodes >= 3 else 1
-    raft_ports = [port_base + 100 + i if port_base else _free_port(host) for i in range(1, metas + 1)]
-    admin_ports = [port_base + 200 + i if port_base else _free_port(host) for i in range(1, metas + 1)]
-    cid = secrets.token_hex(16)
-    write_local_configs(layout.root / "meta", raft_ports, admin_ports, cluster_id=cid, host=host)
-    admin = {str(i): f"{host}:{p}" for i, p in enumerate(admin_ports, start=1)}
-    return ClusterMap(cid, entries, admin)
 
 
 def meta_client(layout: Layout, cmap: ClusterMap, deadline_s: float = 20.0) -> MetaClient:
@@ -354,7 +136,7 @@ def cluster_up(root: Path, nodes: int | None = None, racks: int | None = None, n
                 except ClusterError:
                     if nbd_port != 0:
                         raise
-                    new = _free_port(bind)  # 0: any free port; the configured one is taken now
+                    new = free_port(bind)  # 0: any free port; the configured one is taken now
             else:
                 new = _check_nbd_port(bind, nbd_port, root)
             if new != have:
@@ -376,27 +158,27 @@ def cluster_up(root: Path, nodes: int | None = None, racks: int | None = None, n
         for mid in sorted(int(k) for k in cmap.meta_admin):
             cfg = layout.meta_config(mid)
             if running_pid(layout, f"m{mid}", cfg) is None:
-                procs[f"m{mid}"] = _spawn(layout, f"m{mid}", [sys.executable, "-m", "raftblock.meta.node",
+                procs[f"m{mid}"] = spawn(layout, f"m{mid}", [sys.executable, "-m", "raftblock.meta.node",
                                                               "--config", str(cfg), "--log-format", "json"])
         for n in cmap.nodes:
             cfg = layout.node_config(n.node_id)
             name = f"n{n.node_id}"
             if running_pid(layout, name, cfg) is None:
-                procs[name] = _spawn(layout, name, [sys.executable, "-m", "raftblock.cli", "node", "--config",
+                procs[name] = spawn(layout, name, [sys.executable, "-m", "raftblock.cli", "node", "--config",
                                                     str(cfg), "--log-format", "json"])
         started += procs
         for name, proc in procs.items():
-            _wait_ready(layout, name, proc)
+            wait_ready(layout, name, proc)
         if running_pid(layout, "gateway", layout.gateway_config) is None:
-            gw = _spawn(layout, "gateway", [sys.executable, "-m", "raftblock.cli", "gateway", "--config",
+            gw = spawn(layout, "gateway", [sys.executable, "-m", "raftblock.cli", "gateway", "--config",
                                             str(layout.gateway_config), "--log-format", "json"])
             started.append("gateway")
-            uri = _wait_ready(layout, "gateway", gw)
+            uri = wait_ready(layout, "gateway", gw)
         else:
             uri = _ready_uri(layout, "gateway") or f"nbd://{bind}:{_gateway_port(layout)}"
     except (ClusterError, OSError) as e:
         for name in reversed(started):
-            _stop(layout, name, _config_of(layout, name))
+            stop_process(layout, name, _config_of(layout, name))
         what = f"; stopped what it had started ({', '.join(started)})" if started else ""
         raise ClusterError(f"{e}{what}") from e
     if started and len(started) < len(cmap.meta_admin) + len(cmap.nodes) + 1:  # not every process (+ gateway)
@@ -431,7 +213,7 @@ def _check_nbd_port(bind: str, port: int, root: Path) -> int:
     """The NBD port if it can be bound (0: a free one, chosen now), else a ClusterError saying what to do,
     before anything is started."""
     if port == 0:
-        return _free_port(bind)
+        return free_port(bind)
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -629,14 +411,14 @@ def node_add(root: Path, rack: str | None = None) -> dict[str, Any]:
         notes = ""
     host = cmap.nodes[0].host
     nid = max(n.node_id for n in cmap.nodes) + 1
-    entry = NodeEntry(nid, rack, host, _free_port(host))
+    entry = NodeEntry(nid, rack, host, free_port(host))
     cmap.nodes.append(entry)
     write_node_configs(layout, cmap, disk)
     cmap.save(layout.map_path)
     name = f"n{nid}"
-    proc = _spawn(layout, name, [sys.executable, "-m", "raftblock.cli", "node", "--config",
+    proc = spawn(layout, name, [sys.executable, "-m", "raftblock.cli", "node", "--config",
                                  str(layout.node_config(nid)), "--log-format", "json"])
-    _wait_ready(layout, name, proc)
+    wait_ready(layout, name, proc)
     deadline = time.monotonic() + HEALTHY_TIMEOUT_S
     while True:
         st = read_map(layout, cmap)
@@ -701,15 +483,15 @@ def cluster_down(root: Path, node: int | None = None, force: bool = False) -> li
             risks = node_stop_check(root, node)
             if risks:
                 raise ClusterError(_unsafe(node, risks))
-        return [f"n{node}"] if _stop(layout, f"n{node}", layout.node_config(node)) else []
+        return [f"n{node}"] if stop_process(layout, f"n{node}", layout.node_config(node)) else []
     stopped = []
-    if _stop(layout, "gateway", layout.gateway_config):
+    if stop_process(layout, "gateway", layout.gateway_config):
         stopped.append("gateway")
     for n in cmap.nodes:
-        if _stop(layout, f"n{n.node_id}", layout.node_config(n.node_id)):
+        if stop_process(layout, f"n{n.node_id}", layout.node_config(n.node_id)):
             stopped.append(f"n{n.node_id}")
     for k in sorted(cmap.meta_admin):
-        if _stop(layout, f"m{k}", layout.meta_config(int(k))):
+        if stop_process(layout, f"m{k}", layout.meta_config(int(k))):
             stopped.append(f"m{k}")
     return stopped
 

@@ -39,6 +39,7 @@ from typing import Any
 import structlog
 
 from raftblock.node import cluster as cl
+from raftblock.node import layout as lay
 from raftblock.node.clustermap import ClusterMap, NodeEntry
 
 log = structlog.get_logger("raftblock.testing.netns")
@@ -260,11 +261,11 @@ class NetCluster:
     replication: str = "raft"
     small_disks: frozenset[int] = frozenset()
     disk_image_mib: int = 160
-    layout: cl.Layout = field(init=False)
+    layout: lay.Layout = field(init=False)
     cmap: ClusterMap = field(init=False)
 
     def __post_init__(self) -> None:
-        self.layout = cl.Layout(self.root)
+        self.layout = lay.Layout(self.root)
 
     @property
     def nbd_uri(self) -> str:
@@ -279,7 +280,7 @@ class NetCluster:
         self._write_meta_configs(metas, cid)
         admin = {str(i): f"{self.net.address(f'm{i}')}:{META_ADMIN_PORT}" for i in range(1, metas + 1)}
         self.cmap = ClusterMap(cid, entries, admin, replication=self.replication)
-        cl.write_configs(self.layout, self.cmap, self.disk, self.net.address("gw"), NBD_PORT)
+        lay.write_configs(self.layout, self.cmap, self.disk, self.net.address("gw"), NBD_PORT)
         for node in range(1, self.nodes + 1):
             # The scrub passes every few seconds (a scenario lasts about 30 s), at a rate a small volume
             # allows; small segments where a small file system must hold a node's engine and WAL.
@@ -345,7 +346,7 @@ class NetCluster:
         return prefix + cmd
 
     def pid(self, name: str) -> int | None:
-        return cl.running_pid(self.layout, name, self.config(name))
+        return lay.running_pid(self.layout, name, self.config(name))
 
     def start(self, names: Iterable[str] | None = None) -> None:
         """Start the named processes that are not running (all by default), wait until each is READY."""
@@ -353,12 +354,12 @@ class NetCluster:
         procs: dict[str, subprocess.Popen[bytes]] = {}
         for name in wanted:
             if name != "gateway" and self.pid(name) is None:
-                procs[name] = cl._spawn(self.layout, name, self.argv(name))
+                procs[name] = lay.spawn(self.layout, name, self.argv(name))
         for name, proc in procs.items():
-            cl._wait_ready(self.layout, name, proc)
+            lay.wait_ready(self.layout, name, proc)
         if "gateway" in wanted and self.pid("gateway") is None:
-            gw = cl._spawn(self.layout, "gateway", self.argv("gateway"))
-            cl._wait_ready(self.layout, "gateway", gw)
+            gw = lay.spawn(self.layout, "gateway", self.argv("gateway"))
+            lay.wait_ready(self.layout, "gateway", gw)
 
     def signal(self, name: str, sig: int) -> int | None:
         pid = self.pid(name)
@@ -371,7 +372,7 @@ class NetCluster:
         while _pid_alive(pid) and not _zombie(pid):
             if time.monotonic() > deadline:
                 raise NetnsError(f"{name} (pid {pid}) still alive {timeout_s:.0f} s after SIGKILL")
-            time.sleep(cl.POLL_S)
+            time.sleep(lay.POLL_S)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
 
@@ -383,7 +384,7 @@ class NetCluster:
         cl.wait_healthy(self.layout, self.cmap, groups, timeout_s)
         while not cl.read_map(self.layout, self.cmap).cluster_id:
             if time.monotonic() > deadline:
-                raise cl.ClusterError(f"metadata group without a cluster id after {timeout_s:.0f} s")
+                raise lay.ClusterError(f"metadata group without a cluster id after {timeout_s:.0f} s")
             time.sleep(0.1)
 
     def status(self) -> dict[str, Any]:

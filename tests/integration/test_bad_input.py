@@ -50,7 +50,7 @@ class ClusterServer:
         volume_create(self.root, "other", MiB)
 
     def alive(self) -> bool:
-        from raftblock.node.cluster import Layout, running_pid
+        from raftblock.node.layout import Layout, running_pid
 
         layout = Layout(self.root)
         return running_pid(layout, "gateway", layout.gateway_config) is not None

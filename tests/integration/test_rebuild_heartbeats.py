@@ -41,16 +41,15 @@ import pytest
 
 from raftblock.meta.state import MetaState
 from raftblock.node.cluster import (
-    Layout,
     _load,
     cluster_down,
     cluster_status,
     cluster_up,
     meta_client,
     read_map,
-    running_pid,
     volume_create,
 )
+from raftblock.node.layout import Layout, running_pid
 
 from .helpers import require_tools, run
 

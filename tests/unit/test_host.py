@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import struct
 import time
 from collections.abc import Awaitable, Callable
 from typing import ClassVar
@@ -17,10 +18,10 @@ import pytest
 from raftblock._fast import blockcrc
 from raftblock.node.config import HostConfig
 from raftblock.node.host import NodeHost
-from raftblock.replication.raft.types import ConfState, Entry, EntryType, SnapshotMeta
+from raftblock.replication.raft.types import ConfState, Entry, EntryType, HardState, SnapshotMeta
 from raftblock.replication.replica import NodeContext, ReplicaBase, ScrubView
 from raftblock.replication.requests import NotLeaderError, Reply
-from raftblock.replication.sessions import Sessions
+from raftblock.replication.sessions import Sessions, image_prefix
 from raftblock.replication.wal import Wal, WalStorage
 from raftblock.storage.disk import MemDisk
 from raftblock.storage.engine import Engine, EngineConfig
@@ -37,16 +38,18 @@ from raftblock.wire.client import (
     ST_UNKNOWN_GROUP,
 )
 from raftblock.wire.framing import Frame, FrameDecoder, FrameType
-from raftblock.wire.ops import OP_TRIM, BlockOp, encode_batch
+from raftblock.wire.ops import OP_TRIM, OP_WRITE, BlockOp, encode_batch
 
 BLOCK = 4096
 
 
 class FakeReady:
-    def __init__(self, name: str, index: int, data: list[bytes]) -> None:
+    def __init__(self, name: str, index: int, data: list[bytes], image: bytes = b"") -> None:
         self.name = name
         self.index = index
         self.data = data
+        self.image = image
+        self.messages = ["ack"]
 
 
 class FakeReplica(ReplicaBase):
@@ -67,9 +70,9 @@ class FakeReplica(ReplicaBase):
         self.proposed: list[int] = []  # writes per proposal
         self.hold = False  # keep the outstanding Ready (tests of discard)
 
-    def enqueue(self, name: str, data: list[bytes]) -> None:
+    def enqueue(self, name: str, data: list[bytes], image: bytes = b"") -> None:
         self.last += 1
-        self.queue.append(FakeReady(name, self.last, data))
+        self.queue.append(FakeReady(name, self.last, data, image))
         self.ctx.dirty.add(self.id)
         self.ctx.kick()
 
@@ -79,22 +82,29 @@ class FakeReplica(ReplicaBase):
     def handle_ready(self) -> None:
         rd = self.rd = self.queue.pop(0)
         self.events.append(("ready", self.id, rd.name))
+        if rd.image:
+            self.start_install(rd, rd.image)
+            self.configure_now()  # a chain configuration arriving while the image installs
+            return
         self.persist(rd, False)
+
+    def configure_now(self) -> None:
+        self.storage.set_hard_state(HardState(7, 0, 0))
+        self.wait_sync()
+
+    def installed(self, rd: FakeReady, app: bytes) -> None:
+        self.events.append(("installed", self.id, rd.name))
 
     def persist(self, rd: FakeReady, must_sync: bool) -> None:
         if rd.data:
             self.storage.append([Entry(1, rd.index, EntryType.NORMAL, d) for d in rd.data[:1]])
-            self.wait_sync()
-        else:
-            self.finish()
+        self.persisted(must_sync or bool(rd.data))
 
-    def synced_messages(self) -> bool:
-        self.waiting = False
+    def send(self, m: object) -> None:
         self.events.append(("acks", self.id, self.rd.name if self.rd is not None else "-"))
-        return True
 
     def synced(self) -> None:
-        if self.rd is not None and not self.hold:
+        if self.rd is not None and not self.hold and not self.installing:
             self.finish()
 
     def finish(self) -> None:
@@ -390,3 +400,23 @@ def test_a_recovered_replica_the_map_no_longer_names_is_dropped_from_the_wal(del
         await body(h, disk)
 
     asyncio.run(main())
+
+
+def test_an_image_installs_before_its_ready_acknowledges_or_finishes_even_when_a_sync_comes_first() -> None:
+    """A group commit the replica joined for another reason (a chain configuration) completes while the
+    image of its outstanding Ready is still being installed: neither the Ready's acknowledgements nor its
+    finish may run before the install (replication/replica.py rule 2)."""
+
+    async def body(h: NodeHost, disk: MemDisk) -> None:
+        events: list[tuple[str, int, str]] = []
+        r = add_fake(h, 2, events)
+        data = bytes([7]) * (64 * BLOCK)
+        batch = encode_batch([BlockOp(OP_WRITE, 2 << 32, 0, 64, blockcrc.block_crcs(data), data, 0, 0, 0)])
+        r.enqueue("img", [], image_prefix(b"") + struct.pack("<I", len(batch)) + batch)
+        await until(lambda: ("finish", 2, "img") in events)
+        mine = [e[0] for e in events if e[2] == "img"]
+        assert mine == ["ready", "installed", "acks", "finish"], mine
+        got, _ = h.engine.read(2 << 32, 0, 64)
+        assert bytes(got) == data
+
+    run(body)

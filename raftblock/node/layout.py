@@ -1,0 +1,255 @@
+"""A local cluster's directory and processes (`raftblock cluster ...`, node/cluster.py): the layout of
+DIR, the configs written into it, finding a process by the lock it holds (node/dirlock.py), starting one
+detached and waiting for its READY line, stopping one (SIGTERM, deadline, SIGKILL).
+
+Rules (node/cluster.py rules 2 and 3 are carried out here):
+1. A process is found by the lock it holds on its data directory (the gateway: on its admin socket), read
+   from /proc/locks; a pid file is only the fallback for a directory this process cannot see, checked
+   against the process's command line by inode. Never by name.
+2. A started process is detached (its own session, its log in DIR/logs/NAME.log); `wait_ready` returns its
+   READY line or raises ClusterError with the last lines of its log.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from raftblock.meta.node import write_local_configs
+from raftblock.node.clustermap import ClusterMap, NodeEntry
+from raftblock.node.dirlock import LOCK_NAME, file_lock_holder
+
+START_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+POLL_S = 0.05
+
+
+class ClusterError(Exception):
+    """Something the operator must fix; printed as one line."""
+
+
+@dataclass
+class Layout:
+    root: Path
+
+    @property
+    def map_path(self) -> Path:
+        return self.root / "cluster.json"
+
+    def node_config(self, node_id: int) -> Path:
+        return self.root / "nodes" / f"n{node_id}.toml"
+
+    def meta_config(self, meta_id: int) -> Path:
+        return self.root / "meta" / f"meta-{meta_id}.toml"
+
+    @property
+    def secret_file(self) -> Path:
+        return self.root / "meta" / "cluster.secret"
+
+    @property
+    def gateway_config(self) -> Path:
+        return self.root / "nodes" / "gateway.toml"
+
+    def data_dir(self, node_id: int) -> Path:
+        return self.root / f"n{node_id}"
+
+    @property
+    def run(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.run / "gateway.sock"
+
+    def pidfile(self, name: str) -> Path:
+        return self.run / f"{name}.pid"
+
+    def readyfile(self, name: str) -> Path:
+        return self.run / f"{name}.ready"
+
+
+# --- processes -----------------------------------------------------------------------------------
+def lock_path(layout: Layout, name: str) -> Path:
+    """The lock the process `name` holds while it runs (node/dirlock.py): its data directory's, or the
+    gateway's admin socket's."""
+    if name == "gateway":
+        return Path(f"{layout.admin_socket}.lock")
+    if name.startswith("m"):
+        return layout.root / "meta" / f"meta-{int(name[1:])}" / LOCK_NAME
+    return layout.data_dir(int(name[1:])) / LOCK_NAME
+
+
+def running_pid(layout: Layout, name: str, config: Path) -> int | None:
+    """The live process `name` of this cluster, whatever path spelling named the directory: the holder of
+    its lock (the kernel's table), else (a data directory on a mount this process cannot see: the fault
+    campaign's small disks) the pid file's process, if its command line names `config` (the same file,
+    compared by inode relative to that process's working directory)."""
+    pid = file_lock_holder(lock_path(layout, name))
+    if pid is not None:
+        return pid
+    try:
+        pid = int(layout.pidfile(name).read_text())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        want = os.stat(config)
+    except (OSError, ValueError):
+        return None
+    if stat.rsplit(")", 1)[1].split()[0] in ("Z", "X"):
+        return None
+    for arg in cmdline:
+        if not arg:
+            continue
+        try:
+            st = os.stat(os.path.join(f"/proc/{pid}/cwd", os.fsdecode(arg)))
+        except (OSError, ValueError):
+            continue
+        if (st.st_ino, st.st_dev) == (want.st_ino, want.st_dev):
+            return pid
+    return None
+
+
+def spawn(layout: Layout, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    layout.run.mkdir(parents=True, exist_ok=True)
+    layout.logs.mkdir(parents=True, exist_ok=True)
+    ready = layout.readyfile(name)
+    ready.unlink(missing_ok=True)
+    with open(ready, "wb") as out, open(layout.logs / f"{name}.log", "ab") as err:
+        offset = err.tell()
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=err, start_new_session=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc.log_offset = offset  # type: ignore[attr-defined]  # where this run's log starts (_why)
+    layout.pidfile(name).write_text(str(proc.pid))
+    return proc
+
+
+def wait_ready(layout: Layout, name: str, proc: subprocess.Popen[bytes]) -> str:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    ready = layout.readyfile(name)
+    while time.monotonic() < deadline:
+        text = ready.read_text() if ready.exists() else ""
+        if text.startswith("READY"):
+            return text.split()[1]
+        if proc.poll() is not None:
+            log_path = layout.logs / f"{name}.log"
+            raise ClusterError(f"{name} exited with {proc.returncode}: "
+                               f"{why_failed(log_path, getattr(proc, 'log_offset', 0))} (log: {log_path})")
+        time.sleep(POLL_S)
+    raise ClusterError(f"{name} not ready within {START_TIMEOUT_S:.0f} s (see {layout.logs / (name + '.log')})")
+
+
+def why_failed(log_path: Path, offset: int) -> str:
+    """What a process that died at start said last, in one line: its own one-line error (the CLI's rule),
+    the last line of a traceback, or its last error/warning log event's fields."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(offset)
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return "no log"
+    events: list[dict[str, Any]] = []
+    for line in reversed(lines):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            ev = json.loads(line)
+        except ValueError:
+            return line  # not a log event: the process's own last word
+        if isinstance(ev, dict) and ev.get("level") in ("error", "critical", "warning"):
+            events.append(ev)
+    if events:
+        ev = events[0]
+        exc = str(ev.get("exception") or "").strip().splitlines()
+        detail = ev.get("error") or (exc[-1] if exc else "")
+        return f"{ev.get('event')}: {detail}" if detail else str(ev.get("event"))
+    return lines[-1] if lines else "no output"
+
+
+def stop_process(layout: Layout, name: str, config: Path) -> bool:
+    pid = running_pid(layout, name, config)
+    if pid is None:
+        return False
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_S
+    while running_pid(layout, name, config) == pid and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    if running_pid(layout, name, config) == pid:
+        os.kill(pid, signal.SIGKILL)
+        while running_pid(layout, name, config) == pid:
+            time.sleep(POLL_S)
+    layout.pidfile(name).unlink(missing_ok=True)
+    return True
+
+
+# --- configuration -------------------------------------------------------------------------------
+def free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def toml_str(s: str) -> str:
+    return json.dumps(s)  # a JSON string is a valid TOML basic string
+
+
+def meta_section(layout: Layout, cmap: ClusterMap) -> str:
+    admin = ", ".join(f"{k} = {toml_str(v)}" for k, v in sorted(cmap.meta_admin.items()))
+    return f"[meta]\nadmin = {{ {admin} }}\nsecret_file = {toml_str(str(layout.secret_file.resolve()))}\n"
+
+
+def write_node_configs(layout: Layout, cmap: ClusterMap, disk: str) -> None:
+    """Every storage node's config (`raftblock node --config`): its place, data dir, and all peers."""
+    (layout.root / "nodes").mkdir(parents=True, exist_ok=True)
+    peers = "\n".join(f'{n.node_id} = {toml_str(f"{n.host}:{n.port}")}' for n in cmap.nodes)
+    meta = meta_section(layout, cmap)
+    for n in cmap.nodes:
+        text = (
+            f"# raftblock node {n.node_id} (rack {n.rack}); written by `raftblock cluster up`\n"
+            f"node_id = {n.node_id}\n"
+            f"rack = {toml_str(n.rack)}\n"
+            f"data_dir = {toml_str(str(layout.data_dir(n.node_id).resolve()))}\n"
+            f'listen = {toml_str(f"{n.host}:{n.port}")}\n'
+            f"disk = {toml_str(disk)}\n\n[peers]\n{peers}\n\n{meta}"
+        )
+        layout.node_config(n.node_id).write_text(text)
+
+
+def write_configs(layout: Layout, cmap: ClusterMap, disk: str, nbd_bind: str, nbd_port: int) -> None:
+    write_node_configs(layout, cmap, disk)
+    meta = meta_section(layout, cmap)
+    layout.gateway_config.write_text(
+        "# raftblock gateway; written by `raftblock cluster up`\n"
+        'gateway_id = "gw1"\n'
+        f"bind = {toml_str(nbd_bind)}\nport = {nbd_port}\n"
+        f"admin_socket = {toml_str(str(layout.admin_socket.resolve()))}\n"
+        "deadline_s = 10.0\n\n"
+        f"{meta}"
+    )
+
+
+def create_layout(layout: Layout, nodes: int, racks: int, port_base: int | None, host: str) -> ClusterMap:
+    if nodes < 1 or racks < 1:
+        raise ClusterError("--nodes and --racks must be at least 1")
+    entries = []
+    for i in range(1, nodes + 1):
+        port = port_base + i if port_base else free_port(host)
+        entries.append(NodeEntry(i, f"r{i % racks}", host, port))
+    metas = 3 if nodes >= 3 else 1
+    raft_ports = [port_base + 100 + i if port_base else free_port(host) for i in range(1, metas + 1)]
+    admin_ports = [port_base + 200 + i if port_base else free_port(host) for i in range(1, metas + 1)]
+    cid = secrets.token_hex(16)
+    write_local_configs(layout.root / "meta", raft_ports, admin_ports, cluster_id=cid, host=host)
+    admin = {str(i): f"{host}:{p}" for i, p in enumerate(admin_ports, start=1)}
+    return ClusterMap(cid, entries, admin)
