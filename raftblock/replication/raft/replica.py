@@ -91,6 +91,7 @@ class RaftReplica(ReplicaBase):
         self.out = out
         self.send = out.send  # type: ignore[method-assign]
         self.core = RaftCore(rc, storage, rng.randrange)
+        self.has_ready = self.core.has_ready  # type: ignore[method-assign]  # asked of every replica every turn
         self.hs = rec.hard_state if rec is not None else HardState()
         self.proposals: dict[int, tuple[int, list[Reply]]] = {}  # type: ignore[assignment]
         self.read_waits: list[tuple[int, asyncio.Future[int]]] = []  # (index, future): waiting for apply
