@@ -62,6 +62,8 @@ class CompactHost(Protocol):
 
     def kick(self) -> None: ...
 
+    def trim_heap_soon(self) -> None: ...
+
 
 class Compactor:
     def __init__(self, host: CompactHost) -> None:
@@ -113,6 +115,7 @@ class Compactor:
             h.kick()  # the Raft replicas' COMPACT records go out with their next Ready (sync_idle syncs them)
             log.info("raft.compacted", groups=done["raft"], chain_groups=done["chain"],
                      wal_bytes=h.wal.total_bytes())
+            h.trim_heap_soon()  # the compacted entries were the largest thing in memory
         except Exception as e:
             h.fail(e)
         finally:

@@ -24,6 +24,7 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from collections import Counter
@@ -40,8 +41,9 @@ from raftblock.node.group_commit import APPLY_RETRY_S, GroupCommit
 from raftblock.node.repair import PeerRepair
 from raftblock.node.ticker import Ticker
 from raftblock.node.transport import Transport
+from raftblock.obs.memory import trim_heap
 from raftblock.replication.chain.replica import ChainLease, ChainReplica
-from raftblock.replication.image import ChunkedImage, group_extents, install_image
+from raftblock.replication.image import ChunkedImage, SpillImage, group_extents, install_image
 from raftblock.replication.raft.outbox import RaftOutbox
 from raftblock.replication.raft.replica import RaftReplica
 from raftblock.replication.raft.storage import bootstrap_snapshot
@@ -98,6 +100,13 @@ class NodeHost:
         # group commits never queue behind them.
         self.engine_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine-sync")
         self.compactor = Compactor(self)
+        # Received snapshot images are staged in files here (replication/image.py rule 4); what a process
+        # that is gone left behind is removed now.
+        self._images = os.path.join(os.path.dirname(engine.directory.rstrip("/")), "images")
+        self._image_seq = 0
+        engine.disk.makedirs(self._images)
+        for name in engine.disk.listdir(self._images):
+            engine.disk.remove(os.path.join(self._images, name))
         # Static groups (`[groups]` in the node's TOML, the Raft benches and tests): founding voters, no map,
         # so no preferred leader and no membership target; leaders stay where elections put them.
         for gid, members in sorted(groups.items()):
@@ -162,6 +171,15 @@ class NodeHost:
         first used, its data read a chunk at a time."""
         return ChunkedImage(self.engine, lambda: group_extents(self.engine, gid), app, self._image_made)
 
+    def image_sink(self) -> SpillImage:
+        self._image_seq += 1
+        return SpillImage(self.engine.disk, os.path.join(self._images, f"image-{self._image_seq}.tmp"))
+
+    def trim_heap_soon(self) -> None:
+        """Give memory a large release freed back to the OS (obs/memory.py), on the engine thread."""
+        if self._loop is not None and not self._stopping:
+            self._loop.run_in_executor(self.engine_executor, trim_heap)
+
     def _image_made(self) -> None:
         self.counters["snapshot_images_made"] += 1
 
@@ -197,6 +215,7 @@ class NodeHost:
         r.sessions = sessions
         log.info("replica.image_installed", group=gid, kind=r.kind, bytes=len(data),
                  took_s=round(time.monotonic() - t0, 2))
+        self.trim_heap_soon()
         return app
 
     def repair_allow(self, nbytes: int) -> bool:

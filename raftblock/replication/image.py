@@ -16,6 +16,10 @@
 #    in the image (newer), and the log replayed from the WAL's older point converges it. It yields the
 #    loop every INSTALL_SLICE_BYTES or INSTALL_SLICE_S, and fdatasyncs the engine before it returns (the
 #    WAL's snapshot record may only follow a durable image).
+# 4. A received image is never held whole in memory (`SpillImage`): its chunks go to a file beside the
+#    node's engine as they arrive and are read back a slice at a time by the install; the file is removed
+#    once the Ready that carries the image is done (or the stream is dropped), and every file left there
+#    by a process that is gone is removed when the node starts.
 from __future__ import annotations
 
 import asyncio
@@ -27,6 +31,7 @@ from typing import Any
 
 from raftblock.ids import group_of_extent
 from raftblock.replication.sessions import IMAGE_SESSIONS_MARK, Sessions, image_prefix
+from raftblock.storage.disk import Disk, DiskFile
 from raftblock.storage.segment import MAX_WRITE_BLOCKS
 from raftblock.wire.ops import BLOCK_SIZE, OP_WRITE, BlockOp, decode_batch, encode_batch
 
@@ -141,6 +146,59 @@ def runs(blocks: list[int], limit: int = MAX_WRITE_BLOCKS) -> list[tuple[int, in
         else:
             out.append((b, 1))
     return out
+
+
+class SpillImage:
+    """Rule 4: a received image in a file, appended to chunk by chunk; len() and slicing (a pread of that
+    range) are all the install does with it. Not synced: it is a staging copy (the install fdatasyncs the
+    engine before the WAL records the snapshot), so a crash only costs the stream."""
+
+    __slots__ = ("_disk", "path", "_file", "_size", "failed")
+
+    def __init__(self, disk: Disk, path: str) -> None:
+        self._disk = disk
+        self.path = path
+        self._file: DiskFile | None = disk.open_file(path, create=True)
+        self._file.truncate(0)
+        self._size = 0
+        self.failed: OSError | None = None
+
+    def append(self, chunk: bytes | bytearray | memoryview) -> bool:
+        """False when the chunk could not be written (a full disk): the sender resends it later."""
+        f = self._file
+        if f is None:
+            return False
+        try:
+            f.pwrite(chunk, self._size)
+        except OSError as e:
+            self.failed = e
+            return False
+        self._size += len(chunk)
+        return True
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, k: slice) -> bytes:
+        a, b, step = k.indices(self._size)
+        assert step == 1 and self._file is not None, "a closed image is not read"
+        return self._file.pread(b - a, a) if a < b else b""
+
+    def close(self) -> None:
+        f, self._file = self._file, None
+        if f is not None:
+            f.close()
+            try:
+                self._disk.remove(self.path)
+            except OSError:
+                pass  # removed with the directory's other leftovers at the next start
+
+
+def close_image(data: object) -> None:
+    """Release a received image once its Ready is done (a SpillImage's file; nothing for bytes)."""
+    close = getattr(data, "close", None)
+    if close is not None:
+        close()
 
 
 def group_extents(engine: Any, gid: int) -> list[int]:

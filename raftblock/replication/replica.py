@@ -29,7 +29,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 from raftblock.replication.apply import apply_batch
-from raftblock.replication.image import ChunkedImage
+from raftblock.replication.image import ChunkedImage, SpillImage
 from raftblock.replication.requests import Pending, Reply, RetryError, fail_requests, live_batches
 from raftblock.replication.sessions import Sessions
 from raftblock.replication.wal import Wal, WalStorage
@@ -117,6 +117,8 @@ class NodeContext(Protocol):
     def note_applied(self, nbytes: int) -> None: ...
 
     def image_of(self, gid: int, app: bytes) -> ChunkedImage: ...
+
+    def image_sink(self) -> SpillImage: ...
 
     def install_image(self, gid: int, data: Any) -> Coroutine[Any, Any, bytes | None]: ...
 

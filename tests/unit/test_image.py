@@ -98,3 +98,30 @@ def test_a_received_image_is_kept_in_its_chunks_and_reads_like_the_whole() -> No
         assert cb[a:b] == whole[a:b], (a, b)
     assert cb[5:] == whole[5:] and cb[:9] == whole[:9] and cb[:] == whole
     assert ChunkedBytes([])[0:10] == b"" and len(ChunkedBytes([])) == 0
+
+
+def test_a_received_image_is_staged_in_a_file_read_back_by_slices_and_removed_when_closed() -> None:
+    import errno
+
+    from raftblock.replication.image import SpillImage, close_image
+    from raftblock.storage.disk import MemDisk
+
+    disk = MemDisk()
+    disk.makedirs("/n/images")
+    img = SpillImage(disk, "/n/images/image-1.tmp")
+    chunks = [bytes([i]) * 1000 for i in range(1, 6)]
+    for c in chunks:
+        assert img.append(c)
+    whole = b"".join(chunks)
+    assert len(img) == len(whole) and img[:] == whole and img[999:2001] == whole[999:2001] and img[5000:] == b""
+    assert disk.exists("/n/images/image-1.tmp") and len(disk.files["/n/images/image-1.tmp"]) == len(whole)
+    close_image(img)
+    assert not disk.exists("/n/images/image-1.tmp") and not img.append(b"x")
+    close_image(b"plain bytes")  # nothing to release
+    # A full disk: the chunk is not stored (the sender resends it), and what was stored stays readable.
+    full = MemDisk(space_bytes=1500)
+    full.makedirs("/n/images")
+    img2 = SpillImage(full, "/n/images/image-2.tmp")
+    assert img2.append(b"a" * 1000) and not img2.append(b"b" * 1000)
+    assert img2.failed is not None and img2.failed.errno == errno.ENOSPC and img2[:] == b"a" * 1000
+    img2.close()

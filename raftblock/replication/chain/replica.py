@@ -29,6 +29,7 @@ import structlog
 from raftblock.replication.chain.core import ChainCore
 from raftblock.replication.chain.streams import InStreams, OutStreams
 from raftblock.replication.chain.types import ChainConfig, ChainReady, ChainSnapshot, Record
+from raftblock.replication.image import close_image
 from raftblock.replication.raft.types import (
     NO_NODE,
     ConfState,
@@ -98,7 +99,7 @@ class ChainReplica(ReplicaBase):
         self.was_head = False
         self.out = OutStreams(ctx, gid)
         self.send = self.out.send  # type: ignore[method-assign]
-        self.inb = InStreams(ctx.counters)
+        self.inb = InStreams(ctx.counters, ctx.image_sink)
 
     def _make_snapshot(self) -> ChainSnapshot:
         app = self.sessions.encode()  # the table at applied_seq; the data may be newer
@@ -231,6 +232,8 @@ class ChainReplica(ReplicaBase):
                 fut.set_result(self.core.applied_seq)
         self.core.advance(rd)
         self.rd = None
+        if rd.snapshot is not None:
+            close_image(rd.snapshot.image)  # installed and recorded: its staging file goes
         ctx.dirty.add(self.id)
         ctx.kick()
 

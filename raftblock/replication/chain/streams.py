@@ -8,18 +8,20 @@ Rules (docs/chain.md):
    wait for the last chunk (up to HELD_BYTES_MAX; later ones are dropped: the core resends).
 2. One stream per (group, successor): a resent SNAPSHOT of the same epoch while one is on its way is
    dropped. A new connection restarts the stream from its first chunk.
-3. The receiver reassembles in order and steps the core with the whole image; a chunk out of order ends
-   that stream (the core resends). An image over IMAGE_BYTES_MAX is refused.
+3. The receiver writes the chunks in order to a file (replication/image.py SpillImage, never whole in
+   memory) and steps the core with the whole image; a chunk out of order or one that cannot be written
+   (a full disk) ends that stream (the core resends). An image over IMAGE_BYTES_MAX is refused.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import TYPE_CHECKING, cast
 
 from raftblock.replication.chain.types import ChainMessage, MessageType
-from raftblock.replication.image import ChunkedImage
+from raftblock.replication.image import ChunkedImage, SpillImage
 from raftblock.wire.chaincodec import encode_chain, encode_snapshot_chunk
 
 if TYPE_CHECKING:
@@ -45,13 +47,13 @@ class _Out:
 
 
 class _In:
-    __slots__ = ("epoch", "seq", "buf", "offset")
+    __slots__ = ("epoch", "seq", "total", "image")
 
-    def __init__(self, epoch: int, seq: int, total: int) -> None:
+    def __init__(self, epoch: int, seq: int, total: int, image: SpillImage) -> None:
         self.epoch = epoch
         self.seq = seq
-        self.buf = bytearray(total)
-        self.offset = 0
+        self.total = total
+        self.image = image  # never whole in memory (replication/image.py rule 4)
 
 
 class OutStreams:
@@ -127,8 +129,9 @@ class OutStreams:
 class InStreams:
     """Rule 3: images being received, per predecessor."""
 
-    def __init__(self, counters: Counter[str]) -> None:
+    def __init__(self, counters: Counter[str], sink: Callable[[], SpillImage]) -> None:
         self.counters = counters
+        self._sink = sink
         self._in: dict[int, _In] = {}
 
     def receive(self, m: ChainMessage, offset: int, total: int) -> ChainMessage | None:
@@ -139,18 +142,29 @@ class InStreams:
             return None
         ins = self._in.get(key)
         if offset == 0:
-            ins = self._in[key] = _In(m.epoch, m.seq, total)
-        elif ins is None or (ins.epoch, ins.seq, ins.offset, len(ins.buf)) != (m.epoch, m.seq, offset, total):
-            self._in.pop(key, None)
+            self.drop(key)
+            ins = self._in[key] = _In(m.epoch, m.seq, total, self._sink())
+        elif ins is None or (ins.epoch, ins.seq, len(ins.image), ins.total) != (m.epoch, m.seq, offset, total):
+            self.drop(key)
             self.counters["chain_image_chunk_out_of_order"] += 1
             return None
-        n = len(m.data)
-        ins.buf[offset : offset + n] = m.data
-        ins.offset += n
-        if ins.offset < total:
+        if not ins.image.append(m.data):
+            self.drop(key)  # a full disk: the core sends the SNAPSHOT again
+            self.counters["chain_image_spill_failed"] += 1
+            return None
+        if len(ins.image) < total:
             return None
         del self._in[key]
         self.counters["chain_images_received"] += 1
-        # The buffer itself, not bytes() of it: a copy of the whole image would hold the loop (the install
-        # reads a bytearray in place; nothing else holds this one once the stream is dropped above).
-        return ChainMessage(m.type, m.group, m.src, m.dst, m.epoch, m.seq, (), cast(bytes, ins.buf), m.log_epoch)
+        # The file-backed image itself: the install reads it a slice at a time, and the replica closes it
+        # once the Ready that carries it is done.
+        return ChainMessage(m.type, m.group, m.src, m.dst, m.epoch, m.seq, (), cast(bytes, ins.image), m.log_epoch)
+
+    def drop(self, key: int) -> None:
+        ins = self._in.pop(key, None)
+        if ins is not None:
+            ins.image.close()
+
+    def close(self) -> None:
+        for key in list(self._in):
+            self.drop(key)

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from typing import cast
+from typing import Protocol, cast
 
 from .log import RaftLog
 from .progress import NEVER, Progress, ProgressState
@@ -76,6 +76,7 @@ class RaftConfig:
         "pre_vote",
         "check_quorum",
         "applied_index",
+        "image_sink",
     )
 
     def __init__(
@@ -97,6 +98,7 @@ class RaftConfig:
         pre_vote: bool = True,
         check_quorum: bool = True,
         applied_index: int | None = None,
+        image_sink: Callable[[], ImageSink] | None = None,
     ) -> None:
         assert node_id != NO_NODE, "node ids start at 1"
         assert heartbeat_interval_ticks >= 1 and election_timeout_ticks > heartbeat_interval_ticks
@@ -124,6 +126,8 @@ class RaftConfig:
         self.check_quorum = check_quorum
         # On restart: what the (durable) state machine has applied; default: the snapshot's index.
         self.applied_index = applied_index
+        # Where a received snapshot's chunks are kept until it is installed (None: in memory, ChunkedBytes).
+        self.image_sink = image_sink
 
 
 class Ready:
@@ -159,14 +163,28 @@ class Ready:
         self.term = 0
 
 
-class _SnapRx:
-    __slots__ = ("key", "meta", "total", "chunks")
+class ImageSink(Protocol):
+    """Where a received snapshot's chunks go (RaftConfig.image_sink): in memory (ChunkedBytes, the default)
+    or a file (replication/image.py SpillImage). Read back like the image's bytes (len, slices)."""
 
-    def __init__(self, key: tuple[int, int, int, int], meta: SnapshotMeta, total: int) -> None:
+    def append(self, chunk: bytes) -> bool: ...  # False: not stored (the sender resends it)
+
+    def close(self) -> None: ...  # the stream is dropped or its image installed
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, k: slice) -> bytes: ...
+
+
+class _SnapRx:
+    __slots__ = ("key", "meta", "total", "image", "count")
+
+    def __init__(self, key: tuple[int, int, int, int], meta: SnapshotMeta, total: int, image: ImageSink) -> None:
         self.key = key
         self.meta = meta
         self.total = total
-        self.chunks: list[bytes] = []
+        self.image = image
+        self.count = 0  # chunks stored
 
 
 class RaftCore:
@@ -675,7 +693,7 @@ class RaftCore:
         assert meta is not None
         lg = self.log
         if meta.index <= lg.committed:
-            self._snap_rx = None
+            self._drop_snap_rx()
             self._send(Message(_MT.APP_RESP, self.group, self.id, m.src, self.term, index=lg.committed))
             return
         key = (int(m.src), m.term, meta.index, meta.term)
@@ -684,14 +702,23 @@ class RaftCore:
             if m.chunk_index != 0:
                 self._send_snap_ack(m, 0)
                 return
-            rx = self._snap_rx = _SnapRx(key, meta, m.chunk_total)
-        if m.chunk_index == len(rx.chunks):
-            rx.chunks.append(m.data)
-        self._send_snap_ack(m, len(rx.chunks))
-        if len(rx.chunks) == rx.total:
+            self._drop_snap_rx()
+            sink = self.cfg.image_sink
+            rx = self._snap_rx = _SnapRx(key, meta, m.chunk_total, sink() if sink is not None else ChunkedBytes())
+        if m.chunk_index == rx.count and rx.image.append(m.data):
+            rx.count += 1
+        self._send_snap_ack(m, rx.count)
+        if rx.count == rx.total:
             self._snap_rx = None
-            # The chunks as they came, not joined (ChunkedBytes): the runtime installs the image batch by batch.
-            self._restore(m.src, Snapshot(meta, cast(bytes, ChunkedBytes(rx.chunks))))
+            # The chunks as they came, never joined: the host installs the image batch by batch, and
+            # closes it once the Ready that carries it is done.
+            self._restore(m.src, Snapshot(meta, cast(bytes, rx.image)))
+
+    def _drop_snap_rx(self) -> None:
+        rx = self._snap_rx
+        if rx is not None:
+            self._snap_rx = None
+            rx.image.close()
 
     def _send_snap_ack(self, m: Message, next_chunk: int) -> None:
         self._send(

@@ -26,6 +26,7 @@ from typing import ClassVar, cast
 
 import structlog
 
+from raftblock.replication.image import close_image
 from raftblock.replication.raft.core import RaftConfig, RaftCore, Ready
 from raftblock.replication.raft.outbox import RaftOutbox
 from raftblock.replication.raft.storage import bootstrap_snapshot
@@ -87,6 +88,7 @@ class RaftReplica(ReplicaBase):
             # About 2 s without a chunk acknowledged before a stream restarts (rate-limited senders, busy
             # receivers); at most 8 chunks in flight per stream.
             snapshot_stall_heartbeats=max(2, 2000 // (cfg.tick_ms * cfg.heartbeat_interval_ticks)),
+            image_sink=ctx.image_sink,  # received images go to a file, never whole in memory
         )
         self.out = out
         self.send = out.send  # type: ignore[method-assign]
@@ -265,6 +267,8 @@ class RaftReplica(ReplicaBase):
                 fut.set_exception(NotLeaderError(core.lead))
         core.advance(rd)
         self.rd = None
+        if rd.snapshot is not None:
+            close_image(rd.snapshot.data)  # installed and recorded: its staging file goes
         if core.role != self.last_role or core.term != self.last_term:
             if self.last_role == Role.LEADER and core.role != Role.LEADER:
                 self.fail_requests(NotLeaderError(core.lead))

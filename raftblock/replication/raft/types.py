@@ -170,14 +170,22 @@ class ChunkedBytes:
 
     __slots__ = ("_chunks", "_starts", "_total")
 
-    def __init__(self, chunks: list[bytes]) -> None:
-        self._chunks = chunks
+    def __init__(self, chunks: list[bytes] | None = None) -> None:
+        self._chunks: list[bytes] = []
         self._starts: list[int] = []
-        total = 0
-        for c in chunks:
-            self._starts.append(total)
-            total += len(c)
-        self._total = total
+        self._total = 0
+        for c in chunks or ():
+            self.append(c)
+
+    def append(self, chunk: bytes) -> bool:
+        """The next chunk of a stream being received (ImageSink); always True (held in memory)."""
+        self._starts.append(self._total)
+        self._chunks.append(chunk)
+        self._total += len(chunk)
+        return True
+
+    def close(self) -> None:
+        """Nothing to release but the chunks (ImageSink)."""
 
     def __len__(self) -> int:
         return self._total
