@@ -14,7 +14,9 @@ Rules:
    median and min-max over rounds are reported.
 5. CPU is read from /proc/PID/stat (utime+stime: every thread of the process) over a window inside the
    measured part of each run, for every process of the target and for the load generator.
-6. Nothing here asserts performance; it measures and reports (bench/results/*.json and *.png).
+6. Memory is read from /proc/PID/status (RssAnon) at the same window edges, for every process of every
+   target; the report gives each target's largest total and its largest process over the whole bench.
+7. Nothing here asserts performance; it measures and reports (bench/results/*.json and *.png).
 
 Usage: python bench/run.py [--quick] [--rounds N] [--runtime S] [--size 256M] [--jobs a,b] [--targets cluster,qemu-nbd]
 """
@@ -122,16 +124,29 @@ def self_cpu_s() -> float:
     return t.user + t.system
 
 
+def proc_rss_anon(pid: int) -> int:
+    """Anonymous resident bytes of a process (RssAnon); 0 if it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 @dataclass
 class CpuSample:
     at: float
     procs: dict[str, float | None]  # "target/role" -> cpu seconds
     loadgen: float | None
+    rss: dict[str, int] = field(default_factory=dict)  # "target/role" -> RssAnon bytes (rule 6)
 
 
 def cpu_sample(pids: dict[str, int], loadgen_pid: int | None) -> CpuSample:
     return CpuSample(time.monotonic(), {k: proc_cpu_s(p) for k, p in pids.items()},
-                     self_cpu_s() if loadgen_pid is None else proc_cpu_s(loadgen_pid))
+                     self_cpu_s() if loadgen_pid is None else proc_cpu_s(loadgen_pid),
+                     {k: proc_rss_anon(p) for k, p in pids.items()})
 
 
 @dataclass
@@ -146,6 +161,7 @@ class Cpu:
     by_process_us_per_io: dict[str, float]
     idle_others_pct: float  # the other targets, idle while this one runs
     idle_by_target_pct: dict[str, float] = field(default_factory=dict)
+    rss_by_process: dict[str, int] = field(default_factory=dict)  # RssAnon at the window's end (rule 6)
 
 
 def cpu_between(a: CpuSample, b: CpuSample, target: str, iops: float) -> Cpu | None:
@@ -166,9 +182,33 @@ def cpu_between(a: CpuSample, b: CpuSample, target: str, iops: float) -> Cpu | N
     ios = iops * wall
     tgt = sum(mine.values())
     lg = b.loadgen - a.loadgen
+    rss = {k.split("/", 1)[1]: max(a.rss.get(k, 0), v) for k, v in b.rss.items() if k.split("/", 1)[0] == target}
     return Cpu(wall, 1e6 * tgt / ios, 1e6 * lg / ios, 100 * tgt / wall, 100 * lg / wall,
                {r: 1e6 * v / ios for r, v in sorted(mine.items())}, 100 * sum(others.values()) / wall,
-               {t: 100 * v / wall for t, v in sorted(others.items())})
+               {t: 100 * v / wall for t, v in sorted(others.items())}, dict(sorted(rss.items())))
+
+
+def memory_text(runs: list[Any]) -> str:
+    """Rule 6: per target, its processes' largest RssAnon total over every measured run, and its largest
+    process (after which job)."""
+    lines = ["Memory (RssAnon, rule 6): per target, the largest total of its processes over every run, and its "
+             "largest process"]
+    tot: dict[str, tuple[int, str]] = {}
+    big: dict[str, tuple[int, str, str]] = {}
+    for r in runs:
+        if r.cpu is None or not r.cpu.rss_by_process:
+            continue
+        t = sum(r.cpu.rss_by_process.values())
+        if t > tot.get(r.target, (-1, ""))[0]:
+            tot[r.target] = (t, r.job)
+        role, v = max(r.cpu.rss_by_process.items(), key=lambda kv: kv[1])
+        if v > big.get(r.target, (-1, "", ""))[0]:
+            big[r.target] = (v, role, r.job)
+    for t, (v, job) in tot.items():
+        bv, role, bjob = big[t]
+        lines.append(f"  {t:<12} total {v >> 20:>6} MiB (after {job}); largest process {role} {bv >> 20} MiB "
+                     f"(after {bjob})")
+    return "\n".join(lines)
 
 
 # -- targets -----------------------------------------------------------------------------------------------
@@ -797,8 +837,11 @@ def main(argv: list[str] | None = None) -> int:
                f"(median) during others' runs; {total_s:.0f}s total")
     print()
     print(report)
+    mtext = memory_text(runs)
     print()
     print(gtext)
+    print()
+    print(mtext)
     print()
     print(machine)
     doc = {
@@ -817,6 +860,7 @@ def main(argv: list[str] | None = None) -> int:
         "goals": gs,
         "table": report,
         "goals_text": gtext,
+        "memory_text": mtext,
     }
     out_json.write_text(json.dumps(doc, indent=1))
     print(f"results: {out_json}")
