@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 from raftblock.replication.raft.types import (
     ConfState,
@@ -74,7 +75,9 @@ def decode_raft(group: int, message: bytes, payload: bytes | memoryview) -> Mess
         end = off + h.data_len
         if end > len(view):
             raise ValueError("entry data beyond the payload")
-        entries.append(Entry(h.term, h.index, EntryType(h.type), bytes(view[off:end])))
+        # A view, not a copy: the frame's payload is a buffer of its own (bytes, or a big frame's own
+        # bytearray, never reused by the decoder), so the entries keep it alive and nothing else writes it.
+        entries.append(Entry(h.term, h.index, EntryType(h.type), cast(bytes, view[off:end])))
         off = end
     data = b""
     if pm.data_len:
