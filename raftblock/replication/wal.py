@@ -37,7 +37,7 @@ from raftblock.replication.raft.types import (
     Snapshot,
     SnapshotMeta,
 )
-from raftblock.storage.disk import Disk, DiskFile
+from raftblock.storage.disk import Disk, DiskFile, write_parts
 
 log = structlog.get_logger(__name__)
 
@@ -341,16 +341,17 @@ class Wal:
         return pos
 
     def flush(self) -> int:
-        """Write the buffered records (one pwrite); roll to a new segment when the active one is full."""
+        """Write the buffered records (one pwritev, not joined first); roll to a new segment when the
+        active one is full."""
         if self._buf:
             seg = self._segments[-1]
-            data = b"".join(self._buf)
-            # The buffer is dropped only once it is written: a pwrite that fails (ENOSPC: the disk is
+            size = self._buf_bytes
+            # The buffer is dropped only once it is written: a write that fails (ENOSPC: the disk is
             # full) is retried later at the same offset, over whatever part of it reached the file.
-            seg.file.pwrite(data, seg.size)
+            write_parts(seg.file, self._buf, seg.size)
             self._buf = []
             self._buf_bytes = 0
-            seg.size += len(data)
+            seg.size += size
             if seg.size > seg.phys:
                 seg.phys = seg.size
             with self._lock:

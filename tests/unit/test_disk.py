@@ -131,3 +131,22 @@ def test_make_disk_modes() -> None:
     assert isinstance(t, VolatileDisk) and t.tear
     with pytest.raises(ValueError):
         make_disk("nope")
+
+
+def test_write_parts_writes_every_part_in_order_with_pwritev_and_falls_back_to_one_pwrite(tmp_path: Path) -> None:
+    from raftblock.storage.disk import MemDisk, OsDisk, write_parts
+
+    parts: list[bytes | bytearray | memoryview] = [bytes([i % 251]) * (1 + i % 7) for i in range(2500)]  # > IOV_MAX
+    parts[10] = memoryview(bytearray(b"view-of-a-bytearray"))[5:]
+    parts[11] = b""
+    want = b"".join(parts)
+    f = OsDisk().open_file(str(tmp_path / "parts"), create=True)
+    f.pwrite(b"x" * 10, 0)
+    write_parts(f, parts, 10)
+    assert f.size() == 10 + len(want) and f.pread(len(want), 10) == want
+    f.close()
+    mem = MemDisk()
+    mem.makedirs("/d")
+    g = mem.open_file("/d/parts", create=True)
+    write_parts(g, parts, 0)
+    assert g.pread(len(want), 0) == want
