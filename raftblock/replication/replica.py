@@ -189,6 +189,7 @@ class ReplicaBase:
     calls: `propose`, `persist`, `installed` and `finish` of a Ready, `send`."""
 
     kind: ClassVar[str] = ""
+    has_ready: Callable[[], bool]  # the kind's core's own has_ready, bound once (asked every turn)
 
     def __init__(self, ctx: NodeContext, gid: int, storage: WalStorage, sessions: Sessions) -> None:
         self.ctx = ctx

@@ -87,7 +87,7 @@ class ChainReplica(ReplicaBase):
         self.lease = lease
         self.core = ChainCore(NodeId(ctx.node_id), GroupId(gid), self._make_snapshot, inflight_max=INFLIGHT_MAX,
                               batch_max=BATCH_MAX, uncommitted_max=UNCOMMITTED_MAX, retry_interval=RETRY_TICKS)
-        self.has_ready = self.core.has_ready  # type: ignore[method-assign]  # asked of every replica every turn
+        self.has_ready = self.core.has_ready  # asked of every replica every turn
         base, base_epoch, records, last_epoch = _durable_of(rec)
         if rec is not None:
             self.core.restore(base, base_epoch, records, last_epoch)
@@ -174,9 +174,6 @@ class ChainReplica(ReplicaBase):
         ctx.dirty.add(self.id)
 
     # == Ready (rule 3) ==========================================================================================
-    def has_ready(self) -> bool:
-        return self.core.has_ready()
-
     def handle_ready(self) -> None:
         rd = self.core.ready()
         self.rd = rd

@@ -93,7 +93,7 @@ class RaftReplica(ReplicaBase):
         self.out = out
         self.send = out.send  # type: ignore[method-assign]
         self.core = RaftCore(rc, storage, rng.randrange)
-        self.has_ready = self.core.has_ready  # type: ignore[method-assign]  # asked of every replica every turn
+        self.has_ready = self.core.has_ready  # asked of every replica every turn
         self.hs = rec.hard_state if rec is not None else HardState()
         self.proposals: dict[int, tuple[int, list[Reply]]] = {}  # type: ignore[assignment]
         self.read_waits: list[tuple[int, asyncio.Future[int]]] = []  # (index, future): waiting for apply
@@ -195,9 +195,6 @@ class RaftReplica(ReplicaBase):
         ctx.dirty.add(self.id)
 
     # == Ready (rule 1) ==========================================================================================
-    def has_ready(self) -> bool:
-        return self.core.has_ready()
-
     def handle_ready(self) -> None:
         rd = self.core.ready()
         self.rd = rd
