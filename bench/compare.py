@@ -87,7 +87,9 @@ class SharedCluster:
 
         if self.root is None:
             self.root = work / "cluster"
-        self.uri = cluster_up(self.root, nbd_port=0, disk="os")
+        # A separate gateway: the kill cases kill a leader or head under load, and the host must outlive it
+        # (with the nodes serving NBD, a host attached through the victim loses its connection).
+        self.uri = cluster_up(self.root, nbd_port=0, disk="os", gateway="separate")
         return self.uri
 
     def pids(self) -> dict[str, int]:

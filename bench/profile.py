@@ -82,6 +82,8 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=64 << 20, help="bytes of the volume the job touches")
     ap.add_argument("--py-spy", action="store_true")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--gateway", choices=["embedded", "separate"], default="embedded",
+                    help="where NBD is served: the nodes (default) or a separate gateway process")
     args = ap.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if args.py_spy and not Path(spy).exists():
@@ -89,7 +91,7 @@ def main() -> int:
         return 2
     work = Path(tempfile.mkdtemp(prefix="raftblock-profile-"))
     root = work / "cluster"
-    uri = cluster_up(root, nbd_port=0, disk="os") + "/vol"
+    uri = cluster_up(root, nbd_port=0, disk="os", gateway=args.gateway) + "/vol"
     try:
         volume_create(root, "vol", 1 << 30)
         env = dict(os.environ, NBD_URI=uri, SIZE=str(args.size), RUNTIME=str(args.seconds), RAMP="1")

@@ -3,7 +3,9 @@
 
 Owns: starting every target, pre-filling them, running every job on every target in interleaved order for
 several rounds, recording the machine's load and steal time per run and the CPU each process spent per I/O,
-reporting medians against the baseline (qemu-nbd, cache=none) of the same round, and judging issue 5's goals.
+reporting medians against the baseline (qemu-nbd, cache=none) of the same round, and judging issue 16's goals.
+The cluster runs in both layouts: `cluster` (NBD served by the storage nodes; the volume's groups led by the
+node it is attached through) and `cluster-gw` (a separate gateway process).
 
 Rules:
 1. One job file (bench/jobs/block.fio) for every fio target; only the URI differs.
@@ -16,7 +18,9 @@ Rules:
    measured part of each run, for every process of the target and for the load generator.
 6. Memory is read from /proc/PID/status (RssAnon) at the same window edges, for every process of every
    target; the report gives each target's largest total and its largest process over the whole bench.
-7. Nothing here asserts performance; it measures and reports (bench/results/*.json and *.png).
+7. Disk writes are read from /proc/PID/io (write_bytes) at the same window edges: for every write job, the
+   bytes each storage process wrote per byte the client wrote (a cluster's nodes averaged).
+8. Nothing here asserts performance; it measures and reports (bench/results/*.json and *.png).
 
 Usage: python bench/run.py [--quick] [--rounds N] [--runtime S] [--size 256M] [--jobs a,b] [--targets cluster,qemu-nbd]
 """
@@ -28,6 +32,7 @@ import asyncio
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import socket
@@ -62,7 +67,7 @@ JOBS = [
 ]
 # etcd runs only these two jobs, as 4 KiB puts from 1 and 32 concurrent clients
 ETCD_CLIENTS = {"randwrite-4k-qd1": 1, "randwrite-4k-qd32": 32}
-TARGETS = ["cluster", "raftblock", "qemu-nbd", "qemu-nbd-wb", "etcd"]
+TARGETS = ["cluster", "cluster-gw", "raftblock", "qemu-nbd", "qemu-nbd-wb", "etcd"]
 BASELINE = "qemu-nbd"  # every ratio in the table is against this target's run of the same job and round
 GOAL_TARGET = "cluster"
 
@@ -135,18 +140,43 @@ def proc_rss_anon(pid: int) -> int:
     return 0
 
 
+def proc_write_bytes(pid: int) -> int | None:
+    """Bytes the process caused to be written to storage (/proc/PID/io write_bytes); None if unreadable."""
+    try:
+        for line in Path(f"/proc/{pid}/io").read_text().splitlines():
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 @dataclass
 class CpuSample:
     at: float
     procs: dict[str, float | None]  # "target/role" -> cpu seconds
     loadgen: float | None
     rss: dict[str, int] = field(default_factory=dict)  # "target/role" -> RssAnon bytes (rule 6)
+    wbytes: dict[str, int | None] = field(default_factory=dict)  # "target/role" -> write_bytes (rule 7)
 
 
 def cpu_sample(pids: dict[str, int], loadgen_pid: int | None) -> CpuSample:
     return CpuSample(time.monotonic(), {k: proc_cpu_s(p) for k, p in pids.items()},
                      self_cpu_s() if loadgen_pid is None else proc_cpu_s(loadgen_pid),
-                     {k: proc_rss_anon(p) for k, p in pids.items()})
+                     {k: proc_rss_anon(p) for k, p in pids.items()},
+                     {k: proc_write_bytes(p) for k, p in pids.items()})
+
+
+def disk_bytes_per_client_byte(a: CpuSample, b: CpuSample, target: str, client_bytes: float) -> float | None:
+    """Rule 7: bytes the target's storage processes wrote to disk per byte the client wrote, per storage
+    process (the nodes n1..nN of a cluster; the one process of a single-copy target)."""
+    mine = {k.split("/", 1)[1]: k for k in b.wbytes if k.split("/", 1)[0] == target}
+    storage = [k for role, k in mine.items() if re.fullmatch(r"n\d+", role)] or list(mine.values())
+    deltas = [(b.wbytes[k] or 0) - (a.wbytes.get(k) or 0) for k in storage
+              if b.wbytes.get(k) is not None and a.wbytes.get(k) is not None]
+    if not deltas or client_bytes <= 0:
+        return None
+    return sum(deltas) / len(deltas) / client_bytes
 
 
 @dataclass
@@ -186,6 +216,20 @@ def cpu_between(a: CpuSample, b: CpuSample, target: str, iops: float) -> Cpu | N
     return Cpu(wall, 1e6 * tgt / ios, 1e6 * lg / ios, 100 * tgt / wall, 100 * lg / wall,
                {r: 1e6 * v / ios for r, v in sorted(mine.items())}, 100 * sum(others.values()) / wall,
                {t: 100 * v / wall for t, v in sorted(others.items())}, dict(sorted(rss.items())))
+
+
+def disk_text(runs: list[Any]) -> str:
+    """Rule 7: per target and write job, the median bytes written to disk per client byte, per storage process."""
+    lines = ["Disk writes (rule 7): bytes each storage process wrote to its disk per byte the client wrote, "
+             "median over rounds (/proc/PID/io write_bytes; WAL + engine + checkpoints)"]
+    by: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in runs:
+        v = r.extra.get("disk_bytes_per_client_byte")
+        if v is not None:
+            by[(r.target, r.job)].append(v)
+    for (t, job), vs in sorted(by.items()):
+        lines.append(f"  {t:<12} {job:<24} {med(vs):>5.2f}  [{min(vs):.2f}-{max(vs):.2f}]")
+    return "\n".join(lines)
 
 
 def memory_text(runs: list[Any]) -> str:
@@ -277,15 +321,17 @@ class RaftblockTarget(Target):
 
 
 class ClusterTarget(Target):
-    """The 3-node, 3-rack Raft cluster as `make demo` starts it (free ports), one volume."""
+    """The 3-node, 3-rack Raft cluster as `make demo` starts it (free ports), one volume, attached through the
+    gateway inside node 1 (which becomes its groups' leader: leader affinity)."""
 
     name = "cluster"
+    gateway = "embedded"
 
     def start(self, work: Path) -> str:
         from raftblock.node.cluster import cluster_up, volume_create
 
-        self.root = work / "cluster"
-        uri = cluster_up(self.root, nbd_port=0, disk="os")
+        self.root = work / self.name
+        uri = cluster_up(self.root, nbd_port=0, disk="os", gateway=self.gateway)
         volume_create(self.root, EXPORT, VOLUME_BYTES)
         self._pids = self._find_pids()
         return f"{uri}/{EXPORT}"
@@ -299,7 +345,8 @@ class ClusterTarget(Target):
         cmap = ClusterMap.load(layout.map_path)
         configs = {f"m{k}": layout.meta_config(int(k)) for k in sorted(cmap.meta_admin)}
         configs.update({f"n{n.node_id}": layout.node_config(n.node_id) for n in cmap.nodes})
-        configs["gateway"] = layout.gateway_config
+        if cmap.gateway == "separate":
+            configs["gateway"] = layout.gateway_config
         pids = {name: running_pid(layout, name, cfg) for name, cfg in configs.items()}
         missing = [name for name, pid in pids.items() if pid is None]
         if missing:
@@ -315,8 +362,19 @@ class ClusterTarget(Target):
         cluster_down(self.root)
 
     def describe(self) -> str:
-        return ("raftblock cluster: 3 nodes in 3 racks, Raft, 3 replicas, 3 metadata processes, gateway "
-                "(loopback, disk=os)")
+        return ("raftblock cluster: 3 nodes in 3 racks, Raft, 3 replicas, 3 metadata processes, NBD served by "
+                "node 1 (its groups' leader) (loopback, disk=os)")
+
+
+class SeparateGatewayClusterTarget(ClusterTarget):
+    """The same cluster with NBD served by a separate `raftblock gateway` process (a gateway machine)."""
+
+    name = "cluster-gw"
+    gateway = "separate"
+
+    def describe(self) -> str:
+        return ("raftblock cluster: 3 nodes in 3 racks, Raft, 3 replicas, 3 metadata processes, a separate gateway "
+                "process (loopback, disk=os)")
 
 
 class QemuNbdTarget(Target):
@@ -389,7 +447,7 @@ class EtcdTarget(Target):
 
 
 REGISTRY: dict[str, type[Target]] = {
-    "cluster": ClusterTarget, "raftblock": RaftblockTarget, "qemu-nbd": QemuNbdTarget,
+    "cluster": ClusterTarget, "cluster-gw": SeparateGatewayClusterTarget, "raftblock": RaftblockTarget, "qemu-nbd": QemuNbdTarget,
     "qemu-nbd-wb": QemuNbdWritebackTarget, "etcd": EtcdTarget,
 }
 
@@ -482,6 +540,10 @@ class Bench:
                     extra={"clients": res["clients"], "puts": res["puts"], "ddir": "put"})
         if len(samples) == 2:
             r.cpu = cpu_between(samples[0], samples[1], t.name, r.iops)
+            if r.extra.get("ddir") == "write" and r.cpu is not None:
+                ratio = disk_bytes_per_client_byte(samples[0], samples[1], t.name, r.mb_s * 1e6 * r.cpu.window_s)
+                if ratio is not None:
+                    r.extra["disk_bytes_per_client_byte"] = ratio
         return r
 
     def etcd(self, job: str, t: Target) -> tuple[dict[str, Any], list[CpuSample]]:
@@ -619,34 +681,39 @@ def table(rows: list[dict[str, Any]], baseline: str) -> str:
     return "\n".join(lines)
 
 
-GOALS = [  # (id, text, target job, metric, baseline target, baseline job, op, threshold)
-    ("randwrite-qd32-vs-qemu-fsync", "4k randwrite QD32 IOPS >= 50% of qemu-nbd --fsync=1",
-     "randwrite-4k-qd32", "iops", "qemu-nbd", "randwrite-4k-qd32-fsync", ">=", 0.5),
+GOALS = [  # (id, text, target, target job, metric, baseline target, baseline job, op, threshold): issue 16
+    ("randwrite-qd32-vs-qemu-fsync", "4k randwrite QD32 IOPS >= 35% of qemu-nbd --fsync=1",
+     GOAL_TARGET, "randwrite-4k-qd32", "iops", "qemu-nbd", "randwrite-4k-qd32-fsync", ">=", 0.35),
     ("randwrite-qd32-vs-etcd", "4k randwrite QD32 IOPS >= 3x etcd 4 KiB puts/s at 32 clients",
-     "randwrite-4k-qd32", "iops", "etcd", "randwrite-4k-qd32", ">=", 3.0),
+     GOAL_TARGET, "randwrite-4k-qd32", "iops", "etcd", "randwrite-4k-qd32", ">=", 3.0),
     ("randwrite-qd1-p50", "4k randwrite QD1 p50 <= 3x qemu-nbd --fsync=1 QD1 (write+flush)",
-     "randwrite-4k-qd1", "p50_us", "qemu-nbd", "randwrite-4k-qd1-fsync", "<=", 3.0),
+     GOAL_TARGET, "randwrite-4k-qd1", "p50_us", "qemu-nbd", "randwrite-4k-qd1-fsync", "<=", 3.0),
     ("randwrite-qd1-p99", "4k randwrite QD1 p99 <= 2x qemu-nbd --fsync=1 QD1 (write+flush)",
-     "randwrite-4k-qd1", "p99_us", "qemu-nbd", "randwrite-4k-qd1-fsync", "<=", 2.0),
+     GOAL_TARGET, "randwrite-4k-qd1", "p99_us", "qemu-nbd", "randwrite-4k-qd1-fsync", "<=", 2.0),
+    ("randwrite-qd1-p50-gw", "separate gateway: 4k randwrite QD1 p50 <= 4x qemu-nbd --fsync=1 QD1",
+     "cluster-gw", "randwrite-4k-qd1", "p50_us", "qemu-nbd", "randwrite-4k-qd1-fsync", "<=", 4.0),
     ("randread-qd1-p50", "4k randread QD1 p50 <= 2x qemu-nbd",
-     "randread-4k-qd1", "p50_us", "qemu-nbd", "randread-4k-qd1", "<=", 2.0),
-    ("randread-qd32-iops", "4k randread QD32 IOPS >= qemu-nbd",
-     "randread-4k-qd32", "iops", "qemu-nbd", "randread-4k-qd32", ">=", 1.0),
-    ("write-1m-iops", "1M sequential write IOPS >= 35% of qemu-nbd (cache=none, no fsync)",
-     "write-1m-qd4", "iops", "qemu-nbd", "write-1m-qd4", ">=", 0.35),
+     GOAL_TARGET, "randread-4k-qd1", "p50_us", "qemu-nbd", "randread-4k-qd1", "<=", 2.0),
+    ("randread-qd32-iops", "4k randread QD32 IOPS >= 60% of qemu-nbd",
+     GOAL_TARGET, "randread-4k-qd32", "iops", "qemu-nbd", "randread-4k-qd32", ">=", 0.6),
+    ("write-1m-iops", "1M sequential write IOPS >= 30% of qemu-nbd --fsync=1",
+     GOAL_TARGET, "write-1m-qd4", "iops", "qemu-nbd", "write-1m-qd4-fsync", ">=", 0.3),
+    ("write-1m-p99", "1M sequential write p99 <= 4x qemu-nbd --fsync=1",
+     GOAL_TARGET, "write-1m-qd4", "p99_us", "qemu-nbd", "write-1m-qd4-fsync", "<=", 4.0),
 ]
 
 
 def goals(res: Results) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
-    for gid, text, job, metric, btarget, bjob, op, thr in GOALS:
-        s = spread(res.ratios(job, GOAL_TARGET, metric, bjob, btarget))
+    for gid, text, target, job, metric, btarget, bjob, op, thr in GOALS:
+        s = spread(res.ratios(job, target, metric, bjob, btarget))
         met = None if s["n"] == 0 else (s["median"] >= thr if op == ">=" else s["median"] <= thr)
-        out.append({"id": gid, "goal": text, "target": GOAL_TARGET, "job": job, "metric": metric,
+        out.append({"id": gid, "goal": text, "target": target, "job": job, "metric": metric,
                     "baseline": f"{btarget} {bjob}", "op": op, "threshold": thr, "ratio": s, "met": met})
     # CPU per replicated 4 KiB write: reported, no threshold
     cpu: dict[str, Any] = {}
     for target, job in [(GOAL_TARGET, "randwrite-4k-qd1"), (GOAL_TARGET, "randwrite-4k-qd32"),
+                        ("cluster-gw", "randwrite-4k-qd1"), ("cluster-gw", "randwrite-4k-qd32"),
                         ("qemu-nbd", "randwrite-4k-qd1-fsync"), ("qemu-nbd", "randwrite-4k-qd32-fsync"),
                         ("etcd", "randwrite-4k-qd1"), ("etcd", "randwrite-4k-qd32")]:
         rs = [r for r in res.by.get((job, target), []) if r.cpu is not None]
@@ -665,8 +732,9 @@ def goals(res: Results) -> list[dict[str, Any]]:
 
 
 def goals_text(gs: list[dict[str, Any]]) -> str:
-    lines = [f"Goals ({GOAL_TARGET}: 3 nodes, 3 racks, Raft, through the gateway; ratio = {GOAL_TARGET} / baseline "
-             "in the same round, median [min-max] over rounds)"]
+    lines = [f"Goals ({GOAL_TARGET}: 3 nodes, 3 racks, Raft, NBD served by the leader's node; cluster-gw: the same "
+             "through a separate gateway process; ratio = target / baseline in the same round, median [min-max] over "
+             "rounds)"]
     for g in gs:
         if g["id"] == "cpu-per-write":
             continue
@@ -679,7 +747,8 @@ def goals_text(gs: list[dict[str, Any]]) -> str:
                  "above its idle CPU)")
     for k, v in cpu.items():
         what = "per put, 3 etcd members + client" if k.startswith("etcd") else (
-            "per replicated write, 3 meta + 3 nodes + gateway + fio" if k.startswith(GOAL_TARGET)
+            "per replicated write, 3 meta + 3 nodes + fio" if k.startswith(GOAL_TARGET + " ")
+            else "per replicated write, 3 meta + 3 nodes + gateway + fio" if k.startswith("cluster-gw")
             else "per write, qemu-nbd + fio")
         lines.append(f"            {k:<36} {fmt(v['target_us_per_io']['median']):>6} + "
                      f"{fmt(v['loadgen_us_per_io']['median']):<5} {rng(v['target_us_per_io']):<13} above idle "
@@ -838,10 +907,13 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(report)
     mtext = memory_text(runs)
+    dtext = disk_text(runs)
     print()
     print(gtext)
     print()
     print(mtext)
+    print()
+    print(dtext)
     print()
     print(machine)
     doc = {
@@ -861,6 +933,7 @@ def main(argv: list[str] | None = None) -> int:
         "table": report,
         "goals_text": gtext,
         "memory_text": mtext,
+        "disk_text": dtext,
     }
     out_json.write_text(json.dumps(doc, indent=1))
     print(f"results: {out_json}")

@@ -122,7 +122,8 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
 
     notes: list[str] = []
     uri = cluster_up(Path(args.dir), nodes=args.nodes, racks=args.racks, nbd_port=args.nbd_port,
-                     port_base=args.port_base, disk=args.disk, replication=args.replication, notes=notes)
+                     port_base=args.port_base, disk=args.disk, replication=args.replication, notes=notes,
+                     gateway=args.gateway)
     for n in notes:
         print(f"raftblock cluster up: {n}", file=sys.stderr)
     return _report(args, {"uri": uri, "dir": args.dir, "notes": notes}, uri)
@@ -144,6 +145,8 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
         _print_json(st)
         return 0
     print(f"cluster {st['cluster_id']}   gateway: {st['gateway']['uri'] or 'stopped'} (pid {st['gateway']['pid']})")
+    if len(st["gateways"]) > 1:
+        print("  gateways: " + "  ".join(f"{g['id']} {g['uri'] or 'stopped'}" for g in st["gateways"]))
     print("\nNODES\n  id  rack  address               pid      process      map      groups  leading  used/capacity"
           "        wal        errors")
     for n in st["nodes"]:
@@ -463,6 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "unsynced writes on kill -9")
     cu.add_argument("--replication", choices=["raft", "chain"], default=None,
                     help="default replication of new volumes (fixed when the cluster is made; default raft)")
+    cu.add_argument("--gateway", choices=["embedded", "separate"], default=None,
+                    help="where NBD is served (fixed when the cluster is made): embedded (default: every storage "
+                         "node serves NBD, node 1 on --nbd-port; the groups of a volume prefer the node it is "
+                         "attached through as leader) or separate (one `raftblock gateway` process)")
     _json(cu)
     cu.set_defaults(func=cmd_cluster_up)
     cd = csub.add_parser("down", help="stop every process of the cluster (data stays)")

@@ -24,8 +24,8 @@ import heapq
 import itertools
 import secrets
 import time
-from collections.abc import Sequence
-from typing import cast
+from collections.abc import Callable, Sequence
+from typing import Protocol, cast
 
 import structlog
 
@@ -66,7 +66,7 @@ class Fenced(GroupError):
 
     errno = errno.EPERM
 
-Reply = tuple[pb.ClientResponse, bytes | memoryview]
+Reply = tuple[pb.ClientResponse, bytes | bytearray | memoryview]
 
 
 def _expire(fut: asyncio.Future[Reply]) -> None:
@@ -152,6 +152,19 @@ class _ClientConn(asyncio.BufferedProtocol):
             self.transport.close()
 
 
+class RequestConn(Protocol):
+    """A connection to one node: a socket (_ClientConn) or, for a gateway inside a storage node, that node's
+    data plane and its peer connections (node/inproc.py)."""
+
+    @property
+    def lost(self) -> bool: ...
+
+    async def request(self, group: int, req: pb.ClientRequest, payload: Sequence[Buf],
+                      timeout_s: float) -> Reply: ...
+
+    def close(self) -> None: ...
+
+
 ROUTE_LEADER = 0  # writes (and Raft reads): the Raft leader, or a chain's head
 ROUTE_TAIL = 1  # chain reads: the tail
 
@@ -166,8 +179,11 @@ class NodeClient:
         attempt_timeout_s: float = 1.0,
         deadline_s: float = 10.0,
         backoff_s_max: float = 0.2,
+        links: Callable[[int], RequestConn | None] | None = None,
     ) -> None:
         self.nodes = dict(nodes)
+        # A gateway inside a storage node: its connection to node N, or None for a socket (node/inproc.py).
+        self.links = links
         self.attempt_timeout_s = attempt_timeout_s
         self.deadline_s = deadline_s
         self.backoff_s_max = backoff_s_max
@@ -199,7 +215,11 @@ class NodeClient:
         """The lowest write id still outstanding (every lower one is finished)."""
         return self._outstanding[0] if self._outstanding else self._next_wid
 
-    async def _conn(self, nid: int) -> _ClientConn:
+    async def _conn(self, nid: int) -> RequestConn:
+        if self.links is not None:
+            link = self.links(nid)
+            if link is not None:
+                return link
         c = self._conns.get(nid)
         if c is not None and not c.lost:
             return c
@@ -335,7 +355,8 @@ class GroupClient:
     async def read(self, extent_id: int, block: int, count: int) -> tuple[bytearray, list[int]]:
         req = pb.ClientRequest(op=OP_C_READ, extent_id=extent_id, block=block, count=count, epoch=self.epoch)
         resp, data = await self.client.call(self.group_id, req, (), self.deadline_s, self.read_route)
-        return bytearray(data), list(resp.crcs)
+        # A node in this process hands over its own buffer (node/inproc.py); a socket's is a view of a frame.
+        return data if isinstance(data, bytearray) else bytearray(data), list(resp.crcs)
 
     async def trim(self, extent_id: int, block: int, count: int) -> None:
         req = pb.ClientRequest(op=OP_C_TRIM, extent_id=extent_id, block=block, count=count, epoch=self.epoch)

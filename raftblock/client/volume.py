@@ -129,6 +129,8 @@ class Volume:
             bad = blockcrc.first_mismatch(data, crcs)
             if bad >= 0:
                 raise CorruptData(extent_id, block + done + bad, "CRC mismatch before reply")
+            if n == count:
+                return data  # one piece: no copy
             out += data
             done += n
         return out

@@ -310,8 +310,8 @@ class MetaClient:
     async def rename_volume(self, name: str, new_name: str) -> Result:
         return await self.propose(RenameVolume(name, new_name))
 
-    async def register_gateway(self, gateway_id: str, address: str) -> Result:
-        return await self.propose(RegisterGateway(gateway_id, address, _now_ms()))
+    async def register_gateway(self, gateway_id: str, address: str, node_id: int = 0) -> Result:
+        return await self.propose(RegisterGateway(gateway_id, address, _now_ms(), node_id))
 
 
 def _now_ms() -> int:

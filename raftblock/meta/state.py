@@ -90,6 +90,7 @@ class GatewayRecord:
     gateway_id: str
     address: str  # NBD host:port
     registered_ms: int
+    node_id: int = 0  # the storage node it runs in (its leader affinity), 0 = a gateway machine of its own
 
 
 @dataclass
@@ -221,6 +222,7 @@ class RegisterGateway(Command):
     gateway_id: str
     address: str
     now_ms: int
+    node_id: int = 0  # a gateway inside this storage node (node/agent.py rule 6: leader affinity)
 
 
 @dataclass(frozen=True)
@@ -551,7 +553,9 @@ class MetaState:
     def _apply_register_gateway(self, cmd: RegisterGateway) -> Result:
         if not cmd.gateway_id or len(cmd.gateway_id) > VOLUME_NAME_BYTES_MAX or not cmd.address:
             return _err("invalid", "gateway_id (1-64 bytes) and address must not be empty")
-        self.gateways[cmd.gateway_id] = GatewayRecord(cmd.gateway_id, cmd.address, cmd.now_ms)
+        if cmd.node_id < 0:
+            return _err("invalid", "node_id must be >= 0")
+        self.gateways[cmd.gateway_id] = GatewayRecord(cmd.gateway_id, cmd.address, cmd.now_ms, cmd.node_id)
         return _ok()
 
     def _apply_rename_volume(self, cmd: RenameVolume) -> Result:

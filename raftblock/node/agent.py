@@ -28,6 +28,11 @@ Rules:
 5. A group that names other members only, and has its full count of them, replaced this node: its copy
    (hosted, or only in the WAL after a restart) is discarded. One still short of members keeps it: the
    node may be added back, and then catches up from its log.
+6. Leader affinity: a volume attached by a gateway that runs inside a storage node (`[gateway]` in its config,
+   node/gateway.py) has that node as the preferred leader of its Raft groups where it is a member (the map's
+   first member otherwise), so the host's writes take no extra hop; every member computes the same from the
+   map, and the leader hands leadership over within a balance interval (node/ticker.py rule 2). A chain's
+   head stays the map's: moving it is a reconfiguration, not a preference.
 """
 
 from __future__ import annotations
@@ -52,6 +57,19 @@ log = structlog.get_logger(__name__)
 
 PULSE_S = 0.1  # the loop stamps its liveness this often (rule 2)
 LOOP_STALL_LOG_S = 0.25  # a pulse this late is logged (agent.loop_stalled) and counted (loop_stalls)
+
+
+def leader_affinity(st: MetaState) -> dict[int, int]:
+    """Rule 6: group -> the storage node whose gateway holds the volume's attachment (gateways inside nodes)."""
+    out: dict[int, int] = {}
+    for name, att in st.attachments.items():
+        gw = st.gateways.get(att.gateway_id)
+        vol = st.volumes.get(name)
+        if gw is None or vol is None or not gw.node_id:
+            continue
+        for gid in vol.extent_groups:
+            out[int(gid)] = int(gw.node_id)
+    return out
 
 
 class MetaAgent:
@@ -216,8 +234,13 @@ class MetaAgent:
                 host, port = n.address.rsplit(":", 1)
                 if port.isdigit():
                     self.host.add_peer(int(n.node_id), host, int(port))
+        affinity = leader_affinity(st)
         for gid, g in sorted(st.groups.items()):
             members = [int(m) for m in g.members]
+            near = affinity.get(int(gid), 0)
+            if g.mode != "chain" and near in members[1:]:  # rule 6: the attaching node leads
+                members.remove(near)
+                members.insert(0, near)
             if g.mode == "chain":
                 # A member hosts it; a former member keeps getting the configuration (it learns it was
                 # removed, and stops acting in the old epoch), until the chain is whole without it: then

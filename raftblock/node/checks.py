@@ -25,7 +25,7 @@ def check_range(gid: int, req: pb.ClientRequest, limit: int) -> int:
     return int(n)
 
 
-def validate_write(gid: int, req: pb.ClientRequest, payload: bytes | memoryview) -> BlockOp:
+def validate_write(gid: int, req: pb.ClientRequest, payload: bytes | bytearray | memoryview) -> BlockOp:
     """The node's edge check of a write or trim (the gateway checks again at its own edge)."""
     if group_of_extent(req.extent_id) != gid:
         raise ValueError(f"extent {req.extent_id:#x} does not belong to group {gid}")

@@ -100,7 +100,7 @@ def read_map(layout: Layout, cmap: ClusterMap) -> MetaState:
 # --- commands ------------------------------------------------------------------------------------
 def cluster_up(root: Path, nodes: int | None = None, racks: int | None = None, nbd_port: int | None = None,
                port_base: int | None = None, disk: str | None = None, bind: str = "127.0.0.1",
-               replication: str | None = None, notes: list[str] | None = None) -> str:
+               replication: str | None = None, notes: list[str] | None = None, gateway: str | None = None) -> str:
     """`replication`: the default mode of `volume create` ("raft" | "chain"), fixed when the cluster is
     first made (the layout file is written once); asking for another one later is an error.
     `nbd_port`: the gateway's NBD port (0: a free one); None keeps the configured one (10809 for a new
@@ -110,6 +110,8 @@ def cluster_up(root: Path, nodes: int | None = None, racks: int | None = None, n
     layout = Layout(root)
     if replication is not None and replication not in ("raft", "chain"):
         raise ClusterError(f"--replication must be raft or chain, not {replication!r}")
+    if gateway is not None and gateway not in ("embedded", "separate"):
+        raise ClusterError(f"--gateway must be embedded or separate, not {gateway!r}")
     notes = notes if notes is not None else []
     if layout.map_path.exists():
         cmap = ClusterMap.load(layout.map_path)
@@ -127,8 +129,10 @@ def cluster_up(root: Path, nodes: int | None = None, racks: int | None = None, n
             notes.append(f"--port-base {port_base} ignored: the cluster in {root} keeps its ports")
         if disk is not None:
             notes.append(f"--disk {disk} ignored: the disk mode is in the node configs of {root}")
-        if running_pid(layout, "gateway", layout.gateway_config) is None:
-            have = _gateway_port(layout)
+        if gateway is not None and gateway != cmap.gateway:
+            notes.append(f"--gateway {gateway} ignored: the cluster in {root} was made with --gateway {cmap.gateway}")
+        if not _gateway_running(layout, cmap):
+            have = _nbd_port(layout, cmap)
             new = have
             if nbd_port in (None, 0, have):
                 try:
@@ -140,15 +144,16 @@ def cluster_up(root: Path, nodes: int | None = None, racks: int | None = None, n
             else:
                 new = _check_nbd_port(bind, nbd_port, root)
             if new != have:
-                _set_gateway_port(layout, new)
-                notes.append(f"gateway NBD port changed from {have} to {new} (in {layout.gateway_config})")
-        elif nbd_port not in (None, 0, _gateway_port(layout)):
-            raise ClusterError(f"the gateway of {root} runs on port {_gateway_port(layout)}; stop the cluster "
+                where = _set_nbd_port(layout, cmap, new)
+                notes.append(f"gateway NBD port changed from {have} to {new} (in {where})")
+        elif nbd_port not in (None, 0, _nbd_port(layout, cmap)):
+            raise ClusterError(f"the gateway of {root} runs on port {_nbd_port(layout, cmap)}; stop the cluster "
                                f"(raftblock cluster down --dir {root}) to move it to {nbd_port}")
     else:
         nbd_port = _check_nbd_port(bind, 10809 if nbd_port is None else nbd_port, root)
         root.mkdir(parents=True, exist_ok=True)
-        cmap = create_layout(layout, 3 if nodes is None else nodes, 3 if racks is None else racks, port_base, bind)
+        cmap = create_layout(layout, 3 if nodes is None else nodes, 3 if racks is None else racks, port_base, bind,
+                             gateway=gateway or "embedded", nbd_port=nbd_port)
         cmap.replication = replication or "raft"
         write_configs(layout, cmap, disk or "os", bind, nbd_port)
         cmap.save(layout.map_path)
@@ -169,7 +174,10 @@ def cluster_up(root: Path, nodes: int | None = None, racks: int | None = None, n
         started += procs
         for name, proc in procs.items():
             wait_ready(layout, name, proc)
-        if running_pid(layout, "gateway", layout.gateway_config) is None:
+        if cmap.gateway == "embedded":
+            first = f"n{cmap.nodes[0].node_id}"
+            uri = _ready_uri(layout, first, 2) or f"nbd://{bind}:{_nbd_port(layout, cmap)}"
+        elif running_pid(layout, "gateway", layout.gateway_config) is None:
             gw = spawn(layout, "gateway", [sys.executable, "-m", "raftblock.cli", "gateway", "--config",
                                             str(layout.gateway_config), "--log-format", "json"])
             started.append("gateway")
@@ -181,7 +189,8 @@ def cluster_up(root: Path, nodes: int | None = None, racks: int | None = None, n
             stop_process(layout, name, _config_of(layout, name))
         what = f"; stopped what it had started ({', '.join(started)})" if started else ""
         raise ClusterError(f"{e}{what}") from e
-    if started and len(started) < len(cmap.meta_admin) + len(cmap.nodes) + 1:  # not every process (+ gateway)
+    separate = 1 if cmap.gateway == "separate" else 0
+    if started and len(started) < len(cmap.meta_admin) + len(cmap.nodes) + separate:  # not every process
         notes.append(f"started {', '.join(started)} (the others were running)")
     # Every process runs: a cluster that is slow to become healthy is left running (it may yet).
     wait_healthy(layout, cmap)
@@ -201,6 +210,35 @@ def _gateway_port(layout: Layout) -> int:
 
     with open(layout.gateway_config, "rb") as f:
         return int(tomllib.load(f).get("port", 10809))
+
+
+def _nbd_port(layout: Layout, cmap: ClusterMap) -> int:
+    """The cluster's NBD port: node 1's gateway (embedded), or the separate gateway's."""
+    return cmap.nodes[0].nbd_port if cmap.gateway == "embedded" else _gateway_port(layout)
+
+
+def _gateway_running(layout: Layout, cmap: ClusterMap) -> bool:
+    if cmap.gateway == "embedded":
+        n = cmap.nodes[0].node_id
+        return running_pid(layout, f"n{n}", layout.node_config(n)) is not None
+    return running_pid(layout, "gateway", layout.gateway_config) is not None
+
+
+def _set_nbd_port(layout: Layout, cmap: ClusterMap, port: int) -> Path:
+    """Move the cluster's NBD port (its gateway stopped); returns the config that has it now."""
+    if cmap.gateway == "embedded":
+        cmap.nodes[0].nbd_port = port
+        write_node_configs(layout, cmap, _disk_of(layout, cmap))
+        cmap.save(layout.map_path)
+        return layout.node_config(cmap.nodes[0].node_id)
+    _set_gateway_port(layout, port)
+    return layout.gateway_config
+
+
+def _disk_of(layout: Layout, cmap: ClusterMap) -> str:
+    first = layout.node_config(cmap.nodes[0].node_id).read_text()
+    return next((line.split("=", 1)[1].strip().strip('"') for line in first.splitlines()
+                 if line.startswith("disk =")), "os")
 
 
 def _set_gateway_port(layout: Layout, port: int) -> None:
@@ -226,12 +264,13 @@ def _check_nbd_port(bind: str, port: int, root: Path) -> int:
     return port
 
 
-def _ready_uri(layout: Layout, name: str) -> str | None:
+def _ready_uri(layout: Layout, name: str, word: int = 1) -> str | None:
+    """The address process `name` announced (READY URI...): word 1, or 2 for a node's gateway."""
     try:
         words = layout.readyfile(name).read_text().split()
     except OSError:
         return None
-    return words[1] if len(words) >= 2 and words[0] == "READY" else None
+    return words[word] if len(words) > word and words[0] == "READY" else None
 
 
 def wait_healthy(layout: Layout, cmap: ClusterMap, groups: set[int] | None = None,
@@ -344,20 +383,37 @@ def repairs_of(infos: dict[int, dict[int, Any]], st: MetaState) -> list[dict[str
 
 
 def _gateway_call(layout: Layout, op: str) -> dict[str, Any] | None:
-    async def call() -> dict[str, Any]:
-        r, w = await asyncio.open_unix_connection(str(layout.admin_socket))
+    """`op` (reload | status) to every running gateway of the cluster: the separate one and those inside the
+    nodes. Their status replies merged: connections per volume summed, leader caches by gateway."""
+    async def call(sock: Path) -> dict[str, Any]:
+        r, w = await asyncio.open_unix_connection(str(sock))
         w.write(json.dumps({"op": op}).encode() + b"\n")
         await w.drain()
         line = await r.readline()
         w.close()
         return dict(json.loads(line))
 
-    if running_pid(layout, "gateway", layout.gateway_config) is None:
-        return None
-    try:
-        return asyncio.run(asyncio.wait_for(call(), 10))
-    except (OSError, TimeoutError, ValueError):
-        return None
+    socks = []
+    if running_pid(layout, "gateway", layout.gateway_config) is not None:
+        socks.append(layout.admin_socket)
+    if layout.map_path.exists():
+        for n in ClusterMap.load(layout.map_path).nodes:
+            if n.nbd_port and running_pid(layout, f"n{n.node_id}", layout.node_config(n.node_id)) is not None:
+                socks.append(layout.node_admin_socket(n.node_id))
+    merged: dict[str, Any] | None = None
+    for sock in socks:
+        try:
+            res = asyncio.run(asyncio.wait_for(call(sock), 10))
+        except (OSError, TimeoutError, ValueError):
+            continue
+        if merged is None:
+            merged = {"ok": True, "volumes": {}, "retries": 0}
+        merged["ok"] = merged["ok"] and bool(res.get("ok"))
+        merged["retries"] += int(res.get("retries", 0))
+        for name, v in res.get("volumes", {}).items():
+            cur = merged["volumes"].setdefault(name, {"size_bytes": v.get("size_bytes", 0), "attached": 0})
+            cur["attached"] += int(v.get("attached", 0))
+    return merged
 
 
 def cluster_status(root: Path) -> dict[str, Any]:
@@ -371,8 +427,18 @@ def cluster_status(root: Path) -> dict[str, Any]:
             n["state"] = "stopped"
     gw = _gateway_call(layout, "status")
     connections = {k: v["attached"] for k, v in (gw or {}).get("volumes", {}).items()}
+    gateways = []
     gw_pid = running_pid(layout, "gateway", layout.gateway_config)
-    st["gateway"] = {"pid": gw_pid, "uri": _ready_uri(layout, "gateway") if gw_pid is not None else None}
+    if cmap.gateway == "separate" or gw_pid is not None:
+        gateways.append({"id": "gw1", "node": None, "pid": gw_pid,
+                         "uri": _ready_uri(layout, "gateway") if gw_pid is not None else None})
+    for n in cmap.nodes if cmap.gateway == "embedded" else []:
+        pid = next((x["pid"] for x in st["nodes"] if x["id"] == n.node_id), None)
+        gateways.append({"id": f"n{n.node_id}", "node": n.node_id, "pid": pid,
+                         "uri": _ready_uri(layout, f"n{n.node_id}", 2) if pid is not None else None})
+    st["gateways"] = gateways
+    # The cluster's NBD address: node 1's gateway (embedded) or the separate one.
+    st["gateway"] = {k: gateways[0][k] for k in ("pid", "uri")} if gateways else {"pid": None, "uri": None}
     st["metadata"] = [{"id": int(k), "admin": v, "pid": running_pid(layout, f"m{k}", layout.meta_config(int(k)))}
                       for k, v in sorted(cmap.meta_admin.items())]
     st["volumes"] = [{"name": v.name, "size_bytes": v.size_bytes, "replication": v.mode,
@@ -393,9 +459,7 @@ def node_add(root: Path, rack: str | None = None) -> dict[str, Any]:
     rebalancing moves replicas to it, one group at a time (control/raftrepair.py)."""
     layout = Layout(root)
     cmap = _load(layout)
-    first = layout.node_config(cmap.nodes[0].node_id).read_text()
-    disk = next((line.split("=", 1)[1].strip().strip('"') for line in first.splitlines()
-                 if line.startswith("disk =")), "os")
+    disk = _disk_of(layout, cmap)
     if rack is None:
         # Where it can help: the rack of a draining node first (its replicas can only move to a node of a
         # rack their group does not use: usually the draining node's own), else the rack with fewest nodes.
@@ -411,7 +475,7 @@ def node_add(root: Path, rack: str | None = None) -> dict[str, Any]:
         notes = ""
     host = cmap.nodes[0].host
     nid = max(n.node_id for n in cmap.nodes) + 1
-    entry = NodeEntry(nid, rack, host, free_port(host))
+    entry = NodeEntry(nid, rack, host, free_port(host), free_port(host) if cmap.gateway == "embedded" else 0)
     cmap.nodes.append(entry)
     write_node_configs(layout, cmap, disk)
     cmap.save(layout.map_path)

@@ -3,7 +3,8 @@ The cluster map itself (volumes, extent -> group, group members and epochs, node
 metadata group (raftblock/meta); this file only says how to reach it.
 
 Rules:
-1. Written once by the first `cluster up`, atomically and fsynced; never rewritten by later commands.
+1. Written by the first `cluster up`, atomically and fsynced; rewritten only to add a node (`node add`) or
+   to move the NBD port of node 1's gateway (`cluster up --nbd-port` while it is stopped).
 2. Extent ids are derived from the map: the extent with index i of a volume whose extent i lives in
    group g has id `g << 32 | i` (groups belong to one volume; the node runtime checks the group of an
    extent from its id).
@@ -27,6 +28,7 @@ class NodeEntry:
     rack: str
     host: str
     port: int
+    nbd_port: int = 0  # the NBD port of the gateway inside this node (gateway = "embedded"), 0 = none
 
 
 @dataclass
@@ -35,6 +37,9 @@ class ClusterMap:
     nodes: list[NodeEntry]
     meta_admin: dict[str, str] = field(default_factory=dict)  # metadata node id -> admin "host:port"
     replication: str = "raft"  # the default of `volume create` (`cluster up --replication`)
+    # "embedded": every storage node serves NBD itself (node/gateway.py inside the node, leader affinity);
+    # "separate": one `raftblock gateway` process (DIR/nodes/gateway.toml). Absent in clusters made before.
+    gateway: str = "separate"
 
     # --- persistence --------------------------------------------------------------------------
     @classmethod
@@ -45,6 +50,7 @@ class ClusterMap:
             nodes=[NodeEntry(**n) for n in raw["nodes"]],
             meta_admin=dict(raw.get("meta_admin", {})),
             replication=str(raw.get("replication", "raft")),
+            gateway=str(raw.get("gateway", "separate")),
         )
 
     def save(self, path: Path) -> None:

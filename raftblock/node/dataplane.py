@@ -21,7 +21,7 @@ from __future__ import annotations
 import os
 import time
 from collections import Counter
-from collections.abc import Coroutine, Mapping
+from collections.abc import Coroutine, Mapping, Sequence
 from typing import Any, Protocol
 
 import structlog
@@ -54,7 +54,7 @@ from raftblock.wire.client import (
     ST_UNAVAILABLE,
     ST_UNKNOWN_GROUP,
 )
-from raftblock.wire.framing import Frame, FrameType, encode_frame
+from raftblock.wire.framing import Frame, FrameType
 from raftblock.wire.ops import BLOCK_SIZE
 
 log = structlog.get_logger(__name__)
@@ -103,6 +103,13 @@ class DataHost(Protocol):
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None: ...
 
 
+class ClientLink(Protocol):
+    """Where a client request's reply goes: a socket (node/transport.py Connection: one CLIENT_RESP frame) or
+    the gateway in this process (node/inproc.py: no encoding at all)."""
+
+    def reply(self, gid: int, resp: pb.ClientResponse, data: Sequence[bytes | bytearray | memoryview]) -> None: ...
+
+
 class DataPlane:
     def __init__(self, host: DataHost) -> None:
         self.host = host
@@ -137,13 +144,17 @@ class DataPlane:
         return None
 
     # == frames ==================================================================================================
-    def on_frame(self, conn: Any, frame: Frame) -> None:
-        h = self.host
+    def on_frame(self, conn: ClientLink, frame: Frame) -> None:
         if frame.type != FrameType.CLIENT_REQ:
-            h.counters["frames_malformed"] += 1
+            self.host.counters["frames_malformed"] += 1
             return
-        req = pb.ClientRequest.FromString(frame.message)
-        gid = frame.group
+        self.on_request(conn, frame.group, pb.ClientRequest.FromString(frame.message), frame.payload)
+
+    def on_request(self, conn: ClientLink, gid: int, req: pb.ClientRequest,
+                   payload: bytes | bytearray | memoryview) -> None:
+        """One client request, from a socket (`on_frame`) or from the gateway in this process
+        (node/inproc.py): answered once, through `conn.reply`."""
+        h = self.host
         op = req.op
         if op in _FENCED_OPS:
             refused = self.refusal(gid, req)
@@ -152,7 +163,7 @@ class DataPlane:
                 return
             r = h.replicas[gid]
             if op == OP_C_WRITE or op == OP_C_TRIM:
-                self._write(conn, r, req, frame.payload)
+                self._write(conn, r, req, payload)
                 return
             if op == OP_C_READ and self._read_now(conn, r, req):
                 return
@@ -163,10 +174,10 @@ class DataPlane:
         resp = pb.ClientResponse(request_id=request_id, node_id=self.host.node_id)
         if exc is not None:
             self.error_response(resp, exc)
-        conn.send_soon(encode_frame(FrameType.CLIENT_RESP, gid, resp.SerializeToString()))
+        conn.reply(gid, resp, ())
 
     # == rule 2 ==================================================================================================
-    def _write(self, conn: Any, r: Replica, req: pb.ClientRequest, payload: bytes | memoryview) -> None:
+    def _write(self, conn: ClientLink, r: Replica, req: pb.ClientRequest, payload: bytes | bytearray | memoryview) -> None:
         reply = Reply(self, conn, r.id, req.request_id)
         try:
             op = validate_write(r.id, req, payload)
@@ -194,7 +205,7 @@ class DataPlane:
                                f"below the reserve of {h.cfg.space_reserve_bytes}")
 
     # == rule 3 ==================================================================================================
-    def _read_now(self, conn: Any, r: Replica, req: pb.ClientRequest) -> bool:
+    def _read_now(self, conn: ClientLink, r: Replica, req: pb.ClientRequest) -> bool:
         h = self.host
         if h.failed is not None:
             return False
@@ -211,11 +222,11 @@ class DataPlane:
             return False  # the general path reads again, logs, and repairs from a replica
         resp = pb.ClientResponse(request_id=req.request_id, node_id=h.node_id)
         resp.crcs.extend(crcs)
-        conn.send_soon(encode_frame(FrameType.CLIENT_RESP, gid, resp.SerializeToString(), [data]))
+        conn.reply(gid, resp, (data,))
         h.counters["reads_lease_fast" if r.kind == "raft" else "chain_reads_fast"] += 1
         return True
 
-    async def _serve(self, conn: Any, gid: int, req: pb.ClientRequest) -> None:
+    async def _serve(self, conn: ClientLink, gid: int, req: pb.ClientRequest) -> None:
         """The general path: every op, every refusal answered with its status."""
         h = self.host
         resp = pb.ClientResponse(request_id=req.request_id, node_id=h.node_id)
@@ -245,7 +256,7 @@ class DataPlane:
                     resp.error = f"unknown op {op}"
         except (NotLeaderError, RetryError, CorruptBlockError, NoSpaceError, ValueError) as e:
             self.error_response(resp, e)
-        conn.send_soon(encode_frame(FrameType.CLIENT_RESP, gid, resp.SerializeToString(), out))
+        conn.reply(gid, resp, out)
 
     async def _read(self, r: Replica, req: pb.ClientRequest, resp: pb.ClientResponse,
                     out: list[bytes | bytearray | memoryview]) -> None:

@@ -74,13 +74,15 @@ class _Hold:
 
 
 class Gateway:
-    def __init__(self, meta_admin: dict[int, str], secret: bytes, deadline_s: float, gateway_id: str = "gw1") -> None:
+    def __init__(self, meta_admin: dict[int, str], secret: bytes, deadline_s: float, gateway_id: str = "gw1",
+                 client: NodeClient | None = None) -> None:
         self.gateway_id = gateway_id
         self._holds: dict[str, _Hold] = {}
         self.deadline_s = deadline_s
         self.meta = MetaClient({NodeId(k): v for k, v in meta_admin.items()}, secret)
         self.state: MetaState | None = None
-        self.client = NodeClient({}, deadline_s=deadline_s)  # node addresses: from the map
+        # Node addresses: from the map. A gateway inside a node is handed that node's client (node/inproc.py).
+        self.client = client if client is not None else NodeClient({}, deadline_s=deadline_s)
         self.catalog = VolumeCatalog()
         self._groups: dict[int, GroupClient] = {}
 
@@ -205,46 +207,88 @@ def load_config(path: Path) -> dict[str, Any]:
         return tomllib.load(f)
 
 
-async def run_gateway(cfg: dict[str, Any]) -> int:
+class RunningGateway:
+    """A started gateway (`start_gateway`): its NBD address, and `stop()`."""
+
+    def __init__(self, gw: Gateway, server: NbdServer, uri: str, admin: asyncio.AbstractServer | None,
+                 held: Any, own_client: bool) -> None:
+        self.gw = gw
+        self.server = server
+        self.uri = uri
+        self._admin = admin
+        self._held = held
+        self._own_client = own_client
+        self._stop = asyncio.Event()
+        self._follower: asyncio.Task[None] | None = None
+
+    def follow(self, refresh_s: float) -> None:
+        self._follower = asyncio.get_running_loop().create_task(self.gw.follow(self._stop, refresh_s))
+
+    async def stop(self) -> None:
+        """Rule 4: no new connections, in-flight requests drained, then the admin socket and the lock go."""
+        self._stop.set()
+        if self._follower is not None:
+            await self._follower
+        await self.server.shutdown()
+        if self._admin is not None:
+            self._admin.close()
+        if self._own_client:
+            await self.gw.client.close()
+        if self._held is not None:
+            self._held.release()
+
+
+async def start_gateway(cfg: dict[str, Any], meta: dict[str, Any], *, client: NodeClient | None = None,
+                        node_id: int = 0, default_id: str = "gw1") -> RunningGateway:
+    """Start a gateway from its config table (`cfg`: bind, port, admin_socket, deadline_s, refresh_s,
+    gateway_id) and the [meta] table. `client`/`node_id`: a gateway inside storage node `node_id`, reaching
+    the groups through that node (node/inproc.py); the map records which node it runs on, so the groups of
+    the volumes it attaches prefer that node as their leader (node/agent.py rule 6)."""
     admin_path = cfg.get("admin_socket")
     # One gateway per admin socket: a second one would unlink the socket of the first (node/dirlock.py).
     held = lock_file(Path(f"{admin_path}.lock"), f"gateway admin socket {admin_path}") if admin_path else None
-    meta = cfg["meta"]
-    secret = Path(meta["secret_file"]).read_bytes().strip()
-    meta_admin = {int(k): str(v) for k, v in meta["admin"].items()}
-    gw = Gateway(meta_admin, secret, float(cfg.get("deadline_s", 10.0)), str(cfg.get("gateway_id", "gw1")))
-    await gw.reload()
-    server = NbdServer(gw.catalog, GatewayConfig(bind=cfg.get("bind", "127.0.0.1"), port=int(cfg.get("port", 10809))),
-                       attacher=gw)
-    host, port = await server.start()
-    # In the map, so `volume attach --gateway ID` can tell a gateway that exists from a typo.
-    res = await gw.meta.register_gateway(gw.gateway_id, f"{host}:{port}")
-    if not res.ok:
-        raise ValueError(f"the metadata group refused gateway {gw.gateway_id!r}: {res.message}")
-    admin = None
-    if admin_path:
-        Path(admin_path).unlink(missing_ok=True)
-        admin = await asyncio.start_unix_server(gw.admin, path=admin_path)
-        os.chmod(admin_path, 0o600)
+    try:
+        secret = Path(meta["secret_file"]).read_bytes().strip()
+        meta_admin = {int(k): str(v) for k, v in meta["admin"].items()}
+        gw = Gateway(meta_admin, secret, float(cfg.get("deadline_s", 10.0)), str(cfg.get("gateway_id", default_id)),
+                     client=client)
+        await gw.reload()
+        server = NbdServer(gw.catalog, GatewayConfig(bind=cfg.get("bind", "127.0.0.1"),
+                                                     port=int(cfg.get("port", 10809))), attacher=gw)
+        host, port = await server.start()
+        # In the map, so `volume attach --gateway ID` can tell a gateway that exists from a typo.
+        res = await gw.meta.register_gateway(gw.gateway_id, f"{host}:{port}", node_id)
+        if not res.ok:
+            await server.shutdown()
+            raise ValueError(f"the metadata group refused gateway {gw.gateway_id!r}: {res.message}")
+        admin = None
+        if admin_path:
+            Path(admin_path).unlink(missing_ok=True)
+            admin = await asyncio.start_unix_server(gw.admin, path=admin_path)
+            os.chmod(admin_path, 0o600)
+    except BaseException:
+        if held is not None:
+            held.release()
+        raise
+    running = RunningGateway(gw, server, f"nbd://{host}:{port}", admin, held, own_client=client is None)
+    running.follow(float(cfg.get("refresh_s", 1.0)))
+    return running
+
+
+async def run_gateway(cfg: dict[str, Any]) -> int:
+    running = await start_gateway(cfg, cfg["meta"])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    follower = loop.create_task(gw.follow(stop, float(cfg.get("refresh_s", 1.0))))
-    print(f"READY nbd://{host}:{port}", flush=True)
+    print(f"READY {running.uri}", flush=True)
     await stop.wait()
     log.info("gateway.stopping")
-    await follower
-    await server.shutdown()
-    if admin is not None:
-        admin.close()
-    await gw.client.close()
+    await running.stop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_IGN)
     log.info("gateway.stopped")
-    if held is not None:
-        held.release()
     return 0
 
 

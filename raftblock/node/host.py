@@ -38,6 +38,7 @@ from raftblock.node.compactor import Compactor
 from raftblock.node.config import HostConfig
 from raftblock.node.dataplane import DataPlane
 from raftblock.node.group_commit import APPLY_RETRY_S, GroupCommit
+from raftblock.node.inproc import InProcLinks
 from raftblock.node.repair import PeerRepair
 from raftblock.node.ticker import Ticker
 from raftblock.node.transport import Transport
@@ -73,6 +74,7 @@ class NodeHost:
         self.data = DataPlane(self)
         self.links = Transport(cfg.node_id, peers, self, self.counters,
                                send_buffer_bytes_max=cfg.peer_send_buffer_bytes_max)
+        self.client_links = InProcLinks(self)  # a gateway in this process reaches the groups through these
         self._rng = random.Random(seed if seed is not None else cfg.node_id * 7919 + int(time.time_ns()))
         self.replicas: dict[int, Replica] = {}
         self.recovered = recovered  # WAL state of groups the map has not named yet (host_replica uses it)
@@ -450,8 +452,19 @@ class NodeHost:
     def on_peer_up(self, peer_id: int) -> None:
         pass
 
+    def on_peer_down(self, peer_id: int) -> None:
+        self.client_links.peer_down(peer_id)
+
     def on_peer_frame(self, peer_id: int, frame: Frame) -> None:
         t = frame.type
+        if t == FrameType.CLIENT_REQ:  # forwarded by the gateway of that node (node/inproc.py rule 2)
+            conn = self.links.conns.get(peer_id)
+            if conn is not None:
+                self.data.on_frame(conn, frame)
+            return
+        if t == FrameType.CLIENT_RESP:
+            self.client_links.on_reply(peer_id, frame)
+            return
         if t == FrameType.RAFT:
             self._step(decode_raft(frame.group, frame.message, frame.payload))
         elif t == FrameType.HEARTBEATS:

@@ -73,6 +73,10 @@ class Layout:
     def admin_socket(self) -> Path:
         return self.run / "gateway.sock"
 
+    def node_admin_socket(self, node_id: int) -> Path:
+        """The admin socket of the gateway inside node `node_id`."""
+        return self.run / f"n{node_id}-gateway.sock"
+
     def pidfile(self, name: str) -> Path:
         return self.run / f"{name}.pid"
 
@@ -210,7 +214,8 @@ def meta_section(layout: Layout, cmap: ClusterMap) -> str:
 
 
 def write_node_configs(layout: Layout, cmap: ClusterMap, disk: str) -> None:
-    """Every storage node's config (`raftblock node --config`): its place, data dir, and all peers."""
+    """Every storage node's config (`raftblock node --config`): its place, data dir, all peers and, with
+    gateways inside the nodes, its [gateway] table (NBD port from the layout)."""
     (layout.root / "nodes").mkdir(parents=True, exist_ok=True)
     peers = "\n".join(f'{n.node_id} = {toml_str(f"{n.host}:{n.port}")}' for n in cmap.nodes)
     meta = meta_section(layout, cmap)
@@ -223,33 +228,49 @@ def write_node_configs(layout: Layout, cmap: ClusterMap, disk: str) -> None:
             f'listen = {toml_str(f"{n.host}:{n.port}")}\n'
             f"disk = {toml_str(disk)}\n\n[peers]\n{peers}\n\n{meta}"
         )
+        if cmap.gateway == "embedded" and n.nbd_port:
+            text += (
+                f"\n[gateway]   # this node serves NBD (leader affinity for the volumes attached here)\n"
+                f'gateway_id = "n{n.node_id}"\n'
+                f"bind = {toml_str(n.host)}\nport = {n.nbd_port}\n"
+                f"admin_socket = {toml_str(str(layout.node_admin_socket(n.node_id).resolve()))}\n"
+                "deadline_s = 10.0\n"
+            )
         layout.node_config(n.node_id).write_text(text)
 
 
 def write_configs(layout: Layout, cmap: ClusterMap, disk: str, nbd_bind: str, nbd_port: int) -> None:
+    """The node configs, and the config of a separate gateway (started only with gateway = "separate"; with
+    gateways inside the nodes it is the template for a dedicated gateway machine)."""
     write_node_configs(layout, cmap, disk)
     meta = meta_section(layout, cmap)
+    port = nbd_port if cmap.gateway == "separate" else 0  # the nodes serve the cluster's port
     layout.gateway_config.write_text(
         "# raftblock gateway; written by `raftblock cluster up`\n"
         'gateway_id = "gw1"\n'
-        f"bind = {toml_str(nbd_bind)}\nport = {nbd_port}\n"
+        f"bind = {toml_str(nbd_bind)}\nport = {port}\n"
         f"admin_socket = {toml_str(str(layout.admin_socket.resolve()))}\n"
         "deadline_s = 10.0\n\n"
         f"{meta}"
     )
 
 
-def create_layout(layout: Layout, nodes: int, racks: int, port_base: int | None, host: str) -> ClusterMap:
+def create_layout(layout: Layout, nodes: int, racks: int, port_base: int | None, host: str,
+                  gateway: str = "separate", nbd_port: int = 0) -> ClusterMap:
+    """`gateway` "embedded": node 1 serves NBD on `nbd_port`, node i > 1 on P+300+i (`port_base`) or a free
+    port."""
     if nodes < 1 or racks < 1:
         raise ClusterError("--nodes and --racks must be at least 1")
     entries = []
     for i in range(1, nodes + 1):
         port = port_base + i if port_base else free_port(host)
         entries.append(NodeEntry(i, f"r{i % racks}", host, port))
+        if gateway == "embedded":
+            entries[-1].nbd_port = nbd_port if i == 1 else port_base + 300 + i if port_base else free_port(host)
     metas = 3 if nodes >= 3 else 1
     raft_ports = [port_base + 100 + i if port_base else free_port(host) for i in range(1, metas + 1)]
     admin_ports = [port_base + 200 + i if port_base else free_port(host) for i in range(1, metas + 1)]
     cid = secrets.token_hex(16)
     write_local_configs(layout.root / "meta", raft_ports, admin_ports, cluster_id=cid, host=host)
     admin = {str(i): f"{host}:{p}" for i, p in enumerate(admin_ports, start=1)}
-    return ClusterMap(cid, entries, admin)
+    return ClusterMap(cid, entries, admin, gateway=gateway)

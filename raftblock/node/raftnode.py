@@ -25,6 +25,11 @@ Config (TOML):
     [raft]                            # optional: HostConfig fields (node/config.py: tick_ms, batch_writes_max, ...)
     tick_ms = 100
     [engine]                          # optional: EngineConfig fields (segment_size_bytes, ...)
+    [gateway]                         # optional (needs [meta]): serve NBD from this process (node/gateway.py)
+    bind = "127.0.0.1"
+    port = 10809
+    admin_socket = "/run/raftblock/n1-gateway.sock"
+    gateway_id = "n1"                 # default "n<node_id>"
 
 `data_dir/LOCK` is held (node/dirlock.py) from before the engine and the WAL are opened until the process
 exits: a second process of the same node exits at once, having touched nothing.
@@ -97,6 +102,11 @@ class NodeConfig:
         self.raft = dict(raw.get("raft", {}))
         self.engine = dict(raw.get("engine", {}))
         self.seed = raw.get("seed")
+        # [gateway]: this node serves NBD too (node/gateway.py; bind, port, admin_socket, gateway_id, ...)
+        self.gateway: dict[str, Any] | None = dict(raw["gateway"]) if "gateway" in raw else None
+        if self.gateway is not None and not meta:
+            raise ValueError("[gateway] needs [meta]: the gateway follows the metadata map")
+        self.meta_raw: dict[str, Any] = dict(meta) if meta else {}
 
     @classmethod
     def load(cls, path: str | Path) -> NodeConfig:
@@ -159,9 +169,20 @@ async def run_node(cfg: NodeConfig) -> int:
         agent = MetaAgent(client, rt, cfg.node_id, cfg.rack, f"{cfg.host}:{port}", cfg.data_dir,
                           interval_s=cfg.meta_heartbeat_s, disk_id=cluster_id.hex())  # made with the data directory: a new disk, a new id
         agent_task = loop.create_task(agent.run(stop))
-    print(f"READY raft://{cfg.host}:{port}", flush=True)
+    gateway = None
+    if cfg.gateway is not None:
+        from raftblock.client.router import NodeClient
+        from raftblock.node.gateway import start_gateway
+
+        deadline_s = float(cfg.gateway.get("deadline_s", 10.0))
+        gateway = await start_gateway(cfg.gateway, cfg.meta_raw, node_id=cfg.node_id, default_id=f"n{cfg.node_id}",
+                                      client=NodeClient({}, deadline_s=deadline_s, links=rt.client_links))
+    # The first word after READY is the node's address (what `cluster up` waits for); the gateway's follows.
+    print(f"READY raft://{cfg.host}:{port}" + (f" {gateway.uri}" if gateway is not None else ""), flush=True)
     await stop.wait()
     log.info("raftnode.stopping", node=cfg.node_id)
+    if gateway is not None:
+        await gateway.stop()  # in-flight requests drained while the replicas still run
     await cleaner
     await scrubber
     if agent_task is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Sequence
 from typing import Protocol, cast
 
 import structlog
@@ -42,6 +43,8 @@ class FrameHandler(Protocol):
     def on_client_frame(self, conn: Connection, frame: Frame) -> None: ...
 
     def on_peer_up(self, peer_id: int) -> None: ...
+
+    def on_peer_down(self, peer_id: int) -> None: ...
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -153,6 +156,10 @@ class Connection(asyncio.BufferedProtocol):
             asyncio.get_running_loop().call_soon(self.flush)
         self.queue(parts)
 
+    def reply(self, gid: int, resp: pb.ClientResponse, data: Sequence[Buf]) -> None:
+        """A client request's reply (node/dataplane.py ClientLink): one CLIENT_RESP frame, sent this turn."""
+        self.send_soon(encode_frame(FrameType.CLIENT_RESP, gid, resp.SerializeToString(), data))
+
     def write_buffer_bytes(self) -> int:
         t = self.transport
         return (t.get_write_buffer_size() if t is not None else 0) + self._out_bytes
@@ -239,6 +246,7 @@ class Transport:
         if self.conns.get(pid) is conn:
             del self.conns[pid]
             log.info("peer.down", peer=pid)
+            self.handler.on_peer_down(pid)
 
     def send(self, pid: int, parts: list[Buf]) -> bool:
         conn = self.conns.get(pid)

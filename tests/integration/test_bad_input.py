@@ -34,12 +34,13 @@ KNOWN = random.Random(9).randbytes(64 * 1024)
 
 
 class ClusterServer:
-    """The 3-rack cluster's gateway, with the ServeProcess methods these tests use."""
+    """The 3-rack cluster's NBD server (node 1's gateway, the default layout), with the ServeProcess methods
+    these tests use."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.port: int | None = None
-        self.log_path = root / "logs" / "gateway.log"
+        self.log_path = root / "logs" / "n1.log"
 
     def start(self) -> None:
         from raftblock.node.cluster import cluster_up, volume_create
@@ -53,7 +54,7 @@ class ClusterServer:
         from raftblock.node.layout import Layout, running_pid
 
         layout = Layout(self.root)
-        return running_pid(layout, "gateway", layout.gateway_config) is not None
+        return running_pid(layout, "n1", layout.node_config(1)) is not None
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])

@@ -41,9 +41,13 @@ RAFTBLOCK = [sys.executable, "-m", "raftblock.cli"]
 
 
 class Cluster:
-    def __init__(self, root: Path, disk: str = "os") -> None:
+    """`gateway`: None for `cluster up`'s default layout (NBD served by the nodes), "separate" for a gateway
+    process of its own: what a test needs whose host must survive the death of any one node."""
+
+    def __init__(self, root: Path, disk: str = "os", gateway: str | None = None) -> None:
         self.root = root
         self.disk = disk
+        self.gateway = gateway
         self.uri = ""
 
     def cli(self, *args: str, check: bool = True, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
@@ -54,7 +58,8 @@ class Cluster:
         return r
 
     def up(self) -> str:
-        r = self.cli("cluster", "up", "--nbd-port", "0", "--disk", self.disk)
+        r = self.cli("cluster", "up", "--nbd-port", "0", "--disk", self.disk,
+                     *(["--gateway", self.gateway] if self.gateway else []))
         self.uri = r.stdout.strip().splitlines()[-1]
         assert self.uri.startswith("nbd://"), r.stdout
         return self.uri
@@ -107,8 +112,15 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
 
 
 @pytest.fixture
+def separate_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path / "cluster", gateway="separate")  # the host outlives a stopped or killed node
+    yield c
+    _cleanup(c)
+
+
+@pytest.fixture
 def volatile_cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(tmp_path / "cluster", disk="volatile-tear")
+    c = Cluster(tmp_path / "cluster", disk="volatile-tear", gateway="separate")  # hosts outlive node kills
     yield c
     _cleanup(c)
 
@@ -307,11 +319,11 @@ def test_exclusive_attach_fences_a_stale_gateway(cluster: Cluster, tmp_path: Pat
     host, port = cluster.uri.removeprefix("nbd://").rsplit(":", 1)
     c1 = RawConn(host, int(port))
     c1.connect_export("vol")
-    c1.write(0, b"A" * 4096)  # gw1 attaches the volume
+    c1.write(0, b"A" * 4096)  # node 1's gateway attaches the volume
     st = cluster.status()
-    assert st["volumes"][0]["attached_by"] == "gw1", st["volumes"]
+    assert st["volumes"][0]["attached_by"] == "n1", st["volumes"]
 
-    # a second gateway on the same cluster
+    # a second gateway on the same cluster: a separate process (a gateway machine)
     cfg = (cluster.root / "nodes" / "gateway.toml").read_text()
     gw2_port = free_tcp_port()
     cfg = "\n".join(line for line in cfg.splitlines() if not line.startswith(("port", "admin_socket", "gateway_id")))
@@ -324,10 +336,10 @@ def test_exclusive_attach_fences_a_stale_gateway(cluster: Cluster, tmp_path: Pat
         c2 = RawConn(host, gw2_port)
         c2.connect_export("vol")
         rep = c2.call(NBD_CMD_WRITE, 4096, 4096, data=b"B" * 4096)
-        assert rep.error == 1, f"gw2 must be refused (EPERM) while gw1 holds the volume, got {rep.error}"
+        assert rep.error == 1, f"gw2 must be refused (EPERM) while n1 holds the volume, got {rep.error}"
         c2.close()
 
-        # the operator moves the volume to gw2; gw1 is fenced from then on
+        # the operator moves the volume to gw2; n1 is fenced from then on
         r = cluster.cli("volume", "attach", "vol", "--gateway", "gw2", "--force")
         assert "attach epoch 2" in r.stdout, r.stdout
         c3 = RawConn(host, gw2_port)
@@ -432,7 +444,7 @@ def _counter(cluster: Cluster, node: int, name: str) -> int:
     return int(n.get("counters", {}).get(name, 0))
 
 
-def test_chain_zombie_head_is_fenced_and_tail_kill_loses_nothing(cluster: Cluster, tmp_path: Path) -> None:
+def test_chain_zombie_head_is_fenced_and_tail_kill_loses_nothing(separate_cluster: Cluster, tmp_path: Path) -> None:
     """Chain fencing at process level (docs/chain.md "Epochs"): a head frozen (SIGSTOP) is removed by the
     metadata group (epoch + 1) while the writer goes on through the new head; thawed, the zombie cannot
     acknowledge a write (a write sent straight to it is refused or never answered OK, and never becomes
@@ -453,6 +465,7 @@ def test_chain_zombie_head_is_fenced_and_tail_kill_loses_nothing(cluster: Cluste
     from raftblock.wire.ops import OP_TRIM, BlockOp, encode_batch
 
     py = require_libnbd()
+    cluster = separate_cluster
     cluster.up()
     cluster.cli("volume", "create", "vol", "--size", "64M", "--replication", "chain")
     st = cluster.status()
@@ -598,7 +611,8 @@ def test_chain_replacement_disk_joins_at_the_tail_by_a_chunked_snapshot(cluster:
 def _spare_cluster(c: Cluster, mode: str, writes: list[str]) -> tuple[str, int, dict[int, str], list[int], int, int]:
     """4 nodes in 3 racks, a 128 MiB volume of one group in `mode` written by qemu-io `writes`: (uri, group,
     rack of each node, members, the spare node, the member in the spare's rack)."""
-    r = c.cli("cluster", "up", "--nbd-port", "0", "--nodes", "4", "--racks", "3")
+    r = c.cli("cluster", "up", "--nbd-port", "0", "--nodes", "4", "--racks", "3",
+              *(["--gateway", c.gateway] if c.gateway else []))
     base = r.stdout.strip().splitlines()[-1]
     c.cli("volume", "create", "vol", "--size", "128M", "--replication", mode)
     uri = f"{base}/vol"
@@ -620,7 +634,7 @@ def test_raft_re_replicates_to_a_spare_node_and_the_replaced_node_discards(tmp_p
     `raftblock repair watch` reports. The dead node comes back after it was replaced: it drops its stale
     replica (WAL first, then the engine)."""
     require_tools("qemu-io")
-    c = Cluster(tmp_path / "cluster")
+    c = Cluster(tmp_path / "cluster", gateway="separate")  # the host outlives the victim
     try:
         uri, gid, rack, members, spare, victim = _spare_cluster(c, "raft", ["write -P 0x3c 0 24M", "write -P 0xc3 100M 1M"])
         c.kill(f"n{victim}")
@@ -734,7 +748,7 @@ def test_chain_re_replicates_to_a_spare_node_of_the_dead_members_rack(tmp_path: 
     which copies the data; every block reads back from it (the tail serves reads). The dead node comes
     back after it was replaced: it drops its stale replica."""
     require_tools("qemu-io")
-    c = Cluster(tmp_path / "cluster")
+    c = Cluster(tmp_path / "cluster", gateway="separate")  # the host outlives the victim
     try:
         uri, gid, rack, members, spare, victim = _spare_cluster(c, "chain", ["write -P 0x3c 0 8M", "write -P 0xc3 100M 1M"])
         c.kill(f"n{victim}")

@@ -107,7 +107,9 @@ def test_cluster_commands_find_one_cluster_by_any_path_and_no_process_runs_twice
     link.symlink_to(root)
     started: list[int] = []
     try:
-        uri = _cli("cluster", "up", "--dir", "c", "--nbd-port", "0", cwd=work).stdout.strip().splitlines()[-1]
+        # a separate gateway: its admin-socket lock is one of the owners checked here
+        uri = _cli("cluster", "up", "--dir", "c", "--nbd-port", "0", "--gateway", "separate",
+                   cwd=work).stdout.strip().splitlines()[-1]
         by = {}
         for name, d, cwd in (("relative", "c", work), ("absolute", str(root), tmp_path),
                              ("symlink", str(link), tmp_path), ("dotted", "../work/./c", work)):

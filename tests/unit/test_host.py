@@ -10,7 +10,7 @@ import asyncio
 import errno
 import struct
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import ClassVar
 
 import pytest
@@ -37,7 +37,7 @@ from raftblock.wire.client import (
     ST_UNAVAILABLE,
     ST_UNKNOWN_GROUP,
 )
-from raftblock.wire.framing import Frame, FrameDecoder, FrameType
+from raftblock.wire.framing import Frame, FrameDecoder, FrameType, encode_frame
 from raftblock.wire.ops import OP_TRIM, OP_WRITE, BlockOp, encode_batch
 
 BLOCK = 4096
@@ -178,9 +178,10 @@ class Conn:
         self.replies: list[pb.ClientResponse] = []
         self.payloads: list[bytes] = []
 
-    def send_soon(self, parts: list[bytes | bytearray | memoryview]) -> None:
+    def reply(self, gid: int, resp: pb.ClientResponse, data: Sequence[bytes | bytearray | memoryview]) -> None:
+        # Through the wire encoding, as a socket client gets it.
         dec = FrameDecoder()
-        dec.feed(b"".join(bytes(p) for p in parts))
+        dec.feed(b"".join(bytes(p) for p in encode_frame(FrameType.CLIENT_RESP, gid, resp.SerializeToString(), data)))
         f = dec.next_event()
         assert isinstance(f, Frame) and f.type == FrameType.CLIENT_RESP
         self.replies.append(pb.ClientResponse.FromString(f.message))

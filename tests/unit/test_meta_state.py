@@ -59,6 +59,7 @@ ALL = [
     SetNodeDrain(2, True),
     RenameVolume("v", "w"),
     RegisterGateway("gw1", "127.0.0.1:10809", 5),
+    RegisterGateway("n2", "127.0.0.1:10810", 5, 2),
 ]
 
 
@@ -280,3 +281,30 @@ def test_rename_keeps_the_volume_and_its_attach_epoch_and_is_refused_while_attac
     # the nodes fence by attach epoch: the renamed volume's next attach is newer than any before
     assert s.attach_epochs["w"] == att.value["attach_epoch"] and "v" not in s.attach_epochs
     assert s.apply(Attach("w", "gw2", 3)).value["attach_epoch"] == att.value["attach_epoch"] + 1
+
+
+def test_a_gateway_inside_a_node_gives_its_volumes_leader_affinity() -> None:
+    """node/agent.py rule 6: a volume attached through the gateway inside node N prefers N as the leader of
+    its groups; a separate gateway (node_id 0) and a detached volume prefer nobody."""
+    from raftblock.node.agent import leader_affinity
+
+    s = cluster()
+    assert s.apply(CreateVolume("v", GiB, 1)).ok
+    groups = set(s.volumes["v"].extent_groups)
+    assert s.apply(RegisterGateway("gw1", "127.0.0.1:10809", 2)).ok
+    assert s.apply(RegisterGateway("n3", "127.0.0.1:10811", 2, 3)).ok
+    assert s.gateways["n3"].node_id == 3 and s.gateways["gw1"].node_id == 0
+    assert s.apply(RegisterGateway("bad", "127.0.0.1:1", 2, -1)).error == "invalid"
+    assert leader_affinity(s) == {}
+    assert s.apply(Attach("v", "gw1", 3)).ok
+    assert leader_affinity(s) == {}  # a gateway machine: leaders stay where the map put them
+    assert s.apply(Attach("v", "n3", 4, True)).ok
+    assert leader_affinity(s) == {int(g): 3 for g in groups}
+    epoch = s.attachments["v"].attach_epoch
+    assert s.apply(Detach("v", "n3", epoch)).ok
+    assert leader_affinity(s) == {}
+    # an old snapshot without node_id still loads (gateways registered before issue 16)
+    d = s.to_dict()
+    for g in d["gateways"].values():
+        g.pop("node_id")
+    assert MetaState.from_dict(d).gateways["n3"].node_id == 0

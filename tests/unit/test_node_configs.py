@@ -18,6 +18,8 @@ def test_example_config_parses(path: Path) -> None:
     if "listen" in raw:  # a storage node
         cfg = NodeConfig(raw)
         assert cfg.meta_admin and cfg.rack and cfg.node_id in cfg.peers
+        if cfg.gateway is not None:  # a node that serves NBD
+            assert int(cfg.gateway["port"]) > 0 and cfg.gateway["admin_socket"]
     elif "members" in raw:  # a metadata node
         assert raw["node_id"] in [m["id"] for m in raw["members"]]
     else:  # a gateway
