@@ -1,5 +1,6 @@
 """Commits/s of 4 KiB writes on our Raft (one group, and all groups) against etcd, and the idle CPU of
-a node hosting `--groups` groups (1,000 by default) with leader stability over the idle window.
+a node hosting `--groups` groups (1,000 by default) with leader stability over the idle window, and each
+node's anonymous resident memory (RssAnon) after the load rounds and after the idle window.
 
 Three `raftnode` processes on loopback (real fdatasync, disk=os) with `--groups` groups each (1,000 by default), and a 3-member
 etcd on loopback (bench/etcd_baseline.py), both running for the whole bench. In each of `--rounds`
@@ -28,6 +29,7 @@ from pathlib import Path
 
 from raftblock._fast import blockcrc
 from raftblock.client.router import GroupClient, NodeClient
+from raftblock.obs.memory import rss_anon_bytes
 from raftblock.replication.raft.types import Role
 from raftblock.testing.raftnodes import RaftNodes
 
@@ -111,16 +113,19 @@ async def run(cluster: RaftNodes, etcd: object | None, args: argparse.Namespace)
     await wait_leaders(client, cluster.ids)
     before = await leaders(client, cluster.ids)
     pids = {n: cluster.pid(n) for n in cluster.ids}
+    rss_loaded = {n: rss_anon_bytes(p) for n, p in pids.items()}  # after the load rounds, all groups written
     t0 = {n: cpu_ticks(p) for n, p in pids.items()}
     w0 = time.monotonic()
     await asyncio.sleep(args.idle_seconds)  # measuring an idle interval, not synchronising
     wall = time.monotonic() - w0
     hz = os.sysconf("SC_CLK_TCK")
     idle = {n: 100.0 * (cpu_ticks(p) - t0[n]) / hz / wall for n, p in pids.items()}
+    rss_idle = {n: rss_anon_bytes(p) for n, p in pids.items()}
     after = await leaders(client, cluster.ids)
     await client.close()
     unstable = sorted(g for g in range(1, GROUPS + 1) if before.get(g) != after.get(g))
     return {"groups": GROUPS, "results": results, "idle_cpu_percent": idle, "idle_seconds": wall,
+            "rss_anon_after_load": rss_loaded, "rss_anon_after_idle": rss_idle,
             "groups_with_leader_after_idle": len(after), "groups_unstable_while_idle": unstable}
 
 
@@ -176,6 +181,10 @@ def main() -> int:
     assert isinstance(idle, dict)
     print(f"\nidle CPU of a node with {GROUPS} groups over {out['idle_seconds']:.0f} s (% of one core): "
           + ", ".join(f"node {n}: {v:.1f}" for n, v in idle.items()))
+    loaded, rested = out["rss_anon_after_load"], out["rss_anon_after_idle"]
+    assert isinstance(loaded, dict) and isinstance(rested, dict)
+    print(f"RssAnon of a node with {GROUPS} groups, after the load rounds / after the idle window (MiB): "
+          + ", ".join(f"node {n}: {loaded[n] >> 20} / {rested[n] >> 20}" for n in loaded))
     unstable = out["groups_unstable_while_idle"]
     assert isinstance(unstable, list)
     print(f"groups with a leader after the idle window: {out['groups_with_leader_after_idle']}/{GROUPS}; "
