@@ -64,8 +64,8 @@ from raftblock.storage.engine import Engine, EngineConfig
 
 log = structlog.get_logger(__name__)
 
-ENGINE_CLEAN_INTERVAL_S = 5.0
-ENGINE_CLEAN_BUDGET_BYTES = 8 << 20
+ENGINE_CLEAN_INTERVAL_S = 1.0
+ENGINE_CLEAN_BUDGET_BYTES = 8 << 20  # the trickle, every CLEAN_TRICKLE_EVERY s, while dead bytes are below the target
 
 
 class NodeConfig:
@@ -119,18 +119,50 @@ def parse_address(s: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+CLEAN_CHUNK_BYTES = 2 << 20  # one call of Engine.clean: the loop runs other work between chunks
+CLEAN_TRICKLE_EVERY = 5  # below the target: one round in this many (as before the pace: 8 MiB per 5 s)
+
+
+def cleaning_budget(stats: dict[str, int], cfg: EngineConfig, interval_s: float) -> int:
+    """Bytes the cleaner may rewrite in the next `interval_s` when it is behind: dead bytes above
+    max(cleaning_garbage_target x live bytes, two segments). 0: not behind (the trickle applies)."""
+    garbage, live = stats.get("garbage_bytes", 0), stats.get("live_bytes", 0)
+    target = max(cfg.cleaning_garbage_target * live, 2 * cfg.segment_size_bytes)
+    return int(cfg.cleaning_bytes_per_s * interval_s) if garbage > target else 0
+
+
 async def _engine_cleaning(engine: Engine, stop: asyncio.Event) -> None:
+    """Segment cleaning, checked once a second. Behind (`cleaning_budget` > 0): up to that many bytes, in
+    chunks with the loop free between them, what the copies dirtied flushed on a worker thread after each
+    (Engine rule 1: sync() may run on any thread), so the fdatasync a finished segment needs on the loop
+    (cleaner rule 4) has little left to write. Otherwise every CLEAN_TRICKLE_EVERY rounds one trickle of
+    ENGINE_CLEAN_BUDGET_BYTES: an engine fdatasync every second while nothing needs cleaning would compete
+    with the WAL's (measured: p99 of a mixed write load 55-90 ms became 130-190 ms)."""
+    loop = asyncio.get_running_loop()
+    rounds = 0
     while not stop.is_set():
         try:
             await asyncio.wait_for(stop.wait(), ENGINE_CLEAN_INTERVAL_S)
             return
         except TimeoutError:
             pass
+        rounds += 1
         try:
-            # The checkpoint and the segment cleaning fdatasync on the loop; flush what is dirty on a
-            # worker thread first (Engine rule 1: sync() may run on any thread), so those stay short.
-            await asyncio.get_running_loop().run_in_executor(None, engine.sync)
-            engine.clean(ENGINE_CLEAN_BUDGET_BYTES)
+            budget = cleaning_budget(engine.stats(), engine.config, ENGINE_CLEAN_INTERVAL_S)
+            behind = budget > 0
+            if not behind:
+                if rounds % CLEAN_TRICKLE_EVERY:
+                    continue
+                budget = ENGINE_CLEAN_BUDGET_BYTES
+            # The cleaner copies only from synced segments (Engine.cleanable); flush on a worker thread first.
+            await loop.run_in_executor(None, engine.sync)
+            while budget > 0 and not stop.is_set():
+                n = engine.clean(min(budget, CLEAN_CHUNK_BYTES) if behind else budget)
+                if n == 0:
+                    break
+                budget -= n
+                if behind:
+                    await loop.run_in_executor(None, engine.sync)
         except OSError as e:
             log.warning("engine.cleaning_failed", error=str(e))
 

@@ -90,6 +90,11 @@ class EngineConfig:
     segment_size_bytes: int = 64 << 20
     checkpoint_interval_bytes: int = 256 << 20
     cleaning_garbage_ratio: float = 0.5  # a sealed segment with at least this much dead space is cleaned
+    # The node's cleaning pace (node/raftnode.py EngineCleaning): while the engine holds more dead bytes than
+    # this fraction of its live bytes (and more than two segments), the cleaner rewrites up to
+    # cleaning_bytes_per_s; below it, a trickle.
+    cleaning_garbage_target: float = 0.25
+    cleaning_bytes_per_s: int = 32 << 20
     verify_on_open: bool = True
     preallocate: bool = True  # posix_fallocate each new segment to segment_size_bytes
 
@@ -124,6 +129,7 @@ class Engine:
         self._bytes_since_checkpoint = 0
         self._closed = False
         self._cleaner = Cleaner(self)
+        self.cleaned_bytes = 0  # bytes the cleaner rewrote since the engine opened (stats)
 
     # --- open ------------------------------------------------------------------------------
 
@@ -529,7 +535,9 @@ class Engine:
         """Clean the emptiest segments, rewriting at most ~budget_bytes (at least one record)."""
         self._check_open()
         self.maybe_checkpoint()
-        return self._cleaner.clean(budget_bytes)
+        n = self._cleaner.clean(budget_bytes)
+        self.cleaned_bytes += n
+        return n
 
     # --- the cleaning seam (storage/cleaner.py SegmentStore) --------------------------------
 
@@ -603,6 +611,7 @@ class Engine:
             "synced_lsn": self.synced_lsn,
             "checkpoint_lsn": self.checkpoint_lsn,
             "pins": sum(self.index.pins.values()),
+            "cleaned_bytes": self.cleaned_bytes,  # rewritten by the cleaner since the engine opened
         }
 
     # --- shutdown --------------------------------------------------------------------------

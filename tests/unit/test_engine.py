@@ -311,6 +311,39 @@ def test_ten_overwrites_do_not_take_ten_times_the_space(d: str) -> None:
     e2.close()
 
 
+def test_cleaning_keeps_pace_with_overwrites_and_trickles_below_the_target(d: str) -> None:
+    """node/raftnode.py cleaning_budget: the full rate while dead bytes exceed max(target x live, two
+    segments), nothing extra below (the trickle); run at that pace against a stream of overwrites (what bench/soak.py
+    measures on a cluster), the engine's dead bytes stay near the target instead of growing with every pass."""
+    from raftblock.node.raftnode import cleaning_budget
+
+    cfg = EngineConfig(segment_size_bytes=128 << 10, cleaning_garbage_target=0.25, cleaning_bytes_per_s=4 << 20)
+    seg = cfg.segment_size_bytes
+    assert cleaning_budget({"live_bytes": 1 << 20, "garbage_bytes": 2 * seg}, cfg, 1.0) == 0  # not behind
+    assert cleaning_budget({"live_bytes": 1 << 20, "garbage_bytes": 2 * seg + 1}, cfg, 0.5) == 2 << 20
+    assert cleaning_budget({"live_bytes": 8 << 20, "garbage_bytes": (2 << 20) + 1}, cfg, 1.0) == 4 << 20
+    assert cleaning_budget({"live_bytes": 8 << 20, "garbage_bytes": 2 << 20}, cfg, 1.0) == 0
+
+    e = Engine.open(OsDisk(), d, CLUSTER, cfg)
+    n = 512  # 2 MiB live
+    rng = random.Random(5)
+    worst = 0
+    for rnd in range(20):  # 20 x 1 MiB of random 32 KiB overwrites, one pacing interval each
+        for _ in range(32):
+            b = rng.randrange(0, n, 8)
+            e.write(1, b, *blocks(rnd * 10000 + b, 8))
+        e.sync()
+        budget = cleaning_budget(e.stats(), cfg, 0.25) or 64 << 10  # 1 MiB per interval when behind, else a trickle
+        while budget > 0 and (w := e.clean(min(budget, 256 << 10))):
+            budget -= w
+        worst = max(worst, e.stats()["garbage_bytes"])
+    st = e.stats()
+    assert st["cleaned_bytes"] > 0
+    assert worst <= 2 * seg + st["live_bytes"], (worst, st)  # near the target, not 20 MiB written
+    assert st["bytes_on_disk"] < st["live_bytes"] + 4 * seg + (1 << 20), st
+    e.close()
+
+
 def test_compact_respects_budget(d: str) -> None:
     e = Engine.open(OsDisk(), d, CLUSTER, EngineConfig(segment_size_bytes=128 << 10))
     for rnd in range(2):
