@@ -123,10 +123,9 @@ CLEAN_CHUNK_BYTES = 2 << 20  # one call of Engine.clean: the loop runs other wor
 CLEAN_TRICKLE_EVERY = 5  # below the target: one round in this many (as before the pace: 8 MiB per 5 s)
 
 
-def cleaning_budget(stats: dict[str, int], cfg: EngineConfig, interval_s: float) -> int:
+def cleaning_budget(live: int, garbage: int, cfg: EngineConfig, interval_s: float) -> int:
     """Bytes the cleaner may rewrite in the next `interval_s` when it is behind: dead bytes above
     max(cleaning_garbage_target x live bytes, two segments). 0: not behind (the trickle applies)."""
-    garbage, live = stats.get("garbage_bytes", 0), stats.get("live_bytes", 0)
     target = max(cfg.cleaning_garbage_target * live, 2 * cfg.segment_size_bytes)
     return int(cfg.cleaning_bytes_per_s * interval_s) if garbage > target else 0
 
@@ -148,7 +147,7 @@ async def _engine_cleaning(engine: Engine, stop: asyncio.Event) -> None:
             pass
         rounds += 1
         try:
-            budget = cleaning_budget(engine.stats(), engine.config, ENGINE_CLEAN_INTERVAL_S)
+            budget = cleaning_budget(*engine.space(), engine.config, ENGINE_CLEAN_INTERVAL_S)
             behind = budget > 0
             if not behind:
                 if rounds % CLEAN_TRICKLE_EVERY:

@@ -583,6 +583,12 @@ class Engine:
     def unpin(self, lsn: int) -> None:
         self.index.unpin(lsn)
 
+    def space(self) -> tuple[int, int]:
+        """(live bytes, dead bytes) of the segments, from the index alone (no file system call)."""
+        used = sum(s.end for s in self.index.segs.values() if s.seg_id in self._files)
+        live = self.index.live_bytes()
+        return live, max(0, used - live)
+
     def stats(self) -> dict[str, int]:
         on_disk = 0
         for f in list(self._files.values()):

@@ -319,10 +319,10 @@ def test_cleaning_keeps_pace_with_overwrites_and_trickles_below_the_target(d: st
 
     cfg = EngineConfig(segment_size_bytes=128 << 10, cleaning_garbage_target=0.25, cleaning_bytes_per_s=4 << 20)
     seg = cfg.segment_size_bytes
-    assert cleaning_budget({"live_bytes": 1 << 20, "garbage_bytes": 2 * seg}, cfg, 1.0) == 0  # not behind
-    assert cleaning_budget({"live_bytes": 1 << 20, "garbage_bytes": 2 * seg + 1}, cfg, 0.5) == 2 << 20
-    assert cleaning_budget({"live_bytes": 8 << 20, "garbage_bytes": (2 << 20) + 1}, cfg, 1.0) == 4 << 20
-    assert cleaning_budget({"live_bytes": 8 << 20, "garbage_bytes": 2 << 20}, cfg, 1.0) == 0
+    assert cleaning_budget(1 << 20, 2 * seg, cfg, 1.0) == 0  # not behind
+    assert cleaning_budget(1 << 20, 2 * seg + 1, cfg, 0.5) == 2 << 20
+    assert cleaning_budget(8 << 20, (2 << 20) + 1, cfg, 1.0) == 4 << 20
+    assert cleaning_budget(8 << 20, 2 << 20, cfg, 1.0) == 0
 
     e = Engine.open(OsDisk(), d, CLUSTER, cfg)
     n = 512  # 2 MiB live
@@ -333,7 +333,8 @@ def test_cleaning_keeps_pace_with_overwrites_and_trickles_below_the_target(d: st
             b = rng.randrange(0, n, 8)
             e.write(1, b, *blocks(rnd * 10000 + b, 8))
         e.sync()
-        budget = cleaning_budget(e.stats(), cfg, 0.25) or 64 << 10  # 1 MiB per interval when behind, else a trickle
+        assert e.space() == (e.stats()["live_bytes"], e.stats()["garbage_bytes"])
+        budget = cleaning_budget(*e.space(), cfg, 0.25) or 64 << 10  # 1 MiB per interval when behind, else a trickle
         while budget > 0 and (w := e.clean(min(budget, 256 << 10))):
             budget -= w
         worst = max(worst, e.stats()["garbage_bytes"])
