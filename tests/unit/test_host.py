@@ -421,3 +421,72 @@ def test_an_image_installs_before_its_ready_acknowledges_or_finishes_even_when_a
         assert bytes(got) == data
 
     run(body)
+
+
+class PeerLink:
+    """A peer connection as node/inproc.py PeerConn sees it: the frames it was asked to send, decoded."""
+
+    def __init__(self) -> None:
+        self.frames: list[Frame] = []
+
+    def send_soon(self, parts: list[bytes | bytearray | memoryview]) -> None:
+        dec = FrameDecoder()
+        dec.feed(b"".join(bytes(p) for p in parts))
+        f = dec.next_event()
+        assert isinstance(f, Frame)
+        self.frames.append(f)
+
+    def reply(self, gid: int, resp: pb.ClientResponse, data: Sequence[bytes | bytearray | memoryview]) -> None:
+        self.send_soon(encode_frame(FrameType.CLIENT_RESP, gid, resp.SerializeToString(), data))
+
+
+def test_a_gateway_in_the_node_reaches_its_own_data_plane_and_forwards_the_rest_on_the_peer_link() -> None:
+    """node/inproc.py: a request for this node goes to the data plane without a frame and is answered with the
+    response object and the engine's own buffer; one for a peer leaves as CLIENT_REQ on the peer link and is
+    answered by the CLIENT_RESP that comes back on it; a peer link that goes down fails what waits on it at once;
+    no link: ConnectionError without waiting."""
+    from raftblock.node.inproc import LocalConn, PeerConn
+
+    async def body(h: NodeHost, disk: MemDisk) -> None:
+        add_fake(h, 1, [])
+        local = h.client_links(1)
+        assert isinstance(local, LocalConn) and h.client_links(9) is None  # 9: no such node
+        data = bytes([7]) * BLOCK
+        req = pb.ClientRequest(op=OP_C_WRITE, extent_id=1 << 32, block=4, count=1)
+        req.crcs.extend(blockcrc.block_crcs(data))
+        resp, _ = await local.request(1, req, [data], 5.0)
+        assert resp.status == ST_OK
+        req = pb.ClientRequest(op=OP_C_READ, extent_id=1 << 32, block=4, count=1)
+        resp, got = await local.request(1, req, [], 5.0)
+        assert resp.status == ST_OK and isinstance(got, bytearray) and bytes(got) == data
+        resp, _ = await local.request(5, pb.ClientRequest(op=OP_C_READ, extent_id=5 << 32, count=1), [], 5.0)
+        assert resp.status == ST_UNKNOWN_GROUP
+
+        peer = h.client_links(2)
+        assert isinstance(peer, PeerConn) and peer.lost
+        with pytest.raises(ConnectionError):
+            await peer.request(1, pb.ClientRequest(op=OP_C_READ), [], 5.0)
+        link = PeerLink()
+        h.links.conns[2] = link  # type: ignore[assignment]
+        task = asyncio.ensure_future(peer.request(3, pb.ClientRequest(op=OP_C_WRITE, count=1), [data], 5.0))
+        await until(lambda: len(link.frames) == 1)
+        sent = link.frames[0]
+        assert sent.type == FrameType.CLIENT_REQ and sent.group == 3 and bytes(sent.payload) == data
+        rid = pb.ClientRequest.FromString(sent.message).request_id
+        answer = pb.ClientResponse(request_id=rid, node_id=2)
+        h.on_peer_frame(2, Frame(FrameType.CLIENT_RESP, 0, 3, answer.SerializeToString(), b""))
+        resp, _ = await task
+        assert resp.node_id == 2 and h.counters["client_requests_forwarded"] == 1
+        task = asyncio.ensure_future(peer.request(3, pb.ClientRequest(op=OP_C_READ), [], 5.0))
+        await until(lambda: len(link.frames) == 2)
+        # The other side of forwarding: a CLIENT_REQ arriving on the peer link is served and answered on it.
+        h.on_peer_frame(2, write_frame(1, 6, 9))
+        await until(lambda: link.frames[-1].type == FrameType.CLIENT_RESP)
+        assert pb.ClientResponse.FromString(link.frames[-1].message).status == ST_OK
+        assert bytes(h.engine.read(1 << 32, 6, 1)[0]) == bytes([9]) * BLOCK
+        del h.links.conns[2]
+        h.on_peer_down(2)
+        with pytest.raises(ConnectionError):
+            await task
+
+    run(body)
