@@ -39,7 +39,7 @@ cdef uint64_t LAST_BLOCK = 0xFFFFFFFFULL
 cdef uint32_t ALL_ONES = 0xFFFFFFFFu
 
 IMPLEMENTATION = "cython"
-__all__ = ["BlockCrcMismatch", "IMPLEMENTATION", "frame_trim", "frame_write"]
+__all__ = ["BlockCrcMismatch", "IMPLEMENTATION", "frame_trim", "frame_write", "frame_write_head"]
 
 
 cdef inline uint32_t _crc32c(uint32_t seed, const unsigned char* p, size_t n) noexcept nogil:
@@ -79,14 +79,17 @@ cdef void _header(unsigned char* p, uint8_t rtype, uint8_t flags, uint32_t count
 cdef Py_ssize_t _frame_write(unsigned char* p, Py_ssize_t pay_off, const unsigned char* payload,
                              Py_ssize_t count, bint check, Py_ssize_t first_invalid, const uint32_t* want,
                              uint8_t flags, uint32_t block, uint64_t extent_id, uint64_t lsn,
-                             uint64_t sync_mark, uint32_t seed) noexcept nogil:
-    """Copy, checksum, pair-check, then CRC array and header; returns the first mismatching block or -1
-    (then nothing but the payload has been written)."""
+                             uint64_t sync_mark, uint32_t seed, bint copy) noexcept nogil:
+    """Copy (unless `copy` is false: frame_write_head), checksum, pair-check, then CRC array and header;
+    returns the first mismatching block or -1 (then nothing but the payload has been written)."""
     cdef Py_ssize_t i, n = count * BLOCK, carr = pay_off - HDR
     cdef uint32_t got[MAXW]
-    memmove(p + pay_off, payload, <size_t>n)
+    cdef const unsigned char* src = payload
+    if copy:
+        memmove(p + pay_off, payload, <size_t>n)
+        src = p + pay_off
     for i in range(count):
-        got[i] = _crc32c(0, p + pay_off + i * BLOCK, BLOCK)
+        got[i] = _crc32c(0, src + i * BLOCK, BLOCK)
     if check:
         for i in range(count):
             if i == first_invalid or got[i] != want[i]:
@@ -117,6 +120,18 @@ cdef int _check_fits(Py_ssize_t offset, Py_ssize_t length, Py_ssize_t size) exce
 def frame_write(buf, Py_ssize_t offset, uint32_t seed, uint64_t extent_id, uint32_t block, uint64_t lsn,
                 uint64_t sync_mark, payload, crcs=None, uint8_t flags=0):
     """Frame one WRITE record (header, CRC array, payload) at buf[offset:]; returns offset + its length."""
+    return _frame(buf, offset, seed, extent_id, block, lsn, sync_mark, payload, crcs, flags, True)
+
+
+def frame_write_head(buf, Py_ssize_t offset, uint32_t seed, uint64_t extent_id, uint32_t block, uint64_t lsn,
+                     uint64_t sync_mark, payload, crcs=None, uint8_t flags=0):
+    """The header and CRC array of the WRITE record of `payload` at buf[offset:], not the payload (twin's
+    Rule 5: the CRCs are computed where the payload lies); returns offset + their length."""
+    return _frame(buf, offset, seed, extent_id, block, lsn, sync_mark, payload, crcs, flags, False)
+
+
+cdef object _frame(buf, Py_ssize_t offset, uint32_t seed, uint64_t extent_id, uint32_t block, uint64_t lsn,
+                   uint64_t sync_mark, payload, crcs, uint8_t flags, bint copy):
     cdef const unsigned char[::1] pay = payload if type(payload) is bytes or type(payload) is bytearray \
         else memoryview(payload).cast("B")
     cdef Py_ssize_t n = pay.shape[0], count, i, carr, pay_off, length, bad = -1
@@ -147,17 +162,17 @@ def frame_write(buf, Py_ssize_t offset, uint32_t seed, uint64_t extent_id, uint3
                 want[i] = <uint32_t>v
     carr = (4 * count + 7) & ~7
     pay_off = HDR + carr
-    length = pay_off + n
+    length = pay_off + n if copy else pay_off
     cdef unsigned char[::1] out = _out_view(buf)
     _check_fits(offset, length, out.shape[0])
     p = &out[0] + offset
     if n >= NOGIL_MIN_BYTES:
         with nogil:
             bad = _frame_write(p, pay_off, &pay[0], count, check, first_invalid, want, flags, block, extent_id,
-                               lsn, sync_mark, seed)
+                               lsn, sync_mark, seed, copy)
     else:
         bad = _frame_write(p, pay_off, &pay[0], count, check, first_invalid, want, flags, block, extent_id,
-                           lsn, sync_mark, seed)
+                           lsn, sync_mark, seed, copy)
     if bad >= 0:
         raise BlockCrcMismatch(bad)
     return offset + length

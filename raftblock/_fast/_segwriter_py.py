@@ -14,6 +14,10 @@ Rule 3: every check runs before the first byte is written: field ranges (Overflo
         integers (TypeError). A CRC value outside 0..2^32-1 is a mismatch, not an error.
 Rule 4: checksums come from the crc32c package (never hand-written); the header CRC is
         crc32c(header[4:48] ++ crc_array, seed).
+Rule 5: `frame_write_head` frames the same record without its payload (header and CRC array only, for a
+        pwritev of [head, payload]): the CRCs are computed from the payload where it lies, so the caller
+        must not change the payload before it is written (the engine's payloads are immutable: bytes, or
+        views of a received frame nothing writes to). Same checks, same result bytes as frame_write.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from raftblock._fast._segformat import (
     BlockCrcMismatch,
 )
 
-__all__ = ["BlockCrcMismatch", "IMPLEMENTATION", "frame_trim", "frame_write"]
+__all__ = ["BlockCrcMismatch", "IMPLEMENTATION", "frame_trim", "frame_write", "frame_write_head"]
 
 IMPLEMENTATION = "python"
 
@@ -62,20 +66,11 @@ def _out_view(buf: Buffer, offset: int, length: int) -> memoryview:
     return out
 
 
-def frame_write(
-    buf: Buffer,
-    offset: int,
-    seed: int,
-    extent_id: int,
-    block: int,
-    lsn: int,
-    sync_mark: int,
-    payload: Buffer,
-    crcs: Sequence[int] | None = None,
-    flags: int = 0,
-) -> int:
-    """Frame one WRITE record (header, CRC array, payload) at buf[offset:]; returns offset + its length."""
-    offset = index(offset)
+def _write_args(
+    seed: int, extent_id: int, block: int, lsn: int, sync_mark: int, payload: Buffer, crcs: Sequence[int] | None,
+    flags: int,
+) -> tuple[int, int, int, int, int, int, memoryview, int, list[int] | None]:
+    """Rule 3 for a WRITE: the fields, the payload view, its block count and the wanted CRCs."""
     seed = _unsigned(seed, 32, "seed")
     extent_id = _unsigned(extent_id, 64, "extent_id")
     block = _unsigned(block, 32, "block")
@@ -94,25 +89,77 @@ def frame_write(
         if len(crcs) != count:
             raise ValueError(f"{len(crcs)} CRCs for {count} payload blocks")
         want = [index(c) for c in crcs]
-    carr = (4 * count + 7) & ~7
-    pay_off = REC_HEADER_SIZE + carr
-    length = pay_off + n
-    out = _out_view(buf, offset, length)
+    return seed, extent_id, block, lsn, sync_mark, flags, pay, count, want
 
-    start = offset + pay_off
-    out[start : start + n] = pay
-    got = [crc32c(out[s : s + BLOCK_SIZE]) for s in range(start, start + n, BLOCK_SIZE)]
+
+def _head(out: memoryview, offset: int, got: list[int], want: list[int] | None, seed: int, extent_id: int,
+          block: int, lsn: int, sync_mark: int, flags: int) -> int:
+    """Rule 2 (the pair check), then the CRC array and the header at out[offset:]; returns the payload's
+    offset in the record."""
+    count = len(got)
     if want is not None:
         for i, (g, w) in enumerate(zip(got, want, strict=True)):
             if g != w:
                 raise BlockCrcMismatch(i)
+    carr = (4 * count + 7) & ~7
+    pay_off = REC_HEADER_SIZE + carr
     struct.pack_into(f"<{count}I", out, offset + REC_HEADER_SIZE, *got)
-    out[offset + REC_HEADER_SIZE + 4 * count : start] = bytes(carr - 4 * count)
+    out[offset + REC_HEADER_SIZE + 4 * count : offset + pay_off] = bytes(carr - 4 * count)
     _HEADER.pack_into(
-        out, offset, 0, REC_MAGIC, REC_WRITE, flags, 0, count, length, block, extent_id, lsn, sync_mark
+        out, offset, 0, REC_MAGIC, REC_WRITE, flags, 0, count, pay_off + count * BLOCK_SIZE, block, extent_id,
+        lsn, sync_mark
     )
-    struct.pack_into("<I", out, offset, crc32c(out[offset + 4 : start], seed))
-    return offset + length
+    struct.pack_into("<I", out, offset, crc32c(out[offset + 4 : offset + pay_off], seed))
+    return pay_off
+
+
+def frame_write(
+    buf: Buffer,
+    offset: int,
+    seed: int,
+    extent_id: int,
+    block: int,
+    lsn: int,
+    sync_mark: int,
+    payload: Buffer,
+    crcs: Sequence[int] | None = None,
+    flags: int = 0,
+) -> int:
+    """Frame one WRITE record (header, CRC array, payload) at buf[offset:]; returns offset + its length."""
+    offset = index(offset)
+    seed, extent_id, block, lsn, sync_mark, flags, pay, count, want = _write_args(
+        seed, extent_id, block, lsn, sync_mark, payload, crcs, flags)
+    n = count * BLOCK_SIZE
+    pay_off = REC_HEADER_SIZE + ((4 * count + 7) & ~7)
+    out = _out_view(buf, offset, pay_off + n)
+    start = offset + pay_off
+    out[start : start + n] = pay
+    got = [crc32c(out[s : s + BLOCK_SIZE]) for s in range(start, start + n, BLOCK_SIZE)]
+    _head(out, offset, got, want, seed, extent_id, block, lsn, sync_mark, flags)
+    return start + n
+
+
+def frame_write_head(
+    buf: Buffer,
+    offset: int,
+    seed: int,
+    extent_id: int,
+    block: int,
+    lsn: int,
+    sync_mark: int,
+    payload: Buffer,
+    crcs: Sequence[int] | None = None,
+    flags: int = 0,
+) -> int:
+    """Rule 5: the header and CRC array of the WRITE record of `payload` at buf[offset:], not the payload;
+    returns offset + their length (the record's payload offset)."""
+    offset = index(offset)
+    seed, extent_id, block, lsn, sync_mark, flags, pay, count, want = _write_args(
+        seed, extent_id, block, lsn, sync_mark, payload, crcs, flags)
+    pay_off = REC_HEADER_SIZE + ((4 * count + 7) & ~7)
+    out = _out_view(buf, offset, pay_off)
+    got = [crc32c(pay[s : s + BLOCK_SIZE]) for s in range(0, count * BLOCK_SIZE, BLOCK_SIZE)]
+    return offset + _head(out, offset, got, want, seed, extent_id, block, lsn, sync_mark, flags)
 
 
 def frame_trim(

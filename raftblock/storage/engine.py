@@ -11,7 +11,9 @@
 #         fdatasyncs every segment with unsynced appends (rolled ones too) and the directory if files
 #         were created.
 # Rule 3 (pair check): CRCs are checked right before a block is written and right after every read;
-#         a mismatch raises CorruptBlockError and never returns data.
+#         a mismatch raises CorruptBlockError and never returns data. A write's CRCs are computed from
+#         its payload where it lies and the payload is written from there (pwritev, no copy): callers
+#         hand over buffers nobody changes (bytes, views of a received frame).
 # Rule 4 (failures): an error during an append leaves the engine as before the call (no index
 #         change, append position unchanged); ENOSPC becomes NoSpaceError.
 # The engine never imports asyncio.
@@ -29,7 +31,7 @@ import structlog
 
 from raftblock._fast import bitmap, segwriter
 from raftblock.storage.cleaner import Cleaner
-from raftblock.storage.disk import Disk, DiskFile
+from raftblock.storage.disk import Disk, DiskFile, write_parts
 from raftblock.storage.index import Checkpoint, CorruptBlockError, Index, Rec, SegState, encode_checkpoint
 from raftblock.storage.recovery import (
     CHECKPOINT_NAME,
@@ -48,7 +50,6 @@ from raftblock.storage.segment import (
     SEG_HEADER_SIZE,
     RecordHeader,
     build_trim_record,
-    build_write_record,
     encode_segment_header,
     payload_offset,
     position,
@@ -229,20 +230,26 @@ class Engine:
             assert seg is not None
         return seg
 
-    def _append(self, seg: SegState, buf: bytearray | bytes) -> int:
-        """pwrite one framed record at the end of `seg`; returns its offset."""
+    def _append(self, seg: SegState, buf: bytearray | bytes | list[bytes | bytearray | memoryview]) -> int:
+        """Write framed records at the end of `seg` (one buffer: pwrite; parts: pwritev, `write_parts`);
+        returns their offset."""
         off = seg.end
+        size = sum(len(p) for p in buf) if isinstance(buf, list) else len(buf)
         try:
-            self._files[seg.seg_id].pwrite(buf, off)
+            f = self._files[seg.seg_id]
+            if isinstance(buf, list):
+                write_parts(f, buf, off)
+            else:
+                f.pwrite(buf, off)
         except OSError as e:
             if _is_enospc(e):
                 log.warning("engine.no_space", op="append", segment=segment_name(seg.seg_id), offset=off)
                 raise NoSpaceError(f"no space to append a record: {e}") from e
             raise
         with self._lock:
-            seg.end = off + len(buf)
+            seg.end = off + size
             self._dirty.add(seg.seg_id)
-        self._bytes_since_checkpoint += len(buf)
+        self._bytes_since_checkpoint += size
         return off
 
     @staticmethod
@@ -262,12 +269,13 @@ class Engine:
         n = self._check_write(extent_id, block, data, crcs)
         lsn = self.last_lsn + 1
         seg = self._room(record_length(REC_WRITE, n))
-        buf, bad = build_write_record(
-            self._seeds[seg.seg_id], extent_id, block, lsn, self._durable_mark, data, list(crcs)
-        )
-        if bad is not None:
-            raise CorruptBlockError(extent_id, block + bad, "checksum mismatch before write")
-        off = self._append(seg, buf)
+        head = bytearray(record_length(REC_WRITE, n) - n * BLOCK_SIZE)
+        try:  # header and CRC array only: the payload is written where it lies (_fast segwriter rule 5)
+            segwriter.frame_write_head(head, 0, self._seeds[seg.seg_id], extent_id, block, lsn,
+                                       self._durable_mark, data, crcs)
+        except segwriter.BlockCrcMismatch as e:
+            raise CorruptBlockError(extent_id, block + e.index, "checksum mismatch before write") from e
+        off = self._append(seg, [head, data])
         with self._lock:
             self.last_lsn = lsn
         rec = Rec(seg.seg_id, off, REC_WRITE, 0, extent_id, block, n, lsn)
@@ -279,8 +287,8 @@ class Engine:
         self, writes: Sequence[tuple[int, int, bytes | bytearray | memoryview, Sequence[int]]]
     ) -> int:
         """Apply several writes (extent_id, block, data, crcs) in order, as `write` would one by one,
-        but framed back to back into one buffer and written with one pwrite (the apply of a Raft entry
-        holding a batch of client writes). Every write is checked before any byte is written; a batch
+        but written back to back with one pwritev (the apply of a Raft entry holding a batch of client
+        writes; the payloads are not copied, so the caller must not change them until this returns). Every write is checked before any byte is written; a batch
         that does not fit in the active segment goes one write at a time. Returns the last LSN."""
         self._check_open()
         lengths = []
@@ -293,7 +301,11 @@ class Engine:
             for extent_id, block, data, crcs in writes:
                 lsn = self.write(extent_id, block, data, crcs)
             return lsn
-        buf = bytearray(total)
+        # The headers and CRC arrays framed into one small buffer; the payloads written where they lie
+        # (pwritev of head, payload, head, payload, ...: no copy of the data, no fresh buffer of its size).
+        heads = bytearray(total - sum(len(w[2]) for w in writes))
+        hview = memoryview(heads)
+        parts: list[bytes | bytearray | memoryview] = []
         seed = self._seeds[seg.seg_id]
         mark = self._durable_mark
         lsn = self.last_lsn
@@ -301,10 +313,13 @@ class Engine:
         for extent_id, block, data, crcs in writes:
             lsn += 1
             try:
-                pos = segwriter.frame_write(buf, pos, seed, extent_id, block, lsn, mark, data, crcs)
+                end = segwriter.frame_write_head(heads, pos, seed, extent_id, block, lsn, mark, data, crcs)
             except segwriter.BlockCrcMismatch as e:
                 raise CorruptBlockError(extent_id, block + e.index, "checksum mismatch before write") from e
-        off = self._append(seg, buf)
+            parts.append(hview[pos:end])
+            parts.append(data)
+            pos = end
+        off = self._append(seg, parts)
         with self._lock:
             self.last_lsn = lsn
         lsn = self.last_lsn - len(writes)

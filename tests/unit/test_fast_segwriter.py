@@ -115,6 +115,35 @@ def test_write_record_bytes_identical_to_legacy(sw: ModuleType, count: int) -> N
     assert buf2 == want
 
 
+@pytest.mark.parametrize("count", [1, 3, 16, 256])
+def test_head_framing_is_the_record_without_its_payload(sw: ModuleType, count: int) -> None:
+    """Rule 5: frame_write_head writes exactly the bytes frame_write puts before the payload (so [head,
+    payload] written back to back is the same record), reads the payload where it lies, and pair-checks it
+    the same way (16+ blocks: the C module without the GIL)."""
+    pay = _payload(count, count + 7)
+    crcs = _crcs(pay)
+    args = (SEED, 7 + count, 5 * count, 10**9 + count, (3 << 32) | 128, pay, crcs, count & 3)
+    want, _ = _legacy_write_record(*args)
+    pay_off = len(want) - count * BLOCK
+    head = bytearray(b"\xee" * (pay_off + 24))
+    assert sw.frame_write_head(head, 8, *args) == 8 + pay_off
+    assert head[:8] == b"\xee" * 8 and head[8 + pay_off :] == b"\xee" * 16  # nothing outside the head
+    assert bytes(head[8 : 8 + pay_off]) + pay == want
+    head2 = bytearray(pay_off)
+    sw.frame_write_head(head2, 0, *args[:6], None, args[7])  # CRCs computed, not given
+    assert head2 == head[8 : 8 + pay_off]
+    view = memoryview(bytearray(b"x" * 5 + pay))[5:]  # a view of someone else's buffer, read in place
+    assert sw.frame_write_head(bytearray(pay_off), 0, *args[:5], view, crcs, args[7]) == pay_off
+    bad = list(crcs)
+    bad[count - 1] ^= 4
+    untouched = bytearray(pay_off)
+    with pytest.raises(sw.BlockCrcMismatch) as e:
+        sw.frame_write_head(untouched, 0, *args[:6], bad, args[7])
+    assert e.value.index == count - 1 and untouched == bytearray(pay_off)  # nothing written
+    with pytest.raises(ValueError):
+        sw.frame_write_head(bytearray(pay_off - 1), 0, *args)  # the head does not fit
+
+
 def test_trim_record_bytes_identical_to_legacy(sw: ModuleType) -> None:
     for args in [(SEED, 1, 2, 3, 4, 5, 0), (0, 2**64 - 1, 0, 2**32 - 1, 2**64 - 1, 2**64 - 1, 255),
                  (0xFFFFFFFF, 0, 2**32 - 2, 1, 0, 0, 0x02)]:
