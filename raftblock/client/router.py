@@ -74,12 +74,49 @@ def _expire(fut: asyncio.Future[Reply]) -> None:
         fut.set_exception(TimeoutError("no reply within the attempt timeout"))
 
 
+class Waiters:
+    """The requests of one connection waiting for their replies, by request id (this socket client's, and
+    node/inproc.py's connections of a gateway inside a node)."""
+
+    def __init__(self) -> None:
+        self.futs: dict[int, asyncio.Future[Reply]] = {}
+        self._ids = itertools.count(1)
+
+    def add(self, req: pb.ClientRequest) -> asyncio.Future[Reply]:
+        """Name `req` with the next request id and return the future its reply completes."""
+        rid = next(self._ids)
+        req.request_id = rid
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self.futs[rid] = fut
+        return fut
+
+    def answer(self, resp: pb.ClientResponse, data: bytes | bytearray | memoryview) -> None:
+        fut = self.futs.pop(resp.request_id, None)
+        if fut is not None and not fut.done():
+            fut.set_result((resp, data))
+
+    def fail(self, exc: Exception) -> None:
+        futs, self.futs = self.futs, {}
+        for fut in futs.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    async def wait(self, req: pb.ClientRequest, fut: asyncio.Future[Reply], timeout_s: float) -> Reply:
+        """The reply, or TimeoutError after `timeout_s` (a timer on the future rather than
+        asyncio.wait_for, which wraps every request in one more Task)."""
+        timer = asyncio.get_running_loop().call_later(timeout_s, _expire, fut)
+        try:
+            return await fut
+        finally:
+            timer.cancel()
+            self.futs.pop(req.request_id, None)
+
+
 class _ClientConn(asyncio.BufferedProtocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self._dec = FrameDecoder()
-        self._waiters: dict[int, asyncio.Future[Reply]] = {}
-        self._ids = itertools.count(1)
+        self._waiters = Waiters()
         self.lost = False
         self._out: list[Buf] = []  # requests of this loop turn, written together by _flush
 
@@ -110,37 +147,21 @@ class _ClientConn(asyncio.BufferedProtocol):
                 return
             if isinstance(ev, BadFrame) or ev.type != FrameType.CLIENT_RESP:
                 continue
-            resp = pb.ClientResponse.FromString(ev.message)
-            fut = self._waiters.pop(resp.request_id, None)
-            if fut is not None and not fut.done():
-                fut.set_result((resp, ev.payload))
+            self._waiters.answer(pb.ClientResponse.FromString(ev.message), ev.payload)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
-        for fut in self._waiters.values():
-            if not fut.done():
-                fut.set_exception(ConnectionError("connection to node lost"))
-        self._waiters.clear()
+        self._waiters.fail(ConnectionError("connection to node lost"))
 
     async def request(self, group: int, req: pb.ClientRequest, payload: Sequence[Buf], timeout_s: float) -> Reply:
-        """Send one request and wait for its reply; TimeoutError after `timeout_s`. (A timer on the
-        future rather than asyncio.wait_for, which wraps every request in one more Task.)"""
+        """Send one request and wait for its reply; TimeoutError after `timeout_s`."""
         if self.lost or self.transport is None or self.transport.is_closing():
             raise ConnectionError("connection closed")
-        loop = asyncio.get_running_loop()
-        rid = next(self._ids)
-        req.request_id = rid
-        fut: asyncio.Future[Reply] = loop.create_future()
-        self._waiters[rid] = fut
-        timer = loop.call_later(timeout_s, _expire, fut)
-        try:
-            if not self._out:
-                loop.call_soon(self._flush)
-            self._out.extend(encode_frame(FrameType.CLIENT_REQ, group, req.SerializeToString(), payload))
-            return await fut
-        finally:
-            timer.cancel()
-            self._waiters.pop(rid, None)
+        fut = self._waiters.add(req)
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.extend(encode_frame(FrameType.CLIENT_REQ, group, req.SerializeToString(), payload))
+        return await self._waiters.wait(req, fut, timeout_s)
 
     def _flush(self) -> None:
         out, self._out = self._out, []

@@ -384,7 +384,7 @@ def repairs_of(infos: dict[int, dict[int, Any]], st: MetaState) -> list[dict[str
 
 def _gateway_call(layout: Layout, op: str) -> dict[str, Any] | None:
     """`op` (reload | status) to every running gateway of the cluster: the separate one and those inside the
-    nodes. Their status replies merged: connections per volume summed, leader caches by gateway."""
+    nodes. Their status replies merged: connections per volume summed, retries summed."""
     async def call(sock: Path) -> dict[str, Any]:
         r, w = await asyncio.open_unix_connection(str(sock))
         w.write(json.dumps({"op": op}).encode() + b"\n")

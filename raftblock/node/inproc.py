@@ -16,28 +16,19 @@ Rules:
 
 from __future__ import annotations
 
-import asyncio
-import itertools
 from collections import Counter
 from collections.abc import Sequence
 from typing import Protocol
 
 import structlog
 
+from raftblock.client.router import Reply, Waiters
 from raftblock.node.dataplane import DataPlane
 from raftblock.node.transport import Transport
 from raftblock.wire import raftblock_pb2 as pb
 from raftblock.wire.framing import Buf, Frame, FrameType, encode_frame
 
 log = structlog.get_logger(__name__)
-
-Reply = tuple[pb.ClientResponse, bytes | bytearray | memoryview]
-
-
-def _expire(fut: asyncio.Future[Reply]) -> None:
-    if not fut.done():
-        fut.set_exception(TimeoutError("no reply within the attempt timeout"))
-
 
 def _one(parts: Sequence[Buf]) -> bytes | bytearray | memoryview:
     if len(parts) == 1:
@@ -54,38 +45,6 @@ class InProcHost(Protocol):
     links: Transport
 
 
-class _Waiters:
-    def __init__(self) -> None:
-        self.futs: dict[int, asyncio.Future[Reply]] = {}
-        self.ids = itertools.count(1)
-
-    def add(self, req: pb.ClientRequest) -> asyncio.Future[Reply]:
-        rid = next(self.ids)
-        req.request_id = rid
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self.futs[rid] = fut
-        return fut
-
-    def answer(self, resp: pb.ClientResponse, data: bytes | bytearray | memoryview) -> None:
-        fut = self.futs.pop(resp.request_id, None)
-        if fut is not None and not fut.done():
-            fut.set_result((resp, data))
-
-    def fail(self, exc: Exception) -> None:
-        futs, self.futs = self.futs, {}
-        for fut in futs.values():
-            if not fut.done():
-                fut.set_exception(exc)
-
-    async def wait(self, req: pb.ClientRequest, fut: asyncio.Future[Reply], timeout_s: float) -> Reply:
-        timer = asyncio.get_running_loop().call_later(timeout_s, _expire, fut)
-        try:
-            return await fut
-        finally:
-            timer.cancel()
-            self.futs.pop(req.request_id, None)
-
-
 class LocalConn:
     """Rule 1: this node's data plane, as a connection."""
 
@@ -93,7 +52,7 @@ class LocalConn:
 
     def __init__(self, host: InProcHost) -> None:
         self._host = host
-        self._waiters = _Waiters()
+        self._waiters = Waiters()
 
     async def request(self, group: int, req: pb.ClientRequest, payload: Sequence[Buf], timeout_s: float) -> Reply:
         fut = self._waiters.add(req)
@@ -118,7 +77,7 @@ class PeerConn:
     def __init__(self, host: InProcHost, peer: int) -> None:
         self._host = host
         self.peer = peer
-        self._waiters = _Waiters()
+        self._waiters = Waiters()
 
     @property
     def lost(self) -> bool:
