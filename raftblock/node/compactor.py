@@ -13,6 +13,9 @@ Rules:
 2. A cycle starts when the WAL grew by `wal_compact_bytes` since the last one (what recovery found counts
    as grown, so a node restarted on a large WAL compacts at once), and not before the fences are known
    (until the first map read, recovered replicas are not hosted and would be skipped).
+   A node whose WAL has stopped growing (IDLE_SECONDS without an append) compacts once more, so what the
+   last cycle could not cut yet (entries applied after it noted its points) does not stay until the
+   next burst of writes (write-once: nor do the WAL segments it holds).
 3. Trickle writeback: every `engine_sync_bytes` applied, the engine is fdatasynced on its thread (off the
    write path), so no compaction, checkpoint or page-cache limit later meets gigabytes of dirty engine
    data, which would stall the WAL's fdatasyncs on the same disk.
@@ -33,6 +36,8 @@ from raftblock.replication.wal import Wal
 from raftblock.storage.engine import Engine
 
 log = structlog.get_logger(__name__)
+
+IDLE_SECONDS = 3
 
 
 class CompactSettings(Protocol):
@@ -72,6 +77,8 @@ class Compactor:
         self._grown_from = -host.wal.total_bytes()  # rule 2: recovered bytes count as grown
         self._applied = 0
         self._engine_syncing = False
+        self._seen_pos = -1  # the WAL's appended position at the last idle check
+        self._idle = 0  # seconds it has not moved
 
     # == rule 3 ==================================================================================================
     def applied(self, nbytes: int) -> None:
@@ -98,6 +105,22 @@ class Compactor:
             return
         self.running = True
         asyncio.get_running_loop().create_task(self._cycle())
+
+    def every_second(self) -> None:
+        """Rule 2's idle cycle."""
+        h = self.host
+        pos = h.wal.appended_pos
+        if pos != self._seen_pos:
+            self._seen_pos = pos
+            self._idle = 0
+            return
+        self._idle += 1
+        # Something may be left to cut: more than the active segment (the last cycle may have noted its
+        # points before the last entries were applied, so "appended since" is not the test).
+        if (self._idle == IDLE_SECONDS and h.wal.segment_count() > 1 and not self.running and not h.stopping
+                and h.fences_known):
+            self.running = True
+            asyncio.get_running_loop().create_task(self._cycle())
 
     async def _cycle(self) -> None:
         h = self.host

@@ -30,6 +30,7 @@ class HostConfig:
         scrub_bytes_per_s: int = 8 << 20,
         scrub_pass_interval_s: float = 3600.0,
         space_reserve_bytes: int = 64 << 20,
+        write_once_min_bytes: int = 64 << 10,
     ) -> None:
         if wal_sync not in ("inline", "thread"):
             raise ValueError(f"wal_sync must be 'inline' or 'thread', not {wal_sync!r}")
@@ -52,6 +53,11 @@ class HostConfig:
         # "thread": a worker thread syncs while the loop goes on. On a small machine every hand-off to
         # a thread costs context switches and GIL transfers that cost more than the loop's wait.
         self.wal_sync = wal_sync
+        # Write-once (docs/format/write-once.md): a write op of at least this many bytes is stored once per
+        # node, in the WAL, and the engine links to it; 0 turns it off (every byte written twice).
+        if write_once_min_bytes and (write_once_min_bytes < 4096 or write_once_min_bytes % 4096):
+            raise ValueError("write_once_min_bytes must be 0 or a multiple of 4096")
+        self.write_once_min_bytes = write_once_min_bytes
         # An inline fdatasync blocks the loop: heartbeats and reads of every group wait for it. One slower
         # than wal_sync_inline_max_ms moves the node to the thread for wal_sync_thread_s (then it tries
         # inline again), so a disk with fsync stalls cannot starve heartbeats into elections.

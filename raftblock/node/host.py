@@ -69,6 +69,11 @@ class NodeHost:
         self.node_id = cfg.node_id
         self.engine = engine
         self.wal = wal
+        # Write-once: the engine reads linked blocks from the WAL, the WAL keeps what the engine links into
+        # (always wired: links made under an earlier setting still hold segments).
+        engine.attach_wal(wal)
+        wal.link_holder = engine.wal_refs
+        wal.write_once_min_bytes = cfg.write_once_min_bytes
         self.peers = peers
         self.counters: Counter[str] = Counter()
         self.data = DataPlane(self)
@@ -437,7 +442,10 @@ class NodeHost:
                 r.balance()
                 r.reconfigure()
         self.compactor.maybe_start()
+        self.compactor.every_second()
         self.commit.sync_idle()
+        if self.wal.held_segments():
+            self.commit.collect()  # WAL segments the engine no longer links into go (write-once)
 
     def _pump_streams(self) -> None:
         for gid in list(self.streams):

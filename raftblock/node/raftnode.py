@@ -176,9 +176,10 @@ async def run_node(cfg: NodeConfig) -> int:
     if "compaction_garbage_ratio" in engine_cfg:  # its name before segment cleaning was called cleaning
         engine_cfg.setdefault("cleaning_garbage_ratio", engine_cfg.pop("compaction_garbage_ratio"))
         log.warning("config.key_renamed", old="engine.compaction_garbage_ratio", new="engine.cleaning_garbage_ratio")
-    engine = Engine.open(disk, str(cfg.data_dir / "engine"), cluster_id, EngineConfig(**engine_cfg))
     hcfg = HostConfig(cfg.node_id, **cfg.raft)
+    # The WAL first: the engine's LINK records (write-once) point into its segments.
     wal, recovered = Wal.open(disk, str(cfg.data_dir / "wal"), hcfg.wal_segment_bytes_max)
+    engine = Engine.open(disk, str(cfg.data_dir / "engine"), cluster_id, EngineConfig(**engine_cfg), wal=wal)
     rt = NodeHost(hcfg, engine, wal, recovered, cfg.groups, cfg.peers, seed=cfg.seed)
     if cfg.meta_admin:
         rt.fences_known = False  # no client I/O until the first map read (MetaAgent.reconcile)

@@ -11,6 +11,10 @@ Rules:
    forgotten, so the entry is applied again, whole, once space returns.
 4. A replica that cannot apply a committed entry (a corrupt block, a malformed batch) must not pretend it
    did: the error goes up, and the node stops serving (it is repaired from its peers).
+5. Write-once (docs/format/write-once.md): a WRITE whose payload the WAL holds durably and block-aligned
+   (`link`, from Wal.take_link) is applied as a LINK to those bytes, not written again; anything else
+   (no link: the entry came in a snapshot, was re-applied after a restart, or was not durable yet) is
+   written as before. Runs of writes and of links keep the batch's order.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from collections.abc import Sequence
 import structlog
 
 from raftblock.replication.sessions import Sessions
+from raftblock.replication.wal import Link
 from raftblock.storage.engine import CorruptBlockError, Engine, NoSpaceError
 from raftblock.wire.ops import OP_WRITE, decode_batch
 
@@ -28,25 +33,51 @@ log = structlog.get_logger(__name__)
 
 
 def apply_batch(engine: Engine, sessions: Sessions, gid: int, index: int, data: bytes,
-                counters: Counter[str]) -> None:
+                counters: Counter[str], link: Link | None = None) -> None:
     admitted: list[tuple[int, int]] = []
+    spans = link.spans if link is not None else []
+    min_b = link.min_bytes if link is not None else 0
+    k = 0
     try:
         writes: list[tuple[int, int, bytes | bytearray | memoryview, Sequence[int]]] = []
+        links: list[tuple[int, int, Sequence[int], int, int]] = []
         for op in decode_batch(data):
+            at = -1
+            if k < len(spans) and op.kind == OP_WRITE and len(op.data) >= min_b:
+                _off, length, at = spans[k]  # the k-th large write is the k-th span (wire/ops.py write_spans)
+                k += 1
+                if length != len(op.data):
+                    at = -1
             if op.client:
                 if not sessions.admit(op.client, op.wid, op.low, index):
                     counters["writes_deduplicated"] += 1
                     continue
                 admitted.append((op.client, op.wid))
             if op.kind == OP_WRITE:
+                if at >= 0:
+                    if writes:
+                        engine.write_many(writes)
+                        writes = []
+                    assert link is not None
+                    links.append((op.extent_id, op.block, op.crcs, link.seq, at))
+                    counters["writes_linked"] += 1
+                    continue
+                if links:
+                    engine.link_many(links)
+                    links = []
                 writes.append((op.extent_id, op.block, op.data, op.crcs))
                 continue
             if writes:
                 engine.write_many(writes)  # one pwrite for the run of writes
                 writes = []
+            if links:
+                engine.link_many(links)
+                links = []
             engine.trim(op.extent_id, op.block, op.count)
         if writes:
             engine.write_many(writes)
+        if links:
+            engine.link_many(links)
     except NoSpaceError:
         for client, wid in admitted:  # rule 3
             sessions.forget(client, wid)

@@ -284,9 +284,10 @@ class ReplicaBase:
         raise NotImplementedError
 
     # == rule 4 ==================================================================================================
-    def apply_data(self, index: int, data: bytes) -> None:
+    def apply_data(self, index: int, data: bytes, term: int) -> None:
         ctx = self.ctx
-        apply_batch(ctx.engine, self.sessions, self.id, index, data, ctx.counters)
+        link = ctx.wal.take_link(self.id, index, term) if ctx.wal.write_once_min_bytes else None
+        apply_batch(ctx.engine, self.sessions, self.id, index, data, ctx.counters, link)
         ctx.note_applied(len(data))
 
     # == rule 5 ==================================================================================================

@@ -17,6 +17,11 @@
 #    compaction point. Deletion (`reap()`, or the next `sync()`) touches only segments gc() dropped,
 #    which are neither active nor dirty, so no fdatasync is running on them; the runtime reaps on a
 #    thread of its own so a slow unlink never delays a group commit.
+# 6. Write-once (docs/format/write-once.md), when `write_once_min_bytes` > 0: the payload of every WRITE op
+#    of at least that size is laid out on a 4 KiB boundary of the file (an ENTRIES_SPLIT record), and
+#    `take_link` tells apply where it is once it is durable, so the engine links to it instead of writing
+#    it again. A segment gc() drops while the engine still links into it (`link_holder`) is renamed
+#    *.held and kept, out of replay, until the engine no longer needs it; then it is released as usual.
 from __future__ import annotations
 
 import os
@@ -38,10 +43,12 @@ from raftblock.replication.raft.types import (
     SnapshotMeta,
 )
 from raftblock.storage.disk import Disk, DiskFile, write_parts
+from raftblock.wire.ops import write_spans
 
 log = structlog.get_logger(__name__)
 
-SEG_MAGIC = b"RBWAL002"  # records' CRCs seeded with the segment's seq (a recycled file's old records fail)
+SEG_MAGIC = b"RBWAL003"  # version 3: ENTRIES_SPLIT records may appear
+SEG_MAGIC_V2 = b"RBWAL002"  # still read: records' CRCs seeded with the segment's seq, as in version 3
 SEG_MAGIC_V1 = b"RBWAL001"  # still read: CRC seed 0
 SEG_HEADER = struct.Struct("<8sQ")  # magic, segment sequence number
 FREE_SEGMENTS_MAX = 2  # released segment files kept (renamed *.free) for the next rolls to overwrite
@@ -56,7 +63,26 @@ REC_ENTRIES = 1
 REC_HARD_STATE = 2
 REC_SNAPSHOT = 3  # a snapshot installed from the leader: entries before it are gone
 REC_COMPACT = 4  # a local compaction point (or a segment's base state): entries <= index are obsolete
+REC_ENTRIES_SPLIT = 6  # ENTRIES with large write payloads block-aligned in the file (write-once)
 RECORD_BODY_BYTES_MAX = 256 << 20
+_PIECE = struct.Struct("<BI")  # kind (0 inline, 1 aligned), length
+_PAD = struct.Struct("<H")  # an aligned piece's pad length
+_PIECES = struct.Struct("<H")
+ALIGN = 4096
+_ZEROS = bytes(ALIGN)
+
+
+class Link:
+    """Where the large payloads of one appended entry lie in the WAL (write-once)."""
+
+    __slots__ = ("term", "seq", "end_pos", "min_bytes", "spans")
+
+    def __init__(self, term: int, seq: int, end_pos: int, min_bytes: int, spans: list[tuple[int, int, int]]) -> None:
+        self.term = term
+        self.seq = seq  # WAL segment
+        self.end_pos = end_pos  # durable once synced_pos >= this
+        self.min_bytes = min_bytes
+        self.spans = spans  # (offset in the entry's data, length, offset in the segment file), op order
 
 
 class WalCorruptError(Exception):
@@ -182,6 +208,12 @@ class Wal:
         # journal commit, no block allocation), about half the latency on ext4 here.
         self._free: list[tuple[str, DiskFile, int]] = []
         self.recycled_rolls = 0
+        # Write-once (rule 6).
+        self.write_once_min_bytes = 0
+        self.link_holder: Callable[[int], bool] | None = None
+        self._links: dict[int, dict[int, Link]] = {}  # group -> entry index -> where its payloads are
+        self._held: dict[int, _Segment] = {}  # seq -> segment dropped by gc() but linked into
+        self.links_made = 0
 
     # --- open / recovery --------------------------------------------------------------------------------
     @classmethod
@@ -193,6 +225,12 @@ class Wal:
         for n in disk.listdir(directory):
             if n.startswith("wal-") and n.endswith(".free"):
                 disk.remove(os.path.join(directory, n))  # kept for reuse by a process that is gone
+        for n in disk.listdir(directory):
+            if n.startswith("wal-") and n.endswith(".held"):
+                seq = int(n[4:-5], 16)
+                path = os.path.join(directory, n)
+                f = disk.open_file(path, create=False)
+                wal._held[seq] = _Segment(seq, path, f, f.size())
         names = [n for n in disk.listdir(directory) if n.startswith("wal-") and n.endswith(".log")]
         seqs = sorted(int(n[4:-4], 16) for n in names)
         groups: dict[int, GroupDurable] = {}
@@ -216,7 +254,7 @@ class Wal:
                 wal.durable_snap[g] = st.snap.index
             wal._hs[g] = st.hard_state
         # Never append to a segment that was active when the process died: start a new one.
-        wal._roll(seqs[-1] + 1 if seqs else 1)
+        wal._roll(max([*seqs, *wal._held, 0]) + 1)
         wal.flush()
         wal.sync()
         log.info(
@@ -243,9 +281,9 @@ class Wal:
         if len(raw) < SEG_HEADER.size:
             return bad(0, "short segment header")
         magic, seq = SEG_HEADER.unpack_from(view, 0)
-        if magic not in (SEG_MAGIC, SEG_MAGIC_V1) or seq != seg.seq:
+        if magic not in (SEG_MAGIC, SEG_MAGIC_V2, SEG_MAGIC_V1) or seq != seg.seq:
             return bad(0, "bad segment header")
-        seed = _seed(seq) if magic == SEG_MAGIC else 0
+        seed = 0 if magic == SEG_MAGIC_V1 else _seed(seq)
         off = SEG_HEADER.size
         while off < len(raw):
             if off + REC_HEADER.size > len(raw):
@@ -260,8 +298,11 @@ class Wal:
             st = groups.get(group)
             if st is None:
                 st = groups[group] = GroupDurable()
-            if rtype == REC_ENTRIES:
-                ents = _decode_entries(body)
+            if rtype in (REC_ENTRIES, REC_ENTRIES_SPLIT):
+                try:
+                    ents = _decode_entries(body, split=rtype == REC_ENTRIES_SPLIT)
+                except (struct.error, ValueError) as e:
+                    return bad(off, f"malformed entries record: {e}")
                 st._append(ents)
                 if ents:
                     prev = seg.max_index.get(group, 0)
@@ -300,6 +341,14 @@ class Wal:
     def append_entries(self, group: int, entries: list[Entry]) -> int:
         if not entries:
             return self.appended_pos
+        links = self._links.get(group)
+        if links:
+            for e in entries:
+                links.pop(e.index, None)  # an entry appended again (a new leader's) is another entry
+        if self.write_once_min_bytes:
+            pos = self._append_split(group, entries)
+            if pos:
+                return pos
         body: list[bytes | memoryview] = [struct.pack("<I", len(entries))]
         for e in entries:
             body.append(_ENTRY.pack(e.term, e.index, int(e.type), len(e.data)))
@@ -310,6 +359,85 @@ class Wal:
         seg.max_index[group] = max(prev, entries[-1].index)
         return self._record(REC_ENTRIES, group, body)
 
+    def _append_split(self, group: int, entries: list[Entry]) -> int:
+        """An ENTRIES_SPLIT record when some entry holds a write payload of at least write_once_min_bytes
+        (returns its position), else 0 (the caller writes a plain ENTRIES record)."""
+        min_b = self.write_once_min_bytes
+        found = [write_spans(e.data, min_b) if e.type == EntryType.NORMAL and len(e.data) >= min_b else []
+                 for e in entries]
+        if not any(found):
+            return 0
+        seg = self._segments[-1]
+        pos = seg.size + self._buf_bytes + REC_HEADER.size  # file offset of the record's body
+        body: list[bytes | memoryview] = [struct.pack("<I", len(entries))]
+        pos += 4
+        made: list[tuple[Entry, list[tuple[int, int, int]]]] = []
+        for e, spans in zip(entries, found, strict=True):
+            data = memoryview(e.data)
+            pieces: list[tuple[int, int, int]] = []
+            cur = 0
+            for start, length in spans:
+                if start > cur:
+                    pieces.append((0, cur, start))
+                pieces.append((1, start, start + length))
+                cur = start + length
+            if cur < len(data):
+                pieces.append((0, cur, len(data)))
+            body.append(_ENTRY.pack(e.term, e.index, int(e.type), len(data)) + _PIECES.pack(len(pieces)))
+            pos += _ENTRY.size + _PIECES.size
+            placed: list[tuple[int, int, int]] = []
+            for kind, a, b in pieces:
+                if kind == 0:
+                    body.append(_PIECE.pack(0, b - a))
+                    body.append(data[a:b])
+                    pos += _PIECE.size + b - a
+                    continue
+                pad = -(pos + _PIECE.size + _PAD.size) % ALIGN
+                body.append(_PIECE.pack(1, b - a) + _PAD.pack(pad))
+                if pad:
+                    body.append(_ZEROS[:pad])
+                pos += _PIECE.size + _PAD.size + pad
+                placed.append((a, b - a, pos))
+                body.append(data[a:b])
+                pos += b - a
+            if placed:
+                made.append((e, placed))
+        end = self._record(REC_ENTRIES_SPLIT, group, body)
+        prev = seg.max_index.get(group, 0)
+        seg.max_index[group] = max(prev, entries[-1].index)
+        links = self._links.get(group)
+        if links is None:
+            links = self._links[group] = {}
+        for e, placed in made:
+            links[e.index] = Link(e.term, seg.seq, end, min_b, placed)
+        return end
+
+    def take_link(self, group: int, index: int, term: int) -> Link | None:
+        """Where entry `index` (of `term`) of `group` has its large payloads, if they are durable now
+        (write-once rule 1); forgotten after this call either way (apply asks once)."""
+        links = self._links.get(group)
+        if not links:
+            return None
+        link = links.pop(index, None)
+        if link is None or link.term != term or self.synced_pos < link.end_pos:
+            return None
+        self.links_made += 1
+        return link
+
+    def wal_file(self, seq: int) -> DiskFile | None:
+        """The open file of segment `seq` (live or held), for the engine's reads of linked blocks."""
+        held = self._held.get(seq)
+        if held is not None:
+            return held.file
+        for seg in self._segments:
+            if seg.seq == seq:
+                return seg.file
+        return None
+
+    def held_segments(self) -> list[tuple[int, int]]:
+        """(seq, bytes) of the segments kept only because the engine links into them."""
+        return [(seq, seg.size) for seq, seg in list(self._held.items())]
+
     def set_hard_state(self, group: int, hs: HardState) -> int:
         self._hs[group] = hs
         return self._record(REC_HARD_STATE, group, [_HS.pack(hs.term, hs.vote, hs.commit)])
@@ -319,6 +447,7 @@ class Wal:
         Its entries in this segment stop pinning it now (the segment goes only once all of it, this
         record included, is durable); in older segments, once this record is durable (gc)."""
         self._snap[group] = meta
+        self._links.pop(group, None)
         seg = self._segments[-1]
         seg.max_index.pop(group, None)
         pos = self._record(REC_SNAPSHOT, group, [_encode_meta(meta)])
@@ -327,6 +456,10 @@ class Wal:
 
     def compact(self, group: int, meta: SnapshotMeta) -> int:
         self._snap[group] = meta
+        links = self._links.get(group)
+        if links:
+            for idx in [i for i in links if i <= meta.index]:
+                del links[idx]
         pos = self._record(REC_COMPACT, group, [_encode_meta(meta)])
         self._pending_snap.append((pos, group, meta.index, 0))
         return pos
@@ -442,7 +575,7 @@ class Wal:
         with self._lock:
             keep = len(self._free) < FREE_SEGMENTS_MAX
         if keep:
-            free_path = seg.path[: -len(".log")] + ".free"
+            free_path = os.path.join(self.directory, f"wal-{seg.seq:016x}.free")
             self.disk.rename(seg.path, free_path)
             with self._lock:
                 self._free.append((free_path, seg.file, seg.phys))
@@ -504,11 +637,34 @@ class Wal:
             if any(idx > self.durable_snap.get(g, 0) for g, idx in seg.max_index.items()):
                 break
             drop.append(seg)
+        release: list[_Segment] = []
+        holder = self.link_holder
         if drop:
             with self._lock:
-                self._to_remove.extend(drop)
                 self._segments = self._segments[len(drop) :]
-        return len(drop)
+            for seg in drop:
+                if holder is not None and holder(seg.seq):
+                    self._hold(seg)
+                else:
+                    release.append(seg)
+        if holder is not None:
+            for seq in [q for q in self._held if not holder(q)]:
+                release.append(self._held.pop(seq))
+                log.info("wal.held_released", segment=segment_name(seq))
+        if release:
+            with self._lock:
+                self._to_remove.extend(release)
+        return len(release)
+
+    def _hold(self, seg: _Segment) -> None:
+        """Rule 6: out of replay (renamed *.held), kept open for the engine's reads."""
+        path = os.path.join(self.directory, f"wal-{seg.seq:016x}.held")
+        self.disk.rename(seg.path, path)
+        seg.path = path
+        self._held[seg.seq] = seg
+        with self._lock:
+            self._dir_dirty = True
+        log.info("wal.segment_held", segment=segment_name(seg.seq), bytes=seg.size)
 
     def compactions_pending(self) -> bool:
         """A snapshot or compaction record is written but not yet known durable (gc waits for it)."""
@@ -517,8 +673,12 @@ class Wal:
     def total_bytes(self) -> int:
         return sum(s.size for s in self._segments)
 
+    def held_bytes(self) -> int:
+        return sum(s.size for s in list(self._held.values()))
+
     def bytes_on_disk(self) -> int:
-        """Segment files as allocated, the released ones kept for reuse included."""
+        """Segment files as allocated, the released ones kept for reuse included; not the held ones
+        (write-once: they hold the engine's data, and the engine counts them)."""
         with self._lock:
             free = sum(phys for _p, _f, phys in self._free)
         return sum(max(s.size, s.phys) for s in self._segments) + free
@@ -535,6 +695,9 @@ class Wal:
             "wal_segments_removed": self.segments_removed,
             "wal_synced_pos": self.synced_pos,
             "wal_recycled_rolls": self.recycled_rolls,
+            "wal_held_segments": len(self._held),
+            "wal_held_bytes": self.held_bytes(),
+            "wal_links_made": self.links_made,
         }
 
     def close(self) -> None:
@@ -542,6 +705,9 @@ class Wal:
         self.sync()
         for s in self._segments:
             s.file.close()
+        for s in self._held.values():
+            s.file.close()
+        self._held = {}
         with self._lock:
             free, self._free = self._free, []
         for _path, f, _phys in free:
@@ -549,15 +715,45 @@ class Wal:
         self._segments = []
 
 
-def _decode_entries(body: memoryview) -> list[Entry]:
+def _read_pieces(body: memoryview, off: int, dlen: int) -> tuple[bytes, int]:
+    """An ENTRIES_SPLIT entry's data: its pieces joined, pads left out; returns (data, offset after)."""
+    (npieces,) = _PIECES.unpack_from(body, off)
+    off += _PIECES.size
+    parts: list[memoryview] = []
+    for _p in range(npieces):
+        kind, length = _PIECE.unpack_from(body, off)
+        off += _PIECE.size
+        if kind == 1:
+            (pad,) = _PAD.unpack_from(body, off)
+            off += _PAD.size + pad
+        elif kind != 0:
+            raise ValueError(f"unknown piece kind {kind}")
+        if off + length > len(body):
+            raise ValueError("piece runs past the record")
+        parts.append(body[off : off + length])
+        off += length
+    data = b"".join(parts)
+    if len(data) != dlen:
+        raise ValueError("pieces do not add up to the entry's length")
+    return data, off
+
+
+def _decode_entries(body: memoryview, split: bool = False) -> list[Entry]:
+    """An ENTRIES body, or an ENTRIES_SPLIT one (`split`)."""
     (n,) = struct.unpack_from("<I", body, 0)
     off = 4
     out: list[Entry] = []
     for _ in range(n):
         term, index, etype, dlen = _ENTRY.unpack_from(body, off)
         off += _ENTRY.size
-        out.append(Entry(term, index, EntryType(etype), bytes(body[off : off + dlen])))
-        off += dlen
+        if split:
+            data, off = _read_pieces(body, off, dlen)
+        else:
+            data = bytes(body[off : off + dlen])
+            off += dlen
+        out.append(Entry(term, index, EntryType(etype), data))
+    if split and off != len(body):
+        raise ValueError("trailing bytes after the entries")
     return out
 
 

@@ -16,6 +16,8 @@
 #         reappear, after a restart from a checkpoint or from a full scan.
 # Rule 4: the segment file is removed only after sync() has made the copies durable.
 # Rule 5: a segment holding a live block that is bad (or turns out bad while copying) is not cleaned.
+# Rule 6 (write-once, docs/format/write-once.md): a LINK record is copied as a LINK (its payload stays in
+#         the WAL segment it names); `evacuate` copies linked blocks out of a WAL segment as WRITE records.
 from __future__ import annotations
 
 import struct
@@ -29,12 +31,15 @@ from raftblock.storage.index import Index, Rec, SegState
 from raftblock.storage.segment import (
     BLOCK_SIZE,
     FLAG_HISTORY,
+    FLAG_LINK,
     FLAG_RELOCATED,
     REC_HEADER_SIZE,
+    REC_LINK,
     REC_TRIM,
     REC_WRITE,
     SEG_HEADER_SIZE,
     RecordHeader,
+    build_link_record,
     build_trim_record,
     build_write_record,
     payload_offset,
@@ -63,7 +68,9 @@ class SegmentStore(Protocol):
 
     def cleanable(self, sid: int) -> bool: ...
 
-    def read_stored(self, rec: Rec) -> tuple[RecordHeader, bytes, list[int]] | str: ...
+    def read_stored(self, rec: Rec, payload: bool = True) -> tuple[RecordHeader, bytes, list[int]] | str: ...
+
+    def note_link(self, rec: Rec) -> None: ...
 
     def append_built(self, length: int, build: Callable[[int, int], bytearray | bytes]) -> tuple[SegState, int, int]: ...
 
@@ -87,7 +94,7 @@ def _live_fraction(seg: SegState) -> float:
     used = seg.end - SEG_HEADER_SIZE
     if used <= 0:
         return 0.0
-    return min(1.0, seg.live_blocks * BLOCK_SIZE / used)
+    return min(1.0, seg.live_bytes() / used)
 
 
 def _has_bad_live(eng: SegmentStore, seg: SegState) -> bool:
@@ -120,10 +127,11 @@ def pick_victim(eng: SegmentStore) -> SegState | None:
     return best
 
 
-def _copy_write(eng: SegmentStore, rec: Rec) -> int:
-    """Copy the live and pinned blocks of one WRITE record; returns bytes written."""
+def _copy_write(eng: SegmentStore, rec: Rec, as_link: bool = False) -> int:
+    """Copy the live and pinned blocks of one WRITE or LINK record (a LINK as a LINK when `as_link`, else
+    as a WRITE with its payload read from the WAL); returns bytes written."""
     idx = eng.index
-    got = eng.read_stored(rec)
+    got = eng.read_stored(rec, payload=not as_link)
     emap = idx.extents.get(rec.extent_id, {})
     blocks = range(rec.block, rec.block + rec.count)
     current = [b for b in blocks if emap.get(b) is rec]
@@ -154,17 +162,30 @@ def _copy_write(eng: SegmentStore, rec: Rec) -> int:
     for group, flags in ((current, FLAG_RELOCATED), (pinned, FLAG_RELOCATED | FLAG_HISTORY)):
         for start, n in _runs(group):
             i0 = start - rec.block
-            payload = memoryview(body)[pay + i0 * BLOCK_SIZE : pay + (i0 + n) * BLOCK_SIZE]
             crcs = list(crc_all[i0 : i0 + n])
+            if as_link:
+                assert rec.tgt is not None
+                tgt = (rec.tgt[0], rec.tgt[1] + i0 * BLOCK_SIZE)
 
-            def build(seed: int, mark: int, start: int = start, payload: memoryview = payload,
-                      crcs: list[int] = crcs, flags: int = flags) -> bytearray | bytes:
-                buf, badi = build_write_record(seed, rec.extent_id, start, rec.lsn, mark, payload, crcs, flags)
-                assert badi is None, "cleaning copy failed its pair check"
-                return buf
+                def build(seed: int, mark: int, start: int = start, crcs: list[int] = crcs, flags: int = flags,
+                          tgt: tuple[int, int] = tgt) -> bytearray | bytes:
+                    return build_link_record(seed, rec.extent_id, start, rec.lsn, mark, crcs, tgt[0], tgt[1], flags)
 
-            seg, off, size = eng.append_built(record_length(REC_WRITE, n), build)
-            new = Rec(seg.seg_id, off, REC_WRITE, flags, rec.extent_id, start, n, rec.lsn)
+                seg, off, size = eng.append_built(record_length(REC_LINK, n), build)
+                new = Rec(seg.seg_id, off, REC_LINK, flags | FLAG_LINK, rec.extent_id, start, n, rec.lsn)
+                new.tgt = tgt
+                eng.note_link(new)
+            else:
+                payload = memoryview(body)[pay + i0 * BLOCK_SIZE : pay + (i0 + n) * BLOCK_SIZE]
+
+                def build(seed: int, mark: int, start: int = start, payload: memoryview = payload,  # type: ignore[misc]
+                          crcs: list[int] = crcs, flags: int = flags) -> bytearray | bytes:
+                    buf, badi = build_write_record(seed, rec.extent_id, start, rec.lsn, mark, payload, crcs, flags)
+                    assert badi is None, "cleaning copy failed its pair check"
+                    return buf
+
+                seg, off, size = eng.append_built(record_length(REC_WRITE, n), build)
+                new = Rec(seg.seg_id, off, REC_WRITE, flags, rec.extent_id, start, n, rec.lsn)
             if flags & FLAG_HISTORY:
                 for b in range(start, start + n):
                     idx.relocate_history(rec.extent_id, b, rec, new)
@@ -245,10 +266,11 @@ class Cleaner:
                     if rec is None:
                         cur.pos += 1
                         continue
-                    cost = (rec.live + rec.hist) * BLOCK_SIZE
+                    cost = (record_length(REC_LINK, rec.count) if rec.rtype == REC_LINK
+                            else (rec.live + rec.hist) * BLOCK_SIZE)
                     if written and written + cost > budget_bytes:
                         return written
-                    written += _copy_write(eng, rec)
+                    written += _copy_write(eng, rec, as_link=rec.rtype == REC_LINK)
                     cur.pos += 1
             except _SkipSegment:
                 seg.has_bad = True
@@ -264,3 +286,23 @@ class Cleaner:
             written += _finish(eng, seg)
             self.cursor = None
         return written
+
+
+def evacuate(eng: SegmentStore, recs: list[Rec], budget_bytes: int) -> int:
+    """Copy the live and pinned blocks of LINK records `recs` (all pointing into one WAL segment) into
+    the engine as WRITE records (rule 6), at most ~budget_bytes (at least one record). A record that
+    fails its checks is left where it is (its blocks are marked bad; the WAL segment stays held until
+    they are repaired or overwritten). Returns bytes written; the caller syncs before the WAL may
+    release the segment (engine.wal_refs)."""
+    written = 0
+    for rec in recs:
+        if rec.live == 0 and rec.hist == 0:
+            continue
+        cost = (rec.live + rec.hist) * BLOCK_SIZE
+        if written and written + cost > budget_bytes:
+            break
+        try:
+            written += _copy_write(eng, rec)
+        except _SkipSegment:
+            continue
+    return written

@@ -25,12 +25,13 @@ import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import crc32c
 import structlog
 
 from raftblock._fast import bitmap, segwriter
-from raftblock.storage.cleaner import Cleaner
+from raftblock.storage.cleaner import Cleaner, evacuate
 from raftblock.storage.disk import Disk, DiskFile, write_parts
 from raftblock.storage.index import Checkpoint, CorruptBlockError, Index, Rec, SegState, encode_checkpoint
 from raftblock.storage.recovery import (
@@ -42,13 +43,16 @@ from raftblock.storage.recovery import (
 )
 from raftblock.storage.segment import (
     BLOCK_SIZE,
+    FLAG_LINK,
     MAX_BLOCK,
     MAX_WRITE_BLOCKS,
     REC_HEADER_SIZE,
+    REC_LINK,
     REC_TRIM,
     REC_WRITE,
     SEG_HEADER_SIZE,
     RecordHeader,
+    build_link_record,
     build_trim_record,
     encode_segment_header,
     payload_offset,
@@ -98,6 +102,19 @@ class EngineConfig:
     cleaning_bytes_per_s: int = 32 << 20
     verify_on_open: bool = True
     preallocate: bool = True  # posix_fallocate each new segment to segment_size_bytes
+    # Write-once (docs/format/write-once.md): WAL segments that LINK records point into are held (not
+    # recycled) until their linked blocks are overwritten or evacuated. A held segment is evacuated when
+    # its live part falls to 1 - cleaning_garbage_ratio (as an engine segment is cleaned), or, oldest
+    # first, while the held segments together exceed this many bytes.
+    wal_held_bytes_max: int = 8 << 30
+
+
+class WalFiles(Protocol):
+    """What the engine needs of the node's WAL for write-once (replication/wal.py Wal implements it)."""
+
+    def wal_file(self, seq: int) -> DiskFile | None: ...
+
+    def held_segments(self) -> list[tuple[int, int]]: ...
 
 
 def _is_enospc(e: BaseException) -> bool:
@@ -131,20 +148,30 @@ class Engine:
         self._closed = False
         self._cleaner = Cleaner(self)
         self.cleaned_bytes = 0  # bytes the cleaner rewrote since the engine opened (stats)
+        self.evacuated_bytes = 0  # linked blocks copied out of held WAL segments (stats)
+        self._wal: WalFiles | None = None
+        self._wal_links: dict[int, set[Rec]] = {}  # WAL seq -> LINK records pointing into it (some dead)
+        self._unref: dict[int, int] = {}  # WAL seq -> append count when its last link was seen gone
+        self._appends = 0  # records appended (any kind), under _lock
+        self._synced_appends = 0  # appends that the last finished sync covered
 
     # --- open ------------------------------------------------------------------------------
 
     @classmethod
     def open(
-        cls, disk: Disk, directory: str, cluster_id: bytes, config: EngineConfig | None = None
+        cls, disk: Disk, directory: str, cluster_id: bytes, config: EngineConfig | None = None,
+        wal: WalFiles | None = None,
     ) -> Engine:
+        """`wal`: the node's WAL, opened first, when LINK records may exist (write-once); without it a
+        LINK found by recovery is a block whose data is missing (marked bad)."""
         if len(cluster_id) != 16:
             raise ValueError("cluster_id must be 16 bytes")
         cfg = config or EngineConfig()
         if not (64 << 10 <= cfg.segment_size_bytes <= (1 << 32) - (4 << 20)):
             raise ValueError("segment_size_bytes must be in [64 KiB, 4 GiB - 4 MiB]")
         eng = cls(disk, directory, cluster_id, cfg)
-        rec = recover(disk, directory, cluster_id, cfg.verify_on_open)
+        eng._wal = wal
+        rec = recover(disk, directory, cluster_id, cfg.verify_on_open, wal.wal_file if wal is not None else None)
         eng.index = rec.index
         eng._files = rec.files
         eng._seeds = rec.seeds
@@ -153,6 +180,10 @@ class Engine:
         eng.checkpoint_lsn = rec.checkpoint_lsn
         eng._next_segment_id = rec.next_segment_id
         eng.report = rec.report
+        for sstate in eng.index.segs.values():
+            for linked in sstate.records.values():
+                if linked.tgt is not None:
+                    eng._note_link(linked)
         try:
             try:
                 eng._roll()
@@ -249,6 +280,7 @@ class Engine:
         with self._lock:
             seg.end = off + size
             self._dirty.add(seg.seg_id)
+            self._appends += 1
         self._bytes_since_checkpoint += size
         return off
 
@@ -333,6 +365,84 @@ class Engine:
             off += length
         return lsn
 
+    def link_many(self, links: Sequence[tuple[int, int, Sequence[int], int, int]]) -> int:
+        """Apply writes whose payload is already durable in a WAL segment (write-once): for each
+        (extent_id, block, crcs, wal_seq, wal_offset of the first payload byte) one LINK record, the
+        records appended back to back with one pwrite; the index points at the WAL bytes. The caller
+        guarantees the WAL bytes are durable (docs/format/write-once.md rule 1) and hold the payload whose
+        CRCs are `crcs` (reads check them). Returns the last LSN."""
+        self._check_open()
+        if self._wal is None:
+            raise ValueError("link_many needs the engine opened with its WAL")
+        lengths = []
+        for extent_id, block, crcs, _seq, _off in links:
+            n = len(crcs)
+            if not (1 <= n <= MAX_WRITE_BLOCKS and 0 <= extent_id <= MAX_EXTENT_ID and 0 <= block
+                    and block + n <= MAX_BLOCK):
+                raise ValueError("link: extent_id/block/count out of range")
+            lengths.append(record_length(REC_LINK, n))
+        seg = self._room(sum(lengths))
+        seed = self._seeds[seg.seg_id]
+        mark = self._durable_mark
+        lsn = self.last_lsn
+        bufs = []
+        for extent_id, block, crcs, wseq, woff in links:
+            lsn += 1
+            bufs.append(build_link_record(seed, extent_id, block, lsn, mark, crcs, wseq, woff))
+        off = self._append(seg, b"".join(bufs) if len(bufs) > 1 else bufs[0])
+        with self._lock:
+            self.last_lsn = lsn
+        lsn -= len(links)
+        for (extent_id, block, crcs, wseq, woff), length in zip(links, lengths, strict=True):
+            lsn += 1
+            n = len(crcs)
+            rec = Rec(seg.seg_id, off, REC_LINK, FLAG_LINK, extent_id, block, n, lsn)
+            rec.tgt = (wseq, woff)
+            seg.note_write(extent_id, lsn)
+            self.index.set_blocks(rec, block, n)
+            self._note_link(rec)
+            off += length
+        return lsn
+
+    def attach_wal(self, wal: WalFiles) -> None:
+        """The WAL this engine links into (Engine.open(wal=...) already did it, for recovery)."""
+        if self._wal is not None and self._wal is not wal:
+            raise ValueError("the engine is attached to another WAL")
+        self._wal = wal
+
+    def _note_link(self, rec: Rec) -> None:
+        assert rec.tgt is not None
+        links = self._wal_links.get(rec.tgt[0])
+        if links is None:
+            links = self._wal_links[rec.tgt[0]] = set()
+        links.add(rec)
+
+    def wal_refs(self, seq: int) -> bool:
+        """Whether WAL segment `seq` must be kept for this engine: a live or pinned block is linked into
+        it, or the records that stopped pointing there are not durable yet (write-once rule 2)."""
+        links = self._wal_links.get(seq)
+        if links:
+            dead = [r for r in links if r.live == 0 and r.hist == 0]
+            links.difference_update(dead)
+            if links:
+                return True
+            with self._lock:
+                self._unref[seq] = self._appends
+        if links is not None:
+            del self._wal_links[seq]
+        need = self._unref.get(seq)
+        if need is None:
+            return False
+        with self._lock:
+            if self._synced_appends < need:
+                return True
+        del self._unref[seq]
+        return False
+
+    def linked_live_bytes(self, seq: int) -> int:
+        """Bytes of live or pinned blocks linked into WAL segment `seq`."""
+        return sum((r.live + r.hist) * BLOCK_SIZE for r in self._wal_links.get(seq, ()))
+
     def trim(self, extent_id: int, block: int, count: int) -> int:
         self._check_open()
         if count < 1 or not (0 <= extent_id <= MAX_EXTENT_ID and 0 <= block and block + count <= MAX_BLOCK):
@@ -360,7 +470,13 @@ class Engine:
             self._read_failed(rec.extent_id, first, "segment file missing", rec)
         idx0 = first - rec.block
         expect = f.pread(4 * k, rec.off + REC_HEADER_SIZE + 4 * idx0)  # type: ignore[union-attr]
-        payload = f.pread(k * BLOCK_SIZE, rec.off + payload_offset(rec.count) + idx0 * BLOCK_SIZE)  # type: ignore[union-attr]
+        if rec.tgt is not None:  # a LINK: the CRCs are here, the payload in a WAL segment
+            wf = self._wal.wal_file(rec.tgt[0]) if self._wal is not None else None
+            if wf is None:
+                self._read_failed(rec.extent_id, first, f"linked WAL segment {rec.tgt[0]} missing", rec)
+            payload = wf.pread(k * BLOCK_SIZE, rec.tgt[1] + idx0 * BLOCK_SIZE)  # type: ignore[union-attr]
+        else:
+            payload = f.pread(k * BLOCK_SIZE, rec.off + payload_offset(rec.count) + idx0 * BLOCK_SIZE)  # type: ignore[union-attr]
         if len(expect) < 4 * k or len(payload) < k * BLOCK_SIZE:
             self._read_failed(rec.extent_id, first, "short read", rec)
         want = struct.unpack(f"<{k}I", expect)
@@ -462,6 +578,7 @@ class Engine:
                 if self._closed and not self._files:
                     return self.synced_lsn
                 lsn = self.last_lsn
+                appends = self._appends
                 active = self._active
                 mark = position(active.seg_id, active.end) if active else self._durable_mark
                 dirty = self._dirty
@@ -482,6 +599,8 @@ class Engine:
             with self._lock:
                 if lsn > self.synced_lsn:
                     self.synced_lsn = lsn
+                if appends > self._synced_appends:
+                    self._synced_appends = appends
                 if mark > self._durable_mark:
                     self._durable_mark = mark
                 return self.synced_lsn
@@ -550,9 +669,35 @@ class Engine:
         """Clean the emptiest segments, rewriting at most ~budget_bytes (at least one record)."""
         self._check_open()
         self.maybe_checkpoint()
-        n = self._cleaner.clean(budget_bytes)
+        n = self._evacuate(budget_bytes)
+        if n < budget_bytes:
+            n += self._cleaner.clean(budget_bytes - n)
         self.cleaned_bytes += n
         return n
+
+    def _evacuate(self, budget_bytes: int) -> int:
+        """Copy linked blocks out of held WAL segments that are due (EngineConfig.wal_held_bytes_max), as
+        WRITE records; the WAL releases a segment once wal_refs() says nothing needs it."""
+        if self._wal is None:
+            return 0
+        held = sorted(self._wal.held_segments())
+        total = sum(size for _seq, size in held)
+        limit = 1.0 - self.config.cleaning_garbage_ratio
+        written = 0
+        for seq, size in held:
+            live = self.linked_live_bytes(seq)
+            over = total > self.config.wal_held_bytes_max
+            if live and (over or live <= limit * size):
+                recs = sorted(self._wal_links.get(seq, ()), key=lambda r: r.tgt or (0, 0))
+                n = evacuate(self, recs, budget_bytes - written)
+                written += n
+                self.evacuated_bytes += n
+                if self.linked_live_bytes(seq) == 0:
+                    log.info("engine.wal_segment_evacuated", wal_seq=seq)
+            total -= size
+            if written >= budget_bytes:
+                break
+        return written
 
     # --- the cleaning seam (storage/cleaner.py SegmentStore) --------------------------------
 
@@ -563,9 +708,30 @@ class Engine:
         """A segment the cleaner may copy from: open, and nothing in it waits for a sync."""
         return sid in self._files and sid not in self._dirty
 
-    def read_stored(self, rec: Rec) -> tuple[RecordHeader, bytes, list[int]] | str:
-        """Read and check the record `rec` points at (segment.read_record)."""
-        return read_record(self._files[rec.seg], self._seeds[rec.seg], rec.off)
+    def read_stored(self, rec: Rec, payload: bool = True) -> tuple[RecordHeader, bytes, list[int]] | str:
+        """Read and check the record `rec` points at (segment.read_record). A LINK comes back in a WRITE's
+        layout (header, CRC array, payload read from its WAL segment and checked) unless `payload` is
+        false (then: the LINK record itself)."""
+        got = read_record(self._files[rec.seg], self._seeds[rec.seg], rec.off)
+        if isinstance(got, str) or rec.tgt is None or not payload:
+            return got
+        hdr, body, _ = got
+        wf = self._wal.wal_file(rec.tgt[0]) if self._wal is not None else None
+        if wf is None:
+            return f"linked WAL segment {rec.tgt[0]} missing"
+        data = wf.pread(hdr.count * BLOCK_SIZE, rec.tgt[1])
+        if len(data) < hdr.count * BLOCK_SIZE:
+            return f"linked WAL segment {rec.tgt[0]} too short"
+        pay = payload_offset(hdr.count)
+        crcs = struct.unpack_from(f"<{hdr.count}I", body, REC_HEADER_SIZE)
+        view = memoryview(data)
+        bad = [i for i in range(hdr.count)
+               if crc32c.crc32c(view[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE], 0) != crcs[i]]
+        return hdr, bytes(body[:pay]) + data, bad
+
+    def note_link(self, rec: Rec) -> None:
+        """A LINK record the cleaner copied (storage/cleaner.py)."""
+        self._note_link(rec)
 
     def append_built(self, length: int, build: Callable[[int, int], bytearray | bytes]) -> tuple[SegState, int, int]:
         """Append a record of `length` bytes that `build(segment seed, durable mark)` frames; returns
@@ -600,8 +766,13 @@ class Engine:
 
     def space(self) -> tuple[int, int]:
         """(live bytes, dead bytes) of the segments, from the index alone (no file system call)."""
-        used = sum(s.end for s in self.index.segs.values() if s.seg_id in self._files)
-        live = self.index.live_bytes()
+        segs = [s for s in self.index.segs.values() if s.seg_id in self._files]
+        used = sum(s.end for s in segs)
+        live = sum(s.live_bytes() for s in segs)
+        if self._wal is not None:
+            for seq, size in self._wal.held_segments():
+                used += size
+                live += self.linked_live_bytes(seq)
         return live, max(0, used - live)
 
     def stats(self) -> dict[str, int]:
@@ -620,8 +791,10 @@ class Engine:
             except OSError:
                 pass
         used = sum(s.end for s in self.index.segs.values() if s.seg_id in self._files)
+        held = sum(size for _seq, size in self._wal.held_segments()) if self._wal is not None else 0
+        on_disk += held
         return {
-            "bytes_on_disk": on_disk,
+            "bytes_on_disk": on_disk,  # the held WAL segments included (write-once)
             "bytes_used": used,
             "live_bytes": self.index.live_bytes(),
             "garbage_bytes": max(0, used - self.index.live_bytes()),
@@ -633,6 +806,8 @@ class Engine:
             "checkpoint_lsn": self.checkpoint_lsn,
             "pins": sum(self.index.pins.values()),
             "cleaned_bytes": self.cleaned_bytes,  # rewritten by the cleaner since the engine opened
+            "evacuated_bytes": self.evacuated_bytes,  # of which copied out of held WAL segments
+            "linked_blocks": sum(s.link_blocks for s in self.index.segs.values()),
         }
 
     # --- shutdown --------------------------------------------------------------------------

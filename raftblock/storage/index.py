@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 
 import crc32c
 
-from raftblock.storage.segment import BLOCK_SIZE, FORMAT_VERSION, REC_TRIM, REC_WRITE
+from raftblock.storage.segment import (
+    BLOCK_SIZE,
+    FORMAT_VERSION,
+    FORMAT_VERSIONS_READ,
+    REC_LINK,
+    REC_TRIM,
+    REC_WRITE,
+    record_length,
+)
 
 
 class CorruptBlockError(Exception):
@@ -28,9 +36,10 @@ class CorruptBlockError(Exception):
 
 
 class Rec:
-    """One record on disk (WRITE or TRIM) that the engine still cares about."""
+    """One record on disk (WRITE, LINK or TRIM) that the engine still cares about. A LINK's payload is in a
+    WAL segment: `tgt` = (wal_seq, wal_offset of its first payload byte); None for the others."""
 
-    __slots__ = ("seg", "off", "rtype", "flags", "extent_id", "block", "count", "lsn", "live", "hist")
+    __slots__ = ("seg", "off", "rtype", "flags", "extent_id", "block", "count", "lsn", "live", "hist", "tgt")
 
     def __init__(
         self, seg: int, off: int, rtype: int, flags: int, extent_id: int, block: int, count: int, lsn: int
@@ -45,6 +54,7 @@ class Rec:
         self.lsn = lsn
         self.live = 0  # blocks whose current version is this record
         self.hist = 0  # pinned old versions held in this record
+        self.tgt: tuple[int, int] | None = None
 
 
 @dataclass
@@ -58,6 +68,23 @@ class SegState:
     tombstones: dict[int, Rec] = field(default_factory=dict)  # offset -> TRIM records kept
     min_write_lsn: dict[int, int] = field(default_factory=dict)  # extent -> min non-HISTORY WRITE lsn
     has_bad: bool = False
+    # LINK records: their blocks count in live_blocks (and link_blocks), but what they occupy here is
+    # link_bytes (their records' lengths), not 4 KiB a block: cleaning judges a segment by live bytes.
+    link_blocks: int = 0
+    link_bytes: int = 0
+
+    def add_rec(self, rec: Rec) -> None:
+        if rec.rtype == REC_LINK and rec.off not in self.records:
+            self.link_bytes += record_length(REC_LINK, rec.count)
+        self.records[rec.off] = rec
+
+    def pop_rec(self, rec: Rec) -> None:
+        if self.records.pop(rec.off, None) is not None and rec.rtype == REC_LINK:
+            self.link_bytes -= record_length(REC_LINK, rec.count)
+
+    def live_bytes(self) -> int:
+        """Bytes of this segment that live or pinned records occupy."""
+        return (self.live_blocks - self.link_blocks) * BLOCK_SIZE + self.link_bytes
 
     def note_write(self, extent_id: int, lsn: int) -> None:
         cur = self.min_write_lsn.get(extent_id)
@@ -82,11 +109,13 @@ class Index:
         seg = self.segs.get(old.seg)
         if seg is not None:
             seg.live_blocks -= 1
+            if old.rtype == REC_LINK:
+                seg.link_blocks -= 1
         if self.pins and self._pinned_between(old.lsn, new_lsn):
             self.history.setdefault((extent_id, blk), []).append((old, new_lsn))
             old.hist += 1
         if old.live == 0 and old.hist == 0 and seg is not None:
-            seg.records.pop(old.off, None)
+            seg.pop_rec(old)
 
     def _pinned_between(self, lo: int, hi: int) -> bool:
         return any(lo <= p < hi for p in self.pins)
@@ -110,7 +139,9 @@ class Index:
             bad.difference_update(range(start, start + count))
         rec.live += count
         seg.live_blocks += count
-        seg.records[rec.off] = rec
+        if rec.rtype == REC_LINK:
+            seg.link_blocks += count
+        seg.add_rec(rec)
         self.blocks_allocated += added
 
     def trim_blocks(self, extent_id: int, start: int, count: int, lsn: int) -> int:
@@ -155,10 +186,14 @@ class Index:
         new.live += count
         if oseg is not None:
             oseg.live_blocks -= count
+            if old.rtype == REC_LINK:
+                oseg.link_blocks -= count
             if old.live == 0 and old.hist == 0:
-                oseg.records.pop(old.off, None)
+                oseg.pop_rec(old)
         nseg.live_blocks += count
-        nseg.records[new.off] = new
+        if new.rtype == REC_LINK:
+            nseg.link_blocks += count
+        nseg.add_rec(new)
 
     def mark_bad(self, extent_id: int, start: int, count: int) -> None:
         self.bad.setdefault(extent_id, set()).update(range(start, start + count))
@@ -198,7 +233,7 @@ class Index:
                     if rec.live == 0 and rec.hist == 0:
                         seg = self.segs.get(rec.seg)
                         if seg is not None:
-                            seg.records.pop(rec.off, None)
+                            seg.pop_rec(rec)
             if kept:
                 self.history[key] = kept
             else:
@@ -221,11 +256,11 @@ class Index:
                 old.hist -= 1
                 new.hist += 1
                 nseg = self.segs[new.seg]
-                nseg.records[new.off] = new
+                nseg.add_rec(new)
                 if old.live == 0 and old.hist == 0:
                     oseg = self.segs.get(old.seg)
                     if oseg is not None:
-                        oseg.records.pop(old.off, None)
+                        oseg.pop_rec(old)
                 return
 
     def is_history_of(self, extent_id: int, blk: int, rec: Rec) -> bool:
@@ -341,7 +376,7 @@ def decode_checkpoint(raw: bytes) -> Checkpoint | str:
     (crc,) = struct.unpack_from("<I", raw, len(raw) - 4)
     if crc32c.crc32c(memoryview(raw)[: len(raw) - 4], 0) != crc:
         return "checkpoint checksum mismatch"
-    if version != FORMAT_VERSION:
+    if version not in FORMAT_VERSIONS_READ:
         return f"unknown checkpoint format version {version}"
     ck = Checkpoint(cluster_id, lsn, rseg, roff, next_seg, [], [], [], [])
     pos = CKPT_HEADER_SIZE

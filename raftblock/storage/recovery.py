@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -22,7 +23,10 @@ from raftblock.storage.disk import Disk, DiskFile
 from raftblock.storage.index import Checkpoint, Index, Rec, SegState, decode_checkpoint
 from raftblock.storage.segment import (
     FLAG_HISTORY,
-    FORMAT_VERSION,
+    FLAG_LINK,
+    FORMAT_VERSIONS_READ,
+    LINK_TARGET,
+    REC_LINK,
     REC_TRIM,
     REC_WRITE,
     SEG_HEADER_SIZE,
@@ -32,6 +36,7 @@ from raftblock.storage.segment import (
     parse_segment_name,
     position,
     read_record,
+    record_length,
     scan_segment,
     segment_name,
     segment_seed,
@@ -132,10 +137,21 @@ def _apply_write(index: Index, rec: Rec) -> None:
     if end > run:
         index.set_blocks(rec, run, end - run)
     if rec.live == 0:
-        index.segs[rec.seg].records.pop(rec.off, None)
+        index.segs[rec.seg].pop_rec(rec)
 
 
-def recover(disk: Disk, directory: str, cluster_id: bytes, verify_on_open: bool) -> Recovered:
+def _load_target(f: DiskFile | None, rec: Rec) -> None:
+    """A LINK's WAL target, read from its record (validated when the record is read or scanned)."""
+    if f is None:
+        return
+    raw = f.pread(LINK_TARGET.size, rec.off + record_length(REC_LINK, rec.count) - LINK_TARGET.size)
+    if len(raw) == LINK_TARGET.size:
+        rec.tgt = LINK_TARGET.unpack(raw)
+
+
+def recover(disk: Disk, directory: str, cluster_id: bytes, verify_on_open: bool,
+            wal_file: Callable[[int], DiskFile | None] | None = None) -> Recovered:
+    """`wal_file(seq)`: the node's WAL segment files, for LINK records (write-once)."""
     t0 = time.monotonic()
     disk.makedirs(directory)
     names = disk.listdir(directory)
@@ -183,7 +199,7 @@ def recover(disk: Disk, directory: str, cluster_id: bytes, verify_on_open: bool)
                     f"{directory}/{segment_name(sid)} belongs to cluster {hdr.cluster_id.hex()},"
                     f" not {cluster_id.hex()}"
                 )
-            if hdr.format_version != FORMAT_VERSION:
+            if hdr.format_version not in FORMAT_VERSIONS_READ:
                 raise ValueError(f"{segment_name(sid)}: unknown segment format version {hdr.format_version}")
             if hdr.segment_id != sid:
                 bad_header.add(sid)
@@ -272,7 +288,10 @@ def recover(disk: Disk, directory: str, cluster_id: bytes, verify_on_open: bool)
                 index.segs[seg] = SegState(seg, end=0)
             rec = recs.get((seg, off))
             if rec is None:
-                rec = recs[(seg, off)] = Rec(seg, off, REC_WRITE, fl, eid, rb, rc, lsn)
+                rec = recs[(seg, off)] = Rec(seg, off, REC_LINK if fl & FLAG_LINK else REC_WRITE, fl, eid, rb, rc,
+                                             lsn)
+                if fl & FLAG_LINK:
+                    _load_target(files.get(seg), rec)
                 loaded.append(rec)
             index.set_blocks(rec, blk, n)
         for seg, off, blk, cnt, eid, lsn in ck.tombs:
@@ -301,8 +320,11 @@ def recover(disk: Disk, directory: str, cluster_id: bytes, verify_on_open: bool)
     replay.sort(key=lambda t: (t[0], t[1], t[2]))
     for lsn, sid, off, sr in replay:
         h = sr.hdr
-        if h.rtype == REC_WRITE:
-            _apply_write(index, Rec(sid, off, REC_WRITE, h.flags, h.extent_id, h.block, h.count, lsn))
+        if h.rtype in (REC_WRITE, REC_LINK):
+            rec = Rec(sid, off, h.rtype, h.flags, h.extent_id, h.block, h.count, lsn)
+            if h.rtype == REC_LINK:
+                _load_target(files.get(sid), rec)
+            _apply_write(index, rec)
         else:
             index.trim_blocks(h.extent_id, h.block, h.count, lsn)
 
@@ -344,6 +366,16 @@ def recover(disk: Disk, directory: str, cluster_id: bytes, verify_on_open: bool)
                                               "segment file missing"))
                 index.mark_bad(eid, blk, n)
 
+    # Linked blocks whose WAL segment is gone (write-once rule 4: corruption, never a torn tail).
+    for eid, blk, n, rec in index.runs():
+        if rec.rtype != REC_LINK or rec.seg in missing:
+            continue
+        if rec.tgt is None or wal_file is None or wal_file(rec.tgt[0]) is None:
+            seq = rec.tgt[0] if rec.tgt is not None else None
+            _report(corrupt, CorruptRange(segment_name(rec.seg), rec.off, 0, eid, blk, n,
+                                          f"linked WAL segment {seq} missing"))
+            index.mark_bad(eid, blk, n)
+
     # --- verify live records that were not scanned -------------------------------------------
     verified = 0
     if verify_on_open and loaded:
@@ -361,7 +393,7 @@ def recover(disk: Disk, directory: str, cluster_id: bytes, verify_on_open: bool)
             else:
                 rh, _body, bad = got
                 if (rh.rtype, rh.extent_id, rh.block, rh.count, rh.lsn) != (
-                    REC_WRITE, rec.extent_id, rec.block, rec.count, rec.lsn
+                    rec.rtype, rec.extent_id, rec.block, rec.count, rec.lsn
                 ):
                     reason, bad_blks = "record does not match checkpoint", mine
                 else:

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import crc32c
@@ -16,7 +17,8 @@ from raftblock._fast import segwriter
 from raftblock.storage.disk import DiskFile
 
 BLOCK_SIZE = 4096
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: LINK records (write-once); 1: without them, still read
+FORMAT_VERSIONS_READ = (1, 2)
 
 SEG_MAGIC = b"RBSEGMNT"
 SEG_HEADER_SIZE = 64
@@ -31,8 +33,11 @@ assert _REC_HEADER.size == REC_HEADER_SIZE
 
 REC_WRITE = 1
 REC_TRIM = 2
+REC_LINK = 3  # a write whose payload lives in a WAL segment (docs/format/write-once.md)
 FLAG_RELOCATED = 0x01
 FLAG_HISTORY = 0x02
+FLAG_LINK = 0x04  # set on every LINK record (and on checkpoint runs that name one)
+LINK_TARGET = struct.Struct("<QQ")  # wal_seq, wal_offset of the first payload byte
 
 MAX_WRITE_BLOCKS = 256
 MAX_BLOCK = (1 << 32) - 1  # block + count must stay <= MAX_BLOCK
@@ -67,6 +72,8 @@ def crc_array_size(count: int) -> int:
 def record_length(rtype: int, count: int) -> int:
     if rtype == REC_WRITE:
         return REC_HEADER_SIZE + crc_array_size(count) + BLOCK_SIZE * count
+    if rtype == REC_LINK:
+        return REC_HEADER_SIZE + crc_array_size(count) + LINK_TARGET.size
     return REC_HEADER_SIZE
 
 
@@ -172,7 +179,7 @@ def parse_header_fields(raw: bytes | bytearray | memoryview, off: int = 0) -> Re
         if bytes(raw[off : off + REC_HEADER_SIZE]) == bytes(REC_HEADER_SIZE):
             return "zero"
         return "bad record magic"
-    if rtype == REC_WRITE:
+    if rtype in (REC_WRITE, REC_LINK):
         if not 1 <= count <= MAX_WRITE_BLOCKS:
             return f"bad block count {count}"
     elif rtype == REC_TRIM:
@@ -190,6 +197,8 @@ def parse_header_fields(raw: bytes | bytearray | memoryview, off: int = 0) -> Re
 def header_crc_ok(seed: int, hdr: RecordHeader, header_and_crcs: bytes | bytearray | memoryview) -> bool:
     """`header_and_crcs` starts at the record and holds at least header + crc array."""
     end = REC_HEADER_SIZE + (crc_array_size(hdr.count) if hdr.rtype == REC_WRITE else 0)
+    if hdr.rtype == REC_LINK:
+        end = hdr.length  # a LINK's header CRC covers its CRC array and its target
     return crc32c.crc32c(memoryview(header_and_crcs)[4:end], seed) == hdr.header_crc
 
 
@@ -208,6 +217,42 @@ def bad_payload_blocks(hdr: RecordHeader, rec: bytes | bytearray | memoryview) -
 
 def payload_offset(count: int) -> int:
     return REC_HEADER_SIZE + crc_array_size(count)
+
+
+def _checked_length(hdr: RecordHeader) -> int:
+    """Bytes of a record its header CRC covers (a WRITE's payload has its own per-block CRCs)."""
+    if hdr.rtype == REC_WRITE:
+        return payload_offset(hdr.count)
+    return hdr.length
+
+
+def build_link_record(
+    seed: int,
+    extent_id: int,
+    block: int,
+    lsn: int,
+    sync_mark: int,
+    crcs: Sequence[int],
+    wal_seq: int,
+    wal_offset: int,
+    flags: int = 0,
+) -> bytearray:
+    """Frame one LINK record: header, CRC array, target; the header CRC covers all of it."""
+    n = len(crcs)
+    length = record_length(REC_LINK, n)
+    buf = bytearray(length)
+    _REC_HEADER.pack_into(buf, 0, 0, REC_MAGIC, REC_LINK, flags | FLAG_LINK, 0, n, length, block, extent_id,
+                          lsn, sync_mark)
+    struct.pack_into(f"<{n}I", buf, REC_HEADER_SIZE, *crcs)
+    LINK_TARGET.pack_into(buf, length - LINK_TARGET.size, wal_seq, wal_offset)
+    struct.pack_into("<I", buf, 0, crc32c.crc32c(memoryview(buf)[4:], seed))
+    return buf
+
+
+def link_target(body: bytes | bytearray | memoryview, hdr: RecordHeader) -> tuple[int, int]:
+    """(wal_seq, wal_offset) of a LINK record whose bytes start at body[0]."""
+    seq, off = LINK_TARGET.unpack_from(body, hdr.length - LINK_TARGET.size)
+    return seq, off
 
 
 # --- scanning ---------------------------------------------------------------------------------
@@ -263,7 +308,7 @@ def _valid_header_at(r: _Reader, seed: int, off: int) -> RecordHeader | None:
         return None
     if off + hdr.length > r.size:
         return None
-    hc = r.get(off, payload_offset(hdr.count) if hdr.rtype == REC_WRITE else REC_HEADER_SIZE)
+    hc = r.get(off, _checked_length(hdr))
     return hdr if header_crc_ok(seed, hdr, hc) else None
 
 
@@ -301,9 +346,7 @@ def scan_segment(f: DiskFile, seed: int, start: int, verify_payload: bool = True
         elif off + hdr.length > size:
             reason = "record runs past end of file"
         else:
-            need = hdr.length if (verify_payload and hdr.rtype == REC_WRITE) else (
-                payload_offset(hdr.count) if hdr.rtype == REC_WRITE else REC_HEADER_SIZE
-            )
+            need = hdr.length if (verify_payload and hdr.rtype == REC_WRITE) else _checked_length(hdr)
             body = r.get(off, need)
             if not header_crc_ok(seed, hdr, body):
                 reason = "record header checksum mismatch"
@@ -340,9 +383,9 @@ def _loose_header(raw: bytes) -> RecordHeader | None:
     if len(raw) < REC_HEADER_SIZE:
         return None
     hcrc, magic, rtype, flags, _res, count, length, block, extent_id, lsn, mark = _REC_HEADER.unpack_from(raw)
-    if magic != REC_MAGIC or rtype not in (REC_WRITE, REC_TRIM) or count < 1:
+    if magic != REC_MAGIC or rtype not in (REC_WRITE, REC_TRIM, REC_LINK) or count < 1:
         return None
-    if rtype == REC_WRITE and count > MAX_WRITE_BLOCKS:
+    if rtype != REC_TRIM and count > MAX_WRITE_BLOCKS:
         return None
     if block + count > MAX_BLOCK:
         return None

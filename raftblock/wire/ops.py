@@ -79,6 +79,31 @@ def encode_batch(ops: Sequence[BlockOp]) -> bytes:
     return b"".join(parts)
 
 
+def write_spans(data: bytes | bytearray | memoryview, min_bytes: int) -> list[tuple[int, int]]:
+    """(offset, length) in `data` of the payload of every WRITE op of at least `min_bytes`, in op order
+    (the write-once path: replication/wal.py lays these out block-aligned, apply.py links them). A batch
+    that does not parse has none."""
+    view = memoryview(data)
+    out: list[tuple[int, int]] = []
+    try:
+        (n,) = _COUNT.unpack_from(view, 0)
+        off = _COUNT.size
+        for _ in range(n):
+            kind, flags, _r2, count, _e, _b, _r3 = _OP.unpack_from(view, off)
+            off += _OP.size + (_NAME.size if flags & FLAG_NAMED else 0)
+            if kind == OP_WRITE:
+                off += 4 * count
+                length = count * BLOCK_SIZE
+                if off + length > len(view):
+                    return []
+                if length >= min_bytes:
+                    out.append((off, length))
+                off += length
+    except struct.error:
+        return []
+    return out
+
+
 def decode_batch(data: bytes | memoryview) -> list[BlockOp]:
     """Raises ValueError on a malformed batch."""
     try:

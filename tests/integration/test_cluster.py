@@ -265,16 +265,18 @@ def test_kill_leader_under_writes_then_power_cut(volatile_cluster: Cluster, tmp_
     _verify(uri, journal, tmp_path, "after a power cut of the whole cluster")
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_corrupt_replica_is_read_from_a_peer_and_repaired(cluster: Cluster, tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize(("mode", "where"), [("raft", "engine"), ("chain", "engine"), ("raft", "wal")])
+def test_corrupt_replica_is_read_from_a_peer_and_repaired(cluster: Cluster, tmp_path: Path, mode: str,
+                                                          where: str) -> None:
     """DESIGN "Data path": a block failing its CRC on the member that serves reads (the Raft leader, the
     chain's tail) is served from a healthy replica and rewritten; `cluster status` shows the error on that
-    node."""
+    node. `where`: a 32 KiB write is in an engine segment; a 64 KiB one is stored once, in the WAL, and
+    linked (docs/format/write-once.md)."""
     require_libnbd()
     cluster.up()
     cluster.cli("volume", "create", "vol", "--size", "256M", "--replication", mode)
     uri = f"{cluster.uri}/vol"
-    data = os.urandom(64 << 10)
+    data = os.urandom((32 if where == "engine" else 64) << 10)
     nbd_write(uri, 0, data, tmp_path, fua=True)
     group = cluster.status()["volumes"][0]["extent_groups"][0]
     needle = data[8192:8192 + 64]  # inside the third 4 KiB block
@@ -287,7 +289,7 @@ def test_corrupt_replica_is_read_from_a_peer_and_repaired(cluster: Cluster, tmp_
         while True:
             g = next(g for g in cluster.status()["groups"] if g["group"] == group)
             leader = g["leader"] if mode == "raft" else g["members"][-1]
-            hits = find_on_disk(cluster.root / f"n{leader}" / "engine", needle)
+            hits = find_on_disk(cluster.root / f"n{leader}" / where, needle)
             if hits or time.monotonic() > deadline:
                 break
             time.sleep(0.1)

@@ -111,7 +111,7 @@ class FakeReplica(ReplicaBase):
         rd = self.rd
         assert rd is not None
         for d in rd.data:
-            self.apply_data(rd.index, d)
+            self.apply_data(rd.index, d, 1)
         for reply in self.proposals.pop(rd.index, []):
             reply.set_result(rd.index)
         self.events.append(("finish", self.id, rd.name))

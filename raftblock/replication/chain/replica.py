@@ -211,7 +211,7 @@ class ChainReplica(ReplicaBase):
             self.out.send(m)
         for r in rd.applies:
             try:
-                self.apply_data(r.seq, r.data)
+                self.apply_data(r.seq, r.data, r.epoch)
             except NoSpaceError as ex:
                 # The records stay in the log (durable); the core emits them again once unblocked (reads
                 # at this tail wait meanwhile).

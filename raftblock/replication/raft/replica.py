@@ -288,7 +288,7 @@ class RaftReplica(ReplicaBase):
 
     def _apply(self, e: Entry) -> None:
         if e.type == EntryType.NORMAL and e.data:
-            self.apply_data(e.index, e.data)
+            self.apply_data(e.index, e.data, e.term)
         p = self.proposals.pop(e.index, None)
         if p is not None:
             term, futs = p
