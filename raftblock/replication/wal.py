@@ -18,7 +18,8 @@
 #    which are neither active nor dirty, so no fdatasync is running on them; the runtime reaps on a
 #    thread of its own so a slow unlink never delays a group commit.
 # 6. Write-once (docs/format/write-once.md), when `write_once_min_bytes` > 0: the payload of every WRITE op
-#    of at least that size is laid out on a 4 KiB boundary of the file (an ENTRIES_SPLIT record), and
+#    of at least that size is cut out of its entry and placed after the record's entries (an
+#    ENTRIES_PAYLOADS record; the payloads together on a 4 KiB boundary when 64 KiB or more), and
 #    `take_link` tells apply where it is once it is durable, so the engine links to it instead of writing
 #    it again. A segment gc() drops while the engine still links into it (`link_holder`) is renamed
 #    *.held and kept, out of replay, until the engine no longer needs it; then it is released as usual.
@@ -63,7 +64,9 @@ REC_ENTRIES = 1
 REC_HARD_STATE = 2
 REC_SNAPSHOT = 3  # a snapshot installed from the leader: entries before it are gone
 REC_COMPACT = 4  # a local compaction point (or a segment's base state): entries <= index are obsolete
-REC_ENTRIES_SPLIT = 6  # ENTRIES with large write payloads block-aligned in the file (write-once)
+REC_ENTRIES_SPLIT = 6  # ENTRIES with each large write payload block-aligned in place (read, no longer written)
+REC_ENTRIES_PAYLOADS = 7  # ENTRIES with their write payloads cut out and placed together after them (write-once)
+ALIGN_MIN_BYTES = 64 << 10  # payload areas this large start on a 4 KiB boundary of the file
 RECORD_BODY_BYTES_MAX = 256 << 20
 _PIECE = struct.Struct("<BI")  # kind (0 inline, 1 aligned), length
 _PAD = struct.Struct("<H")  # an aligned piece's pad length
@@ -298,9 +301,12 @@ class Wal:
             st = groups.get(group)
             if st is None:
                 st = groups[group] = GroupDurable()
-            if rtype in (REC_ENTRIES, REC_ENTRIES_SPLIT):
+            if rtype in (REC_ENTRIES, REC_ENTRIES_SPLIT, REC_ENTRIES_PAYLOADS):
                 try:
-                    ents = _decode_entries(body, split=rtype == REC_ENTRIES_SPLIT)
+                    if rtype == REC_ENTRIES_PAYLOADS:
+                        ents = _decode_payloads(body)
+                    else:
+                        ents = _decode_entries(body, split=rtype == REC_ENTRIES_SPLIT)
                 except (struct.error, ValueError) as e:
                     return bad(off, f"malformed entries record: {e}")
                 st._append(ents)
@@ -360,56 +366,61 @@ class Wal:
         return self._record(REC_ENTRIES, group, body)
 
     def _append_split(self, group: int, entries: list[Entry]) -> int:
-        """An ENTRIES_SPLIT record when some entry holds a write payload of at least write_once_min_bytes
-        (returns its position), else 0 (the caller writes a plain ENTRIES record)."""
+        """An ENTRIES_PAYLOADS record when some entry holds a write payload of at least write_once_min_bytes
+        (returns its position), else 0 (the caller writes a plain ENTRIES record): the entries with those
+        payloads cut out, then the payloads back to back, on a 4 KiB boundary of the file when they add
+        up to ALIGN_MIN_BYTES or more (a pad of zeros before them)."""
         min_b = self.write_once_min_bytes
         found = [write_spans(e.data, min_b) if e.type == EntryType.NORMAL and len(e.data) >= min_b else []
                  for e in entries]
         if not any(found):
             return 0
         seg = self._segments[-1]
-        pos = seg.size + self._buf_bytes + REC_HEADER.size  # file offset of the record's body
         body: list[bytes | memoryview] = [struct.pack("<I", len(entries))]
-        pos += 4
-        made: list[tuple[Entry, list[tuple[int, int, int]]]] = []
+        payloads: list[memoryview] = []
+        head = 4
         for e, spans in zip(entries, found, strict=True):
             data = memoryview(e.data)
-            pieces: list[tuple[int, int, int]] = []
+            pieces: list[bytes | memoryview] = []
             cur = 0
             for start, length in spans:
                 if start > cur:
-                    pieces.append((0, cur, start))
-                pieces.append((1, start, start + length))
+                    pieces.append(_PIECE.pack(0, start - cur))
+                    pieces.append(data[cur:start])
+                    head += _PIECE.size + start - cur
+                pieces.append(_PIECE.pack(1, length))
+                head += _PIECE.size
+                payloads.append(data[start : start + length])
                 cur = start + length
             if cur < len(data):
-                pieces.append((0, cur, len(data)))
-            body.append(_ENTRY.pack(e.term, e.index, int(e.type), len(data)) + _PIECES.pack(len(pieces)))
-            pos += _ENTRY.size + _PIECES.size
-            placed: list[tuple[int, int, int]] = []
-            for kind, a, b in pieces:
-                if kind == 0:
-                    body.append(_PIECE.pack(0, b - a))
-                    body.append(data[a:b])
-                    pos += _PIECE.size + b - a
-                    continue
-                pad = -(pos + _PIECE.size + _PAD.size) % ALIGN
-                body.append(_PIECE.pack(1, b - a) + _PAD.pack(pad))
-                if pad:
-                    body.append(_ZEROS[:pad])
-                pos += _PIECE.size + _PAD.size + pad
-                placed.append((a, b - a, pos))
-                body.append(data[a:b])
-                pos += b - a
-            if placed:
-                made.append((e, placed))
-        end = self._record(REC_ENTRIES_SPLIT, group, body)
+                pieces.append(_PIECE.pack(0, len(data) - cur))
+                pieces.append(data[cur:])
+                head += _PIECE.size + len(data) - cur
+            npieces = len(pieces) - sum(1 for p in pieces if isinstance(p, memoryview))
+            body.append(_ENTRY.pack(e.term, e.index, int(e.type), len(data)) + _PIECES.pack(npieces))
+            head += _ENTRY.size + _PIECES.size
+            body.extend(pieces)
+        area = sum(len(p) for p in payloads)
+        pos = seg.size + self._buf_bytes + REC_HEADER.size + head + _PAD.size  # where a pad would start
+        pad = -pos % ALIGN if area >= ALIGN_MIN_BYTES else 0
+        body.append(_PAD.pack(pad))
+        if pad:
+            body.append(_ZEROS[:pad])
+        pos += pad
+        body.extend(payloads)
+        end = self._record(REC_ENTRIES_PAYLOADS, group, body)
         prev = seg.max_index.get(group, 0)
         seg.max_index[group] = max(prev, entries[-1].index)
         links = self._links.get(group)
         if links is None:
             links = self._links[group] = {}
-        for e, placed in made:
-            links[e.index] = Link(e.term, seg.seq, end, min_b, placed)
+        for e, spans in zip(entries, found, strict=True):
+            if spans:
+                placed = []
+                for start, length in spans:
+                    placed.append((start, length, pos))
+                    pos += length
+                links[e.index] = Link(e.term, seg.seq, end, min_b, placed)
         return end
 
     def take_link(self, group: int, index: int, term: int) -> Link | None:
@@ -736,6 +747,53 @@ def _read_pieces(body: memoryview, off: int, dlen: int) -> tuple[bytes, int]:
     if len(data) != dlen:
         raise ValueError("pieces do not add up to the entry's length")
     return data, off
+
+
+def _decode_payloads(body: memoryview) -> list[Entry]:
+    """An ENTRIES_PAYLOADS body: the entries with their kind-1 pieces taken, in order, from the payload
+    area after the pad."""
+    (n,) = struct.unpack_from("<I", body, 0)
+    off = 4
+    heads: list[tuple[int, int, int, int, list[memoryview | int]]] = []
+    for _ in range(n):
+        term, index, etype, dlen = _ENTRY.unpack_from(body, off)
+        off += _ENTRY.size
+        (npieces,) = _PIECES.unpack_from(body, off)
+        off += _PIECES.size
+        pieces: list[memoryview | int] = []
+        for _p in range(npieces):
+            kind, length = _PIECE.unpack_from(body, off)
+            off += _PIECE.size
+            if kind == 0:
+                if off + length > len(body):
+                    raise ValueError("piece runs past the record")
+                pieces.append(body[off : off + length])
+                off += length
+            elif kind == 1:
+                pieces.append(length)
+            else:
+                raise ValueError(f"unknown piece kind {kind}")
+        heads.append((term, index, etype, dlen, pieces))
+    (pad,) = _PAD.unpack_from(body, off)
+    off += _PAD.size + pad
+    out: list[Entry] = []
+    for term, index, etype, dlen, pieces in heads:
+        parts: list[memoryview] = []
+        for p in pieces:
+            if isinstance(p, int):
+                if off + p > len(body):
+                    raise ValueError("payload runs past the record")
+                parts.append(body[off : off + p])
+                off += p
+            else:
+                parts.append(p)
+        data = b"".join(parts)
+        if len(data) != dlen:
+            raise ValueError("pieces do not add up to the entry's length")
+        out.append(Entry(term, index, EntryType(etype), data))
+    if off != len(body):
+        raise ValueError("trailing bytes after the payloads")
+    return out
 
 
 def _decode_entries(body: memoryview, split: bool = False) -> list[Entry]:

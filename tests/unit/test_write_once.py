@@ -38,14 +38,14 @@ def _pattern(seed: int, blocks: int) -> bytes:
 class Node:
     """One node's WAL and engine, opened as raftnode does (WAL first), applying entries as a replica."""
 
-    def __init__(self, root: Path, disk: Disk, **engine_kw: int) -> None:
+    def __init__(self, root: Path, disk: Disk, min_bytes: int = MIN, **engine_kw: int) -> None:
         self.root = root
         self.disk = disk
         self.wal, self.recovered = Wal.open(disk, str(root / "wal"), segment_bytes_max=1 << 20)
         cfg = EngineConfig(segment_size_bytes=1 << 20, preallocate=False, **engine_kw)  # type: ignore[arg-type]
         self.engine = Engine.open(disk, str(root / "engine"), CID, cfg, wal=self.wal)
         self.wal.link_holder = self.engine.wal_refs
-        self.wal.write_once_min_bytes = MIN
+        self.wal.write_once_min_bytes = min_bytes
         self.sessions = Sessions()
         self.counters: Counter[str] = Counter()
         self.index = max([0, *(e.index for s in self.recovered.values() for e in s.entries),
@@ -345,3 +345,36 @@ def test_engine_files_of_format_version_1_still_open(tmp_path: Path, monkeypatch
     assert e.report.used_checkpoint and not e.report.corrupt
     assert bytes(e.read(1, 0, 2)[0]) == _pattern(1, 2)
     e.close()
+
+
+def test_small_writes_are_linked_unaligned_and_a_batch_keeps_its_order(tmp_path: Path) -> None:
+    """With the threshold at one block, every write is linked: a record's payloads smaller than 64 KiB
+    together are not padded to a block boundary; writes, links and trims of one batch apply in order."""
+    n = Node(tmp_path, OsDisk(), min_bytes=B)
+    a, b, c = _pattern(30, 1), _pattern(31, 3), _pattern(32, 2)
+    n.write([_write(1, 0, a), BlockOp(OP_TRIM, 1, 0, 1), _write(1, 0, b), _write(1, 10, c)])
+    assert n.counters["writes_linked"] == 3
+    assert n.read(1, 0, 3) == b and n.read(1, 10, 2) == c
+    wal_seg = tmp_path / "wal" / "wal-0000000000000001.log"
+    assert os.path.getsize(wal_seg) < 12 * B  # 6 blocks of payload, headers, no pad
+    assert n.wal.stats()["wal_links_made"] == 1
+    n.close()
+    n = Node(tmp_path, OsDisk(), min_bytes=B)
+    assert n.read(1, 0, 3) == b and n.read(1, 10, 2) == c
+    n.close()
+
+
+def test_the_first_write_once_record_layout_is_still_read() -> None:
+    """ENTRIES_SPLIT (type 6: a pad before each large payload) is read back to the entry's data."""
+    import struct
+
+    from raftblock.replication import wal as walmod
+
+    data = b"head" + bytes(range(256)) * 16 + b"tail"
+    pad = 100
+    body = (struct.pack("<I", 1) + walmod._ENTRY.pack(3, 9, int(EntryType.NORMAL), len(data))
+            + walmod._PIECES.pack(3) + walmod._PIECE.pack(0, 4) + b"head"
+            + walmod._PIECE.pack(1, 4096) + walmod._PAD.pack(pad) + bytes(pad) + data[4:4100]
+            + walmod._PIECE.pack(0, 4) + b"tail")
+    (e,) = walmod._decode_entries(memoryview(body), split=True)
+    assert (e.term, e.index, e.data) == (3, 9, data)
