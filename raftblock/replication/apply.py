@@ -40,7 +40,7 @@ def apply_batch(engine: Engine, sessions: Sessions, gid: int, index: int, data: 
     k = 0
     try:
         writes: list[tuple[int, int, bytes | bytearray | memoryview, Sequence[int]]] = []
-        links: list[tuple[int, int, Sequence[int], int, int]] = []
+        links: list[tuple[int, int, bytes | bytearray | memoryview, Sequence[int], int, int]] = []
         for op in decode_batch(data):
             at = -1
             if k < len(spans) and op.kind == OP_WRITE and len(op.data) >= min_b:
@@ -59,7 +59,7 @@ def apply_batch(engine: Engine, sessions: Sessions, gid: int, index: int, data: 
                         engine.write_many(writes)
                         writes = []
                     assert link is not None
-                    links.append((op.extent_id, op.block, op.crcs, link.seq, at))
+                    links.append((op.extent_id, op.block, op.data, op.crcs, link.seq, at))
                     counters["writes_linked"] += 1
                     continue
                 if links:

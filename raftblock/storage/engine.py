@@ -30,7 +30,7 @@ from typing import Protocol
 import crc32c
 import structlog
 
-from raftblock._fast import bitmap, segwriter
+from raftblock._fast import bitmap, blockcrc, segwriter
 from raftblock.storage.cleaner import Cleaner, evacuate
 from raftblock.storage.disk import Disk, DiskFile, write_parts
 from raftblock.storage.index import Checkpoint, CorruptBlockError, Index, Rec, SegState, encode_checkpoint
@@ -365,35 +365,38 @@ class Engine:
             off += length
         return lsn
 
-    def link_many(self, links: Sequence[tuple[int, int, Sequence[int], int, int]]) -> int:
+    def link_many(
+        self, links: Sequence[tuple[int, int, bytes | bytearray | memoryview, Sequence[int], int, int]]
+    ) -> int:
         """Apply writes whose payload is already durable in a WAL segment (write-once): for each
-        (extent_id, block, crcs, wal_seq, wal_offset of the first payload byte) one LINK record, the
+        (extent_id, block, data, crcs, wal_seq, wal_offset of the first payload byte) one LINK record, the
         records appended back to back with one pwrite; the index points at the WAL bytes. The caller
-        guarantees the WAL bytes are durable (docs/format/write-once.md rule 1) and hold the payload whose
-        CRCs are `crcs` (reads check them). Returns the last LSN."""
+        guarantees the WAL bytes are durable (docs/format/write-once.md rule 1) and were written from
+        `data`; the pair check (rule 3) runs on `data`, the bytes the WAL wrote, before the LINK is.
+        Returns the last LSN."""
         self._check_open()
         if self._wal is None:
             raise ValueError("link_many needs the engine opened with its WAL")
         lengths = []
-        for extent_id, block, crcs, _seq, _off in links:
-            n = len(crcs)
-            if not (1 <= n <= MAX_WRITE_BLOCKS and 0 <= extent_id <= MAX_EXTENT_ID and 0 <= block
-                    and block + n <= MAX_BLOCK):
-                raise ValueError("link: extent_id/block/count out of range")
+        for extent_id, block, data, crcs, _seq, _off in links:
+            n = self._check_write(extent_id, block, data, crcs)
+            bad = blockcrc.first_mismatch(data, crcs)
+            if bad >= 0:
+                raise CorruptBlockError(extent_id, block + bad, "checksum mismatch before link")
             lengths.append(record_length(REC_LINK, n))
         seg = self._room(sum(lengths))
         seed = self._seeds[seg.seg_id]
         mark = self._durable_mark
         lsn = self.last_lsn
         bufs = []
-        for extent_id, block, crcs, wseq, woff in links:
+        for extent_id, block, _data, crcs, wseq, woff in links:
             lsn += 1
             bufs.append(build_link_record(seed, extent_id, block, lsn, mark, crcs, wseq, woff))
         off = self._append(seg, b"".join(bufs) if len(bufs) > 1 else bufs[0])
         with self._lock:
             self.last_lsn = lsn
         lsn -= len(links)
-        for (extent_id, block, crcs, wseq, woff), length in zip(links, lengths, strict=True):
+        for (extent_id, block, _data, crcs, wseq, woff), length in zip(links, lengths, strict=True):
             lsn += 1
             n = len(crcs)
             rec = Rec(seg.seg_id, off, REC_LINK, FLAG_LINK, extent_id, block, n, lsn)

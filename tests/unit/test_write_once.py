@@ -378,3 +378,20 @@ def test_the_first_write_once_record_layout_is_still_read() -> None:
             + walmod._PIECE.pack(0, 4) + b"tail")
     (e,) = walmod._decode_entries(memoryview(body), split=True)
     assert (e.term, e.index, e.data) == (3, 9, data)
+
+
+def test_a_link_whose_payload_fails_its_crcs_is_refused_and_changes_nothing(tmp_path: Path) -> None:
+    """The pair check runs on the bytes the WAL wrote before a LINK points at them."""
+    n = Node(tmp_path, OsDisk())
+    e = n.append([_write(5, 0, _pattern(40, 16))])
+    n.sync()
+    link = n.wal.take_link(GROUP, e.index, e.term)
+    assert link is not None
+    (_off, _len, at), = link.spans
+    crcs = [crc32c.crc32c(_pattern(40, 16)[i : i + B]) for i in range(0, 16 * B, B)]
+    crcs[3] ^= 1
+    lsn = n.engine.last_lsn
+    with pytest.raises(CorruptBlockError):
+        n.engine.link_many([(5, 0, _pattern(40, 16), crcs, link.seq, at)])
+    assert n.engine.last_lsn == lsn and not n.engine.index.extents
+    n.close()
