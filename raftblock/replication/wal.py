@@ -217,6 +217,7 @@ class Wal:
         self._links: dict[int, dict[int, Link]] = {}  # group -> entry index -> where its payloads are
         self._held: dict[int, _Segment] = {}  # seq -> segment dropped by gc() but linked into
         self.links_made = 0
+        self.first_new_seq = 1  # the first segment this process created (Wal.open sets it)
 
     # --- open / recovery --------------------------------------------------------------------------------
     @classmethod
@@ -257,7 +258,8 @@ class Wal:
                 wal.durable_snap[g] = st.snap.index
             wal._hs[g] = st.hard_state
         # Never append to a segment that was active when the process died: start a new one.
-        wal._roll(max([*seqs, *wal._held, 0]) + 1)
+        wal.first_new_seq = max([*seqs, *wal._held, 0]) + 1
+        wal._roll(wal.first_new_seq)
         wal.flush()
         wal.sync()
         log.info(
@@ -444,6 +446,11 @@ class Wal:
             if seg.seq == seq:
                 return seg.file
         return None
+
+    def recovered_file(self, seq: int) -> DiskFile | None:
+        """As wal_file, for the engine's recovery: a segment this process created cannot hold what a LINK
+        written before it points at (a WAL directory emptied under an engine would reuse seqs)."""
+        return None if seq >= self.first_new_seq else self.wal_file(seq)
 
     def held_segments(self) -> list[tuple[int, int]]:
         """(seq, bytes) of the segments kept only because the engine links into them."""

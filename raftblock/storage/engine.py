@@ -114,6 +114,8 @@ class WalFiles(Protocol):
 
     def wal_file(self, seq: int) -> DiskFile | None: ...
 
+    def recovered_file(self, seq: int) -> DiskFile | None: ...
+
     def held_segments(self) -> list[tuple[int, int]]: ...
 
 
@@ -171,7 +173,7 @@ class Engine:
             raise ValueError("segment_size_bytes must be in [64 KiB, 4 GiB - 4 MiB]")
         eng = cls(disk, directory, cluster_id, cfg)
         eng._wal = wal
-        rec = recover(disk, directory, cluster_id, cfg.verify_on_open, wal.wal_file if wal is not None else None)
+        rec = recover(disk, directory, cluster_id, cfg.verify_on_open, wal.recovered_file if wal is not None else None)
         eng.index = rec.index
         eng._files = rec.files
         eng._seeds = rec.seeds

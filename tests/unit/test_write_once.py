@@ -395,3 +395,18 @@ def test_a_link_whose_payload_fails_its_crcs_is_refused_and_changes_nothing(tmp_
         n.engine.link_many([(5, 0, _pattern(40, 16), crcs, link.seq, at)])
     assert n.engine.last_lsn == lsn and not n.engine.index.extents
     n.close()
+
+
+def test_links_into_a_wal_directory_that_was_emptied_are_corruption_not_new_data(tmp_path: Path) -> None:
+    """An emptied WAL directory reuses segment numbers: a LINK must not read a new segment of the same
+    number as its data."""
+    n = Node(tmp_path, OsDisk())
+    n.write([_write(6, 0, _pattern(12, 32))])
+    n.close()
+    for name in os.listdir(tmp_path / "wal"):
+        os.remove(tmp_path / "wal" / name)
+    n = Node(tmp_path, OsDisk())
+    assert any("linked WAL segment" in c.reason for c in n.engine.report.corrupt)
+    with pytest.raises(CorruptBlockError):
+        n.read(6, 0, 1)
+    n.close()
