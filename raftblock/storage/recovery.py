@@ -367,6 +367,10 @@ def recover(disk: Disk, directory: str, cluster_id: bytes, verify_on_open: bool,
                 index.mark_bad(eid, blk, n)
 
     # Linked blocks whose WAL segment is gone (write-once rule 4: corruption, never a torn tail).
+    if wal_file is None and any(r.rtype == REC_LINK for s in index.segs.values() for r in s.records.values()):
+        for f in files.values():
+            f.close()
+        raise ValueError(f"{directory} holds LINK records (write-once): open the engine with its WAL")
     for eid, blk, n, rec in index.runs():
         if rec.rtype != REC_LINK or rec.seg in missing:
             continue

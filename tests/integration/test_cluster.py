@@ -67,6 +67,14 @@ class Cluster:
     def status(self) -> dict[str, Any]:
         return dict(json.loads(self.cli("cluster", "status", "--json").stdout))
 
+    def set_raft(self, **settings: int) -> None:
+        """Node settings (`[raft]` of every node's config), as an operator edits them: the configs are
+        written by a first `cluster up`, then the cluster is stopped and the settings appended."""
+        self.up()
+        self.down()
+        for cfg in sorted((self.root / "nodes").glob("n*.toml")):
+            cfg.write_text(cfg.read_text() + "\n[raft]\n" + "".join(f"{k} = {v}\n" for k, v in settings.items()))
+
     def pids(self) -> dict[str, int]:
         out = {}
         for f in (self.root / "run").glob("*.pid"):
@@ -270,13 +278,15 @@ def test_corrupt_replica_is_read_from_a_peer_and_repaired(cluster: Cluster, tmp_
                                                           where: str) -> None:
     """DESIGN "Data path": a block failing its CRC on the member that serves reads (the Raft leader, the
     chain's tail) is served from a healthy replica and rewritten; `cluster status` shows the error on that
-    node. `where`: a 32 KiB write is in an engine segment; a 64 KiB one is stored once, in the WAL, and
-    linked (docs/format/write-once.md)."""
+    node. `where`: "engine" with write-once off (the block in an engine segment), "wal" with it on (stored
+    once, in the WAL, the engine linking to it: docs/format/write-once.md)."""
     require_libnbd()
+    if where == "engine":
+        cluster.set_raft(write_once_min_bytes=0)  # every block written into the engine too
     cluster.up()
     cluster.cli("volume", "create", "vol", "--size", "256M", "--replication", mode)
     uri = f"{cluster.uri}/vol"
-    data = os.urandom((32 if where == "engine" else 64) << 10)
+    data = os.urandom(64 << 10)
     nbd_write(uri, 0, data, tmp_path, fua=True)
     group = cluster.status()["volumes"][0]["extent_groups"][0]
     needle = data[8192:8192 + 64]  # inside the third 4 KiB block

@@ -190,9 +190,9 @@ class Conn:
 
 def make_host(disk: MemDisk, **cfg: int | float | str) -> NodeHost:
     disk.makedirs("/n1/engine")
-    engine = Engine.open(disk, "/n1/engine", b"c" * 16, EngineConfig(segment_size_bytes=1 << 20))
     hcfg = HostConfig(1, tick_ms=20, **cfg)  # type: ignore[arg-type]
     wal, rec = Wal.open(disk, "/n1/wal", hcfg.wal_segment_bytes_max)
+    engine = Engine.open(disk, "/n1/engine", b"c" * 16, EngineConfig(segment_size_bytes=1 << 20), wal=wal)
     return NodeHost(hcfg, engine, wal, rec, {}, {1: ("127.0.0.1", 1), 2: ("10.0.0.2", 7002)}, seed=1)
 
 

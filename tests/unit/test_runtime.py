@@ -51,9 +51,10 @@ class Cluster:
         disk = engine_disk or OsDisk()
         d = self.base / f"n{nid}"
         (d / "engine").mkdir(parents=True, exist_ok=True)
-        eng = Engine.open(disk, str(d / "engine"), b"c" * 16, EngineConfig(segment_size_bytes=1 << 20))
         rcfg = HostConfig(nid, tick_ms=20, **cfg)
         wal, rec = Wal.open(wal_disk or OsDisk(), str(d / "wal"), rcfg.wal_segment_bytes_max)
+        # As node/raftnode.py: the WAL first, the engine's LINK records point into it.
+        eng = Engine.open(disk, str(d / "engine"), b"c" * 16, EngineConfig(segment_size_bytes=1 << 20), wal=wal)
         rt = NodeHost(rcfg, eng, wal, rec, {g: [1, 2, 3] for g in range(1, GROUPS + 1)}, self.peers, seed=nid)
         await rt.start("127.0.0.1", self.ports[nid])
         self.rts[nid] = rt
@@ -386,8 +387,14 @@ def test_scrub_repairs_bit_rot_and_a_replica_that_silently_diverged(tmp_path: Pa
         e = c.rts[rot].engine
         e.sync()
         rec = e.index.extents[ext][5]
-        with open(os.path.join(e.directory, segment_name(rec.seg)), "r+b") as f:
+        if rec.tgt is not None:  # write-once: the payload is in a WAL segment
+            wal_dir = c.rts[rot].wal.directory
+            (name,) = [n for n in os.listdir(wal_dir) if n.startswith(f"wal-{rec.tgt[0]:016x}.")]
+            path, pos = os.path.join(wal_dir, name), rec.tgt[1] + (5 - rec.block) * 4096 + 100
+        else:
+            path = os.path.join(e.directory, segment_name(rec.seg))
             pos = rec.off + payload_offset(rec.count) + (5 - rec.block) * 4096 + 100
+        with open(path, "r+b") as f:
             f.seek(pos)
             byte = f.read(1)
             f.seek(pos)

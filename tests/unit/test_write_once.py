@@ -410,3 +410,14 @@ def test_links_into_a_wal_directory_that_was_emptied_are_corruption_not_new_data
     with pytest.raises(CorruptBlockError):
         n.read(6, 0, 1)
     n.close()
+
+
+def test_an_engine_holding_links_refuses_to_open_without_its_wal(tmp_path: Path) -> None:
+    n = Node(tmp_path, OsDisk(), min_bytes=B)
+    n.write([_write(6, 0, _pattern(13, 2))])
+    n.close()
+    with pytest.raises(ValueError, match="open the engine with its WAL"):
+        Engine.open(OsDisk(), str(tmp_path / "engine"), CID, EngineConfig(segment_size_bytes=1 << 20))
+    n = Node(tmp_path, OsDisk(), min_bytes=B)
+    assert n.read(6, 0, 2) == _pattern(13, 2)
+    n.close()
