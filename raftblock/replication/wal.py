@@ -520,8 +520,10 @@ class Wal:
                 # A recycled file ends where its records end before the next segment exists: recovery
                 # reads an older segment to its end and calls anything unreadable corruption.
                 prev.file.truncate(prev.size)
-                prev.file.fdatasync()
-                prev.phys = prev.size
+            # Durable before the next segment exists, for the same reason: a power cut between this roll
+            # and the next group commit must not leave a torn tail in what is then an older segment.
+            prev.file.fdatasync()
+            prev.phys = prev.size
         path = os.path.join(self.directory, segment_name(seq))
         with self._lock:
             free = self._free.pop() if self._free else None
@@ -657,14 +659,21 @@ class Wal:
             drop.append(seg)
         release: list[_Segment] = []
         holder = self.link_holder
-        if drop:
-            with self._lock:
-                self._segments = self._segments[len(drop) :]
-            for seg in drop:
-                if holder is not None and holder(seg.seq):
+        done = 0
+        for seg in drop:
+            if holder is not None and holder(seg.seq):
+                try:
                     self._hold(seg)
-                else:
-                    release.append(seg)
+                except OSError as e:
+                    # Left in place (still a live segment, still readable); the next gc tries again.
+                    log.warning("wal.hold_failed", segment=segment_name(seg.seq), error=repr(e))
+                    break
+            else:
+                release.append(seg)
+            done += 1
+        if done:
+            with self._lock:
+                self._segments = self._segments[done:]
         if holder is not None:
             for seq in [q for q in self._held if not holder(q)]:
                 release.append(self._held.pop(seq))

@@ -775,9 +775,18 @@ class Engine:
         used = sum(s.end for s in segs)
         live = sum(s.live_bytes() for s in segs)
         if self._wal is not None:
-            for seq, size in self._wal.held_segments():
+            # A held WAL segment's dead bytes count only once evacuation would act on it (_evacuate's
+            # rule): a mostly live one is no more garbage than a mostly live engine segment, and counting
+            # it would keep the cleaning pace "behind" for nothing.
+            held = self._wal.held_segments()
+            total = sum(size for _seq, size in held)
+            limit = 1.0 - self.config.cleaning_garbage_ratio
+            for seq, size in sorted(held):
+                linked = self.linked_live_bytes(seq)
+                due = total > self.config.wal_held_bytes_max or linked <= limit * size
                 used += size
-                live += self.linked_live_bytes(seq)
+                live += linked if due else size
+                total -= size
         return live, max(0, used - live)
 
     def stats(self) -> dict[str, int]:

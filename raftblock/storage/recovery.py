@@ -355,7 +355,7 @@ def recover(disk: Disk, directory: str, cluster_id: bytes, verify_on_open: bool,
             for blk in range(hint.block, hint.block + min(hint.count, 1 << 20)):
                 cur = emap.get(blk)
                 # A lost WRITE hides a newer version; a lost TRIM leaves an older one visible.
-                if (cur is None and hint.rtype == REC_WRITE) or (cur is not None and cur.lsn < hint.lsn):
+                if (cur is None and hint.rtype in (REC_WRITE, REC_LINK)) or (cur is not None and cur.lsn < hint.lsn):
                     index.mark_bad(hint.extent_id, blk, 1)
 
     # Index entries naming a segment that is gone and that replay did not replace.

@@ -3,7 +3,8 @@
 # Owns: the faults it injects and their undoing: kill -9 (+ restart), SIGSTOP (+ SIGCONT), partitions
 # of one node, a rack and a "bridge" (one node sees both sides, the sides do not see each other) with
 # heal, a power cut (kill -9 of every process at once, then restart all), bit flips in the block data
-# of a node's engine segments, and a full disk on the node whose data dir is a small loop-mounted ext4.
+# of a node's stored blocks (engine segments, or the WAL segment a linked block lives in), and a full disk on
+# the node whose data dir is a small loop-mounted ext4.
 #
 # Rules:
 # 1. Every fault appends a `FaultRecord` saying what actually fired: kind, target, monotonic times of
@@ -34,6 +35,7 @@ BLOCK = 4096
 SEG_HEADER = 64
 REC_HEADER = struct.Struct("<I4sBBHIIIQQQ")  # docs/format/segment.md, "Record"
 REC_WRITE = 1
+REC_LINK = 3  # write-once: the block's data is in a WAL segment (docs/format/write-once.md)
 FLAG_HISTORY = 2
 PAUSE_MAX_S = 15.0  # a SIGSTOP longer than this is refused: the campaign bounds every pause
 BALLAST = "ballast"
@@ -184,22 +186,24 @@ class Nemesis:
     # --- disks -----------------------------------------------------------------------------------
     def bit_flips(self, node_id: int, extent_ids: set[int], count: int, blocks: set[int] | None = None) -> FaultRecord:
         """Flip one bit in the data of COUNT live blocks (newest version of a block of EXTENT_IDS, of BLOCKS
-        inside the extent if given) of node NODE_ID's engine segments, in place, while it runs (the file's
-        page cache is what it reads)."""
+        inside the extent if given) of node NODE_ID, in place, while it runs (the file's page cache is what
+        it reads): in an engine segment, or, for a linked block (write-once), in the WAL segment it points
+        into."""
         r = self._record("bit_flip", f"n{node_id}")
         # newest version of each block; a block relocated by compaction has copies with the same LSN:
         # every copy is flipped (the index points at one of them)
         live: dict[tuple[int, int], tuple[int, list[tuple[str, int]]]] = {}
         engine = self.c.layout.data_dir(node_id) / "engine"
+        wal = self.c.layout.data_dir(node_id) / "wal"
         for seg in sorted(engine.glob("seg-*.log")):
-            for ext, blk, lsn, off in _write_blocks(seg):
+            for ext, blk, lsn, path, off in _write_blocks(seg, wal):
                 if ext not in extent_ids or (blocks is not None and blk not in blocks):
                     continue
                 have = live.get((ext, blk))
                 if have is None or have[0] < lsn:
-                    live[(ext, blk)] = (lsn, [(str(seg), off)])
-                elif have[0] == lsn:
-                    have[1].append((str(seg), off))
+                    live[(ext, blk)] = (lsn, [(path, off)])
+                elif have[0] == lsn and (path, off) not in have[1]:
+                    have[1].append((path, off))
         if not live:
             r.error = "no stored block of the volume on that node"
             return r
@@ -278,10 +282,11 @@ class Nemesis:
             raise errors[0]
 
 
-def _write_blocks(path: Path) -> list[tuple[int, int, int, int]]:
-    """(extent_id, block, lsn, file offset of the block's data) of every block of every WRITE record of a
-    segment, walking records from the header to the first thing that is not a record header."""
-    out: list[tuple[int, int, int, int]] = []
+def _write_blocks(path: Path, wal: Path) -> list[tuple[int, int, int, str, int]]:
+    """(extent_id, block, lsn, file and offset of the block's data) of every block of every WRITE or LINK
+    record of a segment (a LINK's data is in WAL segment wal_seq of the directory `wal`), walking records
+    from the header to the first thing that is not a record header."""
+    out: list[tuple[int, int, int, str, int]] = []
     data = path.read_bytes()
     x = SEG_HEADER
     while x + REC_HEADER.size <= len(data):
@@ -290,6 +295,11 @@ def _write_blocks(path: Path) -> list[tuple[int, int, int, int]]:
             break
         if typ == REC_WRITE and not flags & FLAG_HISTORY:
             payload = x + REC_HEADER.size + (4 * count + 7) // 8 * 8
-            out.extend((extent, block + i, lsn, payload + i * BLOCK) for i in range(count))
+            out.extend((extent, block + i, lsn, str(path), payload + i * BLOCK) for i in range(count))
+        elif typ == REC_LINK and not flags & FLAG_HISTORY:
+            seq, woff = struct.unpack_from("<QQ", data, x + length - 16)
+            files = [f for f in (wal / f"wal-{seq:016x}.log", wal / f"wal-{seq:016x}.held") if f.exists()]
+            if files:
+                out.extend((extent, block + i, lsn, str(files[0]), woff + i * BLOCK) for i in range(count))
         x += length
     return out

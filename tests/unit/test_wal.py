@@ -301,3 +301,23 @@ def test_a_group_dropped_and_then_hosted_again_pins_only_its_new_entries(tmp_pat
     _, rec = Wal.open(OsDisk(), str(tmp_path))
     assert rec[1].snap is not None and rec[1].snap.index == 50
     assert rec[1].entries == _ents(51, 100, size=1000)  # nothing needed was released
+
+
+def test_a_power_cut_right_after_a_roll_leaves_no_torn_tail_in_an_older_segment(tmp_path: Path) -> None:
+    """flush() rolls to a new segment before the group commit's fdatasync: the segment it leaves is made
+    durable first, so a power cut then never leaves a torn tail in what is no longer the newest segment
+    (which recovery would call corruption)."""
+    import random
+
+    for seed in range(20):
+        d = tmp_path / f"w{seed}"
+        disk = VolatileDisk(tear=True, rng=random.Random(seed))
+        wal, _ = Wal.open(disk, str(d), segment_bytes_max=64 << 10)
+        wal.append_entries(1, _ents(1, 1, size=1000))
+        wal.flush()
+        wal.sync()
+        wal.append_entries(1, _ents(2, 1, size=100 << 10))
+        wal.flush()  # fills segment 2 (the first Wal.open made) and rolls to the next
+        disk.crash()  # before the group commit's fdatasync
+        _, rec = Wal.open(VolatileDisk(), str(d), segment_bytes_max=64 << 10)
+        assert [e.index for e in rec[1].entries][:1] == [1]

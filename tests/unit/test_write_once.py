@@ -421,3 +421,45 @@ def test_an_engine_holding_links_refuses_to_open_without_its_wal(tmp_path: Path)
     n = Node(tmp_path, OsDisk(), min_bytes=B)
     assert n.read(6, 0, 2) == _pattern(13, 2)
     n.close()
+
+
+@pytest.mark.parametrize("min_bytes", [B, 0], ids=["link", "write"])
+def test_a_damaged_record_holding_the_only_version_of_blocks_marks_them_bad(tmp_path: Path, min_bytes: int) -> None:
+    """Bit rot in a LINK record (before the durable mark, no checkpoint) is corruption of its blocks, as
+    for a WRITE: never a hole that reads as zeros."""
+    from raftblock.storage.segment import REC_HEADER_SIZE, segment_name
+
+    n = Node(tmp_path, OsDisk(), min_bytes=min_bytes)
+    n.write([_write(6, 0, _pattern(1, 4))])  # the only version of blocks 0..3
+    rec = n.engine.index.extents[6][0]
+    assert (rec.tgt is not None) == bool(min_bytes)
+    for k in range(2):  # later records carry a sync mark past it
+        n.engine.sync()
+        n.write([_write(7, k, _pattern(2 + k, 1))])
+    n.engine.sync()
+    path = os.path.join(n.engine.directory, segment_name(rec.seg))
+    with open(path, "r+b") as f:  # no close (no checkpoint): flip a byte of the record's CRC array
+        f.seek(rec.off + REC_HEADER_SIZE)
+        b = f.read(1)
+        f.seek(rec.off + REC_HEADER_SIZE)
+        f.write(bytes([b[0] ^ 0xFF]))
+    n = Node(tmp_path, OsDisk(), min_bytes=min_bytes)
+    assert n.engine.report.corrupt
+    with pytest.raises(CorruptBlockError):
+        n.read(6, 0, 4)
+    n.close()
+
+
+def test_mostly_live_held_segments_are_not_garbage_for_the_cleaning_pace(tmp_path: Path) -> None:
+    n = Node(tmp_path, OsDisk(), min_bytes=B)
+    for k in range(8):
+        n.write([_write(4, 32 * k, _pattern(90 + k, 32))])
+    _fill(n)
+    n.compact_to(n.index)
+    held = n.wal.held_segments()
+    assert held
+    live, garbage = n.engine.space()
+    # what is dead in the held segments (headers, the small writes' records) is not counted while they
+    # are more than half live
+    assert garbage < sum(size for _s, size in held) // 2, (live, garbage, held)
+    n.close()
