@@ -38,9 +38,20 @@ def apply_batch(engine: Engine, sessions: Sessions, gid: int, index: int, data: 
     spans = link.spans if link is not None else []
     min_b = link.min_bytes if link is not None else 0
     k = 0
+    # One run at a time, of writes or of links (never both: a change of kind ends the run), each run one
+    # engine call (one pwrite).
+    writes: list[tuple[int, int, bytes | bytearray | memoryview, Sequence[int]]] = []
+    links: list[tuple[int, int, bytes | bytearray | memoryview, Sequence[int], int, int]] = []
+
+    def flush() -> None:
+        if writes:
+            engine.write_many(writes)
+            writes.clear()
+        if links:
+            engine.link_many(links)
+            links.clear()
+
     try:
-        writes: list[tuple[int, int, bytes | bytearray | memoryview, Sequence[int]]] = []
-        links: list[tuple[int, int, bytes | bytearray | memoryview, Sequence[int], int, int]] = []
         for op in decode_batch(data):
             at = -1
             if k < len(spans) and op.kind == OP_WRITE and len(op.data) >= min_b:
@@ -53,31 +64,20 @@ def apply_batch(engine: Engine, sessions: Sessions, gid: int, index: int, data: 
                     counters["writes_deduplicated"] += 1
                     continue
                 admitted.append((op.client, op.wid))
-            if op.kind == OP_WRITE:
-                if at >= 0:
-                    if writes:
-                        engine.write_many(writes)
-                        writes = []
-                    assert link is not None
-                    links.append((op.extent_id, op.block, op.data, op.crcs, link.seq, at))
-                    counters["writes_linked"] += 1
-                    continue
+            if op.kind != OP_WRITE:
+                flush()
+                engine.trim(op.extent_id, op.block, op.count)
+            elif at >= 0:
+                if writes:
+                    flush()
+                assert link is not None
+                links.append((op.extent_id, op.block, op.data, op.crcs, link.seq, at))
+                counters["writes_linked"] += 1
+            else:
                 if links:
-                    engine.link_many(links)
-                    links = []
+                    flush()
                 writes.append((op.extent_id, op.block, op.data, op.crcs))
-                continue
-            if writes:
-                engine.write_many(writes)  # one pwrite for the run of writes
-                writes = []
-            if links:
-                engine.link_many(links)
-                links = []
-            engine.trim(op.extent_id, op.block, op.count)
-        if writes:
-            engine.write_many(writes)
-        if links:
-            engine.link_many(links)
+        flush()
     except NoSpaceError:
         for client, wid in admitted:  # rule 3
             sessions.forget(client, wid)

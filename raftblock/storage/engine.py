@@ -683,26 +683,34 @@ class Engine:
     def _evacuate(self, budget_bytes: int) -> int:
         """Copy linked blocks out of held WAL segments that are due (EngineConfig.wal_held_bytes_max), as
         WRITE records; the WAL releases a segment once wal_refs() says nothing needs it."""
-        if self._wal is None:
-            return 0
-        held = sorted(self._wal.held_segments())
-        total = sum(size for _seq, size in held)
-        limit = 1.0 - self.config.cleaning_garbage_ratio
         written = 0
-        for seq, size in held:
-            live = self.linked_live_bytes(seq)
-            over = total > self.config.wal_held_bytes_max
-            if live and (over or live <= limit * size):
+        for seq, _size, live, due in self._held():
+            if live and due:
                 recs = sorted(self._wal_links.get(seq, ()), key=lambda r: r.tgt or (0, 0))
                 n = evacuate(self, recs, budget_bytes - written)
                 written += n
                 self.evacuated_bytes += n
                 if self.linked_live_bytes(seq) == 0:
                     log.info("engine.wal_segment_evacuated", wal_seq=seq)
-            total -= size
-            if written >= budget_bytes:
-                break
+                if written >= budget_bytes:
+                    break
         return written
+
+    def _held(self) -> list[tuple[int, int, int, bool]]:
+        """(seq, bytes, linked live bytes, due) of every held WAL segment, oldest first. Due: evacuation
+        acts on it (its live part is at most 1 - cleaning_garbage_ratio, or the held segments from it on
+        exceed wal_held_bytes_max)."""
+        if self._wal is None:
+            return []
+        held = sorted(self._wal.held_segments())
+        total = sum(size for _seq, size in held)
+        limit = 1.0 - self.config.cleaning_garbage_ratio
+        out = []
+        for seq, size in held:
+            live = self.linked_live_bytes(seq)
+            out.append((seq, size, live, total > self.config.wal_held_bytes_max or live <= limit * size))
+            total -= size
+        return out
 
     # --- the cleaning seam (storage/cleaner.py SegmentStore) --------------------------------
 
@@ -774,19 +782,12 @@ class Engine:
         segs = [s for s in self.index.segs.values() if s.seg_id in self._files]
         used = sum(s.end for s in segs)
         live = sum(s.live_bytes() for s in segs)
-        if self._wal is not None:
-            # A held WAL segment's dead bytes count only once evacuation would act on it (_evacuate's
-            # rule): a mostly live one is no more garbage than a mostly live engine segment, and counting
-            # it would keep the cleaning pace "behind" for nothing.
-            held = self._wal.held_segments()
-            total = sum(size for _seq, size in held)
-            limit = 1.0 - self.config.cleaning_garbage_ratio
-            for seq, size in sorted(held):
-                linked = self.linked_live_bytes(seq)
-                due = total > self.config.wal_held_bytes_max or linked <= limit * size
-                used += size
-                live += linked if due else size
-                total -= size
+        # A held WAL segment's dead bytes count only once evacuation would act on it: a mostly live one is
+        # no more garbage than a mostly live engine segment, and counting it would keep the cleaning pace
+        # "behind" for nothing.
+        for _seq, size, linked, due in self._held():
+            used += size
+            live += linked if due else size
         return live, max(0, used - live)
 
     def stats(self) -> dict[str, int]:
