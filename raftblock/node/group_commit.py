@@ -140,6 +140,8 @@ class GroupCommit:
             log.warning("wal.sync_slow", took_ms=round(took_ms, 1), limit_ms=cfg.wal_sync_inline_max_ms,
                         thread_for_s=cfg.wal_sync_thread_s)
         self._done(synced)
+        if self.waiters:
+            h.kick()  # records a WAL roll held back (wal.py rule 7) are written by the next turn
 
     async def _sync_loop(self) -> None:
         h = self.host

@@ -306,8 +306,7 @@ class NodeHost:
             self.wal.forget(gid)
         else:
             self.wal.install_snapshot(gid, bootstrap_snapshot(frozenset()).meta)
-        self.wal.flush()
-        self.wal.sync(remove=False)  # rare: once per dropped replica
+        self.wal.settle(remove=False)  # rare: once per dropped replica
         for ext in group_extents(self.engine, gid):
             self.engine.drop_extent(ext)
         self.commit.collect()

@@ -23,6 +23,12 @@
 #    `take_link` tells apply where it is once it is durable, so the engine links to it instead of writing
 #    it again. A segment gc() drops while the engine still links into it (`link_holder`) is renamed
 #    *.held and kept, out of replay, until the engine no longer needs it; then it is released as usual.
+# 7. A roll lays the new segment out at once (records appended from then on get positions and write-once
+#    offsets in it) but creates nothing on disk until a sync that started after the roll has returned: the
+#    segment left behind is then durable to its last byte (its size too: a recycled file is cut first), so
+#    a power cut never leaves a torn tail in a segment that is no longer the newest (recovery would call it
+#    corruption), and no fdatasync ever runs on the loop for a roll. Meanwhile flush() keeps the new
+#    segment's records buffered; what waits on them waits one group commit more, once per segment.
 from __future__ import annotations
 
 import os
@@ -171,11 +177,11 @@ class GroupDurable:
 class _Segment:
     __slots__ = ("seq", "path", "file", "size", "max_index", "head_pos", "phys")
 
-    def __init__(self, seq: int, path: str, file: DiskFile, size: int) -> None:
+    def __init__(self, seq: int, path: str, file: DiskFile | None, size: int) -> None:
         self.head_pos = 0  # WAL position after this segment's base records
         self.seq = seq
         self.path = path
-        self.file = file
+        self.file = file  # None while the roll that laid it out waits (rule 7)
         self.size = size
         self.phys = size  # bytes in the file (more than `size` in a recycled file until the roll cuts it)
         self.max_index: dict[int, int] = {}  # group -> highest entry index in this segment
@@ -218,6 +224,12 @@ class Wal:
         self._held: dict[int, _Segment] = {}  # seq -> segment dropped by gc() but linked into
         self.links_made = 0
         self.first_new_seq = 1  # the first segment this process created (Wal.open sets it)
+        # Rule 7: syncs are numbered as they start; the laid-out segment is written once sync number
+        # `_roll_gate` has returned.
+        self._syncs_started = 0
+        self._syncs_done = 0
+        self._roll_gate = 0
+        self._unwritten: _Segment | None = None
 
     # --- open / recovery --------------------------------------------------------------------------------
     @classmethod
@@ -260,8 +272,7 @@ class Wal:
         # Never append to a segment that was active when the process died: start a new one.
         wal.first_new_seq = max([*seqs, *wal._held, 0]) + 1
         wal._roll(wal.first_new_seq)
-        wal.flush()
-        wal.sync()
+        wal.settle()
         log.info(
             "wal.recovered",
             directory=directory,
@@ -274,6 +285,7 @@ class Wal:
 
     def _replay(self, seg: _Segment, groups: dict[int, GroupDurable], last: bool) -> int:
         """Apply the records of one segment; returns the offset where valid records end."""
+        assert seg.file is not None
         raw = seg.file.pread(seg.size, 0)
         view = memoryview(raw)
 
@@ -493,9 +505,14 @@ class Wal:
 
     def flush(self) -> int:
         """Write the buffered records (one pwritev, not joined first); roll to a new segment when the
-        active one is full."""
+        active one is full. While a roll waits (rule 7) the records stay buffered."""
+        if self._unwritten is not None:
+            if self._syncs_done < self._roll_gate:
+                return self.flushed_pos
+            self._create(self._unwritten)
         if self._buf:
             seg = self._segments[-1]
+            assert seg.file is not None
             size = self._buf_bytes
             # The buffer is dropped only once it is written: a write that fails (ENOSPC: the disk is
             # full) is retried later at the same offset, over whatever part of it reached the file.
@@ -514,35 +531,24 @@ class Wal:
         return self.flushed_pos
 
     def _roll(self, seq: int) -> None:
+        """Rule 7: lay the next segment out; _create() puts it on disk once the one left is durable."""
         if self._segments:
             prev = self._segments[-1]
             if prev.phys > prev.size:
                 # A recycled file ends where its records end before the next segment exists: recovery
                 # reads an older segment to its end and calls anything unreadable corruption.
+                assert prev.file is not None
                 prev.file.truncate(prev.size)
-            # Durable before the next segment exists, for the same reason: a power cut between this roll
-            # and the next group commit must not leave a torn tail in what is then an older segment.
-            prev.file.fdatasync()
-            prev.phys = prev.size
+                prev.phys = prev.size
         path = os.path.join(self.directory, segment_name(seq))
-        with self._lock:
-            free = self._free.pop() if self._free else None
-        if free is not None:
-            free_path, f, phys = free
-            self.disk.rename(free_path, path)  # made durable by the next sync's fsync_dir
-            self.recycled_rolls += 1
-        else:
-            f = self.disk.open_file(path, create=True)
-            f.truncate(0)
-            phys = 0
-        f.pwrite(SEG_HEADER.pack(SEG_MAGIC, seq), 0)
-        seg = _Segment(seq, path, f, SEG_HEADER.size)
-        seg.phys = max(phys, SEG_HEADER.size)
+        seg = _Segment(seq, path, None, SEG_HEADER.size)
         self._seed = _seed(seq)
         with self._lock:
+            if self._segments:
+                self._dirty.add(self._segments[-1].seq)  # the sync the roll waits for covers its size too
             self._segments.append(seg)
-            self._dirty.add(seq)
-            self._dir_dirty = True
+            self._roll_gate = self._syncs_started + 1
+        self._unwritten = seg
         # The base state of every group, so older segments can go once their entries are compacted.
         for g, meta in self._snap.items():
             self._record(REC_COMPACT, g, [_encode_meta(meta)])
@@ -551,12 +557,44 @@ class Wal:
         seg.head_pos = self.appended_pos
         log.info("wal.roll", segment=segment_name(seq), groups=len(self._hs))
 
+    def _create(self, seg: _Segment) -> None:
+        """The laid-out segment's file (a released one reused when there is one), with its header."""
+        if seg.file is None:
+            with self._lock:
+                free = self._free.pop() if self._free else None
+            if free is not None:
+                free_path, f, phys = free
+                self.disk.rename(free_path, seg.path)  # made durable by the next sync's fsync_dir
+                self.recycled_rolls += 1
+            else:
+                f = self.disk.open_file(seg.path, create=True)
+                f.truncate(0)
+                phys = 0
+            seg.file = f
+            seg.phys = max(phys, SEG_HEADER.size)
+            with self._lock:
+                self._dir_dirty = True
+        seg.file.pwrite(SEG_HEADER.pack(SEG_MAGIC, seg.seq), 0)
+        with self._lock:
+            self._dirty.add(seg.seq)
+        self._unwritten = None
+
+    def settle(self, remove: bool = True) -> int:
+        """Flush and sync until everything appended is durable (a roll's wait included: rule 7)."""
+        while True:
+            self.flush()
+            synced = self.sync(remove)
+            if self._unwritten is None and not self._buf and synced >= self.appended_pos:
+                return synced
+
     # --- durability (worker thread) ------------------------------------------------------------------------
     def sync(self, remove: bool = True) -> int:
         """fdatasync everything flushed before the call; remove segments queued by gc() (unless
         `remove` is false: then reap() does). Any thread."""
         with self._sync_lock:
             with self._lock:
+                self._syncs_started += 1
+                number = self._syncs_started
                 target = self.flushed_pos
                 dirty = self._dirty
                 self._dirty = set()
@@ -566,7 +604,7 @@ class Wal:
                     to_remove, self._to_remove = self._to_remove, []
                 else:
                     to_remove = []
-                files = [s.file for s in self._segments if s.seq in dirty]
+                files = [s.file for s in self._segments if s.seq in dirty and s.file is not None]
             try:
                 for f in files:
                     f.fdatasync()
@@ -585,6 +623,7 @@ class Wal:
             with self._lock:
                 if target > self.synced_pos:
                     self.synced_pos = target
+                self._syncs_done = number
                 self.syncs += 1
                 self.segments_removed += len(to_remove)
                 return self.synced_pos
@@ -592,6 +631,7 @@ class Wal:
     def _release(self, seg: _Segment) -> None:
         """A segment gc() dropped: kept for reuse (renamed *.free, still open) while fewer than
         FREE_SEGMENTS_MAX are kept, else closed and removed."""
+        assert seg.file is not None  # gc() never drops the newest segment (rule 7's is always the newest)
         with self._lock:
             keep = len(self._free) < FREE_SEGMENTS_MAX
         if keep:
@@ -728,12 +768,10 @@ class Wal:
         }
 
     def close(self) -> None:
-        self.flush()
-        self.sync()
-        for s in self._segments:
-            s.file.close()
-        for s in self._held.values():
-            s.file.close()
+        self.settle()
+        for s in [*self._segments, *self._held.values()]:
+            if s.file is not None:
+                s.file.close()
         self._held = {}
         with self._lock:
             free, self._free = self._free, []

@@ -6,11 +6,13 @@ import os
 from pathlib import Path
 from typing import cast
 
+import crc32c
 import pytest
 
 from raftblock.replication.raft.types import ConfState, Entry, EntryType, HardState, NodeId, SnapshotMeta
 from raftblock.replication.wal import Wal, segment_name
 from raftblock.storage.disk import DiskFile, OsDisk, VolatileDisk
+from raftblock.wire.ops import OP_WRITE, BlockOp, encode_batch
 
 CONF = ConfState(frozenset({NodeId(1), NodeId(2), NodeId(3)}))
 
@@ -105,11 +107,7 @@ def test_truncation_and_term_change_rebuild_log(tmp_path: Path) -> None:
 
 def test_compaction_removes_old_segments_and_recovery_keeps_the_rest(tmp_path: Path) -> None:
     wal, _ = Wal.open(OsDisk(), str(tmp_path), segment_bytes_max=64 << 10)
-    for i in range(1, 201):
-        for g in (1, 2):
-            wal.append_entries(g, _ents(i, 1, size=1000))
-        wal.flush()
-    wal.sync()
+    _fill(wal, (1, 2), 1, 200)
     assert wal.segment_count() > 3
     wal.compact(1, SnapshotMeta(150, 1, CONF, app=b"sessions at 150"))
     wal.compact(2, SnapshotMeta(180, 1, CONF))
@@ -150,10 +148,7 @@ def test_released_segments_are_recycled_and_their_old_records_never_replay(tmp_p
     With the volatile disk, a power cut in a recycled segment loses only what was not synced."""
     disk: OsDisk | VolatileDisk = OsDisk() if disk_kind == "os" else VolatileDisk()
     wal, _ = Wal.open(disk, str(tmp_path), segment_bytes_max=64 << 10)
-    for i in range(1, 301):
-        wal.append_entries(1, _ents(i, 1, size=1000))
-        wal.flush()
-    wal.sync()
+    _fill(wal, (1,), 1, 300)
     wal.compact(1, SnapshotMeta(289, 1, CONF))
     wal.flush()
     wal.sync()
@@ -168,6 +163,7 @@ def test_released_segments_are_recycled_and_their_old_records_never_replay(tmp_p
         e = _ents(i, 1, size=100)
         wal.append_entries(1, e)
         wal.flush()
+        wal.sync()
         want += e
         i += 1
     synced = _ents(i, 10, size=100)
@@ -227,11 +223,12 @@ def test_old_records_right_after_the_tail_of_a_recycled_segment_fail_their_crc(t
 
 
 def _fill(wal: Wal, groups: tuple[int, ...], first: int, n: int) -> None:
+    """As a node appends: every flush followed by its group commit (a roll waits for one: rule 7)."""
     for i in range(first, first + n):
         for g in groups:
             wal.append_entries(g, _ents(i, 1, size=1000))
         wal.flush()
-    wal.sync()
+        wal.sync()
 
 
 @pytest.mark.parametrize("how", ["discarded", "deleted"])
@@ -304,9 +301,9 @@ def test_a_group_dropped_and_then_hosted_again_pins_only_its_new_entries(tmp_pat
 
 
 def test_a_power_cut_right_after_a_roll_leaves_no_torn_tail_in_an_older_segment(tmp_path: Path) -> None:
-    """flush() rolls to a new segment before the group commit's fdatasync: the segment it leaves is made
-    durable first, so a power cut then never leaves a torn tail in what is no longer the newest segment
-    (which recovery would call corruption)."""
+    """flush() rolls to a new segment before the group commit's fdatasync: nothing of the new segment
+    reaches the disk until that sync has made the one it leaves durable (rule 7), so a power cut then never
+    leaves a torn tail in what is no longer the newest segment (which recovery would call corruption)."""
     import random
 
     for seed in range(20):
@@ -317,7 +314,99 @@ def test_a_power_cut_right_after_a_roll_leaves_no_torn_tail_in_an_older_segment(
         wal.flush()
         wal.sync()
         wal.append_entries(1, _ents(2, 1, size=100 << 10))
-        wal.flush()  # fills segment 2 (the first Wal.open made) and rolls to the next
+        wal.flush()  # fills segment 1 (the one Wal.open made) and rolls to the next
+        wal.append_entries(1, _ents(3, 1, size=1000))
+        wal.flush()  # laid out in segment 2, held back
+        assert not (d / segment_name(2)).exists()
         disk.crash()  # before the group commit's fdatasync
         _, rec = Wal.open(VolatileDisk(), str(d), segment_bytes_max=64 << 10)
         assert [e.index for e in rec[1].entries][:1] == [1]
+
+
+def test_a_roll_writes_the_new_segment_only_after_a_sync_that_started_after_it(tmp_path: Path) -> None:
+    """Rule 7, step by step: a sync that was already running when the roll happened does not release the
+    new segment (it may not cover the old one's last bytes); the next one does. What was appended meanwhile
+    is then written where it was laid out (write-once offsets included) and reads back after a restart."""
+    import threading
+
+    wal, _ = Wal.open(OsDisk(), str(tmp_path), segment_bytes_max=64 << 10)
+    wal.write_once_min_bytes = 4096
+    wal.append_entries(1, _ents(1, 1, size=60 << 10))
+    wal.flush()
+    # A sync that starts before the roll and returns after it, as the group commit's thread does.
+    started, release = threading.Event(), threading.Event()
+    real = wal.disk.fsync_dir
+
+    def slow_fsync_dir(path: str) -> None:
+        started.set()
+        release.wait(10)
+        real(path)
+
+    wal._dir_dirty = True  # this sync will call fsync_dir: the hook holds it there
+    wal.disk.fsync_dir = slow_fsync_dir  # type: ignore[method-assign]
+    t = threading.Thread(target=wal.sync)
+    t.start()
+    assert started.wait(10)
+    wal.append_entries(1, _ents(2, 1, size=8 << 10))
+    wal.flush()  # segment 1 is full: rolls to 2
+    release.set()
+    t.join(10)
+    wal.disk.fsync_dir = real  # type: ignore[method-assign]
+    assert wal.segment_count() == 2
+    data = os.urandom(8 << 10)
+    op = BlockOp(OP_WRITE, 7, 0, 2, [crc32c.crc32c(data[:4096]), crc32c.crc32c(data[4096:])], data)
+    e3 = Entry(1, 3, EntryType.NORMAL, encode_batch([op]))
+    wal.append_entries(1, [e3])
+    assert wal.flush() < wal.appended_pos  # held back: the sync that returned started before the roll
+    assert not (tmp_path / segment_name(2)).exists()
+    wal.sync()  # started after the roll: segment 1 is durable to its last byte
+    assert wal.flush() == wal.appended_pos
+    assert (tmp_path / segment_name(2)).exists()
+    wal.sync()
+    link = wal.take_link(1, 3, 1)
+    assert link is not None and link.seq == 2
+    f = wal.wal_file(2)
+    assert f is not None
+    ((_start, length, off),) = link.spans
+    assert f.pread(length, off) == data
+    wal.close()
+    _, rec = Wal.open(OsDisk(), str(tmp_path))
+    assert rec[1].entries == [*_ents(1, 1, size=60 << 10), *_ents(2, 1, size=8 << 10), e3]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_power_cuts_at_random_points_of_appends_flushes_and_syncs_lose_nothing_synced(tmp_path: Path, seed: int) -> None:
+    """A tearing disk, small segments (a roll every few steps, recycled files once compaction runs), random
+    steps, a power cut at a random one: the WAL opens (no corruption) and holds every entry a sync covered."""
+    import random
+
+    rng = random.Random(seed)
+    disk = VolatileDisk(tear=True, rng=random.Random(seed + 1000))
+    wal, _ = Wal.open(disk, str(tmp_path), segment_bytes_max=32 << 10)
+    wal.write_once_min_bytes = 4096 if seed % 2 else 0
+    pos: dict[int, int] = {}  # index -> position
+    durable = 0
+    nxt = 1
+    for _step in range(rng.randint(20, 200)):
+        k = rng.random()
+        if k < 0.5:
+            e = _ents(nxt, 1, size=rng.choice([100, 3000, 9000]))
+            pos[nxt] = wal.append_entries(1, e)
+            nxt += 1
+        elif k < 0.75:
+            wal.flush()
+        elif k < 0.9:
+            synced = wal.sync()
+            durable = max([i for i, p in pos.items() if p <= synced], default=durable)
+        else:
+            keep = max(0, durable - 3)
+            if keep:
+                wal.compact(1, SnapshotMeta(keep, 1, CONF))
+            wal.gc()
+            wal.reap()
+    disk.crash()
+    _, rec = Wal.open(VolatileDisk(), str(tmp_path), segment_bytes_max=32 << 10)
+    got = [e.index for e in rec[1].entries] if 1 in rec else []
+    base = rec[1].snap.index if 1 in rec and rec[1].snap is not None else 0
+    assert got == list(range(base + 1, base + 1 + len(got)))
+    assert base + len(got) >= durable
