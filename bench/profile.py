@@ -15,6 +15,7 @@ import argparse
 import collections
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -75,6 +76,19 @@ def _top(raw: Path, n: int) -> list[tuple[int, str]]:
     return [(total, "all samples")] + [(c, f) for f, c in own.most_common(n)]
 
 
+def _inclusive(raw: Path, n: int) -> list[tuple[int, str]]:
+    """Samples with each function anywhere on the stack (line numbers dropped, counted once per stack)."""
+    inc: collections.Counter[str] = collections.Counter()
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        funcs = {re.sub(r":\d+\)$", ")", f) for f in stack.split(";")}
+        for f in funcs:
+            inc[f] += int(count)
+    return [(c, f) for f, c in inc.most_common(n)]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--job", default="randwrite-4k-qd32")
@@ -82,6 +96,7 @@ def main() -> int:
     ap.add_argument("--size", type=int, default=64 << 20, help="bytes of the volume the job touches")
     ap.add_argument("--py-spy", action="store_true")
     ap.add_argument("--top", type=int, default=12)
+    ap.add_argument("--keep", help="copy py-spy's raw stacks (one file per process) into this directory")
     ap.add_argument("--gateway", choices=["embedded", "separate"], default="embedded",
                     help="where NBD is served: the nodes (default) or a separate gateway process")
     args = ap.parse_args()
@@ -140,6 +155,11 @@ def main() -> int:
                 print(f"\npy-spy --gil, {name}: own samples of the hottest frames")
                 for c, f in _top(raw, args.top):
                     print(f"  {c:>5}  {f[:110]}")
+                print(f"py-spy --gil, {name}: samples with the function anywhere on the stack")
+                for c, f in _inclusive(raw, args.top):
+                    print(f"  {c:>5}  {f[:110]}")
+                if args.keep:
+                    shutil.copy(raw, Path(args.keep) / f"spy-{name}.txt")
     finally:
         cluster_down(root)
         shutil.rmtree(work, ignore_errors=True)
