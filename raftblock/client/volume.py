@@ -110,9 +110,10 @@ class Volume:
     # --- read -------------------------------------------------------------------------------------
     async def _read_blocks(self, first: int, end: int) -> bytearray:
         pieces = self._pieces(first, end)
+        if len(pieces) == 1:  # the common case: no gather, no Task per piece
+            eid, blk, n, _ = pieces[0]
+            return await self._read_piece(eid, blk, n)
         results = await asyncio.gather(*(self._read_piece(eid, blk, n) for eid, blk, n, _ in pieces))
-        if len(results) == 1:
-            return results[0]
         out = bytearray()
         for r in results:
             out += r

@@ -234,9 +234,10 @@ class NbdConnection(asyncio.Protocol):
 
     async def _run(self, req: nbd.Request, vol: Volume) -> None:
         codec = self.codec
-        if self.attach_task is not None:
+        at = self.attach_task
+        if at is not None and not (at.done() and not at.cancelled() and at.exception() is None):
             try:
-                await asyncio.shield(self.attach_task)
+                await asyncio.shield(at)
             except Exception as e:  # noqa: BLE001 — refused attach: no I/O on this connection
                 self.log.warning("nbd.attach_refused", error=str(e))
                 self._send([codec.reply_error(req.cookie, nbd.EPERM, f"attach refused: {e}")])

@@ -6,7 +6,10 @@ Rules:
 1. A request for this node goes straight to its data plane (`DataPlane.on_request`) and its reply comes back
    as the response object and the data buffer: no frame is encoded or decoded, no byte copied, no hop.
    The payload is held by the data plane (the WAL buffer, the Raft log) until applied, so a caller never
-   changes a buffer it passed (the NBD codec hands over a copy of each write's payload).
+   changes a buffer it passed (the NBD codec hands over a copy of each write's payload). A request the data
+   plane answers at once (a read under the leader's lease) returns without a timer or a suspension, and a
+   one-piece volume read runs without gather's Task (client/volume.py): 4 KiB random reads at QD32 went
+   from 60 to 40 us of CPU each, 19.5k to 29.5k IOPS (bench/profile.py, 2 interleaved runs each).
 2. A request for another node (an extent led elsewhere) is forwarded once, as a CLIENT_REQ frame on the
    existing peer connection (node/transport.py); the peer answers on the same connection with CLIENT_RESP.
    No peer connection: ConnectionError at once (the NodeClient tries elsewhere); a peer connection that goes
@@ -62,6 +65,8 @@ class LocalConn:
             log.error("inproc.request_failed", error=repr(e), exc_info=e)
             self._waiters.futs.pop(req.request_id, None)
             raise ConnectionError(f"local request failed: {e!r}") from e
+        if fut.done():  # answered at once (a lease read, a refusal): no timer, no suspension
+            return fut.result()
         return await self._waiters.wait(req, fut, timeout_s)
 
     def reply(self, gid: int, resp: pb.ClientResponse, data: Sequence[Buf]) -> None:
