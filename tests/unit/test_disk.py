@@ -150,3 +150,23 @@ def test_write_parts_writes_every_part_in_order_with_pwritev_and_falls_back_to_o
     g = mem.open_file("/d/parts", create=True)
     write_parts(g, parts, 0)
     assert g.pread(len(want), 0) == want
+
+
+def test_pwritev_of_few_parts_counts_bytes_whatever_the_item_size(tmp_path: Path) -> None:
+    """The one-call path compares what pwritev wrote with len() of the parts; a part whose items are not
+    bytes (a memoryview of an array of u32) makes that comparison fail although all was written: nothing
+    may then be written twice or at a wrong offset."""
+    import array
+
+    from raftblock.storage.disk import OsDisk
+
+    words = array.array("I", range(1000, 1100))
+    parts: list[bytes | bytearray | memoryview] = [b"head", memoryview(words), bytearray(b"tail"), b""]
+    want = b"head" + words.tobytes() + b"tail"
+    f = OsDisk().open_file(str(tmp_path / "few"), create=True)
+    f.pwrite(b"-" * 3, 0)
+    f.pwritev(parts, 3)  # type: ignore[attr-defined]
+    assert f.size() == 3 + len(want) and f.pread(len(want), 3) == want
+    f.pwritev([], 0)  # type: ignore[attr-defined]
+    assert f.size() == 3 + len(want)
+    f.close()
