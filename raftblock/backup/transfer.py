@@ -233,6 +233,17 @@ def restore_image(store: Store, man: Manifest, write: Callable[[int, bytes], Non
     return written
 
 
+def restore_bytes(store: Store, man: Manifest) -> bytearray:
+    """The whole image in memory (small images: tests, tools)."""
+    out = bytearray(man.size_bytes)
+
+    def write(off: int, data: bytes) -> None:
+        out[off : off + len(data)] = data
+
+    restore_image(store, man, write)
+    return out
+
+
 def verify(store: Store, man: Manifest, parallel: int = 4) -> list[str]:
     """Rule 4: every object the manifest needs, fetched and checked; the list of problems (empty: sound)."""
     problems: list[str] = []

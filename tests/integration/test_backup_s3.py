@@ -16,7 +16,7 @@ from moto.server import ThreadedMotoServer
 
 from raftblock.backup import chunk
 from raftblock.backup.store import S3Store, StoreError, open_store
-from raftblock.backup.transfer import export_image, list_manifests, load_manifest, restore_image, verify
+from raftblock.backup.transfer import export_image, list_manifests, load_manifest, restore_bytes, verify
 from raftblock.testing.serve import free_port
 
 CH = chunk.CHUNK_BYTES
@@ -92,16 +92,6 @@ def _store(endpoint: str, url: str = "s3://backups/cluster1") -> S3Store:
     return st
 
 
-def _restore(store: S3Store, man: Any) -> bytearray:
-    out = bytearray(man.size_bytes)
-
-    def write(off: int, data: bytes) -> None:
-        out[off : off + len(data)] = data
-
-    restore_image(store, man, write)
-    return out
-
-
 def test_export_incremental_and_restore_through_s3(s3_endpoint: str) -> None:
     import boto3
 
@@ -119,7 +109,7 @@ def test_export_incremental_and_restore_through_s3(s3_endpoint: str) -> None:
     assert r2.manifest.chunks[3][0] == "delta" and r2.uploaded_objects == 1
     assert r2.uploaded_bytes < 2 * 4096 + 1024  # one block of change, compressed, plus the delta's header
     assert sorted(list_manifests(store)) == [("vol", "s1"), ("vol", "s2")]
-    assert _restore(store, load_manifest(store, "vol", "s2")) == img
+    assert restore_bytes(store, load_manifest(store, "vol", "s2")) == img
     assert verify(store, load_manifest(store, "vol", "s1")) == []
     keys = {k for k, _s, _t in store.list("")}
     assert "manifests/vol/s2.json" in keys and not any(k.startswith("uploads/") for k in keys)
@@ -139,7 +129,7 @@ def test_an_export_through_500s_and_503s_completes(s3_endpoint: str) -> None:
         img = bytearray(random.Random(2).randbytes(size))
         r = export_image(store, "vol", "s1", size, lambda o, n: bytes(img[o : o + n]))
         assert proxy.failed >= 5  # the errors did happen
-        assert _restore(_store(s3_endpoint), r.manifest) == img
+        assert restore_bytes(_store(s3_endpoint), r.manifest) == img
     finally:
         proxy.shutdown()
         proxy.server_close()

@@ -18,7 +18,7 @@ from raftblock.backup.transfer import (
     export_image,
     list_manifests,
     load_manifest,
-    restore_image,
+    restore_bytes,
     verify,
 )
 
@@ -39,16 +39,6 @@ def _reader(img: bytearray, reads: list[int] | None = None):  # type: ignore[no-
             reads.append(off // CH)
         return bytes(img[off : off + n])
     return read
-
-
-def _restore(store: DirStore, man: Manifest) -> bytearray:
-    out = bytearray(man.size_bytes)
-
-    def write(off: int, data: bytes) -> None:
-        out[off : off + len(data)] = data
-
-    restore_image(store, man, write)
-    return out
 
 
 # == chunk objects ===========================================================================================
@@ -131,7 +121,7 @@ def test_export_then_restore_gives_the_image_back_and_zero_chunks_are_not_stored
     assert not store.exists("uploads/vol/s1.json")  # progress removed once the manifest is in
     assert list(list_manifests(store)) == [("vol", "s1")]
     man = load_manifest(store, "vol", "s1")
-    assert _restore(store, man) == img
+    assert restore_bytes(store, man) == img
     assert verify(store, man) == []
 
 
@@ -167,8 +157,8 @@ def test_an_incremental_export_sends_deltas_for_small_changes_and_reads_only_cha
     assert m.chunks[6][0] == "full"  # was zero: no base to take a delta against
     assert m.chunks[0] == base.chunks[0]
     assert r.uploaded_bytes < 2 * changed_bytes + 2 * CH  # the full chunks 5 and 6 plus a 3-block delta
-    assert _restore(store, m) == img
-    assert _restore(store, base) != img  # the older backup still restores the older image
+    assert restore_bytes(store, m) == img
+    assert restore_bytes(store, base) != img  # the older backup still restores the older image
     assert verify(store, base) == [] and verify(store, m) == []
 
 
@@ -193,7 +183,7 @@ def test_an_export_killed_halfway_resumes_and_sends_only_what_is_missing(tmp_pat
     r = export_image(store, "vol", "s1", size, _reader(img), parallel=2)
     assert r.resumed_chunks >= 16  # what the progress object had recorded
     assert r.uploaded_objects == 40 - sent_before  # the rest found by HEAD
-    assert _restore(store, r.manifest) == img
+    assert restore_bytes(store, r.manifest) == img
 
 
 def test_a_tampered_or_missing_chunk_fails_the_restore_with_its_name_and_verify_lists_it(tmp_path: Path) -> None:
@@ -206,11 +196,11 @@ def test_a_tampered_or_missing_chunk_fails_the_restore_with_its_name_and_verify_
     raw[-3] ^= 1
     path.write_bytes(bytes(raw))
     with pytest.raises(chunk.ChunkError, match=victim):
-        _restore(store, man)
+        restore_bytes(store, man)
     assert [p for p in verify(store, man) if victim in p]
     path.unlink()
     with pytest.raises(chunk.ChunkError, match=f"{victim}: missing"):
-        _restore(store, man)
+        restore_bytes(store, man)
 
 
 def test_deleting_a_backup_and_collecting_frees_only_what_no_manifest_names(tmp_path: Path) -> None:
@@ -228,7 +218,7 @@ def test_deleting_a_backup_and_collecting_frees_only_what_no_manifest_names(tmp_
     assert removed == 0
     removed, freed = collect(store, min_age_s=0)
     assert removed == 2 and freed > 0  # s1's chunks 0 and 2; chunk 1 is s2's too
-    assert verify(store, s2) == [] and _restore(store, s2) == img
+    assert verify(store, s2) == [] and restore_bytes(store, s2) == img
 
 
 def test_bad_store_urls_and_names_are_one_line_errors(tmp_path: Path) -> None:
