@@ -18,6 +18,8 @@
 # Rule 5: a segment holding a live block that is bad (or turns out bad while copying) is not cleaned.
 # Rule 6 (write-once, docs/format/write-once.md): a LINK record is copied as a LINK (its payload stays in
 #         the WAL segment it names); `evacuate` copies linked blocks out of a WAL segment as WRITE records.
+# Rule 7 (snapshot pins, segment.md "Snapshot pins"): PIN and UNPIN records are copied while they matter
+#         (`_copy_marks`); a HISTORY copy notes its extent's write LSN like any copy (the tombstone rule).
 from __future__ import annotations
 
 import struct
@@ -27,7 +29,7 @@ from typing import Protocol
 
 import structlog
 
-from raftblock.storage.index import Index, Rec, SegState
+from raftblock.storage.index import Index, Mark, Rec, SegState
 from raftblock.storage.segment import (
     BLOCK_SIZE,
     FLAG_HISTORY,
@@ -35,11 +37,13 @@ from raftblock.storage.segment import (
     FLAG_RELOCATED,
     REC_HEADER_SIZE,
     REC_LINK,
+    REC_PIN,
     REC_TRIM,
     REC_WRITE,
     SEG_HEADER_SIZE,
     RecordHeader,
     build_link_record,
+    build_mark_record,
     build_trim_record,
     build_write_record,
     payload_offset,
@@ -186,11 +190,12 @@ def _copy_write(eng: SegmentStore, rec: Rec, as_link: bool = False) -> int:
 
                 seg, off, size = eng.append_built(record_length(REC_WRITE, n), build)
                 new = Rec(seg.seg_id, off, REC_WRITE, flags, rec.extent_id, start, n, rec.lsn)
+            # A HISTORY copy counts for the tombstone rule too: a full scan replays it while pins exist.
+            seg.note_write(rec.extent_id, rec.lsn)
             if flags & FLAG_HISTORY:
                 for b in range(start, start + n):
                     idx.relocate_history(rec.extent_id, b, rec, new)
             else:
-                seg.note_write(rec.extent_id, rec.lsn)
                 idx.replace_location(rec, new, start, n)
             written += size
     return written
@@ -218,6 +223,34 @@ def _tombstone_droppable(eng: SegmentStore, t: Rec, victim: int) -> bool:
     return True
 
 
+def _copy_marks(eng: SegmentStore, victim: SegState) -> int:
+    """Rule 7: a PIN record is copied while its pin exists; an UNPIN record while the durable checkpoint
+    predates it or a PIN record of the same snapshot is still on disk (else a restart would find the pin and
+    not its end)."""
+    idx = eng.index
+    written = 0
+    order = sorted(victim.marks.values(), key=lambda m: (m.rtype != REC_PIN, m.lsn))
+    victim.marks = {}
+    for m in order:
+        if m.rtype == REC_PIN:
+            keep = idx.snaps.get(m.snap_id) == m.pinned_lsn
+        else:
+            # The durable checkpoint may predate it (and list the pin), or a full scan would find the PIN.
+            keep = m.lsn > eng.checkpoint_lsn or any(
+                o.rtype == REC_PIN and o.snap_id == m.snap_id
+                for sid, s in idx.segs.items() if sid != victim.seg_id for o in s.marks.values())
+        if not keep:
+            continue
+
+        def build(seed: int, mark: int, m: Mark = m) -> bytearray | bytes:
+            return build_mark_record(seed, m.rtype, m.snap_id, m.lsn, mark, m.pinned_lsn, FLAG_RELOCATED)
+
+        seg, noff, size = eng.append_built(record_length(m.rtype, 0), build)
+        seg.marks[noff] = Mark(seg.seg_id, noff, m.rtype, m.snap_id, m.lsn, m.pinned_lsn)
+        written += size
+    return written
+
+
 def _finish(eng: SegmentStore, victim: SegState) -> int:
     written = 0
     for off in sorted(victim.tombstones):
@@ -232,6 +265,7 @@ def _finish(eng: SegmentStore, victim: SegState) -> int:
                                    t.count, t.lsn)
         written += size
     victim.tombstones.clear()  # copied or dropped; a retry after an error re-decides nothing twice
+    written += _copy_marks(eng, victim)
     eng.sync()
     assert victim.live_blocks == 0 and not victim.records, "cleaned segment still referenced"
     eng.remove_segment(victim.seg_id)

@@ -33,7 +33,15 @@ import structlog
 from raftblock._fast import bitmap, blockcrc, segwriter
 from raftblock.storage.cleaner import Cleaner, evacuate
 from raftblock.storage.disk import Disk, DiskFile, write_parts
-from raftblock.storage.index import Checkpoint, CorruptBlockError, Index, Rec, SegState, encode_checkpoint
+from raftblock.storage.index import (
+    Checkpoint,
+    CorruptBlockError,
+    Index,
+    Mark,
+    Rec,
+    SegState,
+    encode_checkpoint,
+)
 from raftblock.storage.recovery import (
     CHECKPOINT_NAME,
     CHECKPOINT_TMP_NAME,
@@ -48,11 +56,14 @@ from raftblock.storage.segment import (
     MAX_WRITE_BLOCKS,
     REC_HEADER_SIZE,
     REC_LINK,
+    REC_PIN,
     REC_TRIM,
+    REC_UNPIN,
     REC_WRITE,
     SEG_HEADER_SIZE,
     RecordHeader,
     build_link_record,
+    build_mark_record,
     build_trim_record,
     encode_segment_header,
     payload_offset,
@@ -468,22 +479,23 @@ class Engine:
     # --- read path -------------------------------------------------------------------------
 
     def _read_run(self, rec: Rec, first: int, k: int, out: bytearray, out_off: int, crcs: list[int],
-                  crc_off: int) -> None:
-        """Read blocks [first, first+k) of rec into out; verify each block's CRC (pair check)."""
+                  crc_off: int, current: bool = True) -> None:
+        """Read blocks [first, first+k) of rec into out; verify each block's CRC (pair check). A failure
+        marks the blocks bad only when `rec` holds their current version (not a snapshot's old one)."""
         f = self._files.get(rec.seg)
         if f is None:
-            self._read_failed(rec.extent_id, first, "segment file missing", rec)
+            self._read_failed(rec.extent_id, first, "segment file missing", rec, current)
         idx0 = first - rec.block
         expect = f.pread(4 * k, rec.off + REC_HEADER_SIZE + 4 * idx0)  # type: ignore[union-attr]
         if rec.tgt is not None:  # a LINK: the CRCs are here, the payload in a WAL segment
             wf = self._wal.wal_file(rec.tgt[0]) if self._wal is not None else None
             if wf is None:
-                self._read_failed(rec.extent_id, first, f"linked WAL segment {rec.tgt[0]} missing", rec)
+                self._read_failed(rec.extent_id, first, f"linked WAL segment {rec.tgt[0]} missing", rec, current)
             payload = wf.pread(k * BLOCK_SIZE, rec.tgt[1] + idx0 * BLOCK_SIZE)  # type: ignore[union-attr]
         else:
             payload = f.pread(k * BLOCK_SIZE, rec.off + payload_offset(rec.count) + idx0 * BLOCK_SIZE)  # type: ignore[union-attr]
         if len(expect) < 4 * k or len(payload) < k * BLOCK_SIZE:
-            self._read_failed(rec.extent_id, first, "short read", rec)
+            self._read_failed(rec.extent_id, first, "short read", rec, current)
         want = struct.unpack(f"<{k}I", expect)
         out[out_off : out_off + k * BLOCK_SIZE] = payload
         view = memoryview(out)
@@ -491,11 +503,12 @@ class Engine:
             s = out_off + i * BLOCK_SIZE
             c = crc32c.crc32c(view[s : s + BLOCK_SIZE], 0)
             if c != want[i]:
-                self._read_failed(rec.extent_id, first + i, "block checksum mismatch after read", rec)
+                self._read_failed(rec.extent_id, first + i, "block checksum mismatch after read", rec, current)
             crcs[crc_off + i] = c
 
-    def _read_failed(self, extent_id: int, blk: int, reason: str, rec: Rec | None) -> None:
-        self.index.mark_bad(extent_id, blk, 1)
+    def _read_failed(self, extent_id: int, blk: int, reason: str, rec: Rec | None, mark: bool = True) -> None:
+        if mark:
+            self.index.mark_bad(extent_id, blk, 1)
         log.error(
             "engine.corruption",
             segment=segment_name(rec.seg) if rec else None,
@@ -539,10 +552,11 @@ class Engine:
         self._check_open()
         out = bytearray(count * BLOCK_SIZE)
         crcs = [ZERO_BLOCK_CRC] * count
+        cur = self.index.extents.get(extent_id, {})
         for i in range(count):
             rec = self.index.version_at(extent_id, block + i, lsn)
             if rec is not None:
-                self._read_run(rec, block + i, 1, out, i * BLOCK_SIZE, crcs, i)
+                self._read_run(rec, block + i, 1, out, i * BLOCK_SIZE, crcs, i, current=cur.get(block + i) is rec)
         return out, crcs
 
     def block_status(self, extent_id: int, block: int, count: int) -> list[tuple[int, bool]]:
@@ -643,6 +657,11 @@ class Engine:
                 (sid, e, lsn) for sid in sorted(idx.segs) for e, lsn in idx.segs[sid].min_write_lsn.items()
             ],
             bad=idx.bad_runs(),
+            pins=sorted(idx.snaps.items()),
+            hist=[(e, b, n, r.seg, r.off, r.block, r.count, r.lsn, until, r.flags)
+                  for e, b, n, r, until in idx.hist_runs()],
+            marks=[(m.seg, m.off, m.rtype, m.snap_id, m.lsn, m.pinned_lsn)
+                   for sid in sorted(idx.segs) for m in idx.segs[sid].marks.values()],
         )
         raw = encode_checkpoint(ck)
         tmp = os.path.join(self.directory, CHECKPOINT_TMP_NAME)
@@ -764,6 +783,53 @@ class Engine:
                 f.close()
             self.disk.remove(os.path.join(self.directory, segment_name(sid)))
             self.disk.fsync_dir(self.directory)
+
+    # --- snapshot pins (segment.md, "Snapshot pins") -----------------------------------------
+
+    def pin_snapshot(self, snap_id: int) -> int:
+        """Keep the image as it is now for snapshot `snap_id`, durably (a PIN record: durable with the
+        next sync). Idempotent: a snap_id already pinned keeps its pin. Returns the pinned LSN."""
+        self._check_open()
+        got = self.index.snaps.get(snap_id)
+        if got is not None:
+            return got
+        pinned = self.last_lsn
+        self._append_mark(REC_PIN, snap_id, pinned)
+        self.index.snaps[snap_id] = pinned
+        self.index.pin(pinned)
+        return pinned
+
+    def unpin_snapshot(self, snap_id: int) -> bool:
+        """Drop snapshot `snap_id`'s pin (an UNPIN record); what only it kept becomes garbage for the
+        cleaner. False when it was not pinned (idempotent)."""
+        self._check_open()
+        pinned = self.index.snaps.get(snap_id)
+        if pinned is None:
+            return False
+        self._append_mark(REC_UNPIN, snap_id, pinned)
+        del self.index.snaps[snap_id]
+        self.index.unpin(pinned)
+        return True
+
+    def snapshots(self) -> dict[int, int]:
+        """snap_id -> pinned LSN."""
+        return dict(self.index.snaps)
+
+    def read_snapshot(self, snap_id: int, extent_id: int, block: int, count: int) -> tuple[bytearray, list[int]]:
+        pinned = self.index.snaps.get(snap_id)
+        if pinned is None:
+            raise KeyError(f"snapshot {snap_id} is not pinned here")
+        return self.read_at(extent_id, block, count, pinned)
+
+    def _append_mark(self, rtype: int, snap_id: int, pinned: int) -> None:
+        length = record_length(rtype, 0)
+        seg = self._room(length)
+        lsn = self.last_lsn + 1
+        buf = build_mark_record(self._seeds[seg.seg_id], rtype, snap_id, lsn, self._durable_mark, pinned)
+        off = self._append(seg, buf)
+        with self._lock:
+            self.last_lsn = lsn
+        seg.marks[off] = Mark(seg.seg_id, off, rtype, snap_id, lsn, pinned)
 
     def pin(self, lsn: int) -> None:
         """Keep, for cleaning, the newest version <= lsn of every block that is current now.

@@ -57,6 +57,20 @@ class Rec:
         self.tgt: tuple[int, int] | None = None
 
 
+class Mark:
+    """A PIN or UNPIN record on disk (segment.md, "Snapshot pins"): cleaning keeps it while it matters."""
+
+    __slots__ = ("seg", "off", "rtype", "snap_id", "lsn", "pinned_lsn")
+
+    def __init__(self, seg: int, off: int, rtype: int, snap_id: int, lsn: int, pinned_lsn: int) -> None:
+        self.seg = seg
+        self.off = off
+        self.rtype = rtype
+        self.snap_id = snap_id
+        self.lsn = lsn
+        self.pinned_lsn = pinned_lsn
+
+
 @dataclass
 class SegState:
     """Bookkeeping for one segment file."""
@@ -72,6 +86,7 @@ class SegState:
     # link_bytes (their records' lengths), not 4 KiB a block: cleaning judges a segment by live bytes.
     link_blocks: int = 0
     link_bytes: int = 0
+    marks: dict[int, Mark] = field(default_factory=dict)  # offset -> PIN/UNPIN records kept
 
     def add_rec(self, rec: Rec) -> None:
         if rec.rtype == REC_LINK and rec.off not in self.records:
@@ -98,6 +113,7 @@ class Index:
         self.bad: dict[int, set[int]] = {}  # extent -> bad blocks
         self.segs: dict[int, SegState] = {}
         self.pins: dict[int, int] = {}  # lsn -> refcount
+        self.snaps: dict[int, int] = {}  # snap_id -> pinned lsn (durable pins: PIN records)
         # (extent, block) -> [(rec, superseded_at_lsn)] old versions kept for pins
         self.history: dict[tuple[int, int], list[tuple[Rec, int]]] = {}
         self.blocks_allocated = 0
@@ -266,6 +282,31 @@ class Index:
     def is_history_of(self, extent_id: int, blk: int, rec: Rec) -> bool:
         return any(r is rec for r, _ in self.history.get((extent_id, blk), []))
 
+    def hist_runs(self) -> list[tuple[int, int, int, Rec, int]]:
+        """(extent_id, block, run_blocks, rec, until_lsn) for every maximal run of blocks sharing one kept
+        old version (the checkpoint's HIST section)."""
+        out: list[tuple[int, int, int, Rec, int]] = []
+        by_ext: dict[int, list[int]] = {}
+        for eid, blk in self.history:
+            by_ext.setdefault(eid, []).append(blk)
+        for eid in sorted(by_ext):
+            open_runs: dict[tuple[int, int], tuple[int, int]] = {}  # (id(rec), until) -> (start, prev)
+            recs: dict[tuple[int, int], Rec] = {}
+            for blk in sorted(by_ext[eid]):
+                for rec, until in self.history[(eid, blk)]:
+                    key = (id(rec), until)
+                    recs[key] = rec
+                    run = open_runs.get(key)
+                    if run is not None and run[1] == blk - 1:
+                        open_runs[key] = (run[0], blk)
+                        continue
+                    if run is not None:
+                        out.append((eid, run[0], run[1] - run[0] + 1, rec, until))
+                    open_runs[key] = (blk, blk)
+            for key, (start, prev) in open_runs.items():
+                out.append((eid, start, prev - start + 1, recs[key], key[1]))
+        return out
+
     # --- runs ------------------------------------------------------------------------------
 
     def runs(self) -> list[tuple[int, int, int, Rec]]:
@@ -318,7 +359,13 @@ _RUN = struct.Struct("<QIIQIIIQI")
 _TOMB = struct.Struct("<QIIIIQQ")
 _SEGMIN = struct.Struct("<QQQ")
 _BAD = struct.Struct("<QII")
-TAG_RUN, TAG_TOMB, TAG_SEGMIN, TAG_BAD = 1, 2, 3, 4
+_PIN = struct.Struct("<QQ")
+_HIST = struct.Struct("<QIIQIIIQQI")
+_MARK = struct.Struct("<QIIQQQ")
+TAG_RUN, TAG_TOMB, TAG_SEGMIN, TAG_BAD, TAG_PIN, TAG_HIST, TAG_MARK = 1, 2, 3, 4, 5, 6, 7
+# Sections whose entries are their struct's fields as they are: tag -> (struct, Checkpoint attribute).
+_PLAIN_SECTIONS = {TAG_RUN: (_RUN, "runs"), TAG_SEGMIN: (_SEGMIN, "segmin"), TAG_BAD: (_BAD, "bad"),
+                   TAG_PIN: (_PIN, "pins"), TAG_HIST: (_HIST, "hist"), TAG_MARK: (_MARK, "marks")}
 
 
 @dataclass
@@ -332,6 +379,10 @@ class Checkpoint:
     tombs: list[tuple[int, int, int, int, int, int]]  # seg, off, block, count, extent, lsn
     segmin: list[tuple[int, int, int]]  # seg, extent, min_lsn
     bad: list[tuple[int, int, int]]  # extent, block, count
+    pins: list[tuple[int, int]] = field(default_factory=list)  # snap_id, pinned_lsn
+    # extent, block, n, seg, off, record_block, record_count, lsn, until_lsn, flags: old versions kept for pins
+    hist: list[tuple[int, int, int, int, int, int, int, int, int, int]] = field(default_factory=list)
+    marks: list[tuple[int, int, int, int, int, int]] = field(default_factory=list)  # seg, off, type, snap, lsn, pinned
 
 
 def encode_checkpoint(ck: Checkpoint) -> bytes:
@@ -344,6 +395,13 @@ def encode_checkpoint(ck: Checkpoint) -> bytes:
     parts.extend(_SEGMIN.pack(*s) for s in ck.segmin)
     parts.append(_SECTION.pack(TAG_BAD, len(ck.bad)))
     parts.extend(_BAD.pack(*b) for b in ck.bad)
+    if ck.pins or ck.hist or ck.marks:  # format version 3; a checkpoint without them reads as version 2
+        parts.append(_SECTION.pack(TAG_PIN, len(ck.pins)))
+        parts.extend(_PIN.pack(*p) for p in ck.pins)
+        parts.append(_SECTION.pack(TAG_HIST, len(ck.hist)))
+        parts.extend(_HIST.pack(*h) for h in ck.hist)
+        parts.append(_SECTION.pack(TAG_MARK, len(ck.marks)))
+        parts.extend(_MARK.pack(*m) for m in ck.marks)
     body = b"".join(parts)
     header = _CKPT_HEADER.pack(
         CKPT_MAGIC,
@@ -385,21 +443,16 @@ def decode_checkpoint(raw: bytes) -> Checkpoint | str:
         while pos < end:
             tag, n = _SECTION.unpack_from(raw, pos)
             pos += _SECTION.size
-            if tag == TAG_RUN:
-                ck.runs = [_RUN.unpack_from(raw, pos + i * _RUN.size) for i in range(n)]
-                pos += n * _RUN.size
-            elif tag == TAG_TOMB:
+            if tag == TAG_TOMB:
                 ck.tombs = []
                 for i in range(n):
                     seg, off, blk, cnt, _z, eid, tl = _TOMB.unpack_from(raw, pos + i * _TOMB.size)
                     ck.tombs.append((seg, off, blk, cnt, eid, tl))
                 pos += n * _TOMB.size
-            elif tag == TAG_SEGMIN:
-                ck.segmin = [_SEGMIN.unpack_from(raw, pos + i * _SEGMIN.size) for i in range(n)]
-                pos += n * _SEGMIN.size
-            elif tag == TAG_BAD:
-                ck.bad = [_BAD.unpack_from(raw, pos + i * _BAD.size) for i in range(n)]
-                pos += n * _BAD.size
+            elif tag in _PLAIN_SECTIONS:
+                fmt, attr = _PLAIN_SECTIONS[tag]
+                setattr(ck, attr, [fmt.unpack_from(raw, pos + i * fmt.size) for i in range(n)])
+                pos += n * fmt.size
             else:
                 return f"unknown checkpoint section {tag}"
     except struct.error:

@@ -10,6 +10,11 @@
 # Rule 3: records are applied in (lsn, segment, offset) order, never in file order (cleaning
 #         copies keep their original LSN).
 # Rule 4: a checkpoint that fails any check is ignored, and the scan starts from the first segment.
+# Rule 5 (snapshot pins, segment.md "Snapshot pins"): the pin set as of the end of the log is worked out
+#         first (the checkpoint's pins, then PIN/UNPIN records newer than it in LSN order); the checkpoint's
+#         kept old versions that a pin still needs are loaded, a HISTORY copy of one relocates it, and only
+#         then are the writes replayed, so a version superseded across a pinned LSN is kept as at run time.
+#         Without a checkpoint, HISTORY copies are replayed as the versions they are.
 from __future__ import annotations
 
 import os
@@ -20,13 +25,15 @@ from dataclasses import dataclass, field
 import structlog
 
 from raftblock.storage.disk import Disk, DiskFile
-from raftblock.storage.index import Checkpoint, Index, Rec, SegState, decode_checkpoint
+from raftblock.storage.index import Checkpoint, Index, Mark, Rec, SegState, decode_checkpoint
 from raftblock.storage.segment import (
     FLAG_HISTORY,
     FLAG_LINK,
     FORMAT_VERSIONS_READ,
     LINK_TARGET,
+    MARK_TYPES,
     REC_LINK,
+    REC_PIN,
     REC_TRIM,
     REC_WRITE,
     SEG_HEADER_SIZE,
@@ -147,6 +154,22 @@ def _load_target(f: DiskFile | None, rec: Rec) -> None:
     raw = f.pread(LINK_TARGET.size, rec.off + record_length(REC_LINK, rec.count) - LINK_TARGET.size)
     if len(raw) == LINK_TARGET.size:
         rec.tgt = LINK_TARGET.unpack(raw)
+
+
+def _ck_rec(index: Index, recs: dict[tuple[int, int], Rec], missing: set[int], files: dict[int, DiskFile],
+            seg: int, off: int, fl: int, eid: int, rb: int, rc: int, lsn: int, loaded: list[Rec] | None) -> Rec:
+    """The one Rec of the record a checkpoint entry names (current or kept for a pin), made once."""
+    if seg not in index.segs:
+        missing.add(seg)
+        index.segs[seg] = SegState(seg, end=0)
+    rec = recs.get((seg, off))
+    if rec is None:
+        rec = recs[(seg, off)] = Rec(seg, off, REC_LINK if fl & FLAG_LINK else REC_WRITE, fl, eid, rb, rc, lsn)
+        if fl & FLAG_LINK:
+            _load_target(files.get(seg), rec)
+        if loaded is not None:
+            loaded.append(rec)
+    return rec
 
 
 def recover(disk: Disk, directory: str, cluster_id: bytes, verify_on_open: bool,
@@ -279,20 +302,11 @@ def recover(disk: Disk, directory: str, cluster_id: bytes, verify_on_open: bool,
     missing: set[int] = set()
     last_lsn = 0
     loaded: list[Rec] = []
+    recs: dict[tuple[int, int], Rec] = {}
     if ck is not None:
         last_lsn = ck.checkpoint_lsn
-        recs: dict[tuple[int, int], Rec] = {}
         for eid, blk, n, seg, off, rb, rc, lsn, fl in ck.runs:
-            if seg not in index.segs:
-                missing.add(seg)
-                index.segs[seg] = SegState(seg, end=0)
-            rec = recs.get((seg, off))
-            if rec is None:
-                rec = recs[(seg, off)] = Rec(seg, off, REC_LINK if fl & FLAG_LINK else REC_WRITE, fl, eid, rb, rc,
-                                             lsn)
-                if fl & FLAG_LINK:
-                    _load_target(files.get(seg), rec)
-                loaded.append(rec)
+            rec = _ck_rec(index, recs, missing, files, seg, off, fl, eid, rb, rc, lsn, loaded)
             index.set_blocks(rec, blk, n)
         for seg, off, blk, cnt, eid, lsn in ck.tombs:
             if seg in index.segs and seg not in missing:
@@ -302,6 +316,61 @@ def recover(disk: Disk, directory: str, cluster_id: bytes, verify_on_open: bool,
                 index.segs[seg].note_write(eid, lsn)
         for eid, blk, cnt in ck.bad:
             index.mark_bad(eid, blk, cnt)
+        for seg, off, rtype, snap, mlsn, pinned in ck.marks:
+            if seg in index.segs and seg not in missing:
+                index.segs[seg].marks[off] = Mark(seg, off, rtype, snap, mlsn, pinned)
+    ck_lsn = ck.checkpoint_lsn if ck is not None else 0
+
+    # --- rule 5: pins, then the old versions they keep ----------------------------------------
+    pins: dict[int, int] = dict(ck.pins) if ck is not None else {}
+    events: list[tuple[int, int, int, int, int]] = []  # lsn, segment, offset, type, snap_id
+    pinned_of: dict[tuple[int, int], int] = {}
+    hist_copies: list[tuple[int, ScannedRecord]] = []
+    for sid, res in scans.items():
+        for sr in res.records:
+            h = sr.hdr
+            if h.rtype in MARK_TYPES:
+                index.segs[sid].marks[sr.offset] = Mark(sid, sr.offset, h.rtype, h.extent_id, h.lsn, sr.pinned_lsn)
+                if h.lsn > ck_lsn:
+                    events.append((h.lsn, sid, sr.offset, h.rtype, h.extent_id))
+                    pinned_of[(sid, sr.offset)] = sr.pinned_lsn
+            elif h.flags & FLAG_HISTORY and ck is not None and h.lsn <= ck_lsn:
+                hist_copies.append((sid, sr))
+    for _lsn, sid, off, rtype, snap in sorted(events):
+        if rtype == REC_PIN:
+            pins[snap] = pinned_of[(sid, off)]
+        else:
+            pins.pop(snap, None)
+    index.snaps = pins
+    for plsn in pins.values():
+        index.pin(plsn)
+    if ck is not None:
+        for eid, blk, n, seg, off, rb, rc, lsn, until, fl in ck.hist:
+            if not index._pinned_between(lsn, until):
+                continue  # its pin went after the checkpoint
+            rec = _ck_rec(index, recs, missing, files, seg, off, fl, eid, rb, rc, lsn, None)
+            for bk in range(blk, blk + n):
+                index.history.setdefault((eid, bk), []).append((rec, until))
+                rec.hist += 1
+            index.segs[seg].add_rec(rec)
+        for sid, sr in hist_copies:
+            h = sr.hdr
+            new = Rec(sid, sr.offset, h.rtype, h.flags, h.extent_id, h.block, h.count, h.lsn)
+            if h.rtype == REC_LINK:
+                _load_target(files.get(sid), new)
+            emap = index.extents.get(h.extent_id, {})
+            for bk in range(h.block, h.block + h.count):
+                cur = emap.get(bk)
+                if cur is not None and cur.lsn == h.lsn:
+                    # Current at the checkpoint, superseded (and copied as history) after it: this copy is
+                    # where that version lives now; the replay below supersedes it again.
+                    if cur is not new:
+                        index.set_blocks(new, bk, 1)
+                    continue
+                for old, _until in list(index.history.get((h.extent_id, bk), [])):
+                    if old.lsn == h.lsn and old is not new:
+                        index.relocate_history(h.extent_id, bk, old, new)
+                        break
 
     replay: list[tuple[int, int, int, ScannedRecord]] = []
     for sid, res in scans.items():
@@ -309,8 +378,10 @@ def recover(disk: Disk, directory: str, cluster_id: bytes, verify_on_open: bool,
         for sr in res.records:
             h = sr.hdr
             last_lsn = max(last_lsn, h.lsn)
-            if h.flags & FLAG_HISTORY:
-                continue  # pinned old version: pins are not persisted, so it is garbage now
+            if h.rtype in MARK_TYPES:
+                continue  # rule 5, above
+            if h.flags & FLAG_HISTORY and (ck is not None and h.lsn <= ck_lsn or not index.pins):
+                continue  # relocated above, or no pin keeps old versions: garbage
             if h.rtype == REC_TRIM:
                 seg_state.tombstones[sr.offset] = Rec(sid, sr.offset, REC_TRIM, h.flags, h.extent_id,
                                                       h.block, h.count, h.lsn)

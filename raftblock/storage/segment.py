@@ -17,8 +17,8 @@ from raftblock._fast import segwriter
 from raftblock.storage.disk import DiskFile
 
 BLOCK_SIZE = 4096
-FORMAT_VERSION = 2  # 2: LINK records (write-once); 1: without them, still read
-FORMAT_VERSIONS_READ = (1, 2)
+FORMAT_VERSION = 3  # 3: PIN/UNPIN records and the checkpoint's pins (snapshots); 2: LINK records; all read
+FORMAT_VERSIONS_READ = (1, 2, 3)
 
 SEG_MAGIC = b"RBSEGMNT"
 SEG_HEADER_SIZE = 64
@@ -34,6 +34,10 @@ assert _REC_HEADER.size == REC_HEADER_SIZE
 REC_WRITE = 1
 REC_TRIM = 2
 REC_LINK = 3  # a write whose payload lives in a WAL segment (docs/format/write-once.md)
+REC_PIN = 4  # a snapshot's pin (segment.md "Snapshot pins"): extent_id = snap_id, body = pinned_lsn
+REC_UNPIN = 5  # the pin of snap_id goes
+MARK_TYPES = (REC_PIN, REC_UNPIN)
+MARK_BODY = struct.Struct("<QQ")  # pinned_lsn, reserved
 FLAG_RELOCATED = 0x01
 FLAG_HISTORY = 0x02
 FLAG_LINK = 0x04  # set on every LINK record (and on checkpoint runs that name one)
@@ -74,6 +78,8 @@ def record_length(rtype: int, count: int) -> int:
         return REC_HEADER_SIZE + crc_array_size(count) + BLOCK_SIZE * count
     if rtype == REC_LINK:
         return REC_HEADER_SIZE + crc_array_size(count) + LINK_TARGET.size
+    if rtype in MARK_TYPES:
+        return REC_HEADER_SIZE + MARK_BODY.size
     return REC_HEADER_SIZE
 
 
@@ -185,6 +191,9 @@ def parse_header_fields(raw: bytes | bytearray | memoryview, off: int = 0) -> Re
     elif rtype == REC_TRIM:
         if count < 1:
             return f"bad block count {count}"
+    elif rtype in MARK_TYPES:
+        if count != 0 or block != 0:
+            return "pin record with blocks"
     else:
         return f"unknown record type {rtype}"
     if block + count > MAX_BLOCK:
@@ -197,8 +206,8 @@ def parse_header_fields(raw: bytes | bytearray | memoryview, off: int = 0) -> Re
 def header_crc_ok(seed: int, hdr: RecordHeader, header_and_crcs: bytes | bytearray | memoryview) -> bool:
     """`header_and_crcs` starts at the record and holds at least header + crc array."""
     end = REC_HEADER_SIZE + (crc_array_size(hdr.count) if hdr.rtype == REC_WRITE else 0)
-    if hdr.rtype == REC_LINK:
-        end = hdr.length  # a LINK's header CRC covers its CRC array and its target
+    if hdr.rtype == REC_LINK or hdr.rtype in MARK_TYPES:
+        end = hdr.length  # a LINK's header CRC covers its CRC array and its target; a PIN's, its body
     return crc32c.crc32c(memoryview(header_and_crcs)[4:end], seed) == hdr.header_crc
 
 
@@ -249,6 +258,18 @@ def build_link_record(
     return buf
 
 
+def build_mark_record(seed: int, rtype: int, snap_id: int, lsn: int, sync_mark: int, pinned_lsn: int,
+                      flags: int = 0) -> bytearray:
+    """Frame one PIN or UNPIN record (segment.md, "Snapshot pins")."""
+    assert rtype in MARK_TYPES
+    length = REC_HEADER_SIZE + MARK_BODY.size
+    buf = bytearray(length)
+    _REC_HEADER.pack_into(buf, 0, 0, REC_MAGIC, rtype, flags, 0, 0, length, 0, snap_id, lsn, sync_mark)
+    MARK_BODY.pack_into(buf, REC_HEADER_SIZE, pinned_lsn, 0)
+    struct.pack_into("<I", buf, 0, crc32c.crc32c(memoryview(buf)[4:], seed))
+    return buf
+
+
 def link_target(body: bytes | bytearray | memoryview, hdr: RecordHeader) -> tuple[int, int]:
     """(wal_seq, wal_offset) of a LINK record whose bytes start at body[0]."""
     seq, off = LINK_TARGET.unpack_from(body, hdr.length - LINK_TARGET.size)
@@ -263,6 +284,7 @@ class ScannedRecord:
     offset: int
     hdr: RecordHeader
     bad_blocks: list[int]  # payload blocks failing their CRC (header was valid)
+    pinned_lsn: int = 0  # PIN/UNPIN records: the body's pinned_lsn
 
 
 @dataclass
@@ -352,7 +374,10 @@ def scan_segment(f: DiskFile, seed: int, start: int, verify_payload: bool = True
                 reason = "record header checksum mismatch"
             else:
                 bad = bad_payload_blocks(hdr, body) if (verify_payload and hdr.rtype == REC_WRITE) else []
-                res.records.append(ScannedRecord(off, hdr, bad))
+                sr = ScannedRecord(off, hdr, bad)
+                if hdr.rtype in MARK_TYPES:
+                    sr.pinned_lsn = MARK_BODY.unpack_from(body, REC_HEADER_SIZE)[0]
+                res.records.append(sr)
                 off += hdr.length
                 res.end = off
                 continue

@@ -463,3 +463,39 @@ def test_mostly_live_held_segments_are_not_garbage_for_the_cleaning_pace(tmp_pat
     # are more than half live
     assert garbage < sum(size for _s, size in held) // 2, (live, garbage, held)
     n.close()
+
+
+def test_a_snapshot_pin_keeps_a_linked_old_version_and_its_held_wal_segment_across_restarts(tmp_path: Path) -> None:
+    """docs/format/segment.md "Snapshot pins" with write-once: an old version pinned by a snapshot may be a
+    LINK into a WAL segment; that segment stays held while the pin needs it (and across a restart from the
+    checkpoint and from a full scan), the snapshot reads through it, and the unpin releases it."""
+    n = Node(tmp_path, OsDisk())
+    old = _pattern(60, 64)
+    n.write([_write(2, 0, old)])
+    seq = n.engine.index.extents[2][0].tgt[0]  # type: ignore[index]
+    n.engine.pin_snapshot(5)
+    _fill(n)  # past the WAL segment holding `old`
+    new = _pattern(61, 64)
+    n.write([_write(2, 0, new)])  # the old LINK is now only the snapshot's
+    assert n.engine.index.extents[2][0].tgt[0] != seq  # type: ignore[index]
+    n.compact_to(n.index)
+    assert seq in [s for s, _ in n.wal.held_segments()]
+    assert bytes(n.engine.read_snapshot(5, 2, 0, 64)[0]) == old and n.read(2, 0, 64) == new
+    for how in ("checkpoint", "full scan"):
+        n.close()
+        if how == "full scan":
+            os.remove(tmp_path / "engine" / "checkpoint")
+        n = Node(tmp_path, OsDisk())
+        assert n.engine.report.used_checkpoint == (how == "checkpoint")
+        assert seq in [s for s, _ in n.wal.held_segments()], how
+        assert bytes(n.engine.read_snapshot(5, 2, 0, 64)[0]) == old, how
+        assert n.read(2, 0, 64) == new, how
+    assert n.engine.unpin_snapshot(5)
+    n.wal.gc()
+    assert seq in [s for s, _ in n.wal.held_segments()]  # until the engine has synced past the unpin
+    n.engine.sync()
+    n.wal.gc()
+    n.wal.reap()
+    assert seq not in [s for s, _ in n.wal.held_segments()]
+    assert n.read(2, 0, 64) == new
+    n.close()

@@ -1,0 +1,157 @@
+"""Snapshot pins in the engine (docs/format/segment.md, "Snapshot pins"; docs/snapshots.md section 1): a pin
+keeps the image as of its moment through overwrites, trims, cleaning and restarts (from the checkpoint, from
+a full scan, after a power cut), and goes with its UNPIN for good."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import crc32c
+import pytest
+
+from raftblock.storage.disk import OsDisk, VolatileDisk
+from raftblock.storage.engine import Engine, EngineConfig
+from raftblock.storage.recovery import CHECKPOINT_NAME
+
+CID = b"s" * 16
+B = 4096
+EXT = 7
+
+
+def _cfg() -> EngineConfig:
+    return EngineConfig(segment_size_bytes=256 << 10, checkpoint_interval_bytes=1 << 30, preallocate=False)
+
+
+def _blk(tag: int, blk: int) -> bytes:
+    return (tag.to_bytes(4, "little") + blk.to_bytes(4, "little")) * (B // 8)
+
+
+def _write(eng: Engine, blk: int, n: int, tag: int) -> None:
+    data = b"".join(_blk(tag, b) for b in range(blk, blk + n))
+    eng.write(EXT, blk, data, [crc32c.crc32c(data[i * B : (i + 1) * B]) for i in range(n)])
+
+
+def _image(eng: Engine, nblocks: int, snap: int | None = None) -> list[bytes]:
+    if snap is None:
+        data, _ = eng.read(EXT, 0, nblocks)
+    else:
+        data, _ = eng.read_snapshot(snap, EXT, 0, nblocks)
+    return [bytes(data[i * B : (i + 1) * B]) for i in range(nblocks)]
+
+
+def test_a_pin_keeps_its_image_through_overwrites_trims_and_restarts(tmp_path: Path) -> None:
+    d = str(tmp_path / "e")
+    eng = Engine.open(OsDisk(), d, CID, _cfg())
+    _write(eng, 0, 8, tag=1)
+    assert eng.pin_snapshot(41) == eng.last_lsn - 1  # the PIN record has the next LSN
+    assert eng.pin_snapshot(41) == eng.snapshots()[41]  # idempotent: a replayed SNAP op
+    _write(eng, 2, 3, tag=2)
+    eng.trim(EXT, 6, 2)
+    want_now = [_blk(1, 0), _blk(1, 1), _blk(2, 2), _blk(2, 3), _blk(2, 4), _blk(1, 5), bytes(B), bytes(B)]
+    want_snap = [_blk(1, b) for b in range(8)]
+    assert _image(eng, 8) == want_now and _image(eng, 8, 41) == want_snap
+    eng.close()
+    for how in ("checkpoint", "full scan"):
+        if how == "full scan":
+            os.remove(os.path.join(d, CHECKPOINT_NAME))
+        eng = Engine.open(OsDisk(), d, CID, _cfg())
+        assert eng.report.used_checkpoint == (how == "checkpoint")
+        assert eng.snapshots() == {41: eng.snapshots()[41]}
+        assert _image(eng, 8) == want_now, how
+        assert _image(eng, 8, 41) == want_snap, how
+        eng.close()
+    eng = Engine.open(OsDisk(), d, CID, _cfg())
+    assert eng.unpin_snapshot(41) and not eng.unpin_snapshot(41)
+    with pytest.raises(KeyError):
+        eng.read_snapshot(41, EXT, 0, 1)
+    eng.close()
+    os.remove(os.path.join(d, CHECKPOINT_NAME))
+    eng = Engine.open(OsDisk(), d, CID, _cfg())
+    assert eng.snapshots() == {}  # the UNPIN is found by a full scan too
+    assert _image(eng, 8) == want_now
+    eng.close()
+
+
+@pytest.mark.parametrize("seed", range(int(os.environ.get("PIN_SEEDS", "8"))))
+def test_pins_against_a_model_through_cleaning_checkpoints_scans_and_power_cuts(tmp_path: Path, seed: int) -> None:
+    """Random writes, trims, pins and unpins; cleaning with small budgets, checkpoints, and restarts of
+    three kinds (clean close, close then lose the checkpoint, power cut after a sync); after each, every
+    block of the current image and of every pinned snapshot reads as the model says."""
+    rng = random.Random(seed)
+    d = str(tmp_path / "e")
+    nblocks = 96
+    disk = VolatileDisk()
+    eng = Engine.open(disk, d, CID, _cfg())
+    model: list[bytes] = [bytes(B)] * nblocks
+    snaps: dict[int, list[bytes]] = {}
+    durable_model: list[bytes] = list(model)
+    durable_snaps: dict[int, list[bytes]] = {}
+    tag = 0
+    next_snap = 1
+
+    def check(where: str) -> None:
+        assert _image(eng, nblocks) == model, where
+        assert set(eng.snapshots()) == set(snaps), where
+        for sid, img in snaps.items():
+            assert _image(eng, nblocks, sid) == img, f"{where}: snapshot {sid}"
+
+    for step in range(400):
+        k = rng.random()
+        if k < 0.45:
+            blk = rng.randrange(nblocks - 8)
+            n = rng.randint(1, 8)
+            tag += 1
+            _write(eng, blk, n, tag)
+            for b in range(blk, blk + n):
+                model[b] = _blk(tag, b)
+        elif k < 0.52:
+            blk = rng.randrange(nblocks - 4)
+            n = rng.randint(1, 4)
+            eng.trim(EXT, blk, n)
+            for b in range(blk, blk + n):
+                model[b] = bytes(B)
+        elif k < 0.58 and len(snaps) < 4:
+            eng.pin_snapshot(next_snap)
+            snaps[next_snap] = list(model)
+            next_snap += 1
+        elif k < 0.63 and snaps:
+            sid = rng.choice(sorted(snaps))
+            assert eng.unpin_snapshot(sid)
+            del snaps[sid]
+        elif k < 0.80:
+            eng.clean(rng.choice([8 << 10, 64 << 10, 1 << 20]))
+        elif k < 0.85:
+            eng.checkpoint()
+            durable_model, durable_snaps = list(model), {s: list(i) for s, i in snaps.items()}
+        elif k < 0.90:
+            eng.sync()
+            durable_model, durable_snaps = list(model), {s: list(i) for s, i in snaps.items()}
+        else:
+            how = rng.choice(["close", "lose checkpoint", "power cut"])
+            if how == "power cut":
+                eng.sync()
+                durable_model, durable_snaps = list(model), {s: list(i) for s, i in snaps.items()}
+                disk.crash()
+                disk = VolatileDisk()
+                model, snaps = list(durable_model), {s: list(i) for s, i in durable_snaps.items()}
+            else:
+                eng.close()
+                if how == "lose checkpoint" and os.path.exists(os.path.join(d, CHECKPOINT_NAME)):
+                    os.remove(os.path.join(d, CHECKPOINT_NAME))
+            eng = Engine.open(disk, d, CID, _cfg())
+            assert not eng.report.corrupt, eng.report.corrupt
+            check(f"step {step}, after restart ({how})")
+        if step % 25 == 0:
+            check(f"step {step}")
+    check("end")
+    # Every pin dropped and everything cleaned: the space of old versions comes back.
+    for sid in list(snaps):
+        eng.unpin_snapshot(sid)
+    snaps.clear()
+    for _ in range(50):
+        eng.clean(1 << 20)
+    check("all unpinned")
+    assert not eng.index.history
+    eng.close()
