@@ -233,20 +233,20 @@ def _copy_marks(eng: SegmentStore, victim: SegState) -> int:
     victim.marks = {}
     for m in order:
         if m.rtype == REC_PIN:
-            keep = idx.snaps.get(m.snap_id) == m.pinned_lsn
+            keep = idx.snaps.get((m.group, m.snap_id)) == m.pinned_lsn
         else:
             # The durable checkpoint may predate it (and list the pin), or a full scan would find the PIN.
             keep = m.lsn > eng.checkpoint_lsn or any(
-                o.rtype == REC_PIN and o.snap_id == m.snap_id
+                o.rtype == REC_PIN and (o.group, o.snap_id) == (m.group, m.snap_id)
                 for sid, s in idx.segs.items() if sid != victim.seg_id for o in s.marks.values())
         if not keep:
             continue
 
         def build(seed: int, mark: int, m: Mark = m) -> bytearray | bytes:
-            return build_mark_record(seed, m.rtype, m.snap_id, m.lsn, mark, m.pinned_lsn, FLAG_RELOCATED)
+            return build_mark_record(seed, m.rtype, m.group, m.snap_id, m.lsn, mark, m.pinned_lsn, FLAG_RELOCATED)
 
         seg, noff, size = eng.append_built(record_length(m.rtype, 0), build)
-        seg.marks[noff] = Mark(seg.seg_id, noff, m.rtype, m.snap_id, m.lsn, m.pinned_lsn)
+        seg.marks[noff] = Mark(seg.seg_id, noff, m.rtype, m.group, m.snap_id, m.lsn, m.pinned_lsn)
         written += size
     return written
 

@@ -53,6 +53,7 @@ from raftblock.storage.segment import (
     BLOCK_SIZE,
     FLAG_LINK,
     MAX_BLOCK,
+    MAX_GROUP,
     MAX_WRITE_BLOCKS,
     REC_HEADER_SIZE,
     REC_LINK,
@@ -657,10 +658,10 @@ class Engine:
                 (sid, e, lsn) for sid in sorted(idx.segs) for e, lsn in idx.segs[sid].min_write_lsn.items()
             ],
             bad=idx.bad_runs(),
-            pins=sorted(idx.snaps.items()),
+            pins=sorted((g, sid, lsn) for (g, sid), lsn in idx.snaps.items()),
             hist=[(e, b, n, r.seg, r.off, r.block, r.count, r.lsn, until, r.flags)
                   for e, b, n, r, until in idx.hist_runs()],
-            marks=[(m.seg, m.off, m.rtype, m.snap_id, m.lsn, m.pinned_lsn)
+            marks=[(m.seg, m.off, m.rtype, m.group, m.snap_id, m.lsn, m.pinned_lsn)
                    for sid in sorted(idx.segs) for m in idx.segs[sid].marks.values()],
         )
         raw = encode_checkpoint(ck)
@@ -786,50 +787,54 @@ class Engine:
 
     # --- snapshot pins (segment.md, "Snapshot pins") -----------------------------------------
 
-    def pin_snapshot(self, snap_id: int) -> int:
-        """Keep the image as it is now for snapshot `snap_id`, durably (a PIN record: durable with the
-        next sync). Idempotent: a snap_id already pinned keeps its pin. Returns the pinned LSN."""
+    def pin_snapshot(self, group: int, snap_id: int) -> int:
+        """Keep the image of extent group `group`'s extents as it is now for snapshot `snap_id`, durably (a
+        PIN record: durable with the next sync). Idempotent: an existing pin stays (a replayed SNAP op).
+        Returns the pinned LSN."""
         self._check_open()
-        got = self.index.snaps.get(snap_id)
+        if not 0 <= group <= MAX_GROUP:
+            raise ValueError(f"group {group} out of range")
+        got = self.index.snaps.get((group, snap_id))
         if got is not None:
             return got
         pinned = self.last_lsn
-        self._append_mark(REC_PIN, snap_id, pinned)
-        self.index.snaps[snap_id] = pinned
-        self.index.pin(pinned)
+        self._append_mark(REC_PIN, group, snap_id, pinned)
+        self.index.snaps[(group, snap_id)] = pinned
+        self.index.pin(pinned, group)
         return pinned
 
-    def unpin_snapshot(self, snap_id: int) -> bool:
-        """Drop snapshot `snap_id`'s pin (an UNPIN record); what only it kept becomes garbage for the
-        cleaner. False when it was not pinned (idempotent)."""
+    def unpin_snapshot(self, group: int, snap_id: int) -> bool:
+        """Drop the pin of snapshot `snap_id` on `group` (an UNPIN record); what only it kept becomes garbage
+        for the cleaner. False when it was not pinned (idempotent)."""
         self._check_open()
-        pinned = self.index.snaps.get(snap_id)
+        pinned = self.index.snaps.get((group, snap_id))
         if pinned is None:
             return False
-        self._append_mark(REC_UNPIN, snap_id, pinned)
-        del self.index.snaps[snap_id]
-        self.index.unpin(pinned)
+        self._append_mark(REC_UNPIN, group, snap_id, pinned)
+        del self.index.snaps[(group, snap_id)]
+        self.index.unpin(pinned, group)
         return True
 
-    def snapshots(self) -> dict[int, int]:
-        """snap_id -> pinned LSN."""
+    def snapshots(self) -> dict[tuple[int, int], int]:
+        """(group, snap_id) -> pinned LSN."""
         return dict(self.index.snaps)
 
     def read_snapshot(self, snap_id: int, extent_id: int, block: int, count: int) -> tuple[bytearray, list[int]]:
-        pinned = self.index.snaps.get(snap_id)
+        """Blocks of `extent_id` as snapshot `snap_id` of its group keeps them."""
+        pinned = self.index.snaps.get((extent_id >> 32, snap_id))
         if pinned is None:
-            raise KeyError(f"snapshot {snap_id} is not pinned here")
+            raise KeyError(f"snapshot {snap_id} is not pinned on group {extent_id >> 32} here")
         return self.read_at(extent_id, block, count, pinned)
 
-    def _append_mark(self, rtype: int, snap_id: int, pinned: int) -> None:
+    def _append_mark(self, rtype: int, group: int, snap_id: int, pinned: int) -> None:
         length = record_length(rtype, 0)
         seg = self._room(length)
         lsn = self.last_lsn + 1
-        buf = build_mark_record(self._seeds[seg.seg_id], rtype, snap_id, lsn, self._durable_mark, pinned)
+        buf = build_mark_record(self._seeds[seg.seg_id], rtype, group, snap_id, lsn, self._durable_mark, pinned)
         off = self._append(seg, buf)
         with self._lock:
             self.last_lsn = lsn
-        seg.marks[off] = Mark(seg.seg_id, off, rtype, snap_id, lsn, pinned)
+        seg.marks[off] = Mark(seg.seg_id, off, rtype, group, snap_id, lsn, pinned)
 
     def pin(self, lsn: int) -> None:
         """Keep, for cleaning, the newest version <= lsn of every block that is current now.
@@ -885,7 +890,7 @@ class Engine:
             "last_lsn": self.last_lsn,
             "synced_lsn": self.synced_lsn,
             "checkpoint_lsn": self.checkpoint_lsn,
-            "pins": sum(self.index.pins.values()),
+            "pins": sum(n for ps in self.index.pins.values() for n in ps.values()),
             "cleaned_bytes": self.cleaned_bytes,  # rewritten by the cleaner since the engine opened
             "evacuated_bytes": self.evacuated_bytes,  # of which copied out of held WAL segments
             "linked_blocks": sum(s.link_blocks for s in self.index.segs.values()),

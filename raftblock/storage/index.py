@@ -57,15 +57,19 @@ class Rec:
         self.tgt: tuple[int, int] | None = None
 
 
+GLOBAL = -1  # Index.pins key of a pin on every extent (Engine.pin)
+
+
 class Mark:
     """A PIN or UNPIN record on disk (segment.md, "Snapshot pins"): cleaning keeps it while it matters."""
 
-    __slots__ = ("seg", "off", "rtype", "snap_id", "lsn", "pinned_lsn")
+    __slots__ = ("seg", "off", "rtype", "group", "snap_id", "lsn", "pinned_lsn")
 
-    def __init__(self, seg: int, off: int, rtype: int, snap_id: int, lsn: int, pinned_lsn: int) -> None:
+    def __init__(self, seg: int, off: int, rtype: int, group: int, snap_id: int, lsn: int, pinned_lsn: int) -> None:
         self.seg = seg
         self.off = off
         self.rtype = rtype
+        self.group = group
         self.snap_id = snap_id
         self.lsn = lsn
         self.pinned_lsn = pinned_lsn
@@ -112,8 +116,10 @@ class Index:
         self.extents: dict[int, dict[int, Rec]] = {}
         self.bad: dict[int, set[int]] = {}  # extent -> bad blocks
         self.segs: dict[int, SegState] = {}
-        self.pins: dict[int, int] = {}  # lsn -> refcount
-        self.snaps: dict[int, int] = {}  # snap_id -> pinned lsn (durable pins: PIN records)
+        # Pins are per extent group (a snapshot keeps its own groups' old versions, not every volume's on
+        # the node): group -> {lsn: refcount}; group GLOBAL pins every extent (Engine.pin).
+        self.pins: dict[int, dict[int, int]] = {}
+        self.snaps: dict[tuple[int, int], int] = {}  # (group, snap_id) -> pinned lsn (PIN records)
         # (extent, block) -> [(rec, superseded_at_lsn)] old versions kept for pins
         self.history: dict[tuple[int, int], list[tuple[Rec, int]]] = {}
         self.blocks_allocated = 0
@@ -127,14 +133,19 @@ class Index:
             seg.live_blocks -= 1
             if old.rtype == REC_LINK:
                 seg.link_blocks -= 1
-        if self.pins and self._pinned_between(old.lsn, new_lsn):
+        if self.pins and self._pinned_between(old.lsn, new_lsn, extent_id >> 32):
             self.history.setdefault((extent_id, blk), []).append((old, new_lsn))
             old.hist += 1
         if old.live == 0 and old.hist == 0 and seg is not None:
             seg.pop_rec(old)
 
-    def _pinned_between(self, lo: int, hi: int) -> bool:
-        return any(lo <= p < hi for p in self.pins)
+    def _pinned_between(self, lo: int, hi: int, group: int) -> bool:
+        """A pin of `group` (or a global one) at an LSN in [lo, hi)."""
+        for g in (group, GLOBAL):
+            ps = self.pins.get(g)
+            if ps and any(lo <= p < hi for p in ps):
+                return True
+        return False
 
     def set_blocks(self, rec: Rec, start: int, count: int) -> None:
         """Make `rec` the current version of blocks [start, start+count) of rec.extent_id."""
@@ -228,21 +239,31 @@ class Index:
 
     # --- pins ------------------------------------------------------------------------------
 
-    def pin(self, lsn: int) -> None:
-        self.pins[lsn] = self.pins.get(lsn, 0) + 1
+    def pin(self, lsn: int, group: int = GLOBAL) -> None:
+        ps = self.pins.setdefault(group, {})
+        ps[lsn] = ps.get(lsn, 0) + 1
 
-    def unpin(self, lsn: int) -> None:
-        n = self.pins.get(lsn, 0)
+    def unpin(self, lsn: int, group: int = GLOBAL) -> None:
+        ps = self.pins.get(group, {})
+        n = ps.get(lsn, 0)
         if n <= 0:
             raise ValueError(f"lsn {lsn} is not pinned")
         if n == 1:
-            del self.pins[lsn]
+            del ps[lsn]
+            if not ps:
+                del self.pins[group]
         else:
-            self.pins[lsn] = n - 1
+            ps[lsn] = n - 1
+        self.prune_history(None if group == GLOBAL else group)
+
+    def prune_history(self, group: int | None = None) -> None:
+        """Drop the kept old versions (of `group`'s extents, or all) that no pin needs any more."""
         for key in list(self.history):
+            if group is not None and key[0] >> 32 != group:
+                continue
             kept = []
             for rec, until in self.history[key]:
-                if self._pinned_between(rec.lsn, until):
+                if self._pinned_between(rec.lsn, until, key[0] >> 32):
                     kept.append((rec, until))
                 else:
                     rec.hist -= 1
@@ -359,9 +380,9 @@ _RUN = struct.Struct("<QIIQIIIQI")
 _TOMB = struct.Struct("<QIIIIQQ")
 _SEGMIN = struct.Struct("<QQQ")
 _BAD = struct.Struct("<QII")
-_PIN = struct.Struct("<QQ")
+_PIN = struct.Struct("<QQQ")
 _HIST = struct.Struct("<QIIQIIIQQI")
-_MARK = struct.Struct("<QIIQQQ")
+_MARK = struct.Struct("<QIIQQQQ")
 TAG_RUN, TAG_TOMB, TAG_SEGMIN, TAG_BAD, TAG_PIN, TAG_HIST, TAG_MARK = 1, 2, 3, 4, 5, 6, 7
 # Sections whose entries are their struct's fields as they are: tag -> (struct, Checkpoint attribute).
 _PLAIN_SECTIONS = {TAG_RUN: (_RUN, "runs"), TAG_SEGMIN: (_SEGMIN, "segmin"), TAG_BAD: (_BAD, "bad"),
@@ -379,10 +400,11 @@ class Checkpoint:
     tombs: list[tuple[int, int, int, int, int, int]]  # seg, off, block, count, extent, lsn
     segmin: list[tuple[int, int, int]]  # seg, extent, min_lsn
     bad: list[tuple[int, int, int]]  # extent, block, count
-    pins: list[tuple[int, int]] = field(default_factory=list)  # snap_id, pinned_lsn
+    pins: list[tuple[int, int, int]] = field(default_factory=list)  # group, snap_id, pinned_lsn
     # extent, block, n, seg, off, record_block, record_count, lsn, until_lsn, flags: old versions kept for pins
     hist: list[tuple[int, int, int, int, int, int, int, int, int, int]] = field(default_factory=list)
-    marks: list[tuple[int, int, int, int, int, int]] = field(default_factory=list)  # seg, off, type, snap, lsn, pinned
+    # seg, off, type, group, snap_id, lsn, pinned_lsn
+    marks: list[tuple[int, int, int, int, int, int, int]] = field(default_factory=list)
 
 
 def encode_checkpoint(ck: Checkpoint) -> bytes:

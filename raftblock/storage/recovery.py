@@ -316,37 +316,38 @@ def recover(disk: Disk, directory: str, cluster_id: bytes, verify_on_open: bool,
                 index.segs[seg].note_write(eid, lsn)
         for eid, blk, cnt in ck.bad:
             index.mark_bad(eid, blk, cnt)
-        for seg, off, rtype, snap, mlsn, pinned in ck.marks:
+        for seg, off, rtype, grp, snap, mlsn, pinned in ck.marks:
             if seg in index.segs and seg not in missing:
-                index.segs[seg].marks[off] = Mark(seg, off, rtype, snap, mlsn, pinned)
+                index.segs[seg].marks[off] = Mark(seg, off, rtype, grp, snap, mlsn, pinned)
     ck_lsn = ck.checkpoint_lsn if ck is not None else 0
 
     # --- rule 5: pins, then the old versions they keep ----------------------------------------
-    pins: dict[int, int] = dict(ck.pins) if ck is not None else {}
-    events: list[tuple[int, int, int, int, int]] = []  # lsn, segment, offset, type, snap_id
+    pins: dict[tuple[int, int], int] = {(g, sid): lsn for g, sid, lsn in ck.pins} if ck is not None else {}
+    events: list[tuple[int, int, int, int, tuple[int, int]]] = []  # lsn, segment, offset, type, (group, snap)
     pinned_of: dict[tuple[int, int], int] = {}
     hist_copies: list[tuple[int, ScannedRecord]] = []
     for sid, res in scans.items():
         for sr in res.records:
             h = sr.hdr
             if h.rtype in MARK_TYPES:
-                index.segs[sid].marks[sr.offset] = Mark(sid, sr.offset, h.rtype, h.extent_id, h.lsn, sr.pinned_lsn)
+                index.segs[sid].marks[sr.offset] = Mark(sid, sr.offset, h.rtype, h.block, h.extent_id, h.lsn,
+                                                        sr.pinned_lsn)
                 if h.lsn > ck_lsn:
-                    events.append((h.lsn, sid, sr.offset, h.rtype, h.extent_id))
+                    events.append((h.lsn, sid, sr.offset, h.rtype, (h.block, h.extent_id)))
                     pinned_of[(sid, sr.offset)] = sr.pinned_lsn
             elif h.flags & FLAG_HISTORY and ck is not None and h.lsn <= ck_lsn:
                 hist_copies.append((sid, sr))
-    for _lsn, sid, off, rtype, snap in sorted(events):
+    for _lsn, msid, moff, rtype, key in sorted(events):
         if rtype == REC_PIN:
-            pins[snap] = pinned_of[(sid, off)]
+            pins[key] = pinned_of[(msid, moff)]
         else:
-            pins.pop(snap, None)
+            pins.pop(key, None)
     index.snaps = pins
-    for plsn in pins.values():
-        index.pin(plsn)
+    for (grp, _snap), plsn in pins.items():
+        index.pin(plsn, grp)
     if ck is not None:
         for eid, blk, n, seg, off, rb, rc, lsn, until, fl in ck.hist:
-            if not index._pinned_between(lsn, until):
+            if not index._pinned_between(lsn, until, eid >> 32):
                 continue  # its pin went after the checkpoint
             rec = _ck_rec(index, recs, missing, files, seg, off, fl, eid, rb, rc, lsn, None)
             for bk in range(blk, blk + n):

@@ -34,7 +34,7 @@ assert _REC_HEADER.size == REC_HEADER_SIZE
 REC_WRITE = 1
 REC_TRIM = 2
 REC_LINK = 3  # a write whose payload lives in a WAL segment (docs/format/write-once.md)
-REC_PIN = 4  # a snapshot's pin (segment.md "Snapshot pins"): extent_id = snap_id, body = pinned_lsn
+REC_PIN = 4  # a snapshot's pin (segment.md "Snapshot pins"): block = group, extent_id = snap_id, body = pinned_lsn
 REC_UNPIN = 5  # the pin of snap_id goes
 MARK_TYPES = (REC_PIN, REC_UNPIN)
 MARK_BODY = struct.Struct("<QQ")  # pinned_lsn, reserved
@@ -45,6 +45,7 @@ LINK_TARGET = struct.Struct("<QQ")  # wal_seq, wal_offset of the first payload b
 
 MAX_WRITE_BLOCKS = 256
 MAX_BLOCK = (1 << 32) - 1  # block + count must stay <= MAX_BLOCK
+MAX_GROUP = (1 << 32) - 1  # a PIN record names its extent group in the block field (ids.py: group < 2^32)
 # Records are framed by _fast.segwriter (Cython or its twin), which cannot import this module.
 assert (segwriter.BLOCK_SIZE, segwriter.REC_MAGIC, segwriter.REC_HEADER_SIZE, segwriter.REC_WRITE,
         segwriter.REC_TRIM, segwriter.MAX_WRITE_BLOCKS, segwriter.MAX_BLOCK) == (
@@ -192,7 +193,7 @@ def parse_header_fields(raw: bytes | bytearray | memoryview, off: int = 0) -> Re
         if count < 1:
             return f"bad block count {count}"
     elif rtype in MARK_TYPES:
-        if count != 0 or block != 0:
+        if count != 0:
             return "pin record with blocks"
     else:
         return f"unknown record type {rtype}"
@@ -258,13 +259,13 @@ def build_link_record(
     return buf
 
 
-def build_mark_record(seed: int, rtype: int, snap_id: int, lsn: int, sync_mark: int, pinned_lsn: int,
+def build_mark_record(seed: int, rtype: int, group: int, snap_id: int, lsn: int, sync_mark: int, pinned_lsn: int,
                       flags: int = 0) -> bytearray:
-    """Frame one PIN or UNPIN record (segment.md, "Snapshot pins")."""
+    """Frame one PIN or UNPIN record (segment.md, "Snapshot pins"): the group in the block field."""
     assert rtype in MARK_TYPES
     length = REC_HEADER_SIZE + MARK_BODY.size
     buf = bytearray(length)
-    _REC_HEADER.pack_into(buf, 0, 0, REC_MAGIC, rtype, flags, 0, 0, length, 0, snap_id, lsn, sync_mark)
+    _REC_HEADER.pack_into(buf, 0, 0, REC_MAGIC, rtype, flags, 0, 0, length, group, snap_id, lsn, sync_mark)
     MARK_BODY.pack_into(buf, REC_HEADER_SIZE, pinned_lsn, 0)
     struct.pack_into("<I", buf, 0, crc32c.crc32c(memoryview(buf)[4:], seed))
     return buf

@@ -17,7 +17,8 @@ from raftblock.storage.recovery import CHECKPOINT_NAME
 
 CID = b"s" * 16
 B = 4096
-EXT = 7
+G = 3  # the extent group of the first test's extent
+EXT = G << 32 | 7
 
 
 def _cfg() -> EngineConfig:
@@ -28,16 +29,16 @@ def _blk(tag: int, blk: int) -> bytes:
     return (tag.to_bytes(4, "little") + blk.to_bytes(4, "little")) * (B // 8)
 
 
-def _write(eng: Engine, blk: int, n: int, tag: int) -> None:
+def _write(eng: Engine, blk: int, n: int, tag: int, ext: int = EXT) -> None:
     data = b"".join(_blk(tag, b) for b in range(blk, blk + n))
-    eng.write(EXT, blk, data, [crc32c.crc32c(data[i * B : (i + 1) * B]) for i in range(n)])
+    eng.write(ext, blk, data, [crc32c.crc32c(data[i * B : (i + 1) * B]) for i in range(n)])
 
 
-def _image(eng: Engine, nblocks: int, snap: int | None = None) -> list[bytes]:
+def _image(eng: Engine, nblocks: int, snap: int | None = None, ext: int = EXT) -> list[bytes]:
     if snap is None:
-        data, _ = eng.read(EXT, 0, nblocks)
+        data, _ = eng.read(ext, 0, nblocks)
     else:
-        data, _ = eng.read_snapshot(snap, EXT, 0, nblocks)
+        data, _ = eng.read_snapshot(snap, ext, 0, nblocks)
     return [bytes(data[i * B : (i + 1) * B]) for i in range(nblocks)]
 
 
@@ -45,8 +46,14 @@ def test_a_pin_keeps_its_image_through_overwrites_trims_and_restarts(tmp_path: P
     d = str(tmp_path / "e")
     eng = Engine.open(OsDisk(), d, CID, _cfg())
     _write(eng, 0, 8, tag=1)
-    assert eng.pin_snapshot(41) == eng.last_lsn - 1  # the PIN record has the next LSN
-    assert eng.pin_snapshot(41) == eng.snapshots()[41]  # idempotent: a replayed SNAP op
+    other = (G + 1) << 32 | 7  # another group's extent: the pin is not its business
+    _write(eng, 0, 2, tag=1, ext=other)
+    assert eng.pin_snapshot(G, 41) == eng.last_lsn - 1  # the PIN record has the next LSN
+    assert eng.pin_snapshot(G, 41) == eng.snapshots()[(G, 41)]  # idempotent: a replayed SNAP op
+    _write(eng, 0, 2, tag=9, ext=other)
+    assert not [k for k in eng.index.history if k[0] == other]  # its overwritten blocks are garbage
+    with pytest.raises(KeyError):
+        eng.read_snapshot(41, other, 0, 1)
     _write(eng, 2, 3, tag=2)
     eng.trim(EXT, 6, 2)
     want_now = [_blk(1, 0), _blk(1, 1), _blk(2, 2), _blk(2, 3), _blk(2, 4), _blk(1, 5), bytes(B), bytes(B)]
@@ -58,12 +65,12 @@ def test_a_pin_keeps_its_image_through_overwrites_trims_and_restarts(tmp_path: P
             os.remove(os.path.join(d, CHECKPOINT_NAME))
         eng = Engine.open(OsDisk(), d, CID, _cfg())
         assert eng.report.used_checkpoint == (how == "checkpoint")
-        assert eng.snapshots() == {41: eng.snapshots()[41]}
+        assert list(eng.snapshots()) == [(G, 41)]
         assert _image(eng, 8) == want_now, how
         assert _image(eng, 8, 41) == want_snap, how
         eng.close()
     eng = Engine.open(OsDisk(), d, CID, _cfg())
-    assert eng.unpin_snapshot(41) and not eng.unpin_snapshot(41)
+    assert eng.unpin_snapshot(G, 41) and not eng.unpin_snapshot(G, 41)
     with pytest.raises(KeyError):
         eng.read_snapshot(41, EXT, 0, 1)
     eng.close()
@@ -82,60 +89,72 @@ def test_pins_against_a_model_through_cleaning_checkpoints_scans_and_power_cuts(
     rng = random.Random(seed)
     d = str(tmp_path / "e")
     nblocks = 96
+    groups = (1, 2)
+    exts = {g: g << 32 | 5 for g in groups}
     disk = VolatileDisk()
     eng = Engine.open(disk, d, CID, _cfg())
-    model: list[bytes] = [bytes(B)] * nblocks
-    snaps: dict[int, list[bytes]] = {}
-    durable_model: list[bytes] = list(model)
-    durable_snaps: dict[int, list[bytes]] = {}
+    model: dict[int, list[bytes]] = {g: [bytes(B)] * nblocks for g in groups}
+    snaps: dict[tuple[int, int], list[bytes]] = {}
+    durable: tuple[dict[int, list[bytes]], dict[tuple[int, int], list[bytes]]] = ({}, {})
     tag = 0
     next_snap = 1
 
+    def copy() -> tuple[dict[int, list[bytes]], dict[tuple[int, int], list[bytes]]]:
+        return {g: list(i) for g, i in model.items()}, {k: list(i) for k, i in snaps.items()}
+
+    durable = copy()
+
     def check(where: str) -> None:
-        assert _image(eng, nblocks) == model, where
+        for g in groups:
+            assert _image(eng, nblocks, ext=exts[g]) == model[g], f"{where}: group {g}"
         assert set(eng.snapshots()) == set(snaps), where
-        for sid, img in snaps.items():
-            assert _image(eng, nblocks, sid) == img, f"{where}: snapshot {sid}"
+        for (g, sid), img in snaps.items():
+            assert _image(eng, nblocks, sid, ext=exts[g]) == img, f"{where}: snapshot {sid} of group {g}"
 
     for step in range(400):
         k = rng.random()
+        g = rng.choice(groups)
         if k < 0.45:
             blk = rng.randrange(nblocks - 8)
             n = rng.randint(1, 8)
             tag += 1
-            _write(eng, blk, n, tag)
+            _write(eng, blk, n, tag, ext=exts[g])
             for b in range(blk, blk + n):
-                model[b] = _blk(tag, b)
+                model[g][b] = _blk(tag, b)
         elif k < 0.52:
             blk = rng.randrange(nblocks - 4)
             n = rng.randint(1, 4)
-            eng.trim(EXT, blk, n)
+            eng.trim(exts[g], blk, n)
             for b in range(blk, blk + n):
-                model[b] = bytes(B)
-        elif k < 0.58 and len(snaps) < 4:
-            eng.pin_snapshot(next_snap)
-            snaps[next_snap] = list(model)
+                model[g][b] = bytes(B)
+        elif k < 0.58 and len(snaps) < 5:
+            eng.pin_snapshot(g, next_snap)
+            snaps[(g, next_snap)] = list(model[g])
+            if rng.random() < 0.5:  # the same snapshot on the other group too (a volume spans groups)
+                o = 3 - g
+                eng.pin_snapshot(o, next_snap)
+                snaps[(o, next_snap)] = list(model[o])
             next_snap += 1
         elif k < 0.63 and snaps:
-            sid = rng.choice(sorted(snaps))
-            assert eng.unpin_snapshot(sid)
-            del snaps[sid]
+            key = rng.choice(sorted(snaps))
+            assert eng.unpin_snapshot(*key)
+            del snaps[key]
         elif k < 0.80:
             eng.clean(rng.choice([8 << 10, 64 << 10, 1 << 20]))
         elif k < 0.85:
             eng.checkpoint()
-            durable_model, durable_snaps = list(model), {s: list(i) for s, i in snaps.items()}
+            durable = copy()
         elif k < 0.90:
             eng.sync()
-            durable_model, durable_snaps = list(model), {s: list(i) for s, i in snaps.items()}
+            durable = copy()
         else:
             how = rng.choice(["close", "lose checkpoint", "power cut"])
             if how == "power cut":
                 eng.sync()
-                durable_model, durable_snaps = list(model), {s: list(i) for s, i in snaps.items()}
+                durable = copy()
                 disk.crash()
                 disk = VolatileDisk()
-                model, snaps = list(durable_model), {s: list(i) for s, i in durable_snaps.items()}
+                model, snaps = {g2: list(i) for g2, i in durable[0].items()}, {k2: list(i) for k2, i in durable[1].items()}
             else:
                 eng.close()
                 if how == "lose checkpoint" and os.path.exists(os.path.join(d, CHECKPOINT_NAME)):
@@ -147,8 +166,8 @@ def test_pins_against_a_model_through_cleaning_checkpoints_scans_and_power_cuts(
             check(f"step {step}")
     check("end")
     # Every pin dropped and everything cleaned: the space of old versions comes back.
-    for sid in list(snaps):
-        eng.unpin_snapshot(sid)
+    for key in list(snaps):
+        eng.unpin_snapshot(*key)
     snaps.clear()
     for _ in range(50):
         eng.clean(1 << 20)

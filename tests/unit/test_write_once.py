@@ -473,7 +473,7 @@ def test_a_snapshot_pin_keeps_a_linked_old_version_and_its_held_wal_segment_acro
     old = _pattern(60, 64)
     n.write([_write(2, 0, old)])
     seq = n.engine.index.extents[2][0].tgt[0]  # type: ignore[index]
-    n.engine.pin_snapshot(5)
+    n.engine.pin_snapshot(0, 5)  # extent 2 is in group 0
     _fill(n)  # past the WAL segment holding `old`
     new = _pattern(61, 64)
     n.write([_write(2, 0, new)])  # the old LINK is now only the snapshot's
@@ -490,7 +490,7 @@ def test_a_snapshot_pin_keeps_a_linked_old_version_and_its_held_wal_segment_acro
         assert seq in [s for s, _ in n.wal.held_segments()], how
         assert bytes(n.engine.read_snapshot(5, 2, 0, 64)[0]) == old, how
         assert n.read(2, 0, 64) == new, how
-    assert n.engine.unpin_snapshot(5)
+    assert n.engine.unpin_snapshot(0, 5)
     n.wal.gc()
     assert seq in [s for s, _ in n.wal.held_segments()]  # until the engine has synced past the unpin
     n.engine.sync()
