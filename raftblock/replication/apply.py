@@ -15,6 +15,8 @@ Rules:
    (`link`, from Wal.take_link) is applied as a LINK to those bytes, not written again; anything else
    (no link: the entry came in a snapshot, was re-applied after a restart, or was not durable yet) is
    written as before. Runs of writes and of links keep the batch's order.
+6. SNAP / UNSNAP (wire/ops.py rule 5) pin / unpin the group's image here, between the ops before and after
+   them; applying one twice (a replay) changes nothing (Engine.pin_snapshot keeps an existing pin).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import structlog
 from raftblock.replication.sessions import Sessions
 from raftblock.replication.wal import Link
 from raftblock.storage.engine import CorruptBlockError, Engine, NoSpaceError
-from raftblock.wire.ops import OP_WRITE, decode_batch
+from raftblock.wire.ops import OP_SNAP, OP_TRIM, OP_UNSNAP, OP_WRITE, decode_batch
 
 log = structlog.get_logger(__name__)
 
@@ -64,9 +66,15 @@ def apply_batch(engine: Engine, sessions: Sessions, gid: int, index: int, data: 
                     counters["writes_deduplicated"] += 1
                     continue
                 admitted.append((op.client, op.wid))
-            if op.kind != OP_WRITE:
+            if op.kind == OP_TRIM:
                 flush()
                 engine.trim(op.extent_id, op.block, op.count)
+            elif op.kind == OP_SNAP or op.kind == OP_UNSNAP:  # rule 6
+                flush()
+                if op.kind == OP_SNAP:
+                    engine.pin_snapshot(gid, op.extent_id)
+                else:
+                    engine.unpin_snapshot(gid, op.extent_id)
             elif at >= 0:
                 if writes:
                     flush()

@@ -8,6 +8,8 @@
 # 4. An op may carry its client's name for exactly-once apply (replication/sessions.py): flag
 #    FLAG_NAMED in the op's first reserved byte, then (client id, write id, low-water mark) as 3 x u64.
 #    An op without the flag is applied unconditionally (the batch format before names existed).
+# 5. SNAP and UNSNAP (docs/snapshots.md section 1) carry a snapshot id in the extent id field and no blocks:
+#    applying one pins (or unpins) the group's image at that point of its log on every replica.
 from __future__ import annotations
 
 import struct
@@ -17,6 +19,9 @@ BLOCK_SIZE = 4096
 BATCH_OPS_MAX = 0xFFFF
 OP_WRITE = 1
 OP_TRIM = 2
+OP_SNAP = 3
+OP_UNSNAP = 4
+_MARK_OPS = (OP_SNAP, OP_UNSNAP)
 _COUNT = struct.Struct("<H")
 _OP = struct.Struct("<BBHIQII")  # kind, flags, reserved, count, extent_id, block, reserved
 _NAME = struct.Struct("<QQQ")  # client id, write id, low-water mark (FLAG_NAMED)
@@ -55,6 +60,8 @@ class BlockOp:
         return n
 
     def __repr__(self) -> str:
+        if self.kind in _MARK_OPS:
+            return f"BlockOp({'SNAP' if self.kind == OP_SNAP else 'UNSNAP'} snap={self.extent_id})"
         kind = "W" if self.kind == OP_WRITE else "T"
         return f"BlockOp({kind} ext={self.extent_id:#x} blk={self.block} n={self.count})"
 
@@ -74,6 +81,9 @@ def encode_batch(ops: Sequence[BlockOp]) -> bytes:
                 raise ValueError("write op: crcs/data do not match count")
             parts.append(struct.pack(f"<{op.count}I", *op.crcs))
             parts.append(op.data)
+        elif op.kind in _MARK_OPS:
+            if op.count or op.block:
+                raise ValueError("a snapshot op covers no blocks")
         elif op.kind != OP_TRIM:
             raise ValueError(f"unknown op kind {op.kind}")
     return b"".join(parts)
@@ -133,10 +143,10 @@ def _decode_batch(view: memoryview) -> list[BlockOp]:
                 raise ValueError("batch truncated")
             ops.append(BlockOp(kind, extent_id, block, count, crcs, view[off:end], client, wid, low))
             off = end
-        elif kind == OP_TRIM:
+        elif kind == OP_TRIM or (kind in _MARK_OPS and count == 0 and block == 0):
             ops.append(BlockOp(kind, extent_id, block, count, (), b"", client, wid, low))
         else:
-            raise ValueError(f"unknown op kind {kind}")
+            raise ValueError(f"unknown op kind {kind}" if kind not in _MARK_OPS else "a snapshot op covers no blocks")
     if off != len(view):
         raise ValueError("trailing bytes after batch")
     return ops

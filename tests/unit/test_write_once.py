@@ -499,3 +499,33 @@ def test_a_snapshot_pin_keeps_a_linked_old_version_and_its_held_wal_segment_acro
     assert seq not in [s for s, _ in n.wal.held_segments()]
     assert n.read(2, 0, 64) == new
     n.close()
+
+
+def test_a_snap_op_in_the_log_pins_the_group_between_the_ops_around_it_and_a_replay_keeps_it(tmp_path: Path) -> None:
+    """wire/ops.py rule 5, apply.py rule 6: a SNAP op applied on a replica pins exactly the writes before it;
+    a restart replays the log from the compaction point (the SNAP op again included) and the snapshot still
+    holds what it held; UNSNAP drops it, and a replay of the UNSNAP leaves it dropped."""
+    from raftblock.wire.ops import OP_SNAP, OP_UNSNAP
+
+    E = GROUP << 32 | 2  # an extent of the group the harness applies as (ids.py)
+    n = Node(tmp_path, OsDisk())
+    a, b, c = _pattern(70, 4), _pattern(71, 4), _pattern(72, 4)
+    n.write([_write(E, 0, a)])
+    n.write([_write(E, 4, b), BlockOp(OP_SNAP, 9, 0, 0), _write(E, 0, c)])  # SNAP inside one batch
+    assert bytes(n.engine.read_snapshot(9, E, 0, 8)[0]) == a + b
+    assert n.read(E, 0, 8) == c + b
+    n.close()  # nothing compacted: the restart re-applies every entry, the SNAP op included
+    n = Node(tmp_path, OsDisk())
+    for e in sorted((e for s in n.recovered.values() for e in s.entries), key=lambda e: e.index):
+        n.apply(e)
+    assert bytes(n.engine.read_snapshot(9, E, 0, 8)[0]) == a + b
+    assert n.read(E, 0, 8) == c + b
+    n.write([BlockOp(OP_UNSNAP, 9, 0, 0)])
+    n.close()
+    n = Node(tmp_path, OsDisk())
+    for e in sorted((e for s in n.recovered.values() for e in s.entries), key=lambda e: e.index):
+        n.apply(e)  # SNAP then UNSNAP again: unpinned at the end
+    assert n.engine.snapshots() == {}
+    n.close()
+    with pytest.raises(ValueError, match="covers no blocks"):
+        encode_batch([BlockOp(OP_SNAP, 9, 1, 0)])
