@@ -307,6 +307,8 @@ class NodeHost:
         else:
             self.wal.install_snapshot(gid, bootstrap_snapshot(frozenset()).meta)
         self.wal.settle(remove=False)  # rare: once per dropped replica
+        for g, snap in [k for k in self.engine.snapshots() if k[0] == gid]:
+            self.engine.unpin_snapshot(g, snap)  # its snapshots go with it (else they would hold its blocks)
         for ext in group_extents(self.engine, gid):
             self.engine.drop_extent(ext)
         self.commit.collect()

@@ -339,6 +339,8 @@ def test_a_replica_is_dropped_only_without_an_outstanding_ready_and_its_data_goe
         h.on_client_frame(conn, write_frame(4, 0, 9))
         await until(lambda: len(conn.replies) == 1)
         assert (4 << 32) in h.engine.index.extents
+        h.engine.pin_snapshot(4, 77)  # a snapshot of the group: it goes with the replica
+        h.engine.pin_snapshot(5, 77)  # another group's stays
         r.hold = True
         r.enqueue("held", [trim(r.id)])
         await until(lambda: ("acks", 4, "held") in events)
@@ -348,6 +350,7 @@ def test_a_replica_is_dropped_only_without_an_outstanding_ready_and_its_data_goe
         r.finish()
         assert h.discard(4)
         assert 4 not in h.replicas and (4 << 32) not in h.engine.index.extents
+        assert list(h.engine.snapshots()) == [(5, 77)] and not h.engine.index.history
         assert h.counters["replicas_discarded"] + h.counters["chain_replicas_discarded"] == 1
         assert not h.discard(4), "nothing left to drop"
 
