@@ -35,8 +35,10 @@ from raftblock.wire.client import (
     OP_C_BLOCK_STATUS,
     OP_C_NODE_STATUS,
     OP_C_READ,
+    OP_C_SNAP,
     OP_C_STATUS,
     OP_C_TRIM,
+    OP_C_UNSNAP,
     OP_C_WRITE,
     ST_BAD_REQUEST,
     ST_CORRUPT,
@@ -373,8 +375,15 @@ class GroupClient:
         finally:
             client.end_write(wid)
 
-    async def read(self, extent_id: int, block: int, count: int) -> tuple[bytearray, list[int]]:
-        req = pb.ClientRequest(op=OP_C_READ, extent_id=extent_id, block=block, count=count, epoch=self.epoch)
+    async def snapshot(self, snap_id: int, drop: bool = False) -> None:
+        """Pin (`drop`: unpin) snapshot `snap_id` in this group, through its log (docs/snapshots.md)."""
+        req = pb.ClientRequest(op=OP_C_UNSNAP if drop else OP_C_SNAP, snap_id=snap_id, epoch=self.epoch)
+        await self._named(req, ())
+
+    async def read(self, extent_id: int, block: int, count: int, snap_id: int = 0) -> tuple[bytearray, list[int]]:
+        """`snap_id`: the blocks as that snapshot of the group keeps them (0: as they are now)."""
+        req = pb.ClientRequest(op=OP_C_READ, extent_id=extent_id, block=block, count=count, epoch=self.epoch,
+                               snap_id=snap_id)
         resp, data = await self.client.call(self.group_id, req, (), self.deadline_s, self.read_route)
         # A node in this process hands over its own buffer (node/inproc.py); a socket's is a view of a frame.
         return data if isinstance(data, bytearray) else bytearray(data), list(resp.crcs)

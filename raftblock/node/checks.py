@@ -10,8 +10,8 @@ from raftblock.ids import group_of_extent
 from raftblock.storage.engine import CorruptBlockError
 from raftblock.storage.segment import MAX_BLOCK, MAX_WRITE_BLOCKS
 from raftblock.wire import raftblock_pb2 as pb
-from raftblock.wire.client import OP_C_TRIM
-from raftblock.wire.ops import BLOCK_SIZE, OP_TRIM, OP_WRITE, BlockOp
+from raftblock.wire.client import OP_C_SNAP, OP_C_TRIM, OP_C_UNSNAP
+from raftblock.wire.ops import BLOCK_SIZE, OP_SNAP, OP_TRIM, OP_UNSNAP, OP_WRITE, BlockOp
 
 
 def check_range(gid: int, req: pb.ClientRequest, limit: int) -> int:
@@ -26,7 +26,14 @@ def check_range(gid: int, req: pb.ClientRequest, limit: int) -> int:
 
 
 def validate_write(gid: int, req: pb.ClientRequest, payload: bytes | bytearray | memoryview) -> BlockOp:
-    """The node's edge check of a write or trim (the gateway checks again at its own edge)."""
+    """The node's edge check of a write, trim, snap or unsnap (the gateway checks again at its own edge)."""
+    if req.op == OP_C_SNAP or req.op == OP_C_UNSNAP:
+        if req.snap_id < 1 or payload or req.count or req.crcs:
+            raise ValueError("a snapshot op names a snapshot id >= 1 and carries no blocks")
+        if req.client_id and req.low_water > req.write_id:
+            raise ValueError("low_water above the write's own id")
+        return BlockOp(OP_SNAP if req.op == OP_C_SNAP else OP_UNSNAP, req.snap_id, 0, 0, (), b"", req.client_id,
+                       req.write_id, req.low_water)
     if group_of_extent(req.extent_id) != gid:
         raise ValueError(f"extent {req.extent_id:#x} does not belong to group {gid}")
     n = req.count

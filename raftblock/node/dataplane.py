@@ -43,8 +43,10 @@ from raftblock.wire.client import (
     OP_C_REPLICA_READ,
     OP_C_SCRUB_CRCS,
     OP_C_SCRUB_REPAIR,
+    OP_C_SNAP,
     OP_C_STATUS,
     OP_C_TRIM,
+    OP_C_UNSNAP,
     OP_C_WRITE,
     ST_BAD_REQUEST,
     ST_CORRUPT,
@@ -59,7 +61,7 @@ from raftblock.wire.ops import BLOCK_SIZE
 
 log = structlog.get_logger(__name__)
 
-_FENCED_OPS = (OP_C_WRITE, OP_C_TRIM, OP_C_READ, OP_C_BLOCK_STATUS)
+_FENCED_OPS = (OP_C_WRITE, OP_C_TRIM, OP_C_READ, OP_C_BLOCK_STATUS, OP_C_SNAP, OP_C_UNSNAP)
 SPACE_CHECK_S = 0.2
 
 
@@ -162,7 +164,7 @@ class DataPlane:
                 self.answer(conn, gid, req.request_id, refused)
                 return
             r = h.replicas[gid]
-            if op == OP_C_WRITE or op == OP_C_TRIM:
+            if op == OP_C_WRITE or op == OP_C_TRIM or op == OP_C_SNAP or op == OP_C_UNSNAP:
                 self._write(conn, r, req, payload)
                 return
             if op == OP_C_READ and self._read_now(conn, r, req):
@@ -216,6 +218,8 @@ class DataPlane:
         h.catch_up_ticks()
         if not r.read_now():
             return False
+        if req.snap_id:
+            return False  # the general path: a snapshot's old versions are not read repaired
         try:
             data, crcs = h.engine.read(req.extent_id, req.block, n)
         except CorruptBlockError:
@@ -272,6 +276,14 @@ class DataPlane:
                 resp.runs.extend((count, int(allocated)))
             return
         applied = await r.read_barrier()
+        if req.snap_id:  # a snapshot's image, as this replica pinned it when it applied the SNAP op
+            try:
+                data, crcs = h.engine.read_snapshot(req.snap_id, req.extent_id, req.block, n)
+            except KeyError as e:
+                raise ValueError(f"no snapshot {req.snap_id} of group {gid} here") from e
+            resp.crcs.extend(crcs)
+            out.append(data)
+            return
         try:
             data, crcs = h.engine.read(req.extent_id, req.block, n)
         except CorruptBlockError as e:
