@@ -11,6 +11,10 @@ Rules:
    write of an RMW. Locks are taken in ascending block order (no deadlock).
 3. Requests are split at extent edges; each piece goes to the group that holds that extent. Pieces of
    one request run concurrently.
+4. A snapshot (docs/snapshots.md section 2) raises an acknowledgement barrier: writes, trims and zeroes that
+   complete while the SNAP ops of every group of the volume are in flight do not return (the host sees no
+   completion) until all of them committed; I/O itself goes on. So a write the host saw completed before
+   the snapshot is in it, one issued after it returned is not, and no write depending on a held one exists.
 """
 
 from __future__ import annotations
@@ -89,6 +93,7 @@ class Volume:
         self._locks = _BlockLocks()
         self._blocks_per_extent = info.extent_size_bytes // BLOCK_SIZE
         self._touched: dict[int, ReplicationGroup] = {}  # groups written through this volume (for FLUSH)
+        self._barrier: asyncio.Future[None] | None = None  # rule 4
 
     @property
     def size_bytes(self) -> int:
@@ -145,8 +150,58 @@ class Volume:
             return data
         return memoryview(data)[skip : skip + length]
 
+    # --- snapshots (rule 4) -------------------------------------------------------------------------
+    def _groups(self) -> list[ReplicationGroup]:
+        """The distinct groups of every extent of the volume."""
+        out: dict[int, ReplicationGroup] = {}
+        n = (self.info.size_bytes + self.info.extent_size_bytes - 1) // self.info.extent_size_bytes
+        for i in range(n):
+            eid = self.info.extent_id(i)
+            out.setdefault(eid >> 32, self._group_for(eid))
+        return list(out.values())
+
+    async def snapshot(self, snap_id: int) -> None:
+        """Pin snapshot `snap_id` in every group of the volume, a crash-consistent cut (rule 4)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._barrier = fut
+        try:
+            await asyncio.gather(*(g.snapshot(snap_id) for g in self._groups()))
+        finally:
+            self._barrier = None
+            fut.set_result(None)
+
+    async def drop_snapshot(self, snap_id: int) -> None:
+        await asyncio.gather(*(g.snapshot(snap_id, drop=True) for g in self._groups()))
+
+    async def _held(self) -> None:
+        while self._barrier is not None:
+            await asyncio.shield(self._barrier)
+
+    async def read_snapshot(self, snap_id: int, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) as snapshot `snap_id` keeps them (whole blocks per extent piece)."""
+        first = offset // BLOCK_SIZE
+        end = (offset + length + BLOCK_SIZE - 1) // BLOCK_SIZE
+        out = bytearray()
+        for eid, blk, n, _ in self._pieces(first, end):
+            done = 0
+            while done < n:
+                k = min(n - done, RECORD_BLOCKS_MAX)
+                data, crcs = await self._group_for(eid).read(eid, blk + done, k, snap_id=snap_id)
+                bad = blockcrc.first_mismatch(data, crcs)
+                if bad >= 0:
+                    raise CorruptData(eid, blk + done + bad, "CRC mismatch before reply")
+                out += data
+                done += k
+        skip = offset - first * BLOCK_SIZE
+        return bytes(out[skip : skip + length])
+
     # --- write ------------------------------------------------------------------------------------
     async def write(self, offset: int, data: memoryview | bytes) -> None:
+        await self._write(offset, data)
+        if self._barrier is not None:
+            await self._held()
+
+    async def _write(self, offset: int, data: memoryview | bytes) -> None:
         length = len(data)
         end_off = offset + length
         first = offset // BLOCK_SIZE
@@ -214,6 +269,8 @@ class Volume:
         if self._locks:
             await self._locks.wait_free(first, end)
         await asyncio.gather(*(self._group(e).trim(e, b, n) for e, b, n, _ in self._pieces(first, end)))
+        if self._barrier is not None:
+            await self._held()
 
     async def zero(self, offset: int, length: int, no_hole: bool) -> None:
         """WRITE_ZEROES: partial edge blocks get zeros by RMW; whole blocks are dropped (they read as
@@ -237,10 +294,14 @@ class Volume:
                 n = min(end_full - b, RECORD_BLOCKS_MAX)
                 await self._write_blocks(b, memoryview(bytes(n * BLOCK_SIZE)))
                 b += n
+            if self._barrier is not None:
+                await self._held()
             return
         await asyncio.gather(
             *(self._group(e).zero(e, b, n) for e, b, n, _ in self._pieces(first_full, end_full))
         )
+        if self._barrier is not None:
+            await self._held()
 
     async def flush(self) -> None:
         """Every acknowledged write is already durable (ReplicationGroup rule 2); FLUSH also waits for

@@ -103,12 +103,17 @@ class LocalGroup:
             raise CorruptData(e.extent_id, e.block, e.reason) from e
         await self.committer.wait_durable(lsn)
 
-    async def read(self, extent_id: int, block: int, count: int) -> tuple[bytearray, list[int]]:
+    async def read(self, extent_id: int, block: int, count: int, snap_id: int = 0) -> tuple[bytearray, list[int]]:
         self._check()
+        if snap_id:
+            raise Unavailable("snapshots need replicated groups (raftblock cluster up)")
         try:
             return self.engine.read(extent_id, block, count)
         except CorruptBlockError as e:
             raise CorruptData(e.extent_id, e.block, e.reason) from e
+
+    async def snapshot(self, snap_id: int, drop: bool = False) -> None:
+        raise Unavailable("snapshots need replicated groups (raftblock cluster up)")
 
     async def trim(self, extent_id: int, block: int, count: int) -> None:
         self._check()

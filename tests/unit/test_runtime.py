@@ -531,3 +531,54 @@ def test_a_snap_op_pins_every_replica_at_the_same_point_and_reads_of_the_snapsho
         await client.close()
 
     _run(t, tmp_path)
+
+
+def test_a_volume_snapshot_across_groups_is_a_crash_consistent_cut_while_writes_go_on(tmp_path: Path) -> None:
+    """docs/snapshots.md section 2, client/volume.py rule 4: chains of dependent writes (each issued after the
+    previous one completed) run on a volume whose extents alternate between two groups while snapshots are
+    taken; in every snapshot each chain is a prefix (no write without the ones it depended on), holds every
+    write completed before the snapshot started and none issued after it returned."""
+    from raftblock.client.volume import Volume, VolumeInfo
+
+    async def t(c: Cluster) -> None:
+        for n in (1, 2, 3):
+            await c.start(n)
+        client = NodeClient({n: c.peers[n] for n in (1, 2, 3)})
+        groups = {g: GroupClient(client, g) for g in (1, 2)}
+        ext_ids = tuple(((1 + i % 2) << 32) | (i // 2) for i in range(4))
+        info = VolumeInfo("v", 1, 4 << 20, extent_size_bytes=1 << 20, extent_ids=ext_ids)
+        vol = Volume(info, lambda eid: groups[eid >> 32])
+        chains, per_chain = 6, 100
+        acked = {ch: 0 for ch in range(chains)}
+        issued = {ch: 0 for ch in range(chains)}
+
+        def where(ch: int, k: int) -> int:  # chain ch's k-th write: extents in turn, a block of its own
+            return ((k % 4) << 20) + (ch * (per_chain // 4 + 1) + k // 4) * 4096
+
+        async def chain(ch: int) -> None:
+            for k in range(1, per_chain + 1):
+                issued[ch] = k
+                await vol.write(where(ch, k), (ch * 1000 + k).to_bytes(4, "little") * 1024)
+                acked[ch] = k
+
+        writers = [asyncio.create_task(chain(ch)) for ch in range(chains)]
+        cuts = []
+        for sid in range(1, 11):
+            await asyncio.sleep(0.03)
+            before = dict(acked)
+            await vol.snapshot(sid)
+            after = dict(issued)  # a write issued from now on must not be in snapshot sid
+            cuts.append((sid, before, after))
+        await asyncio.gather(*writers)
+        for sid, before, after in cuts:
+            for ch in range(chains):
+                present = []
+                for k in range(1, per_chain + 1):
+                    got = await vol.read_snapshot(sid, where(ch, k), 4)
+                    present.append(got == (ch * 1000 + k).to_bytes(4, "little"))
+                n_in = sum(present)
+                assert present == [True] * n_in + [False] * (per_chain - n_in), (sid, ch, present)
+                assert before[ch] <= n_in <= after[ch], (sid, ch, before[ch], n_in, after[ch])
+        await client.close()
+
+    _run(t, tmp_path)
