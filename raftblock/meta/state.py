@@ -94,6 +94,18 @@ class GatewayRecord:
 
 
 @dataclass
+class SnapshotRecord:
+    """A volume snapshot (docs/snapshots.md section 3): `creating` until every group of the volume applied its
+    SNAP op (then `ready`), `deleting` from the delete until every group applied UNSNAP (then gone)."""
+
+    volume_id: int
+    name: str
+    snap_id: int
+    created_ms: int
+    state: str = "creating"
+
+
+@dataclass
 class Attachment:
     gateway_id: str
     attach_epoch: int
@@ -243,6 +255,27 @@ class SetGroupMembers(Command):
 
 
 @dataclass(frozen=True)
+class CreateSnapshot(Command):
+    """Name a new snapshot of a volume and hand out its cluster-wide snap_id (state `creating`)."""
+
+    op: ClassVar[str] = "create_snapshot"
+    volume: str
+    name: str
+    now_ms: int
+
+
+@dataclass(frozen=True)
+class SetSnapshotState(Command):
+    """`ready` once every group applied SNAP; `deleting` when a delete starts; `gone` once every group applied
+    UNSNAP (the record is dropped)."""
+
+    op: ClassVar[str] = "set_snapshot_state"
+    volume: str
+    name: str
+    state: str
+
+
+@dataclass(frozen=True)
 class Noop(Command):
     """Changes nothing; committing one is a read barrier (a linearizable read point)."""
 
@@ -252,7 +285,7 @@ class Noop(Command):
 COMMANDS: dict[str, type[Command]] = {
     c.op: c
     for c in (InitCluster, RegisterNode, SetNodeStates, CreateVolume, DeleteVolume, Attach, Detach,
-              SetGroupMembers, Noop, SetNodeDrain, RenameVolume, RegisterGateway)
+              SetGroupMembers, Noop, SetNodeDrain, RenameVolume, RegisterGateway, CreateSnapshot, SetSnapshotState)
 }
 
 
@@ -337,6 +370,8 @@ class MetaState:
         self.gateways: dict[str, GatewayRecord] = {}  # gateway id -> its last registration
         self.next_volume_id = 1
         self.next_group_id = 1
+        self.snapshots: dict[int, SnapshotRecord] = {}  # snap_id -> record
+        self.next_snap_id = 1
         self.applied = 0  # commands applied (including refused ones): a cheap change counter
 
     # -- apply ------------------------------------------------------------------------------------------
@@ -409,6 +444,40 @@ class MetaState:
         if cmd.disk_id:
             old.disk_id = cmd.disk_id
         return _ok(node_id=cmd.node_id, new=False, left_groups=removed)
+
+    # -- snapshots (docs/snapshots.md section 3) -----------------------------------------------------------
+
+    def snapshot_of(self, volume: str, name: str) -> SnapshotRecord | None:
+        v = self.volumes.get(volume)
+        if v is None:
+            return None
+        return next((r for r in self.snapshots.values() if r.volume_id == v.volume_id and r.name == name), None)
+
+    def _apply_create_snapshot(self, cmd: CreateSnapshot) -> Result:
+        v = self.volumes.get(cmd.volume)
+        if v is None:
+            return _err("unknown_volume", f"no volume {cmd.volume!r}")
+        if not valid_volume_name(cmd.name):
+            return _err("invalid", f"snapshot name {cmd.name!r}: letters, digits, '.', '_' and '-'")
+        if self.snapshot_of(cmd.volume, cmd.name) is not None:
+            return _err("exists", f"volume {cmd.volume!r} already has a snapshot {cmd.name!r}")
+        sid = self.next_snap_id
+        self.next_snap_id += 1
+        self.snapshots[sid] = SnapshotRecord(v.volume_id, cmd.name, sid, cmd.now_ms)
+        return _ok(snap_id=sid, groups=[int(g) for g in dict.fromkeys(v.extent_groups)])
+
+    def _apply_set_snapshot_state(self, cmd: SetSnapshotState) -> Result:
+        r = self.snapshot_of(cmd.volume, cmd.name)
+        if r is None:
+            return _err("unknown_snapshot", f"volume {cmd.volume!r} has no snapshot {cmd.name!r}")
+        allowed = {"creating": ("ready", "deleting"), "ready": ("deleting",), "deleting": ("gone",)}
+        if cmd.state not in allowed[r.state]:
+            return _err("invalid", f"snapshot {cmd.name!r} is {r.state}: it cannot become {cmd.state}")
+        if cmd.state == "gone":
+            del self.snapshots[r.snap_id]
+        else:
+            r.state = cmd.state
+        return _ok(snap_id=r.snap_id, state=cmd.state)
 
     def _apply_set_node_drain(self, cmd: SetNodeDrain) -> Result:
         n = self.nodes.get(NodeId(cmd.node_id))
@@ -501,6 +570,8 @@ class MetaState:
             return _err("attached", f"volume {cmd.name!r} is attached by gateway {a.gateway_id!r}")
         del self.volumes[cmd.name]
         self.attach_epochs.pop(cmd.name, None)
+        for sid in [k for k, r in self.snapshots.items() if r.volume_id == vol.volume_id]:
+            del self.snapshots[sid]  # their pins go with the groups' replicas (node/host.py drop_replica)
         still_used = {g for v in self.volumes.values() for g in v.extent_groups}
         per_group: dict[GroupId, int] = {}
         for g in vol.extent_groups:
@@ -638,6 +709,8 @@ class MetaState:
             "gateways": {k: asdict(v) for k, v in self.gateways.items()},
             "next_volume_id": self.next_volume_id,
             "next_group_id": self.next_group_id,
+            "snapshots": {str(k): asdict(v) for k, v in self.snapshots.items()},
+            "next_snap_id": self.next_snap_id,
             "applied": self.applied,
         }
 
@@ -661,6 +734,9 @@ class MetaState:
         s.gateways = {k: GatewayRecord(**v) for k, v in d.get("gateways", {}).items()}  # absent before issue 14
         s.next_volume_id = d["next_volume_id"]
         s.next_group_id = d["next_group_id"]
+        # absent before issue 17
+        s.snapshots = {int(k): SnapshotRecord(**v) for k, v in d.get("snapshots", {}).items()}
+        s.next_snap_id = d.get("next_snap_id", 1)
         s.applied = d["applied"]
         return s
 

@@ -14,6 +14,7 @@ from raftblock.meta.state import (
     COMMANDS,
     Attach,
     CommandError,
+    CreateSnapshot,
     CreateVolume,
     DeleteVolume,
     Detach,
@@ -26,6 +27,7 @@ from raftblock.meta.state import (
     SetGroupMembers,
     SetNodeDrain,
     SetNodeStates,
+    SetSnapshotState,
     StateChange,
     decode_command,
     encode_command,
@@ -60,6 +62,8 @@ ALL = [
     RenameVolume("v", "w"),
     RegisterGateway("gw1", "127.0.0.1:10809", 5),
     RegisterGateway("n2", "127.0.0.1:10810", 5, 2),
+    CreateSnapshot("v", "nightly", 9),
+    SetSnapshotState("v", "nightly", "ready"),
 ]
 
 
@@ -212,7 +216,8 @@ _cmds = st.sampled_from([
     Attach("a", "g1", 2), Attach("a", "g2", 2), Attach("a", "g2", 3, True), Detach("a", "g1", 1),
     Detach("a", "g2", 2), SetNodeStates((StateChange(1, "down", 1),), 5),
     SetNodeStates((StateChange(1, "up", 6),), 7), SetGroupMembers(1, (4, 2, 3), 1),
-    RegisterNode(4, "r0", "h:4", 1 << 40, 8), Noop(),
+    RegisterNode(4, "r0", "h:4", 1 << 40, 8), Noop(), CreateSnapshot("a", "s1", 3), CreateSnapshot("b", "s1", 4),
+    SetSnapshotState("a", "s1", "ready"), SetSnapshotState("a", "s1", "deleting"), SetSnapshotState("a", "s1", "gone"),
 ])
 
 
@@ -308,3 +313,35 @@ def test_a_gateway_inside_a_node_gives_its_volumes_leader_affinity() -> None:
     for g in d["gateways"].values():
         g.pop("node_id")
     assert MetaState.from_dict(d).gateways["n3"].node_id == 0
+
+
+def test_snapshot_records_name_hand_out_ids_and_walk_their_states() -> None:
+    """docs/snapshots.md section 3: one name per volume, cluster-wide ids never reused, creating -> ready ->
+    deleting -> gone (and creating -> deleting: a cut that failed), kept across a rename, gone with the
+    volume, and in the snapshot of the state."""
+    s = cluster()
+    assert s.apply(CreateVolume("v", 3 * GiB, 1)).ok
+    assert s.apply(CreateVolume("w", GiB, 1)).ok
+    r = s.apply(CreateSnapshot("v", "s1", 10))
+    assert r.ok and r.value["snap_id"] == 1
+    assert r.value["groups"] == list(dict.fromkeys(int(g) for g in s.volumes["v"].extent_groups))
+    assert s.apply(CreateSnapshot("v", "s1", 11)).error == "exists"
+    assert s.apply(CreateSnapshot("w", "s1", 11)).value["snap_id"] == 2  # names are per volume
+    assert s.apply(CreateSnapshot("nope", "s", 11)).error == "unknown_volume"
+    assert s.apply(CreateSnapshot("v", "bad name!", 11)).error == "invalid"
+    assert s.apply(SetSnapshotState("v", "s1", "gone")).error == "invalid"  # not before UNSNAP everywhere
+    assert s.apply(SetSnapshotState("v", "s1", "ready")).ok
+    assert s.apply(SetSnapshotState("v", "s1", "creating")).error == "invalid"
+    assert s.apply(SetSnapshotState("v", "nope", "ready")).error == "unknown_snapshot"
+    assert MetaState.from_json(s.to_json()).to_json() == s.to_json()
+    assert s.apply(RenameVolume("v", "v2")).ok
+    rec = s.snapshot_of("v2", "s1")
+    assert rec is not None and rec.state == "ready" and rec.snap_id == 1
+    assert s.apply(SetSnapshotState("v2", "s1", "deleting")).ok
+    assert s.apply(SetSnapshotState("v2", "s1", "gone")).ok and s.snapshot_of("v2", "s1") is None
+    assert s.apply(CreateSnapshot("v2", "s1", 12)).value["snap_id"] == 3  # ids are never reused
+    assert s.apply(DeleteVolume("v2")).ok
+    assert [r.name for r in s.snapshots.values()] == ["s1"] and s.snapshot_of("w", "s1") is not None
+    old = json.loads(s.to_json())
+    del old["snapshots"], old["next_snap_id"]  # a state saved before snapshots existed still loads
+    assert MetaState.from_dict(old).snapshots == {}
