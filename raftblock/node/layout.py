@@ -198,7 +198,36 @@ def stop_process(layout: Layout, name: str, config: Path) -> bool:
 
 
 # --- configuration -------------------------------------------------------------------------------
+_PORTS_GIVEN: set[int] = set()  # ports this process handed out (a layout asks for a dozen at once)
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str) -> int:
+    """A TCP port free now, below the kernel's ephemeral range. Outgoing connections take their source ports
+    from that range: a cluster port there can be taken by any connect() on the machine while the cluster is
+    stopped (and kept up to a minute in TIME_WAIT), and the next `cluster up` fails with EADDRINUSE (seen in
+    the tests that stop and restart a cluster). Falls back to the kernel's pick if none is found."""
+    lo = _ephemeral_low()
+    start = 10000 if lo > 12000 else 1024
+    rng = secrets.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(start, lo)
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
