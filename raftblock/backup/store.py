@@ -105,7 +105,8 @@ class DirStore:
         """(key, size, modification time) of every object whose key starts with `prefix`, in key order."""
         base = self.root
         out = []
-        for dirpath, _dirs, files in os.walk(base):
+        top = os.path.join(base, *prefix.split("/")[:-1])  # only the directory the prefix names is walked
+        for dirpath, _dirs, files in os.walk(top):
             for f in files:
                 if ".tmp-" in f:
                     continue

@@ -22,8 +22,9 @@ from __future__ import annotations
 import concurrent.futures as cf
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 from raftblock.backup import chunk
 from raftblock.backup.manifest import Entry, Manifest, ManifestError, check_name, manifest_key, progress_key
@@ -41,6 +42,34 @@ class ExportResult:
     reused_objects: int  # already in the store
     resumed_chunks: int  # entries taken from an interrupted run's progress
     changed_bytes: int  # plaintext bytes of the chunks read as changed (incremental: what `changed` said)
+
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _bounded_map(fn: Callable[[T], R], items: Iterable[T], parallel: int, name: str) -> Iterator[tuple[T, R]]:
+    """(item, fn(item)) as each finishes, on `parallel` threads, never more than `parallel` in flight (rule 1);
+    an error stops it and cancels what has not started."""
+    n = max(1, parallel)
+    with cf.ThreadPoolExecutor(max_workers=n, thread_name_prefix=name) as pool:
+        inflight: dict[cf.Future[R], T] = {}
+        it = iter(items)
+        try:
+            while True:
+                while len(inflight) < n:
+                    nxt = next(it, None)
+                    if nxt is None:
+                        break
+                    inflight[pool.submit(fn, nxt)] = nxt
+                if not inflight:
+                    return
+                finished, _ = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
+                for f in finished:
+                    yield inflight.pop(f), f.result()
+        finally:
+            for f in inflight:
+                f.cancel()
 
 
 def _zero(buf: bytes) -> bool:
@@ -145,37 +174,22 @@ def export_image(store: Store, volume: str, snapshot: str, size_bytes: int,
     todo = [k for k in range(total) if entries[k] is None]
     done = total - len(todo)
     since_save = 0
-    with cf.ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="backup") as pool:
-        inflight: dict[cf.Future[Entry], int] = {}
-        it = iter(todo)
-        try:
-            while True:
-                while len(inflight) < max(1, parallel):
-                    nxt = next(it, None)
-                    if nxt is None:
-                        break
-                    inflight[pool.submit(one, nxt)] = nxt
-                if not inflight:
-                    break
-                finished, _ = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
-                for f in finished:
-                    k = inflight.pop(f)
-                    entries[k] = f.result()
-                    done += 1
-                    since_save += 1
-                if since_save >= PROGRESS_EVERY:
-                    save_progress()
-                    since_save = 0
-                if progress is not None:
-                    progress(done, total, stats["uploaded_bytes"])
-        except BaseException:
-            for f in inflight:
-                f.cancel()
-            try:
+    try:
+        for k, entry in _bounded_map(one, todo, parallel, "backup"):
+            entries[k] = entry
+            done += 1
+            since_save += 1
+            if since_save >= PROGRESS_EVERY:
                 save_progress()
-            except StoreError:
-                pass
-            raise
+                since_save = 0
+            if progress is not None:
+                progress(done, total, stats["uploaded_bytes"])
+    except BaseException:
+        try:
+            save_progress()
+        except StoreError:
+            pass
+        raise
     man.chunks = [e for e in entries if e is not None]
     assert len(man.chunks) == total
     man.stats = {"chunks": total, "zero": sum(1 for e in man.chunks if e[0] == "zero"),
@@ -197,39 +211,26 @@ def restore_image(store: Store, man: Manifest, write: Callable[[int, bytes], Non
     written = 0
     total = man.chunk_count()
 
-    def one(k: int) -> tuple[int, bytes | None]:
+    def one(k: int) -> bytes | None:
         e = man.chunks[k]
         if e[0] == "zero":
-            return k, bytes(man.chunk_length(k)) if write_zeros else None
+            return bytes(man.chunk_length(k)) if write_zeros else None
         try:
             data = _fetch(store, e)
         except NotFound as ex:
             raise chunk.ChunkError(e[1], f"missing from {store.url} (chunk {k} of {man.volume}@{man.snapshot})") from ex
         if len(data) != man.chunk_length(k):
             raise chunk.ChunkError(e[1], f"{len(data)} bytes for chunk {k}, expected {man.chunk_length(k)}")
-        return k, data
+        return data
 
-    with cf.ThreadPoolExecutor(max_workers=max(1, parallel), thread_name_prefix="restore") as pool:
-        inflight: set[cf.Future[tuple[int, bytes | None]]] = set()
-        it = iter(range(total))
-        done = 0
-        while True:
-            while len(inflight) < max(1, parallel):
-                nxt = next(it, None)
-                if nxt is None:
-                    break
-                inflight.add(pool.submit(one, nxt))
-            if not inflight:
-                break
-            finished, inflight = cf.wait(inflight, return_when=cf.FIRST_COMPLETED)
-            for f in finished:
-                k, data = f.result()
-                if data is not None:
-                    write(k * man.chunk_bytes, data)
-                    written += len(data)
-                done += 1
-            if progress is not None:
-                progress(done, total, written)
+    done = 0
+    for k, data in _bounded_map(one, range(total), parallel, "restore"):
+        if data is not None:
+            write(k * man.chunk_bytes, data)
+            written += len(data)
+        done += 1
+        if progress is not None:
+            progress(done, total, written)
     return written
 
 

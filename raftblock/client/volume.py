@@ -113,24 +113,26 @@ class Volume:
         return out
 
     # --- read -------------------------------------------------------------------------------------
-    async def _read_blocks(self, first: int, end: int) -> bytearray:
+    async def _read_blocks(self, first: int, end: int, snap_id: int = 0) -> bytearray:
+        """`snap_id`: as that snapshot keeps the blocks (0: as they are now)."""
         pieces = self._pieces(first, end)
         if len(pieces) == 1:  # the common case: no gather, no Task per piece
             eid, blk, n, _ = pieces[0]
-            return await self._read_piece(eid, blk, n)
-        results = await asyncio.gather(*(self._read_piece(eid, blk, n) for eid, blk, n, _ in pieces))
+            return await self._read_piece(eid, blk, n, snap_id)
+        results = await asyncio.gather(*(self._read_piece(eid, blk, n, snap_id) for eid, blk, n, _ in pieces))
         out = bytearray()
         for r in results:
             out += r
         return out
 
-    async def _read_piece(self, extent_id: int, block: int, count: int) -> bytearray:
+    async def _read_piece(self, extent_id: int, block: int, count: int, snap_id: int = 0) -> bytearray:
         group = self._group_for(extent_id)
         out = bytearray()
         done = 0
         while done < count:
             n = min(count - done, RECORD_BLOCKS_MAX)
-            data, crcs = await group.read(extent_id, block + done, n)
+            data, crcs = await (group.read(extent_id, block + done, n, snap_id=snap_id) if snap_id
+                                else group.read(extent_id, block + done, n))
             # Pair check: verify again right before the data leaves for the host.
             bad = blockcrc.first_mismatch(data, crcs)
             if bad >= 0:
@@ -178,22 +180,11 @@ class Volume:
             await asyncio.shield(self._barrier)
 
     async def read_snapshot(self, snap_id: int, offset: int, length: int) -> bytes:
-        """Bytes [offset, offset+length) as snapshot `snap_id` keeps them (whole blocks per extent piece)."""
+        """Bytes [offset, offset+length) as snapshot `snap_id` keeps them."""
         first = offset // BLOCK_SIZE
-        end = (offset + length + BLOCK_SIZE - 1) // BLOCK_SIZE
-        out = bytearray()
-        for eid, blk, n, _ in self._pieces(first, end):
-            done = 0
-            while done < n:
-                k = min(n - done, RECORD_BLOCKS_MAX)
-                data, crcs = await self._group_for(eid).read(eid, blk + done, k, snap_id=snap_id)
-                bad = blockcrc.first_mismatch(data, crcs)
-                if bad >= 0:
-                    raise CorruptData(eid, blk + done + bad, "CRC mismatch before reply")
-                out += data
-                done += k
+        data = await self._read_blocks(first, (offset + length + BLOCK_SIZE - 1) // BLOCK_SIZE, snap_id)
         skip = offset - first * BLOCK_SIZE
-        return bytes(out[skip : skip + length])
+        return bytes(memoryview(data)[skip : skip + length])
 
     # --- write ------------------------------------------------------------------------------------
     async def write(self, offset: int, data: memoryview | bytes) -> None:
