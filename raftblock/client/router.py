@@ -399,8 +399,12 @@ class GroupClient:
         # Every acknowledged write is already durable (a majority of fsynced WALs, or the whole chain's).
         return None
 
-    async def block_status(self, extent_id: int, block: int, count: int) -> list[tuple[int, bool]]:
-        req = pb.ClientRequest(op=OP_C_BLOCK_STATUS, extent_id=extent_id, block=block, count=count, epoch=self.epoch)
+    async def block_status(self, extent_id: int, block: int, count: int, snap_id: int = 0,
+                           since_snap_id: int = 0) -> list[tuple[int, bool]]:
+        """Runs of (length, allocated); with `snap_id`: allocated in that snapshot, or with `since_snap_id` too:
+        changed between the two snapshots (Engine.snapshot_runs)."""
+        req = pb.ClientRequest(op=OP_C_BLOCK_STATUS, extent_id=extent_id, block=block, count=count, epoch=self.epoch,
+                               snap_id=snap_id, since_snap_id=since_snap_id)
         resp, _ = await self.client.call(self.group_id, req, (), self.deadline_s, self.read_route)
         runs = list(resp.runs)
         out = [(runs[i], bool(runs[i + 1])) for i in range(0, len(runs) - 1, 2)]
@@ -411,6 +415,13 @@ class GroupClient:
     async def group_info(self) -> pb.GroupInfo:
         resp, _ = await self.client.call(self.group_id, pb.ClientRequest(op=OP_C_STATUS), (), self.deadline_s)
         return resp.groups[0]
+
+    async def snapshot_stats(self) -> dict[int, int]:
+        """snap_id -> blocks only that snapshot keeps in this group (Engine.snapshot_stats, at the leader)."""
+        resp, _ = await self.client.call(self.group_id, pb.ClientRequest(op=OP_C_STATUS, snap_stats=True), (),
+                                         self.deadline_s)
+        g = resp.groups[0]
+        return dict(zip(g.snap_ids, g.snap_unique_blocks, strict=True))
 
     def status(self) -> GroupStatus:
         lead = self.client.leaders.get(self.group_id)

@@ -94,6 +94,7 @@ class Volume:
         self._blocks_per_extent = info.extent_size_bytes // BLOCK_SIZE
         self._touched: dict[int, ReplicationGroup] = {}  # groups written through this volume (for FLUSH)
         self._barrier: asyncio.Future[None] | None = None  # rule 4
+        self._holds = 0
 
     @property
     def size_bytes(self) -> int:
@@ -164,12 +165,26 @@ class Volume:
 
     async def snapshot(self, snap_id: int) -> None:
         """Pin snapshot `snap_id` in every group of the volume, a crash-consistent cut (rule 4)."""
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._barrier = fut
+        self.hold()
         try:
-            await asyncio.gather(*(g.snapshot(snap_id) for g in self._groups()))
+            await self.pin(snap_id)
         finally:
-            self._barrier = None
+            self.release()
+
+    async def pin(self, snap_id: int) -> None:
+        """The SNAP op in every group of the volume (no barrier: the caller holds one, rule 4)."""
+        await asyncio.gather(*(g.snapshot(snap_id) for g in self._groups()))
+
+    def hold(self) -> None:
+        """Raise the acknowledgement barrier (rule 4); holds nest: the barrier falls with the last release."""
+        self._holds += 1
+        if self._barrier is None:
+            self._barrier = asyncio.get_running_loop().create_future()
+
+    def release(self) -> None:
+        self._holds -= 1
+        if self._holds == 0 and self._barrier is not None:
+            fut, self._barrier = self._barrier, None
             fut.set_result(None)
 
     async def drop_snapshot(self, snap_id: int) -> None:

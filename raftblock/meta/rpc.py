@@ -32,6 +32,7 @@ from raftblock.meta.state import (
     Attach,
     Command,
     CommandError,
+    CreateSnapshot,
     CreateVolume,
     DeleteVolume,
     Detach,
@@ -40,6 +41,7 @@ from raftblock.meta.state import (
     RegisterNode,
     RenameVolume,
     Result,
+    SetSnapshotState,
     command_from_dict,
     encode_command,
 )
@@ -51,7 +53,7 @@ log = structlog.get_logger(__name__)
 # that took the proposal, as the audit trail (heartbeats and node-state batches are not: too frequent or
 # logged by the failure detector itself).
 AUDITED = frozenset({"create_volume", "delete_volume", "rename_volume", "attach", "detach", "set_node_drain",
-                     "register_node", "register_gateway", "set_group_members"})
+                     "register_node", "register_gateway", "set_group_members", "create_snapshot", "set_snapshot_state"})
 
 LINE_BYTES_MAX = 8 << 20  # a state reply for a large cluster fits
 _AUTH_CONTEXT = b"raftblock-meta-admin"
@@ -312,6 +314,12 @@ class MetaClient:
 
     async def register_gateway(self, gateway_id: str, address: str, node_id: int = 0) -> Result:
         return await self.propose(RegisterGateway(gateway_id, address, _now_ms(), node_id))
+
+    async def create_snapshot(self, volume: str, name: str) -> Result:
+        return await self.propose(CreateSnapshot(volume, name, _now_ms()))
+
+    async def set_snapshot_state(self, volume: str, name: str, state: str) -> Result:
+        return await self.propose(SetSnapshotState(volume, name, state))
 
 
 def _now_ms() -> int:

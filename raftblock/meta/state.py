@@ -103,6 +103,7 @@ class SnapshotRecord:
     snap_id: int
     created_ms: int
     state: str = "creating"
+    size_bytes: int = 0  # the volume's size when it was taken (0 in records older than this field)
 
 
 @dataclass
@@ -463,7 +464,7 @@ class MetaState:
             return _err("exists", f"volume {cmd.volume!r} already has a snapshot {cmd.name!r}")
         sid = self.next_snap_id
         self.next_snap_id += 1
-        self.snapshots[sid] = SnapshotRecord(v.volume_id, cmd.name, sid, cmd.now_ms)
+        self.snapshots[sid] = SnapshotRecord(v.volume_id, cmd.name, sid, cmd.now_ms, size_bytes=v.size_bytes)
         return _ok(snap_id=sid, groups=[int(g) for g in dict.fromkeys(v.extent_groups)])
 
     def _apply_set_snapshot_state(self, cmd: SetSnapshotState) -> Result:

@@ -718,3 +718,80 @@ def _load(layout: Layout, running: bool = True) -> ClusterMap:
             raise ClusterError(f"only {len(up)} of {len(metas)} metadata processes of {root} run, no majority "
                                f"(start the others: raftblock cluster up --dir {root})")
     return cmap
+
+
+# --- snapshots (control/snapshots.py) -----------------------------------------------------------------
+
+def _gateway_socket(layout: Layout, cmap: ClusterMap, gateway_id: str) -> Path | None:
+    """The admin socket of gateway `gateway_id` of this local cluster, if it runs: `gw1` the separate one,
+    `nI` the one inside node I."""
+    if gateway_id == "gw1":
+        return layout.admin_socket if running_pid(layout, "gateway", layout.gateway_config) is not None else None
+    if gateway_id.startswith("n") and gateway_id[1:].isdigit():
+        nid = int(gateway_id[1:])
+        if any(n.node_id == nid for n in cmap.nodes) and \
+                running_pid(layout, f"n{nid}", layout.node_config(nid)) is not None:
+            return layout.node_admin_socket(nid)
+    return None
+
+
+def _snap_call(layout: Layout, cmap: ClusterMap, call: Callable[[MetaClient], Awaitable[T]]) -> T:
+    from raftblock.control.snapshots import SnapshotError
+
+    try:
+        return _meta(layout, cmap, call, deadline_s=30.0)
+    except SnapshotError as e:
+        raise ClusterError(str(e)) from e
+
+
+def snapshot_create(root: Path, volumes: list[str], name: str) -> list[dict[str, Any]]:
+    """`snapshot create VOL NAME` (and `--group VOL1,VOL2 NAME`): one crash-consistent cut, while I/O goes on."""
+    from raftblock.control import snapshots
+
+    layout = Layout(root)
+    cmap = _load(layout)
+    made = _snap_call(layout, cmap, lambda c: snapshots.create(
+        c, cmap.peers(), volumes, name, lambda gw: _gateway_socket(layout, cmap, gw)))
+    return [{"volume": m.volume, "name": m.name, "snap_id": m.snap_id, "created_ms": m.created_ms,
+             "groups": m.groups, "barrier_ms": round(m.barrier_ms, 3)} for m in made]
+
+
+def snapshot_delete(root: Path, volume: str, name: str) -> dict[str, Any]:
+    from raftblock.control import snapshots
+
+    layout = Layout(root)
+    cmap = _load(layout)
+
+    async def go(c: MetaClient) -> Any:
+        return await snapshots.delete(c, None, volume, name, await c.state(barrier=True), cmap.peers())
+
+    r = _snap_call(layout, cmap, go)
+    return {"volume": volume, "name": name, "snap_id": r.snap_id}
+
+
+def snapshot_list(root: Path, volume: str) -> list[dict[str, Any]]:
+    """Name, time, state, size and the blocks only each snapshot keeps (from the groups' leaders)."""
+    from raftblock.control import snapshots
+    from raftblock.replication.group import GroupError
+
+    layout = Layout(root)
+    cmap = _load(layout)
+
+    async def go(c: MetaClient) -> list[dict[str, Any]]:
+        st = await c.state(barrier=True)
+        v = st.volumes.get(volume)
+        if v is None:
+            raise snapshots.SnapshotError(f"no volume {volume}")
+        recs = sorted((r for r in st.snapshots.values() if r.volume_id == v.volume_id), key=lambda r: r.snap_id)
+        io = snapshots.ClusterIO(st, cmap.peers(), deadline_s=10.0)
+        try:
+            unique = await snapshots.stats(io, volume) if recs else {}
+        except GroupError:
+            unique = {}
+        finally:
+            await io.close()
+        return [{"name": r.name, "snap_id": r.snap_id, "created_ms": r.created_ms, "state": r.state,
+                 "size_bytes": r.size_bytes or v.size_bytes,
+                 "unique_bytes": unique[r.snap_id] * 4096 if r.snap_id in unique else None} for r in recs]
+
+    return _snap_call(layout, cmap, go)

@@ -246,7 +246,12 @@ class DataPlane:
                     resp.status = ST_UNKNOWN_GROUP
                     resp.error = f"group {gid} is not hosted here"
                 elif op == OP_C_STATUS:
-                    resp.groups.append(r.info(self.allocated_bytes_by_group().get(gid, 0)))
+                    info = r.info(self.allocated_bytes_by_group().get(gid, 0))
+                    if req.snap_stats:
+                        for sid, n in sorted(h.engine.snapshot_stats(gid).items()):
+                            info.snap_ids.append(sid)
+                            info.snap_unique_blocks.append(n)
+                    resp.groups.append(info)
                 elif op == OP_C_READ or op == OP_C_BLOCK_STATUS:
                     await self._read(r, req, resp, out)
                 elif op == OP_C_REPLICA_READ:
@@ -272,7 +277,14 @@ class DataPlane:
             raise RetryError(f"node failed: {h.failed!r}")
         if req.op == OP_C_BLOCK_STATUS:
             await r.read_barrier()
-            for count, allocated in h.engine.block_status(req.extent_id, req.block, n):
+            if req.snap_id:  # allocated in a snapshot, or changed between two (an incremental backup)
+                try:
+                    runs = h.engine.snapshot_runs(req.snap_id, req.extent_id, req.block, n, req.since_snap_id)
+                except KeyError as e:
+                    raise ValueError(f"group {gid}: {e.args[0]}") from e
+            else:
+                runs = h.engine.block_status(req.extent_id, req.block, n)
+            for count, allocated in runs:
                 resp.runs.extend((count, int(allocated)))
             return
         applied = await r.read_barrier()

@@ -32,6 +32,11 @@ Rules:
 4. SIGTERM drains in-flight requests, then exits 0.
 5. With an admin socket, `<admin_socket>.lock` is held for the process's lifetime (node/dirlock.py): a
    second gateway on the same socket exits 1 at once instead of taking the socket from the first.
+6. Snapshots (control/snapshots.py): the admin op `hold` raises the acknowledgement barrier of the named
+   volumes (client/volume.py rule 4) until the same connection sends `release`, closes, or `timeout_s`
+   passes. A volume attached here while one of its snapshots is `creating` serves no I/O until that cut
+   is over (ready or gone); a cut still `creating` after CUT_WAIT_S is failed (`deleting`) by the gateway,
+   so the CLI that made it cannot mark it ready later without this gateway's barrier.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import json
 import os
 import signal
 import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -60,6 +66,7 @@ from raftblock.replication.raft.types import NodeId
 log = structlog.get_logger(__name__)
 
 ADMIN_LINE_BYTES_MAX = 64 << 10
+CUT_WAIT_S = 10.0  # rule 6
 
 
 class AttachRefused(Exception):
@@ -111,7 +118,12 @@ class Gateway:
         volumes = []
         for info in volume_infos(st):
             old = self.catalog.get(info.name)
-            volumes.append(old if old is not None and old.info == info else Volume(info, self.group_for))
+            if old is not None and old.info.volume_id == info.volume_id and \
+                    old.info.extent_size_bytes == info.extent_size_bytes:
+                old.info = info  # the same volume (grown): connections and holds keep their object
+                volumes.append(old)
+            else:
+                volumes.append(Volume(info, self.group_for))
         self.catalog.replace_all(volumes)
         log.info("gateway.map_loaded", volumes=len(st.volumes), groups=len(st.groups))
 
@@ -134,8 +146,60 @@ class Gateway:
             h.ready.exception()  # retrieved: waiters re-raise it
             raise
         self._set_epoch(volume, h.epoch)
+        try:
+            await self._await_cuts(volume)
+        except Exception as e:
+            del self._holds[volume]
+            h.ready.set_exception(e)
+            h.ready.exception()
+            raise
         h.ready.set_result(h.epoch)
         log.info("gateway.attached", volume=volume, attach_epoch=h.epoch, gateway=self.gateway_id)
+
+    async def _await_cuts(self, volume: str) -> None:
+        """Rule 6: no I/O on a volume while a snapshot of it is being cut without this gateway's barrier."""
+        deadline = time.monotonic() + CUT_WAIT_S
+        while True:
+            st = await self.meta.state(barrier=True)
+            v = st.volumes.get(volume)
+            pending = [r.name for r in st.snapshots.values()
+                       if v is not None and r.volume_id == v.volume_id and r.state == "creating"]
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                for name in pending:
+                    res = await self.meta.set_snapshot_state(volume, name, "deleting")
+                    log.warning("gateway.cut_failed", volume=volume, snapshot=name, ok=res.ok, error=res.error)
+                continue
+            await asyncio.sleep(0.05)
+
+    async def hold(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, req: dict[str, Any]) -> None:
+        """Rule 6: the barrier of `req["volumes"]` until `release`, the connection's end or the timeout."""
+        names = req.get("volumes")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError("hold: volumes must be a list of names")
+        await self.reload()
+        vols = []
+        for n in names:
+            vol = self.catalog.get(n)
+            if vol is None:
+                raise ValueError(f"hold: no volume {n!r} here")
+            vols.append(vol)
+        timeout_s = float(req.get("timeout_s", 30.0))
+        for vol in vols:
+            vol.hold()
+        t0 = time.monotonic()
+        try:
+            writer.write(json.dumps({"ok": True, "held": names}).encode() + b"\n")
+            await writer.drain()
+            try:
+                await asyncio.wait_for(reader.readline(), timeout_s)
+            except TimeoutError:
+                log.warning("gateway.hold_timeout", volumes=names, timeout_s=timeout_s)
+        finally:
+            for vol in vols:
+                vol.release()
+            log.info("gateway.hold_released", volumes=names, held_ms=round((time.monotonic() - t0) * 1000, 2))
 
     def release(self, volume: str) -> None:
         h = self._holds.get(volume)
@@ -191,6 +255,9 @@ class Gateway:
                 resp: dict[str, Any] = {"ok": True}
             elif op == "status":
                 resp = {"ok": True, **self.status()}
+            elif op == "hold":
+                await self.hold(reader, writer, req)
+                resp = {"ok": True, "released": True}
             else:
                 resp = {"ok": False, "error": f"unknown op {op!r}"}
         except (ValueError, OSError, MetaClientError, TimeoutError) as e:

@@ -133,7 +133,10 @@ class LocalGroup:
         # (writes still in flight), so FLUSH also covers writes whose replies are about to go out.
         await self.committer.wait_durable(self.engine.last_lsn)
 
-    async def block_status(self, extent_id: int, block: int, count: int) -> list[tuple[int, bool]]:
+    async def block_status(self, extent_id: int, block: int, count: int, snap_id: int = 0,
+                           since_snap_id: int = 0) -> list[tuple[int, bool]]:
+        if snap_id:
+            raise Unavailable("snapshots need replicated groups (raftblock cluster up)")
         return self.engine.block_status(extent_id, block, count)
 
     def status(self) -> GroupStatus:

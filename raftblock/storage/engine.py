@@ -19,13 +19,14 @@
 # The engine never imports asyncio.
 from __future__ import annotations
 
+import bisect
 import errno
 import os
 import struct
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import crc32c
 import structlog
@@ -34,6 +35,7 @@ from raftblock._fast import bitmap, blockcrc, segwriter
 from raftblock.storage.cleaner import Cleaner, evacuate
 from raftblock.storage.disk import Disk, DiskFile, write_parts
 from raftblock.storage.index import (
+    GLOBAL,
     Checkpoint,
     CorruptBlockError,
     Index,
@@ -579,16 +581,7 @@ class Engine:
                 for blk in range(block, end):
                     if blk in keys:
                         bm.set_range(blk - block, 1)
-        runs: list[tuple[int, bool]] = []
-        pos = 0
-        for start, n in bm.runs(True):
-            if start > pos:
-                runs.append((start - pos, False))
-            runs.append((n, True))
-            pos = start + n
-        if pos < count:
-            runs.append((count - pos, False))
-        return runs
+        return _runs(bm, count)
 
     # --- durability ------------------------------------------------------------------------
 
@@ -826,6 +819,65 @@ class Engine:
             raise KeyError(f"snapshot {snap_id} is not pinned on group {extent_id >> 32} here")
         return self.read_at(extent_id, block, count, pinned)
 
+    def snapshot_runs(self, snap_id: int, extent_id: int, block: int, count: int,
+                      since_snap_id: int = 0) -> list[tuple[int, bool]]:
+        """Runs of (length, flag) over [block, block+count) of `extent_id`: with `since_snap_id` 0, whether the
+        block is allocated in snapshot `snap_id`; else whether its version there differs from its version in
+        snapshot `since_snap_id` (a hole counts as a version: a block trimmed since is changed). From the index
+        only: no data is read. KeyError: a snapshot not pinned here."""
+        g = extent_id >> 32
+        lsn = self.index.snaps.get((g, snap_id))
+        if lsn is None:
+            raise KeyError(f"snapshot {snap_id} is not pinned on group {g} here")
+        old = 0
+        if since_snap_id:
+            o = self.index.snaps.get((g, since_snap_id))
+            if o is None:
+                raise KeyError(f"snapshot {since_snap_id} is not pinned on group {g} here")
+            old = o
+        index = self.index
+        emap = index.extents.get(extent_id) or {}
+        hist = index.history
+        bm = bitmap.Bitmap(count)
+        for i in range(count):
+            blk = block + i
+            if blk not in emap and (extent_id, blk) not in hist:
+                continue
+            new_rec = index.version_at(extent_id, blk, lsn)
+            if since_snap_id:
+                old_rec = index.version_at(extent_id, blk, old)
+                flag = (new_rec is None) != (old_rec is None) or (
+                    new_rec is not None and old_rec is not None and new_rec.lsn != old_rec.lsn)
+            else:
+                flag = new_rec is not None
+            if flag:
+                bm.set_range(i, 1)
+        return _runs(bm, count)
+
+    def snapshot_stats(self, group: int) -> dict[int, int]:
+        """snap_id -> blocks of `group` only that snapshot keeps (the old versions deleting it frees)."""
+        index = self.index
+        by_lsn: dict[int, list[int]] = {}
+        for (g, sid), lsn in index.snaps.items():
+            if g == group:
+                by_lsn.setdefault(lsn, []).append(sid)
+        out = {sid: 0 for sids in by_lsn.values() for sid in sids}
+        counts: dict[int, int] = {}
+        for g in (group, GLOBAL):
+            for lsn, n in index.pins.get(g, {}).items():
+                counts[lsn] = counts.get(lsn, 0) + n
+        lsns = sorted(counts)
+        for (eid, _blk), entries in index.history.items():
+            if eid >> 32 != group:
+                continue
+            for rec, until in entries:
+                i = bisect.bisect_left(lsns, rec.lsn)
+                if i + 1 < len(lsns) and lsns[i + 1] < until:
+                    continue  # kept by two pins or more
+                if i < len(lsns) and lsns[i] < until and counts[lsns[i]] == 1 and len(by_lsn.get(lsns[i], ())) == 1:
+                    out[by_lsn[lsns[i]][0]] += 1
+        return out
+
     def _append_mark(self, rtype: int, group: int, snap_id: int, pinned: int) -> None:
         length = record_length(rtype, 0)
         seg = self._room(length)
@@ -923,3 +975,17 @@ class Engine:
                 except OSError:
                     pass
         self._closed = True
+
+
+def _runs(bm: Any, count: int) -> list[tuple[int, bool]]:
+    """(length, set) runs covering the `count` bits of `bm`."""
+    runs: list[tuple[int, bool]] = []
+    pos = 0
+    for start, n in bm.runs(True):
+        if start > pos:
+            runs.append((start - pos, False))
+        runs.append((n, True))
+        pos = start + n
+    if pos < count:
+        runs.append((count - pos, False))
+    return runs

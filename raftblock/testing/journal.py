@@ -55,6 +55,18 @@ def count_acks(path: Path) -> int:
         return 0
 
 
+def _tag(blk: bytes, b: int) -> tuple[int, str]:
+    """(the write's sequence number, "") for a well-formed tagged block `b`; else (0, the problem)."""
+    rec = blk[:RECORD]
+    magic, seq, block, check = (rec[:8], int.from_bytes(rec[8:16], "big"),
+                                int.from_bytes(rec[16:24], "big"), int.from_bytes(rec[24:32], "big"))
+    if blk != rec * (BLOCK // RECORD):
+        return 0, f"block {b}: torn (more than one record or partial zeroes inside the block)"
+    if magic != b"PWRCUT01" or check != seq ^ block ^ CHECK or block != b:
+        return 0, f"block {b}: garbage record {rec.hex()}"
+    return seq, ""
+
+
 def judge(data: bytes, j: Journal, nblocks: int) -> list[str]:
     """Problems with the volume image `data` given the journal; empty means the crash was survived."""
     submitted: dict[int, set[int]] = defaultdict(set)
@@ -69,14 +81,9 @@ def judge(data: bytes, j: Journal, nblocks: int) -> list[str]:
         blk = data[b * BLOCK:(b + 1) * BLOCK]
         holds: int | None = None
         if blk != bytes(BLOCK):
-            rec = blk[:RECORD]
-            magic, seq, block, check = (rec[:8], int.from_bytes(rec[8:16], "big"),
-                                        int.from_bytes(rec[16:24], "big"), int.from_bytes(rec[24:32], "big"))
-            if blk != rec * (BLOCK // RECORD):
-                problems.append(f"block {b}: torn (more than one record or partial zeroes inside the block)")
-                continue
-            if magic != b"PWRCUT01" or check != seq ^ block ^ CHECK or block != b:
-                problems.append(f"block {b}: garbage record {rec.hex()}")
+            seq, bad = _tag(blk, b)
+            if bad:
+                problems.append(bad)
                 continue
             if seq not in submitted[b]:
                 problems.append(f"block {b}: holds write {seq}, which never targeted this block")
@@ -88,4 +95,47 @@ def judge(data: bytes, j: Journal, nblocks: int) -> list[str]:
                 problems.append(f"block {b}: acknowledged write {want} lost (block reads as zeroes)")
             elif holds < want:
                 problems.append(f"block {b}: acknowledged write {want} lost (holds older write {holds})")
+    return problems
+
+
+def judge_cut(data: bytes, journal_text: str, started_at: int, returned_at: int, nblocks: int) -> list[str]:
+    """Problems with snapshot image `data` of a volume the tagged writer was writing while the snapshot was
+    taken. `started_at`/`returned_at`: the journal's length (bytes) when the snapshot command started and when
+    it returned. The cut is right iff every block holds a write the host issued before the command returned
+    (its `S W` line lies before `returned_at`: the writer logs it before sending), and no older write than
+    the newest one acknowledged before the command started (its `A` line lies before `started_at`)."""
+    def lines(upto: int) -> list[list[str]]:
+        text = journal_text[:upto]
+        return [ln.split() for ln in text[: text.rfind("\n") + 1].splitlines()]
+
+    issued: dict[int, set[int]] = defaultdict(set)
+    writes: dict[int, tuple[int, int]] = {}
+    for f in lines(returned_at):
+        if len(f) >= 5 and f[0] == "S" and f[1] == "W":
+            seq, first, n = int(f[2]), int(f[3]), int(f[4])
+            writes[seq] = (first, n)
+            for b in range(first, first + n):
+                issued[b].add(seq)
+    newest_acked: dict[int, int] = {}
+    for f in lines(started_at):
+        if len(f) == 2 and f[0] == "A" and int(f[1]) in writes:
+            first, n = writes[int(f[1])]
+            for b in range(first, first + n):
+                newest_acked[b] = max(newest_acked.get(b, -1), int(f[1]))
+    problems = []
+    for b in range(nblocks):
+        blk = data[b * BLOCK:(b + 1) * BLOCK]
+        holds: int | None = None
+        if blk != bytes(BLOCK):
+            seq, bad = _tag(blk, b)
+            if bad:
+                problems.append(bad)
+                continue
+            if seq not in issued[b]:
+                problems.append(f"block {b}: holds write {seq}, issued after the snapshot command returned")
+                continue
+            holds = seq
+        want = newest_acked.get(b)
+        if want is not None and (holds is None or holds < want):
+            problems.append(f"block {b}: holds {holds}, older than write {want} acknowledged before the command")
     return problems

@@ -138,7 +138,7 @@ class HeartbeatBatch(_message.Message):
     def __init__(self, src: _Optional[int] = ..., dst: _Optional[int] = ..., response: _Optional[bool] = ..., group: _Optional[_Iterable[int]] = ..., term: _Optional[_Iterable[int]] = ..., commit: _Optional[_Iterable[int]] = ..., context: _Optional[_Iterable[int]] = ..., lease_tick: _Optional[_Iterable[int]] = ..., epoch: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ClientRequest(_message.Message):
-    __slots__ = ("request_id", "op", "extent_id", "block", "count", "crcs", "epoch", "min_applied", "client_id", "write_id", "low_water", "source_node", "snap_id")
+    __slots__ = ("request_id", "op", "extent_id", "block", "count", "crcs", "epoch", "min_applied", "client_id", "write_id", "low_water", "source_node", "snap_id", "since_snap_id", "snap_stats")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
     EXTENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +152,8 @@ class ClientRequest(_message.Message):
     LOW_WATER_FIELD_NUMBER: _ClassVar[int]
     SOURCE_NODE_FIELD_NUMBER: _ClassVar[int]
     SNAP_ID_FIELD_NUMBER: _ClassVar[int]
+    SINCE_SNAP_ID_FIELD_NUMBER: _ClassVar[int]
+    SNAP_STATS_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     op: int
     extent_id: int
@@ -165,10 +167,12 @@ class ClientRequest(_message.Message):
     low_water: int
     source_node: int
     snap_id: int
-    def __init__(self, request_id: _Optional[int] = ..., op: _Optional[int] = ..., extent_id: _Optional[int] = ..., block: _Optional[int] = ..., count: _Optional[int] = ..., crcs: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., min_applied: _Optional[int] = ..., client_id: _Optional[int] = ..., write_id: _Optional[int] = ..., low_water: _Optional[int] = ..., source_node: _Optional[int] = ..., snap_id: _Optional[int] = ...) -> None: ...
+    since_snap_id: int
+    snap_stats: bool
+    def __init__(self, request_id: _Optional[int] = ..., op: _Optional[int] = ..., extent_id: _Optional[int] = ..., block: _Optional[int] = ..., count: _Optional[int] = ..., crcs: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., min_applied: _Optional[int] = ..., client_id: _Optional[int] = ..., write_id: _Optional[int] = ..., low_water: _Optional[int] = ..., source_node: _Optional[int] = ..., snap_id: _Optional[int] = ..., since_snap_id: _Optional[int] = ..., snap_stats: _Optional[bool] = ...) -> None: ...
 
 class GroupInfo(_message.Message):
-    __slots__ = ("group", "role", "term", "leader", "commit", "applied", "last_index", "snap_index", "lease", "allocated_bytes", "mode", "tail", "synced", "repair_node", "repair_bytes_done", "repair_bytes_total", "repair_elapsed_ms")
+    __slots__ = ("group", "role", "term", "leader", "commit", "applied", "last_index", "snap_index", "lease", "allocated_bytes", "mode", "tail", "synced", "repair_node", "repair_bytes_done", "repair_bytes_total", "repair_elapsed_ms", "snap_ids", "snap_unique_blocks")
     GROUP_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     TERM_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +190,8 @@ class GroupInfo(_message.Message):
     REPAIR_BYTES_DONE_FIELD_NUMBER: _ClassVar[int]
     REPAIR_BYTES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     REPAIR_ELAPSED_MS_FIELD_NUMBER: _ClassVar[int]
+    SNAP_IDS_FIELD_NUMBER: _ClassVar[int]
+    SNAP_UNIQUE_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     group: int
     role: int
     term: int
@@ -203,7 +209,9 @@ class GroupInfo(_message.Message):
     repair_bytes_done: int
     repair_bytes_total: int
     repair_elapsed_ms: int
-    def __init__(self, group: _Optional[int] = ..., role: _Optional[int] = ..., term: _Optional[int] = ..., leader: _Optional[int] = ..., commit: _Optional[int] = ..., applied: _Optional[int] = ..., last_index: _Optional[int] = ..., snap_index: _Optional[int] = ..., lease: _Optional[bool] = ..., allocated_bytes: _Optional[int] = ..., mode: _Optional[str] = ..., tail: _Optional[int] = ..., synced: _Optional[bool] = ..., repair_node: _Optional[int] = ..., repair_bytes_done: _Optional[int] = ..., repair_bytes_total: _Optional[int] = ..., repair_elapsed_ms: _Optional[int] = ...) -> None: ...
+    snap_ids: _containers.RepeatedScalarFieldContainer[int]
+    snap_unique_blocks: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, group: _Optional[int] = ..., role: _Optional[int] = ..., term: _Optional[int] = ..., leader: _Optional[int] = ..., commit: _Optional[int] = ..., applied: _Optional[int] = ..., last_index: _Optional[int] = ..., snap_index: _Optional[int] = ..., lease: _Optional[bool] = ..., allocated_bytes: _Optional[int] = ..., mode: _Optional[str] = ..., tail: _Optional[int] = ..., synced: _Optional[bool] = ..., repair_node: _Optional[int] = ..., repair_bytes_done: _Optional[int] = ..., repair_bytes_total: _Optional[int] = ..., repair_elapsed_ms: _Optional[int] = ..., snap_ids: _Optional[_Iterable[int]] = ..., snap_unique_blocks: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ClientResponse(_message.Message):
     __slots__ = ("request_id", "status", "leader_hint", "leader_address", "error", "crcs", "groups", "counters", "node_id", "runs", "applied")

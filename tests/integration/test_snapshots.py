@@ -1,0 +1,173 @@
+# Snapshots on a running cluster (issue 17; docs/snapshots.md sections 1-3), with real processes and a real host.
+#
+# Enforces: `snapshot create` taken in a loop while the tagged writer writes at QD16 through a node's gateway
+# over a 2-group span: every snapshot is a crash-consistent cut (every block holds a write issued before the
+# command returned and none older than the newest acknowledged before it started: judge_cut), and the
+# attached volume's writes were held, not paused (barrier_ms reported). `snapshot list` shows them ready
+# with the bytes only each keeps; `snapshot delete` drops one and the others still read back. A cut left
+# `creating` by a killed CLI keeps a newly attaching host out until the gateway fails it (gateway rule 6), and
+# `snapshot delete` finishes it. Bad input: unknown volume or snapshot, duplicate names: one line, exit 1.
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from raftblock.testing.journal import judge_cut
+
+from .helpers import BLOCK, CLIENTS, kill_group, require_libnbd
+from .test_cluster import Cluster, _cleanup
+
+pytestmark = pytest.mark.timeout(420)
+
+EXTENT_BLOCKS = (64 << 20) // BLOCK
+NBLOCKS = 2 * EXTENT_BLOCKS  # the first two extents: two extent groups (extent i -> group i mod G)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(tmp_path / "cluster")
+    yield c
+    _cleanup(c)
+
+
+def read_snapshot(c: Cluster, volume: str, name: str, length: int) -> bytes:
+    """The snapshot's first `length` bytes, read from the cluster's groups at the pin."""
+    from raftblock.control.snapshots import ClusterIO
+    from raftblock.meta.rpc import MetaClient
+    from raftblock.node.clustermap import ClusterMap
+    from raftblock.replication.raft.types import NodeId
+
+    cmap = ClusterMap.load(c.root / "cluster.json")
+    secret = (c.root / "meta" / "cluster.secret").read_bytes().strip()
+
+    async def go() -> bytes:
+        meta = MetaClient({NodeId(int(k)): v for k, v in cmap.meta_admin.items()}, secret)
+        st = await meta.state(barrier=True)
+        rec = st.snapshot_of(volume, name)
+        assert rec is not None and rec.state == "ready", rec
+        io = ClusterIO(st, cmap.peers())
+        try:
+            vol = io.volume(volume)
+            out = bytearray()
+            step = 4 << 20
+            for off in range(0, length, step):
+                out += await vol.read_snapshot(rec.snap_id, off, min(step, length - off))
+            return bytes(out)
+        finally:
+            await io.close()
+
+    return asyncio.run(go())
+
+
+def _snaps(c: Cluster, volume: str) -> dict[str, dict[str, Any]]:
+    return {s["name"]: s for s in json.loads(c.cli("snapshot", "list", volume, "--json").stdout)}
+
+
+@pytest.mark.parametrize("mode", ["raft", "chain"])
+def test_snapshots_under_load_are_crash_consistent_cuts(cluster: Cluster, tmp_path: Path, mode: str) -> None:
+    py = require_libnbd()
+    cluster.up()
+    cluster.cli("volume", "create", "vol", "--size", "1G", "--replication", mode)
+    uri = {g["node"]: g["uri"] for g in cluster.status()["gateways"]}[2]  # a node's gateway: not the CLI's
+    journal = tmp_path / "journal.txt"
+    writer = subprocess.Popen([py, str(CLIENTS / "nbd_tagged_writer.py"), f"{uri}/vol", str(journal), str(NBLOCKS),
+                               "17", "1", "16", "1000000", "/dev/null", "60"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+    cuts: list[tuple[str, int, int, dict[str, Any]]] = []
+    try:
+        deadline = time.monotonic() + 30
+        while journal.stat().st_size < 20000 if journal.exists() else True:
+            assert time.monotonic() < deadline and writer.poll() is None, writer.stderr and writer.stderr.read()
+            time.sleep(0.05)
+        for i in range(5):
+            before = journal.stat().st_size
+            r = cluster.cli("snapshot", "create", "vol", f"s{i}", "--json")
+            after = journal.stat().st_size
+            cuts.append((f"s{i}", before, after, json.loads(r.stdout)))
+            assert writer.poll() is None, "the writer stopped while snapshots were taken"
+    finally:
+        kill_group(writer)
+    text = journal.read_text()
+    acked_during = [text[b:a].count("\nA ") for _, b, a, _ in cuts]
+    assert sum(acked_during) > 0, f"no write completed while a snapshot was being taken: {acked_during}"
+    images = {}
+    for name, before, after, made in cuts:
+        assert made["barrier_ms"] > 0, f"{name}: the attached volume's gateway did not hold its writes: {made}"
+        assert len(made["groups"]) == 2, made
+        data = read_snapshot(cluster, "vol", name, NBLOCKS * BLOCK)
+        problems = judge_cut(data, text, before, after, NBLOCKS)
+        assert not problems, f"{mode} snapshot {name}: {len(problems)} bad blocks: {problems[:5]}"
+        assert any(data[k:k + 8] == b"PWRCUT01" for k in range(0, len(data), BLOCK)), f"{name} holds no write"
+        images[name] = data
+    # the judge has teeth: the first snapshot is not a cut of the last snapshot's window
+    assert judge_cut(images["s0"], text, cuts[-1][1], cuts[-1][2], NBLOCKS)
+
+    snaps = _snaps(cluster, "vol")
+    assert sorted(snaps) == [f"s{i}" for i in range(5)] and {s["state"] for s in snaps.values()} == {"ready"}
+    assert all(s["unique_bytes"] is not None for s in snaps.values()), snaps
+    # blocks overwritten between two snapshots are kept by the older one alone
+    assert sum(s["unique_bytes"] for s in snaps.values()) > 0, snaps
+    s3_before = images["s3"]
+    r = cluster.cli("snapshot", "delete", "vol", "s2", "--json")
+    assert json.loads(r.stdout)["name"] == "s2"
+    assert sorted(_snaps(cluster, "vol")) == ["s0", "s1", "s3", "s4"]
+    assert read_snapshot(cluster, "vol", "s3", NBLOCKS * BLOCK) == s3_before
+
+
+def test_group_snapshot_and_bad_input(cluster: Cluster) -> None:
+    cluster.up()
+    cluster.cli("volume", "create", "db", "--size", "64M")
+    cluster.cli("volume", "create", "log", "--size", "64M")
+    made = json.loads(cluster.cli("snapshot", "create", "--group", "db,log", "g1", "--json").stdout)
+    assert [(m["volume"], m["name"]) for m in made] == [("db", "g1"), ("log", "g1")]
+    assert made[0]["snap_id"] != made[1]["snap_id"]
+    for args, says in [
+        (("snapshot", "create", "nosuch", "x"), "no volume 'nosuch'"),
+        (("snapshot", "create", "db", "g1"), "already has a snapshot 'g1'"),
+        (("snapshot", "create", "--group", "db,nosuch", "g2"), "no volume 'nosuch'"),
+        (("snapshot", "create", "db", "bad/name"), "snapshot name"),
+        (("snapshot", "delete", "db", "nosuch"), "volume db has no snapshot nosuch"),
+        (("snapshot", "list", "nosuch"), "no volume nosuch"),
+    ]:
+        r = cluster.cli(*args, check=False)
+        assert r.returncode == 1, (args, r.returncode, r.stdout, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and says in lines[0], (args, r.stderr)
+    # a failed group create left nothing behind on the volume that existed
+    assert sorted(_snaps(cluster, "db")) == ["g1"]
+    assert sorted(_snaps(cluster, "log")) == ["g1"]
+
+
+def test_cut_left_creating_is_failed_by_an_attaching_gateway(cluster: Cluster, tmp_path: Path) -> None:
+    """A CLI killed between the record and the cut: the next host to attach waits, then the gateway fails the
+    cut (`deleting`), the host gets its I/O, and `snapshot delete` removes what is left."""
+    py = require_libnbd()
+    cluster.up()
+    cluster.cli("volume", "create", "vol", "--size", "64M")
+    from raftblock.meta.rpc import MetaClient
+    from raftblock.node.clustermap import ClusterMap
+    from raftblock.replication.raft.types import NodeId
+
+    cmap = ClusterMap.load(cluster.root / "cluster.json")
+    secret = (cluster.root / "meta" / "cluster.secret").read_bytes().strip()
+    meta = MetaClient({NodeId(int(k)): v for k, v in cmap.meta_admin.items()}, secret)
+    res = asyncio.run(meta.create_snapshot("vol", "orphan"))
+    assert res.ok, res
+    assert _snaps(cluster, "vol")["orphan"]["state"] == "creating"
+    t0 = time.monotonic()
+    r = subprocess.run([py, "-c", "import nbd,sys; h=nbd.NBD(); h.connect_uri(sys.argv[1]); "
+                        "h.pwrite(b'x'*4096, 0); print(h.pread(4096, 0)[:1].decode())", f"{cluster.uri}/vol"],
+                       capture_output=True, text=True, timeout=60)
+    waited = time.monotonic() - t0
+    assert r.returncode == 0 and r.stdout.strip() == "x", r.stderr
+    assert waited >= 9, f"the host got I/O after {waited:.1f} s while a cut was still `creating`"
+    assert _snaps(cluster, "vol")["orphan"]["state"] == "deleting"
+    cluster.cli("snapshot", "delete", "vol", "orphan")
+    assert _snaps(cluster, "vol") == {}
