@@ -220,6 +220,57 @@ def cmd_volume_create(args: argparse.Namespace) -> int:
                             f"in {_ranges(v['groups'])}, replication {v['replication']})")
 
 
+class _Progress:
+    """A progress bar on stderr with rate and ETA: redrawn in place on a terminal, a line every 5 s otherwise
+    (a log, CI). `unit`: "B" for bytes, else items; `scale`: bytes per item for the rate when counting items."""
+
+    def __init__(self, label: str, quiet: bool = False) -> None:
+        self.label = label
+        self.quiet = quiet
+        self.t0 = time.monotonic()
+        self.last = 0.0
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int, done_bytes: int | None = None) -> None:
+        from raftblock.units import format_size
+
+        now = time.monotonic()
+        final = done >= total
+        if self.quiet or (not final and now - self.last < (0.2 if self.tty else 5.0)):
+            return
+        self.last = now
+        el = max(1e-6, now - self.t0)
+        frac = done / max(1, total)
+        rate = (done_bytes if done_bytes is not None else done) / el
+        eta = (el / frac - el) if 0 < frac < 1 else 0.0
+        amount = f"{format_size(done_bytes)}" if done_bytes is not None else f"{done}/{total}"
+        line = (f"{self.label} {_bar(frac)} {frac * 100:5.1f}%  {amount}  "
+                f"{format_size(int(rate)) + '/s' if done_bytes is not None else f'{rate:.1f}/s'}  ETA {eta:.0f} s")
+        print(("\r" + line + " " * 4) if self.tty else line, end="\n" if final or not self.tty else "",
+              file=sys.stderr, flush=True)
+
+
+def cmd_volume_clone(args: argparse.Namespace) -> int:
+    from raftblock.node.cluster import volume_clone
+    from raftblock.units import format_size
+
+    v = volume_clone(Path(args.dir), args.source, args.name, args.replication)
+    return _report(args, v, f"created volume {v['name']} ({format_size(v['size_bytes'])}), a clone of {args.source}: "
+                            f"it reads through to the snapshot until written or flattened")
+
+
+def cmd_volume_flatten(args: argparse.Namespace) -> int:
+    from raftblock.node.cluster import volume_flatten
+    from raftblock.units import format_size
+
+    bar = _Progress(f"flatten {args.name}", quiet=args.json)
+    res = volume_flatten(Path(args.dir), args.name, lambda done, total: bar(done * 4096, total * 4096, done * 4096))
+    if res["parent"] is None:
+        return _report(args, res, f"volume {args.name} is not a clone: nothing to flatten")
+    return _report(args, res, f"volume {args.name} flattened: {format_size(res['copied_bytes'])} copied from "
+                              f"{res['parent']}; it no longer depends on it")
+
+
 def cmd_volume_list(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import volume_list
     from raftblock.units import format_size
@@ -229,9 +280,10 @@ def cmd_volume_list(args: argparse.Namespace) -> int:
         _print_json(vols)
         return 0
     if vols:
-        print(f"{'NAME':<20} {'SIZE':<10} {'REPLICATION':<12} ATTACHED BY")
+        print(f"{'NAME':<20} {'SIZE':<10} {'REPLICATION':<12} {'STATE':<10} {'ATTACHED BY':<12} PARENT")
     for v in vols:
-        print(f"{v['name']:<20} {format_size(v['size_bytes']):<10} {v['replication']:<12} {v['attached_by'] or '-'}")
+        print(f"{v['name']:<20} {format_size(v['size_bytes']):<10} {v['replication']:<12} {v['state']:<10} "
+              f"{v['attached_by'] or '-':<12} {v['parent'] or '-'}")
     return 0
 
 
@@ -578,6 +630,20 @@ def build_parser() -> argparse.ArgumentParser:
     _dir(vr)
     _json(vr)
     vr.set_defaults(func=cmd_volume_rename)
+    vcl = vsub.add_parser("clone", help="a writable volume from a snapshot, at once (reads fall through to the "
+                                        "snapshot until written)")
+    vcl.add_argument("source", type=lambda t: "@".join(_snap_ref(t)), metavar="VOLUME@SNAPSHOT")
+    vcl.add_argument("name", help="the new volume")
+    vcl.add_argument("--replication", choices=["raft", "chain"], default=None,
+                     help="default: the parent volume's")
+    _dir(vcl)
+    _json(vcl)
+    vcl.set_defaults(func=cmd_volume_clone)
+    vfl = vsub.add_parser("flatten", help="copy a clone's parent blocks into it (progress bar), then drop the link")
+    vfl.add_argument("name")
+    _dir(vfl)
+    _json(vfl)
+    vfl.set_defaults(func=cmd_volume_flatten)
     vd = vsub.add_parser("delete", help="delete a volume (refused while attached)")
     vd.add_argument("name")
     _dir(vd)

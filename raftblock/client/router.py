@@ -359,8 +359,11 @@ class GroupClient:
         self.mode = mode
         self.read_route = ROUTE_TAIL if mode == "chain" else ROUTE_LEADER
 
-    async def write(self, extent_id: int, block: int, data: memoryview | bytes, crcs: Sequence[int]) -> None:
-        req = pb.ClientRequest(op=OP_C_WRITE, extent_id=extent_id, block=block, count=len(crcs), epoch=self.epoch)
+    async def write(self, extent_id: int, block: int, data: memoryview | bytes, crcs: Sequence[int],
+                    fill: bool = False) -> None:
+        """`fill`: only the blocks not allocated when the group applies it (wire/ops.py FILL)."""
+        req = pb.ClientRequest(op=OP_C_WRITE, extent_id=extent_id, block=block, count=len(crcs), epoch=self.epoch,
+                               fill=fill)
         req.crcs.extend(crcs)
         await self._named(req, [data])
 

@@ -15,6 +15,12 @@ Rules:
    complete while the SNAP ops of every group of the volume are in flight do not return (the host sees no
    completion) until all of them committed; I/O itself goes on. So a write the host saw completed before
    the snapshot is in it, one issued after it returned is not, and no write depending on a held one exists.
+5. A clone (info.parent) reads a block its own groups do not have allocated from its parent volume's
+   snapshot (recursively: the parent may be a clone). Block status reports the merge, so a tool that copies
+   only allocated ranges (qemu-img convert) gets the parent's data too. WRITE_ZEROES writes zero blocks
+   (a hole would read through to the parent) and TRIM is ignored (advisory: the block keeps its data).
+   `flatten` copies what the clone lacks with FILL writes (wire/ops.py rule 6), so a block the host writes
+   meanwhile is never overwritten with the parent's.
 """
 
 from __future__ import annotations
@@ -42,6 +48,8 @@ class VolumeInfo:
     size_bytes: int
     extent_size_bytes: int = 64 << 20
     extent_ids: tuple[int, ...] = ()
+    parent: VolumeInfo | None = None  # a clone: blocks it never wrote read from this volume's snapshot
+    parent_snap_id: int = 0
 
     def extent_id(self, extent_index: int) -> int:
         if self.extent_ids:
@@ -95,6 +103,7 @@ class Volume:
         self._touched: dict[int, ReplicationGroup] = {}  # groups written through this volume (for FLUSH)
         self._barrier: asyncio.Future[None] | None = None  # rule 4
         self._holds = 0
+        self._parent: Volume | None = None  # rule 5, built from info.parent when first needed
 
     @property
     def size_bytes(self) -> int:
@@ -117,10 +126,18 @@ class Volume:
     async def _read_blocks(self, first: int, end: int, snap_id: int = 0) -> bytearray:
         """`snap_id`: as that snapshot keeps the blocks (0: as they are now)."""
         pieces = self._pieces(first, end)
-        if len(pieces) == 1:  # the common case: no gather, no Task per piece
+        parent = self.parent()
+        results: list[bytearray]
+        if parent is not None:  # rule 5
+            results = await asyncio.gather(*(self._read_through(parent, eid, blk, n, vb, snap_id)
+                                             for eid, blk, n, vb in pieces))
+        elif len(pieces) == 1:  # the common case: no gather, no Task per piece
             eid, blk, n, _ = pieces[0]
             return await self._read_piece(eid, blk, n, snap_id)
-        results = await asyncio.gather(*(self._read_piece(eid, blk, n, snap_id) for eid, blk, n, _ in pieces))
+        else:
+            results = await asyncio.gather(*(self._read_piece(eid, blk, n, snap_id) for eid, blk, n, _ in pieces))
+        if len(results) == 1:
+            return results[0]
         out = bytearray()
         for r in results:
             out += r
@@ -143,6 +160,100 @@ class Volume:
             out += data
             done += n
         return out
+
+    # --- clones (rule 5) ----------------------------------------------------------------------------
+    def parent(self) -> Volume | None:
+        p = self.info.parent
+        if p is None:
+            return None
+        if self._parent is None or self._parent.info is not p:
+            self._parent = Volume(p, self._group_for)
+        return self._parent
+
+    async def _read_through(self, parent: Volume, extent_id: int, block: int, count: int, vb: int,
+                            snap_id: int) -> bytearray:
+        runs = await self._group_for(extent_id).block_status(extent_id, block, count, snap_id=snap_id)
+        if len(runs) == 1 and runs[0][1]:
+            return await self._read_piece(extent_id, block, count, snap_id)
+        out = bytearray()
+        pos = 0
+        for n, allocated in runs:
+            if allocated:
+                out += await self._read_piece(extent_id, block + pos, n, snap_id)
+            else:
+                out += await parent._read_parent(vb + pos, n, self.info.parent_snap_id)
+            pos += n
+        return out
+
+    async def _read_parent(self, first: int, count: int, snap_id: int) -> bytearray:
+        """Blocks [first, first+count) of snapshot `snap_id` of this volume, zeros past its end."""
+        own = max(0, min(count, self.info.size_bytes // BLOCK_SIZE - first))
+        data = await self._read_blocks(first, first + own, snap_id) if own else bytearray()
+        if own < count:
+            data += bytes((count - own) * BLOCK_SIZE)
+        return data
+
+    async def _alloc(self, extent_id: int, block: int, count: int, vb: int, snap_id: int) -> list[tuple[int, bool]]:
+        """(blocks, allocated) runs of one piece, a clone's merged with its parent's snapshot (rule 5)."""
+        group = self._group_for(extent_id)
+        runs = await (group.block_status(extent_id, block, count, snap_id=snap_id) if snap_id
+                      else group.block_status(extent_id, block, count))
+        parent = self.parent()
+        if parent is None:
+            return runs
+        out: list[tuple[int, bool]] = []
+        pos = 0
+        for n, allocated in runs:
+            if allocated:
+                out.append((n, True))
+            else:
+                out.extend(await parent._alloc_range(vb + pos, n, self.info.parent_snap_id))
+            pos += n
+        return out
+
+    async def _alloc_range(self, first: int, count: int, snap_id: int) -> list[tuple[int, bool]]:
+        own = max(0, min(count, self.info.size_bytes // BLOCK_SIZE - first))
+        out: list[tuple[int, bool]] = []
+        for eid, blk, n, vb in self._pieces(first, first + own):
+            out.extend(await self._alloc(eid, blk, n, vb, snap_id))
+        if own < count:
+            out.append((count - own, False))
+        return out
+
+    async def flatten(self, progress: Callable[[int, int], None] | None = None, parallel: int = 4) -> int:
+        """Copy into this clone every block of its parent snapshot it does not have (FILL writes: a block
+        written meanwhile is kept). Returns the bytes copied; `progress(blocks done, blocks total)`."""
+        parent = self.parent()
+        if parent is None:
+            return 0
+        total = self.info.size_bytes // BLOCK_SIZE
+        done = copied = 0
+        gate = asyncio.Semaphore(parallel)
+        snap = self.info.parent_snap_id
+
+        async def copy(eid: int, blk: int, n: int, vb: int) -> int:
+            async with gate:
+                data = await parent._read_parent(vb, n, snap)
+                if data == bytes(len(data)):
+                    return 0
+                await self._group_for(eid).write(eid, blk, memoryview(data), blockcrc.block_crcs(data), fill=True)
+                return len(data)
+
+        for eid, blk, n, vb in self._pieces(0, total):
+            jobs = []
+            pos = 0
+            for cnt, allocated in await self._group_for(eid).block_status(eid, blk, n):
+                k = 0
+                while not allocated and k < cnt:
+                    m = min(cnt - k, RECORD_BLOCKS_MAX)
+                    jobs.append(copy(eid, blk + pos + k, m, vb + pos + k))
+                    k += m
+                pos += cnt
+            copied += sum(await asyncio.gather(*jobs))
+            done += n
+            if progress is not None:
+                progress(done, total)
+        return copied
 
     async def read(self, offset: int, length: int) -> bytearray | memoryview:
         first = offset // BLOCK_SIZE
@@ -270,7 +381,7 @@ class Volume:
         """Advisory (proto.md): only whole blocks inside the range are dropped; partial ones are left."""
         first = (offset + BLOCK_SIZE - 1) // BLOCK_SIZE
         end = (offset + length) // BLOCK_SIZE
-        if first >= end:
+        if first >= end or self.info.parent is not None:  # a clone keeps the block (rule 5)
             return
         if self._locks:
             await self._locks.wait_free(first, end)
@@ -294,7 +405,7 @@ class Volume:
             await self.write(end_full * BLOCK_SIZE, bytes(end_off - end_full * BLOCK_SIZE))
         if self._locks:
             await self._locks.wait_free(first_full, end_full)
-        if no_hole:
+        if no_hole or self.info.parent is not None:  # a clone's hole would read its parent (rule 5)
             b = first_full
             while b < end_full:
                 n = min(end_full - b, RECORD_BLOCKS_MAX)
@@ -331,7 +442,7 @@ class Volume:
         stop = offset + length
         for eid, blk, n, vb in self._pieces(first, end):
             vb_cur = vb
-            for count, allocated in await self._group_for(eid).block_status(eid, blk, n):
+            for count, allocated in await self._alloc(eid, blk, n, vb, 0):
                 run_end = min(stop, (vb_cur + count) * BLOCK_SIZE)
                 vb_cur += count
                 nbytes = run_end - pos

@@ -73,7 +73,7 @@ class ClusterIO:
         return [self.group(int(g), epoch) for g in dict.fromkeys(v.extent_groups)]
 
     def volume(self, name: str) -> Volume:
-        info = next(i for i in volume_infos(self.st) if i.name == name)
+        info = next(i for i in volume_infos(self.st, ("ready", "restoring", "failed")) if i.name == name)
         epoch = self.st.attach_epochs.get(name, 0)
         cache: dict[int, GroupClient] = {}
 

@@ -42,6 +42,7 @@ from raftblock.meta.state import (
     RenameVolume,
     Result,
     SetSnapshotState,
+    SetVolumeState,
     command_from_dict,
     encode_command,
 )
@@ -53,7 +54,8 @@ log = structlog.get_logger(__name__)
 # that took the proposal, as the audit trail (heartbeats and node-state batches are not: too frequent or
 # logged by the failure detector itself).
 AUDITED = frozenset({"create_volume", "delete_volume", "rename_volume", "attach", "detach", "set_node_drain",
-                     "register_node", "register_gateway", "set_group_members", "create_snapshot", "set_snapshot_state"})
+                     "register_node", "register_gateway", "set_group_members", "create_snapshot", "set_snapshot_state",
+                     "set_volume_state"})
 
 LINE_BYTES_MAX = 8 << 20  # a state reply for a large cluster fits
 _AUTH_CONTEXT = b"raftblock-meta-admin"
@@ -297,8 +299,14 @@ class MetaClient:
                             disk_id: str = "") -> Result:
         return await self.propose(RegisterNode(node_id, rack, address, capacity_bytes, _now_ms(), disk_id))
 
-    async def create_volume(self, name: str, size_bytes: int, mode: str = "raft") -> Result:
-        return await self.propose(CreateVolume(name, size_bytes, _now_ms(), mode))
+    async def create_volume(self, name: str, size_bytes: int, mode: str = "raft", state: str = "ready",
+                            parent: str = "", origin: str = "") -> Result:
+        return await self.propose(CreateVolume(name, size_bytes, _now_ms(), mode, state=state, parent=parent,
+                                               origin=origin))
+
+    async def set_volume_state(self, name: str, state: str = "", expected: str = "",
+                               detach_parent: bool = False) -> Result:
+        return await self.propose(SetVolumeState(name, state, expected, detach_parent))
 
     async def delete_volume(self, name: str) -> Result:
         return await self.propose(DeleteVolume(name))

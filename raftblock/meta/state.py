@@ -40,6 +40,7 @@ VOLUME_NAME_BYTES_MAX = 64
 GROUPS_PER_NODE_MAX = 512  # extent-group replicas one node runs; placement refuses a volume past it (a 4-node demo
 # on one 2-core machine was saturated by ~2,300 per node: issue 14 re-read)
 VOLUME_SIZE_BYTES_MAX = 4 << 40  # 4 TiB: 65536 extents of 64 MiB, each listed in the map
+CLONE_DEPTH_MAX = 8  # a clone of a clone ... reads through at most this many volumes (flatten to go deeper)
 GROUP_MEMBERS_MAX = 7
 STATE_CHANGES_PER_COMMAND_MAX = 256
 BLOCK_SIZE = 4096
@@ -75,6 +76,13 @@ class VolumeRecord:
     extent_groups: list[GroupId]  # extent index -> extent group
     qos_iops_max: int = 0  # placeholders: 0 = unlimited
     qos_bytes_per_s_max: int = 0
+    # "ready" (served), "restoring" (being filled from a backup: not served, docs/snapshots.md section 5),
+    # "failed" (a restore that did not complete: not served, kept for the operator to delete)
+    state: str = "ready"
+    # A clone reads the blocks it never wrote from this snapshot of that volume (0: not a clone)
+    parent_volume_id: int = 0
+    parent_snap_id: int = 0
+    origin: str = ""  # where a restored volume comes from (URL, volume@snapshot): a re-run resumes only that
 
 
 @dataclass
@@ -202,6 +210,21 @@ class CreateVolume(Command):
     mode: str = "raft"
     qos_iops_max: int = 0
     qos_bytes_per_s_max: int = 0
+    state: str = "ready"  # "restoring": a restore target, not served until SetVolumeState makes it ready
+    parent: str = ""  # a clone: "VOLUME@SNAPSHOT" (a ready snapshot; the clone is at least its size)
+    origin: str = ""
+
+
+@dataclass(frozen=True)
+class SetVolumeState(Command):
+    """A restore target becomes `ready` or `failed` (only from `expected`); `detach_parent`: a flattened clone
+    no longer reads through to its parent snapshot."""
+
+    op: ClassVar[str] = "set_volume_state"
+    name: str
+    state: str = ""
+    expected: str = ""
+    detach_parent: bool = False
 
 
 @dataclass(frozen=True)
@@ -286,7 +309,8 @@ class Noop(Command):
 COMMANDS: dict[str, type[Command]] = {
     c.op: c
     for c in (InitCluster, RegisterNode, SetNodeStates, CreateVolume, DeleteVolume, Attach, Detach,
-              SetGroupMembers, Noop, SetNodeDrain, RenameVolume, RegisterGateway, CreateSnapshot, SetSnapshotState)
+              SetGroupMembers, Noop, SetNodeDrain, RenameVolume, RegisterGateway, CreateSnapshot, SetSnapshotState,
+              SetVolumeState)
 }
 
 
@@ -474,6 +498,10 @@ class MetaState:
         allowed = {"creating": ("ready", "deleting"), "ready": ("deleting",), "deleting": ("gone",)}
         if cmd.state not in allowed[r.state]:
             return _err("invalid", f"snapshot {cmd.name!r} is {r.state}: it cannot become {cmd.state}")
+        clones = self.clones_of(r.volume_id, r.snap_id)
+        if cmd.state == "deleting" and clones:
+            return _err("has_clones", f"snapshot {cmd.volume}@{cmd.name} has clones reading through to it: "
+                        f"{', '.join(clones)} (volume flatten or delete them first)")
         if cmd.state == "gone":
             del self.snapshots[r.snap_id]
         else:
@@ -521,6 +549,24 @@ class MetaState:
                         f"at most {format_size(VOLUME_SIZE_BYTES_MAX)}")
         if cmd.qos_iops_max < 0 or cmd.qos_bytes_per_s_max < 0:
             return _err("invalid", "QoS limits must be >= 0")
+        if cmd.state not in ("ready", "restoring"):
+            return _err("invalid", f"a new volume is ready or restoring, not {cmd.state!r}")
+        parent: SnapshotRecord | None = None
+        if cmd.parent:
+            pvol, _, psnap = cmd.parent.partition("@")
+            if pvol not in self.volumes:
+                return _err("unknown_volume", f"no volume {pvol!r}")
+            parent = self.snapshot_of(pvol, psnap)
+            if parent is None or parent.state != "ready":
+                return _err("unknown_snapshot", f"volume {pvol!r} has no ready snapshot {psnap!r}")
+            if cmd.size_bytes < (parent.size_bytes or self.volumes[pvol].size_bytes):
+                return _err("invalid", f"a clone of {cmd.parent} is at least its size")
+            depth, up = 1, self.volumes[pvol]
+            while up.parent_volume_id and (nxt := self.volume_by_id(up.parent_volume_id)) is not None:
+                depth, up = depth + 1, nxt
+            if depth >= CLONE_DEPTH_MAX:
+                return _err("invalid", f"{pvol} is a clone {depth - 1} levels deep: flatten it before cloning it "
+                            f"again (at most {CLONE_DEPTH_MAX - 1} levels)")
         views = [NodeView(n.node_id, n.rack, n.state == "up" and not n.draining, n.capacity_bytes, n.reserved_bytes)
                  for n in self.nodes.values()]
         plans = place(views, cmd.size_bytes, extent_size_bytes=self.extent_size_bytes,
@@ -559,8 +605,32 @@ class MetaState:
         self.next_volume_id += 1
         self.volumes[cmd.name] = VolumeRecord(cmd.name, vid, cmd.size_bytes, cmd.mode,  # type: ignore[arg-type]
                                               cmd.now_ms, self.extent_size_bytes, mapping,
-                                              cmd.qos_iops_max, cmd.qos_bytes_per_s_max)
+                                              cmd.qos_iops_max, cmd.qos_bytes_per_s_max, state=cmd.state,
+                                              parent_volume_id=parent.volume_id if parent else 0,
+                                              parent_snap_id=parent.snap_id if parent else 0, origin=cmd.origin)
         return _ok(volume_id=vid, groups=group_ids)
+
+    def volume_by_id(self, volume_id: int) -> VolumeRecord | None:
+        return next((v for v in self.volumes.values() if v.volume_id == volume_id), None)
+
+    def clones_of(self, volume_id: int, snap_id: int = 0) -> list[str]:
+        """Volumes reading through to `volume_id` (to its snapshot `snap_id` only, if given)."""
+        return sorted(v.name for v in self.volumes.values()
+                      if v.parent_volume_id == volume_id and (not snap_id or v.parent_snap_id == snap_id))
+
+    def _apply_set_volume_state(self, cmd: SetVolumeState) -> Result:
+        v = self.volumes.get(cmd.name)
+        if v is None:
+            return _err("unknown_volume", f"no volume {cmd.name!r}")
+        if cmd.state:
+            if cmd.state not in ("ready", "restoring", "failed"):
+                return _err("invalid", f"volume state {cmd.state!r}")
+            if cmd.expected and v.state != cmd.expected:
+                return _err("invalid", f"volume {cmd.name!r} is {v.state}, not {cmd.expected}")
+            v.state = cmd.state
+        if cmd.detach_parent:
+            v.parent_volume_id = v.parent_snap_id = 0
+        return _ok(state=v.state)
 
     def _apply_delete_volume(self, cmd: DeleteVolume) -> Result:
         vol = self.volumes.get(cmd.name)
@@ -569,6 +639,10 @@ class MetaState:
         if cmd.name in self.attachments:
             a = self.attachments[cmd.name]
             return _err("attached", f"volume {cmd.name!r} is attached by gateway {a.gateway_id!r}")
+        clones = self.clones_of(vol.volume_id)
+        if clones:
+            return _err("has_clones", f"volume {cmd.name!r} has clones reading through to its snapshots: "
+                        f"{', '.join(clones)} (volume flatten or delete them first)")
         del self.volumes[cmd.name]
         self.attach_epochs.pop(cmd.name, None)
         for sid in [k for k, r in self.snapshots.items() if r.volume_id == vol.volume_id]:

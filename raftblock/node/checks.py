@@ -11,7 +11,7 @@ from raftblock.storage.engine import CorruptBlockError
 from raftblock.storage.segment import MAX_BLOCK, MAX_WRITE_BLOCKS
 from raftblock.wire import raftblock_pb2 as pb
 from raftblock.wire.client import OP_C_SNAP, OP_C_TRIM, OP_C_UNSNAP
-from raftblock.wire.ops import BLOCK_SIZE, OP_SNAP, OP_TRIM, OP_UNSNAP, OP_WRITE, BlockOp
+from raftblock.wire.ops import BLOCK_SIZE, OP_FILL, OP_SNAP, OP_TRIM, OP_UNSNAP, OP_WRITE, BlockOp
 
 
 def check_range(gid: int, req: pb.ClientRequest, limit: int) -> int:
@@ -53,4 +53,5 @@ def validate_write(gid: int, req: pb.ClientRequest, payload: bytes | bytearray |
     bad = blockcrc.first_mismatch(payload, crcs)
     if bad >= 0:
         raise CorruptBlockError(req.extent_id, req.block + bad, "checksum mismatch on arrival")
-    return BlockOp(OP_WRITE, req.extent_id, req.block, n, crcs, payload, req.client_id, req.write_id, req.low_water)
+    return BlockOp(OP_FILL if req.fill else OP_WRITE, req.extent_id, req.block, n, crcs, payload, req.client_id,
+                   req.write_id, req.low_water)

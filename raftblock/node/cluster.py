@@ -561,7 +561,7 @@ def cluster_down(root: Path, node: int | None = None, force: bool = False) -> li
 
 
 def volume_create(root: Path, name: str, size_bytes: int, replication: str | None = None,
-                  timeout_s: float = 30.0) -> dict[str, Any]:
+                  timeout_s: float = 30.0, state: str = "ready", parent: str = "", origin: str = "") -> dict[str, Any]:
     """`replication`: "raft" | "chain"; None: the cluster's default (`cluster up --replication`). Returns
     once every group of the volume has a leader (a stopped node does not matter while each group keeps a
     majority); if they do not within `timeout_s`, the error says that the volume exists."""
@@ -573,7 +573,7 @@ def volume_create(root: Path, name: str, size_bytes: int, replication: str | Non
                            f"at most {format_size(VOLUME_SIZE_BYTES_MAX)}")
     cmap = _load(layout)
     mode = replication or cmap.replication
-    _done(_meta(layout, cmap, lambda c: c.create_volume(name, size_bytes, mode)))
+    _done(_meta(layout, cmap, lambda c: c.create_volume(name, size_bytes, mode, state, parent, origin)))
     _gateway_call(layout, "reload")
     vol = read_map(layout, cmap).volumes[name]
     groups = {int(g) for g in vol.extent_groups}
@@ -583,7 +583,59 @@ def volume_create(root: Path, name: str, size_bytes: int, replication: str | Non
         raise ClusterError(f"volume {name} was created, but is not serving yet: {e} "
                            f"(it serves once they have; raftblock cluster status --dir {root})") from e
     return {"name": vol.name, "size_bytes": vol.size_bytes, "extents": len(vol.extent_groups),
-            "groups": sorted(groups), "replication": vol.mode}
+            "groups": sorted(groups), "replication": vol.mode, "parent": parent or None}
+
+
+def volume_clone(root: Path, source: str, name: str, replication: str | None = None) -> dict[str, Any]:
+    """`volume clone VOL@SNAP NEW`: a writable volume at once, reading what it never wrote from the snapshot
+    (client/volume.py rule 5); its size is the snapshot's."""
+    layout = Layout(root)
+    cmap = _load(layout)
+    st = read_map(layout, cmap)
+    vol, _, snap = source.partition("@")
+    if vol not in st.volumes:
+        raise ClusterError(f"no volume {vol}")
+    rec = st.snapshot_of(vol, snap)
+    if rec is None or rec.state != "ready":
+        raise ClusterError(f"volume {vol} has no snapshot {snap}" if rec is None
+                           else f"snapshot {source} is {rec.state}, not ready")
+    return volume_create(root, name, rec.size_bytes or st.volumes[vol].size_bytes,
+                         replication or st.volumes[vol].mode, parent=source)
+
+
+def volume_flatten(root: Path, name: str, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """`volume flatten CLONE`: copy the parent snapshot's blocks the clone lacks (FILL writes, safe next to a
+    host writing the clone), then cut the link. Re-runnable: what is already there is not copied again."""
+    from raftblock.control.snapshots import ClusterIO
+
+    layout = Layout(root)
+    cmap = _load(layout)
+    st = read_map(layout, cmap)
+    v = st.volumes.get(name)
+    if v is None:
+        raise ClusterError(f"no volume {name}")
+    if not v.parent_volume_id:
+        return {"name": name, "copied_bytes": 0, "parent": None}
+    parent = st.volume_by_id(v.parent_volume_id)
+    snap = st.snapshots.get(v.parent_snap_id)
+    source = f"{parent.name if parent else '?'}@{snap.name if snap else '?'}"
+
+    async def go() -> int:
+        io = ClusterIO(st, cmap.peers())
+        try:
+            return await io.volume(name).flatten(progress)
+        finally:
+            await io.close()
+
+    from raftblock.replication.group import GroupError
+
+    try:
+        copied = asyncio.run(go())
+    except GroupError as e:
+        raise ClusterError(f"flatten of {name} stopped: {e} (run it again: what is copied stays)") from e
+    _done(_meta(layout, cmap, lambda c: c.set_volume_state(name, detach_parent=True)))
+    _gateway_call(layout, "reload")
+    return {"name": name, "copied_bytes": copied, "parent": source}
 
 
 def _connections(layout: Layout, name: str) -> int:
@@ -630,6 +682,7 @@ def volume_info(root: Path, name: str) -> dict[str, Any]:
             "allocated_bytes": sum(g["allocated_bytes"] or 0 for g in groups),
             "attached_by": att.gateway_id if att is not None else None,
             "attach_epoch": st.attach_epochs.get(name, 0), "connections": _connections(layout, name),
+            "state": vol.state, "parent": _parent_of(st, vol), "origin": vol.origin or None,
             "repairs": [r for r in status["repairs"] if r["group"] in gids]}
 
 
@@ -698,8 +751,18 @@ def volume_list(root: Path) -> list[dict[str, Any]]:
     layout = Layout(root)
     st = read_map(layout, _load(layout))
     return [{"name": v.name, "size_bytes": v.size_bytes, "replication": v.mode, "extents": len(v.extent_groups),
-             "attached_by": st.attachments[v.name].gateway_id if v.name in st.attachments else None}
+             "attached_by": st.attachments[v.name].gateway_id if v.name in st.attachments else None,
+             "state": v.state, "parent": _parent_of(st, v)}
             for v in sorted(st.volumes.values(), key=lambda v: v.name)]
+
+
+def _parent_of(st: MetaState, v: Any) -> str | None:
+    """A clone's parent as VOLUME@SNAPSHOT (None: not a clone)."""
+    if not v.parent_volume_id:
+        return None
+    p = st.volume_by_id(v.parent_volume_id)
+    s = st.snapshots.get(v.parent_snap_id)
+    return f"{p.name if p else v.parent_volume_id}@{s.name if s else v.parent_snap_id}"
 
 
 def _load(layout: Layout, running: bool = True) -> ClusterMap:

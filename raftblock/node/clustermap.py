@@ -18,7 +18,7 @@ from pathlib import Path
 
 from raftblock.client.volume import VolumeInfo
 from raftblock.ids import extent_id
-from raftblock.meta.state import MetaState
+from raftblock.meta.state import CLONE_DEPTH_MAX, MetaState, VolumeRecord
 from raftblock.node.serve import write_json_atomic
 
 
@@ -67,10 +67,14 @@ class ClusterMap:
         return {n.node_id: (n.host, n.port) for n in self.nodes}
 
 
-def volume_infos(st: MetaState) -> list[VolumeInfo]:
-    """The data path's view of every volume in the metadata map."""
-    return [
-        VolumeInfo(v.name, v.volume_id, v.size_bytes, v.extent_size_bytes,
-                   tuple(extent_id(int(g), i) for i, g in enumerate(v.extent_groups)))
-        for v in sorted(st.volumes.values(), key=lambda v: v.name)
-    ]
+def volume_infos(st: MetaState, states: tuple[str, ...] = ("ready",)) -> list[VolumeInfo]:
+    """The data path's view of the volumes of the metadata map in one of `states` (a volume being restored
+    or whose restore failed is not served). A clone's info carries its parent's, for the read-through."""
+    def info(v: VolumeRecord, depth: int = 0) -> VolumeInfo:
+        parent = st.volume_by_id(v.parent_volume_id) if v.parent_volume_id else None
+        return VolumeInfo(v.name, v.volume_id, v.size_bytes, v.extent_size_bytes,
+                          tuple(extent_id(int(g), i) for i, g in enumerate(v.extent_groups)),
+                          parent=info(parent, depth + 1) if parent is not None and depth < CLONE_DEPTH_MAX else None,
+                          parent_snap_id=v.parent_snap_id if parent is not None else 0)
+
+    return [info(v) for v in sorted(st.volumes.values(), key=lambda v: v.name) if v.state in states]

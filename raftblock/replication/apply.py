@@ -17,6 +17,8 @@ Rules:
    written as before. Runs of writes and of links keep the batch's order.
 6. SNAP / UNSNAP (wire/ops.py rule 5) pin / unpin the group's image here, between the ops before and after
    them; applying one twice (a replay) changes nothing (Engine.pin_snapshot keeps an existing pin).
+7. FILL (wire/ops.py rule 6) writes only the blocks not allocated at this point of the log: the same blocks
+   on every replica, since each applies the same ops before it.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import structlog
 from raftblock.replication.sessions import Sessions
 from raftblock.replication.wal import Link
 from raftblock.storage.engine import CorruptBlockError, Engine, NoSpaceError
-from raftblock.wire.ops import OP_SNAP, OP_TRIM, OP_UNSNAP, OP_WRITE, decode_batch
+from raftblock.wire.ops import OP_FILL, OP_SNAP, OP_TRIM, OP_UNSNAP, OP_WRITE, decode_batch
 
 log = structlog.get_logger(__name__)
 
@@ -75,6 +77,14 @@ def apply_batch(engine: Engine, sessions: Sessions, gid: int, index: int, data: 
                     engine.pin_snapshot(gid, op.extent_id)
                 else:
                     engine.unpin_snapshot(gid, op.extent_id)
+            elif op.kind == OP_FILL:  # rule 7
+                flush()
+                pos = 0
+                for n, allocated in engine.block_status(op.extent_id, op.block, op.count):
+                    if not allocated:
+                        engine.write(op.extent_id, op.block + pos, op.data[pos * 4096 : (pos + n) * 4096],
+                                     op.crcs[pos : pos + n])
+                    pos += n
             elif at >= 0:
                 if writes:
                     flush()

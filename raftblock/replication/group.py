@@ -58,7 +58,8 @@ class GroupStatus:
 
 
 class ReplicationGroup(Protocol):
-    async def write(self, extent_id: int, block: int, data: memoryview | bytes, crcs: Sequence[int]) -> None: ...
+    async def write(self, extent_id: int, block: int, data: memoryview | bytes, crcs: Sequence[int],
+                    fill: bool = False) -> None: ...
 
     async def read(self, extent_id: int, block: int, count: int, snap_id: int = 0) -> tuple[bytearray, list[int]]: ...
 

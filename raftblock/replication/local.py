@@ -93,7 +93,10 @@ class LocalGroup:
         if self.committer.failed is not None:
             raise Unavailable(f"disk failed: {self.committer.failed}")
 
-    async def write(self, extent_id: int, block: int, data: memoryview | bytes, crcs: Sequence[int]) -> None:
+    async def write(self, extent_id: int, block: int, data: memoryview | bytes, crcs: Sequence[int],
+                    fill: bool = False) -> None:
+        if fill:
+            raise Unavailable("clones need replicated groups (raftblock cluster up)")
         self._check()
         try:
             lsn = self.engine.write(extent_id, block, data, crcs)

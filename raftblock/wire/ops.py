@@ -10,6 +10,8 @@
 #    An op without the flag is applied unconditionally (the batch format before names existed).
 # 5. SNAP and UNSNAP (docs/snapshots.md section 1) carry a snapshot id in the extent id field and no blocks:
 #    applying one pins (or unpins) the group's image at that point of its log on every replica.
+# 6. FILL is encoded as a WRITE and applied only to the blocks that are not allocated when it is applied
+#    (a clone's flatten: a block the host wrote meanwhile is kept, on every replica alike).
 from __future__ import annotations
 
 import struct
@@ -21,7 +23,9 @@ OP_WRITE = 1
 OP_TRIM = 2
 OP_SNAP = 3
 OP_UNSNAP = 4
+OP_FILL = 5
 _MARK_OPS = (OP_SNAP, OP_UNSNAP)
+_DATA_OPS = (OP_WRITE, OP_FILL)
 _COUNT = struct.Struct("<H")
 _OP = struct.Struct("<BBHIQII")  # kind, flags, reserved, count, extent_id, block, reserved
 _NAME = struct.Struct("<QQQ")  # client id, write id, low-water mark (FLAG_NAMED)
@@ -55,14 +59,14 @@ class BlockOp:
 
     def encoded_size(self) -> int:
         n = _OP.size + (_NAME.size if self.client else 0)
-        if self.kind == OP_WRITE:
+        if self.kind in _DATA_OPS:
             return n + 4 * self.count + self.count * BLOCK_SIZE
         return n
 
     def __repr__(self) -> str:
         if self.kind in _MARK_OPS:
             return f"BlockOp({'SNAP' if self.kind == OP_SNAP else 'UNSNAP'} snap={self.extent_id})"
-        kind = "W" if self.kind == OP_WRITE else "T"
+        kind = {OP_WRITE: "W", OP_FILL: "F"}.get(self.kind, "T")
         return f"BlockOp({kind} ext={self.extent_id:#x} blk={self.block} n={self.count})"
 
 
@@ -76,7 +80,7 @@ def encode_batch(ops: Sequence[BlockOp]) -> bytes:
             parts.append(_NAME.pack(op.client, op.wid, op.low))
         else:
             parts.append(_OP.pack(op.kind, 0, 0, op.count, op.extent_id, op.block, 0))
-        if op.kind == OP_WRITE:
+        if op.kind in _DATA_OPS:
             if len(op.crcs) != op.count or len(op.data) != op.count * BLOCK_SIZE:
                 raise ValueError("write op: crcs/data do not match count")
             parts.append(struct.pack(f"<{op.count}I", *op.crcs))
@@ -101,12 +105,12 @@ def write_spans(data: bytes | bytearray | memoryview, min_bytes: int) -> list[tu
         for _ in range(n):
             kind, flags, _r2, count, _e, _b, _r3 = _OP.unpack_from(view, off)
             off += _OP.size + (_NAME.size if flags & FLAG_NAMED else 0)
-            if kind == OP_WRITE:
+            if kind in _DATA_OPS:
                 off += 4 * count
                 length = count * BLOCK_SIZE
                 if off + length > len(view):
                     return []
-                if length >= min_bytes:
+                if length >= min_bytes and kind == OP_WRITE:
                     out.append((off, length))
                 off += length
     except struct.error:
@@ -135,7 +139,7 @@ def _decode_batch(view: memoryview) -> list[BlockOp]:
             off += _NAME.size
         elif flags:
             raise ValueError(f"unknown op flags {flags:#x}")
-        if kind == OP_WRITE:
+        if kind in _DATA_OPS:
             crcs = list(struct.unpack_from(f"<{count}I", view, off))
             off += 4 * count
             end = off + count * BLOCK_SIZE

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,8 +22,9 @@ import pytest
 
 from raftblock.testing.journal import judge_cut
 
-from .helpers import BLOCK, CLIENTS, kill_group, require_libnbd
+from .helpers import BLOCK, CLIENTS, _skip_or_fail, kill_group, require_libnbd, require_tools
 from .test_cluster import Cluster, _cleanup
+from .test_ext4_nbdfuse import _make_tree, _phase, _read_sums
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -171,3 +173,51 @@ def test_cut_left_creating_is_failed_by_an_attaching_gateway(cluster: Cluster, t
     assert _snaps(cluster, "vol")["orphan"]["state"] == "deleting"
     cluster.cli("snapshot", "delete", "vol", "orphan")
     assert _snaps(cluster, "vol") == {}
+
+
+def test_ext4_snapshot_clone_flatten(cluster: Cluster, tmp_path: Path) -> None:
+    """Files written, snapshot, files changed; the snapshot's clone mounts with the old files (fsck clean),
+    the volume with the new ones; writing the clone leaves the snapshot alone; a snapshot with clones cannot
+    be deleted, nor its volume; flatten cuts the link and the clone keeps its files."""
+    require_tools("nbdfuse", "fusermount3", "mkfs.ext4", "fsck.ext4", "unshare", "mount", "umount", "mountpoint")
+    if os.geteuid() != 0 or not Path("/dev/fuse").exists():
+        _skip_or_fail("mount -o loop needs root and /dev/fuse")
+    old_tree, new_tree = _make_tree(tmp_path / "old", seed=1), _make_tree(tmp_path / "new", seed=2)
+    cluster.up()
+    cluster.cli("volume", "create", "fs", "--size", "256M")
+    work = tmp_path / "work"
+    work.mkdir()
+    _phase("write", f"{cluster.uri}/fs", work, tmp_path / "old")
+    assert _read_sums(work / "sums.write") == old_tree
+    cluster.cli("snapshot", "create", "fs", "before")
+    _phase("change", f"{cluster.uri}/fs", work, tmp_path / "new")
+    assert _read_sums(work / "sums.change") == new_tree
+
+    cluster.cli("volume", "clone", "fs@before", "old")
+    cluster.cli("volume", "clone", "fs@before", "scratch")
+    _phase("verify", f"{cluster.uri}/old", work)
+    assert _read_sums(work / "sums.verify") == old_tree, "the clone does not hold the snapshot's files"
+    _phase("verify", f"{cluster.uri}/fs", work)
+    assert _read_sums(work / "sums.verify") == new_tree
+    _phase("change", f"{cluster.uri}/scratch", work, tmp_path / "new")  # writing a clone
+    assert _read_sums(work / "sums.change") == new_tree
+    _phase("verify", f"{cluster.uri}/old", work)
+    assert _read_sums(work / "sums.verify") == old_tree, "writing one clone changed its sibling"
+
+    for args, says in [(("snapshot", "delete", "fs", "before"), "has clones reading through to it: old, scratch"),
+                       (("volume", "delete", "fs"), "has clones"),
+                       (("volume", "clone", "fs@nosuch", "x"), "volume fs has no snapshot nosuch"),
+                       (("volume", "clone", "fs@before", "old"), "exists")]:
+        r = cluster.cli(*args, check=False)
+        assert r.returncode == 1 and says in r.stderr and len(r.stderr.strip().splitlines()) == 1, (args, r.stderr)
+    cluster.cli("volume", "delete", "scratch")
+    r = cluster.cli("volume", "flatten", "old")
+    assert "flattened" in r.stdout and "copied from fs@before" in r.stdout, r.stdout
+    assert "flatten old" in r.stderr and "100.0%" in r.stderr and "ETA" in r.stderr, r.stderr  # the progress bar
+    res = json.loads(cluster.cli("volume", "flatten", "old", "--json").stdout)
+    assert res == {"name": "old", "copied_bytes": 0, "parent": None}, res  # nothing left to do
+    vols = {v["name"]: v for v in json.loads(cluster.cli("volume", "list", "--json").stdout)}
+    assert vols["old"]["parent"] is None
+    cluster.cli("snapshot", "delete", "fs", "before")
+    _phase("verify", f"{cluster.uri}/old", work)
+    assert _read_sums(work / "sums.verify") == old_tree, "the flattened clone lost files"

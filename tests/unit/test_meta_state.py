@@ -28,6 +28,7 @@ from raftblock.meta.state import (
     SetNodeDrain,
     SetNodeStates,
     SetSnapshotState,
+    SetVolumeState,
     StateChange,
     decode_command,
     encode_command,
@@ -64,6 +65,8 @@ ALL = [
     RegisterGateway("n2", "127.0.0.1:10810", 5, 2),
     CreateSnapshot("v", "nightly", 9),
     SetSnapshotState("v", "nightly", "ready"),
+    SetVolumeState("v", "ready", "restoring", True),
+    CreateVolume("c", GiB, 7, "raft", state="restoring", parent="v@nightly", origin="s3://b/p"),
 ]
 
 
@@ -345,3 +348,40 @@ def test_snapshot_records_name_hand_out_ids_and_walk_their_states() -> None:
     old = json.loads(s.to_json())
     del old["snapshots"], old["next_snap_id"]  # a state saved before snapshots existed still loads
     assert MetaState.from_dict(old).snapshots == {}
+
+
+def test_clones_and_restore_targets_in_the_map() -> None:
+    """A clone names a ready snapshot and is at least its size; neither the snapshot nor its volume can be
+    deleted while a clone reads through to it; detaching the parent (flatten) ends that; a restore target is
+    created `restoring` and turns ready or failed only from there; clone chains are bounded."""
+    from raftblock.meta.state import CLONE_DEPTH_MAX
+
+    s = cluster()
+    assert s.apply(CreateVolume("v", GiB, 1)).ok
+    assert s.apply(CreateSnapshot("v", "s1", 2)).ok
+    assert s.apply(CreateVolume("c", GiB, 3, parent="v@s1")).error == "unknown_snapshot"  # still creating
+    assert s.apply(SetSnapshotState("v", "s1", "ready")).ok
+    assert s.apply(CreateVolume("c", GiB // 2, 3, parent="v@s1")).error == "invalid"  # smaller than the snapshot
+    assert s.apply(CreateVolume("c", GiB, 3, parent="nope@s1")).error == "unknown_volume"
+    assert s.apply(CreateVolume("c", GiB, 3, parent="v@s1")).ok
+    c = s.volumes["c"]
+    assert (c.parent_volume_id, c.parent_snap_id) == (s.volumes["v"].volume_id, 1)
+    assert s.apply(SetSnapshotState("v", "s1", "deleting")).error == "has_clones"
+    assert s.apply(DeleteVolume("v")).error == "has_clones"
+    assert s.apply(SetVolumeState("c", detach_parent=True)).ok and s.volumes["c"].parent_volume_id == 0
+    assert s.apply(SetSnapshotState("v", "s1", "deleting")).ok
+    assert s.apply(CreateVolume("r", GiB, 4, state="restoring", origin="s3://b/x")).ok
+    assert s.apply(SetVolumeState("r", "ready", expected="ready")).error == "invalid"
+    assert s.apply(SetVolumeState("r", "failed", expected="restoring")).ok and s.volumes["r"].state == "failed"
+    assert s.apply(CreateVolume("x", GiB, 4, state="failed")).error == "invalid"
+    assert MetaState.from_json(s.to_json()).to_json() == s.to_json()
+    prev = "c"  # flattened above: the root of a new chain
+    for depth in range(1, CLONE_DEPTH_MAX + 1):
+        assert s.apply(CreateSnapshot(prev, "s", 5)).ok and s.apply(SetSnapshotState(prev, "s", "ready")).ok
+        r = s.apply(CreateVolume(f"d{depth}", GiB, 6, parent=f"{prev}@s"))
+        if depth < CLONE_DEPTH_MAX:  # d{depth} reads through depth volumes
+            assert r.ok, (depth, r)
+            prev = f"d{depth}"
+        else:
+            assert r.error == "invalid" and "flatten" in r.message, (depth, r)
+            break

@@ -533,6 +533,31 @@ def test_a_snap_op_pins_every_replica_at_the_same_point_and_reads_of_the_snapsho
     _run(t, tmp_path)
 
 
+def test_a_fill_write_keeps_the_blocks_already_allocated_on_every_replica(tmp_path: Path) -> None:
+    """wire/ops.py rule 6 (a clone's flatten): FILL writes only the blocks that are holes when it is applied, the
+    same on all three replicas; a block written before it in the log keeps its data."""
+    async def t(c: Cluster) -> None:
+        for n in (1, 2, 3):
+            await c.start(n)
+        client = NodeClient({n: c.peers[n] for n in (1, 2, 3)})
+        g = GroupClient(client, 1)
+        ext = 1 << 32
+        for b in (1, 4):
+            await g.write(ext, b, *_block(1, b, 1))
+        fill = b"".join(_block(1, b, 9)[0] for b in range(6))
+        await g.write(ext, 0, fill, blockcrc.block_crcs(fill), fill=True)
+        want = b"".join(_block(1, b, 1 if b in (1, 4) else 9)[0] for b in range(6))
+        assert bytes((await g.read(ext, 0, 6))[0]) == want
+
+        async def everywhere() -> bool:
+            return all(bytes(rt.engine.read(ext, 0, 6)[0]) == want for rt in c.rts.values())
+
+        await _until(everywhere)
+        await client.close()
+
+    _run(t, tmp_path)
+
+
 def test_a_volume_snapshot_across_groups_is_a_crash_consistent_cut_while_writes_go_on(tmp_path: Path) -> None:
     """docs/snapshots.md section 2, client/volume.py rule 4: chains of dependent writes (each issued after the
     previous one completed) run on a volume whose extents alternate between two groups while snapshots are

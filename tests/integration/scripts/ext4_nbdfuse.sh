@@ -4,6 +4,7 @@
 # so no mount leaks out and a dying script cannot pin a loop device in the host namespace.
 #   PHASE=write:  mkfs.ext4, mount, copy SRCDIR to /tree, checksum, umount, fsck.ext4 -fn
 #   PHASE=verify: fsck.ext4 -fn, mount read-only, checksum /tree, umount
+#   PHASE=change: mount, replace /tree by a copy of SRCDIR, checksum, umount, fsck.ext4 -fn
 # Checksums go to WORKDIR/sums.PHASE (sha256sum format, paths relative to /tree, sorted).
 # nbdfuse is always unmounted and reaped on exit, even on failure.
 set -euo pipefail
@@ -41,16 +42,24 @@ checksum() {
   (cd "$mnt/tree" && find . -type f -print0 | LC_ALL=C sort -z | xargs -0 -r sha256sum) > "$work/sums.$phase"
 }
 
+fill_tree() {  # mount, replace /tree by a copy of SRCDIR, checksum, umount, fsck
+  mount -o loop "$fuse/nbd" "$mnt"
+  rm -rf "$mnt/tree"
+  mkdir "$mnt/tree"
+  cp -a "$src/." "$mnt/tree/"
+  sync -f "$mnt"
+  checksum
+  umount "$mnt"
+  fsck.ext4 -fn "$fuse/nbd"
+}
+
 case $phase in
   write)
     mkfs.ext4 -q -F -b 4096 "$fuse/nbd"
-    mount -o loop "$fuse/nbd" "$mnt"
-    mkdir "$mnt/tree"
-    cp -a "$src/." "$mnt/tree/"
-    sync -f "$mnt"
-    checksum
-    umount "$mnt"
-    fsck.ext4 -fn "$fuse/nbd"
+    fill_tree
+    ;;
+  change)
+    fill_tree
     ;;
   verify)
     fsck.ext4 -fn "$fuse/nbd"
