@@ -401,6 +401,111 @@ def cmd_snapshot_delete(args: argparse.Namespace) -> int:
                               f"cleaner runs")
 
 
+def _store(args: argparse.Namespace, url: str) -> Any:
+    """The backup store of `url` (s3://BUCKET/PREFIX or a directory), throttled by --bandwidth if given."""
+    from raftblock.backup.store import StoreError, Throttled, open_store
+    from raftblock.node.layout import ClusterError
+
+    try:
+        store: Any = open_store(url, endpoint_url=getattr(args, "endpoint_url", None),
+                                region=getattr(args, "region", None))
+    except StoreError as e:
+        raise ClusterError(str(e)) from e
+    if getattr(args, "bandwidth", 0):
+        store = Throttled(store, args.bandwidth)
+    return store
+
+
+def cmd_snapshot_export(args: argparse.Namespace) -> int:
+    from raftblock.node.cluster import snapshot_export
+    from raftblock.units import format_size
+
+    vol, snap = args.source
+    bar = _Progress(f"export {vol}@{snap}", quiet=args.json)
+    chunk = 4 << 20
+    res = snapshot_export(Path(args.dir), vol, snap, _store(args, args.url), args.since, args.parallel,
+                          lambda done, total, _up: bar(done, total, done * chunk))
+    text = (f"exported {vol}@{snap} to {res['url']}: {res['chunks']} chunks, {format_size(res['changed_bytes'])} read, "
+            f"{format_size(res['uploaded_bytes'])} uploaded in {res['uploaded_objects']} objects, "
+            f"{res['reused_objects']} already there")
+    if args.since:
+        text += f"; incremental from {args.since}" + (
+            f" ({res['changed_chunks']} chunks changed)" if res["changed_chunks"] is not None else
+            " (its snapshot is gone from the cluster: every chunk read and compared)")
+    if res["resumed_chunks"]:
+        text += f"; resumed ({res['resumed_chunks']} chunks done by an interrupted run)"
+    return _report(args, res, text)
+
+
+def cmd_snapshot_restore(args: argparse.Namespace) -> int:
+    from raftblock.node.cluster import snapshot_restore
+    from raftblock.units import format_size
+
+    bar = _Progress(f"restore {args.name}", quiet=args.json)
+    chunk = 4 << 20
+    res = snapshot_restore(Path(args.dir), _store(args, args.url), args.name, args.snapshot, args.from_volume,
+                           args.replication, args.parallel, lambda done, total, _w: bar(done, total, done * chunk))
+    return _report(args, res, f"restored {res['source']} from {res['url']} into volume {res['volume']} "
+                              f"({format_size(res['size_bytes'])}, {format_size(res['written_bytes'])} written, every "
+                              f"chunk verified)" + (" (an interrupted restore, run again)" if res["resumed"] else ""))
+
+
+def cmd_backup_list(args: argparse.Namespace) -> int:
+    from raftblock.backup.transfer import list_manifests, load_manifest
+    from raftblock.units import format_size
+
+    store = _store(args, args.url)
+    mans = [load_manifest(store, v, s) for v, s in list_manifests(store, args.volume)]
+    rows: list[dict[str, Any]] = [{"volume": m.volume, "snapshot": m.snapshot, "created_ms": m.created_ms, "size_bytes": m.size_bytes,
+             "chunks": m.chunk_count(), "objects": len(m.objects()), "parent": m.parent} for m in mans]
+    if args.json:
+        _print_json(rows)
+        return 0
+    if not rows:
+        print(f"no backups in {store.url}")
+        return 0
+    print(f"{'VOLUME':<20} {'SNAPSHOT':<20} {'CREATED':<20} {'SIZE':<10} {'OBJECTS':<8} INCREMENTAL FROM")
+    for r in sorted(rows, key=lambda r: (r["volume"], r["created_ms"])):
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_ms"] / 1000))
+        print(f"{r['volume']:<20} {r['snapshot']:<20} {created:<20} {format_size(r['size_bytes']):<10} "
+              f"{r['objects']:<8} {r['parent'] or '-'}")
+    return 0
+
+
+def cmd_backup_verify(args: argparse.Namespace) -> int:
+    from raftblock.backup.transfer import list_manifests, load_manifest, verify
+
+    store = _store(args, args.url)
+    which = [args.backup] if args.backup else list(list_manifests(store))
+    if not which:
+        print(f"raftblock backup verify: no backups in {store.url}", file=sys.stderr)
+        return 1
+    report: list[dict[str, Any]] = []
+    for vol, snap in which:
+        problems = verify(store, load_manifest(store, vol, snap), args.parallel)
+        report.append({"volume": vol, "snapshot": snap, "ok": not problems, "problems": problems})
+    bad = [r for r in report if not r["ok"]]
+    if args.json:
+        _print_json(report)
+    else:
+        for r in report:
+            print(f"{r['volume']}@{r['snapshot']}: " + ("ok, every chunk read and checked" if r["ok"] else
+                                                         f"{len(r['problems'])} bad: " + "; ".join(r["problems"][:5])))
+    return 1 if bad else 0
+
+
+def cmd_backup_delete(args: argparse.Namespace) -> int:
+    from raftblock.backup.transfer import collect, delete_backup
+    from raftblock.units import format_size
+
+    store = _store(args, args.url)
+    vol, snap = args.backup
+    delete_backup(store, vol, snap)
+    removed, freed = collect(store, min_age_s=args.min_age)
+    return _report(args, {"deleted": f"{vol}@{snap}", "objects_removed": removed, "bytes_freed": freed},
+                   f"deleted backup {vol}@{snap}; {removed} objects no backup names removed ({format_size(freed)})")
+
+
 def cmd_node(args: argparse.Namespace) -> int:
     from raftblock.node import raftnode
 
@@ -526,6 +631,16 @@ def _dir(p: argparse.ArgumentParser, what: str = "the cluster directory") -> Non
 
 def _json(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON (for scripts)")
+
+
+def _backup_opts(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint-url", default=None,
+                   help="S3 endpoint (MinIO, Ceph RGW, ...; default $AWS_ENDPOINT_URL, else AWS). Credentials and "
+                        "region: the standard AWS environment variables or ~/.aws")
+    p.add_argument("--region", default=None, help="S3 region (default $AWS_REGION / $AWS_DEFAULT_REGION)")
+    if p.prog.split()[-1] in ("export", "restore", "verify"):
+        p.add_argument("--parallel", type=int, default=4, help="objects in flight (default 4; memory is "
+                                                               "about 2 x 4 MiB each)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -685,6 +800,53 @@ def build_parser() -> argparse.ArgumentParser:
     _dir(sd)
     _json(sd)
     sd.set_defaults(func=cmd_snapshot_delete)
+    se = ssub.add_parser("export", help="upload a snapshot to s3://BUCKET/PREFIX or a directory, as verified "
+                                        "content-addressed chunks; incremental with --since; re-run to resume")
+    se.add_argument("source", type=_snap_ref, metavar="VOLUME@SNAPSHOT")
+    se.add_argument("url", metavar="URL", help="s3://BUCKET/PREFIX or a directory path")
+    se.add_argument("--since", metavar="SNAPSHOT", default=None,
+                    help="upload only the chunks changed since this snapshot (exported to the same URL before)")
+    _backup_opts(se)
+    se.add_argument("--bandwidth", type=_size_arg, default=0, metavar="RATE",
+                    help="upload at most RATE bytes per second, e.g. 50M (default: unbounded)")
+    _dir(se)
+    _json(se)
+    se.set_defaults(func=cmd_snapshot_export)
+    sr = ssub.add_parser("restore", help="create a volume from a backup, every chunk verified")
+    sr.add_argument("url", metavar="URL", help="s3://BUCKET/PREFIX or a directory path")
+    sr.add_argument("name", help="the new volume")
+    sr.add_argument("--snapshot", default=None, help="which backup (default: the newest)")
+    sr.add_argument("--from-volume", default=None, help="whose backups (needed when the URL holds several volumes')")
+    sr.add_argument("--replication", choices=["raft", "chain"], default=None, help="default: the cluster's")
+    _backup_opts(sr)
+    _dir(sr)
+    _json(sr)
+    sr.set_defaults(func=cmd_snapshot_restore)
+
+    b = sub.add_parser("backup", help="backups in an object store: list, verify, delete (no cluster needed)")
+    bsub = b.add_subparsers(dest="backup_command", required=True, parser_class=_Parser)
+    bl = bsub.add_parser("list", help="the backups at URL")
+    bl.add_argument("url", metavar="URL")
+    bl.add_argument("--volume", default=None, help="only this volume's")
+    _backup_opts(bl)
+    _json(bl)
+    bl.set_defaults(func=cmd_backup_list)
+    bv = bsub.add_parser("verify", help="read and check every chunk of a backup (or all) without restoring; exit 1 "
+                                        "if any is bad")
+    bv.add_argument("url", metavar="URL")
+    bv.add_argument("backup", nargs="?", type=_snap_ref, metavar="VOLUME@SNAPSHOT", help="default: every backup")
+    _backup_opts(bv)
+    _json(bv)
+    bv.set_defaults(func=cmd_backup_verify)
+    bd = bsub.add_parser("delete", help="delete a backup, then the objects no backup names any more")
+    bd.add_argument("url", metavar="URL")
+    bd.add_argument("backup", type=_snap_ref, metavar="VOLUME@SNAPSHOT")
+    bd.add_argument("--min-age", type=float, default=3600.0, metavar="SECONDS",
+                    help="remove unnamed objects only this old (an export running now has objects its manifest "
+                         "does not name yet; default 3600)")
+    _backup_opts(bd)
+    _json(bd)
+    bd.set_defaults(func=cmd_backup_delete)
 
     n = sub.add_parser("node", help="run one storage node in the foreground (what systemd runs); "
                                     "or add, drain|undrain|stop-check ID")

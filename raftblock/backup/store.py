@@ -9,17 +9,21 @@ Rules:
 3. Every failure is a StoreError with one line a human can act on (no such bucket, access denied,
    unreachable endpoint); `get` of a missing key is NotFound. Transient S3 errors (500, 503, throttling,
    timeouts) are retried by botocore's adaptive mode before they become errors.
+4. `Throttled(store, bytes_per_s)` bounds the upload rate (a token bucket shared by every uploading thread;
+   bursts of at most one second's worth).
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 from collections.abc import Iterator
 from typing import Any, Protocol
 
 
-class StoreError(Exception):
-    pass
+class StoreError(OSError):
+    """The store could not do it (I/O: unreachable, denied, missing): one line for the operator."""
 
 
 class NotFound(StoreError):
@@ -215,6 +219,39 @@ class S3Store:
             self._s3.delete_object(Bucket=self.bucket, Key=self._key(key))
         except self._errors as e:
             raise self._fail(f"delete {key}", e) from e
+
+
+class Throttled:
+    """Rule 4."""
+
+    def __init__(self, store: Store, bytes_per_s: float) -> None:
+        self.store = store
+        self.url = store.url
+        self.rate = float(bytes_per_s)
+        self._lock = threading.Lock()
+        self._next = time.monotonic()  # when the bucket is next empty of debt
+
+    def put(self, key: str, data: bytes) -> None:
+        with self._lock:
+            now = time.monotonic()
+            start = max(now - 1.0, self._next)  # at most one second of credit
+            self._next = start + len(data) / self.rate
+            wait = self._next - now - 1.0
+        if wait > 0:
+            time.sleep(wait)
+        self.store.put(key, data)
+
+    def get(self, key: str) -> bytes:
+        return self.store.get(key)
+
+    def exists(self, key: str) -> bool:
+        return self.store.exists(key)
+
+    def list(self, prefix: str) -> Iterator[tuple[str, int, float]]:
+        return self.store.list(prefix)
+
+    def delete(self, key: str) -> None:
+        self.store.delete(key)
 
 
 def open_store(url: str, **s3: Any) -> DirStore | S3Store:

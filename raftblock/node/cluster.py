@@ -858,3 +858,51 @@ def snapshot_list(root: Path, volume: str) -> list[dict[str, Any]]:
                  "unique_bytes": unique[r.snap_id] * 4096 if r.snap_id in unique else None} for r in recs]
 
     return _snap_call(layout, cmap, go)
+
+
+# --- backups (control/backups.py) --------------------------------------------------------------------
+
+def _backup_call(fn: Callable[[], T]) -> T:
+    from raftblock.backup.chunk import ChunkError
+    from raftblock.backup.manifest import ManifestError
+    from raftblock.backup.store import StoreError
+    from raftblock.control.backups import BackupError
+
+    try:
+        return fn()
+    except (BackupError, StoreError, ManifestError, ChunkError) as e:
+        raise ClusterError(str(e)) from e
+
+
+def snapshot_export(root: Path, volume: str, snapshot: str, store: Any, since: str | None = None,
+                    parallel: int = 4, progress: Callable[[int, int, int], None] | None = None) -> dict[str, Any]:
+    from raftblock.control import backups
+
+    layout = Layout(root)
+    cmap = _load(layout)
+    ex = _backup_call(lambda: backups.export(lambda: meta_client(layout, cmap), cmap.peers(), store, volume, snapshot,
+                                             since, parallel, progress))
+    r = ex.result
+    return {"volume": volume, "snapshot": snapshot, "url": ex.url, "since": since, "size_bytes": r.manifest.size_bytes,
+            "chunks": r.manifest.chunk_count(), "changed_chunks": ex.changed_chunks, "changed_bytes": r.changed_bytes,
+            "uploaded_objects": r.uploaded_objects, "uploaded_bytes": r.uploaded_bytes,
+            "reused_objects": r.reused_objects, "resumed_chunks": r.resumed_chunks}
+
+
+def snapshot_restore(root: Path, store: Any, name: str, snapshot: str | None = None, from_volume: str | None = None,
+                     replication: str | None = None, parallel: int = 4,
+                     progress: Callable[[int, int, int], None] | None = None) -> dict[str, Any]:
+    from raftblock.control import backups
+
+    layout = Layout(root)
+    cmap = _load(layout)
+    man = _backup_call(lambda: backups.pick_manifest(store, from_volume, snapshot))
+
+    def create(vol: str, size: int, mode: str, origin: str) -> None:
+        volume_create(root, vol, size, mode, state="restoring", origin=origin)
+
+    res = _backup_call(lambda: backups.restore(lambda: meta_client(layout, cmap), cmap.peers(), store, man, name,
+                                               replication or cmap.replication, create, parallel, progress))
+    _gateway_call(layout, "reload")
+    return {"volume": res.volume, "source": res.source, "url": store.url, "size_bytes": res.size_bytes,
+            "written_bytes": res.written_bytes, "resumed": res.resumed}

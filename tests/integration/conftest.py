@@ -69,3 +69,19 @@ def serve_factory(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Se
 def server(serve_factory: ServeFactory) -> ServeProcess:
     """One running server with one 64 MiB volume named `vol`."""
     return serve_factory()
+
+
+@pytest.fixture
+def s3_endpoint() -> Iterator[str]:
+    """A real S3 HTTP endpoint: moto's server on a free loopback port, in this process."""
+    from moto.server import ThreadedMotoServer
+
+    from raftblock.testing.serve import free_port
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()

@@ -8,11 +8,9 @@ import http.client
 import http.server
 import random
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from moto.server import ThreadedMotoServer
 
 from raftblock.backup import chunk
 from raftblock.backup.store import S3Store, StoreError, open_store
@@ -21,17 +19,6 @@ from raftblock.testing.serve import free_port
 
 CH = chunk.CHUNK_BYTES
 CREDS = {"access_key": "testing", "secret_key": "testing", "region": "us-east-1"}
-
-
-@pytest.fixture
-def s3_endpoint() -> Iterator[str]:
-    port = free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.stop()
 
 
 class _FlakyProxy(http.server.ThreadingHTTPServer):

@@ -4,7 +4,7 @@
 # root, each command checked (bash -euo pipefail), as root and inside a private mount namespace (the
 # nbdfuse + loop mount recipe must not leak a mount). The only changes: the NBD port and the cluster
 # directory come from RAFTBLOCK_NBD_PORT / RAFTBLOCK_DIR (which `make demo` and every command honour), and
-# /tmp/fuse, /tmp/mnt and the port in URIs are this test's own. A README command that stops working fails
+# /tmp/fuse, /tmp/mnt, /tmp/raftblock-backups and the port in URIs are this test's own. A README command that stops working fails
 # here; before this test, the file-system recipe hung (mkfs ran before the FUSE file existed).
 from __future__ import annotations
 
@@ -42,7 +42,8 @@ def test_every_sh_block_of_the_readme_runs_in_order(tmp_path: Path) -> None:
     try:
         for k, block in enumerate(blocks):
             script = (block.replace("127.0.0.1:10809", f"127.0.0.1:{port}")
-                      .replace("/tmp/fuse", str(tmp_path / "fuse")).replace("/tmp/mnt", str(tmp_path / "mnt")))
+                      .replace("/tmp/fuse", str(tmp_path / "fuse")).replace("/tmp/mnt", str(tmp_path / "mnt"))
+                      .replace("/tmp/raftblock-backups", str(tmp_path / "backups")))
             proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "bash", "-euo", "pipefail", "-c",
                                      script], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                     text=True, start_new_session=True)
