@@ -176,7 +176,7 @@ class NodeHost:
     def image_of(self, gid: int, app: bytes) -> ChunkedImage:
         """Group `gid`'s snapshot image with the session table `app` (replication/image.py): laid out when
         first used, its data read a chunk at a time."""
-        return ChunkedImage(self.engine, lambda: group_extents(self.engine, gid), app, self._image_made)
+        return ChunkedImage(self.engine, lambda: group_extents(self.engine, gid), app, self._image_made, gid)
 
     def image_sink(self) -> SpillImage:
         self._image_seq += 1

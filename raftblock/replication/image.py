@@ -20,12 +20,23 @@
 #    node's engine as they arrive and are read back a slice at a time by the install; the file is removed
 #    once the Ready that carries the image is done (or the stream is dropped), and every file left there
 #    by a process that is gone is removed when the node starts.
+# 5. Snapshots (docs/snapshots.md section 1) travel in the image: one section per snapshot of the group, in
+#    pin order, then the current section. A snapshot's section holds the blocks whose version in it differs
+#    from the one in the previous snapshot (the first: every block it has) as WRITEs of that version, the
+#    blocks that became holes as TRIMs, and ends with a SNAP op; the current section is the same against
+#    the last snapshot, read as late as before (rule 2). Each pinned version is exact: the image holds an
+#    in-memory pin on every snapshot's LSN from its layout until it is dropped, so an UNSNAP applied
+#    meanwhile cannot free a version the stream still has to send. The install makes the engine's image
+#    equal to each snapshot's (writes, trims, and a trim of every block the image does not hold so far)
+#    before it pins it, and at the end unpins the group's snapshots the image does not name (deleted
+#    before the image's point). Without snapshots the image is what it was: every block, current.
 from __future__ import annotations
 
 import asyncio
 import bisect
 import struct
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -33,7 +44,7 @@ from raftblock.ids import group_of_extent
 from raftblock.replication.sessions import IMAGE_SESSIONS_MARK, Sessions, image_prefix
 from raftblock.storage.disk import Disk, DiskFile
 from raftblock.storage.segment import MAX_WRITE_BLOCKS
-from raftblock.wire.ops import BLOCK_SIZE, OP_WRITE, BlockOp, decode_batch, encode_batch
+from raftblock.wire.ops import BLOCK_SIZE, OP_SNAP, OP_TRIM, OP_WRITE, BlockOp, decode_batch, encode_batch
 
 BATCH_BYTES = 4 << 20  # block data per batch (and per engine read burst)
 BATCH_OPS = 256
@@ -43,49 +54,92 @@ INSTALL_SLICE_BYTES = 8 << 20  # image bytes written per loop turn by an install
 INSTALL_SLICE_S = 0.01  # ...and loop time per turn: a pwrite into a page cache being flushed can take 50 ms
 
 
+_W, _T, _S = 0, 1, 2  # planned op kinds: write (of a version, or current), trim, snapshot mark
+Planned = tuple[int, int, int, int, int]  # kind, extent (snap id for _S), block, count, lsn (0: current)
+
+
 class ChunkedImage:
     """Behaves like the image's bytes for len() and slicing; the core and the chain stream only do that."""
 
-    __slots__ = ("_engine", "_extents", "_prefix", "_batches", "_starts", "_total", "_cache", "_made")
+    __slots__ = ("_engine", "_extents", "_prefix", "_batches", "_starts", "_total", "_cache", "_made", "_group",
+                 "__weakref__")
 
     def __init__(self, engine: object, extents: Callable[[], list[int]], app: bytes,
-                 made: Callable[[], None] | None = None) -> None:
+                 made: Callable[[], None] | None = None, group: int | None = None) -> None:
         self._engine = engine
         self._made = made  # called once, when the layout is fixed (a counter of images made)
         self._extents = extents
+        self._group = group  # its snapshots travel too (rule 5); None: blocks only
         self._prefix = image_prefix(app)
-        self._batches: list[list[tuple[int, int, int]]] | None = None
+        self._batches: list[list[Planned]] | None = None
         self._starts: list[int] = []
         self._total = 0
         self._cache: dict[int, bytes] = {}
 
+    def _sections(self) -> list[Planned]:
+        """Rule 5: the ops of the image, in order, from the engine's index (no data read)."""
+        index = self._engine.index  # type: ignore[attr-defined]
+        gid = self._group
+        snaps = sorted((lsn, sid) for (g, sid), lsn in index.snaps.items() if g == gid) if gid is not None else []
+        extents = self._extents()
+        if not snaps:
+            out: list[Planned] = []
+            for ext in extents:
+                for first, n in runs(sorted(index.extents.get(ext, {}))):
+                    out.append((_W, ext, first, n, 0))
+            return out
+        assert gid is not None
+        for lsn, _sid in snaps:  # held until this image is dropped (rule 5)
+            index.pin(lsn, gid)
+        weakref.finalize(self, _release, index, gid, [lsn for lsn, _ in snaps])
+        with_history: dict[int, set[int]] = {}
+        for eid, blk in index.history:
+            if eid >> 32 == gid:
+                with_history.setdefault(eid, set()).add(blk)
+        exts = sorted(set(extents) | set(with_history))
+        out = []
+        prev = 0
+        for lsn, sid in [*snaps, (0, 0)]:
+            for ext in exts:
+                emap = index.extents.get(ext, {})
+                cand = sorted(set(emap) | with_history.get(ext, set()))
+                cur: list[tuple[int, int]] = []  # (block, kind) to run-length
+                for blk in cand:
+                    new = emap.get(blk) if lsn == 0 else index.version_at(ext, blk, lsn)
+                    old = index.version_at(ext, blk, prev) if prev else None
+                    if new is not None and (old is None or old.lsn != new.lsn):
+                        cur.append((blk, _W))
+                    elif new is None and old is not None:
+                        cur.append((blk, _T))
+                for kind in (_W, _T):
+                    for first, n in runs([b for b, k in cur if k == kind]):
+                        out.append((kind, ext, first, n, lsn))
+            if lsn:
+                out.append((_S, sid, 0, 0, lsn))
+            prev = lsn
+        return out
+
     def _plan(self) -> None:
         if self._batches is not None:
             return
-        index = self._engine.index  # type: ignore[attr-defined]
-        batches: list[list[tuple[int, int, int]]] = []
-        cur: list[tuple[int, int, int]] = []
+        batches: list[list[Planned]] = []
+        cur: list[Planned] = []
         cur_bytes = 0
-        for ext in self._extents():
-            blocks = sorted(index.extents.get(ext, {}))
-            i = 0
-            while i < len(blocks):
-                j = i + 1
-                while j < len(blocks) and blocks[j] == blocks[j - 1] + 1 and j - i < MAX_WRITE_BLOCKS:
-                    j += 1
-                cur.append((ext, blocks[i], j - i))
-                cur_bytes += (j - i) * BLOCK_SIZE
-                if len(cur) >= BATCH_OPS or cur_bytes >= BATCH_BYTES:
-                    batches.append(cur)
-                    cur, cur_bytes = [], 0
-                i = j
+        for op in self._sections():
+            cur.append(op)
+            if op[0] == _W:
+                cur_bytes += op[3] * BLOCK_SIZE
+            if len(cur) >= BATCH_OPS or cur_bytes >= BATCH_BYTES:
+                batches.append(cur)
+                cur, cur_bytes = [], 0
         if cur:
             batches.append(cur)
         pos = len(self._prefix)
         starts = []
         for b in batches:
             starts.append(pos)
-            pos += _LEN.size + 2 + sum(_OP_BYTES + 4 * n + n * BLOCK_SIZE for _, _, n in b)
+            pos += _LEN.size + 2 + sum(_OP_BYTES + ((4 + BLOCK_SIZE) * n if kind == _W else 0)
+                                       for kind, _, _, n, _ in b)
         self._batches, self._starts, self._total = batches, starts, pos
         if self._made is not None:
             self._made()
@@ -96,9 +150,15 @@ class ChunkedImage:
             return got
         assert self._batches is not None
         ops = []
-        for ext, block, n in self._batches[k]:
-            data, crcs = self._engine.read(ext, block, n)  # type: ignore[attr-defined]
-            ops.append(BlockOp(OP_WRITE, ext, block, n, crcs, bytes(data)))
+        eng: Any = self._engine
+        for kind, ext, block, n, lsn in self._batches[k]:
+            if kind == _W:
+                data, crcs = eng.read_at(ext, block, n, lsn) if lsn else eng.read(ext, block, n)
+                ops.append(BlockOp(OP_WRITE, ext, block, n, crcs, bytes(data)))
+            elif kind == _T:
+                ops.append(BlockOp(OP_TRIM, ext, block, n))
+            else:
+                ops.append(BlockOp(OP_SNAP, ext, 0, 0))
         body = encode_batch(ops)
         out = _LEN.pack(len(body)) + body
         end = self._starts[k + 1] if k + 1 < len(self._starts) else self._total
@@ -135,6 +195,11 @@ class ChunkedImage:
 
     def make(self) -> ChunkedImage:
         return self
+
+
+def _release(index: Any, gid: int, lsns: list[int]) -> None:
+    for lsn in lsns:
+        index.unpin(lsn, gid)
 
 
 def runs(blocks: list[int], limit: int = MAX_WRITE_BLOCKS) -> list[tuple[int, int]]:
@@ -223,14 +288,24 @@ async def install_image(engine: Any, gid: int, data: Any, engine_sync: Callable[
         app = bytes(view[2 * _LEN.size : off])
     sessions = Sessions.decode(app)
     held: dict[int, set[int]] = {}
+    pinned: set[int] = set()
     done = 0
     t_slice = time.monotonic()
     while off < total:
         (blen,) = _LEN.unpack(bytes(view[off : off + _LEN.size]))
         off += _LEN.size
         for op in decode_batch(view[off : off + blen]):
+            if op.kind == OP_SNAP:  # rule 5: the engine's image is the snapshot's now
+                _trim_unheld(engine, gid, held)
+                engine.pin_snapshot(gid, op.extent_id)
+                pinned.add(op.extent_id)
+                continue
             if group_of_extent(op.extent_id) != gid:
                 raise ValueError("snapshot image holds an extent of another group")
+            if op.kind == OP_TRIM:
+                engine.trim(op.extent_id, op.block, op.count)
+                held.setdefault(op.extent_id, set()).difference_update(range(op.block, op.block + op.count))
+                continue
             engine.write(op.extent_id, op.block, op.data, op.crcs)
             held.setdefault(op.extent_id, set()).update(range(op.block, op.block + op.count))
             done += op.count * BLOCK_SIZE
@@ -241,6 +316,16 @@ async def install_image(engine: Any, gid: int, data: Any, engine_sync: Callable[
                     return None
                 t_slice = time.monotonic()
         off += blen
+    _trim_unheld(engine, gid, held)
+    for g, sid in list(engine.snapshots()):
+        if g == gid and sid not in pinned:  # deleted before the image's point (rule 5)
+            engine.unpin_snapshot(gid, sid)
+    await engine_sync()
+    return app, sessions
+
+
+def _trim_unheld(engine: Any, gid: int, held: dict[int, set[int]]) -> None:
+    """Trim every block of the group's extents that the image does not hold (so far)."""
     for ext in group_extents(engine, gid):
         keep = held.get(ext)
         if not keep:
@@ -249,5 +334,3 @@ async def install_image(engine: Any, gid: int, data: Any, engine_sync: Callable[
         extra = sorted(set(engine.index.extents.get(ext, {})) - keep)
         for first, n in runs(extra):
             engine.trim(ext, first, n)
-    await engine_sync()
-    return app, sessions

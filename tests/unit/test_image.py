@@ -125,3 +125,92 @@ def test_a_received_image_is_staged_in_a_file_read_back_by_slices_and_removed_wh
     assert img2.append(b"a" * 1000) and not img2.append(b"b" * 1000)
     assert img2.failed is not None and img2.failed.errno == errno.ENOSPC and img2[:] == b"a" * 1000
     img2.close()
+
+
+def test_an_image_carries_the_groups_snapshots_and_installs_them_exactly(tmp_path: Path) -> None:
+    """Rule 5: a replica rebuilt from an image holds every snapshot of the group with the image each pinned
+    (overwrites, trims, an extent whose every current block is gone), drops a pin the group no longer has;
+    a snapshot deleted on the sender while the image streams still arrives exact,
+    and its old versions are freed once the image is dropped. Randomised against a model of the images."""
+    import asyncio
+    import gc
+
+    from raftblock.replication.image import group_extents, install_image
+
+    cfg = EngineConfig(segment_size_bytes=4 << 20, preallocate=False)
+    gid = 7
+    exts = [(gid << 32) | k for k in range(3)]
+    for seed in range(4):
+        rng = random.Random(seed)
+        a = Engine.open(OsDisk(), str(tmp_path / f"a{seed}"), b"a" * 16, cfg)
+        b = Engine.open(OsDisk(), str(tmp_path / f"b{seed}"), b"b" * 16, cfg)
+        model: dict[tuple[int, int], bytes] = {}
+        snaps: dict[int, dict[tuple[int, int], bytes]] = {}
+        tag = 0
+        for step in range(60):
+            r = rng.random()
+            ext = rng.choice(exts)
+            blk, n = rng.randrange(0, 64), rng.randrange(1, 12)
+            if r < 0.6:
+                tag += 1
+                data, crcs = _blocks(tag, n)
+                a.write(ext, blk, data, crcs)
+                for i in range(n):
+                    model[(ext, blk + i)] = data[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]
+            elif r < 0.8:
+                a.trim(ext, blk, n)
+                for i in range(n):
+                    model.pop((ext, blk + i), None)
+            elif r < 0.92 or not snaps:
+                sid = step + 1
+                a.pin_snapshot(gid, sid)
+                snaps[sid] = dict(model)
+            else:
+                sid = rng.choice(sorted(snaps))
+                a.unpin_snapshot(gid, sid)
+                del snaps[sid]
+        if seed == 0:  # an extent whose current blocks are all gone, its old ones pinned
+            a.pin_snapshot(gid, 1000)
+            snaps[1000] = dict(model)
+            a.drop_extent(exts[2])
+            for k in [k for k in model if k[0] == exts[2]]:
+                del model[k]
+        # the receiver: stale blocks, a pin the sender deleted, maybe one it still has
+        data, crcs = _blocks(999, 4)
+        b.write(exts[0], 60, data, crcs)
+        b.pin_snapshot(gid, 5000)
+        img = ChunkedImage(a, lambda a=a: group_extents(a, gid), Sessions().encode(), group=gid)  # type: ignore[misc]
+        size = len(img)  # the layout: from here the image holds its snapshots' versions
+        gone_lsn = None
+        if len(snaps) > 1:  # delete one on the sender while the image streams: it still arrives exact
+            gone = sorted(snaps)[0]
+            gone_lsn = a.snapshots()[(gid, gone)]
+            a.unpin_snapshot(gid, gone)
+            assert gone_lsn in a.index.pins[gid]  # the image holds it
+        raw = img[0:size]
+
+        async def sync(b: Engine = b) -> None:
+            b.sync()
+
+        asyncio.run(install_image(b, gid, raw, sync, lambda: False))
+
+        def image_of(eng: Engine, snap: int | None) -> dict[tuple[int, int], bytes]:
+            out = {}
+            for ext in exts:
+                got, _ = eng.read(ext, 0, 80) if snap is None else eng.read_snapshot(snap, ext, 0, 80)
+                for i in range(80):
+                    blk = bytes(got[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE])
+                    if blk != bytes(BLOCK_SIZE):
+                        out[(ext, i)] = blk
+            return out
+
+        assert sorted(sid for g, sid in b.snapshots() if g == gid) == sorted(snaps), seed
+        for sid, want in snaps.items():
+            assert image_of(b, sid) == want, (seed, sid)
+        assert image_of(b, None) == model, seed
+        del img
+        gc.collect()
+        if gone_lsn is not None and gone_lsn not in a.snapshots().values():  # released with the image
+            assert gone_lsn not in a.index.pins.get(gid, {}), seed
+        for eng in (a, b):
+            eng.close()

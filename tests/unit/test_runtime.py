@@ -246,6 +246,49 @@ def test_restart_recovers_from_wal_and_catches_up_by_snapshot(tmp_path: Path) ->
     _run(t, tmp_path)
 
 
+def test_a_replica_caught_up_by_image_holds_the_groups_snapshots(tmp_path: Path) -> None:
+    """replication/image.py rule 5: a node that fell behind the compaction point while snapshots were taken and
+    one deleted gets, with the image, every snapshot the group has, each with its own image, and not the
+    deleted one."""
+    async def t(c: Cluster) -> None:
+        small = {"wal_segment_bytes_max": 256 << 10, "wal_compact_bytes": 512 << 10}
+        for n in (1, 2, 3):
+            await c.start(n, **small)
+        client = NodeClient({n: c.peers[n] for n in (1, 2, 3)}, deadline_s=10.0)
+        g = GroupClient(client, 1)
+        ext = 1 << 32
+        for b in range(8):
+            await g.write(ext, b, *_block(1, b, 1))
+        await g.snapshot(11)  # the victim applies this one itself
+        leader = client.leaders[1]
+        victim = next(n for n in (1, 2, 3) if n != leader)
+        await c.stop(victim)
+        for seq in range(2, 400):
+            await g.write(ext, seq % 8, *_block(1, seq % 8, seq))
+            if seq == 40:
+                await g.snapshot(12)
+            if seq == 60:
+                await g.trim(ext, 6, 2)
+                await g.snapshot(13)
+            if seq == 80:
+                await g.snapshot(11, drop=True)
+        live = [n for n in (1, 2, 3) if n != victim]
+        await _until(lambda: all(c.rts[n].counters["compactions"] >= 1 for n in live))
+        await _until(lambda: all(c.rts[n].wal.segments_removed >= 1 for n in live))
+        rt = await c.start(victim, **small)
+        target = raft(c.rts[leader], 1).core.applied_index
+        await _until(lambda: raft(rt, 1).core.applied_index >= target)
+        assert rt.counters["snapshots_installed"] >= 1
+        lead = c.rts[leader].engine
+        assert sorted(rt.engine.snapshots()) == sorted(lead.snapshots()) == [(1, 12), (1, 13)]
+        for sid in (12, 13):
+            assert bytes(rt.engine.read_snapshot(sid, ext, 0, 8)[0]) == bytes(lead.read_snapshot(sid, ext, 0, 8)[0])
+        assert bytes(rt.engine.read(ext, 0, 8)[0]) == bytes(lead.read(ext, 0, 8)[0])
+        await client.close()
+
+    _run(t, tmp_path)
+
+
 class _SlowSyncFile:
     """A DiskFile whose fdatasync takes `delay_s` while its disk is slow (an fsync stall)."""
 
