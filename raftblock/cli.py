@@ -271,6 +271,27 @@ def cmd_volume_flatten(args: argparse.Namespace) -> int:
                               f"{res['parent']}; it no longer depends on it")
 
 
+def cmd_volume_resize(args: argparse.Namespace) -> int:
+    from raftblock.node.cluster import volume_resize
+    from raftblock.units import format_size
+
+    r = volume_resize(Path(args.dir), args.name, args.size, args.allow_shrink)
+    grown = r["size_bytes"] >= r["old_size_bytes"]
+    return _report(args, r, f"volume {args.name}: {format_size(r['old_size_bytes'])} -> {format_size(r['size_bytes'])}"
+                            + ("; NBD clients see the new size when they next connect" if grown else ""))
+
+
+def cmd_volume_rollback(args: argparse.Namespace) -> int:
+    from raftblock.node.cluster import volume_rollback
+    from raftblock.units import format_size
+
+    bar = _Progress(f"rollback {args.name}", quiet=args.json)
+    r = volume_rollback(Path(args.dir), args.name, args.snapshot,
+                        lambda done, total: bar(done * 4096, total * 4096, done * 4096))
+    return _report(args, r, f"volume {args.name} rolled back to {args.snapshot} "
+                            f"({format_size(r['copied_bytes'])} copied back)")
+
+
 def cmd_volume_list(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import volume_list
     from raftblock.units import format_size
@@ -759,6 +780,20 @@ def build_parser() -> argparse.ArgumentParser:
     _dir(vfl)
     _json(vfl)
     vfl.set_defaults(func=cmd_volume_flatten)
+    vrs = vsub.add_parser("resize", help="grow a volume online (clients see it on their next connection); "
+                                         "shrink only with --allow-shrink, detached")
+    vrs.add_argument("name")
+    vrs.add_argument("size", type=_size_arg, help="the new size, e.g. 20G")
+    vrs.add_argument("--allow-shrink", action="store_true", help="shrinking loses the data past the new size")
+    _dir(vrs)
+    _json(vrs)
+    vrs.set_defaults(func=cmd_volume_resize)
+    vrb = vsub.add_parser("rollback", help="make a volume its snapshot again (refused while attached)")
+    vrb.add_argument("name")
+    vrb.add_argument("snapshot")
+    _dir(vrb)
+    _json(vrb)
+    vrb.set_defaults(func=cmd_volume_rollback)
     vd = vsub.add_parser("delete", help="delete a volume (refused while attached)")
     vd.add_argument("name")
     _dir(vd)

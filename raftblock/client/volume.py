@@ -50,6 +50,7 @@ class VolumeInfo:
     extent_ids: tuple[int, ...] = ()
     parent: VolumeInfo | None = None  # a clone: blocks it never wrote read from this volume's snapshot
     parent_snap_id: int = 0
+    parent_size_bytes: int = 0  # that snapshot's size (the parent may have grown since): zeros past it
 
     def extent_id(self, extent_index: int) -> int:
         if self.extent_ids:
@@ -181,13 +182,14 @@ class Volume:
             if allocated:
                 out += await self._read_piece(extent_id, block + pos, n, snap_id)
             else:
-                out += await parent._read_parent(vb + pos, n, self.info.parent_snap_id)
+                out += await parent._read_parent(vb + pos, n, self.info.parent_snap_id, self._parent_size())
             pos += n
         return out
 
-    async def _read_parent(self, first: int, count: int, snap_id: int) -> bytearray:
-        """Blocks [first, first+count) of snapshot `snap_id` of this volume, zeros past its end."""
-        own = max(0, min(count, self.info.size_bytes // BLOCK_SIZE - first))
+    async def _read_parent(self, first: int, count: int, snap_id: int, size_bytes: int) -> bytearray:
+        """Blocks [first, first+count) of snapshot `snap_id` of this volume (`size_bytes` then), zeros past
+        its end."""
+        own = max(0, min(count, min(size_bytes, self.info.size_bytes) // BLOCK_SIZE - first))
         data = await self._read_blocks(first, first + own, snap_id) if own else bytearray()
         if own < count:
             data += bytes((count - own) * BLOCK_SIZE)
@@ -207,12 +209,16 @@ class Volume:
             if allocated:
                 out.append((n, True))
             else:
-                out.extend(await parent._alloc_range(vb + pos, n, self.info.parent_snap_id))
+                out.extend(await parent._alloc_range(vb + pos, n, self.info.parent_snap_id, self._parent_size()))
             pos += n
         return out
 
-    async def _alloc_range(self, first: int, count: int, snap_id: int) -> list[tuple[int, bool]]:
-        own = max(0, min(count, self.info.size_bytes // BLOCK_SIZE - first))
+    def _parent_size(self) -> int:
+        p = self.info.parent
+        return self.info.parent_size_bytes or (p.size_bytes if p is not None else 0)
+
+    async def _alloc_range(self, first: int, count: int, snap_id: int, size_bytes: int) -> list[tuple[int, bool]]:
+        own = max(0, min(count, min(size_bytes, self.info.size_bytes) // BLOCK_SIZE - first))
         out: list[tuple[int, bool]] = []
         for eid, blk, n, vb in self._pieces(first, first + own):
             out.extend(await self._alloc(eid, blk, n, vb, snap_id))
@@ -233,7 +239,7 @@ class Volume:
 
         async def copy(eid: int, blk: int, n: int, vb: int) -> int:
             async with gate:
-                data = await parent._read_parent(vb, n, snap)
+                data = await parent._read_parent(vb, n, snap, self._parent_size())
                 if data == bytes(len(data)):
                     return 0
                 await self._group_for(eid).write(eid, blk, memoryview(data), blockcrc.block_crcs(data), fill=True)

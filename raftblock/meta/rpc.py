@@ -40,6 +40,7 @@ from raftblock.meta.state import (
     RegisterGateway,
     RegisterNode,
     RenameVolume,
+    ResizeVolume,
     Result,
     SetSnapshotState,
     SetVolumeState,
@@ -55,7 +56,7 @@ log = structlog.get_logger(__name__)
 # logged by the failure detector itself).
 AUDITED = frozenset({"create_volume", "delete_volume", "rename_volume", "attach", "detach", "set_node_drain",
                      "register_node", "register_gateway", "set_group_members", "create_snapshot", "set_snapshot_state",
-                     "set_volume_state"})
+                     "set_volume_state", "resize_volume"})
 
 LINE_BYTES_MAX = 8 << 20  # a state reply for a large cluster fits
 _AUTH_CONTEXT = b"raftblock-meta-admin"
@@ -303,6 +304,9 @@ class MetaClient:
                             parent: str = "", origin: str = "") -> Result:
         return await self.propose(CreateVolume(name, size_bytes, _now_ms(), mode, state=state, parent=parent,
                                                origin=origin))
+
+    async def resize_volume(self, name: str, size_bytes: int, allow_shrink: bool = False) -> Result:
+        return await self.propose(ResizeVolume(name, size_bytes, allow_shrink))
 
     async def set_volume_state(self, name: str, state: str = "", expected: str = "",
                                detach_parent: bool = False) -> Result:

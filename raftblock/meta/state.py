@@ -228,6 +228,18 @@ class SetVolumeState(Command):
 
 
 @dataclass(frozen=True)
+class ResizeVolume(Command):
+    """Grow a volume (new extents in new groups, placed as at creation) or, with `allow_shrink`, shrink it (its
+    last extents go; groups no volume uses any more are removed). Shrinking is refused while the volume is
+    attached or has snapshots or clones; the caller trims the bytes past the new size first."""
+
+    op: ClassVar[str] = "resize_volume"
+    name: str
+    size_bytes: int
+    allow_shrink: bool = False
+
+
+@dataclass(frozen=True)
 class DeleteVolume(Command):
     op: ClassVar[str] = "delete_volume"
     name: str
@@ -310,7 +322,7 @@ COMMANDS: dict[str, type[Command]] = {
     c.op: c
     for c in (InitCluster, RegisterNode, SetNodeStates, CreateVolume, DeleteVolume, Attach, Detach,
               SetGroupMembers, Noop, SetNodeDrain, RenameVolume, RegisterGateway, CreateSnapshot, SetSnapshotState,
-              SetVolumeState)
+              SetVolumeState, ResizeVolume)
 }
 
 
@@ -567,9 +579,25 @@ class MetaState:
             if depth >= CLONE_DEPTH_MAX:
                 return _err("invalid", f"{pvol} is a clone {depth - 1} levels deep: flatten it before cloning it "
                             f"again (at most {CLONE_DEPTH_MAX - 1} levels)")
+        placed = self._place(cmd.name, cmd.size_bytes, cmd.mode)
+        if isinstance(placed, Result):
+            return placed
+        mapping, group_ids = placed
+        vid = self.next_volume_id
+        self.next_volume_id += 1
+        self.volumes[cmd.name] = VolumeRecord(cmd.name, vid, cmd.size_bytes, cmd.mode,  # type: ignore[arg-type]
+                                              cmd.now_ms, self.extent_size_bytes, mapping,
+                                              cmd.qos_iops_max, cmd.qos_bytes_per_s_max, state=cmd.state,
+                                              parent_volume_id=parent.volume_id if parent else 0,
+                                              parent_snap_id=parent.snap_id if parent else 0, origin=cmd.origin)
+        return _ok(volume_id=vid, groups=group_ids)
+
+    def _place(self, name: str, size_bytes: int, mode: str) -> tuple[list[GroupId], list[int]] | Result:
+        """New extent groups for `size_bytes` of volume `name`: the extent -> group mapping of those bytes
+        (indexes from 0) and the new groups' ids; a Result when refused."""
         views = [NodeView(n.node_id, n.rack, n.state == "up" and not n.draining, n.capacity_bytes, n.reserved_bytes)
                  for n in self.nodes.values()]
-        plans = place(views, cmd.size_bytes, extent_size_bytes=self.extent_size_bytes,
+        plans = place(views, size_bytes, extent_size_bytes=self.extent_size_bytes,
                       extents_per_group_max=self.extents_per_group_max, replicas=self.replicas,
                       leader_counts=leader_counts_of(g.members for g in self.groups.values()))
         # Each replica is a Raft or chain group the node runs on one event loop: past a few hundred
@@ -586,7 +614,7 @@ class MetaState:
         over = sorted(int(m) for m, n in per_node.items() if n > GROUPS_PER_NODE_MAX)
         if over:
             return _err("too_many_groups",
-                        f"volume {cmd.name!r} needs {len(plans)} extent groups ({format_size(self.extents_per_group_max * self.extent_size_bytes)} "
+                        f"volume {name!r} needs {len(plans)} extent groups ({format_size(self.extents_per_group_max * self.extent_size_bytes)} "
                         f"each); nodes {over} would host more than {GROUPS_PER_NODE_MAX} groups: add nodes, or make "
                         f"it smaller (about {format_size(self._room_bytes())} fits now)")
         extents = sum(len(p.extents) for p in plans)
@@ -595,20 +623,67 @@ class MetaState:
         for p in plans:
             gid = GroupId(self.next_group_id)
             self.next_group_id += 1
-            self.groups[gid] = GroupRecord(gid, list(p.members), 1, cmd.mode)  # type: ignore[arg-type]
+            self.groups[gid] = GroupRecord(gid, list(p.members), 1, mode)  # type: ignore[arg-type]
             for m in p.members:
                 self.nodes[m].reserved_bytes += len(p.extents) * self.extent_size_bytes
             for e in p.extents:
                 mapping[e] = gid
             group_ids.append(int(gid))
-        vid = self.next_volume_id
-        self.next_volume_id += 1
-        self.volumes[cmd.name] = VolumeRecord(cmd.name, vid, cmd.size_bytes, cmd.mode,  # type: ignore[arg-type]
-                                              cmd.now_ms, self.extent_size_bytes, mapping,
-                                              cmd.qos_iops_max, cmd.qos_bytes_per_s_max, state=cmd.state,
-                                              parent_volume_id=parent.volume_id if parent else 0,
-                                              parent_snap_id=parent.snap_id if parent else 0, origin=cmd.origin)
-        return _ok(volume_id=vid, groups=group_ids)
+        return mapping, group_ids
+
+    def _apply_resize_volume(self, cmd: ResizeVolume) -> Result:
+        v = self.volumes.get(cmd.name)
+        if v is None:
+            return _err("unknown_volume", f"no volume {cmd.name!r}")
+        if cmd.size_bytes <= 0 or cmd.size_bytes % BLOCK_SIZE or cmd.size_bytes > VOLUME_SIZE_BYTES_MAX:
+            return _err("invalid", f"a volume's size must be a positive multiple of 4KiB, "
+                        f"at most {format_size(VOLUME_SIZE_BYTES_MAX)}")
+        if cmd.size_bytes == v.size_bytes:
+            return _ok(size_bytes=v.size_bytes, groups=[], removed_groups=[])
+        old_extents = len(v.extent_groups)
+        new_extents = -(-cmd.size_bytes // v.extent_size_bytes)
+        if cmd.size_bytes < v.size_bytes:
+            if not cmd.allow_shrink:
+                return _err("shrink", f"volume {cmd.name!r} is {format_size(v.size_bytes)}: shrinking to "
+                            f"{format_size(cmd.size_bytes)} loses the data past it (allow_shrink)")
+            if cmd.name in self.attachments:
+                return _err("attached", f"volume {cmd.name!r} is attached by gateway "
+                            f"{self.attachments[cmd.name].gateway_id!r}: shrink it detached")
+            if any(r.volume_id == v.volume_id for r in self.snapshots.values()) or self.clones_of(v.volume_id):
+                return _err("has_snapshots", f"volume {cmd.name!r} has snapshots or clones: they keep its "
+                            f"size (delete them first)")
+            dropped = v.extent_groups[new_extents:]
+            v.extent_groups = v.extent_groups[:new_extents]
+            v.size_bytes = cmd.size_bytes
+            return _ok(size_bytes=v.size_bytes, groups=[], removed_groups=self._release_extents(dropped, v))
+        group_ids: list[int] = []
+        if new_extents > old_extents:
+            placed = self._place(cmd.name, (new_extents - old_extents) * v.extent_size_bytes, v.mode)
+            if isinstance(placed, Result):
+                return placed
+            mapping, group_ids = placed
+            v.extent_groups = [*v.extent_groups, *mapping]
+        v.size_bytes = cmd.size_bytes
+        return _ok(size_bytes=v.size_bytes, groups=group_ids, removed_groups=[])
+
+    def _release_extents(self, extent_groups: list[GroupId], vol: VolumeRecord) -> list[int]:
+        """Give back the reservations of these extents of `vol`; remove the groups no volume uses any more."""
+        still_used = {g for v in self.volumes.values() for g in v.extent_groups}
+        per_group: dict[GroupId, int] = {}
+        for g in extent_groups:
+            per_group[g] = per_group.get(g, 0) + 1
+        removed = []
+        for gid, count in sorted(per_group.items()):
+            grp = self.groups.get(gid)
+            if grp is None:
+                continue
+            for m in grp.members:
+                if m in self.nodes:
+                    self.nodes[m].reserved_bytes -= count * vol.extent_size_bytes
+            if gid not in still_used:
+                del self.groups[gid]
+                removed.append(int(gid))
+        return removed
 
     def volume_by_id(self, volume_id: int) -> VolumeRecord | None:
         return next((v for v in self.volumes.values() if v.volume_id == volume_id), None)
@@ -647,22 +722,7 @@ class MetaState:
         self.attach_epochs.pop(cmd.name, None)
         for sid in [k for k, r in self.snapshots.items() if r.volume_id == vol.volume_id]:
             del self.snapshots[sid]  # their pins go with the groups' replicas (node/host.py drop_replica)
-        still_used = {g for v in self.volumes.values() for g in v.extent_groups}
-        per_group: dict[GroupId, int] = {}
-        for g in vol.extent_groups:
-            per_group[g] = per_group.get(g, 0) + 1
-        removed = []
-        for gid, count in sorted(per_group.items()):
-            grp = self.groups.get(gid)
-            if grp is None:
-                continue
-            for m in grp.members:
-                if m in self.nodes:
-                    self.nodes[m].reserved_bytes -= count * vol.extent_size_bytes
-            if gid not in still_used:
-                del self.groups[gid]
-                removed.append(int(gid))
-        return _ok(removed_groups=removed)
+        return _ok(removed_groups=self._release_extents(vol.extent_groups, vol))
 
     def _apply_attach(self, cmd: Attach) -> Result:
         if cmd.volume not in self.volumes:

@@ -586,6 +586,17 @@ def volume_create(root: Path, name: str, size_bytes: int, replication: str | Non
             "groups": sorted(groups), "replication": vol.mode, "parent": parent or None}
 
 
+def _volume_of(root: Path, name: str) -> tuple[Layout, ClusterMap, MetaState, Any]:
+    """The cluster of `root`, its map, and volume `name` in it (ClusterError: no such volume)."""
+    layout = Layout(root)
+    cmap = _load(layout)
+    st = read_map(layout, cmap)
+    v = st.volumes.get(name)
+    if v is None:
+        raise ClusterError(f"no volume {name}")
+    return layout, cmap, st, v
+
+
 def volume_clone(root: Path, source: str, name: str, replication: str | None = None) -> dict[str, Any]:
     """`volume clone VOL@SNAP NEW`: a writable volume at once, reading what it never wrote from the snapshot
     (client/volume.py rule 5); its size is the snapshot's."""
@@ -608,12 +619,7 @@ def volume_flatten(root: Path, name: str, progress: Callable[[int, int], None] |
     host writing the clone), then cut the link. Re-runnable: what is already there is not copied again."""
     from raftblock.control.snapshots import ClusterIO
 
-    layout = Layout(root)
-    cmap = _load(layout)
-    st = read_map(layout, cmap)
-    v = st.volumes.get(name)
-    if v is None:
-        raise ClusterError(f"no volume {name}")
+    layout, cmap, st, v = _volume_of(root, name)
     if not v.parent_volume_id:
         return {"name": name, "copied_bytes": 0, "parent": None}
     parent = st.volume_by_id(v.parent_volume_id)
@@ -906,3 +912,140 @@ def snapshot_restore(root: Path, store: Any, name: str, snapshot: str | None = N
     _gateway_call(layout, "reload")
     return {"volume": res.volume, "source": res.source, "url": store.url, "size_bytes": res.size_bytes,
             "written_bytes": res.written_bytes, "resumed": res.resumed}
+
+
+# --- resize and rollback --------------------------------------------------------------------------------
+
+async def _trim_range(io: Any, volume: str, first_block: int, end_block: int) -> None:
+    """Drop blocks [first_block, end_block) of `volume` in its own groups (a clone's too: not read-through)."""
+    vol = io.volume(volume)
+    gate = asyncio.Semaphore(DROP_IN_FLIGHT_MAX)
+
+    async def trim(eid: int, blk: int, n: int) -> None:
+        async with gate:
+            await vol._group_for(eid).trim(eid, blk, n)
+
+    if first_block < end_block:
+        await asyncio.gather(*(trim(e, b, n) for e, b, n, _ in vol._pieces(first_block, end_block)))
+
+
+def volume_resize(root: Path, name: str, size_bytes: int, allow_shrink: bool = False) -> dict[str, Any]:
+    """`volume resize NAME SIZE`: grow online (new extents in new groups; NBD clients see the new size on
+    their next connection); shrink only with `allow_shrink`, detached, without snapshots or clones: the bytes
+    past the new size are trimmed first, so growing again later reads zeros there."""
+    from raftblock.control.snapshots import ClusterIO
+    from raftblock.replication.group import GroupError
+
+    layout, cmap, st, v = _volume_of(root, name)
+    old = v.size_bytes
+    if size_bytes < old:
+        if not allow_shrink:
+            raise ClusterError(f"volume {name} is {format_size(old)}: shrinking it to {format_size(size_bytes)} "
+                               f"loses the data past that (--allow-shrink)")
+        if name in st.attachments or _connections(layout, name):
+            raise ClusterError(f"volume {name} is attached: shrink it detached (raftblock volume detach {name})")
+        if any(r.volume_id == v.volume_id for r in st.snapshots.values()) or st.clones_of(v.volume_id):
+            raise ClusterError(f"volume {name} has snapshots or clones: they keep its size (delete them first)")
+
+        async def trim() -> None:
+            io = ClusterIO(st, cmap.peers())
+            try:
+                await _trim_range(io, name, size_bytes // 4096, old // 4096)
+            finally:
+                await io.close()
+
+        try:
+            asyncio.run(trim())
+        except GroupError as e:
+            raise ClusterError(f"could not trim {name} past {format_size(size_bytes)}; its size is unchanged: {e}") from e
+    res = _done(_meta(layout, cmap, lambda c: c.resize_volume(name, size_bytes, allow_shrink)))
+    if res.get("groups"):
+        wait_healthy(layout, cmap, {int(g) for g in res["groups"]})
+    _gateway_call(layout, "reload")
+    return {"name": name, "old_size_bytes": old, "size_bytes": size_bytes, "new_groups": res.get("groups", []),
+            "removed_groups": res.get("removed_groups", [])}
+
+
+def volume_rollback(root: Path, name: str, snapshot: str, progress: Callable[[int, int], None] | None = None,
+                    ) -> dict[str, Any]:
+    """`volume rollback NAME SNAP` (refused while attached): the volume becomes the snapshot again. The blocks
+    that differ are found from the groups' indexes against a snapshot of now (no data read to find them) and
+    only they are copied back from the snapshot (or trimmed: a hole then); blocks past the snapshot's size
+    are trimmed. Meanwhile the volume is `restoring` (not served); an interrupted rollback run again
+    finishes it."""
+    from raftblock.control import snapshots
+    from raftblock.replication.group import GroupError
+
+    layout, cmap, st, v = _volume_of(root, name)
+    rec = st.snapshot_of(name, snapshot)
+    if rec is None or rec.state != "ready":
+        raise ClusterError(f"volume {name} has no snapshot {snapshot}" if rec is None
+                           else f"snapshot {name}@{snapshot} is {rec.state}, not ready")
+    if name in st.attachments or _connections(layout, name):
+        raise ClusterError(f"volume {name} is attached by gateway "
+                           f"{st.attachments[name].gateway_id if name in st.attachments else '?'}: detach it first "
+                           f"(a host must not see its disk change under it)")
+    if v.state != "restoring":
+        _done(_meta(layout, cmap, lambda c: c.set_volume_state(name, "restoring", expected="ready")))
+    now = f"rollback-{rec.snap_id}"
+
+    async def go(c: MetaClient) -> int:
+        cur = await c.state(barrier=True)
+        if cur.snapshot_of(name, now) is not None:  # left by an interrupted rollback
+            await snapshots.delete(c, None, name, now, cur, cmap.peers())
+        made = (await snapshots.create(c, cmap.peers(), [name], now, lambda gw: None))[0]
+        st2 = await c.state(barrier=True)
+        io = snapshots.ClusterIO(st2, cmap.peers())
+        copied = 0
+        try:
+            vol = io.volume(name)
+            bpe = vol.info.extent_size_bytes // 4096
+            snap_blocks = (rec.size_bytes or vol.info.size_bytes) // 4096
+            await _trim_range(io, name, snap_blocks, vol.info.size_bytes // 4096)
+            pieces = vol._pieces(0, snap_blocks)
+            for k, (eid, blk, n, _vb) in enumerate(pieces):
+                g = vol._group_for(eid)
+                pos = 0
+                for run, changed in await g.block_status(eid, blk, n, snap_id=made.snap_id, since_snap_id=rec.snap_id):
+                    if changed:
+                        copied += await _copy_back(g, eid, blk + pos, run, rec.snap_id)
+                    pos += run
+                if progress is not None:
+                    progress((k + 1) * bpe, len(pieces) * bpe)
+        finally:
+            await io.close()
+        await snapshots.delete(c, None, name, now, st2, cmap.peers())
+        return copied
+
+    try:
+        copied = _snap_call(layout, cmap, go)
+    except GroupError as e:
+        raise ClusterError(f"rollback of {name} to {snapshot} stopped: {e}; the volume stays `restoring` (not "
+                           f"served): run the rollback again") from e
+    _done(_meta(layout, cmap, lambda c: c.set_volume_state(name, "ready", expected="restoring")))
+    _gateway_call(layout, "reload")
+    return {"name": name, "snapshot": snapshot, "copied_bytes": copied}
+
+
+async def _copy_back(g: Any, eid: int, block: int, count: int, snap_id: int) -> int:
+    """Blocks [block, block+count) of extent `eid` as snapshot `snap_id` has them: written back, or trimmed
+    where it has a hole. Returns the bytes written."""
+    from raftblock._fast import blockcrc
+
+    written = 0
+    pos = 0
+    for run, allocated in await g.block_status(eid, block, count, snap_id=snap_id):
+        if not allocated:
+            await g.trim(eid, block + pos, run)
+        else:
+            k = 0
+            while k < run:
+                m = min(run - k, 256)
+                data, crcs = await g.read(eid, block + pos + k, m, snap_id=snap_id)
+                if blockcrc.first_mismatch(data, crcs) >= 0:  # end to end: the node checks them again on arrival
+                    raise ClusterError(f"extent {eid:#x} block {block + pos + k}: the snapshot's data fails its CRC")
+                await g.write(eid, block + pos + k, memoryview(data), crcs)
+                written += len(data)
+                k += m
+        pos += run
+    return written

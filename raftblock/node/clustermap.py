@@ -75,6 +75,8 @@ def volume_infos(st: MetaState, states: tuple[str, ...] = ("ready",)) -> list[Vo
         return VolumeInfo(v.name, v.volume_id, v.size_bytes, v.extent_size_bytes,
                           tuple(extent_id(int(g), i) for i, g in enumerate(v.extent_groups)),
                           parent=info(parent, depth + 1) if parent is not None and depth < CLONE_DEPTH_MAX else None,
-                          parent_snap_id=v.parent_snap_id if parent is not None else 0)
+                          parent_snap_id=v.parent_snap_id if parent is not None else 0,
+                          parent_size_bytes=snap.size_bytes if parent is not None and (
+                              snap := st.snapshots.get(v.parent_snap_id)) is not None else 0)
 
     return [info(v) for v in sorted(st.volumes.values(), key=lambda v: v.name) if v.state in states]

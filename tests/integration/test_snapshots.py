@@ -221,3 +221,71 @@ def test_ext4_snapshot_clone_flatten(cluster: Cluster, tmp_path: Path) -> None:
     cluster.cli("snapshot", "delete", "fs", "before")
     _phase("verify", f"{cluster.uri}/old", work)
     assert _read_sums(work / "sums.verify") == old_tree, "the flattened clone lost files"
+
+
+def _qemu_io(uri: str, *cmds: str) -> str:
+    args = ["qemu-io", "-f", "raw"]
+    for c in cmds:
+        args += ["-c", c]
+    r = subprocess.run([*args, uri], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "failed" not in r.stdout + r.stderr, (cmds, r.stdout, r.stderr)
+    return r.stdout
+
+
+@pytest.mark.parametrize("mode", ["raft", "chain"])
+def test_rollback_and_resize(cluster: Cluster, mode: str) -> None:
+    """rollback: refused while attached; copies back only what changed (a trim included), trims what was
+    written past the snapshot's size; resize: grows online (a connected host keeps its size, the next
+    connection sees the new one), shrinking refused without --allow-shrink and with snapshots, and a volume
+    grown again reads zeros past the old end."""
+    require_tools("qemu-io", "nbdinfo")
+    py = require_libnbd()
+    cluster.up()
+    cluster.cli("volume", "create", "vol", "--size", "128M", "--replication", mode)
+    uri = f"{cluster.uri}/vol"
+    _qemu_io(uri, "write -P 0x11 0 8M", "write -P 0x22 100M 1M")
+    cluster.cli("snapshot", "create", "vol", "s1")
+    _qemu_io(uri, "write -P 0x33 4M 4M", "write -z 100M 1M", "write -P 0x44 120M 1M")
+
+    # grow online: a host connected across the resize keeps working; the next connection sees 1 GiB
+    host = subprocess.Popen([py, "-c", "import nbd,sys\nh=nbd.NBD(); h.connect_uri(sys.argv[1]); print(h.get_size(), "
+                             "flush=True); sys.stdin.readline(); h.pwrite(b'z'*4096, 0); print(h.pread(4096, 0)[:1]"
+                             ".decode(), h.get_size(), flush=True)", uri],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert host.stdout is not None and host.stdin is not None
+    assert host.stdout.readline().strip() == str(128 << 20)
+    r = json.loads(cluster.cli("volume", "resize", "vol", "1G", "--json").stdout)
+    assert r["size_bytes"] == 1 << 30 and r["new_groups"], r
+    host.stdin.write("go\n")
+    host.stdin.flush()
+    out, err = host.communicate(timeout=60)
+    assert host.returncode == 0 and out.split() == ["z", str(128 << 20)], (out, err)
+    assert subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True).stdout.strip() == str(1 << 30)
+    _qemu_io(uri, "write -P 0x55 900M 1M", "read -P 0x55 900M 1M")
+
+    st = cluster.cli("volume", "attach", "vol", "--gateway", "n1", check=False)
+    assert st.returncode == 0, st.stderr
+    err = _one_line_error(cluster, "volume", "rollback", "vol", "s1")
+    assert "attached by gateway n1" in err, err
+    cluster.cli("volume", "detach", "vol")
+    r = json.loads(cluster.cli("volume", "rollback", "vol", "s1", "--json").stdout)
+    assert r["copied_bytes"] == (5 << 20) + 4096, r  # 4 MiB overwritten, 1 MiB zeroed, the host's block 0: no more
+    _qemu_io(uri, "read -P 0x11 0 8M", "read -P 0x22 100M 1M", "read -P 0 120M 1M", "read -P 0 900M 1M")
+    assert json.loads(cluster.cli("volume", "info", "vol", "--json").stdout)["state"] == "ready"
+
+    assert "--allow-shrink" in _one_line_error(cluster, "volume", "resize", "vol", "64M")
+    assert "has snapshots" in _one_line_error(cluster, "volume", "resize", "vol", "64M", "--allow-shrink")
+    cluster.cli("snapshot", "delete", "vol", "s1")
+    cluster.cli("volume", "resize", "vol", "100M", "--allow-shrink")
+    assert subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True).stdout.strip() == str(100 << 20)
+    cluster.cli("volume", "resize", "vol", "256M")
+    _qemu_io(uri, "read -P 0x11 0 8M", "read -P 0 100M 156M")
+
+
+def _one_line_error(c: Cluster, *args: str) -> str:
+    r = c.cli(*args, check=False)
+    lines = r.stderr.strip().splitlines()
+    errors = [ln for ln in lines if ln.startswith("raftblock ")]
+    assert r.returncode == 1 and len(errors) == 1 and all("ETA" in ln for ln in lines if ln not in errors), \
+        (args, r.stderr)
+    return errors[0]

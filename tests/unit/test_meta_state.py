@@ -24,6 +24,7 @@ from raftblock.meta.state import (
     RegisterGateway,
     RegisterNode,
     RenameVolume,
+    ResizeVolume,
     SetGroupMembers,
     SetNodeDrain,
     SetNodeStates,
@@ -67,6 +68,7 @@ ALL = [
     SetSnapshotState("v", "nightly", "ready"),
     SetVolumeState("v", "ready", "restoring", True),
     CreateVolume("c", GiB, 7, "raft", state="restoring", parent="v@nightly", origin="s3://b/p"),
+    ResizeVolume("v", 2 * GiB, True),
 ]
 
 
@@ -385,3 +387,32 @@ def test_clones_and_restore_targets_in_the_map() -> None:
         else:
             assert r.error == "invalid" and "flatten" in r.message, (depth, r)
             break
+
+
+def test_resize_grows_with_new_groups_and_shrinks_only_when_allowed() -> None:
+    s = cluster()
+    assert s.apply(CreateVolume("v", GiB, 1)).ok  # 16 extents in 2 groups
+    before = list(s.volumes["v"].extent_groups)
+    r = s.apply(ResizeVolume("v", 2 * GiB))
+    assert r.ok and len(r.value["groups"]) == 2, r
+    v = s.volumes["v"]
+    assert v.size_bytes == 2 * GiB and v.extent_groups[:16] == before and len(v.extent_groups) == 32
+    assert set(v.extent_groups[16:]) == {GroupId(g) for g in r.value["groups"]}
+    assert len(s.apply(ResizeVolume("v", 2 * GiB + 4096)).value["groups"]) == 1  # one more extent, a new group
+    assert s.apply(ResizeVolume("v", 2 * GiB + 8192)).value["groups"] == []  # inside the last extent
+    assert len(s.volumes["v"].extent_groups) == 33
+    assert s.apply(ResizeVolume("v", GiB)).error == "shrink"
+    assert s.apply(ResizeVolume("v", 1000)).error == "invalid"
+    assert s.apply(CreateSnapshot("v", "s", 1)).ok
+    assert s.apply(ResizeVolume("v", GiB, True)).error == "has_snapshots"
+    assert s.apply(SetSnapshotState("v", "s", "deleting")).ok and s.apply(SetSnapshotState("v", "s", "gone")).ok
+    assert s.apply(Attach("v", "gw1", 1)).ok
+    assert s.apply(ResizeVolume("v", GiB, True)).error == "attached"
+    assert s.apply(Detach("v", "gw1", s.attachments["v"].attach_epoch)).ok
+    reserved = {n: s.nodes[n].reserved_bytes for n in s.nodes}
+    added = set(s.groups) - set(before)
+    r = s.apply(ResizeVolume("v", GiB, True))
+    assert r.ok and sorted(r.value["removed_groups"]) == sorted(int(g) for g in added), r
+    assert s.volumes["v"].extent_groups == before and set(s.groups) == set(before)
+    assert sum(s.nodes[n].reserved_bytes for n in s.nodes) < sum(reserved.values())
+    assert MetaState.from_json(s.to_json()).to_json() == s.to_json()
