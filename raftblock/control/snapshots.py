@@ -10,7 +10,8 @@
 #    again (a linearizable read, after the records): the gateway of every attached volume raises its
 #    acknowledgement barrier (`hold`, kept for as long as the admin connection); only once every barrier is
 #    up does a SNAP op go to any group, to every group of every volume (proposed here through any node:
-#    the same op the gateway would propose); then the records become `ready`; then the barriers fall.
+#    the same op the gateway would propose); once all committed the barriers fall (the cut is made), then
+#    the records become `ready`.
 #    A gateway that attaches a volume while one of its snapshots is `creating` waits for it first
 #    (gateway rule 6): either the attach came first, and this read sees it, or the cut completes before
 #    the new writer acknowledges anything. So no cut is ever made without its writer's barrier.
@@ -179,16 +180,17 @@ async def create(meta: MetaClient, peers: dict[int, tuple[str, int]], volumes: l
                                    for v in volumes for g in io.groups_of(v)))
         except GroupError as e:
             raise SnapshotError(f"a group did not take the snapshot: {e}") from e
+        barrier_ms = (time.monotonic() - t0) * 1000 if holds else 0.0
+        for h in holds:  # the cut is made: every SNAP op committed (the record becomes ready after)
+            await h.lower()
+        holds = []
         for v in volumes:
             _ok(await meta.set_snapshot_state(v, name, "ready"))
-        barrier_ms = (time.monotonic() - t0) * 1000 if holds else 0.0
         for v in volumes:
             r = st.snapshot_of(v, name)
             assert r is not None
             out.append(Created(v, name, r.snap_id, r.created_ms, [int(g) for g in dict.fromkeys(st.volumes[v].extent_groups)],
                                barrier_ms))
-        log.info("snapshot.created", volumes=volumes, name=name, snap_ids=[c.snap_id for c in out],
-                 barrier_ms=round(barrier_ms, 2))
         return out
     except BaseException:
         await _forget(meta, io, made, name)
@@ -235,7 +237,6 @@ async def delete(meta: MetaClient, io: ClusterIO | None, volume: str, name: str,
         if own:
             await io.close()
     _ok(await meta.set_snapshot_state(volume, name, "gone"))
-    log.info("snapshot.deleted", volume=volume, name=name, snap_id=r.snap_id)
     return r
 
 

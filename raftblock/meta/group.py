@@ -186,6 +186,9 @@ class MetaGroup(SyncObj):  # type: ignore[misc]
             raftMinTimeout=t.election_timeout_ms_min / 1000,
             raftMaxTimeout=t.election_timeout_ms_max / 1000,
             appendEntriesPeriod=t.append_entries_interval_ms / 1000,
+            # A new command goes to the followers at once, not at the next heartbeat: a proposal commits in
+            # about one round trip and a fsync instead of up to two heartbeat periods (~200 ms measured).
+            appendEntriesUseBatch=False,
             connectionTimeout=t.connection_timeout_ms / 1000,
             connectionRetryTime=t.connection_retry_ms / 1000,
             leaderFallbackTimeout=t.leader_fallback_ms / 1000,

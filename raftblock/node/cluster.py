@@ -288,7 +288,9 @@ def wait_healthy(layout: Layout, cmap: ClusterMap, groups: set[int] | None = Non
         missing = [n.node_id for n in cmap.nodes
                    if NodeId(n.node_id) not in st.nodes or st.nodes[NodeId(n.node_id)].state != "up"] \
             if groups is None else []  # a volume's groups need their own majority, not every node
-        if missing:
+        if not st.cluster_id:  # the metadata leader names the cluster on its first tick: volumes need it
+            problem = "the metadata group has not recorded the cluster's id yet"
+        elif missing:
             problem = f"storage nodes not up in the map: {missing}"
         else:
             status = asyncio.run(collect_status(cmap, st))

@@ -556,10 +556,20 @@ class Engine:
         out = bytearray(count * BLOCK_SIZE)
         crcs = [ZERO_BLOCK_CRC] * count
         cur = self.index.extents.get(extent_id, {})
-        for i in range(count):
-            rec = self.index.version_at(extent_id, block + i, lsn)
-            if rec is not None:
-                self._read_run(rec, block + i, 1, out, i * BLOCK_SIZE, crcs, i, current=cur.get(block + i) is rec)
+        version_at = self.index.version_at
+        i = 0
+        while i < count:  # one read per run of blocks kept in one record (one pread, not one per block)
+            rec = version_at(extent_id, block + i, lsn)
+            if rec is None:
+                i += 1
+                continue
+            current = cur.get(block + i) is rec
+            j = i + 1
+            while j < count and block + j < rec.block + rec.count and version_at(extent_id, block + j, lsn) is rec \
+                    and (cur.get(block + j) is rec) == current:
+                j += 1
+            self._read_run(rec, block + i, j - i, out, i * BLOCK_SIZE, crcs, i, current=current)
+            i = j
         return out, crcs
 
     def block_status(self, extent_id: int, block: int, count: int) -> list[tuple[int, bool]]:
