@@ -178,7 +178,8 @@ class Gateway:
         names = req.get("volumes")
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise ValueError("hold: volumes must be a list of names")
-        await self.reload()
+        if any(self.catalog.get(n) is None for n in names):
+            await self.reload()  # a volume made since the last map read (a round trip avoided otherwise)
         vols = []
         for n in names:
             vol = self.catalog.get(n)

@@ -948,6 +948,7 @@ class Engine:
             "garbage_bytes": max(0, used - self.index.live_bytes()),
             "segments": len(self._files),
             "blocks_allocated": self.index.blocks_allocated,
+            "pinned_bytes": self.index.hist_blocks * BLOCK_SIZE,  # old versions kept for snapshots
             "bad_blocks": sum(len(b) for b in self.index.bad.values()),
             "last_lsn": self.last_lsn,
             "synced_lsn": self.synced_lsn,

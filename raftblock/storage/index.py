@@ -91,6 +91,9 @@ class SegState:
     link_blocks: int = 0
     link_bytes: int = 0
     marks: dict[int, Mark] = field(default_factory=dict)  # offset -> PIN/UNPIN records kept
+    # Old versions kept for snapshot pins (not LINKs: theirs is link_bytes): they occupy the segment as much
+    # as live blocks, so cleaning must not take a segment of them for garbage (it would copy them forever).
+    hist_blocks: int = 0
 
     def add_rec(self, rec: Rec) -> None:
         if rec.rtype == REC_LINK and rec.off not in self.records:
@@ -103,7 +106,7 @@ class SegState:
 
     def live_bytes(self) -> int:
         """Bytes of this segment that live or pinned records occupy."""
-        return (self.live_blocks - self.link_blocks) * BLOCK_SIZE + self.link_bytes
+        return (self.live_blocks - self.link_blocks + self.hist_blocks) * BLOCK_SIZE + self.link_bytes
 
     def note_write(self, extent_id: int, lsn: int) -> None:
         cur = self.min_write_lsn.get(extent_id)
@@ -123,6 +126,7 @@ class Index:
         # (extent, block) -> [(rec, superseded_at_lsn)] old versions kept for pins
         self.history: dict[tuple[int, int], list[tuple[Rec, int]]] = {}
         self.blocks_allocated = 0
+        self.hist_blocks = 0  # block versions kept for pins (Index.history entries)
 
     # --- version changes -------------------------------------------------------------------
 
@@ -135,7 +139,7 @@ class Index:
                 seg.link_blocks -= 1
         if self.pins and self._pinned_between(old.lsn, new_lsn, extent_id >> 32):
             self.history.setdefault((extent_id, blk), []).append((old, new_lsn))
-            old.hist += 1
+            self.hist_ref(old, 1)
         if old.live == 0 and old.hist == 0 and seg is not None:
             seg.pop_rec(old)
 
@@ -266,7 +270,7 @@ class Index:
                 if self._pinned_between(rec.lsn, until, key[0] >> 32):
                     kept.append((rec, until))
                 else:
-                    rec.hist -= 1
+                    self.hist_ref(rec, -1)
                     if rec.live == 0 and rec.hist == 0:
                         seg = self.segs.get(rec.seg)
                         if seg is not None:
@@ -275,6 +279,15 @@ class Index:
                 self.history[key] = kept
             else:
                 del self.history[key]
+
+    def hist_ref(self, rec: Rec, delta: int) -> None:
+        """One more (or fewer) block of `rec` kept as an old version for a pin."""
+        rec.hist += delta
+        self.hist_blocks += delta
+        if rec.rtype != REC_LINK:
+            seg = self.segs.get(rec.seg)
+            if seg is not None:
+                seg.hist_blocks += delta
 
     def version_at(self, extent_id: int, blk: int, lsn: int) -> Rec | None:
         """The newest version of a block with LSN <= lsn that is still kept (None: hole)."""
@@ -290,8 +303,8 @@ class Index:
         for i, (rec, until) in enumerate(self.history.get((extent_id, blk), [])):
             if rec is old:
                 self.history[(extent_id, blk)][i] = (new, until)
-                old.hist -= 1
-                new.hist += 1
+                self.hist_ref(old, -1)
+                self.hist_ref(new, 1)
                 nseg = self.segs[new.seg]
                 nseg.add_rec(new)
                 if old.live == 0 and old.hist == 0:
@@ -366,7 +379,8 @@ class Index:
         return out
 
     def live_bytes(self) -> int:
-        return self.blocks_allocated * BLOCK_SIZE
+        """Current blocks and the old versions pins keep."""
+        return (self.blocks_allocated + self.hist_blocks) * BLOCK_SIZE
 
 
 # --- checkpoint codec ----------------------------------------------------------------------------

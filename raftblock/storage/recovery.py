@@ -350,10 +350,10 @@ def recover(disk: Disk, directory: str, cluster_id: bytes, verify_on_open: bool,
             if not index._pinned_between(lsn, until, eid >> 32):
                 continue  # its pin went after the checkpoint
             rec = _ck_rec(index, recs, missing, files, seg, off, fl, eid, rb, rc, lsn, None)
+            index.segs[seg].add_rec(rec)
             for bk in range(blk, blk + n):
                 index.history.setdefault((eid, bk), []).append((rec, until))
-                rec.hist += 1
-            index.segs[seg].add_rec(rec)
+                index.hist_ref(rec, 1)
         for sid, sr in hist_copies:
             h = sr.hdr
             new = Rec(sid, sr.offset, h.rtype, h.flags, h.extent_id, h.block, h.count, h.lsn)
