@@ -128,6 +128,10 @@ async def _scenario(mp: MetaProcs) -> dict[str, float]:
         assert (await client.register_node(i, f"r{i - 1}", f"127.0.0.1:{20000 + i}", 1 << 40)).ok
     hb = asyncio.create_task(_heartbeats(hb_client, stop))
     try:
+        deadline = time.monotonic() + 20
+        while not (await client.state()).cluster_id:  # the leader names the cluster on its first control tick
+            assert time.monotonic() < deadline, "the metadata leader did not record the cluster id"
+            await asyncio.sleep(0.05)
         res = await client.create_volume("v1", GiB)
         assert res.ok, res
         st = await client.state()
