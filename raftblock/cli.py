@@ -464,8 +464,13 @@ def cmd_snapshot_restore(args: argparse.Namespace) -> int:
 
     bar = _Progress(f"restore {args.name}", quiet=args.json)
     chunk = 4 << 20
+    def served() -> None:
+        print(f"volume {args.name} is served now (lazy restore: reads fetch what they need); filling the rest",
+              file=sys.stderr if args.json else sys.stdout, flush=True)
+
     res = snapshot_restore(Path(args.dir), _store(args, args.url), args.name, args.snapshot, args.from_volume,
-                           args.replication, args.parallel, lambda done, total, _w: bar(done, total, done * chunk))
+                           args.replication, args.parallel, lambda done, total, _w: bar(done, total, done * chunk),
+                           lazy=args.lazy, on_served=served)
     return _report(args, res, f"restored {res['source']} from {res['url']} into volume {res['volume']} "
                               f"({format_size(res['size_bytes'])}, {format_size(res['written_bytes'])} written, every "
                               f"chunk verified)" + (" (an interrupted restore, run again)" if res["resumed"] else ""))
@@ -853,6 +858,11 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--snapshot", default=None, help="which backup (default: the newest)")
     sr.add_argument("--from-volume", default=None, help="whose backups (needed when the URL holds several volumes')")
     sr.add_argument("--replication", choices=["raft", "chain"], default=None, help="default: the cluster's")
+    sr.add_argument("--bandwidth", type=_size_arg, default=0, metavar="RATE",
+                    help="download at most RATE bytes per second, e.g. 50M (default: unbounded)")
+    sr.add_argument("--lazy", action="store_true",
+                    help="serve the volume at once: a read of a chunk not restored yet fetches it first, while this "
+                         "command fills the rest (run it again if it stops)")
     _backup_opts(sr)
     _dir(sr)
     _json(sr)

@@ -9,8 +9,8 @@ Rules:
 3. Every failure is a StoreError with one line a human can act on (no such bucket, access denied,
    unreachable endpoint); `get` of a missing key is NotFound. Transient S3 errors (500, 503, throttling,
    timeouts) are retried by botocore's adaptive mode before they become errors.
-4. `Throttled(store, bytes_per_s)` bounds the upload rate (a token bucket shared by every uploading thread;
-   bursts of at most one second's worth).
+4. `Throttled(store, bytes_per_s)` bounds the transfer rate, uploads and downloads (a token bucket shared by
+   every thread; bursts of at most one second's worth).
 """
 
 from __future__ import annotations
@@ -231,18 +231,23 @@ class Throttled:
         self._lock = threading.Lock()
         self._next = time.monotonic()  # when the bucket is next empty of debt
 
-    def put(self, key: str, data: bytes) -> None:
+    def _take(self, nbytes: int) -> None:
         with self._lock:
             now = time.monotonic()
             start = max(now - 1.0, self._next)  # at most one second of credit
-            self._next = start + len(data) / self.rate
+            self._next = start + nbytes / self.rate
             wait = self._next - now - 1.0
         if wait > 0:
             time.sleep(wait)
+
+    def put(self, key: str, data: bytes) -> None:
+        self._take(len(data))
         self.store.put(key, data)
 
     def get(self, key: str) -> bytes:
-        return self.store.get(key)
+        data = self.store.get(key)
+        self._take(len(data))  # a restore's downloads, paced the same way
+        return data
 
     def exists(self, key: str) -> bool:
         return self.store.exists(key)

@@ -212,15 +212,9 @@ def restore_image(store: Store, man: Manifest, write: Callable[[int, bytes], Non
     total = man.chunk_count()
 
     def one(k: int) -> bytes | None:
-        e = man.chunks[k]
-        if e[0] == "zero":
-            return bytes(man.chunk_length(k)) if write_zeros else None
-        try:
-            data = _fetch(store, e)
-        except NotFound as ex:
-            raise chunk.ChunkError(e[1], f"missing from {store.url} (chunk {k} of {man.volume}@{man.snapshot})") from ex
-        if len(data) != man.chunk_length(k):
-            raise chunk.ChunkError(e[1], f"{len(data)} bytes for chunk {k}, expected {man.chunk_length(k)}")
+        data = fetch_chunk(store, man, k)
+        if data is None and write_zeros:
+            return bytes(man.chunk_length(k))
         return data
 
     done = 0
@@ -232,6 +226,20 @@ def restore_image(store: Store, man: Manifest, write: Callable[[int, bytes], Non
         if progress is not None:
             progress(done, total, written)
     return written
+
+
+def fetch_chunk(store: Store, man: Manifest, k: int) -> bytes | None:
+    """Chunk `k` of `man`, fetched and verified (rule 4); None for a zero chunk."""
+    e = man.chunks[k]
+    if e[0] == "zero":
+        return None
+    try:
+        data = _fetch(store, e)
+    except NotFound as ex:
+        raise chunk.ChunkError(e[1], f"missing from {store.url} (chunk {k} of {man.volume}@{man.snapshot})") from ex
+    if len(data) != man.chunk_length(k):
+        raise chunk.ChunkError(e[1], f"{len(data)} bytes for chunk {k}, expected {man.chunk_length(k)}")
+    return data
 
 
 def restore_bytes(store: Store, man: Manifest) -> bytearray:

@@ -21,6 +21,9 @@ Rules:
    (a hole would read through to the parent) and TRIM is ignored (advisory: the block keeps its data).
    `flatten` copies what the clone lacks with FILL writes (wire/ops.py rule 6), so a block the host writes
    meanwhile is never overwritten with the parent's.
+6. A lazy restore still filling (info.lazy_source): a read first makes the chunks it touches present
+   (client/lazy.py); TRIM and WRITE_ZEROES keep blocks as on a clone (a hole would be filled from the backup
+   later); block status says "data" everywhere until the fill is complete.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from raftblock._fast import blockcrc
+from raftblock.client.lazy import LazyFill
 from raftblock.replication.group import CorruptData, ReplicationGroup
 
 BLOCK_SIZE = 4096
@@ -51,6 +55,7 @@ class VolumeInfo:
     parent: VolumeInfo | None = None  # a clone: blocks it never wrote read from this volume's snapshot
     parent_snap_id: int = 0
     parent_size_bytes: int = 0  # that snapshot's size (the parent may have grown since): zeros past it
+    lazy_source: str = ""  # a lazy restore still filling: "URL#VOLUME@SNAPSHOT" (rule 6)
 
     def extent_id(self, extent_index: int) -> int:
         if self.extent_ids:
@@ -105,6 +110,7 @@ class Volume:
         self._barrier: asyncio.Future[None] | None = None  # rule 4
         self._holds = 0
         self._parent: Volume | None = None  # rule 5, built from info.parent when first needed
+        self._lazy: LazyFill | None = None  # rule 6
 
     @property
     def size_bytes(self) -> int:
@@ -126,6 +132,8 @@ class Volume:
     # --- read -------------------------------------------------------------------------------------
     async def _read_blocks(self, first: int, end: int, snap_id: int = 0) -> bytearray:
         """`snap_id`: as that snapshot keeps the blocks (0: as they are now)."""
+        if self.info.lazy_source and not snap_id:  # rule 6
+            await self.lazy().ensure(first, end)
         pieces = self._pieces(first, end)
         parent = self.parent()
         results: list[bytearray]
@@ -161,6 +169,30 @@ class Volume:
             out += data
             done += n
         return out
+
+    # --- lazy restore (rule 6) ----------------------------------------------------------------------
+    def lazy(self) -> LazyFill:
+        if self._lazy is None or self._lazy.source != self.info.lazy_source:
+            self._lazy = LazyFill(self.info.lazy_source, self.fill)
+        return self._lazy
+
+    def _keeps_blocks(self) -> bool:
+        """A hole would read something else than zeros (a clone's parent, a lazy restore's backup)."""
+        return self.info.parent is not None or bool(self.info.lazy_source)
+
+    async def fill(self, offset: int, data: memoryview | bytes) -> None:
+        """FILL writes of whole blocks at `offset` (wire/ops.py rule 6): only where the volume has a hole."""
+        first = offset // BLOCK_SIZE
+        view = memoryview(data)
+        coros = []
+        for eid, blk, n, vb in self._pieces(first, first + len(view) // BLOCK_SIZE):
+            k = 0
+            while k < n:
+                m = min(n - k, RECORD_BLOCKS_MAX)
+                piece = view[(vb - first + k) * BLOCK_SIZE : (vb - first + k + m) * BLOCK_SIZE]
+                coros.append(self._group(eid).write(eid, blk + k, piece, blockcrc.block_crcs(piece), fill=True))
+                k += m
+        await asyncio.gather(*coros)
 
     # --- clones (rule 5) ----------------------------------------------------------------------------
     def parent(self) -> Volume | None:
@@ -387,7 +419,7 @@ class Volume:
         """Advisory (proto.md): only whole blocks inside the range are dropped; partial ones are left."""
         first = (offset + BLOCK_SIZE - 1) // BLOCK_SIZE
         end = (offset + length) // BLOCK_SIZE
-        if first >= end or self.info.parent is not None:  # a clone keeps the block (rule 5)
+        if first >= end or self._keeps_blocks():  # a clone keeps the block (rules 5, 6)
             return
         if self._locks:
             await self._locks.wait_free(first, end)
@@ -411,7 +443,7 @@ class Volume:
             await self.write(end_full * BLOCK_SIZE, bytes(end_off - end_full * BLOCK_SIZE))
         if self._locks:
             await self._locks.wait_free(first_full, end_full)
-        if no_hole or self.info.parent is not None:  # a clone's hole would read its parent (rule 5)
+        if no_hole or self._keeps_blocks():  # a clone's hole would read its parent (rules 5, 6)
             b = first_full
             while b < end_full:
                 n = min(end_full - b, RECORD_BLOCKS_MAX)
@@ -441,6 +473,8 @@ class Volume:
     # --- block status -----------------------------------------------------------------------------
     async def block_status(self, offset: int, length: int, max_descriptors: int) -> list[tuple[int, bool]]:
         """Runs (length_bytes, allocated) from `offset`, covering at most `length` bytes (maybe less)."""
+        if self.info.lazy_source:  # rule 6
+            return [(length, True)]
         first = offset // BLOCK_SIZE
         end = (offset + length + BLOCK_SIZE - 1) // BLOCK_SIZE
         runs: list[list[int]] = []  # [bytes, allocated]

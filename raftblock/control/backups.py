@@ -18,6 +18,10 @@
 #    it `failed` (not served) and the error names the chunk. Re-running the same restore into a `restoring` or
 #    `failed` volume of the same origin starts it again (writes are idempotent); anything else of that name
 #    is refused.
+# 4. A lazy restore (`--lazy`) creates the volume `ready` with `lazy_source` = its origin: the gateways serve it
+#    at once and fetch a chunk before a read touches it (client/lazy.py); this command meanwhile writes every
+#    chunk with FILL writes (a block the host wrote is kept) and then clears `lazy_source`. Killed or failed,
+#    the volume stays served (reads still fetch); the same command again finishes the fill.
 from __future__ import annotations
 
 import asyncio
@@ -187,15 +191,21 @@ class Restored:
 
 
 def restore(meta: Callable[[], MetaClient], peers: dict[int, tuple[str, int]], store: Store, man: Manifest,
-            name: str, mode: str, create: Callable[[str, int, str, str], None], parallel: int = 4,
-            progress: Callable[[int, int, int], None] | None = None) -> Restored:
-    """Rule 3. `create(name, size, mode, origin)` makes the `restoring` volume (and waits for its groups)."""
+            name: str, mode: str, create: Callable[[str, int, str, str, bool], None], parallel: int = 4,
+            progress: Callable[[int, int, int], None] | None = None, lazy: bool = False) -> Restored:
+    """Rule 3 (rule 4 with `lazy`). `create(name, size, mode, origin, lazy)` makes the volume, `restoring` (or,
+    lazy, ready with its source) and waits for its groups."""
     origin = f"{store.url}#{man.volume}@{man.snapshot}"
     with LoopThread() as lt:
         st = _meta_call(lt, meta, lambda c: c.state(barrier=True))
         resumed = False
         v = st.volumes.get(name)
-        if v is not None:
+        if v is not None and lazy:
+            if v.lazy_source != origin:
+                raise BackupError(f"volume {name} exists" + (f" (restored from {v.origin})" if v.origin else "")
+                                  + ": choose another name, or delete it first")
+            resumed = True
+        elif v is not None:
             if v.state not in ("restoring", "failed") or v.origin != origin:
                 raise BackupError(f"volume {name} exists" + (f" (restored from {v.origin})" if v.origin else "")
                                   + ": choose another name, or delete it first")
@@ -204,25 +214,32 @@ def restore(meta: Callable[[], MetaClient], peers: dict[int, tuple[str, int]], s
             _ok(_meta_call(lt, meta, lambda c: c.set_volume_state(name, "restoring")))
             resumed = True
         else:
-            create(name, man.size_bytes, mode, origin)
+            create(name, man.size_bytes, mode, origin, lazy)
         st = _meta_call(lt, meta, lambda c: c.state(barrier=True))
         io = lt.run(_io(st, peers))
         try:
             vol = io.volume(name)
 
             def write(offset: int, data: bytes) -> None:
-                lt.run(vol.write(offset, data))
+                lt.run(vol.fill(offset, data) if lazy else vol.write(offset, data))
 
             try:
                 written = restore_image(store, man, write, parallel=parallel, progress=progress)
             except (ChunkError, StoreError, GroupError, ManifestError) as e:
+                if lazy:  # the volume is served: reads fetch what they need; a re-run finishes the fill
+                    raise BackupError(f"lazy restore of {man.volume}@{man.snapshot} into {name} stopped: {e}; the "
+                                      f"volume stays served (reads fetch what they need): run the restore again "
+                                      f"to finish it") from e
                 _meta_call(lt, meta, lambda c: c.set_volume_state(name, "failed", expected="restoring"))
                 raise BackupError(f"restore of {man.volume}@{man.snapshot} into {name} failed: {e}; volume {name} is "
                                   f"left `failed` (not served): run the restore again, or raftblock volume delete "
                                   f"{name}") from e
         finally:
             lt.run(io.close())
-        _ok(_meta_call(lt, meta, lambda c: c.set_volume_state(name, "ready", expected="restoring")))
+        if lazy:
+            _ok(_meta_call(lt, meta, lambda c: c.set_volume_state(name, lazy_done=True)))
+        else:
+            _ok(_meta_call(lt, meta, lambda c: c.set_volume_state(name, "ready", expected="restoring")))
     return Restored(name, f"{man.volume}@{man.snapshot}", man.size_bytes, written, resumed)
 
 

@@ -162,6 +162,10 @@ async def create(meta: MetaClient, peers: dict[int, tuple[str, int]], volumes: l
     holds: list[GatewayHold] = []
     out: list[Created] = []
     try:
+        lazy = [v for v in volumes if st.volumes[v].lazy_source]
+        if lazy:  # its snapshot would miss the chunks not restored yet
+            raise SnapshotError(f"volume {', '.join(lazy)} is still being restored lazily: snapshot it once "
+                                f"`snapshot restore --lazy` has finished")
         by_gateway: dict[str, list[str]] = {}
         for v in volumes:
             att = st.attachments.get(v)

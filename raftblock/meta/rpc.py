@@ -301,16 +301,16 @@ class MetaClient:
         return await self.propose(RegisterNode(node_id, rack, address, capacity_bytes, _now_ms(), disk_id))
 
     async def create_volume(self, name: str, size_bytes: int, mode: str = "raft", state: str = "ready",
-                            parent: str = "", origin: str = "") -> Result:
+                            parent: str = "", origin: str = "", lazy_source: str = "") -> Result:
         return await self.propose(CreateVolume(name, size_bytes, _now_ms(), mode, state=state, parent=parent,
-                                               origin=origin))
+                                               origin=origin, lazy_source=lazy_source))
 
     async def resize_volume(self, name: str, size_bytes: int, allow_shrink: bool = False) -> Result:
         return await self.propose(ResizeVolume(name, size_bytes, allow_shrink))
 
     async def set_volume_state(self, name: str, state: str = "", expected: str = "",
-                               detach_parent: bool = False) -> Result:
-        return await self.propose(SetVolumeState(name, state, expected, detach_parent))
+                               detach_parent: bool = False, lazy_done: bool = False) -> Result:
+        return await self.propose(SetVolumeState(name, state, expected, detach_parent, lazy_done))
 
     async def delete_volume(self, name: str) -> Result:
         return await self.propose(DeleteVolume(name))

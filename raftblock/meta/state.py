@@ -83,6 +83,9 @@ class VolumeRecord:
     parent_volume_id: int = 0
     parent_snap_id: int = 0
     origin: str = ""  # where a restored volume comes from (URL, volume@snapshot): a re-run resumes only that
+    # A lazy restore still filling (docs/snapshots.md section 5): "URL#VOLUME@SNAPSHOT"; gateways fetch a chunk
+    # not filled yet before reading it. Cleared when the background fill is complete.
+    lazy_source: str = ""
 
 
 @dataclass
@@ -213,6 +216,7 @@ class CreateVolume(Command):
     state: str = "ready"  # "restoring": a restore target, not served until SetVolumeState makes it ready
     parent: str = ""  # a clone: "VOLUME@SNAPSHOT" (a ready snapshot; the clone is at least its size)
     origin: str = ""
+    lazy_source: str = ""  # a lazy restore: served at once, chunks fetched on demand (VolumeRecord.lazy_source)
 
 
 @dataclass(frozen=True)
@@ -225,6 +229,7 @@ class SetVolumeState(Command):
     state: str = ""
     expected: str = ""
     detach_parent: bool = False
+    lazy_done: bool = False  # a lazy restore's fill is complete: reads no longer fetch
 
 
 @dataclass(frozen=True)
@@ -563,6 +568,8 @@ class MetaState:
             return _err("invalid", "QoS limits must be >= 0")
         if cmd.state not in ("ready", "restoring"):
             return _err("invalid", f"a new volume is ready or restoring, not {cmd.state!r}")
+        if cmd.lazy_source and (cmd.state != "ready" or cmd.parent):
+            return _err("invalid", "a lazy restore is a ready volume without a parent")
         parent: SnapshotRecord | None = None
         if cmd.parent:
             pvol, _, psnap = cmd.parent.partition("@")
@@ -589,7 +596,8 @@ class MetaState:
                                               cmd.now_ms, self.extent_size_bytes, mapping,
                                               cmd.qos_iops_max, cmd.qos_bytes_per_s_max, state=cmd.state,
                                               parent_volume_id=parent.volume_id if parent else 0,
-                                              parent_snap_id=parent.snap_id if parent else 0, origin=cmd.origin)
+                                              parent_snap_id=parent.snap_id if parent else 0, origin=cmd.origin,
+                                              lazy_source=cmd.lazy_source)
         return _ok(volume_id=vid, groups=group_ids)
 
     def _place(self, name: str, size_bytes: int, mode: str) -> tuple[list[GroupId], list[int]] | Result:
@@ -705,6 +713,8 @@ class MetaState:
             v.state = cmd.state
         if cmd.detach_parent:
             v.parent_volume_id = v.parent_snap_id = 0
+        if cmd.lazy_done:
+            v.lazy_source = ""
         return _ok(state=v.state)
 
     def _apply_delete_volume(self, cmd: DeleteVolume) -> Result:

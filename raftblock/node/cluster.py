@@ -563,7 +563,8 @@ def cluster_down(root: Path, node: int | None = None, force: bool = False) -> li
 
 
 def volume_create(root: Path, name: str, size_bytes: int, replication: str | None = None,
-                  timeout_s: float = 30.0, state: str = "ready", parent: str = "", origin: str = "") -> dict[str, Any]:
+                  timeout_s: float = 30.0, state: str = "ready", parent: str = "", origin: str = "",
+                  lazy_source: str = "") -> dict[str, Any]:
     """`replication`: "raft" | "chain"; None: the cluster's default (`cluster up --replication`). Returns
     once every group of the volume has a leader (a stopped node does not matter while each group keeps a
     majority); if they do not within `timeout_s`, the error says that the volume exists."""
@@ -575,7 +576,7 @@ def volume_create(root: Path, name: str, size_bytes: int, replication: str | Non
                            f"at most {format_size(VOLUME_SIZE_BYTES_MAX)}")
     cmap = _load(layout)
     mode = replication or cmap.replication
-    _done(_meta(layout, cmap, lambda c: c.create_volume(name, size_bytes, mode, state, parent, origin)))
+    _done(_meta(layout, cmap, lambda c: c.create_volume(name, size_bytes, mode, state, parent, origin, lazy_source)))
     _gateway_call(layout, "reload")
     vol = read_map(layout, cmap).volumes[name]
     groups = {int(g) for g in vol.extent_groups}
@@ -899,18 +900,24 @@ def snapshot_export(root: Path, volume: str, snapshot: str, store: Any, since: s
 
 def snapshot_restore(root: Path, store: Any, name: str, snapshot: str | None = None, from_volume: str | None = None,
                      replication: str | None = None, parallel: int = 4,
-                     progress: Callable[[int, int, int], None] | None = None) -> dict[str, Any]:
+                     progress: Callable[[int, int, int], None] | None = None, lazy: bool = False,
+                     on_served: Callable[[], None] | None = None) -> dict[str, Any]:
     from raftblock.control import backups
 
     layout = Layout(root)
     cmap = _load(layout)
     man = _backup_call(lambda: backups.pick_manifest(store, from_volume, snapshot))
 
-    def create(vol: str, size: int, mode: str, origin: str) -> None:
-        volume_create(root, vol, size, mode, state="restoring", origin=origin)
+    def create(vol: str, size: int, mode: str, origin: str, lazy: bool) -> None:
+        if lazy:
+            volume_create(root, vol, size, mode, origin=origin, lazy_source=origin)
+            if on_served is not None:
+                on_served()
+        else:
+            volume_create(root, vol, size, mode, state="restoring", origin=origin)
 
     res = _backup_call(lambda: backups.restore(lambda: meta_client(layout, cmap), cmap.peers(), store, man, name,
-                                               replication or cmap.replication, create, parallel, progress))
+                                               replication or cmap.replication, create, parallel, progress, lazy))
     _gateway_call(layout, "reload")
     return {"volume": res.volume, "source": res.source, "url": store.url, "size_bytes": res.size_bytes,
             "written_bytes": res.written_bytes, "resumed": res.resumed}

@@ -77,6 +77,7 @@ def volume_infos(st: MetaState, states: tuple[str, ...] = ("ready",)) -> list[Vo
                           parent=info(parent, depth + 1) if parent is not None and depth < CLONE_DEPTH_MAX else None,
                           parent_snap_id=v.parent_snap_id if parent is not None else 0,
                           parent_size_bytes=snap.size_bytes if parent is not None and (
-                              snap := st.snapshots.get(v.parent_snap_id)) is not None else 0)
+                              snap := st.snapshots.get(v.parent_snap_id)) is not None else 0,
+                          lazy_source=v.lazy_source)
 
     return [info(v) for v in sorted(st.volumes.values(), key=lambda v: v.name) if v.state in states]

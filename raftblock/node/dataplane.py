@@ -140,9 +140,11 @@ class DataPlane:
         if not h.fences_known:
             return Refused(ST_UNAVAILABLE, "node starting: waiting for the metadata map")
         # A snapshot's image never changes: reading it needs no attachment (a clone's gateway reads its
-        # parent's snapshot while another gateway has the parent attached).
+        # parent's snapshot while another gateway has the parent attached). A FILL only writes holes, and on a
+        # volume that ignores trims while anything fills it (client/volume.py rules 5, 6): the flatten or lazy
+        # restore command writes it beside the gateway that has the volume attached.
         snap_read = req.snap_id and (req.op == OP_C_READ or req.op == OP_C_BLOCK_STATUS)
-        if not snap_read and not self.fence_ok(gid, req.epoch):
+        if not snap_read and not req.fill and not self.fence_ok(gid, req.epoch):
             h.counters["stale_epoch_refused"] += 1
             return Refused(ST_STALE_EPOCH, f"attach epoch {req.epoch} is older than "
                            f"{self.fence_epochs.get(gid, 0)}: another gateway attached this volume")

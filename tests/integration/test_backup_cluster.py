@@ -242,3 +242,38 @@ def test_export_resumes_after_kill_and_survives_a_node_kill(cluster: Cluster, s3
     out, err = r.communicate(timeout=180)
     assert r.returncode == 0, err
     assert nbd_sha256(f"{cluster.uri}/back", 0, 64 * MiB) == hashlib.sha256(data).hexdigest()
+
+
+def test_lazy_restore_serves_at_once(cluster: Cluster, s3: str, tmp_path: Path) -> None:
+    """`snapshot restore --lazy`: the volume is served while the restore streams in (paced here so the host
+    gets ahead of it); a read of a chunk not restored yet returns the backup's data; a block the host writes
+    there is not overwritten when the fill reaches it; no snapshot of it until the fill is done; afterwards
+    the volume equals the backup except what the host wrote."""
+    require_libnbd()
+    cluster.up()
+    cluster.cli("volume", "create", "vol", "--size", "128M")
+    data = random.Random(3).randbytes(64 * MiB)
+    nbd_write(f"{cluster.uri}/vol", 0, data, tmp_path)
+    cluster.cli("snapshot", "create", "vol", "s1")
+    cluster.cli("snapshot", "export", "vol@s1", "s3://bkp/lz")
+    p = subprocess.Popen([*RAFTBLOCK, "snapshot", "restore", "s3://bkp/lz", "fast", "--lazy", "--parallel", "1",
+                          "--bandwidth", "6M", "--dir", str(cluster.root)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    line = p.stdout.readline()
+    assert "is served now" in line, (line, p.stderr and p.stderr.read())
+    uri = f"{cluster.uri}/fast"
+    tail = nbd_read(uri, 60 * MiB, 4 * MiB, tmp_path)  # the last data chunk: far ahead of the fill
+    assert tail["ok"] and tail["data"] == data[60 * MiB:], "a lazy read returned something else than the backup"
+    mine = b"\xab" * 4096
+    nbd_write(uri, 62 * MiB, mine, tmp_path)
+    assert p.poll() is None, "the fill finished before the host's reads: nothing lazy was tested"
+    err = _one_line_error(cluster, "snapshot", "create", "fast", "early")
+    assert "still being restored lazily" in err, err
+    out, errs = p.communicate(timeout=180)
+    assert p.returncode == 0, errs
+    want = bytearray(data)
+    want[62 * MiB:62 * MiB + 4096] = mine
+    assert nbd_sha256(uri, 0, 64 * MiB) == hashlib.sha256(want).hexdigest()
+    assert nbd_sha256(uri, 64 * MiB, 64 * MiB) == hashlib.sha256(bytes(64 * MiB)).hexdigest()
+    cluster.cli("snapshot", "create", "fast", "after")  # the fill is done: snapshots are allowed

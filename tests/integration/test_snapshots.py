@@ -180,10 +180,12 @@ def test_cut_left_creating_is_failed_by_an_attaching_gateway(cluster: Cluster, t
     assert _snaps(cluster, "vol") == {}
 
 
-def test_ext4_snapshot_clone_flatten(cluster: Cluster, tmp_path: Path) -> None:
+def test_ext4_snapshot_clone_flatten(cluster: Cluster, tmp_path: Path, s3_endpoint: str,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Files written, snapshot, files changed; the snapshot's clone mounts with the old files (fsck clean),
     the volume with the new ones; writing the clone leaves the snapshot alone; a snapshot with clones cannot
-    be deleted, nor its volume; flatten cuts the link and the clone keeps its files."""
+    be deleted, nor its volume; flatten cuts the link and the clone keeps its files. The same snapshot
+    exported to S3 (moto's server) and restored into a new volume mounts with the old files too."""
     require_tools("nbdfuse", "fusermount3", "mkfs.ext4", "fsck.ext4", "unshare", "mount", "umount", "mountpoint")
     if os.geteuid() != 0 or not Path("/dev/fuse").exists():
         _skip_or_fail("mount -o loop needs root and /dev/fuse")
@@ -223,9 +225,19 @@ def test_ext4_snapshot_clone_flatten(cluster: Cluster, tmp_path: Path) -> None:
     assert res == {"name": "old", "copied_bytes": 0, "parent": None}, res  # nothing left to do
     vols = {v["name"]: v for v in json.loads(cluster.cli("volume", "list", "--json").stdout)}
     assert vols["old"]["parent"] is None
+    import boto3
+
+    for k, v in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                 "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket="fsbk")
+    cluster.cli("snapshot", "export", "fs@before", "s3://fsbk/c", "--endpoint-url", s3_endpoint)
     cluster.cli("snapshot", "delete", "fs", "before")
     _phase("verify", f"{cluster.uri}/old", work)
     assert _read_sums(work / "sums.verify") == old_tree, "the flattened clone lost files"
+    cluster.cli("snapshot", "restore", "s3://fsbk/c", "back", "--endpoint-url", s3_endpoint)
+    _phase("verify", f"{cluster.uri}/back", work)
+    assert _read_sums(work / "sums.verify") == old_tree, "the restored volume does not hold the snapshot's files"
 
 
 def _qemu_io(uri: str, *cmds: str) -> str:

@@ -235,3 +235,46 @@ def test_bad_store_urls_and_names_are_one_line_errors(tmp_path: Path) -> None:
         export_image(store, "vol", "../etc", CH, _reader(bytearray(CH)))
     with pytest.raises(ValueError, match="bad object key"):
         store.get("../x")
+
+
+def test_a_lazy_fill_fetches_each_chunk_once_verifies_it_and_skips_zero_blocks(tmp_path: Path) -> None:
+    """client/lazy.py: reads that want the same chunks at once cause one fetch per chunk; only non-zero block
+    runs are written (as FILL writes); a tampered chunk fails the read with its name and writes nothing."""
+    import asyncio
+
+    from raftblock.client.lazy import LazyFill, LazyFillError
+
+    img = _image(4, 3 * CH, zero_chunks=(1,))
+    img[100 * 4096 : 102 * 4096] = bytes(2 * 4096)  # two zero blocks inside chunk 0
+    store = DirStore(str(tmp_path / "s"))
+    export_image(store, "v", "s", len(img), _reader(img))
+    written: dict[int, bytes] = {}
+
+    async def fill(off: int, data: memoryview) -> None:
+        await asyncio.sleep(0)
+        for i in range(len(data) // 4096):
+            assert off + i * 4096 not in written
+            written[off + i * 4096] = bytes(data[i * 4096 : (i + 1) * 4096])
+
+    async def go() -> LazyFill:
+        lz = LazyFill(f"{store.url}#v@s", fill)
+        per = CH // 4096
+        await asyncio.gather(*(lz.ensure(0, 3 * per) for _ in range(5)), lz.ensure(per - 1, per + 1))
+        await lz.ensure(0, 3 * per)  # all present: nothing fetched again
+        return lz
+
+    lz = asyncio.run(go())
+    assert lz.fetched == 3
+    assert sorted(written) == [o for o in range(0, 3 * CH, 4096) if img[o : o + 4096] != bytes(4096)]
+    assert all(written[o] == img[o : o + 4096] for o in written)
+    man = load_manifest(store, "v", "s")
+    name = man.chunks[2][1]
+    (tmp_path / "s" / "chunks" / name).write_bytes(b"not a chunk")
+    written.clear()
+
+    async def bad() -> None:
+        await LazyFill(f"{store.url}#v@s", fill).ensure(2 * (CH // 4096), 2 * (CH // 4096) + 1)
+
+    with pytest.raises(LazyFillError, match=name):
+        asyncio.run(bad())
+    assert written == {}
