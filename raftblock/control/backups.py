@@ -40,7 +40,6 @@ from raftblock.replication.group import GroupError
 
 T = TypeVar("T")
 BLOCK = 4096
-STATUS_BLOCKS = 16384  # blocks per BLOCK_STATUS request of the changed map (one 64 MiB extent)
 
 
 class BackupError(Exception):
@@ -91,23 +90,14 @@ async def _changed_chunks(io: ClusterIO, volume: str, snap_id: int, since_snap_i
     """Rule 2: indexes of the chunks holding a block whose version differs between the two snapshots."""
     v = io.volume(volume)
     out: set[int] = set()
-    total = v.info.size_bytes // BLOCK
-    bpe = v.info.extent_size_bytes // BLOCK
     per_chunk = chunk_bytes // BLOCK
-    for idx in range((total + bpe - 1) // bpe):
-        eid = v.info.extent_id(idx)
-        group = io.group(eid >> 32, io.st.attach_epochs.get(volume, 0))
-        first = 0
-        count = min(bpe, total - idx * bpe)
-        while first < count:
-            n = min(STATUS_BLOCKS, count - first)
-            pos = first
-            for run, changed in await group.block_status(eid, first, n, snap_id=snap_id, since_snap_id=since_snap_id):
-                if changed:
-                    vb = idx * bpe + pos
-                    out.update(range(vb // per_chunk, (vb + run - 1) // per_chunk + 1))
-                pos += run
-            first += n
+    for eid, blk, n, vb in v._pieces(0, v.info.size_bytes // BLOCK):  # one extent at most: one request
+        pos = 0
+        for run, changed in await v._group_for(eid).block_status(eid, blk, n, snap_id=snap_id,
+                                                                 since_snap_id=since_snap_id):
+            if changed:
+                out.update(range((vb + pos) // per_chunk, (vb + pos + run - 1) // per_chunk + 1))
+            pos += run
     return out
 
 
