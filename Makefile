@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml setup.py $(wildcard raftblock/_fast/*.pyx) | sysdeps
 	  echo "python -m venv failed; installing Debian's python3-venv"; \
 	  apt-get install -y -qq python3-venv >/dev/null && rm -rf $(VENV) && $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install -q --upgrade pip setuptools wheel cython
-	$(PY) -m pip install -q -e '.[test,s3]'
+	$(PY) -m pip install -q -e '.[test,s3,deploy]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -52,6 +52,24 @@ test: sysdeps $(STAMP)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -x tests/unit $(PYTEST_ARGS)
+
+# The wheels an air-gapped rack installs from (ansible/: pip --no-index --find-links): raftblock and its runtime
+# dependencies, no extras. Rebuilt only when a source changed (dist/.wheelhouse.stamp), from a copy of the sources
+# (build/wheelhouse-src: the tree's in-place extensions are not shipped). The venv is made first only if missing.
+WHEELHOUSE := dist/wheelhouse
+WHEEL_SRCS := $(shell find raftblock -type f \( -name '*.py' -o -name '*.pyx' -o -name '*.pyi' -o -name '*.proto' \) 2>/dev/null)
+dist/.wheelhouse.stamp: pyproject.toml setup.py README.md $(WHEEL_SRCS)
+	rm -rf build/wheelhouse-src $(WHEELHOUSE).tmp && mkdir -p build/wheelhouse-src
+	cp -r pyproject.toml setup.py README.md raftblock build/wheelhouse-src/
+	find build/wheelhouse-src/raftblock \( -name '*.so' -o -name '*.c' -o -name __pycache__ \) -prune -exec rm -rf {} +
+	$(PY) -m pip wheel -q --no-build-isolation -w $(WHEELHOUSE).tmp ./build/wheelhouse-src
+	rm -rf $(WHEELHOUSE) build/wheelhouse-src && mv $(WHEELHOUSE).tmp $(WHEELHOUSE) && touch $@
+.PHONY: wheelhouse test-ansible
+wheelhouse: $(if $(wildcard $(PY)),,$(STAMP)) dist/.wheelhouse.stamp
+
+# Only the Ansible deployment test (tests/ansible: hosts made of namespaces, as root; it runs in `make test` too).
+test-ansible: sysdeps $(STAMP)
+	$(PY) -m pytest -q --durations=10 $(PYTEST_ARGS) tests/ansible
 
 lint: $(STAMP)
 	$(PY) -m ruff check raftblock tests bench

@@ -73,7 +73,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     gw = GatewayConfig(bind=args.bind, port=args.port)
     ec = EngineConfig(segment_size_bytes=args.segment_size)
     try:
-        return _loop_run(run_serve(Path(args.dir), specs, gw, disk_mode=args.disk, engine_config=ec))
+        return _loop_run(run_serve(_target(args), specs, gw, disk_mode=args.disk, engine_config=ec))
     except DirectoryInUse as e:
         print(f"raftblock serve: {e}", file=sys.stderr)
         return 1
@@ -88,6 +88,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
 # The cluster directory of every cluster command: --dir, else $RAFTBLOCK_DIR, else .raftblock (two clusters
 # side by side: `export RAFTBLOCK_DIR=/tmp/c2` in the second shell, `make demo DIR=/tmp/c2 NBD_PORT=10810`).
 DEMO_DIR = Path(os.environ.get("RAFTBLOCK_DIR") or ".raftblock")
+# A deployed cluster's file (metadata addresses, secret), written by ansible/roles/common on every host
+ETC_CLUSTER_FILE = Path("/etc/raftblock/cluster.toml")
+
+
+def _local_target(args: argparse.Namespace) -> Path:
+    """A command that starts or stops this machine's processes: --dir, else $RAFTBLOCK_DIR, else .raftblock."""
+    return Path(args.dir) if args.dir else DEMO_DIR
+
+
+def _target(args: argparse.Namespace) -> Path:
+    """Which cluster a command addresses: --cluster FILE, else --dir DIR, else $RAFTBLOCK_CLUSTER, else
+    $RAFTBLOCK_DIR, else /etc/raftblock/cluster.toml when it exists (a deployed host), else .raftblock. A
+    cluster file names a deployed cluster; DIR/cluster.toml of a local one is that directory."""
+    if getattr(args, "cluster", None):
+        return Path(args.cluster)
+    if getattr(args, "dir", None):
+        return Path(args.dir)
+    if os.environ.get("RAFTBLOCK_CLUSTER"):
+        return Path(os.environ["RAFTBLOCK_CLUSTER"])
+    if os.environ.get("RAFTBLOCK_DIR"):
+        return Path(os.environ["RAFTBLOCK_DIR"])
+    if ETC_CLUSTER_FILE.exists() and not DEMO_DIR.exists():
+        return ETC_CLUSTER_FILE
+    return DEMO_DIR
 # None: a new cluster gets 10809, an existing one keeps its configured port (a re-run of `make demo` works).
 DEMO_NBD_PORT = int(os.environ["RAFTBLOCK_NBD_PORT"]) if os.environ.get("RAFTBLOCK_NBD_PORT") else None
 
@@ -121,18 +145,18 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import cluster_up
 
     notes: list[str] = []
-    uri = cluster_up(Path(args.dir), nodes=args.nodes, racks=args.racks, nbd_port=args.nbd_port,
+    uri = cluster_up(_local_target(args), nodes=args.nodes, racks=args.racks, nbd_port=args.nbd_port,
                      port_base=args.port_base, disk=args.disk, replication=args.replication, notes=notes,
                      gateway=args.gateway)
     for n in notes:
         print(f"raftblock cluster up: {n}", file=sys.stderr)
-    return _report(args, {"uri": uri, "dir": args.dir, "notes": notes}, uri)
+    return _report(args, {"uri": uri, "dir": str(_local_target(args)), "notes": notes}, uri)
 
 
 def cmd_cluster_down(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import cluster_down
 
-    stopped = cluster_down(Path(args.dir), args.node, args.force)
+    stopped = cluster_down(_local_target(args), args.node, args.force)
     return _report(args, {"stopped": stopped}, "stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
 
 
@@ -140,7 +164,7 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import cluster_status
     from raftblock.units import format_size
 
-    st = cluster_status(Path(args.dir))
+    st = cluster_status(_target(args))
     if args.json:
         _print_json(st)
         return 0
@@ -156,11 +180,15 @@ def cmd_cluster_status(args: argparse.Namespace) -> int:
               f"{format_size(n.get('used_bytes', 0)) + '/' + format_size(n.get('capacity_bytes', 0)):<20} "
               f"{format_size(n.get('wal_bytes', 0)):<10} {errors}")
     print("\nMETADATA GROUP\n  " + "  ".join(f"m{m['id']} {m['admin']} (pid {m['pid']})" for m in st["metadata"]))
+    if st.get("status_url"):
+        print(f"  status page: {st['status_url']}   metrics: /metrics on every process (--json: metrics_url)")
     print("\nEXTENT GROUPS\n  id   replication  members     leader  term  epoch")
     for g in st["groups"]:
         print(f"  {g['group']:<4} {g['replication']:<12} {','.join(map(str, g['members'])):<11} "
               f"{str(g['leader'] or '-'):<7} {g['term']:<5} {g['epoch']}")
     print_repairs(st["repairs"])
+    if st["problems"]:
+        print("\nNOT HEALTHY\n" + "\n".join(f"  {p}" for p in st["problems"]))
     print("\nVOLUMES\n  name             size        allocated   extents  groups       connections  attached by")
     for v in st["volumes"]:
         print(f"  {v['name']:<16} {format_size(v['size_bytes']):<11} {format_size(v['allocated_bytes']):<11} "
@@ -197,7 +225,7 @@ def cmd_repair_watch(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import cluster_status
 
     while True:
-        st = cluster_status(Path(args.dir))
+        st = cluster_status(_target(args))
         if args.json:
             _print_json(st["repairs"])
             return 0
@@ -215,7 +243,7 @@ def cmd_volume_create(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import volume_create
     from raftblock.units import format_size
 
-    v = volume_create(Path(args.dir), args.name, args.size, args.replication)
+    v = volume_create(_target(args), args.name, args.size, args.replication)
     return _report(args, v, f"created volume {v['name']} ({format_size(v['size_bytes'])}, {v['extents']} extents "
                             f"in {_ranges(v['groups'])}, replication {v['replication']})")
 
@@ -254,7 +282,7 @@ def cmd_volume_clone(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import volume_clone
     from raftblock.units import format_size
 
-    v = volume_clone(Path(args.dir), args.source, args.name, args.replication)
+    v = volume_clone(_target(args), args.source, args.name, args.replication)
     return _report(args, v, f"created volume {v['name']} ({format_size(v['size_bytes'])}), a clone of {args.source}: "
                             f"it reads through to the snapshot until written or flattened")
 
@@ -264,7 +292,7 @@ def cmd_volume_flatten(args: argparse.Namespace) -> int:
     from raftblock.units import format_size
 
     bar = _Progress(f"flatten {args.name}", quiet=args.json)
-    res = volume_flatten(Path(args.dir), args.name, lambda done, total: bar(done * 4096, total * 4096, done * 4096))
+    res = volume_flatten(_target(args), args.name, lambda done, total: bar(done * 4096, total * 4096, done * 4096))
     if res["parent"] is None:
         return _report(args, res, f"volume {args.name} is not a clone: nothing to flatten")
     return _report(args, res, f"volume {args.name} flattened: {format_size(res['copied_bytes'])} copied from "
@@ -275,7 +303,7 @@ def cmd_volume_resize(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import volume_resize
     from raftblock.units import format_size
 
-    r = volume_resize(Path(args.dir), args.name, args.size, args.allow_shrink)
+    r = volume_resize(_target(args), args.name, args.size, args.allow_shrink)
     grown = r["size_bytes"] >= r["old_size_bytes"]
     return _report(args, r, f"volume {args.name}: {format_size(r['old_size_bytes'])} -> {format_size(r['size_bytes'])}"
                             + ("; NBD clients see the new size when they next connect" if grown else ""))
@@ -286,7 +314,7 @@ def cmd_volume_rollback(args: argparse.Namespace) -> int:
     from raftblock.units import format_size
 
     bar = _Progress(f"rollback {args.name}", quiet=args.json)
-    r = volume_rollback(Path(args.dir), args.name, args.snapshot,
+    r = volume_rollback(_target(args), args.name, args.snapshot,
                         lambda done, total: bar(done * 4096, total * 4096, done * 4096))
     return _report(args, r, f"volume {args.name} rolled back to {args.snapshot} "
                             f"({format_size(r['copied_bytes'])} copied back)")
@@ -296,7 +324,7 @@ def cmd_volume_list(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import volume_list
     from raftblock.units import format_size
 
-    vols = volume_list(Path(args.dir))
+    vols = volume_list(_target(args))
     if args.json:
         _print_json(vols)
         return 0
@@ -312,7 +340,7 @@ def cmd_volume_info(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import volume_info
     from raftblock.units import format_size
 
-    v = volume_info(Path(args.dir), args.name)
+    v = volume_info(_target(args), args.name)
     if args.json:
         _print_json(v)
         return 0
@@ -336,14 +364,14 @@ def cmd_volume_info(args: argparse.Namespace) -> int:
 def cmd_volume_delete(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import volume_delete
 
-    volume_delete(Path(args.dir), args.name)
+    volume_delete(_target(args), args.name)
     return _report(args, {"deleted": args.name}, f"deleted volume {args.name}")
 
 
 def cmd_volume_attach(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import volume_attach
 
-    epoch = volume_attach(Path(args.dir), args.name, args.gateway, args.force)
+    epoch = volume_attach(_target(args), args.name, args.gateway, args.force)
     return _report(args, {"name": args.name, "gateway": args.gateway, "attach_epoch": epoch},
                    f"volume {args.name} attached to gateway {args.gateway} (attach epoch {epoch})")
 
@@ -351,7 +379,7 @@ def cmd_volume_attach(args: argparse.Namespace) -> int:
 def cmd_volume_detach(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import volume_detach
 
-    res = volume_detach(Path(args.dir), args.name, args.force)
+    res = volume_detach(_target(args), args.name, args.force)
     return _report(args, res, f"volume {args.name} detached from gateway {res['attached_by']}" if res["detached"]
                    else f"volume {args.name} was not attached")
 
@@ -359,7 +387,7 @@ def cmd_volume_detach(args: argparse.Namespace) -> int:
 def cmd_volume_rename(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import volume_rename
 
-    res = volume_rename(Path(args.dir), args.name, args.new_name)
+    res = volume_rename(_target(args), args.name, args.new_name)
     return _report(args, res, f"volume {args.name} renamed to {args.new_name}")
 
 
@@ -385,7 +413,7 @@ def cmd_snapshot_create(args: argparse.Namespace) -> int:
     if not volumes or not name:
         print("raftblock snapshot create: which volume and name? (snapshot create VOL NAME)", file=sys.stderr)
         return 2
-    made = snapshot_create(Path(args.dir), volumes, name)
+    made = snapshot_create(_target(args), volumes, name)
     barrier = max(m["barrier_ms"] for m in made)
     text = "\n".join(f"snapshot {m['volume']}@{m['name']} created (id {m['snap_id']}, {len(m['groups'])} group(s))"
                      for m in made)
@@ -398,7 +426,7 @@ def cmd_snapshot_list(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import snapshot_list
     from raftblock.units import format_size
 
-    snaps = snapshot_list(Path(args.dir), args.volume)
+    snaps = snapshot_list(_target(args), args.volume)
     if args.json:
         _print_json(snaps)
         return 0
@@ -417,7 +445,7 @@ def cmd_snapshot_list(args: argparse.Namespace) -> int:
 def cmd_snapshot_delete(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import snapshot_delete
 
-    res = snapshot_delete(Path(args.dir), args.volume, args.name)
+    res = snapshot_delete(_target(args), args.volume, args.name)
     return _report(args, res, f"deleted snapshot {args.volume}@{args.name}; the space it alone kept returns as the "
                               f"cleaner runs")
 
@@ -444,7 +472,7 @@ def cmd_snapshot_export(args: argparse.Namespace) -> int:
     vol, snap = args.source
     bar = _Progress(f"export {vol}@{snap}", quiet=args.json)
     chunk = 4 << 20
-    res = snapshot_export(Path(args.dir), vol, snap, _store(args, args.url), args.since, args.parallel,
+    res = snapshot_export(_target(args), vol, snap, _store(args, args.url), args.since, args.parallel,
                           lambda done, total, _up: bar(done, total, done * chunk))
     text = (f"exported {vol}@{snap} to {res['url']}: {res['chunks']} chunks, {format_size(res['changed_bytes'])} read, "
             f"{format_size(res['uploaded_bytes'])} uploaded in {res['uploaded_objects']} objects, "
@@ -468,7 +496,7 @@ def cmd_snapshot_restore(args: argparse.Namespace) -> int:
         print(f"volume {args.name} is served now (lazy restore: reads fetch what they need); filling the rest",
               file=sys.stderr if args.json else sys.stdout, flush=True)
 
-    res = snapshot_restore(Path(args.dir), _store(args, args.url), args.name, args.snapshot, args.from_volume,
+    res = snapshot_restore(_target(args), _store(args, args.url), args.name, args.snapshot, args.from_volume,
                            args.replication, args.parallel, lambda done, total, _w: bar(done, total, done * chunk),
                            lazy=args.lazy, on_served=served)
     return _report(args, res, f"restored {res['source']} from {res['url']} into volume {res['volume']} "
@@ -532,6 +560,17 @@ def cmd_backup_delete(args: argparse.Namespace) -> int:
                    f"deleted backup {vol}@{snap}; {removed} objects no backup names removed ({format_size(freed)})")
 
 
+def cmd_cluster_wait_healthy(args: argparse.Namespace) -> int:
+    from raftblock.node.cluster import cluster_wait_healthy
+
+    t0 = time.monotonic()
+    st = cluster_wait_healthy(_target(args), args.timeout)
+    took = round(time.monotonic() - t0, 1)
+    return _report(args, {"healthy": True, "waited_s": took, "nodes": len(st["nodes"]), "groups": len(st["groups"])},
+                   f"healthy: {len(st['nodes'])} nodes up, {len(st['groups'])} groups with every replica "
+                   f"(waited {took} s)")
+
+
 def cmd_node(args: argparse.Namespace) -> int:
     from raftblock.node import raftnode
 
@@ -549,7 +588,7 @@ def cmd_node_action(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import cluster_status, node_add, node_drain, node_stop_check
 
     if args.action == "add":
-        info = node_add(Path(args.dir), args.rack)
+        info = node_add(_target(args), args.rack)
         if info["note"]:
             print(f"raftblock node add: {info['note']}", file=sys.stderr)
         return _report(args, info, f"added node {info['node_id']} in rack {info['rack']} at {info['address']}; "
@@ -557,7 +596,7 @@ def cmd_node_action(args: argparse.Namespace) -> int:
     if args.node_id is None:
         print(f"raftblock node {args.action}: which node? (node {args.action} ID)", file=sys.stderr)
         return 2
-    d = Path(args.dir)
+    d = _target(args)
     if args.action == "stop-check":
         risks = node_stop_check(d, args.node_id)
         if args.json:
@@ -572,6 +611,12 @@ def cmd_node_action(args: argparse.Namespace) -> int:
         for g, why in risks:
             print(f"  group {g}: {why}")
         return 1
+    if args.action == "remove":
+        from raftblock.node.cluster import node_remove
+
+        node_remove(d, args.node_id)
+        return _report(args, {"node": args.node_id, "removed": True},
+                       f"node {args.node_id} removed from the map (stop its process and wipe its disk)")
     res = node_drain(d, args.node_id, args.action == "drain", args.force)
     if args.json and not args.wait:
         _print_json({"node": args.node_id, **res})
@@ -622,7 +667,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """`make demo`: a 3-node, 3-rack cluster on loopback with a 1 GiB volume `demo`."""
     from raftblock.node.cluster import cluster_up, volume_create, volume_list
 
-    d = Path(args.dir)
+    d = _local_target(args)
     notes: list[str] = []
     uri = cluster_up(d, nbd_port=args.nbd_port, replication=args.replication, notes=notes)
     for n in notes:
@@ -648,11 +693,17 @@ def _fail(what: str, e: BaseException) -> int:
 
 EXIT_CODES = """exit codes: 0 done; 1 failed (one line on stderr says why); 2 usage error.
 Sizes: 4096, 64M, 1G, 2TiB: binary units (K/M/G/T = KiB/MiB/GiB/TiB); 10GB is refused as ambiguous.
-The cluster directory: --dir, else $RAFTBLOCK_DIR, else .raftblock (any spelling of it works)."""
+The cluster: --cluster FILE (a deployed cluster's cluster.toml), else --dir DIR (a local one), else
+$RAFTBLOCK_CLUSTER, else $RAFTBLOCK_DIR, else /etc/raftblock/cluster.toml if it exists and there is no
+.raftblock here, else .raftblock."""
 
 
-def _dir(p: argparse.ArgumentParser, what: str = "the cluster directory") -> None:
-    p.add_argument("--dir", default=str(DEMO_DIR), help=f"{what} (default $RAFTBLOCK_DIR or .raftblock)")
+def _dir(p: argparse.ArgumentParser, what: str = "the cluster directory", local: bool = False) -> None:
+    p.add_argument("--dir", default=None, help=f"{what} (default $RAFTBLOCK_DIR or .raftblock)")
+    if not local:
+        p.add_argument("--cluster", default=None, metavar="FILE",
+                       help="a deployed cluster's file (metadata addresses, secret; default $RAFTBLOCK_CLUSTER, "
+                            f"else {ETC_CLUSTER_FILE} when there is no .raftblock here)")
 
 
 def _json(p: argparse.ArgumentParser) -> None:
@@ -704,7 +755,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cluster", help="a local cluster: up, down, status")
     csub = c.add_subparsers(dest="cluster_command", required=True, parser_class=_Parser)
     cu = csub.add_parser("up", help="start (or complete) a local cluster; prints the NBD base URI")
-    _dir(cu)
+    _dir(cu, local=True)
     cu.add_argument("--nodes", type=int, default=None, help="storage nodes of a new cluster (default 3)")
     cu.add_argument("--racks", type=int, default=None, help="racks of a new cluster: node i is in rack r{i mod R} "
                                                             "(default 3)")
@@ -725,7 +776,7 @@ def build_parser() -> argparse.ArgumentParser:
     _json(cu)
     cu.set_defaults(func=cmd_cluster_up)
     cd = csub.add_parser("down", help="stop every process of the cluster (data stays)")
-    _dir(cd)
+    _dir(cd, local=True)
     cd.add_argument("--node", type=int, default=None,
                     help="stop only this storage node; refused when a group would lose its majority")
     cd.add_argument("--force", action="store_true", help="with --node: stop it even so")
@@ -735,6 +786,12 @@ def build_parser() -> argparse.ArgumentParser:
     _dir(cs)
     _json(cs)
     cs.set_defaults(func=cmd_cluster_status)
+    cw = csub.add_parser("wait-healthy", help="wait until every node is up, every group has a leader and all its "
+                                              "replicas, nothing is being rebuilt (exit 1 after --timeout)")
+    _dir(cw)
+    cw.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
+    _json(cw)
+    cw.set_defaults(func=cmd_cluster_wait_healthy)
 
     r = sub.add_parser("repair", help="re-replication in progress")
     rsub = r.add_subparsers(dest="repair_command", required=True, parser_class=_Parser)
@@ -894,10 +951,10 @@ def build_parser() -> argparse.ArgumentParser:
     bd.set_defaults(func=cmd_backup_delete)
 
     n = sub.add_parser("node", help="run one storage node in the foreground (what systemd runs); "
-                                    "or add, drain|undrain|stop-check ID")
-    n.add_argument("action", nargs="?", choices=["add", "drain", "undrain", "stop-check"],
+                                    "or add, drain|undrain|stop-check|remove ID")
+    n.add_argument("action", nargs="?", choices=["add", "drain", "undrain", "stop-check", "remove"],
                    help="drain: move its replicas elsewhere; stop-check: would stopping it now leave a group "
-                        "without a majority (exit 1)")
+                        "without a majority (exit 1); remove: a drained node leaves the map (decommission)")
     n.add_argument("node_id", nargs="?", type=int)
     n.add_argument("--config", default=None, help="run the node of this config in the foreground")
     _dir(n, "the cluster (for add, drain, undrain, stop-check)")
@@ -923,7 +980,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_gateway)
 
     lg = sub.add_parser("logs", help="every process's log of a local cluster, merged in time order")
-    _dir(lg)
+    _dir(lg, local=True)
     lg.add_argument("--follow", "-f", action="store_true", help="keep printing new lines (Ctrl-C ends)")
     lg.add_argument("--node", action="append", default=[], metavar="NAME",
                     help="only these processes: n1, m2, gateway, or a node id (repeatable)")
@@ -935,7 +992,7 @@ def build_parser() -> argparse.ArgumentParser:
     lg.set_defaults(func=cmd_logs)
 
     d = sub.add_parser("demo", help="start a local 3-rack cluster with a volume 'demo' (make demo)")
-    _dir(d)
+    _dir(d, local=True)
     d.add_argument("--nbd-port", type=_port_arg, default=DEMO_NBD_PORT,
                    help="gateway NBD port (default $RAFTBLOCK_NBD_PORT, else 10809 for a new cluster and the "
                         "configured one for an existing cluster; 0 picks a free one)")
@@ -950,7 +1007,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_logs(args: argparse.Namespace) -> int:
     from raftblock.node.logs import follow_logs
 
-    return follow_logs(Path(args.dir), names=args.node, level=args.level, since_s=args.since, lines=args.lines,
+    return follow_logs(_local_target(args), names=args.node, level=args.level, since_s=args.since, lines=args.lines,
                        follow=args.follow, as_json=args.json)
 
 

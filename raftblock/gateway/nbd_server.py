@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
@@ -27,6 +28,7 @@ from raftblock.client.volume import Volume
 from raftblock.gateway import nbd
 from raftblock.gateway.nbd import Cmd
 from raftblock.gateway.validate import validate_request
+from raftblock.obs.histogram import IO_BUCKETS, Histogram
 from raftblock.replication.group import GroupError
 
 log = structlog.get_logger(__name__)
@@ -68,12 +70,37 @@ class Attacher(Protocol):
     def release(self, volume: str) -> None: ...
 
 
+# NBD command -> the `op` label of raftblock_gateway_io_* (obs/exporters.py)
+OP_NAMES: dict[int, str] = {Cmd.READ: "read", Cmd.WRITE: "write", Cmd.FLUSH: "flush", Cmd.TRIM: "trim", Cmd.WRITE_ZEROES: "zero",
+            Cmd.BLOCK_STATUS: "block_status", Cmd.CACHE: "cache"}
+
+
+class OpStats:
+    """One volume's requests of one kind as hosts saw them: count, bytes, errors, latency."""
+
+    __slots__ = ("ops", "bytes", "errors", "latency")
+
+    def __init__(self) -> None:
+        self.ops = 0
+        self.bytes = 0
+        self.errors = 0
+        self.latency = Histogram(IO_BUCKETS)
+
+
 class VolumeCatalog:
     """Name -> Volume; what the gateway exports."""
 
     def __init__(self) -> None:
         self._volumes: dict[str, Volume] = {}
         self.attached: dict[str, int] = {}
+        # volume name -> op name -> OpStats, for as long as the process runs (kept across map reloads)
+        self.io: dict[str, dict[str, OpStats]] = {}
+
+    def io_of(self, name: str) -> dict[str, OpStats]:
+        st = self.io.get(name)
+        if st is None:
+            st = self.io[name] = {op: OpStats() for op in (*OP_NAMES.values(), "other")}
+        return st
 
     def add(self, volume: Volume) -> None:
         self._volumes[volume.info.name] = volume
@@ -91,6 +118,8 @@ class VolumeCatalog:
 
 class NbdConnection(asyncio.Protocol):
     _ids = itertools.count(1)
+
+    io: dict[str, OpStats]
 
     def __init__(self, server: NbdServer) -> None:
         self.server = server
@@ -177,6 +206,7 @@ class NbdConnection(asyncio.Protocol):
         self.meta_ids = ev.meta_context_ids
         self.volume = self.server.catalog.get(ev.export.name)
         cat = self.server.catalog
+        self.io = cat.io_of(ev.export.name)
         cat.attached[ev.export.name] = cat.attached.get(ev.export.name, 0) + 1
         if self.server.attacher is not None:
             self.attach_task = asyncio.get_running_loop().create_task(self.server.attacher.acquire(ev.export.name))
@@ -196,6 +226,9 @@ class NbdConnection(asyncio.Protocol):
             req, self.export, structured_replies=self.codec.structured_replies, meta_context_ids=self.meta_ids
         )
         if rej is not None:
+            st = self.io[OP_NAMES.get(req.cmd, "other")]
+            st.ops += 1
+            st.errors += 1
             self.log.info("nbd.request_rejected", cmd=req.cmd, offset=req.offset, length=req.length, error=rej.error, reason=rej.message)
             self._send([self.codec.reply_error(req.cookie, rej.error, rej.message)])
             return
@@ -243,11 +276,15 @@ class NbdConnection(asyncio.Protocol):
                 self._send([codec.reply_error(req.cookie, nbd.EPERM, f"attach refused: {e}")])
                 self.close()
                 return
+        st = self.io[OP_NAMES.get(req.cmd, "other")]
+        t0 = time.monotonic()
+        ok = False
         try:
             cmd = req.cmd
             if cmd == Cmd.READ:
                 data = await vol.read(req.offset, req.length)
                 self._send(codec.reply_read(req.cookie, req.offset, data))
+                ok = True
                 return
             if cmd == Cmd.WRITE:
                 assert req.payload is not None
@@ -266,15 +303,25 @@ class NbdConnection(asyncio.Protocol):
                 runs = await vol.block_status(req.offset, length, maxd)
                 descs = [(n, 0 if allocated else nbd.STATE_HOLE | nbd.STATE_ZERO) for n, allocated in runs]
                 self._send([codec.reply_block_status(req.cookie, nbd.BASE_ALLOCATION_ID, descs)])
+                ok = True
                 return
             # Writes are durable before they return (no volatile cache), so FUA needs nothing more.
             self._send([codec.reply_ok(req.cookie)])
+            ok = True
         except GroupError as e:
             self.log.warning("nbd.request_failed", cmd=req.cmd, offset=req.offset, length=req.length, error=str(e), errno=e.errno)
             self._send([codec.reply_error(req.cookie, e.errno, str(e))])
         except Exception as e:  # noqa: BLE001 — the process stays up; the host gets EIO
             self.log.exception("nbd.request_crashed", cmd=req.cmd, offset=req.offset, length=req.length)
             self._send([codec.reply_error(req.cookie, nbd.EIO, f"internal error: {type(e).__name__}")])
+        finally:
+            st.ops += 1
+            st.latency.observe(time.monotonic() - t0)
+            if ok:
+                if req.cmd in (Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES):
+                    st.bytes += req.length
+            else:
+                st.errors += 1
 
     def close(self) -> None:
         if not self.closing:

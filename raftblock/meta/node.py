@@ -13,12 +13,14 @@
 #   data_dir = "/var/lib/raftblock/meta"
 #   secret_file = "/etc/raftblock/cluster.secret"
 #   cluster_id = "prod-1"
+#   http = "10.0.1.1:7301"   # optional: Prometheus /metrics and, on the leader, the status page (/)
 #   [health]            # optional: HealthConfig fields
 #   [timings]           # optional: Timings fields
 #   [[members]]         # one per metadata node
 #   id = 1
 #   raft = "10.0.1.1:7001"
 #   admin = "10.0.1.1:7101"
+#   http = "10.0.1.1:7301"   # optional: where a follower's page redirects to when this member leads
 from __future__ import annotations
 
 import argparse
@@ -49,6 +51,8 @@ class NodeFile:
     meta: MetaConfig
     admin: dict[NodeId, str]
     health: HealthConfig
+    http: str | None = None
+    members_http: dict[int, str] | None = None
 
 
 def load_config(path: Path) -> NodeFile:
@@ -66,13 +70,16 @@ def load_config(path: Path) -> NodeFile:
             cluster_id=str(doc.get("cluster_id", "")),
             timings=Timings(**doc.get("timings", {})),
         )
-        return NodeFile(meta, admin, HealthConfig(**doc.get("health", {})))
+        members_http = {int(m["id"]): str(m["http"]) for m in doc["members"] if m.get("http")}
+        http = str(doc["http"]) if doc.get("http") else members_http.get(int(meta.node_id))
+        return NodeFile(meta, admin, HealthConfig(**doc.get("health", {})), http, members_http)
     except (KeyError, TypeError) as e:
         raise SystemExit(f"{path}: bad metadata node config: {e!r}") from None
 
 
 def write_local_configs(directory: Path, raft_ports: list[int], admin_ports: list[int],
-                        cluster_id: str = "local", host: str = "127.0.0.1") -> list[Path]:
+                        cluster_id: str = "local", host: str = "127.0.0.1",
+                        http_ports: list[int] | None = None) -> list[Path]:
     """Configs for a metadata group on one machine (tests, `cluster up`): node i is `meta-i.toml` with its
     data in `meta-i/`; a fresh random secret in `cluster.secret` (0600) unless one exists."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -81,13 +88,16 @@ def write_local_configs(directory: Path, raft_ports: list[int], admin_ports: lis
         fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32) + "\n")
+    http = http_ports or [0] * len(raft_ports)
     members = "".join(f'\n[[members]]\nid = {i}\nraft = "{host}:{r}"\nadmin = "{host}:{a}"\n'
-                      for i, (r, a) in enumerate(zip(raft_ports, admin_ports, strict=True), start=1))
+                      + (f'http = "{host}:{h}"\n' if h else "")
+                      for i, (r, a, h) in enumerate(zip(raft_ports, admin_ports, http, strict=True), start=1))
     paths = []
     for i in range(1, len(raft_ports) + 1):
         p = directory / f"meta-{i}.toml"
         p.write_text(f'node_id = {i}\ndata_dir = "meta-{i}"\nsecret_file = "cluster.secret"\n'
-                     f'cluster_id = "{cluster_id}"\n{members}')
+                     f'cluster_id = "{cluster_id}"\n' + (f'http = "{host}:{http[i - 1]}"\n' if http[i - 1] else "")
+                     + members)
         paths.append(p)
     return paths
 
@@ -99,6 +109,15 @@ async def run(cfg: NodeFile) -> None:
     await node.start()
     server = AdminServer(node, cfg.admin[cfg.meta.node_id], cfg.meta.secret)
     await server.start()
+    http = None
+    if cfg.http:
+        from raftblock.control.statuspage import StatusPage
+        from raftblock.obs.exporters import meta_fill
+        from raftblock.obs.serve import start_metrics
+
+        page = StatusPage(node, cfg.members_http or {})
+        http = await start_metrics(cfg.http, f"meta {cfg.meta.node_id}", meta_fill(node),
+                                   extra={"/": page.html_page, "/status.json": page.json_page})
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -107,6 +126,8 @@ async def run(cfg: NodeFile) -> None:
           flush=True)
     await stop.wait()
     log.info("meta_node_stopping", node_id=cfg.meta.node_id)
+    if http is not None:
+        await http.close()
     await server.close()
     await node.close()
     dlock.release()

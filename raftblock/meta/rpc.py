@@ -39,6 +39,7 @@ from raftblock.meta.state import (
     MetaState,
     RegisterGateway,
     RegisterNode,
+    RemoveNode,
     RenameVolume,
     ResizeVolume,
     Result,
@@ -56,7 +57,7 @@ log = structlog.get_logger(__name__)
 # logged by the failure detector itself).
 AUDITED = frozenset({"create_volume", "delete_volume", "rename_volume", "attach", "detach", "set_node_drain",
                      "register_node", "register_gateway", "set_group_members", "create_snapshot", "set_snapshot_state",
-                     "set_volume_state", "resize_volume"})
+                     "set_volume_state", "resize_volume", "remove_node"})
 
 LINE_BYTES_MAX = 8 << 20  # a state reply for a large cluster fits
 _AUTH_CONTEXT = b"raftblock-meta-admin"
@@ -297,8 +298,11 @@ class MetaClient:
     # -- conveniences --------------------------------------------------------------------------------
 
     async def register_node(self, node_id: int, rack: str, address: str, capacity_bytes: int,
-                            disk_id: str = "") -> Result:
-        return await self.propose(RegisterNode(node_id, rack, address, capacity_bytes, _now_ms(), disk_id))
+                            disk_id: str = "", http: str = "") -> Result:
+        return await self.propose(RegisterNode(node_id, rack, address, capacity_bytes, _now_ms(), disk_id, http))
+
+    async def remove_node(self, node_id: int) -> Result:
+        return await self.propose(RemoveNode(node_id))
 
     async def create_volume(self, name: str, size_bytes: int, mode: str = "raft", state: str = "ready",
                             parent: str = "", origin: str = "", lazy_source: str = "") -> Result:
@@ -324,8 +328,8 @@ class MetaClient:
     async def rename_volume(self, name: str, new_name: str) -> Result:
         return await self.propose(RenameVolume(name, new_name))
 
-    async def register_gateway(self, gateway_id: str, address: str, node_id: int = 0) -> Result:
-        return await self.propose(RegisterGateway(gateway_id, address, _now_ms(), node_id))
+    async def register_gateway(self, gateway_id: str, address: str, node_id: int = 0, http: str = "") -> Result:
+        return await self.propose(RegisterGateway(gateway_id, address, _now_ms(), node_id, http))
 
     async def create_snapshot(self, volume: str, name: str) -> Result:
         return await self.propose(CreateSnapshot(volume, name, _now_ms()))

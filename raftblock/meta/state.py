@@ -63,6 +63,7 @@ class NodeRecord:
     registered_ms: int = 0
     disk_id: str = ""  # the identity of its data directory (made with it); "" = not told
     draining: bool = False  # `node drain`: its replicas move elsewhere; nothing new is placed on it
+    http: str = ""  # its /metrics "host:port" ("" = none told)
 
 
 @dataclass
@@ -102,6 +103,7 @@ class GatewayRecord:
     address: str  # NBD host:port
     registered_ms: int
     node_id: int = 0  # the storage node it runs in (its leader affinity), 0 = a gateway machine of its own
+    http: str = ""  # its /metrics "host:port" ("" = none told)
 
 
 @dataclass
@@ -177,6 +179,15 @@ class RegisterNode(Command):
     capacity_bytes: int
     now_ms: int
     disk_id: str = ""
+    http: str = ""
+
+
+@dataclass(frozen=True)
+class RemoveNode(Command):
+    """`raftblock node remove ID` (decommission): a node that holds no replica leaves the map."""
+
+    op: ClassVar[str] = "remove_node"
+    node_id: int
 
 
 @dataclass(frozen=True)
@@ -276,6 +287,7 @@ class RegisterGateway(Command):
     address: str
     now_ms: int
     node_id: int = 0  # a gateway inside this storage node (node/agent.py rule 6: leader affinity)
+    http: str = ""
 
 
 @dataclass(frozen=True)
@@ -327,7 +339,7 @@ COMMANDS: dict[str, type[Command]] = {
     c.op: c
     for c in (InitCluster, RegisterNode, SetNodeStates, CreateVolume, DeleteVolume, Attach, Detach,
               SetGroupMembers, Noop, SetNodeDrain, RenameVolume, RegisterGateway, CreateSnapshot, SetSnapshotState,
-              SetVolumeState, ResizeVolume)
+              SetVolumeState, ResizeVolume, RemoveNode)
 }
 
 
@@ -463,12 +475,12 @@ class MetaState:
         if old is None:
             self.nodes[nid] = NodeRecord(nid, cmd.rack, cmd.address, cmd.capacity_bytes,
                                          state_since_ms=cmd.now_ms, last_heartbeat_ms=cmd.now_ms,
-                                         registered_ms=cmd.now_ms, disk_id=cmd.disk_id)
+                                         registered_ms=cmd.now_ms, disk_id=cmd.disk_id, http=cmd.http)
             return _ok(node_id=cmd.node_id, new=True)
         if old.rack != cmd.rack and any(nid in g.members for g in self.groups.values()):
             return _err("rack_change", f"node {cmd.node_id} is in rack {old.rack!r} and holds replicas; "
                         f"it cannot move to {cmd.rack!r}")
-        old.rack, old.address, old.capacity_bytes = cmd.rack, cmd.address, cmd.capacity_bytes
+        old.rack, old.address, old.capacity_bytes, old.http = cmd.rack, cmd.address, cmd.capacity_bytes, cmd.http
         removed: list[int] = []
         if cmd.disk_id and old.disk_id and cmd.disk_id != old.disk_id:
             # A new disk: the node lost whatever its groups' members must hold, and its place in them. It
@@ -532,6 +544,18 @@ class MetaState:
         n.draining = bool(cmd.draining)
         left = sum(1 for g in self.groups.values() if n.node_id in g.members)
         return _ok(node_id=cmd.node_id, draining=n.draining, groups=left)
+
+    def _apply_remove_node(self, cmd: RemoveNode) -> Result:
+        n = self.nodes.get(NodeId(cmd.node_id))
+        if n is None:
+            return _err("unknown_node", f"node {cmd.node_id} is not registered")
+        held = sorted(int(gid) for gid, g in self.groups.items() if n.node_id in g.members)
+        if held:
+            return _err("not_drained", f"node {cmd.node_id} still holds replicas of {len(held)} groups "
+                        f"({', '.join(map(str, held[:8]))}{', ...' if len(held) > 8 else ''}): drain it first "
+                        f"(raftblock node drain {cmd.node_id} --wait)")
+        del self.nodes[NodeId(cmd.node_id)]
+        return _ok(node_id=cmd.node_id)
 
     def _apply_set_node_states(self, cmd: SetNodeStates) -> Result:
         for c in cmd.changes:
@@ -771,7 +795,7 @@ class MetaState:
             return _err("invalid", "gateway_id (1-64 bytes) and address must not be empty")
         if cmd.node_id < 0:
             return _err("invalid", "node_id must be >= 0")
-        self.gateways[cmd.gateway_id] = GatewayRecord(cmd.gateway_id, cmd.address, cmd.now_ms, cmd.node_id)
+        self.gateways[cmd.gateway_id] = GatewayRecord(cmd.gateway_id, cmd.address, cmd.now_ms, cmd.node_id, cmd.http)
         return _ok()
 
     def _apply_rename_volume(self, cmd: RenameVolume) -> Result:

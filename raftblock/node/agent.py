@@ -75,12 +75,14 @@ def leader_affinity(st: MetaState) -> dict[int, int]:
 class MetaAgent:
     def __init__(self, client: MetaClient, host: NodeHost, node_id: int, rack: str, address: str,
                  data_dir: Path, interval_s: float = 1.0, disk_id: str = "",
-                 loop_stall_max_s: float | None = None, beat_client: MetaClient | None = None) -> None:
+                 loop_stall_max_s: float | None = None, beat_client: MetaClient | None = None,
+                 http: str = "") -> None:
         self.client = client
         self.host = host
         self.node_id = node_id
         self.rack = rack
         self.address = address
+        self.http = http  # its /metrics address, told with the registration
         self.data_dir = data_dir
         self.interval_s = interval_s
         self.disk_id = disk_id  # the data directory's identity: a new one tells the map the disk was replaced
@@ -217,7 +219,8 @@ class MetaAgent:
     async def step(self) -> None:
         if not self.registered:
             capacity = shutil.disk_usage(self.data_dir).total
-            res = await self.client.register_node(self.node_id, self.rack, self.address, capacity, self.disk_id)
+            res = await self.client.register_node(self.node_id, self.rack, self.address, capacity, self.disk_id,
+                                                   self.http)
             if not res.ok:
                 log.error("agent.register_refused", error=res.error, message=res.message)
                 return

@@ -37,6 +37,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from raftblock.control.status import ERROR_COUNTERS, collect_status  # noqa: F401  (ERROR_COUNTERS: campaign.py)
 from raftblock.meta.rpc import MetaClient, MetaClientError
 from raftblock.meta.state import MetaState
 from raftblock.node.clustermap import ClusterMap, NodeEntry, extent_id
@@ -45,10 +46,13 @@ from raftblock.node.layout import (
     Layout,
     create_layout,
     free_port,
+    local_layout,
+    open_layout,
     running_pid,
     spawn,
     stop_process,
     wait_ready,
+    write_cluster_file,
     write_configs,
     write_node_configs,
 )
@@ -58,14 +62,6 @@ from raftblock.units import format_size
 HEALTHY_TIMEOUT_S = 60.0
 POLL_S = 0.05
 DROP_IN_FLIGHT_MAX = 32  # trims in flight while `volume delete` empties a volume
-CATCHING_UP_ENTRIES = 64  # a member this far behind the group's most advanced one is still being rebuilt
-# Node counters shown as errors in `cluster status` (data found bad, what was done about it, refused input)
-ERROR_COUNTERS = ("corrupt_reads", "read_repairs", "blocks_repaired", "read_repair_failed", "engine_bad_blocks",
-                  "frames_bad_crc", "frames_bad_magic", "frames_malformed", "raft_unknown_group",
-                  "client_unknown_group", "stale_epoch_refused", "apply_errors", "wal_sync_slow",
-                  "scrub_errors_found", "scrub_mismatches", "scrub_repair_failed")
-
-
 T = TypeVar("T")
 
 
@@ -107,7 +103,7 @@ def cluster_up(root: Path, nodes: int | None = None, racks: int | None = None, n
     cluster), and so does 0 on an existing cluster while the configured port is free. A new port for an existing cluster is written to the gateway's config when the gateway is
     not running (said in `notes`), refused while it runs. Nothing is started when the NBD port is taken;
     when a process fails to start, what this call started is stopped again."""
-    layout = Layout(root)
+    layout = local_layout(root, "cluster up")
     if replication is not None and replication not in ("raft", "chain"):
         raise ClusterError(f"--replication must be raft or chain, not {replication!r}")
     if gateway is not None and gateway not in ("embedded", "separate"):
@@ -115,6 +111,8 @@ def cluster_up(root: Path, nodes: int | None = None, racks: int | None = None, n
     notes = notes if notes is not None else []
     if layout.map_path.exists():
         cmap = ClusterMap.load(layout.map_path)
+        if not (root / "cluster.toml").exists():  # a cluster made before the file existed
+            write_cluster_file(layout, cmap)
         if replication is not None and replication != cmap.replication:
             raise ClusterError(f"the cluster in {root} was made with --replication {cmap.replication}; "
                                f"it is kept (create volumes with --replication {replication} instead)")
@@ -163,7 +161,7 @@ def cluster_up(root: Path, nodes: int | None = None, racks: int | None = None, n
         for mid in sorted(int(k) for k in cmap.meta_admin):
             cfg = layout.meta_config(mid)
             if running_pid(layout, f"m{mid}", cfg) is None:
-                procs[f"m{mid}"] = spawn(layout, f"m{mid}", [sys.executable, "-m", "raftblock.meta.node",
+                procs[f"m{mid}"] = spawn(layout, f"m{mid}", [sys.executable, "-m", "raftblock.cli", "meta",
                                                               "--config", str(cfg), "--log-format", "json"])
         for n in cmap.nodes:
             cfg = layout.node_config(n.node_id)
@@ -303,87 +301,6 @@ def wait_healthy(layout: Layout, cmap: ClusterMap, groups: set[int] | None = Non
     raise ClusterError(f"not healthy after {timeout_s:.0f} s: {problem}")
 
 
-async def collect_status(cmap: ClusterMap, st: MetaState) -> dict[str, Any]:
-    from raftblock.client.router import NodeClient
-
-    client = NodeClient(cmap.peers(), attempt_timeout_s=1.0)
-    nodes: list[dict[str, Any]] = []
-    infos: dict[int, dict[int, Any]] = {}
-    try:
-        for n in cmap.nodes:
-            rec = st.nodes.get(NodeId(n.node_id))
-            entry: dict[str, Any] = {"id": n.node_id, "rack": n.rack, "address": f"{n.host}:{n.port}",
-                                     "map_state": rec.state if rec is not None else "unregistered",
-                                     "capacity_bytes": rec.capacity_bytes if rec is not None else 0}
-            try:
-                resp = await client.node_status(n.node_id)
-                c = dict(resp.counters)
-                entry.update(state="up", groups=len(resp.groups),
-                             leading=sum(1 for g in resp.groups if g.leader == n.node_id),
-                             # what the node's files take on its disk: engine segments and checkpoint, and
-                             # the WAL (its released segments kept for reuse included)
-                             used_bytes=c.get("engine_bytes_on_disk", 0) + c.get("wal_bytes_on_disk", 0),
-                             live_bytes=c.get("engine_live_bytes", 0), on_disk_bytes=c.get("engine_bytes_on_disk", 0),
-                             wal_bytes=c.get("wal_bytes_on_disk", 0),
-                             errors={k: c.get(k, 0) for k in ERROR_COUNTERS if c.get(k, 0)}, counters=c)
-                for g in resp.groups:
-                    infos.setdefault(g.group, {})[n.node_id] = g
-            except (OSError, TimeoutError, ConnectionError):
-                entry.update(state="unreachable")
-            nodes.append(entry)
-    finally:
-        await client.close()
-    groups = []
-    for gid, g in sorted(st.groups.items()):
-        views = infos.get(int(gid), {})
-        leaders = {v.leader for v in views.values() if v.leader}
-        terms = [v.term for v in views.values()]
-        leader = next(iter(leaders)) if len(leaders) == 1 and list(leaders)[0] in views else None
-        groups.append({"group": int(gid), "replication": g.mode, "members": [int(m) for m in g.members],
-                       "leader": leader, "term": max(terms, default=0), "epoch": g.epoch,
-                       "applied": {str(k): v.applied for k, v in views.items()},
-                       "allocated_bytes": views[leader].allocated_bytes if leader in views else None})
-    return {"nodes": nodes, "groups": groups, "repairs": repairs_of(infos, st)}
-
-
-def repairs_of(infos: dict[int, dict[int, Any]], st: MetaState) -> list[dict[str, Any]]:
-    """The replicas being rebuilt (a Raft leader's snapshot stream, a chain member's image stream to its
-    successor), with bytes done, rate and ETA; and the groups short of live copies with nothing streaming
-    yet (waiting: for the detector to call a member down, for a spare node in an unused rack, for a
-    leader)."""
-    from raftblock.control.raftrepair import repair_needed
-
-    out: list[dict[str, Any]] = []
-    streaming: set[int] = set()
-    for gid, views in sorted(infos.items()):
-        for src, v in sorted(views.items()):
-            if not v.repair_bytes_total:
-                continue
-            done, total, ms = v.repair_bytes_done, v.repair_bytes_total, max(1, v.repair_elapsed_ms)
-            rate = done * 1000 / ms
-            out.append({"group": gid, "from": src, "to": int(v.repair_node), "bytes_done": done, "bytes_total": total,
-                        "elapsed_s": round(ms / 1000, 1), "rate_bytes_per_s": int(rate),
-                        "eta_s": round((total - done) / rate, 1) if rate > 0 else None, "state": "copying"})
-            streaming.add(gid)
-    needed = repair_needed(st)
-    for gid, g in sorted(st.groups.items()):
-        if int(gid) in streaming:
-            continue
-        if int(gid) in needed:
-            out.append({"group": int(gid), "state": "degraded", "why": needed[int(gid)]})
-            continue
-        # Every member live, nothing streaming: a member that does not host the group yet, or is far
-        # behind the others (a copy about to start, or the log tail after one), is still being rebuilt.
-        views = infos.get(int(gid), {})
-        top = max((v.applied for v in views.values()), default=0)
-        lagging = [f"n{m} {'no report (not hosting it yet, or unreachable)' if m not in views else f'applied {views[m].applied} of {top}'}"
-                   for m in (int(x) for x in g.members)
-                   if m not in views or views[m].applied + CATCHING_UP_ENTRIES < top]
-        if lagging and views:
-            out.append({"group": int(gid), "state": "catching up", "why": ", ".join(lagging)})
-    return out
-
-
 def _gateway_call(layout: Layout, op: str) -> dict[str, Any] | None:
     """`op` (reload | status) to every running gateway of the cluster: the separate one and those inside the
     nodes. Their status replies merged: connections per volume summed, retries summed."""
@@ -419,13 +336,13 @@ def _gateway_call(layout: Layout, op: str) -> dict[str, Any] | None:
 
 
 def cluster_status(root: Path) -> dict[str, Any]:
-    layout = Layout(root)
+    layout = open_layout(root)
     cmap = _load(layout)
     mst = read_map(layout, cmap)
     st = asyncio.run(collect_status(cmap, mst))
     for n in st["nodes"]:
         n["pid"] = running_pid(layout, f"n{n['id']}", layout.node_config(n["id"]))
-        if n["pid"] is None:
+        if n["pid"] is None and not layout.remote:
             n["state"] = "stopped"
     gw = _gateway_call(layout, "status")
     connections = {k: v["attached"] for k, v in (gw or {}).get("volumes", {}).items()}
@@ -441,8 +358,27 @@ def cluster_status(root: Path) -> dict[str, Any]:
     st["gateways"] = gateways
     # The cluster's NBD address: node 1's gateway (embedded) or the separate one.
     st["gateway"] = {k: gateways[0][k] for k in ("pid", "uri")} if gateways else {"pid": None, "uri": None}
-    st["metadata"] = [{"id": int(k), "admin": v, "pid": running_pid(layout, f"m{k}", layout.meta_config(int(k)))}
+    if layout.remote:  # the gateways as they registered (a gateway machine, or inside a node)
+        gateways = [{"id": gid, "node": g.node_id or None, "pid": None, "uri": f"nbd://{g.address}"}
+                    for gid, g in sorted(mst.gateways.items())]
+        st["gateways"] = gateways
+        st["gateway"] = {k: gateways[0][k] for k in ("pid", "uri")} if gateways else {"pid": None, "uri": None}
+    # Where Prometheus scrapes each process (obs/metrics.py), and the status page (control/statuspage.py:
+    # any metadata member's address; a follower redirects to the leader's)
+    node_http = {int(n.node_id): n.http for n in mst.nodes.values() if n.http}
+    node_http.update({n.node_id: f"{n.host}:{n.http_port}" for n in cmap.nodes if n.http_port})
+    for n in st["nodes"]:
+        n["metrics_url"] = f"http://{node_http[n['id']]}/metrics" if n["id"] in node_http else None
+    for g in st["gateways"]:
+        rec = mst.gateways.get(g["id"])
+        http = rec.http if rec is not None and rec.http else (
+            f"{cmap.nodes[0].host}:{cmap.gateway_http}" if g["id"] == "gw1" and cmap.gateway_http and not layout.remote
+            else None)
+        g["metrics_url"] = f"http://{http}/metrics" if http else None
+    st["metadata"] = [{"id": int(k), "admin": v, "pid": running_pid(layout, f"m{k}", layout.meta_config(int(k))),
+                       "metrics_url": f"http://{cmap.meta_http[k]}/metrics" if k in cmap.meta_http else None}
                       for k, v in sorted(cmap.meta_admin.items())]
+    st["status_url"] = f"http://{cmap.meta_http[min(cmap.meta_http, key=int)]}/" if cmap.meta_http else None
     st["volumes"] = [{"name": v.name, "size_bytes": v.size_bytes, "replication": v.mode,
                       "extents": len(v.extent_groups), "groups": sorted({int(g) for g in v.extent_groups}),
                       "extent_groups": [int(g) for g in v.extent_groups],
@@ -451,7 +387,52 @@ def cluster_status(root: Path) -> dict[str, Any]:
                       "attached_by": mst.attachments[v.name].gateway_id if v.name in mst.attachments else None}
                      for v in sorted(mst.volumes.values(), key=lambda v: v.name)]
     st["cluster_id"] = cmap.cluster_id
+    st["problems"] = health_problems(st, mst)
+    st["healthy"] = not st["problems"]
     return st
+
+
+def health_problems(st: dict[str, Any], mst: MetaState) -> list[str]:
+    """What keeps a cluster from being healthy, for `cluster status` and `cluster wait-healthy` (a rolling
+    upgrade goes on to the next node only when this is empty): every registered node up in the map and
+    answering, every group with one leader and every member up, nothing being rebuilt."""
+    out = []
+    for n in st["nodes"]:
+        if n["map_state"] != "up" or n["state"] != "up":
+            out.append(f"node {n['id']} (rack {n['rack']}) is {n['state'] if n['state'] != 'up' else n['map_state']}")
+    for g in st["groups"]:
+        if g["leader"] is None:
+            out.append(f"group {g['group']} has no leader")
+    for r in st["repairs"]:
+        out.append(f"group {r['group']}: {r['state']}" + (f" ({r['why']})" if r.get("why") else ""))
+    if not mst.cluster_id:
+        out.append("the metadata group has not recorded the cluster's id yet")
+    return out
+
+
+def cluster_wait_healthy(root: Path, timeout_s: float) -> dict[str, Any]:
+    """`cluster wait-healthy`: poll `cluster status` until it has no problem; ClusterError with what is left."""
+    deadline = time.monotonic() + timeout_s
+    last: list[str] = []
+    while True:
+        try:
+            st = cluster_status(root)
+            if st["healthy"]:
+                return st
+            last = st["problems"]
+        except ClusterError as e:
+            last = [str(e)]
+        if time.monotonic() > deadline:
+            raise ClusterError(f"not healthy after {timeout_s:.0f} s: {'; '.join(last[:5])}"
+                               + (f" (and {len(last) - 5} more)" if len(last) > 5 else ""))
+        time.sleep(1.0)
+
+
+def node_remove(root: Path, node_id: int) -> dict[str, Any]:
+    """`node remove ID`: a drained node that holds no replica leaves the map (decommission)."""
+    layout = open_layout(root)
+    cmap = _load(layout)
+    return _done(_meta(layout, cmap, lambda c: c.remove_node(node_id)))
 
 
 def node_add(root: Path, rack: str | None = None) -> dict[str, Any]:
@@ -459,7 +440,7 @@ def node_add(root: Path, rack: str | None = None) -> dict[str, Any]:
     the rack of a draining node, else in the rack with the fewest nodes). Every node's config gets the new peer (for restarts); running nodes
     and the gateway learn its address from the map when it registers, and the metadata leader's
     rebalancing moves replicas to it, one group at a time (control/raftrepair.py)."""
-    layout = Layout(root)
+    layout = local_layout(root, "node add")
     cmap = _load(layout)
     disk = _disk_of(layout, cmap)
     if rack is None:
@@ -501,7 +482,7 @@ def node_stop_check(root: Path, node_id: int) -> list[tuple[int, str]]:
     """The groups that stopping node `node_id` now would leave without a majority (or a chain stalled)."""
     from raftblock.control.raftrepair import stop_check
 
-    layout = Layout(root)
+    layout = open_layout(root)
     cmap = _load(layout)
     if node_id not in {n.node_id for n in cmap.nodes}:
         raise ClusterError(f"no node {node_id} in {root}")
@@ -521,7 +502,7 @@ def node_drain(root: Path, node_id: int, draining: bool = True, force: bool = Fa
     from raftblock.control.raftrepair import drain_blockers
     from raftblock.meta.state import SetNodeDrain
 
-    layout = Layout(root)
+    layout = open_layout(root)
     cmap = _load(layout)
     if node_id not in {n.node_id for n in cmap.nodes}:
         raise ClusterError(f"no node {node_id} in {root}")
@@ -540,7 +521,7 @@ def node_drain(root: Path, node_id: int, draining: bool = True, force: bool = Fa
 def cluster_down(root: Path, node: int | None = None, force: bool = False) -> list[str]:
     """Stop every process; with `node`, only that storage node, refused (unless `force`) when stopping it
     would leave a group without a majority (node_stop_check)."""
-    layout = Layout(root)
+    layout = local_layout(root, "cluster down")
     cmap = _load(layout, running=False)
     if node is not None:
         if node not in {n.node_id for n in cmap.nodes}:
@@ -570,7 +551,7 @@ def volume_create(root: Path, name: str, size_bytes: int, replication: str | Non
     majority); if they do not within `timeout_s`, the error says that the volume exists."""
     from raftblock.meta.state import VOLUME_SIZE_BYTES_MAX
 
-    layout = Layout(root)
+    layout = open_layout(root)
     if size_bytes <= 0 or size_bytes % 4096 or size_bytes > VOLUME_SIZE_BYTES_MAX:
         raise ClusterError(f"size {format_size(size_bytes)} ({size_bytes} bytes): a volume is a positive multiple of 4KiB, "
                            f"at most {format_size(VOLUME_SIZE_BYTES_MAX)}")
@@ -591,7 +572,7 @@ def volume_create(root: Path, name: str, size_bytes: int, replication: str | Non
 
 def _volume_of(root: Path, name: str) -> tuple[Layout, ClusterMap, MetaState, Any]:
     """The cluster of `root`, its map, and volume `name` in it (ClusterError: no such volume)."""
-    layout = Layout(root)
+    layout = open_layout(root)
     cmap = _load(layout)
     st = read_map(layout, cmap)
     v = st.volumes.get(name)
@@ -603,7 +584,7 @@ def _volume_of(root: Path, name: str) -> tuple[Layout, ClusterMap, MetaState, An
 def volume_clone(root: Path, source: str, name: str, replication: str | None = None) -> dict[str, Any]:
     """`volume clone VOL@SNAP NEW`: a writable volume at once, reading what it never wrote from the snapshot
     (client/volume.py rule 5); its size is the snapshot's."""
-    layout = Layout(root)
+    layout = open_layout(root)
     cmap = _load(layout)
     st = read_map(layout, cmap)
     vol, _, snap = source.partition("@")
@@ -653,7 +634,7 @@ def _connections(layout: Layout, name: str) -> int:
 
 
 def volume_delete(root: Path, name: str) -> None:
-    layout = Layout(root)
+    layout = open_layout(root)
     cmap = _load(layout)
     if _connections(layout, name):
         raise ClusterError(f"volume {name} is in use: a host is connected to it through the gateway; "
@@ -674,7 +655,7 @@ def volume_delete(root: Path, name: str) -> None:
 def volume_info(root: Path, name: str) -> dict[str, Any]:
     """`volume info NAME`: size, replication, its extent groups (members, leader, term, epoch), allocated
     bytes, attachment and connections."""
-    layout = Layout(root)
+    layout = open_layout(root)
     cmap = _load(layout)
     st = read_map(layout, cmap)
     vol = st.volumes.get(name)
@@ -698,7 +679,7 @@ def volume_info(root: Path, name: str) -> dict[str, Any]:
 def volume_detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
     """`volume detach NAME`: end the volume's attachment in the map (so another gateway may attach it
     without --force); refused while a host is connected through the gateway, unless forced."""
-    layout = Layout(root)
+    layout = open_layout(root)
     cmap = _load(layout)
     st = read_map(layout, cmap)
     if name not in st.volumes:
@@ -714,7 +695,7 @@ def volume_detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
 
 
 def volume_rename(root: Path, name: str, new_name: str) -> dict[str, Any]:
-    layout = Layout(root)
+    layout = open_layout(root)
     cmap = _load(layout)
     if _connections(layout, name):
         raise ClusterError(f"volume {name} is in use: a host is connected to it; disconnect it first")
@@ -747,7 +728,7 @@ async def _drop_extents(cmap: ClusterMap, extent_ids: list[int], extent_size_byt
 def volume_attach(root: Path, name: str, gateway_id: str, force: bool) -> int:
     """Attach a volume to a gateway in the map (force: take it over from another gateway, which is
     then fenced: the nodes refuse its older attach epoch). Returns the new attach epoch."""
-    layout = Layout(root)
+    layout = open_layout(root)
     cmap = _load(layout)
     known = sorted(read_map(layout, cmap).gateways)  # every gateway registers itself when it starts
     if gateway_id not in known:
@@ -757,7 +738,7 @@ def volume_attach(root: Path, name: str, gateway_id: str, force: bool) -> int:
 
 
 def volume_list(root: Path) -> list[dict[str, Any]]:
-    layout = Layout(root)
+    layout = open_layout(root)
     st = read_map(layout, _load(layout))
     return [{"name": v.name, "size_bytes": v.size_bytes, "replication": v.mode, "extents": len(v.extent_groups),
              "attached_by": st.attachments[v.name].gateway_id if v.name in st.attachments else None,
@@ -778,6 +759,8 @@ def _load(layout: Layout, running: bool = True) -> ClusterMap:
     """The cluster of `layout`; with `running`, fail at once unless a majority of its metadata processes
     runs (found by their locks): a command on a stopped cluster says so instead of waiting for a timeout."""
     root = layout.root
+    if layout.remote:
+        return _remote_map(layout)
     if not layout.map_path.exists():
         raise ClusterError(f"no cluster in {root} (start one: raftblock cluster up --dir {root})")
     cmap = ClusterMap.load(layout.map_path)
@@ -789,6 +772,24 @@ def _load(layout: Layout, running: bool = True) -> ClusterMap:
         if 2 * len(up) <= len(metas):
             raise ClusterError(f"only {len(up)} of {len(metas)} metadata processes of {root} run, no majority "
                                f"(start the others: raftblock cluster up --dir {root})")
+    return cmap
+
+
+def _remote_map(layout: Layout) -> ClusterMap:
+    """A deployed cluster's map from its cluster file: the metadata addresses from the file, the storage nodes
+    (address, rack) as they registered with the metadata group."""
+    doc = layout.cluster_doc()
+    meta = doc["meta"]
+    cmap = ClusterMap(str(doc.get("cluster_id", "")), [], {str(k): str(v) for k, v in meta["admin"].items()},
+                      replication=str(doc.get("replication", "raft")), gateway="separate",
+                      meta_http={str(k): str(v) for k, v in dict(meta.get("http", {})).items()})
+    st = read_map(layout, cmap)
+    if cmap.cluster_id and st.cluster_id and cmap.cluster_id != st.cluster_id:
+        raise ClusterError(f"{layout.cluster_file} names cluster {cmap.cluster_id}, but its metadata group is "
+                           f"cluster {st.cluster_id}")
+    for n in sorted(st.nodes.values(), key=lambda n: n.node_id):
+        host, _, port = n.address.rpartition(":")
+        cmap.nodes.append(NodeEntry(int(n.node_id), n.rack, host.strip("[]"), int(port)))
     return cmap
 
 
@@ -820,7 +821,7 @@ def snapshot_create(root: Path, volumes: list[str], name: str) -> list[dict[str,
     """`snapshot create VOL NAME` (and `--group VOL1,VOL2 NAME`): one crash-consistent cut, while I/O goes on."""
     from raftblock.control import snapshots
 
-    layout = Layout(root)
+    layout = open_layout(root)
     cmap = _load(layout)
     made = _snap_call(layout, cmap, lambda c: snapshots.create(
         c, cmap.peers(), volumes, name, lambda gw: _gateway_socket(layout, cmap, gw)))
@@ -831,7 +832,7 @@ def snapshot_create(root: Path, volumes: list[str], name: str) -> list[dict[str,
 def snapshot_delete(root: Path, volume: str, name: str) -> dict[str, Any]:
     from raftblock.control import snapshots
 
-    layout = Layout(root)
+    layout = open_layout(root)
     cmap = _load(layout)
 
     async def go(c: MetaClient) -> Any:
@@ -846,7 +847,7 @@ def snapshot_list(root: Path, volume: str) -> list[dict[str, Any]]:
     from raftblock.control import snapshots
     from raftblock.replication.group import GroupError
 
-    layout = Layout(root)
+    layout = open_layout(root)
     cmap = _load(layout)
 
     async def go(c: MetaClient) -> list[dict[str, Any]]:
@@ -887,7 +888,7 @@ def snapshot_export(root: Path, volume: str, snapshot: str, store: Any, since: s
                     parallel: int = 4, progress: Callable[[int, int, int], None] | None = None) -> dict[str, Any]:
     from raftblock.control import backups
 
-    layout = Layout(root)
+    layout = open_layout(root)
     cmap = _load(layout)
     ex = _backup_call(lambda: backups.export(lambda: meta_client(layout, cmap), cmap.peers(), store, volume, snapshot,
                                              since, parallel, progress))
@@ -904,7 +905,7 @@ def snapshot_restore(root: Path, store: Any, name: str, snapshot: str | None = N
                      on_served: Callable[[], None] | None = None) -> dict[str, Any]:
     from raftblock.control import backups
 
-    layout = Layout(root)
+    layout = open_layout(root)
     cmap = _load(layout)
     man = _backup_call(lambda: backups.pick_manifest(store, from_volume, snapshot))
 

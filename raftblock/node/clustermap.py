@@ -29,6 +29,7 @@ class NodeEntry:
     host: str
     port: int
     nbd_port: int = 0  # the NBD port of the gateway inside this node (gateway = "embedded"), 0 = none
+    http_port: int = 0  # its /metrics (obs/metrics.py); 0 = none (clusters made before metrics)
 
 
 @dataclass
@@ -40,6 +41,8 @@ class ClusterMap:
     # "embedded": every storage node serves NBD itself (node/gateway.py inside the node, leader affinity);
     # "separate": one `raftblock gateway` process (DIR/nodes/gateway.toml). Absent in clusters made before.
     gateway: str = "separate"
+    meta_http: dict[str, str] = field(default_factory=dict)  # metadata node id -> "host:port" (/metrics, status page)
+    gateway_http: int = 0  # the separate gateway's /metrics port (0 = none)
 
     # --- persistence --------------------------------------------------------------------------
     @classmethod
@@ -51,6 +54,8 @@ class ClusterMap:
             meta_admin=dict(raw.get("meta_admin", {})),
             replication=str(raw.get("replication", "raft")),
             gateway=str(raw.get("gateway", "separate")),
+            meta_http=dict(raw.get("meta_http", {})),
+            gateway_http=int(raw.get("gateway_http", 0)),
         )
 
     def save(self, path: Path) -> None:

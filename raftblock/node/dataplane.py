@@ -81,6 +81,7 @@ class DataHost(Protocol):
 
     node_id: int
     counters: Counter[str]
+    client_ops: Counter[int]
     engine: Engine
     wal: Wal
     peers: dict[int, tuple[str, int]]
@@ -163,6 +164,7 @@ class DataPlane:
         (node/inproc.py): answered once, through `conn.reply`."""
         h = self.host
         op = req.op
+        h.client_ops[op] += 1  # raftblock_node_client_ops_total{op} (obs/exporters.py)
         if op in _FENCED_OPS:
             refused = self.refusal(gid, req)
             if refused is not None:

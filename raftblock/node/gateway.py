@@ -61,6 +61,8 @@ from raftblock.meta.rpc import MetaClient, MetaClientError
 from raftblock.meta.state import MetaState
 from raftblock.node.clustermap import volume_infos
 from raftblock.node.dirlock import DirectoryInUse, lock_file
+from raftblock.obs.exporters import gateway_fill
+from raftblock.obs.serve import start_metrics
 from raftblock.replication.raft.types import NodeId
 
 log = structlog.get_logger(__name__)
@@ -307,7 +309,7 @@ class RunningGateway:
 
 
 async def start_gateway(cfg: dict[str, Any], meta: dict[str, Any], *, client: NodeClient | None = None,
-                        node_id: int = 0, default_id: str = "gw1") -> RunningGateway:
+                        node_id: int = 0, default_id: str = "gw1", http: str = "") -> RunningGateway:
     """Start a gateway from its config table (`cfg`: bind, port, admin_socket, deadline_s, refresh_s,
     gateway_id) and the [meta] table. `client`/`node_id`: a gateway inside storage node `node_id`, reaching
     the groups through that node (node/inproc.py); the map records which node it runs on, so the groups of
@@ -325,7 +327,7 @@ async def start_gateway(cfg: dict[str, Any], meta: dict[str, Any], *, client: No
                                                      port=int(cfg.get("port", 10809))), attacher=gw)
         host, port = await server.start()
         # In the map, so `volume attach --gateway ID` can tell a gateway that exists from a typo.
-        res = await gw.meta.register_gateway(gw.gateway_id, f"{host}:{port}", node_id)
+        res = await gw.meta.register_gateway(gw.gateway_id, f"{host}:{port}", node_id, http or str(cfg.get("http", "")))
         if not res.ok:
             await server.shutdown()
             raise ValueError(f"the metadata group refused gateway {gw.gateway_id!r}: {res.message}")
@@ -345,6 +347,8 @@ async def start_gateway(cfg: dict[str, Any], meta: dict[str, Any], *, client: No
 
 async def run_gateway(cfg: dict[str, Any]) -> int:
     running = await start_gateway(cfg, cfg["meta"])
+    http = await start_metrics(str(cfg["http"]), f"gateway {running.gw.gateway_id}", gateway_fill(running.gw)) \
+        if cfg.get("http") else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -352,6 +356,8 @@ async def run_gateway(cfg: dict[str, Any]) -> int:
     print(f"READY {running.uri}", flush=True)
     await stop.wait()
     log.info("gateway.stopping")
+    if http is not None:
+        await http.close()
     await running.stop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)

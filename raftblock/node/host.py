@@ -76,6 +76,7 @@ class NodeHost:
         wal.write_once_min_bytes = cfg.write_once_min_bytes
         self.peers = peers
         self.counters: Counter[str] = Counter()
+        self.client_ops: Counter[int] = Counter()  # client requests by wire op (metrics)
         self.data = DataPlane(self)
         self.links = Transport(cfg.node_id, peers, self, self.counters,
                                send_buffer_bytes_max=cfg.peer_send_buffer_bytes_max)

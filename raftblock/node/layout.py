@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import time
+import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,28 @@ class ClusterError(Exception):
 @dataclass
 class Layout:
     root: Path
+    # A deployed cluster, reached through its cluster file (cluster.toml: metadata addresses, secret): no
+    # local processes, configs or sockets; the storage nodes come from the metadata map (cluster.py _load).
+    cluster_file: Path | None = None
+
+    @property
+    def remote(self) -> bool:
+        return self.cluster_file is not None
+
+    def cluster_doc(self) -> dict[str, Any]:
+        assert self.cluster_file is not None
+        try:
+            doc = tomllib.loads(self.cluster_file.read_text())
+        except FileNotFoundError:
+            raise ClusterError(f"no cluster file {self.cluster_file}") from None
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise ClusterError(f"cluster file {self.cluster_file}: {e}") from None
+        if not isinstance(doc.get("meta"), dict) or not isinstance(doc["meta"].get("admin"), dict) \
+                or not doc["meta"]["admin"]:
+            raise ClusterError(f"cluster file {self.cluster_file}: no [meta] admin = {{ 1 = \"HOST:PORT\", ... }}")
+        if not isinstance(doc.get("secret_file"), str):
+            raise ClusterError(f"cluster file {self.cluster_file}: no secret_file")
+        return doc
 
     @property
     def map_path(self) -> Path:
@@ -52,6 +75,8 @@ class Layout:
 
     @property
     def secret_file(self) -> Path:
+        if self.cluster_file is not None:
+            return self.cluster_file.parent / str(self.cluster_doc()["secret_file"])
         return self.root / "meta" / "cluster.secret"
 
     @property
@@ -84,6 +109,25 @@ class Layout:
         return self.run / f"{name}.ready"
 
 
+def open_layout(target: Path) -> Layout:
+    """What a command's --cluster / --dir names: a local cluster's directory, or a cluster file. The cluster
+    file of a local cluster (DIR/cluster.toml) is that directory (its processes can be seen and started)."""
+    if target.suffix == ".toml" or target.is_file():
+        if (target.parent / "cluster.json").exists():
+            return Layout(target.parent)
+        return Layout(target.parent, cluster_file=target)
+    return Layout(target)
+
+
+def local_layout(target: Path, what: str) -> Layout:
+    """`what` starts or stops processes of this machine: refused on a deployed cluster's file."""
+    layout = open_layout(target)
+    if layout.remote:
+        raise ClusterError(f"{what} works on a local cluster (--dir); {layout.cluster_file} names a deployed "
+                           f"cluster, whose processes systemd runs (ansible/README.md)")
+    return layout
+
+
 # --- processes -----------------------------------------------------------------------------------
 def lock_path(layout: Layout, name: str) -> Path:
     """The lock the process `name` holds while it runs (node/dirlock.py): its data directory's, or the
@@ -100,6 +144,8 @@ def running_pid(layout: Layout, name: str, config: Path) -> int | None:
     its lock (the kernel's table), else (a data directory on a mount this process cannot see: the fault
     campaign's small disks) the pid file's process, if its command line names `config` (the same file,
     compared by inode relative to that process's working directory)."""
+    if layout.remote:
+        return None  # a deployed cluster's processes run on other machines
     pid = file_lock_holder(lock_path(layout, name))
     if pid is not None:
         return pid
@@ -255,7 +301,8 @@ def write_node_configs(layout: Layout, cmap: ClusterMap, disk: str) -> None:
             f"rack = {toml_str(n.rack)}\n"
             f"data_dir = {toml_str(str(layout.data_dir(n.node_id).resolve()))}\n"
             f'listen = {toml_str(f"{n.host}:{n.port}")}\n'
-            f"disk = {toml_str(disk)}\n\n[peers]\n{peers}\n\n{meta}"
+            + (f'http = {toml_str(f"{n.host}:{n.http_port}")}   # Prometheus /metrics\n' if n.http_port else "")
+            + f"disk = {toml_str(disk)}\n\n[peers]\n{peers}\n\n{meta}"
         )
         if cmap.gateway == "embedded" and n.nbd_port:
             text += (
@@ -279,9 +326,28 @@ def write_configs(layout: Layout, cmap: ClusterMap, disk: str, nbd_bind: str, nb
         'gateway_id = "gw1"\n'
         f"bind = {toml_str(nbd_bind)}\nport = {port}\n"
         f"admin_socket = {toml_str(str(layout.admin_socket.resolve()))}\n"
-        "deadline_s = 10.0\n\n"
+        + (f'http = {toml_str(f"{nbd_bind}:{cmap.gateway_http}")}   # Prometheus /metrics\n'
+           if cmap.gateway_http else "")
+        + "deadline_s = 10.0\n\n"
         f"{meta}"
     )
+    write_cluster_file(layout, cmap)
+
+
+def write_cluster_file(layout: Layout, cmap: ClusterMap) -> None:
+    """DIR/cluster.toml: how a `raftblock` command reaches this cluster (`--cluster FILE`), the same file a
+    deployed host gets at /etc/raftblock/cluster.toml (ansible/roles/common)."""
+    admin = ", ".join(f"{k} = {toml_str(v)}" for k, v in sorted(cmap.meta_admin.items()))
+    http = ", ".join(f"{k} = {toml_str(v)}" for k, v in sorted(cmap.meta_http.items()))
+    text = (f"# How `raftblock` commands reach this cluster (--cluster FILE); written by `raftblock cluster up`\n"
+            f"cluster_id = {toml_str(cmap.cluster_id)}\n"
+            f"secret_file = {toml_str(os.path.relpath(layout.secret_file, layout.root))}   # relative to this file\n"
+            f"replication = {toml_str(cmap.replication)}   # the default of `volume create`\n\n"
+            f"[meta]\nadmin = {{ {admin} }}\n" + (f"http = {{ {http} }}\n" if http else ""))
+    path = layout.root / "cluster.toml"
+    tmp = path.with_suffix(".toml.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def create_layout(layout: Layout, nodes: int, racks: int, port_base: int | None, host: str,
@@ -299,7 +365,12 @@ def create_layout(layout: Layout, nodes: int, racks: int, port_base: int | None,
     metas = 3 if nodes >= 3 else 1
     raft_ports = [port_base + 100 + i if port_base else free_port(host) for i in range(1, metas + 1)]
     admin_ports = [port_base + 200 + i if port_base else free_port(host) for i in range(1, metas + 1)]
+    http_ports = [port_base + 500 + i if port_base else free_port(host) for i in range(1, metas + 1)]
+    for n in entries:
+        n.http_port = port_base + 400 + n.node_id if port_base else free_port(host)
     cid = secrets.token_hex(16)
-    write_local_configs(layout.root / "meta", raft_ports, admin_ports, cluster_id=cid, host=host)
+    write_local_configs(layout.root / "meta", raft_ports, admin_ports, cluster_id=cid, host=host, http_ports=http_ports)
     admin = {str(i): f"{host}:{p}" for i, p in enumerate(admin_ports, start=1)}
-    return ClusterMap(cid, entries, admin, gateway=gateway)
+    return ClusterMap(cid, entries, admin, gateway=gateway,
+                      meta_http={str(i): f"{host}:{p}" for i, p in enumerate(http_ports, start=1)},
+                      gateway_http=port_base + 600 if port_base else free_port(host))

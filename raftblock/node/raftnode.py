@@ -57,7 +57,9 @@ from raftblock.node.config import HostConfig
 from raftblock.node.dirlock import DirectoryInUse, lock_directory
 from raftblock.node.host import NodeHost
 from raftblock.node.serve import load_or_create_cluster_id
+from raftblock.obs.exporters import gateway_fill, node_fill
 from raftblock.obs.log import configure
+from raftblock.obs.serve import start_metrics
 from raftblock.replication.wal import Wal
 from raftblock.storage.disk import make_disk
 from raftblock.storage.engine import Engine, EngineConfig
@@ -107,6 +109,8 @@ class NodeConfig:
         if self.gateway is not None and not meta:
             raise ValueError("[gateway] needs [meta]: the gateway follows the metadata map")
         self.meta_raw: dict[str, Any] = dict(meta) if meta else {}
+        # http = "HOST:PORT": Prometheus /metrics of this node (and of its gateway), obs/metrics.py
+        self.http: str | None = str(raw["http"]) if raw.get("http") else None
 
     @classmethod
     def load(cls, path: str | Path) -> NodeConfig:
@@ -199,7 +203,8 @@ async def run_node(cfg: NodeConfig) -> int:
         client = MetaClient({MetaNodeId(k): v for k, v in cfg.meta_admin.items()},
                             cfg.meta_secret_file.read_bytes().strip())
         agent = MetaAgent(client, rt, cfg.node_id, cfg.rack, f"{cfg.host}:{port}", cfg.data_dir,
-                          interval_s=cfg.meta_heartbeat_s, disk_id=cluster_id.hex())  # made with the data directory: a new disk, a new id
+                          interval_s=cfg.meta_heartbeat_s, disk_id=cluster_id.hex(),  # made with the data directory: a new disk, a new id
+                          http=cfg.http or "")
         agent_task = loop.create_task(agent.run(stop))
     gateway = None
     if cfg.gateway is not None:
@@ -208,11 +213,18 @@ async def run_node(cfg: NodeConfig) -> int:
 
         deadline_s = float(cfg.gateway.get("deadline_s", 10.0))
         gateway = await start_gateway(cfg.gateway, cfg.meta_raw, node_id=cfg.node_id, default_id=f"n{cfg.node_id}",
+                                      http=cfg.http or "",
                                       client=NodeClient({}, deadline_s=deadline_s, links=rt.client_links))
+    http = None
+    if cfg.http:
+        http = await start_metrics(cfg.http, f"node {cfg.node_id}", node_fill(rt, cfg.rack),
+                                   *([gateway_fill(gateway.gw)] if gateway is not None else []))
     # The first word after READY is the node's address (what `cluster up` waits for); the gateway's follows.
     print(f"READY raft://{cfg.host}:{port}" + (f" {gateway.uri}" if gateway is not None else ""), flush=True)
     await stop.wait()
     log.info("raftnode.stopping", node=cfg.node_id)
+    if http is not None:
+        await http.close()
     if gateway is not None:
         await gateway.stop()  # in-flight requests drained while the replicas still run
     await cleaner

@@ -34,12 +34,14 @@ from __future__ import annotations
 import os
 import struct
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 import crc32c
 import structlog
 
+from raftblock.obs.histogram import FSYNC_BUCKETS, Histogram
 from raftblock.replication.raft.types import (
     ConfState,
     Entry,
@@ -205,6 +207,7 @@ class Wal:
         self.flushed_pos = 0
         self.synced_pos = 0
         self.syncs = 0
+        self.sync_seconds = Histogram(FSYNC_BUCKETS)  # raftblock_node_wal_fdatasync_seconds
         self._hs: dict[int, HardState] = {}  # last hard state written, per group
         self._snap: dict[int, SnapshotMeta] = {}  # last snapshot/compaction meta written, per group
         # (position, group, index, seq of the segment of a SNAPSHOT record, else 0) not yet durable
@@ -606,10 +609,13 @@ class Wal:
                     to_remove = []
                 files = [s.file for s in self._segments if s.seq in dirty and s.file is not None]
             try:
+                t0 = time.perf_counter()
                 for f in files:
                     f.fdatasync()
                 if need_dir:
                     self.disk.fsync_dir(self.directory)
+                if files or need_dir:
+                    self.sync_seconds.observe(time.perf_counter() - t0)
             except BaseException:
                 with self._lock:
                     self._dirty |= dirty

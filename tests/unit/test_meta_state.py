@@ -23,6 +23,7 @@ from raftblock.meta.state import (
     Noop,
     RegisterGateway,
     RegisterNode,
+    RemoveNode,
     RenameVolume,
     ResizeVolume,
     SetGroupMembers,
@@ -69,7 +70,28 @@ ALL = [
     SetVolumeState("v", "ready", "restoring", True),
     CreateVolume("c", GiB, 7, "raft", state="restoring", parent="v@nightly", origin="s3://b/p"),
     ResizeVolume("v", 2 * GiB, True),
+    RemoveNode(4),
+    RegisterNode(5, "r1", "h:5", 10, 5, "d5", "h:9100"),
+    RegisterGateway("gw2", "127.0.0.1:10811", 5, 0, "127.0.0.1:9101"),
 ]
+
+
+def test_a_node_leaves_the_map_only_when_it_holds_no_replica() -> None:
+    s = cluster(racks=4)
+    res = s.apply(CreateVolume("v", 64 << 20, 7))
+    assert res.ok, res
+    used = {int(m) for g in s.groups.values() for m in g.members}
+    member, spare = min(used), next(int(n) for n in s.nodes if int(n) not in used)
+    res = s.apply(RemoveNode(member))
+    assert not res.ok and res.error == "not_drained" and "drain it first" in res.message
+    assert NodeId(member) in s.nodes
+    assert s.apply(RemoveNode(spare)).ok
+    assert NodeId(spare) not in s.nodes
+    assert s.apply(RemoveNode(spare)).error == "unknown_node"
+    # registered again (the same machine rejoining): a new node in the map, with its metrics address
+    assert s.apply(RegisterNode(spare, "r9", "h:1", 10, 5, "", "h:9100")).ok
+    assert s.nodes[NodeId(spare)].http == "h:9100"
+    assert MetaState.from_json(s.to_json()).nodes[NodeId(spare)].http == "h:9100"
 
 
 def test_every_command_round_trips_as_json() -> None:
