@@ -674,14 +674,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"raftblock demo: {n}", file=sys.stderr)
     if not any(v["name"] == "demo" for v in volume_list(d)):
         volume_create(d, "demo", args.size)
+    from raftblock.node.clustermap import ClusterMap
+
+    http = ClusterMap.load(d / "cluster.json").meta_http
+    page = f"http://{http[min(http, key=int)]}/" if http else None
     if args.json:
-        _print_json({"dir": str(d), "uri": uri, "volume": f"{uri}/demo"})
+        _print_json({"dir": str(d), "uri": uri, "volume": f"{uri}/demo", "status_url": page})
         return 0
     rb = ".venv/bin/raftblock" if Path(".venv/bin/raftblock").exists() else "raftblock"
     flag = f" --dir {d}" if d != Path(".raftblock") else ""
     print(f"raftblock cluster is up (3 nodes in 3 racks) in {d}/; volume 'demo' at {uri}/demo")
     print(f"  attach:  qemu-img info {uri}/demo     nbdinfo {uri}/demo")
-    print(f"  status:  {rb} cluster status{flag}")
+    print(f"  status:  {rb} cluster status{flag}" + (f"     page: {page} (Prometheus: /metrics on every process)"
+                                                        if page else ""))
     print(f"  stop:    {rb} cluster down{flag}")
     return 0
 

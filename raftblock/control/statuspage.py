@@ -110,7 +110,8 @@ class StatusPage:
             "this_node": int(node.config.node_id), "leader": int(leader) if leader is not None else None,
             "is_leader": node.is_leader(),
             "racks": {r: ns for r, ns in sorted(racks.items())},
-            "groups": {"total": len(st.groups), "degraded": len(needed)},
+            # short of live copies, or a member still being rebuilt
+            "groups": {"total": len(st.groups), "degraded": len(set(needed) | {r["group"] for r in repairs})},
             "repairs": repairs, "volumes": volumes,
             "gateways": sorted(st.gateways),
         }

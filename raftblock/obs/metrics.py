@@ -27,12 +27,13 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
-from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector as _Collector
 
 from raftblock.obs.histogram import Histogram
 
-CONTENT_TYPE = CONTENT_TYPE_LATEST
+# The text exposition format every Prometheus 2.x reads (prometheus_client's "latest" says version=1.0.0,
+# the same text with a newer name-escaping scheme that older servers do not know).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
 class Families:
