@@ -1,4 +1,4 @@
-# One metadata node as a process: `python -m raftblock.meta.node --config FILE` (TOML).
+# One metadata node as a process: `raftblock meta --config FILE` (or `python -m raftblock.meta.node`; TOML).
 #
 # Rules:
 # 1. The config names every member (id, Raft address, admin address); ids are not addresses.
