@@ -40,7 +40,7 @@ from raftblock.control.health import HealthConfig
 from raftblock.meta.group import MetaConfig, MetaNode, Timings
 from raftblock.meta.rpc import AdminServer
 from raftblock.node.dirlock import DirectoryInUse, lock_directory
-from raftblock.obs.log import configure
+from raftblock.obs.log import configure, set_process
 from raftblock.replication.raft.types import NodeId
 
 log = structlog.get_logger(__name__)
@@ -104,6 +104,7 @@ def write_local_configs(directory: Path, raft_ports: list[int], admin_ports: lis
 
 async def run(cfg: NodeFile) -> None:
     # The journal and state in data_dir have one owner: taken before pysyncobj opens anything there.
+    set_process(meta=int(cfg.meta.node_id))
     dlock = lock_directory(cfg.meta.data_dir, "metadata data directory")
     node = MetaNode(cfg.meta, cfg.health)
     await node.start()

@@ -346,6 +346,9 @@ async def start_gateway(cfg: dict[str, Any], meta: dict[str, Any], *, client: No
 
 
 async def run_gateway(cfg: dict[str, Any]) -> int:
+    from raftblock.obs.log import set_process
+
+    set_process(gateway=str(cfg.get("gateway_id", "gw1")))
     running = await start_gateway(cfg, cfg["meta"])
     http = await start_metrics(str(cfg["http"]), f"gateway {running.gw.gateway_id}", gateway_fill(running.gw)) \
         if cfg.get("http") else None

@@ -58,7 +58,7 @@ from raftblock.node.dirlock import DirectoryInUse, lock_directory
 from raftblock.node.host import NodeHost
 from raftblock.node.serve import load_or_create_cluster_id
 from raftblock.obs.exporters import gateway_fill, node_fill
-from raftblock.obs.log import configure
+from raftblock.obs.log import configure, set_process
 from raftblock.obs.serve import start_metrics
 from raftblock.replication.wal import Wal
 from raftblock.storage.disk import make_disk
@@ -172,6 +172,7 @@ async def _engine_cleaning(engine: Engine, stop: asyncio.Event) -> None:
 
 async def run_node(cfg: NodeConfig) -> int:
     # Before the engine or the WAL recovers anything: a second process of this node must not touch them.
+    set_process(node=cfg.node_id, rack=cfg.rack)
     dlock = lock_directory(cfg.data_dir)
     disk = make_disk(cfg.disk)
     cluster_id = load_or_create_cluster_id(cfg.data_dir)

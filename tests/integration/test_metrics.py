@@ -195,6 +195,11 @@ def test_the_http_port_answers_bad_requests_precisely_and_a_separate_gateway_exp
         assert raw(b"HEAD /metrics HTTP/1.1\r\n\r\n").split(b"\r\n\r\n", 1)[1] == b""
         assert _get(gw)[0] == 200
         assert _get(gw.replace("/metrics", "/healthz"))[1] == b"ok\n"
+        # logs for journald: JSON lines on stderr, each naming the process that wrote it
+        for name, key, want in (("n1", "rack", st["nodes"][0]["rack"]), ("gateway", "gateway", "gw1"), ("m1", "meta", 1)):
+            events = [json.loads(line) for line in (c.root / "logs" / f"{name}.log").read_text().splitlines()
+                      if line.startswith("{")]
+            assert events and all(e.get(key) == want for e in events), (name, [e for e in events if e.get(key) != want][:3])
     finally:
         _cleanup(c)
 
