@@ -449,6 +449,15 @@ def test_forged_frames_to_a_node_are_refused_counted_and_it_keeps_serving(cluste
         c.write(0, b"Q" * 65536)
         assert c.read(0, 65536) == b"Q" * 65536
     assert {n["state"] for n in cluster.status()["nodes"]} == {"up"}
+    # and Prometheus sees them, by reason (the RaftblockFramesRefused alert's series)
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = urllib.request.urlopen(node["metrics_url"], timeout=10).read().decode()
+    refused = {s.labels["reason"]: s.value for f in text_string_to_metric_families(body) for s in f.samples
+               if s.name == "raftblock_node_frames_refused_total"}
+    assert all(refused[r] >= 1 for r in ("bad_crc", "unknown_group", "malformed", "bad_magic")), refused
 
 
 def _group(cluster: Cluster, gid: int) -> dict[str, Any]:
