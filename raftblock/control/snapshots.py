@@ -99,13 +99,17 @@ class GatewayHold:
         self.writer = writer
 
     @classmethod
-    async def raise_(cls, gateway_id: str, sock: Path, volumes: list[str], timeout_s: float = 10.0) -> GatewayHold:
+    async def raise_(cls, gateway_id: str, sock: Path | str, volumes: list[str], timeout_s: float = 10.0,
+                     secret: bytes | None = None) -> GatewayHold:
+        """`sock`: the gateway's unix socket, or its TCP admin address (answered with `secret`)."""
+        from raftblock.gateway.admin import AdminAuthError, connect
+
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(str(sock)), timeout_s)
+            reader, writer = await connect(sock, secret, timeout_s)
             writer.write(json.dumps({"op": "hold", "volumes": volumes, "timeout_s": HOLD_TIMEOUT_S}).encode() + b"\n")
             await writer.drain()
             line = await asyncio.wait_for(reader.readline(), timeout_s)
-        except (OSError, TimeoutError) as e:
+        except (OSError, TimeoutError, AdminAuthError) as e:
             raise SnapshotError(f"gateway {gateway_id} (which has {', '.join(volumes)} attached) did not raise its "
                                 f"barrier: {e or type(e).__name__}") from e
         try:
@@ -145,7 +149,7 @@ def _ok(res: Any) -> dict[str, Any]:
 
 
 async def create(meta: MetaClient, peers: dict[int, tuple[str, int]], volumes: list[str], name: str,
-                 gateway_socket: Callable[[str], Path | None], deadline_s: float = 20.0) -> list[Created]:
+                 gateway_socket: Callable[[str], Path | str | None], deadline_s: float = 20.0) -> list[Created]:
     """Rule 1: snapshot `name` of every volume in `volumes`, one crash-consistent cut across all of them."""
     if len(set(volumes)) != len(volumes):
         raise SnapshotError(f"a volume is named twice in {','.join(volumes)}")
@@ -175,10 +179,11 @@ async def create(meta: MetaClient, peers: dict[int, tuple[str, int]], volumes: l
         for gw, vols in sorted(by_gateway.items()):
             sock = gateway_socket(gw)
             if sock is None:
-                raise SnapshotError(f"volume {', '.join(vols)} is attached by gateway {gw}, which is not running "
-                                    f"here: its writes cannot be held for the cut (detach it: raftblock volume "
-                                    f"detach --force)")
-            holds.append(await GatewayHold.raise_(gw, sock, vols))
+                raise SnapshotError(f"volume {', '.join(vols)} is attached by gateway {gw}, which cannot be reached "
+                                    f"from here (not running on this machine, and no admin_listen in its config): "
+                                    f"its writes cannot be held for the cut (give it admin_listen, or run this "
+                                    f"on its machine, or detach it: raftblock volume detach --force)")
+            holds.append(await GatewayHold.raise_(gw, sock, vols, secret=meta.secret))
         try:
             await asyncio.gather(*(g.snapshot(st.snapshot_of(v, name).snap_id)  # type: ignore[union-attr]
                                    for v in volumes for g in io.groups_of(v)))

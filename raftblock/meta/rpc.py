@@ -328,8 +328,9 @@ class MetaClient:
     async def rename_volume(self, name: str, new_name: str) -> Result:
         return await self.propose(RenameVolume(name, new_name))
 
-    async def register_gateway(self, gateway_id: str, address: str, node_id: int = 0, http: str = "") -> Result:
-        return await self.propose(RegisterGateway(gateway_id, address, _now_ms(), node_id, http))
+    async def register_gateway(self, gateway_id: str, address: str, node_id: int = 0, http: str = "",
+                               admin: str = "") -> Result:
+        return await self.propose(RegisterGateway(gateway_id, address, _now_ms(), node_id, http, admin))
 
     async def create_snapshot(self, volume: str, name: str) -> Result:
         return await self.propose(CreateSnapshot(volume, name, _now_ms()))

@@ -104,6 +104,7 @@ class GatewayRecord:
     registered_ms: int
     node_id: int = 0  # the storage node it runs in (its leader affinity), 0 = a gateway machine of its own
     http: str = ""  # its /metrics "host:port" ("" = none told)
+    admin: str = ""  # its admin port "host:port" (gateway/admin.py; "" = only its local unix socket)
 
 
 @dataclass
@@ -288,6 +289,7 @@ class RegisterGateway(Command):
     now_ms: int
     node_id: int = 0  # a gateway inside this storage node (node/agent.py rule 6: leader affinity)
     http: str = ""
+    admin: str = ""
 
 
 @dataclass(frozen=True)
@@ -795,7 +797,8 @@ class MetaState:
             return _err("invalid", "gateway_id (1-64 bytes) and address must not be empty")
         if cmd.node_id < 0:
             return _err("invalid", "node_id must be >= 0")
-        self.gateways[cmd.gateway_id] = GatewayRecord(cmd.gateway_id, cmd.address, cmd.now_ms, cmd.node_id, cmd.http)
+        self.gateways[cmd.gateway_id] = GatewayRecord(cmd.gateway_id, cmd.address, cmd.now_ms, cmd.node_id, cmd.http,
+                                                      cmd.admin)
         return _ok()
 
     def _apply_rename_volume(self, cmd: RenameVolume) -> Result:

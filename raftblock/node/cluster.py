@@ -303,19 +303,28 @@ def wait_healthy(layout: Layout, cmap: ClusterMap, groups: set[int] | None = Non
 
 def _gateway_call(layout: Layout, op: str) -> dict[str, Any] | None:
     """`op` (reload | status) to every running gateway of the cluster: the separate one and those inside the
-    nodes. Their status replies merged: connections per volume summed, retries summed."""
-    async def call(sock: Path) -> dict[str, Any]:
-        r, w = await asyncio.open_unix_connection(str(sock))
+    nodes (a deployed cluster: every gateway of the map with a TCP admin port). Their status replies merged:
+    connections per volume summed, retries summed."""
+    from raftblock.gateway.admin import AdminAuthError, connect
+
+    secret = None
+
+    async def call(sock: Path | str) -> dict[str, Any]:
+        r, w = await connect(sock, secret)
         w.write(json.dumps({"op": op}).encode() + b"\n")
         await w.drain()
         line = await r.readline()
         w.close()
         return dict(json.loads(line))
 
-    socks = []
-    if running_pid(layout, "gateway", layout.gateway_config) is not None:
+    socks: list[Path | str] = []
+    if layout.remote:
+        cmap = _load(layout)
+        secret = layout.secret_file.read_bytes().strip()
+        socks += [g.admin for g in read_map(layout, cmap).gateways.values() if g.admin]
+    elif running_pid(layout, "gateway", layout.gateway_config) is not None:
         socks.append(layout.admin_socket)
-    if layout.map_path.exists():
+    if layout.map_path.exists() and not layout.remote:
         for n in ClusterMap.load(layout.map_path).nodes:
             if n.nbd_port and running_pid(layout, f"n{n.node_id}", layout.node_config(n.node_id)) is not None:
                 socks.append(layout.node_admin_socket(n.node_id))
@@ -323,7 +332,7 @@ def _gateway_call(layout: Layout, op: str) -> dict[str, Any] | None:
     for sock in socks:
         try:
             res = asyncio.run(asyncio.wait_for(call(sock), 10))
-        except (OSError, TimeoutError, ValueError):
+        except (OSError, TimeoutError, ValueError, AdminAuthError):
             continue
         if merged is None:
             merged = {"ok": True, "volumes": {}, "retries": 0}
@@ -795,9 +804,12 @@ def _remote_map(layout: Layout) -> ClusterMap:
 
 # --- snapshots (control/snapshots.py) -----------------------------------------------------------------
 
-def _gateway_socket(layout: Layout, cmap: ClusterMap, gateway_id: str) -> Path | None:
+def _gateway_socket(layout: Layout, cmap: ClusterMap, gateway_id: str, st: MetaState | None = None) -> Path | str | None:
     """The admin socket of gateway `gateway_id` of this local cluster, if it runs: `gw1` the separate one,
-    `nI` the one inside node I."""
+    `nI` the one inside node I; else (a deployed cluster) its TCP admin address as it registered it."""
+    rec = st.gateways.get(gateway_id) if st is not None else None
+    if layout.remote:
+        return rec.admin if rec is not None and rec.admin else None
     if gateway_id == "gw1":
         return layout.admin_socket if running_pid(layout, "gateway", layout.gateway_config) is not None else None
     if gateway_id.startswith("n") and gateway_id[1:].isdigit():
@@ -805,7 +817,7 @@ def _gateway_socket(layout: Layout, cmap: ClusterMap, gateway_id: str) -> Path |
         if any(n.node_id == nid for n in cmap.nodes) and \
                 running_pid(layout, f"n{nid}", layout.node_config(nid)) is not None:
             return layout.node_admin_socket(nid)
-    return None
+    return rec.admin if rec is not None and rec.admin else None
 
 
 def _snap_call(layout: Layout, cmap: ClusterMap, call: Callable[[MetaClient], Awaitable[T]]) -> T:
@@ -823,8 +835,9 @@ def snapshot_create(root: Path, volumes: list[str], name: str) -> list[dict[str,
 
     layout = open_layout(root)
     cmap = _load(layout)
+    st = read_map(layout, cmap)
     made = _snap_call(layout, cmap, lambda c: snapshots.create(
-        c, cmap.peers(), volumes, name, lambda gw: _gateway_socket(layout, cmap, gw)))
+        c, cmap.peers(), volumes, name, lambda gw: _gateway_socket(layout, cmap, gw, st)))
     return [{"volume": m.volume, "name": m.name, "snap_id": m.snap_id, "created_ms": m.created_ms,
              "groups": m.groups, "barrier_ms": round(m.barrier_ms, 3)} for m in made]
 

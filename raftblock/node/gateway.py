@@ -10,6 +10,9 @@ Config (TOML):
     bind = "127.0.0.1"
     port = 10809
     admin_socket = "/run/raftblock/gateway.sock"   # JSON lines: {"op": "reload"} | {"op": "status"}
+    admin_listen = "10.0.9.1:7401"                 # optional: the same over TCP, for a deployed cluster's CLI
+                                                   # (challenge with the cluster secret, gateway/admin.py)
+    http = "10.0.9.1:7301"                         # optional: Prometheus /metrics
     deadline_s = 10.0                              # how long one I/O may wait for a leader
     refresh_s = 1.0                                # how often the map is re-read from the metadata group
     gateway_id = "gw1"                             # who holds a volume's attachment (exclusive attach)
@@ -89,6 +92,8 @@ class Gateway:
         self._holds: dict[str, _Hold] = {}
         self.deadline_s = deadline_s
         self.meta = MetaClient({NodeId(k): v for k, v in meta_admin.items()}, secret)
+        self._secret = secret
+        self._auth_logged: dict[str, float] = {}
         self.state: MetaState | None = None
         # Node addresses: from the map. A gateway inside a node is handed that node's client (node/inproc.py).
         self.client = client if client is not None else NodeClient({}, deadline_s=deadline_s)
@@ -246,6 +251,27 @@ class Gateway:
             "retries": self.client.retries,
         }
 
+    async def admin_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """The admin connection over TCP: the peer proves the cluster secret first (gateway/admin.py rule 1)."""
+        from raftblock.gateway.admin import AdminAuthError, challenge
+
+        try:
+            await challenge(reader, writer, self._secret)
+        except (AdminAuthError, OSError) as e:
+            peer = str(writer.get_extra_info("peername", ("?",))[0])
+            now = time.monotonic()
+            if now - self._auth_logged.get(peer, -1e9) > 60:  # once per peer per minute
+                self._auth_logged[peer] = now
+                log.warning("gateway.admin_refused", peer=peer, error=str(e))
+            try:
+                writer.write(b'{"ok": false, "error": "authentication failed"}\n')
+                await writer.drain()
+            except OSError:
+                pass
+            writer.close()
+            return
+        await self.admin(reader, writer)
+
     async def admin(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             line = await reader.readline()
@@ -281,11 +307,12 @@ class RunningGateway:
     """A started gateway (`start_gateway`): its NBD address, and `stop()`."""
 
     def __init__(self, gw: Gateway, server: NbdServer, uri: str, admin: asyncio.AbstractServer | None,
-                 held: Any, own_client: bool) -> None:
+                 held: Any, own_client: bool, admin_tcp: asyncio.AbstractServer | None = None) -> None:
         self.gw = gw
         self.server = server
         self.uri = uri
         self._admin = admin
+        self._admin_tcp = admin_tcp
         self._held = held
         self._own_client = own_client
         self._stop = asyncio.Event()
@@ -302,6 +329,8 @@ class RunningGateway:
         await self.server.shutdown()
         if self._admin is not None:
             self._admin.close()
+        if self._admin_tcp is not None:
+            self._admin_tcp.close()
         if self._own_client:
             await self.gw.client.close()
         if self._held is not None:
@@ -326,8 +355,16 @@ async def start_gateway(cfg: dict[str, Any], meta: dict[str, Any], *, client: No
         server = NbdServer(gw.catalog, GatewayConfig(bind=cfg.get("bind", "127.0.0.1"),
                                                      port=int(cfg.get("port", 10809))), attacher=gw)
         host, port = await server.start()
-        # In the map, so `volume attach --gateway ID` can tell a gateway that exists from a typo.
-        res = await gw.meta.register_gateway(gw.gateway_id, f"{host}:{port}", node_id, http or str(cfg.get("http", "")))
+        admin_tcp = None
+        admin_listen = str(cfg.get("admin_listen") or "")
+        if admin_listen:
+            ahost, _, aport = admin_listen.rpartition(":")
+            admin_tcp = await asyncio.start_server(gw.admin_tcp, ahost.strip("[]"), int(aport))
+            admin_listen = f"{ahost}:{admin_tcp.sockets[0].getsockname()[1]}"
+        # In the map, so `volume attach --gateway ID` can tell a gateway that exists from a typo, and the
+        # CLI of a deployed cluster finds its metrics and its admin port.
+        res = await gw.meta.register_gateway(gw.gateway_id, f"{host}:{port}", node_id, http or str(cfg.get("http", "")),
+                                             admin_listen)
         if not res.ok:
             await server.shutdown()
             raise ValueError(f"the metadata group refused gateway {gw.gateway_id!r}: {res.message}")
@@ -340,7 +377,8 @@ async def start_gateway(cfg: dict[str, Any], meta: dict[str, Any], *, client: No
         if held is not None:
             held.release()
         raise
-    running = RunningGateway(gw, server, f"nbd://{host}:{port}", admin, held, own_client=client is None)
+    running = RunningGateway(gw, server, f"nbd://{host}:{port}", admin, held, own_client=client is None,
+                             admin_tcp=admin_tcp)
     running.follow(float(cfg.get("refresh_s", 1.0)))
     return running
 
