@@ -6,7 +6,8 @@ PYTHON   ?= python3
 VENV     ?= .venv
 PY       := $(VENV)/bin/python
 STAMP    := $(VENV)/.installed
-DEB_PKGS := qemu-utils libnbd-bin python3-libnbd nbdkit fuse3 fio e2fsprogs util-linux procps iproute2 nftables gcc
+DEB_PKGS := qemu-utils libnbd-bin python3-libnbd nbdkit fuse3 fio e2fsprogs util-linux procps iproute2 nftables gcc \
+            python3-venv prometheus chromium
 PYTEST_ARGS ?=
 QUICK    ?=
 SEED     ?=

@@ -13,14 +13,14 @@
 #   data_dir = "/var/lib/raftblock/meta"
 #   secret_file = "/etc/raftblock/cluster.secret"
 #   cluster_id = "prod-1"
-#   http = "10.0.1.1:7301"   # optional: Prometheus /metrics and, on the leader, the status page (/)
+#   http = "10.0.1.1:9201"   # optional: Prometheus /metrics and, on the leader, the status page (/)
 #   [health]            # optional: HealthConfig fields
 #   [timings]           # optional: Timings fields
 #   [[members]]         # one per metadata node
 #   id = 1
 #   raft = "10.0.1.1:7001"
 #   admin = "10.0.1.1:7101"
-#   http = "10.0.1.1:7301"   # optional: where a follower's page redirects to when this member leads
+#   http = "10.0.1.1:9201"   # optional: where a follower's page redirects to when this member leads
 from __future__ import annotations
 
 import argparse

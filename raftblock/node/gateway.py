@@ -12,7 +12,7 @@ Config (TOML):
     admin_socket = "/run/raftblock/gateway.sock"   # JSON lines: {"op": "reload"} | {"op": "status"}
     admin_listen = "10.0.9.1:7401"                 # optional: the same over TCP, for a deployed cluster's CLI
                                                    # (challenge with the cluster secret, gateway/admin.py)
-    http = "10.0.9.1:7301"                         # optional: Prometheus /metrics
+    http = "10.0.9.1:9401"                         # optional: Prometheus /metrics
     deadline_s = 10.0                              # how long one I/O may wait for a leader
     refresh_s = 1.0                                # how often the map is re-read from the metadata group
     gateway_id = "gw1"                             # who holds a volume's attachment (exclusive attach)

@@ -28,7 +28,7 @@ import os
 import random
 import time
 from collections import Counter
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, cast
 
@@ -77,6 +77,7 @@ class NodeHost:
         self.peers = peers
         self.counters: Counter[str] = Counter()
         self.client_ops: Counter[int] = Counter()  # client requests by wire op (metrics)
+        self.on_failed: Callable[[], None] | None = None  # the process's exit (node/raftnode.py), once failed
         self.data = DataPlane(self)
         self.links = Transport(cfg.node_id, peers, self, self.counters,
                                send_buffer_bytes_max=cfg.peer_send_buffer_bytes_max)
@@ -396,6 +397,8 @@ class NodeHost:
         """Rule 3."""
         log.error("node.host_failed", error=repr(e), exc_info=e)
         self._failed = e
+        if self.on_failed is not None:
+            self.on_failed()
         for r in self.replicas.values():
             r.fail_requests(RetryError(f"node failed: {e!r}"))
 

@@ -193,6 +193,13 @@ async def run_node(cfg: NodeConfig) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # A node that failed (a disk or apply error: host.py rule 3) serves nothing any more: the process exits 1
+    # after the usual drain, so its supervisor (systemd's Restart=on-failure) restarts it, and the restart's
+    # recovery (or its refusal to start) is what the operator sees, not a process that looks up and is not.
+    def on_failed() -> None:
+        loop.call_soon_threadsafe(stop.set)
+
+    rt.on_failed = on_failed
     cleaner = loop.create_task(_engine_cleaning(engine, stop))
     scrubber = loop.create_task(Scrubber(rt).run(stop))
     agent_task = None
@@ -236,9 +243,10 @@ async def run_node(cfg: NodeConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
         signal.signal(sig, signal.SIG_IGN)
-    log.info("raftnode.stopped", node=cfg.node_id)
+    failed = rt.failed
+    log.info("raftnode.stopped", node=cfg.node_id, failed=repr(failed) if failed is not None else None)
     dlock.release()
-    return 0
+    return 1 if failed is not None else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -120,7 +120,15 @@ class Connection(asyncio.BufferedProtocol):
             log.warning("wire.bad_hello", error=str(e))
             self.close()
             return False
-        if h.role == ROLE_PEER and h.node_id in self.owner.peers:
+        if h.role == ROLE_PEER and h.node_id not in self.owner.peers:
+            # A node this one does not know yet (it joined after this process started, and the map poll
+            # has not told its address): refused, not demoted to a client, whose role would last as long as
+            # the connection and drop every Raft frame on it. The peer dials again; by then it is known.
+            self.owner.counters["peer_hello_unknown"] += 1
+            log.info("wire.peer_unknown_yet", peer=int(h.node_id))
+            self.close()
+            return False
+        if h.role == ROLE_PEER:
             self.role = ROLE_PEER
             self.peer_id = int(h.node_id)
             self.owner._attach(self.peer_id, self)
