@@ -30,6 +30,12 @@
 #    equal to each snapshot's (writes, trims, and a trim of every block the image does not hold so far)
 #    before it pins it, and at the end unpins the group's snapshots the image does not name (deleted
 #    before the image's point). Without snapshots the image is what it was: every block, current.
+# 6. A chunk sent again (a resend after a gap) whose batch has left the sender's cache is read again, newer
+#    (rule 2): the receiver may hold one read's CRCs and another read's data for a block. In the current
+#    section such a block is left out (trimmed, counted, logged): the reads differ because a write or trim
+#    after the image's point was applied between them, so the log replayed after the install rewrites it. In
+#    a snapshot's section every read is of a pinned version and cannot differ: a mismatch there is corruption
+#    and fails the install, as any block whose CRC is wrong did before.
 from __future__ import annotations
 
 import asyncio
@@ -40,11 +46,17 @@ import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import crc32c
+import structlog
+
 from raftblock.ids import group_of_extent
 from raftblock.replication.sessions import IMAGE_SESSIONS_MARK, Sessions, image_prefix
 from raftblock.storage.disk import Disk, DiskFile
+from raftblock.storage.index import CorruptBlockError
 from raftblock.storage.segment import MAX_WRITE_BLOCKS
 from raftblock.wire.ops import BLOCK_SIZE, OP_SNAP, OP_TRIM, OP_WRITE, BlockOp, decode_batch, encode_batch
+
+log = structlog.get_logger(__name__)
 
 BATCH_BYTES = 4 << 20  # block data per batch (and per engine read burst)
 BATCH_OPS = 256
@@ -288,6 +300,7 @@ async def install_image(engine: Any, gid: int, data: Any, engine_sync: Callable[
         app = bytes(view[2 * _LEN.size : off])
     sessions = Sessions.decode(app)
     held: dict[int, set[int]] = {}
+    mixed: list[tuple[int, int]] = []  # rule 6: blocks whose data and CRC come from two reads, left out
     pinned: set[int] = set()
     done = 0
     t_slice = time.monotonic()
@@ -296,6 +309,9 @@ async def install_image(engine: Any, gid: int, data: Any, engine_sync: Callable[
         off += _LEN.size
         for op in decode_batch(view[off : off + blen]):
             if op.kind == OP_SNAP:  # rule 5: the engine's image is the snapshot's now
+                if mixed:  # rule 6: in a snapshot's section every read is exact: this is corruption
+                    ext, blk = mixed[0]
+                    raise CorruptBlockError(ext, blk, "checksum mismatch in a snapshot's section of an image")
                 _trim_unheld(engine, gid, held)
                 engine.pin_snapshot(gid, op.extent_id)
                 pinned.add(op.extent_id)
@@ -306,8 +322,11 @@ async def install_image(engine: Any, gid: int, data: Any, engine_sync: Callable[
                 engine.trim(op.extent_id, op.block, op.count)
                 held.setdefault(op.extent_id, set()).difference_update(range(op.block, op.block + op.count))
                 continue
-            engine.write(op.extent_id, op.block, op.data, op.crcs)
-            held.setdefault(op.extent_id, set()).update(range(op.block, op.block + op.count))
+            try:
+                engine.write(op.extent_id, op.block, op.data, op.crcs)
+                held.setdefault(op.extent_id, set()).update(range(op.block, op.block + op.count))
+            except CorruptBlockError:
+                _write_matching(engine, op, held, mixed)  # rule 6
             done += op.count * BLOCK_SIZE
             if done >= INSTALL_SLICE_BYTES or time.monotonic() - t_slice >= INSTALL_SLICE_S:
                 done = 0
@@ -316,12 +335,33 @@ async def install_image(engine: Any, gid: int, data: Any, engine_sync: Callable[
                     return None
                 t_slice = time.monotonic()
         off += blen
+    if mixed:
+        log.warning("image.mixed_blocks_left_out", group=gid, blocks=len(mixed), first=list(mixed[0]))
     _trim_unheld(engine, gid, held)
     for g, sid in list(engine.snapshots()):
         if g == gid and sid not in pinned:  # deleted before the image's point (rule 5)
             engine.unpin_snapshot(gid, sid)
     await engine_sync()
     return app, sessions
+
+
+def _write_matching(engine: Any, op: BlockOp, held: dict[int, set[int]], mixed: list[tuple[int, int]]) -> None:
+    """Rule 6: the blocks of a write op whose data matches its CRC, in runs; the others noted in `mixed`."""
+    data = memoryview(op.data)
+    good = [crc32c.crc32c(data[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]) == op.crcs[i] for i in range(op.count)]
+    keep = held.setdefault(op.extent_id, set())
+    i = 0
+    while i < op.count:
+        j = i
+        while j < op.count and good[j] == good[i]:
+            j += 1
+        if good[i]:
+            engine.write(op.extent_id, op.block + i, data[i * BLOCK_SIZE : j * BLOCK_SIZE], op.crcs[i:j])
+            keep.update(range(op.block + i, op.block + j))
+        else:
+            mixed.extend((op.extent_id, op.block + k) for k in range(i, j))
+            keep.difference_update(range(op.block + i, op.block + j))  # trimmed at the end: no stale block
+        i = j
 
 
 def _trim_unheld(engine: Any, gid: int, held: dict[int, set[int]]) -> None:
