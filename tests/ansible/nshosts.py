@@ -183,6 +183,13 @@ class Hosts:
             base = Path(tempfile.mkdtemp(prefix=f"rbh{tag}-", dir=base_dir))
             run = cls(tag=tag, subnet=subnet, base=base)
             run._record()
+        # Its shebang names the interpreter of the venv it was installed in, which a host may not see (a
+        # checkout under /tmp: the hosts' /tmp is their own): a copy run by the system's python3 instead.
+        own = base / "systemctl3.py"
+        text = Path(systemctl).read_text()
+        own.write_text("#!/usr/bin/python3\n" + (text.split("\n", 1)[1] if text.startswith("#!") else text))
+        own.chmod(0o755)
+        systemctl = str(own)
         try:
             run._build(names, systemctl)
         except BaseException:
