@@ -33,7 +33,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -92,11 +91,14 @@ def _kill_netns(ns: str, keep: int | None = None, deadline_s: float = 10.0) -> l
 
 
 def _systemctl_replacement() -> str:
-    """docker-systemctl-replacement's script (the `deploy` extra installs it beside this interpreter)."""
-    for cand in (Path(sys.executable).parent / "systemctl3.py", shutil.which("systemctl3.py")):
-        if cand and Path(cand).is_file():
-            return str(cand)
-    raise HostError("docker-systemctl-replacement (systemctl3.py) is not installed: pip install '.[deploy]'")
+    """docker-systemctl-replacement's systemctl3.py: the module itself (a standalone script; the `deploy` extra
+    installs it into this interpreter's site-packages), not the console-script wrapper, which imports it."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("systemctl2.systemctl3")
+    if spec is None or spec.origin is None or not Path(spec.origin).is_file():
+        raise HostError("docker-systemctl-replacement (systemctl3.py) is not installed: pip install '.[deploy]'")
+    return spec.origin
 
 
 def _used_subnets() -> set[int]:
