@@ -66,16 +66,12 @@ class StatusPage:
     async def _collect(self) -> dict[str, Any]:
         from raftblock.control.raftrepair import repair_needed
         from raftblock.control.status import collect_status
-        from raftblock.node.clustermap import ClusterMap, NodeEntry
+        from raftblock.node.clustermap import ClusterMap, registered_nodes
 
         node = self.node
         st = node.state()
         leader = node.leader_id()
-        entries = []
-        for n in sorted(st.nodes.values(), key=lambda n: n.node_id):
-            host, _, port = n.address.rpartition(":")
-            entries.append(NodeEntry(int(n.node_id), n.rack, host.strip("[]"), int(port)))
-        cmap = ClusterMap(st.cluster_id, entries)
+        cmap = ClusterMap(st.cluster_id, registered_nodes(st))
         status = await collect_status(cmap, st, attempt_timeout_s=NODE_TIMEOUT_S)
         det = node.detector
         used_hb = {lv.node_id: lv.used_bytes for lv in det.view(0, list(st.nodes))} if det is not None else {}

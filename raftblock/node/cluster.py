@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 from raftblock.control.status import ERROR_COUNTERS, collect_status  # noqa: F401  (ERROR_COUNTERS: campaign.py)
 from raftblock.meta.rpc import MetaClient, MetaClientError
 from raftblock.meta.state import MetaState
-from raftblock.node.clustermap import ClusterMap, NodeEntry, extent_id
+from raftblock.node.clustermap import ClusterMap, NodeEntry, extent_id, registered_nodes
 from raftblock.node.layout import (
     ClusterError,
     Layout,
@@ -796,9 +796,7 @@ def _remote_map(layout: Layout) -> ClusterMap:
     if cmap.cluster_id and st.cluster_id and cmap.cluster_id != st.cluster_id:
         raise ClusterError(f"{layout.cluster_file} names cluster {cmap.cluster_id}, but its metadata group is "
                            f"cluster {st.cluster_id}")
-    for n in sorted(st.nodes.values(), key=lambda n: n.node_id):
-        host, _, port = n.address.rpartition(":")
-        cmap.nodes.append(NodeEntry(int(n.node_id), n.rack, host.strip("[]"), int(port)))
+    cmap.nodes = registered_nodes(st)
     return cmap
 
 

@@ -72,6 +72,16 @@ class ClusterMap:
         return {n.node_id: (n.host, n.port) for n in self.nodes}
 
 
+def registered_nodes(st: MetaState) -> list[NodeEntry]:
+    """The storage nodes as they registered with the metadata group (address, rack), by id: the layout of a
+    cluster known only through its map (a deployed cluster's CLI, the status page)."""
+    out = []
+    for n in sorted(st.nodes.values(), key=lambda n: n.node_id):
+        host, _, port = n.address.rpartition(":")
+        out.append(NodeEntry(int(n.node_id), n.rack, host.strip("[]"), int(port)))
+    return out
+
+
 def volume_infos(st: MetaState, states: tuple[str, ...] = ("ready",)) -> list[VolumeInfo]:
     """The data path's view of the volumes of the metadata map in one of `states` (a volume being restored
     or whose restore failed is not served). A clone's info carries its parent's, for the read-through."""
