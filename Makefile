@@ -7,7 +7,7 @@ VENV     ?= .venv
 PY       := $(VENV)/bin/python
 STAMP    := $(VENV)/.installed
 DEB_PKGS := qemu-utils libnbd-bin python3-libnbd nbdkit fuse3 fio e2fsprogs util-linux procps iproute2 nftables gcc \
-            python3-venv prometheus chromium
+            python3-venv prometheus chromium libiscsi-bin qemu-block-extra tgt
 PYTEST_ARGS ?=
 QUICK    ?=
 SEED     ?=
@@ -16,6 +16,7 @@ REPLICATION ?=
 # cluster beside the first; `raftblock cluster ... --dir` (or $RAFTBLOCK_DIR) then addresses it.
 DIR      ?= $(RAFTBLOCK_DIR)
 NBD_PORT ?= $(RAFTBLOCK_NBD_PORT)
+ISCSI_PORT ?= $(RAFTBLOCK_ISCSI_PORT)
 
 .PHONY: all venv sysdeps test test-fast lint compile bench bench-compare bench-deps bench-raft bench-rebuild bench-soak bench-snapshot profile demo demo-down clean sim sim-chain proto faults
 
@@ -108,7 +109,7 @@ profile: sysdeps bench-deps
 	$(PY) bench/profile.py --py-spy --job $(or $(JOB),randwrite-4k-qd32)
 
 demo: sysdeps $(STAMP)
-	$(PY) -m raftblock.cli demo $(if $(REPLICATION),--replication $(REPLICATION),) $(if $(DIR),--dir $(DIR),) $(if $(NBD_PORT),--nbd-port $(NBD_PORT),)
+	$(PY) -m raftblock.cli demo $(if $(REPLICATION),--replication $(REPLICATION),) $(if $(DIR),--dir $(DIR),) $(if $(NBD_PORT),--nbd-port $(NBD_PORT),) $(if $(ISCSI_PORT),--iscsi-port $(ISCSI_PORT),)
 
 # Raft commits/s on one group and across 100 groups (3 node processes, real fdatasync) against a
 # 3-member etcd in the same run (Debian's etcd-server, installed here when missing), idle CPU per node

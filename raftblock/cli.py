@@ -114,6 +114,7 @@ def _target(args: argparse.Namespace) -> Path:
     return DEMO_DIR
 # None: a new cluster gets 10809, an existing one keeps its configured port (a re-run of `make demo` works).
 DEMO_NBD_PORT = int(os.environ["RAFTBLOCK_NBD_PORT"]) if os.environ.get("RAFTBLOCK_NBD_PORT") else None
+DEMO_ISCSI_PORT = int(os.environ["RAFTBLOCK_ISCSI_PORT"]) if os.environ.get("RAFTBLOCK_ISCSI_PORT") else None
 
 
 def _print_json(obj: object) -> None:
@@ -147,7 +148,7 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
     notes: list[str] = []
     uri = cluster_up(_local_target(args), nodes=args.nodes, racks=args.racks, nbd_port=args.nbd_port,
                      port_base=args.port_base, disk=args.disk, replication=args.replication, notes=notes,
-                     gateway=args.gateway)
+                     gateway=args.gateway, iscsi_port=args.iscsi_port)
     for n in notes:
         print(f"raftblock cluster up: {n}", file=sys.stderr)
     return _report(args, {"uri": uri, "dir": str(_local_target(args)), "notes": notes}, uri)
@@ -389,6 +390,30 @@ def cmd_volume_rename(args: argparse.Namespace) -> int:
 
     res = volume_rename(_target(args), args.name, args.new_name)
     return _report(args, res, f"volume {args.name} renamed to {args.new_name}")
+
+
+def cmd_volume_set_chap(args: argparse.Namespace) -> int:
+    from raftblock.node.cluster import volume_set_chap
+
+    def secret(path: str | None, what: str) -> str:
+        if path is None:
+            return ""
+        text = sys.stdin.read() if path == "-" else Path(path).read_text()
+        return text.strip()
+
+    if args.clear:
+        res = volume_set_chap(_target(args), args.name, "", "")
+        return _report(args, res, f"CHAP removed from {args.name or 'discovery'}")
+    if not args.user or args.secret_file is None:
+        print("raftblock volume set-chap: --user and --secret-file are required (or --clear)", file=sys.stderr)
+        return 2
+    if bool(args.target_user) != (args.target_secret_file is not None):
+        print("raftblock volume set-chap: mutual CHAP needs --target-user and --target-secret-file", file=sys.stderr)
+        return 2
+    res = volume_set_chap(_target(args), args.name, args.user, secret(args.secret_file, "secret"),
+                          args.target_user or "", secret(args.target_secret_file, "target secret"))
+    what = "mutual CHAP" if args.target_user else "CHAP"
+    return _report(args, res, f"{what} set for the iSCSI target of {args.name or 'discovery sessions'}")
 
 
 def _snap_ref(text: str) -> tuple[str, str]:
@@ -669,22 +694,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     d = _local_target(args)
     notes: list[str] = []
-    uri = cluster_up(d, nbd_port=args.nbd_port, replication=args.replication, notes=notes)
+    uri = cluster_up(d, nbd_port=args.nbd_port, replication=args.replication, notes=notes,
+                     iscsi_port=args.iscsi_port)
     for n in notes:
         print(f"raftblock demo: {n}", file=sys.stderr)
     if not any(v["name"] == "demo" for v in volume_list(d)):
         volume_create(d, "demo", args.size)
+    from raftblock.gateway.iscsi_server import IQN_PREFIX
+    from raftblock.node.cluster import iscsi_portals
     from raftblock.node.clustermap import ClusterMap
+    from raftblock.node.layout import local_layout
 
-    http = ClusterMap.load(d / "cluster.json").meta_http
+    cmap = ClusterMap.load(d / "cluster.json")
+    http = cmap.meta_http
     page = f"http://{http[min(http, key=int)]}/" if http else None
+    portals = iscsi_portals(local_layout(d, "demo"), cmap)
+    iscsi_uri = f"iscsi://{portals[0]}/{IQN_PREFIX}:demo/0" if portals else None
     if args.json:
-        _print_json({"dir": str(d), "uri": uri, "volume": f"{uri}/demo", "status_url": page})
+        _print_json({"dir": str(d), "uri": uri, "volume": f"{uri}/demo", "status_url": page, "iscsi": iscsi_uri})
         return 0
     rb = ".venv/bin/raftblock" if Path(".venv/bin/raftblock").exists() else "raftblock"
     flag = f" --dir {d}" if d != Path(".raftblock") else ""
     print(f"raftblock cluster is up (3 nodes in 3 racks) in {d}/; volume 'demo' at {uri}/demo")
     print(f"  attach:  qemu-img info {uri}/demo     nbdinfo {uri}/demo")
+    if iscsi_uri:
+        print(f"  iSCSI:   iscsi-inq {iscsi_uri}     qemu-img info {iscsi_uri}")
     print(f"  status:  {rb} cluster status{flag}" + (f"     page: {page} (Prometheus: /metrics on every process)"
                                                         if page else ""))
     print(f"  stop:    {rb} cluster down{flag}")
@@ -767,6 +801,9 @@ def build_parser() -> argparse.ArgumentParser:
     cu.add_argument("--nbd-port", type=_port_arg, default=None,
                     help="gateway NBD port (new cluster: default 10809; 0 picks a free one; existing cluster: "
                          "default the configured one, also for 0 while it is free; a new one is written to its gateway config)")
+    cu.add_argument("--iscsi-port", type=_port_arg, default=None,
+                    help="gateway iSCSI port (new cluster: default 3260, or a free one when 3260 is taken; 0 picks a "
+                         "free one; a cluster made before iSCSI gets one now)")
     cu.add_argument("--port-base", type=_port_arg, default=None,
                     help="node i listens on P+i, metadata node i on P+100+i and P+200+i (default: free ports)")
     cu.add_argument("--disk", choices=["os", "volatile", "volatile-tear"], default=None,
@@ -833,6 +870,19 @@ def build_parser() -> argparse.ArgumentParser:
     _dir(vr)
     _json(vr)
     vr.set_defaults(func=cmd_volume_rename)
+    vch = vsub.add_parser("set-chap", help="CHAP (or mutual CHAP) for a volume's iSCSI target; an initiator without "
+                                           "it is refused at login")
+    vch.add_argument("name", help='the volume ("" for discovery sessions)')
+    vch.add_argument("--user", default="", help="the CHAP name the initiator logs in with")
+    vch.add_argument("--secret-file", default=None, metavar="FILE",
+                     help="a file holding the initiator's CHAP secret (12-255 bytes; - reads stdin)")
+    vch.add_argument("--target-user", default="", help="mutual CHAP: the name the target answers with")
+    vch.add_argument("--target-secret-file", default=None, metavar="FILE",
+                     help="mutual CHAP: a file holding the target's secret (must differ from the initiator's)")
+    vch.add_argument("--clear", action="store_true", help="remove CHAP: any initiator may log in")
+    _dir(vch)
+    _json(vch)
+    vch.set_defaults(func=cmd_volume_set_chap)
     vcl = vsub.add_parser("clone", help="a writable volume from a snapshot, at once (reads fall through to the "
                                         "snapshot until written)")
     vcl.add_argument("source", type=lambda t: "@".join(_snap_ref(t)), metavar="VOLUME@SNAPSHOT")
@@ -1001,6 +1051,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--nbd-port", type=_port_arg, default=DEMO_NBD_PORT,
                    help="gateway NBD port (default $RAFTBLOCK_NBD_PORT, else 10809 for a new cluster and the "
                         "configured one for an existing cluster; 0 picks a free one)")
+    d.add_argument("--iscsi-port", type=_port_arg, default=DEMO_ISCSI_PORT,
+                   help="gateway iSCSI port (default $RAFTBLOCK_ISCSI_PORT, else 3260, or a free one when 3260 is "
+                        "taken; 0 picks a free one)")
     d.add_argument("--size", type=_size_arg, default=1 << 30, help="the volume's size (default 1G)")
     d.add_argument("--replication", choices=["raft", "chain"], default=None,
                    help="the cluster's default replication (when the demo cluster is first made)")

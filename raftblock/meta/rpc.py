@@ -43,6 +43,8 @@ from raftblock.meta.state import (
     RenameVolume,
     ResizeVolume,
     Result,
+    SetIscsiAuth,
+    SetReservation,
     SetSnapshotState,
     SetVolumeState,
     command_from_dict,
@@ -57,7 +59,8 @@ log = structlog.get_logger(__name__)
 # logged by the failure detector itself).
 AUDITED = frozenset({"create_volume", "delete_volume", "rename_volume", "attach", "detach", "set_node_drain",
                      "register_node", "register_gateway", "set_group_members", "create_snapshot", "set_snapshot_state",
-                     "set_volume_state", "resize_volume", "remove_node"})
+                     "set_volume_state", "resize_volume", "remove_node", "set_iscsi_auth"})
+_SECRET_FIELDS = frozenset({"secret", "target_secret"})  # never in a log line
 
 LINE_BYTES_MAX = 8 << 20  # a state reply for a large cluster fits
 _AUTH_CONTEXT = b"raftblock-meta-admin"
@@ -132,7 +135,8 @@ class AdminServer:
                 cmd = command_from_dict(req.get("command"))
                 res = await node.propose(cmd)
                 if cmd.op in AUDITED:  # the audit trail: who changed the map, as applied (`raftblock logs`)
-                    fields = {k: v for k, v in asdict(cmd).items() if k != "now_ms"}
+                    fields = {k: ("<set>" if v else "") if k in _SECRET_FIELDS else v
+                              for k, v in asdict(cmd).items() if k != "now_ms"}
                     if not res.ok:
                         fields.update(refused=res.error, message=res.message)
                     (log.info if res.ok else log.warning)("meta_audit", command=cmd.op, ok=res.ok, peer=peer,
@@ -337,6 +341,13 @@ class MetaClient:
 
     async def set_snapshot_state(self, volume: str, name: str, state: str) -> Result:
         return await self.propose(SetSnapshotState(volume, name, state))
+
+    async def set_iscsi_auth(self, volume: str, user: str = "", secret: str = "", target_user: str = "",
+                             target_secret: str = "") -> Result:
+        return await self.propose(SetIscsiAuth(volume, user, secret, target_user, target_secret))
+
+    async def set_reservation(self, volume_id: int, expected_version: int, blob: str) -> Result:
+        return await self.propose(SetReservation(volume_id, expected_version, blob))
 
 
 def _now_ms() -> int:

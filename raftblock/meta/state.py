@@ -37,6 +37,9 @@ NODE_STATES: tuple[str, ...] = ("up", "suspect", "down")
 MODES: tuple[str, ...] = ("raft", "chain")
 
 VOLUME_NAME_BYTES_MAX = 64
+CHAP_SECRET_BYTES_MIN = 12
+CHAP_FIELD_BYTES_MAX = 255
+RESERVATION_BYTES_MAX = 64 << 10
 GROUPS_PER_NODE_MAX = 512  # extent-group replicas one node runs; placement refuses a volume past it (a 4-node demo
 # on one 2-core machine was saturated by ~2,300 per node: issue 14 re-read)
 VOLUME_SIZE_BYTES_MAX = 4 << 40  # 4 TiB: 65536 extents of 64 MiB, each listed in the map
@@ -118,6 +121,26 @@ class SnapshotRecord:
     created_ms: int
     state: str = "creating"
     size_bytes: int = 0  # the volume's size when it was taken (0 in records older than this field)
+
+
+@dataclass
+class IscsiAuth:
+    """CHAP credentials of a volume's iSCSI target (gateway/iscsi.py rule 5): what an initiator proves (user,
+    secret) and, for mutual CHAP, what the target proves back. Kept out of every status output."""
+
+    user: str
+    secret: str
+    target_user: str = ""
+    target_secret: str = ""
+
+
+@dataclass
+class Reservation:
+    """A volume's SCSI persistent reservation state (gateway/scsi_pr.py), shared by every gateway: replaced
+    only by a SetReservation naming the version it read (compare-and-set)."""
+
+    version: int
+    blob: str
 
 
 @dataclass
@@ -331,6 +354,28 @@ class SetSnapshotState(Command):
 
 
 @dataclass(frozen=True)
+class SetIscsiAuth(Command):
+    """CHAP for a volume's iSCSI target (`volume` "" = discovery sessions); an empty `user` removes it."""
+
+    op: ClassVar[str] = "set_iscsi_auth"
+    volume: str
+    user: str = ""
+    secret: str = ""
+    target_user: str = ""
+    target_secret: str = ""
+
+
+@dataclass(frozen=True)
+class SetReservation(Command):
+    """Replace the persistent reservation state of a volume if it is still at `expected_version`."""
+
+    op: ClassVar[str] = "set_reservation"
+    volume_id: int
+    expected_version: int
+    blob: str
+
+
+@dataclass(frozen=True)
 class Noop(Command):
     """Changes nothing; committing one is a read barrier (a linearizable read point)."""
 
@@ -341,7 +386,7 @@ COMMANDS: dict[str, type[Command]] = {
     c.op: c
     for c in (InitCluster, RegisterNode, SetNodeStates, CreateVolume, DeleteVolume, Attach, Detach,
               SetGroupMembers, Noop, SetNodeDrain, RenameVolume, RegisterGateway, CreateSnapshot, SetSnapshotState,
-              SetVolumeState, ResizeVolume, RemoveNode)
+              SetVolumeState, ResizeVolume, RemoveNode, SetIscsiAuth, SetReservation)
 }
 
 
@@ -428,6 +473,8 @@ class MetaState:
         self.next_group_id = 1
         self.snapshots: dict[int, SnapshotRecord] = {}  # snap_id -> record
         self.next_snap_id = 1
+        self.iscsi_auth: dict[int, IscsiAuth] = {}  # volume id (0: discovery) -> CHAP of its iSCSI target
+        self.reservations: dict[int, Reservation] = {}  # volume id -> SCSI persistent reservations
         self.applied = 0  # commands applied (including refused ones): a cheap change counter
 
     # -- apply ------------------------------------------------------------------------------------------
@@ -756,9 +803,50 @@ class MetaState:
                         f"{', '.join(clones)} (volume flatten or delete them first)")
         del self.volumes[cmd.name]
         self.attach_epochs.pop(cmd.name, None)
+        self.iscsi_auth.pop(vol.volume_id, None)
+        self.reservations.pop(vol.volume_id, None)
         for sid in [k for k, r in self.snapshots.items() if r.volume_id == vol.volume_id]:
             del self.snapshots[sid]  # their pins go with the groups' replicas (node/host.py drop_replica)
         return _ok(removed_groups=self._release_extents(vol.extent_groups, vol))
+
+    def _apply_set_iscsi_auth(self, cmd: SetIscsiAuth) -> Result:
+        if cmd.volume:
+            vol = self.volumes.get(cmd.volume)
+            if vol is None:
+                return _err("not_found", f"no volume {cmd.volume!r}")
+            key = vol.volume_id
+        else:
+            key = 0
+        if not cmd.user:
+            self.iscsi_auth.pop(key, None)
+            return _ok()
+        # RFC 7143 12.1.3: CHAP secrets of at least 96 bits; the two directions use different secrets.
+        for what, v in (("user", cmd.user), ("target user", cmd.target_user)):
+            if len(v.encode()) > CHAP_FIELD_BYTES_MAX or any(c in v for c in "\0\n="):
+                return _err("invalid", f"CHAP {what}: at most {CHAP_FIELD_BYTES_MAX} bytes, no '=' or control characters")
+        for what, v in (("secret", cmd.secret), ("target secret", cmd.target_secret)):
+            if v and not CHAP_SECRET_BYTES_MIN <= len(v.encode()) <= CHAP_FIELD_BYTES_MAX:
+                return _err("invalid", f"CHAP {what}: {CHAP_SECRET_BYTES_MIN}-{CHAP_FIELD_BYTES_MAX} bytes")
+        if not cmd.secret:
+            return _err("invalid", "CHAP secret missing")
+        if bool(cmd.target_user) != bool(cmd.target_secret):
+            return _err("invalid", "mutual CHAP needs both a target user and a target secret")
+        if cmd.target_secret and cmd.target_secret == cmd.secret:
+            return _err("invalid", "mutual CHAP: the target secret must differ from the initiator's")
+        self.iscsi_auth[key] = IscsiAuth(cmd.user, cmd.secret, cmd.target_user, cmd.target_secret)
+        return _ok()
+
+    def _apply_set_reservation(self, cmd: SetReservation) -> Result:
+        if not any(v.volume_id == cmd.volume_id for v in self.volumes.values()):
+            return _err("not_found", f"no volume with id {cmd.volume_id}")
+        if len(cmd.blob) > RESERVATION_BYTES_MAX:
+            return _err("invalid", f"reservation state over {RESERVATION_BYTES_MAX} bytes")
+        cur = self.reservations.get(cmd.volume_id)
+        have = cur.version if cur is not None else 0
+        if have != cmd.expected_version:
+            return _err("stale", f"reservation state is at version {have}, not {cmd.expected_version}")
+        self.reservations[cmd.volume_id] = Reservation(have + 1, cmd.blob)
+        return _ok(version=have + 1)
 
     def _apply_attach(self, cmd: Attach) -> Result:
         if cmd.volume not in self.volumes:
@@ -883,6 +971,8 @@ class MetaState:
             "next_group_id": self.next_group_id,
             "snapshots": {str(k): asdict(v) for k, v in self.snapshots.items()},
             "next_snap_id": self.next_snap_id,
+            "iscsi_auth": {str(k): asdict(v) for k, v in self.iscsi_auth.items()},
+            "reservations": {str(k): asdict(v) for k, v in self.reservations.items()},
             "applied": self.applied,
         }
 
@@ -909,6 +999,9 @@ class MetaState:
         # absent before issue 17
         s.snapshots = {int(k): SnapshotRecord(**v) for k, v in d.get("snapshots", {}).items()}
         s.next_snap_id = d.get("next_snap_id", 1)
+        # absent before issue 19
+        s.iscsi_auth = {int(k): IscsiAuth(**v) for k, v in d.get("iscsi_auth", {}).items()}
+        s.reservations = {int(k): Reservation(**v) for k, v in d.get("reservations", {}).items()}
         s.applied = d["applied"]
         return s
 

@@ -60,6 +60,7 @@ from raftblock.replication.raft.types import NodeId
 from raftblock.units import format_size
 
 HEALTHY_TIMEOUT_S = 60.0
+ISCSI_PORT_DEFAULT = 3260
 POLL_S = 0.05
 DROP_IN_FLIGHT_MAX = 32  # trims in flight while `volume delete` empties a volume
 T = TypeVar("T")
@@ -96,13 +97,16 @@ def read_map(layout: Layout, cmap: ClusterMap) -> MetaState:
 # --- commands ------------------------------------------------------------------------------------
 def cluster_up(root: Path, nodes: int | None = None, racks: int | None = None, nbd_port: int | None = None,
                port_base: int | None = None, disk: str | None = None, bind: str = "127.0.0.1",
-               replication: str | None = None, notes: list[str] | None = None, gateway: str | None = None) -> str:
+               replication: str | None = None, notes: list[str] | None = None, gateway: str | None = None,
+               iscsi_port: int | None = None) -> str:
     """`replication`: the default mode of `volume create` ("raft" | "chain"), fixed when the cluster is
     first made (the layout file is written once); asking for another one later is an error.
     `nbd_port`: the gateway's NBD port (0: a free one); None keeps the configured one (10809 for a new
     cluster), and so does 0 on an existing cluster while the configured port is free. A new port for an existing cluster is written to the gateway's config when the gateway is
     not running (said in `notes`), refused while it runs. Nothing is started when the NBD port is taken;
-    when a process fails to start, what this call started is stopped again."""
+    when a process fails to start, what this call started is stopped again.
+    `iscsi_port`: the gateway's iSCSI port: None = 3260, or a free one when 3260 is taken (said in `notes`);
+    0 = a free one; N = that one or an error. A cluster made before iSCSI gets one at its next `cluster up`."""
     layout = local_layout(root, "cluster up")
     if replication is not None and replication not in ("raft", "chain"):
         raise ClusterError(f"--replication must be raft or chain, not {replication!r}")
@@ -147,11 +151,23 @@ def cluster_up(root: Path, nodes: int | None = None, racks: int | None = None, n
         elif nbd_port not in (None, 0, _nbd_port(layout, cmap)):
             raise ClusterError(f"the gateway of {root} runs on port {_nbd_port(layout, cmap)}; stop the cluster "
                                f"(raftblock cluster down --dir {root}) to move it to {nbd_port}")
+        have_iscsi = _iscsi_port(cmap)
+        if iscsi_port not in (None, 0, have_iscsi) or not have_iscsi:
+            if _gateway_running(layout, cmap):
+                if have_iscsi:
+                    raise ClusterError(f"the gateway of {root} serves iSCSI on port {have_iscsi}; stop the cluster "
+                                       f"(raftblock cluster down --dir {root}) to move it to {iscsi_port}")
+            else:
+                new_iscsi = _pick_iscsi_port(bind, iscsi_port, root, notes)
+                where = _set_iscsi_port(layout, cmap, new_iscsi, bind)
+                notes.append(f"gateway iSCSI port {'changed from ' + str(have_iscsi) + ' ' if have_iscsi else ''}"
+                             f"set to {new_iscsi} (in {where})")
     else:
         nbd_port = _check_nbd_port(bind, 10809 if nbd_port is None else nbd_port, root)
+        iscsi_port = _pick_iscsi_port(bind, iscsi_port, root, notes)
         root.mkdir(parents=True, exist_ok=True)
         cmap = create_layout(layout, 3 if nodes is None else nodes, 3 if racks is None else racks, port_base, bind,
-                             gateway=gateway or "embedded", nbd_port=nbd_port)
+                             gateway=gateway or "embedded", nbd_port=nbd_port, iscsi_port=iscsi_port)
         cmap.replication = replication or "raft"
         write_configs(layout, cmap, disk or "os", bind, nbd_port)
         cmap.save(layout.map_path)
@@ -215,6 +231,41 @@ def _nbd_port(layout: Layout, cmap: ClusterMap) -> int:
     return cmap.nodes[0].nbd_port if cmap.gateway == "embedded" else _gateway_port(layout)
 
 
+def _iscsi_port(cmap: ClusterMap) -> int:
+    """The cluster's iSCSI port: node 1's gateway (embedded), or the separate gateway's; 0 = none."""
+    return cmap.nodes[0].iscsi_port if cmap.gateway == "embedded" else cmap.gateway_iscsi
+
+
+def _pick_iscsi_port(bind: str, port: int | None, root: Path, notes: list[str]) -> int:
+    if port is None:
+        try:
+            return _check_nbd_port(bind, ISCSI_PORT_DEFAULT, root, "iSCSI")
+        except ClusterError:
+            free = free_port(bind)
+            notes.append(f"iSCSI port {ISCSI_PORT_DEFAULT} is taken; the gateway serves iSCSI on {free}")
+            return free
+    return _check_nbd_port(bind, port, root, "iSCSI")
+
+
+def _set_iscsi_port(layout: Layout, cmap: ClusterMap, port: int, bind: str) -> Path:
+    """Give the cluster's gateway(s) an iSCSI port (their processes stopped); returns the config that has it."""
+    if cmap.gateway == "embedded":
+        cmap.nodes[0].iscsi_port = port
+        for n in cmap.nodes[1:]:
+            if n.nbd_port and not n.iscsi_port:
+                n.iscsi_port = free_port(n.host)
+        write_node_configs(layout, cmap, _disk_of(layout, cmap))
+        cmap.save(layout.map_path)
+        return layout.node_config(cmap.nodes[0].node_id)
+    cmap.gateway_iscsi = port
+    cmap.save(layout.map_path)
+    lines = [line for line in layout.gateway_config.read_text().splitlines() if not line.startswith("iscsi =")]
+    at = next((i for i, line in enumerate(lines) if line.startswith("port =")), 0) + 1
+    lines.insert(at, f'iscsi = "{bind}:{port}"')
+    layout.gateway_config.write_text("\n".join(lines) + "\n")
+    return layout.gateway_config
+
+
 def _gateway_running(layout: Layout, cmap: ClusterMap) -> bool:
     if cmap.gateway == "embedded":
         n = cmap.nodes[0].node_id
@@ -245,9 +296,9 @@ def _set_gateway_port(layout: Layout, port: int) -> None:
     layout.gateway_config.write_text("\n".join(lines) + "\n")
 
 
-def _check_nbd_port(bind: str, port: int, root: Path) -> int:
-    """The NBD port if it can be bound (0: a free one, chosen now), else a ClusterError saying what to do,
-    before anything is started."""
+def _check_nbd_port(bind: str, port: int, root: Path, what: str = "NBD") -> int:
+    """The NBD (or iSCSI) port if it can be bound (0: a free one, chosen now), else a ClusterError saying what
+    to do, before anything is started."""
     if port == 0:
         return free_port(bind)
     with socket.socket() as s:
@@ -255,11 +306,21 @@ def _check_nbd_port(bind: str, port: int, root: Path) -> int:
         try:
             s.bind((bind, port))
         except OSError as e:
+            if what != "NBD":
+                raise ClusterError(
+                    f"{what} port {bind}:{port} is not free ({e.strerror}): pick another one (--iscsi-port "
+                    f"{port + 1}; --iscsi-port 0 picks a free one). Nothing was started.") from None
             raise ClusterError(
                 f"NBD port {bind}:{port} is not free ({e.strerror}): another cluster or NBD server uses it; "
                 f"pick another one (make demo NBD_PORT={port + 1}, or cluster up --dir {root} --nbd-port "
                 f"{port + 1}; --nbd-port 0 picks a free one). Nothing was started.") from None
     return port
+
+
+def _ready_iscsi(layout: Layout, name: str, word: int) -> str | None:
+    """The iSCSI portal a gateway announced after its NBD URI (READY ... nbd://H:P iscsi://H:P)."""
+    uri = _ready_uri(layout, name, word)
+    return uri if uri is not None and uri.startswith("iscsi://") else None
 
 
 def _ready_uri(layout: Layout, name: str, word: int = 1) -> str | None:
@@ -359,19 +420,22 @@ def cluster_status(root: Path) -> dict[str, Any]:
     gw_pid = running_pid(layout, "gateway", layout.gateway_config)
     if cmap.gateway == "separate" or gw_pid is not None:
         gateways.append({"id": "gw1", "node": None, "pid": gw_pid,
-                         "uri": _ready_uri(layout, "gateway") if gw_pid is not None else None})
+                         "uri": _ready_uri(layout, "gateway") if gw_pid is not None else None,
+                         "iscsi": _ready_iscsi(layout, "gateway", 2) if gw_pid is not None else None})
     for n in cmap.nodes if cmap.gateway == "embedded" else []:
         pid = next((x["pid"] for x in st["nodes"] if x["id"] == n.node_id), None)
         gateways.append({"id": f"n{n.node_id}", "node": n.node_id, "pid": pid,
-                         "uri": _ready_uri(layout, f"n{n.node_id}", 2) if pid is not None else None})
+                         "uri": _ready_uri(layout, f"n{n.node_id}", 2) if pid is not None else None,
+                         "iscsi": _ready_iscsi(layout, f"n{n.node_id}", 3) if pid is not None else None})
     st["gateways"] = gateways
-    # The cluster's NBD address: node 1's gateway (embedded) or the separate one.
-    st["gateway"] = {k: gateways[0][k] for k in ("pid", "uri")} if gateways else {"pid": None, "uri": None}
+    # The cluster's NBD address (and iSCSI portal): node 1's gateway (embedded) or the separate one.
+    none = {"pid": None, "uri": None, "iscsi": None}
+    st["gateway"] = {k: gateways[0][k] for k in ("pid", "uri", "iscsi")} if gateways else none
     if layout.remote:  # the gateways as they registered (a gateway machine, or inside a node)
-        gateways = [{"id": gid, "node": g.node_id or None, "pid": None, "uri": f"nbd://{g.address}"}
+        gateways = [{"id": gid, "node": g.node_id or None, "pid": None, "uri": f"nbd://{g.address}", "iscsi": None}
                     for gid, g in sorted(mst.gateways.items())]
         st["gateways"] = gateways
-        st["gateway"] = {k: gateways[0][k] for k in ("pid", "uri")} if gateways else {"pid": None, "uri": None}
+        st["gateway"] = {k: gateways[0][k] for k in ("pid", "uri", "iscsi")} if gateways else none
     # Where Prometheus scrapes each process (obs/metrics.py), and the status page (control/statuspage.py:
     # any metadata member's address; a follower redirects to the leader's)
     node_http = {int(n.node_id): n.http for n in mst.nodes.values() if n.http}
@@ -711,6 +775,24 @@ def volume_rename(root: Path, name: str, new_name: str) -> dict[str, Any]:
     res = _done(_meta(layout, cmap, lambda c: c.rename_volume(name, new_name)))
     _gateway_call(layout, "reload")
     return {"name": new_name, "old_name": name, "id": res.get("volume_id")}
+
+
+def volume_set_chap(root: Path, name: str, user: str, secret: str, target_user: str = "",
+                    target_secret: str = "") -> dict[str, Any]:
+    """CHAP for the iSCSI target of volume `name` ("" = discovery sessions); an empty `user` removes it.
+    Gateways read it from the map at their next refresh; the `reload` makes that now."""
+    layout = open_layout(root)
+    cmap = _load(layout)
+    _done(_meta(layout, cmap, lambda c: c.set_iscsi_auth(name, user, secret, target_user, target_secret)))
+    _gateway_call(layout, "reload")
+    return {"volume": name, "chap": bool(user), "mutual": bool(target_user)}
+
+
+def iscsi_portals(layout: Layout, cmap: ClusterMap) -> list[str]:
+    """host:port of every iSCSI portal of a local cluster (node 1's first: the cluster's)."""
+    if cmap.gateway == "embedded":
+        return [f"{n.host}:{n.iscsi_port}" for n in cmap.nodes if n.iscsi_port]
+    return [f"{cmap.nodes[0].host}:{cmap.gateway_iscsi}"] if cmap.gateway_iscsi else []
 
 
 async def _drop_extents(cmap: ClusterMap, extent_ids: list[int], extent_size_bytes: int, epoch: int) -> None:

@@ -30,6 +30,7 @@ class NodeEntry:
     port: int
     nbd_port: int = 0  # the NBD port of the gateway inside this node (gateway = "embedded"), 0 = none
     http_port: int = 0  # its /metrics (obs/metrics.py); 0 = none (clusters made before metrics)
+    iscsi_port: int = 0  # the iSCSI port of the gateway inside this node (gateway = "embedded"), 0 = none
 
 
 @dataclass
@@ -43,6 +44,7 @@ class ClusterMap:
     gateway: str = "separate"
     meta_http: dict[str, str] = field(default_factory=dict)  # metadata node id -> "host:port" (/metrics, status page)
     gateway_http: int = 0  # the separate gateway's /metrics port (0 = none)
+    gateway_iscsi: int = 0  # the separate gateway's iSCSI port (0 = none)
 
     # --- persistence --------------------------------------------------------------------------
     @classmethod
@@ -56,6 +58,7 @@ class ClusterMap:
             gateway=str(raw.get("gateway", "separate")),
             meta_http=dict(raw.get("meta_http", {})),
             gateway_http=int(raw.get("gateway_http", 0)),
+            gateway_iscsi=int(raw.get("gateway_iscsi", 0)),
         )
 
     def save(self, path: Path) -> None:

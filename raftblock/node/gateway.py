@@ -13,6 +13,8 @@ Config (TOML):
     admin_listen = "10.0.9.1:7401"                 # optional: the same over TCP, for a deployed cluster's CLI
                                                    # (challenge with the cluster secret, gateway/admin.py)
     http = "10.0.9.1:9401"                         # optional: Prometheus /metrics
+    iscsi = "10.0.9.1:3260"                        # optional: the iSCSI target (gateway/iscsi_server.py)
+    iscsi_portal = "gw1.example:3260"              # optional: the address SendTargets announces
     deadline_s = 10.0                              # how long one I/O may wait for a leader
     refresh_s = 1.0                                # how often the map is re-read from the metadata group
     gateway_id = "gw1"                             # who holds a volume's attachment (exclusive attach)
@@ -40,6 +42,10 @@ Rules:
    passes. A volume attached here while one of its snapshots is `creating` serves no I/O until that cut
    is over (ready or gone); a cut still `creating` after CUT_WAIT_S is failed (`deleting`) by the gateway,
    so the CLI that made it cannot mark it ready later without this gateway's barrier.
+7. iSCSI (gateway/iscsi_server.py) serves the same catalog with the same attach, barrier and durability
+   rules; CHAP credentials of a volume's target come from the map (`volume set-chap`), and SCSI persistent
+   reservations live in the metadata group (`MetaPrStore`: compare-and-set by version), so they hold across
+   gateways and gateway restarts.
 """
 
 from __future__ import annotations
@@ -58,6 +64,8 @@ import structlog
 
 from raftblock.client.router import GroupClient, NodeClient
 from raftblock.client.volume import Volume
+from raftblock.gateway.iscsi import Chap
+from raftblock.gateway.iscsi_server import IscsiConfig, IscsiServer
 from raftblock.gateway.nbd_server import GatewayConfig, NbdServer, VolumeCatalog
 from raftblock.ids import group_of_extent
 from raftblock.meta.rpc import MetaClient, MetaClientError
@@ -242,6 +250,22 @@ class Gateway:
             except TimeoutError:
                 pass
 
+    def chap(self, volume: str) -> Chap | None:
+        """Rule 7: CHAP of `volume`'s iSCSI target ("" = discovery sessions), from the map."""
+        st = self.state
+        if st is None:
+            return None
+        key = 0
+        if volume:
+            rec = st.volumes.get(volume)
+            if rec is None:
+                return None
+            key = rec.volume_id
+        a = st.iscsi_auth.get(key)
+        if a is None:
+            return None
+        return Chap(a.user, a.secret.encode(), a.target_user, a.target_secret.encode())
+
     def status(self) -> dict[str, Any]:
         vols = self.state.volumes.values() if self.state is not None else []
         return {
@@ -298,6 +322,33 @@ class Gateway:
             writer.close()
 
 
+class MetaPrStore:
+    """Rule 7: a volume's persistent reservation state in the metadata group (scsi.PrStore)."""
+
+    def __init__(self, gw: Gateway) -> None:
+        self.gw = gw
+
+    async def _volume_id(self, volume: str, st: MetaState | None = None) -> int:
+        st = st or self.gw.state or await self.gw.meta.state(barrier=True)
+        rec = st.volumes.get(volume)
+        if rec is None:
+            raise OSError(f"no volume {volume!r} in the map")
+        return rec.volume_id
+
+    async def load(self, volume: str) -> tuple[int, bytes]:
+        st = await self.gw.meta.state(barrier=True)
+        r = st.reservations.get(await self._volume_id(volume, st))
+        return (r.version, r.blob.encode()) if r is not None else (0, b"")
+
+    async def cas(self, volume: str, version: int, blob: bytes) -> bool:
+        res = await self.gw.meta.set_reservation(await self._volume_id(volume), version, blob.decode())
+        if res.ok:
+            return True
+        if res.error == "stale":
+            return False
+        raise OSError(f"the metadata group refused the reservation update: {res.message or res.error}")
+
+
 def load_config(path: Path) -> dict[str, Any]:
     with open(path, "rb") as f:
         return tomllib.load(f)
@@ -307,9 +358,11 @@ class RunningGateway:
     """A started gateway (`start_gateway`): its NBD address, and `stop()`."""
 
     def __init__(self, gw: Gateway, server: NbdServer, uri: str, admin: asyncio.AbstractServer | None,
-                 held: Any, own_client: bool, admin_tcp: asyncio.AbstractServer | None = None) -> None:
+                 held: Any, own_client: bool, admin_tcp: asyncio.AbstractServer | None = None,
+                 iscsi: IscsiServer | None = None) -> None:
         self.gw = gw
         self.server = server
+        self.iscsi = iscsi
         self.uri = uri
         self._admin = admin
         self._admin_tcp = admin_tcp
@@ -327,6 +380,8 @@ class RunningGateway:
         if self._follower is not None:
             await self._follower
         await self.server.shutdown()
+        if self.iscsi is not None:
+            await self.iscsi.shutdown()
         if self._admin is not None:
             self._admin.close()
         if self._admin_tcp is not None:
@@ -355,6 +410,13 @@ async def start_gateway(cfg: dict[str, Any], meta: dict[str, Any], *, client: No
         server = NbdServer(gw.catalog, GatewayConfig(bind=cfg.get("bind", "127.0.0.1"),
                                                      port=int(cfg.get("port", 10809))), attacher=gw)
         host, port = await server.start()
+        iscsi_server = None
+        if cfg.get("iscsi"):
+            ihost, _, iport = str(cfg["iscsi"]).rpartition(":")
+            iscsi_server = IscsiServer(gw.catalog, IscsiConfig(bind=ihost.strip("[]"), port=int(iport),
+                                                               portal=str(cfg.get("iscsi_portal", ""))),
+                                       attacher=gw, chap=gw.chap, pr_store=MetaPrStore(gw))
+            await iscsi_server.start()
         admin_tcp = None
         admin_listen = str(cfg.get("admin_listen") or "")
         if admin_listen:
@@ -367,6 +429,8 @@ async def start_gateway(cfg: dict[str, Any], meta: dict[str, Any], *, client: No
                                              admin_listen)
         if not res.ok:
             await server.shutdown()
+            if iscsi_server is not None:
+                await iscsi_server.shutdown()
             raise ValueError(f"the metadata group refused gateway {gw.gateway_id!r}: {res.message}")
         admin = None
         if admin_path:
@@ -378,7 +442,7 @@ async def start_gateway(cfg: dict[str, Any], meta: dict[str, Any], *, client: No
             held.release()
         raise
     running = RunningGateway(gw, server, f"nbd://{host}:{port}", admin, held, own_client=client is None,
-                             admin_tcp=admin_tcp)
+                             admin_tcp=admin_tcp, iscsi=iscsi_server)
     running.follow(float(cfg.get("refresh_s", 1.0)))
     return running
 
@@ -394,7 +458,8 @@ async def run_gateway(cfg: dict[str, Any]) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    print(f"READY {running.uri}", flush=True)
+    iscsi = f" iscsi://{running.iscsi.address}" if running.iscsi is not None else ""
+    print(f"READY {running.uri}{iscsi}", flush=True)
     await stop.wait()
     log.info("gateway.stopping")
     if http is not None:

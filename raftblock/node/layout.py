@@ -309,7 +309,8 @@ def write_node_configs(layout: Layout, cmap: ClusterMap, disk: str) -> None:
                 f"\n[gateway]   # this node serves NBD (leader affinity for the volumes attached here)\n"
                 f'gateway_id = "n{n.node_id}"\n'
                 f"bind = {toml_str(n.host)}\nport = {n.nbd_port}\n"
-                f"admin_socket = {toml_str(str(layout.node_admin_socket(n.node_id).resolve()))}\n"
+                + (f'iscsi = {toml_str(f"{n.host}:{n.iscsi_port}")}\n' if n.iscsi_port else "")
+                + f"admin_socket = {toml_str(str(layout.node_admin_socket(n.node_id).resolve()))}\n"
                 "deadline_s = 10.0\n"
             )
         layout.node_config(n.node_id).write_text(text)
@@ -328,6 +329,8 @@ def write_configs(layout: Layout, cmap: ClusterMap, disk: str, nbd_bind: str, nb
         f"admin_socket = {toml_str(str(layout.admin_socket.resolve()))}\n"
         + (f'http = {toml_str(f"{nbd_bind}:{cmap.gateway_http}")}   # Prometheus /metrics\n'
            if cmap.gateway_http else "")
+        + (f'iscsi = {toml_str(f"{nbd_bind}:{cmap.gateway_iscsi}")}\n'
+           if cmap.gateway == "separate" and cmap.gateway_iscsi else "")
         + "deadline_s = 10.0\n\n"
         f"{meta}"
     )
@@ -351,9 +354,9 @@ def write_cluster_file(layout: Layout, cmap: ClusterMap) -> None:
 
 
 def create_layout(layout: Layout, nodes: int, racks: int, port_base: int | None, host: str,
-                  gateway: str = "separate", nbd_port: int = 0) -> ClusterMap:
-    """`gateway` "embedded": node 1 serves NBD on `nbd_port`, node i > 1 on P+300+i (`port_base`) or a free
-    port."""
+                  gateway: str = "separate", nbd_port: int = 0, iscsi_port: int = 0) -> ClusterMap:
+    """`gateway` "embedded": node 1 serves NBD on `nbd_port` and iSCSI on `iscsi_port`, node i > 1 on P+300+i
+    and P+700+i (`port_base`) or free ports; "separate": the gateway serves iSCSI on `iscsi_port`. 0: no iSCSI."""
     if nodes < 1 or racks < 1:
         raise ClusterError("--nodes and --racks must be at least 1")
     entries = []
@@ -362,6 +365,9 @@ def create_layout(layout: Layout, nodes: int, racks: int, port_base: int | None,
         entries.append(NodeEntry(i, f"r{i % racks}", host, port))
         if gateway == "embedded":
             entries[-1].nbd_port = nbd_port if i == 1 else port_base + 300 + i if port_base else free_port(host)
+            if iscsi_port:
+                entries[-1].iscsi_port = (iscsi_port if i == 1 else port_base + 700 + i if port_base
+                                          else free_port(host))
     metas = 3 if nodes >= 3 else 1
     raft_ports = [port_base + 100 + i if port_base else free_port(host) for i in range(1, metas + 1)]
     admin_ports = [port_base + 200 + i if port_base else free_port(host) for i in range(1, metas + 1)]
@@ -373,4 +379,5 @@ def create_layout(layout: Layout, nodes: int, racks: int, port_base: int | None,
     admin = {str(i): f"{host}:{p}" for i, p in enumerate(admin_ports, start=1)}
     return ClusterMap(cid, entries, admin, gateway=gateway,
                       meta_http={str(i): f"{host}:{p}" for i, p in enumerate(http_ports, start=1)},
-                      gateway_http=port_base + 600 if port_base else free_port(host))
+                      gateway_http=port_base + 600 if port_base else free_port(host),
+                      gateway_iscsi=iscsi_port if gateway == "separate" else 0)

@@ -228,7 +228,9 @@ async def run_node(cfg: NodeConfig) -> int:
         http = await start_metrics(cfg.http, f"node {cfg.node_id}", node_fill(rt, cfg.rack),
                                    *([gateway_fill(gateway.gw)] if gateway is not None else []))
     # The first word after READY is the node's address (what `cluster up` waits for); the gateway's follows.
-    print(f"READY raft://{cfg.host}:{port}" + (f" {gateway.uri}" if gateway is not None else ""), flush=True)
+    print(f"READY raft://{cfg.host}:{port}" + (f" {gateway.uri}" if gateway is not None else "")
+          + (f" iscsi://{gateway.iscsi.address}" if gateway is not None and gateway.iscsi is not None else ""),
+          flush=True)
     await stop.wait()
     log.info("raftnode.stopping", node=cfg.node_id)
     if http is not None:

@@ -58,7 +58,7 @@ class Cluster:
         return r
 
     def up(self) -> str:
-        r = self.cli("cluster", "up", "--nbd-port", "0", "--disk", self.disk,
+        r = self.cli("cluster", "up", "--nbd-port", "0", "--iscsi-port", "0", "--disk", self.disk,
                      *(["--gateway", self.gateway] if self.gateway else []))
         self.uri = r.stdout.strip().splitlines()[-1]
         assert self.uri.startswith("nbd://"), r.stdout
