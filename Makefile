@@ -18,7 +18,7 @@ DIR      ?= $(RAFTBLOCK_DIR)
 NBD_PORT ?= $(RAFTBLOCK_NBD_PORT)
 ISCSI_PORT ?= $(RAFTBLOCK_ISCSI_PORT)
 
-.PHONY: all venv sysdeps test test-fast lint compile bench bench-compare bench-deps bench-raft bench-rebuild bench-soak bench-snapshot profile demo demo-down clean sim sim-chain proto faults
+.PHONY: all venv sysdeps test test-fast test-iscsi lint compile bench bench-compare bench-deps bench-raft bench-rebuild bench-soak bench-snapshot profile demo demo-down clean sim sim-chain proto faults
 
 all: venv
 
@@ -78,6 +78,12 @@ wheelhouse: $(if $(wildcard $(PY)),,$(STAMP)) dist/.wheelhouse.stamp
 # Only the Ansible deployment test (tests/ansible: hosts made of namespaces, as root; it runs in `make test` too).
 test-ansible: sysdeps $(STAMP)
 	$(PY) -m pytest -q --durations=10 $(PYTEST_ARGS) tests/ansible
+
+# The iSCSI target alone: codec and SCSI unit tests, real initiators, libiscsi's iscsi-test-cu ALL (-d) with
+# its table per suite (RAFTBLOCK_ISCSI_CU_REPORT=FILE writes it as JSON). `make test` runs these too.
+test-iscsi: sysdeps $(STAMP)
+	$(PY) -m pytest -q -s --durations=10 $(PYTEST_ARGS) tests/unit/test_iscsi_codec.py tests/unit/test_scsi.py \
+	  tests/integration/test_iscsi.py tests/integration/test_iscsi_conformance.py
 
 lint: $(STAMP)
 	$(PY) -m ruff check raftblock tests bench

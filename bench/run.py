@@ -1,11 +1,15 @@
-"""raftblock bench: fio (nbd engine) against the raftblock cluster, `raftblock serve` and `qemu-nbd`
-(cache=none and writeback), and etcd's 4 KiB puts, same jobs, same disk, same rounds.
+"""raftblock bench: fio (nbd engine) against the raftblock cluster (over NBD and over iSCSI), `raftblock serve`,
+`qemu-nbd` (cache=none and writeback), tgt (iSCSI), and etcd's 4 KiB puts, same jobs, same disk, same rounds.
 
 Owns: starting every target, pre-filling them, running every job on every target in interleaved order for
 several rounds, recording the machine's load and steal time per run and the CPU each process spent per I/O,
 reporting medians against the baseline (qemu-nbd, cache=none) of the same round, and judging issue 16's goals.
 The cluster runs in both layouts: `cluster` (NBD served by the storage nodes; the volume's groups led by the
-node it is attached through) and `cluster-gw` (a separate gateway process).
+node it is attached through) and `cluster-gw` (a separate gateway process); `cluster-iscsi` is a third instance
+whose volume is reached over iSCSI (node 1's embedded gateway), next to `tgt` (tgtd serving a raw file, O_DIRECT).
+fio has no iSCSI engine here, so both iSCSI targets are reached the same way: a qemu-nbd bridge (libiscsi
+initiator) turns the iSCSI LUN into an NBD export on a unix socket; the bridge counts as one of the target's
+processes (CPU, memory), so their rows carry one more hop and process than the NBD rows.
 
 Rules:
 1. One job file (bench/jobs/block.fio) for every fio target; only the URI differs.
@@ -23,6 +27,8 @@ Rules:
    divided by the target's storage processes (a cluster's nodes share the device). Not /proc/PID/io
    write_bytes: with large folios (kernel 6.x) it counts a whole folio for every small write into it.
 8. Nothing here asserts performance; it measures and reports (bench/results/*.json and *.png).
+9. tgt runs only as its own tgtd (foreground, its own control port and portal), which is always stopped, and
+   is left out of the default targets (with a note) when tgtd is not installed.
 
 Usage: python bench/run.py [--quick] [--rounds N] [--runtime S] [--size 256M] [--jobs a,b] [--targets cluster,qemu-nbd]
 """
@@ -69,7 +75,8 @@ JOBS = [
 ]
 # etcd runs only these two jobs, as 4 KiB puts from 1 and 32 concurrent clients
 ETCD_CLIENTS = {"randwrite-4k-qd1": 1, "randwrite-4k-qd32": 32}
-TARGETS = ["cluster", "cluster-gw", "raftblock", "qemu-nbd", "qemu-nbd-wb", "etcd"]
+TARGETS = ["cluster", "cluster-gw", "cluster-iscsi", "raftblock", "qemu-nbd", "qemu-nbd-wb", "tgt", "etcd"]
+ISCSI_TARGETS = ["cluster-iscsi", "tgt"]  # reached through IscsiBridge (qemu-nbd as the iSCSI initiator)
 BASELINE = "qemu-nbd"  # every ratio in the table is against this target's run of the same job and round
 GOAL_TARGET = "cluster"
 
@@ -238,7 +245,7 @@ def disk_text(runs: list[Any]) -> str:
         if v is not None:
             by[(r.target, r.job)].append(v)
     for (t, job), vs in sorted(by.items()):
-        lines.append(f"  {t:<12} {job:<24} {med(vs):>5.2f}  [{min(vs):.2f}-{max(vs):.2f}]")
+        lines.append(f"  {t:<13} {job:<24} {med(vs):>5.2f}  [{min(vs):.2f}-{max(vs):.2f}]")
     return "\n".join(lines)
 
 
@@ -260,7 +267,7 @@ def memory_text(runs: list[Any]) -> str:
             big[r.target] = (v, role, r.job)
     for t, (v, job) in tot.items():
         bv, role, bjob = big[t]
-        lines.append(f"  {t:<12} total {v >> 20:>6} MiB (after {job}); largest process {role} {bv >> 20} MiB "
+        lines.append(f"  {t:<13} total {v >> 20:>6} MiB (after {job}); largest process {role} {bv >> 20} MiB "
                      f"(after {bjob})")
     return "\n".join(lines)
 
@@ -336,12 +343,13 @@ class ClusterTarget(Target):
 
     name = "cluster"
     gateway = "embedded"
+    iscsi_port: int | None = None  # cluster_up's default
 
     def start(self, work: Path) -> str:
         from raftblock.node.cluster import cluster_up, volume_create
 
         self.root = work / self.name
-        uri = cluster_up(self.root, nbd_port=0, disk="os", gateway=self.gateway)
+        uri = cluster_up(self.root, nbd_port=0, disk="os", gateway=self.gateway, iscsi_port=self.iscsi_port)
         volume_create(self.root, EXPORT, VOLUME_BYTES)
         self._pids = self._find_pids()
         return f"{uri}/{EXPORT}"
@@ -376,6 +384,54 @@ class ClusterTarget(Target):
                 "node 1 (its groups' leader) (loopback, disk=os)")
 
 
+class IscsiBridge:
+    """qemu-nbd as an iSCSI initiator: `qemu-nbd -f raw --cache=none -t -e 4 -k SOCKET iscsi://HOST:PORT/IQN/LUN`,
+    so fio's nbd engine (Debian's fio has no libiscsi engine) reaches an iSCSI target the same way for every
+    iSCSI target. It listens on a unix socket in a short temp dir (paths are limited to 107 bytes)."""
+
+    argv_tail = ["-f", "raw", "--cache=none", "-t", "-e", "4"]
+
+    def start(self, iscsi_url: str, log_path: Path) -> str:
+        self.dir = tempfile.mkdtemp(prefix="rb-iscsi-")
+        self.sock = os.path.join(self.dir, "s")
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(["qemu-nbd", *self.argv_tail, "-x", EXPORT, "-k", self.sock, iscsi_url],
+                                     stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 30
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"qemu-nbd bridge to {iscsi_url} exited with {self.proc.returncode} "
+                                   f"(log: {log_path})")
+            try:
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.connect(self.sock)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"qemu-nbd bridge to {iscsi_url} not listening after 30s") from None
+                time.sleep(0.05)  # polling interval
+        return f"nbd+unix:///{EXPORT}?socket={self.sock}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def describe(self) -> str:
+        return "qemu-nbd " + " ".join(self.argv_tail) + " iscsi://... (libiscsi initiator, unix socket to fio)"
+
+
 class SeparateGatewayClusterTarget(ClusterTarget):
     """The same cluster with NBD served by a separate `raftblock gateway` process (a gateway machine)."""
 
@@ -385,6 +441,143 @@ class SeparateGatewayClusterTarget(ClusterTarget):
     def describe(self) -> str:
         return ("raftblock cluster: 3 nodes in 3 racks, Raft, 3 replicas, 3 metadata processes, a separate gateway "
                 "process (loopback, disk=os)")
+
+
+class ClusterIscsiTarget(ClusterTarget):
+    """The same cluster as `cluster` (its own instance), its volume reached over iSCSI: node 1's embedded
+    gateway serves the target (LUN 0), qemu-nbd bridges it to NBD for fio (IscsiBridge)."""
+
+    name = "cluster-iscsi"
+    iscsi_port = 0  # a free one
+
+    def start(self, work: Path) -> str:
+        from raftblock.gateway.iscsi_server import target_name
+        from raftblock.node.cluster import iscsi_portals
+        from raftblock.node.clustermap import ClusterMap
+        from raftblock.node.layout import Layout
+
+        super().start(work)
+        try:  # Bench.stop_all stops only targets that started: what started here goes down on a failure
+            layout = Layout(self.root)
+            portals = iscsi_portals(layout, ClusterMap.load(layout.map_path))
+            if not portals:
+                raise RuntimeError(f"the cluster in {self.root} serves no iSCSI portal")
+            self.iscsi_url = f"iscsi://{portals[0]}/{target_name(EXPORT, 0)}/0"  # EXPORT is a valid IQN part
+            self.bridge = IscsiBridge()
+            return self.bridge.start(self.iscsi_url, work / f"{self.name}-bridge.log")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        try:
+            if hasattr(self, "bridge") and hasattr(self.bridge, "proc"):
+                self.bridge.stop()
+        finally:
+            super().stop()
+
+    def pids(self) -> dict[str, int]:
+        return {**self._pids, "bridge": self.bridge.pid}
+
+    def describe(self) -> str:
+        return ("raftblock cluster as `cluster` (3 nodes, 3 racks, Raft, 3 replicas, 3 metadata processes, "
+                f"disk=os), the volume over iSCSI from node 1's embedded gateway (LUN 0), through a "
+                f"{IscsiBridge().describe()}; CPU counts the bridge")
+
+
+def tgtd_path() -> str | None:
+    """tgtd (Debian's `tgt`), also when /usr/sbin is not on PATH."""
+    for tool in ("tgtd", "tgtadm"):
+        if shutil.which(tool) is None and not os.access(f"/usr/sbin/{tool}", os.X_OK):
+            return None
+    return shutil.which("tgtd") or "/usr/sbin/tgtd"
+
+
+class TgtTarget(Target):
+    """tgt (the Linux SCSI target framework's user-space daemon) serving a raw file on the same file system,
+    opened O_DIRECT (`--bsoflags direct`, as qemu-nbd --cache=none), reached through the same IscsiBridge.
+    Its own tgtd on its own control port (-C) and a free portal, so a system tgtd is never touched."""
+
+    name = "tgt"
+    iqn = "iqn.2026-12.org.raftblock.bench:tgt"
+    sock_dir = Path("/var/run/tgtd")  # tgtd's control sockets: socket.N and socket.N.lock
+
+    def _adm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        tgtadm = shutil.which("tgtadm") or "/usr/sbin/tgtadm"
+        r = subprocess.run([tgtadm, "-C", str(self.control), *args], capture_output=True, text=True, timeout=30)
+        if check and r.returncode != 0:
+            raise RuntimeError(f"tgtadm {' '.join(args)}: rc {r.returncode}: {r.stderr.strip() or r.stdout.strip()}")
+        return r
+
+    def start(self, work: Path) -> str:
+        import random
+
+        tgtd = tgtd_path()
+        if tgtd is None:
+            raise RuntimeError("tgtd/tgtadm not found (apt-get install tgt)")
+        image = work / f"{self.name}.raw"
+        with open(image, "wb") as f:
+            f.truncate(VOLUME_BYTES)
+        self.had_sock_dir = self.sock_dir.exists()
+        # -C takes 0..32767; one no other tgtd uses (its socket and lock file absent)
+        self.control = next(n for n in random.sample(range(1000, 32768), 200)
+                            if not (self.sock_dir / f"socket.{n}").exists()
+                            and not (self.sock_dir / f"socket.{n}.lock").exists())
+        port = free_port()
+        self.log = open(work / f"{self.name}.log", "wb")
+        self.proc = subprocess.Popen([tgtd, "-f", "-C", str(self.control), "--iscsi", f"portal=127.0.0.1:{port}"],
+                                     stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        try:  # Bench.stop_all stops only targets that started: never leave this tgtd behind on a failure
+            wait_listening(port, self.proc)
+            deadline = time.monotonic() + 30
+            while self._adm("--mode", "system", "--op", "show", check=False).returncode != 0:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"tgtd control port {self.control} not answering (log: {work}/{self.name}.log)")
+                time.sleep(0.05)  # polling interval
+            lld = ["--lld", "iscsi"]
+            self._adm(*lld, "--mode", "target", "--op", "new", "--tid", "1", "-T", self.iqn)
+            self._adm(*lld, "--mode", "logicalunit", "--op", "new", "--tid", "1", "--lun", "1", "-b", str(image),
+                      "--bsoflags", "direct")
+            self._adm(*lld, "--mode", "target", "--op", "bind", "--tid", "1", "-I", "ALL")
+            self.bridge = IscsiBridge()
+            return self.bridge.start(f"iscsi://127.0.0.1:{port}/{self.iqn}/1", work / f"{self.name}-bridge.log")
+        except BaseException:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        try:
+            if hasattr(self, "bridge") and hasattr(self.bridge, "proc"):
+                self.bridge.stop()  # logs out first: a target with a session is not deleted without --force
+        finally:
+            try:
+                if self.proc.poll() is None:
+                    self._adm("--lld", "iscsi", "--mode", "target", "--op", "delete", "--force", "--tid", "1",
+                              check=False)
+                    self._adm("--mode", "system", "--op", "delete", check=False)  # tgtd exits
+                    try:
+                        self.proc.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        self.proc.kill()
+                        self.proc.wait()
+            finally:
+                self.log.close()
+                for leftover in (f"socket.{self.control}", f"socket.{self.control}.lock"):  # ours only
+                    (self.sock_dir / leftover).unlink(missing_ok=True)
+                if not self.had_sock_dir:
+                    try:
+                        self.sock_dir.rmdir()
+                    except OSError:
+                        pass  # not empty: another tgtd's since
+
+    def pids(self) -> dict[str, int]:
+        return {"tgtd": self.proc.pid, "bridge": self.bridge.pid}
+
+    def describe(self) -> str:
+        return ("tgt (tgtd, defaults) serving a 1 GiB raw file on the same filesystem as LUN 1, backing store "
+                f"rdwr opened O_DIRECT (--bsoflags direct), one copy; through a {IscsiBridge().describe()}; "
+                "CPU counts tgtd and the bridge")
 
 
 class QemuNbdTarget(Target):
@@ -457,8 +650,9 @@ class EtcdTarget(Target):
 
 
 REGISTRY: dict[str, type[Target]] = {
-    "cluster": ClusterTarget, "cluster-gw": SeparateGatewayClusterTarget, "raftblock": RaftblockTarget, "qemu-nbd": QemuNbdTarget,
-    "qemu-nbd-wb": QemuNbdWritebackTarget, "etcd": EtcdTarget,
+    "cluster": ClusterTarget, "cluster-gw": SeparateGatewayClusterTarget, "cluster-iscsi": ClusterIscsiTarget,
+    "raftblock": RaftblockTarget, "qemu-nbd": QemuNbdTarget, "qemu-nbd-wb": QemuNbdWritebackTarget,
+    "tgt": TgtTarget, "etcd": EtcdTarget,
 }
 
 
@@ -659,7 +853,7 @@ def rng(s: dict[str, float], nd: int = 0) -> str:
 
 
 def table(rows: list[dict[str, Any]], baseline: str) -> str:
-    head = (f"{'job':<24} {'target':<12} {'IOPS med [min-max]':>24} {'MB/s':>7} {'p50 us':>8} {'p99 us':>8} "
+    head = (f"{'job':<24} {'target':<13} {'IOPS med [min-max]':>24} {'MB/s':>7} {'p50 us':>8} {'p99 us':>8} "
             f"{'CPU us/IO tgt+gen':>18}  {baseline + ' IOPS':>13} {'ratio [min-max]':>20} {'p50 x':>6} {'p99 x':>6} "
             f"{'load/steal%':>11}")
     lines = [head, "-" * len(head)]
@@ -677,7 +871,7 @@ def table(rows: list[dict[str, Any]], baseline: str) -> str:
             base, ratio, p50x, p99x = ("(baseline)" if row["target"] == baseline else ""), "", "", ""
         iops = f"{fmt(row['iops']['median'])} {rng(row['iops'])}"
         lines.append(
-            f"{row['job']:<24} {row['target']:<12} {iops:>24} {fmt(row['mb_s']['median'], 1):>7} "
+            f"{row['job']:<24} {row['target']:<13} {iops:>24} {fmt(row['mb_s']['median'], 1):>7} "
             f"{fmt(row['p50_us']['median']):>8} {fmt(row['p99_us']['median']):>8} {cpu:>18}  {base:>13} "
             f"{ratio:>20} {p50x:>6} {p99x:>6} {row['load_max']:>5.2f}/{row['steal_pct_max']:<5.1f}")
     lines.append("")
@@ -688,6 +882,9 @@ def table(rows: list[dict[str, Any]], baseline: str) -> str:
     lines.append("CPU us/IO: utime+stime per I/O of all the target's processes + the load generator's (fio; for "
                  "etcd the Python client); load/steal%: highest 1-min load average before and steal during a run.")
     lines.append("etcd rows: 4 KiB puts/s (randwrite-4k-qd1 = 1 client, randwrite-4k-qd32 = 32 clients), put latency.")
+    if any(r["target"] in ISCSI_TARGETS for r in rows):
+        lines.append(f"{', '.join(ISCSI_TARGETS)} rows: iSCSI through a qemu-nbd bridge (libiscsi initiator, NBD on a "
+                     "unix socket to fio): one more hop and process than the NBD rows; the bridge's CPU is in 'tgt'.")
     return "\n".join(lines)
 
 
@@ -838,7 +1035,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ramp", type=int, help="unmeasured warm-up seconds per run (default 1)")
     p.add_argument("--size", help="region the jobs touch, e.g. 256M (default 256M; quick 64M)")
     p.add_argument("--jobs", help=f"comma-separated subset of {','.join(JOBS)}")
-    p.add_argument("--targets", default=",".join(TARGETS), help=f"comma-separated subset of {','.join(REGISTRY)}")
+    p.add_argument("--targets", help=f"comma-separated subset of {','.join(REGISTRY)} (default: "
+                   f"{','.join(TARGETS)}; tgt only when tgtd is installed)")
     p.add_argument("--workdir", help="where the targets keep their data (default: a temp dir, removed after)")
     p.add_argument("--out", help="result JSON path (default bench/results/bench-<time>.json)")
     args = p.parse_args(argv)
@@ -851,12 +1049,21 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(jobs) - set(JOBS)
     if unknown:
         p.error(f"unknown jobs {sorted(unknown)}")
-    names = args.targets.split(",")
+    if args.targets:
+        names = args.targets.split(",")
+    else:
+        names = list(TARGETS)
+        if tgtd_path() is None:
+            names.remove("tgt")
+            print("note: tgtd/tgtadm not found (Debian package tgt): the tgt target is skipped", flush=True)
     if set(names) - set(REGISTRY):
         p.error(f"unknown targets {sorted(set(names) - set(REGISTRY))}")
+    if "tgt" in names and tgtd_path() is None:
+        p.error("tgt: tgtd/tgtadm not found (apt-get install tgt)")
     tools = {"fio": "fio (make sysdeps)", "qemu-nbd": "qemu-nbd (make sysdeps)",
              "etcd": "etcd (apt-get install etcd-server)"}
-    for tool in ["fio"] + [n for n in ("qemu-nbd", "etcd") if n in names or n + "-wb" in names]:
+    needs_qemu = {"qemu-nbd", "qemu-nbd-wb", "cluster-iscsi", "tgt"}  # the iSCSI targets' bridge is qemu-nbd
+    for tool in ["fio"] + (["qemu-nbd"] if needs_qemu & set(names) else []) + (["etcd"] if "etcd" in names else []):
         if shutil.which(tool) is None:
             p.error(f"{tools[tool]} not found")
 
@@ -895,7 +1102,7 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append(r)
                     cpu = (f" cpu {r.cpu.target_us_per_io:>6.0f}+{r.cpu.loadgen_us_per_io:<4.0f}us/IO"
                            if r.cpu else "")
-                    print(f"  round {rnd} {job:<24} {t.name:<11} {r.iops:>9.0f} IOPS {r.mb_s:>7.1f} MB/s "
+                    print(f"  round {rnd} {job:<24} {t.name:<13} {r.iops:>9.0f} IOPS {r.mb_s:>7.1f} MB/s "
                           f"p50 {r.p50_us:>7.0f}us p99 {r.p99_us:>8.0f}us{cpu}  load {r.machine.load_before:.2f} "
                           f"steal {r.machine.steal_pct:.1f}%", flush=True)
     finally:

@@ -89,6 +89,7 @@ class IscsiConnection(asyncio.Protocol):
         self.codec = iscsi.TargetConnection(server.target_catalog, data_out_bytes=server.data_out_bytes,
                                             limits=limits, new_tsih=server.new_tsih)
         self.volume = ""
+        self.session_type = ""  # "" until logged in
         self.lun: scsi.Lun | None = None
         self.nexus: scsi.Nexus | None = None
         self.session_key: tuple[str, bytes] | None = None
@@ -131,16 +132,22 @@ class IscsiConnection(asyncio.Protocol):
                 elif isinstance(ev, iscsi.LogoutRequested):
                     self._spawn(self._on_logout(ev))
                 elif isinstance(ev, iscsi.Closed):
-                    self.log.info("iscsi.closed_by_codec", reason=ev.reason)
+                    if ev.reason.startswith("login refused"):
+                        self.server.logins["refused"] += 1
+                        self.log.warning("iscsi.login_refused", reason=ev.reason)
+                    else:
+                        self.log.info("iscsi.closed_by_codec", reason=ev.reason)
                     self._flush()
                     self.close()
         except iscsi.ProtocolError as e:
+            self.server.protocol_errors += 1
             self.log.warning("iscsi.protocol_error", error=str(e))
             self._flush()
             self.close()
             return
         finally:
             if self.codec.data_errors:  # iscsi.py rule 3: a write ended for a broken Data-Out sequence
+                self.server.data_out_refused += len(self.codec.data_errors)
                 self.log.warning("iscsi.data_out_refused", errors=self.codec.data_errors[:8])
                 self.codec.data_errors.clear()
         self._flush()
@@ -169,6 +176,8 @@ class IscsiConnection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
         self.log = self.log.bind(initiator=ev.initiator, session_type=ev.session_type)
+        self.server.logins["ok"] += 1
+        self.session_type = ev.session_type
         if ev.session_type != "Normal":
             self.log.info("iscsi.discovery_login")
             return
@@ -354,6 +363,10 @@ class IscsiServer:
         self.sessions: dict[tuple[str, bytes], IscsiConnection] = {}
         self._luns: dict[str, tuple[object, scsi.Lun]] = {}
         self._tsih = itertools.count(1)
+        # for /metrics (obs/exporters.py)
+        self.logins = {"ok": 0, "refused": 0}
+        self.protocol_errors = 0  # connections closed for input that could not be framed
+        self.data_out_refused = 0  # writes ended for a broken Data-Out sequence
         self.shutting_down = False
         self.address = ""
         self._server: asyncio.AbstractServer | None = None

@@ -106,6 +106,7 @@ class Gateway:
         # Node addresses: from the map. A gateway inside a node is handed that node's client (node/inproc.py).
         self.client = client if client is not None else NodeClient({}, deadline_s=deadline_s)
         self.catalog = VolumeCatalog()
+        self.iscsi: IscsiServer | None = None  # set by start_gateway when iSCSI is configured
         self._groups: dict[int, GroupClient] = {}
 
     def group_for(self, extent_id: int) -> GroupClient:
@@ -417,6 +418,7 @@ async def start_gateway(cfg: dict[str, Any], meta: dict[str, Any], *, client: No
                                                                portal=str(cfg.get("iscsi_portal", ""))),
                                        attacher=gw, chap=gw.chap, pr_store=MetaPrStore(gw))
             await iscsi_server.start()
+            gw.iscsi = iscsi_server
         admin_tcp = None
         admin_listen = str(cfg.get("admin_listen") or "")
         if admin_listen:

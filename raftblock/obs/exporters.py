@@ -127,6 +127,22 @@ def gateway_fill(gw: Any) -> Any:
         for vol, n in sorted(cat.attached.items()):
             f.gauge("raftblock_gateway_connections", "", n, {**gid, "volume": vol})
         f.gauge("raftblock_gateway_volumes", "Volumes this gateway exports.", len(cat.names()), gid)
+        isc = getattr(gw, "iscsi", None)
+        if isc is not None:
+            kinds = {"Normal": 0, "Discovery": 0}
+            for c in isc.connections:
+                if c.session_type in kinds:
+                    kinds[c.session_type] += 1
+            for kind, n in kinds.items():
+                f.gauge("raftblock_gateway_iscsi_sessions", "iSCSI sessions logged in, by session type.", n,
+                        {**gid, "type": kind.lower()})
+            for result, n in isc.logins.items():
+                f.counter("raftblock_gateway_iscsi_logins", "iSCSI logins, by result (refused: unknown target, "
+                          "CHAP failure, bad login request).", n, {**gid, "result": result})
+            f.counter("raftblock_gateway_iscsi_protocol_errors", "iSCSI connections closed for input that could "
+                      "not be framed (bad opcode, digest error, oversized segment).", isc.protocol_errors, gid)
+            f.counter("raftblock_gateway_iscsi_data_out_refused", "iSCSI writes ended with ABORTED COMMAND for a "
+                      "broken Data-Out sequence (DataSN, offset, transfer tag).", isc.data_out_refused, gid)
 
     return fill
 

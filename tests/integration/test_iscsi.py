@@ -19,6 +19,7 @@ import struct
 import subprocess
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -122,6 +123,11 @@ def test_chap_from_the_metadata_group(icluster: IscsiCluster, tmp_path: Path) ->
         r = inq(bad)
         assert r.returncode != 0 and "Vendor:" not in r.stdout, (bad, r.stdout, r.stderr)
     assert "Vendor:RAFTBLCK" in inq(ok).stdout
+    metrics_url = icluster.status()["gateways"][0]["metrics_url"]
+    scrape = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    refused = [float(line.rsplit(" ", 1)[1]) for line in scrape.splitlines()
+               if line.startswith("raftblock_gateway_iscsi_logins_total{") and 'result="refused"' in line]
+    assert refused and refused[0] >= 3, "the refused logins are not counted in /metrics"
     # mutual: the initiator checks the target's answer (libiscsi: target_user / target_password)
     icluster.cli("volume", "set-chap", "s", "--user", "host1", "--secret-file", str(tmp_path / "secret"),
                  "--target-user", "tgt", "--target-secret-file", str(tmp_path / "tsecret"))
@@ -335,3 +341,116 @@ def test_leader_kill_during_an_iscsi_fio_verify_run(separate_icluster: IscsiClus
 def _written(c: IscsiCluster, group: int) -> int:
     g = next(g for g in c.status()["groups"] if g["group"] == group)
     return int(g.get("allocated_bytes") or 0)
+
+
+class _Raw:
+    """A minimal initiator session over a raw socket (ImmediateData=No, InitialR2T=Yes): SCSI commands with
+    their R2T / Data-Out / Data-In handled, for what libiscsi's tools cannot send (PERSISTENT RESERVE)."""
+
+    def __init__(self, portal: str, target: str, initiator: str, isid: int = 1) -> None:
+        host, _, port = portal.rpartition(":")
+        self.s = socket.create_connection((host, int(port)), timeout=10)
+        keys = (f"InitiatorName={initiator}\0SessionType=Normal\0TargetName={target}\0ImmediateData=No\0"
+                "InitialR2T=Yes\0MaxRecvDataSegmentLength=65536\0").encode()
+        self.s.sendall(_pdu(0x43, 0x87, 1, keys, {8: bytes.fromhex("4000000000") + bytes([isid]),
+                                                   24: struct.pack(">I", 1)}))
+        rsp, _ = _recv_pdu(self.s)
+        assert rsp[0] == 0x23 and rsp[36:38] == b"\0\0", f"login refused: {rsp[36:38].hex()}"
+        self.cmdsn = 1
+        self.itt = 10
+
+    def scsi(self, cdb: bytes, data_out: bytes = b"", read_bytes: int = 0) -> tuple[int, bytes, bytes]:
+        """(status, data-in, sense)."""
+        self.itt += 1
+        flags = 0x80 | (0x20 if data_out else 0) | (0x40 if read_bytes else 0) | 1
+        edtl = len(data_out) or read_bytes
+        self.s.sendall(_pdu(0x01, flags, self.itt, b"", {20: struct.pack(">II", edtl, self.cmdsn),
+                                                         32: cdb.ljust(16, b"\0")}))
+        self.cmdsn += 1
+        data_in = b""
+        while True:
+            bhs, data = _recv_pdu(self.s)
+            if bhs[0] == 0x31:  # R2T: send what it asks
+                off, n = struct.unpack_from(">II", bhs, 40)
+                self.s.sendall(_pdu(0x05, 0x80, self.itt, data_out[off : off + n],
+                                    {20: bhs[20:24], 36: struct.pack(">II", 0, off)}))
+            elif bhs[0] == 0x25:
+                data_in += data
+                if bhs[1] & 0x01:
+                    return bhs[3], data_in, b""
+            elif bhs[0] == 0x21:
+                return bhs[3], data_in, data[2:] if data else b""
+            else:
+                raise AssertionError(f"unexpected opcode {bhs[0]:#x}")
+
+    def close(self) -> None:
+        self.s.close()
+
+
+def _prout(sa: int, key: int, sa_key: int, rtype: int = 0) -> tuple[bytes, bytes]:
+    cdb = bytes([0x5F, sa, rtype & 0x0F, 0, 0, 0, 0, 0, 24, 0])
+    return cdb, struct.pack(">QQ", key, sa_key) + bytes(8)
+
+
+PR_REGISTER, PR_RESERVE, PR_RELEASE = 0, 1, 2
+WRITE_EXCLUSIVE = 1
+RESERVATION_CONFLICT = 0x18
+WRITE1 = bytes([0x2A, 0, 0, 0, 0, 8, 0, 0, 1, 0])  # WRITE(10) LBA 8, one block
+READ1 = bytes([0x28, 0, 0, 0, 0, 8, 0, 0, 1, 0])
+
+
+def _session(portal: str, target: str, initiator: str) -> _Raw:
+    """A session whose first command runs: the exclusive attach may still be held by the gateway of a
+    session just closed (it detaches when its last connection ends), so retry within a deadline."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            s = _Raw(portal, target, initiator)
+            status, _, sense = s.scsi(bytes(6))  # TEST UNIT READY
+            if status == 0 or (status == 2 and sense[2] & 0x0F == 6):  # GOOD, or a unit attention: attached
+                return s
+            s.close()
+        except (ConnectionError, OSError, AssertionError):
+            pass
+        assert time.monotonic() < deadline, f"no session to {target} through {portal}"
+        time.sleep(0.2)
+
+
+def test_persistent_reservations_hold_across_gateways_and_restarts(icluster: IscsiCluster) -> None:
+    """SPC-4 5.7: a WRITE EXCLUSIVE reservation taken through node 1's gateway binds an unregistered initiator
+    that comes through node 2's gateway (RESERVATION CONFLICT on WRITE, READ allowed, READ KEYS shows the
+    holder's key) and still after the whole cluster restarts: the state lives in the metadata group."""
+    icluster.up()
+    icluster.cli("volume", "create", "pr", "--size", "16M")
+    portals = [g["iscsi"].removeprefix("iscsi://") for g in icluster.status()["gateways"] if g["iscsi"]]
+    assert len(portals) == 3, portals
+    target = f"{IQN}:pr"
+    a = _session(portals[0], target, "iqn.2026-12.org.example:host-a")
+    for cdb, param in (_prout(PR_REGISTER, 0, 0xA1), _prout(PR_RESERVE, 0xA1, 0, WRITE_EXCLUSIVE)):
+        assert a.scsi(cdb, param)[0] == 0
+    assert a.scsi(WRITE1, b"\xaa" * 512)[0] == 0
+    a.close()
+
+    def check_b(portal: str) -> None:
+        b = _session(portal, target, "iqn.2026-12.org.example:host-b")
+        status, data, _ = b.scsi(bytes([0x5E, 0, 0, 0, 0, 0, 0, 0x10, 0, 0]), read_bytes=4096)  # READ KEYS
+        assert status == 0 and struct.unpack_from(">I", data, 4)[0] == 8 and data[8:16] == struct.pack(">Q", 0xA1)
+        status, data, _ = b.scsi(bytes([0x5E, 1, 0, 0, 0, 0, 0, 0x10, 0, 0]), read_bytes=4096)  # READ RESERVATION
+        assert status == 0 and data[8:16] == struct.pack(">Q", 0xA1) and data[21] & 0x0F == WRITE_EXCLUSIVE
+        assert b.scsi(WRITE1, b"\xbb" * 512)[0] == RESERVATION_CONFLICT
+        status, data, _ = b.scsi(READ1, read_bytes=512)
+        assert status == 0 and data == b"\xaa" * 512
+        b.close()
+
+    check_b(portals[1])  # another gateway
+    icluster.cli("cluster", "down")
+    icluster.up()
+    check_b(portals[0])  # after every gateway restarted
+    a = _session(portals[0], target, "iqn.2026-12.org.example:host-a")
+    assert a.scsi(WRITE1, b"\xcc" * 512)[0] == 0  # the holder writes
+    for cdb, param in (_prout(PR_RELEASE, 0xA1, 0, WRITE_EXCLUSIVE), _prout(PR_REGISTER, 0xA1, 0)):
+        assert a.scsi(cdb, param)[0] == 0
+    a.close()
+    b = _session(portals[0], target, "iqn.2026-12.org.example:host-b")
+    assert b.scsi(WRITE1, b"\xdd" * 512)[0] == 0  # released and unregistered: anyone writes again
+    b.close()

@@ -27,8 +27,10 @@ from raftblock.meta.state import (
     RenameVolume,
     ResizeVolume,
     SetGroupMembers,
+    SetIscsiAuth,
     SetNodeDrain,
     SetNodeStates,
+    SetReservation,
     SetSnapshotState,
     SetVolumeState,
     StateChange,
@@ -73,7 +75,38 @@ ALL = [
     RemoveNode(4),
     RegisterNode(5, "r1", "h:5", 10, 5, "d5", "h:9100"),
     RegisterGateway("gw2", "127.0.0.1:10811", 5, 0, "127.0.0.1:9101"),
+    SetIscsiAuth("v", "host1", "initiator-secret", "tgt", "target-secret!"),
+    SetReservation(7, 3, '{"registrations": []}'),
 ]
+
+
+def test_iscsi_chap_rules_and_secrets_stay_out_of_status() -> None:
+    """RFC 7143 12.1.3: secrets of at least 96 bits, different in the two directions; removing CHAP with an
+    empty user; a deleted volume takes its CHAP and reservations with it."""
+    s = cluster()
+    assert s.apply(CreateVolume("v", 64 << 20, 7)).ok
+    vid = s.volumes["v"].volume_id
+    for bad in (SetIscsiAuth("v", "u", "short"), SetIscsiAuth("v", "u", "initiator-secret", "t", ""),
+                SetIscsiAuth("v", "u", "same-secret-12", "t", "same-secret-12"), SetIscsiAuth("v", "u=1", "x" * 12),
+                SetIscsiAuth("nope", "u", "initiator-secret")):
+        assert not s.apply(bad).ok, bad
+    assert s.apply(SetIscsiAuth("v", "u", "initiator-secret", "t", "target-secret!")).ok
+    assert s.iscsi_auth[vid].target_user == "t"
+    assert MetaState.from_json(s.to_json()).iscsi_auth == s.iscsi_auth
+    assert s.apply(SetIscsiAuth("v")).ok and vid not in s.iscsi_auth
+    assert s.apply(SetIscsiAuth("", "d", "discovery-secret")).ok and 0 in s.iscsi_auth
+
+
+def test_reservation_state_is_compare_and_set() -> None:
+    s = cluster()
+    assert s.apply(CreateVolume("v", 64 << 20, 7)).ok
+    vid = s.volumes["v"].volume_id
+    assert s.apply(SetReservation(vid, 0, "a")).value["version"] == 1
+    stale = s.apply(SetReservation(vid, 0, "b"))
+    assert not stale.ok and stale.error == "stale" and s.reservations[vid].blob == "a"
+    assert s.apply(SetReservation(vid, 1, "b")).ok and s.reservations[vid].version == 2
+    assert not s.apply(SetReservation(vid + 100, 0, "c")).ok
+    assert s.apply(DeleteVolume("v")).ok and vid not in s.reservations
 
 
 def test_a_node_leaves_the_map_only_when_it_holds_no_replica() -> None:
