@@ -54,6 +54,8 @@ NODE_ID = {"s1": 11, "s2": 21, "s3": 31}
 CUT_RACK = "r1"
 ADD_RACK, ADD_ID = "r3", 32  # the storage node add-node.yml brings (host s4)
 NBD_PORT = 10809
+# docker-systemctl-replacement ignores AmbientCapabilities: the gateway (user raftblock) could not bind 3260
+ISCSI_PORT = 13260
 MiB = 1 << 20
 RECAP = re.compile(r"^(\S+)\s*:\s*ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)\s+skipped=(\d+)"
                    r"\s+rescued=(\d+)\s+ignored=(\d+)", re.M)
@@ -156,6 +158,7 @@ class Deployment:
             "raftblock_cluster_secret: \"{{ vault_raftblock_cluster_secret }}\"\n"
             "raftblock_stop_timeout_s: 60\n"
             "raftblock_health_timeout_s: 300\n"
+            f"raftblock_gateway_iscsi_port: {ISCSI_PORT}\n"
             + "".join(f"{k}: {json.dumps(v)}\n" for k, v in self.settings.items()))
         for rack, group in RACK_GROUP.items():
             (gv / f"{group}.yml").write_text(f"raftblock_rack: {rack}\n")
@@ -392,6 +395,9 @@ def test_deploy_converge_io_upgrade_and_rack_power_cut(deployment: Deployment, t
     vol1 = f"{d.gateway_uri}/vol1"
     _qemu_io(vol1, "write -P 0xa5 0 4M", "write -P 0x3c 100M 1M", "write -P 0x11 255M 1M")
     _qemu_io(vol1, "read -P 0xa5 0 4M", "read -P 0x3c 100M 1M", "read -P 0x11 255M 1M", "read -P 0 4M 1M")
+    # the same bytes over the gateway's iSCSI target
+    _qemu_io(f"iscsi://{d.addr('gw1')}:{ISCSI_PORT}/iqn.2026-12.org.raftblock:vol1/0", "read -P 0xa5 0 4M",
+             "read -P 0x3c 100M 1M")
     # a snapshot of an attached volume from the controller: the CLI raises gw1's barrier over its admin port
     d.cli("snapshot", "create", "vol1", "before-upgrade")
     snaps = json.loads(d.cli("snapshot", "list", "vol1", "--json").stdout)
