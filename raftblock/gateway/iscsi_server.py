@@ -192,6 +192,7 @@ class IscsiConnection(asyncio.Protocol):
         assert volume is not None  # the codec checked target_exists
         self.volume = volume
         self.lun = self.server.lun_for(volume)
+        self.lun.forget_reservations()  # scsi.py rule 5: the first command reads the store itself
         self.nexus = scsi.Nexus(initiator=f"{ev.initiator},i,0x{ev.isid.hex()}", target_port=f"{ev.target},t,0x0001")
         cat = self.server.catalog
         self.io = cat.io_of(volume)

@@ -33,8 +33,10 @@ Rules:
    service action (scsi_pr.apply_out) and stores the result with compare-and-swap, retrying on a lost
    race (`pr_cas_attempts_max`), so several gateways and restarts share one state. PERSISTENT RESERVE
    IN reads the store. Every other command is checked against a per-Lun cache of the state that this
-   Lun's own updates refresh and that is reloaded when older than `pr_cache_s` (1 s): a reservation
-   taken through another gateway binds this one within that time. The unit attentions a PR change
+   Lun's own updates refresh and that is reloaded when older than `pr_cache_s` (1 s), from the store's
+   `peek` when it has one (a cheap read of a copy the store follows anyway: the gateway's map, itself at
+   most a refresh old) or else `load`: a reservation taken through another gateway binds this one within
+   about two seconds. The unit attentions a PR change
    causes reach the nexuses this Lun object knows (other gateways' nexuses see the new state, not a UA).
 6. RESERVE(6)/RELEASE(6) (SPC-2) reservations live in this Lun object only (they are not shared
    between gateways, and they end with `reset` and with the holder's `nexus_lost`). While any
@@ -545,6 +547,12 @@ class Lun:
         for n in self._ua:
             self._add_ua(n, code)
 
+    def forget_reservations(self) -> None:
+        """The next command reads the persistent reservation state from the store itself (not a followed
+        copy): called when a session logs in, so a volume that moved here from another gateway starts from
+        the authoritative state."""
+        self._pr = _PrCache()
+
     def nexus_lost(self, nexus: Nexus) -> None:
         """The session of `nexus` is gone: its RESERVE(6) reservation and pending UAs go; its PR
         registrations stay (SPC-4 5.7.2)."""
@@ -590,7 +598,17 @@ class Lun:
         if self._clock() - self._pr.loaded_s >= self._pr_cache_s:
             async with self._pr_load_lock:
                 if self._clock() - self._pr.loaded_s >= self._pr_cache_s:
-                    await self._pr_load()
+                    peek = getattr(self._pr_store, "peek", None)
+                    if peek is None or self._pr.version < 0:  # the first read after `forget_reservations`: the store
+                        await self._pr_load()
+                    else:
+                        # A store that follows the state anyway (the gateway's copy of the map) answers without
+                        # a round trip; never older than what this Lun itself stored.
+                        version, blob = peek(self.name)
+                        if version > self._pr.version:
+                            self._pr = _PrCache(PrState.decode(blob), version, self._clock())
+                        else:
+                            self._pr.loaded_s = self._clock()
         return self._pr.state
 
     async def _pr_load(self) -> tuple[int, PrState]:

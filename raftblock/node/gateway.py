@@ -341,6 +341,14 @@ class MetaPrStore:
         r = st.reservations.get(await self._volume_id(volume, st))
         return (r.version, r.blob.encode()) if r is not None else (0, b"")
 
+    def peek(self, volume: str) -> tuple[int, bytes]:
+        """The state as this gateway's copy of the map has it (re-read every refresh_s): what the data path
+        checks, without a metadata round trip per volume per second."""
+        st = self.gw.state
+        rec = st.volumes.get(volume) if st is not None else None
+        r = st.reservations.get(rec.volume_id) if st is not None and rec is not None else None
+        return (r.version, r.blob.encode()) if r is not None else (0, b"")
+
     async def cas(self, volume: str, version: int, blob: bytes) -> bool:
         res = await self.gw.meta.set_reservation(await self._volume_id(volume), version, blob.decode())
         if res.ok:

@@ -1248,6 +1248,47 @@ def test_state_is_shared_through_the_store() -> None:
     assert keys_of(g1)[1] == [1, 2]
 
 
+class PeekStore(MemoryPrStore):
+    """A store with `peek`: the gateway's followed copy of the map, which lags the store (`lagged`)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lagged: tuple[int, bytes] = (0, b"")
+        self.loads = 0
+
+    def peek(self, volume: str) -> tuple[int, bytes]:
+        return self.lagged
+
+    async def load(self, volume: str) -> tuple[int, bytes]:
+        self.loads += 1
+        return await super().load(volume)
+
+
+def test_data_commands_read_the_followed_copy_and_never_go_back() -> None:
+    """scsi.py rule 5: with `peek`, a data command's cache refresh costs no store round trip (only the first
+    read after `forget_reservations` loads); a reservation another gateway took binds once the followed
+    copy has it; a copy older than this Lun's own update is ignored (its reservation does not vanish)."""
+    store = PeekStore()
+    now = [0.0]
+    g1, be = make(store=store, clock=lambda: now[0])
+    g2 = Lun("vol1", be, volume_id=0x1234, pr_store=store, clock=lambda: now[0])
+    assert ex(g2, rw10(scsi.READ_10, 0, 1), nexus=B).status == GOOD  # its first read: from the store
+    prout(g1, A, scsi_pr.SA_REGISTER_AND_IGNORE_EXISTING_KEY, sark=1)
+    assert prout(g1, A, scsi_pr.SA_RESERVE, rk=1, pr_type=scsi_pr.EXCLUSIVE_ACCESS).status == GOOD
+    loads = store.loads
+    now[0] += 1.0
+    assert ex(g1, rw10(scsi.READ_10, 0, 1), nexus=B).status == RESERVATION_CONFLICT  # lagging copy ignored
+    assert ex(g2, rw10(scsi.READ_10, 0, 1), nexus=B).status == GOOD  # g2's followed copy does not have it yet
+    store.lagged = store._data["vol1"]
+    now[0] += 1.0
+    assert ex(g2, rw10(scsi.READ_10, 0, 1), nexus=B).status == RESERVATION_CONFLICT
+    assert store.loads == loads  # data commands never called load
+    g3 = Lun("vol1", be, volume_id=0x1234, pr_store=store, clock=lambda: now[0])
+    store.lagged = (0, b"")
+    g3.forget_reservations()  # a session logged in: the first command asks the store, not the copy
+    assert ex(g3, rw10(scsi.READ_10, 0, 1), nexus=B).status == RESERVATION_CONFLICT
+
+
 class RacingStore(MemoryPrStore):
     """A store where another writer wins the first compare-and-swap."""
 
