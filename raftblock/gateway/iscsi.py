@@ -1064,9 +1064,7 @@ class TargetConnection:
         COMMAND (RFC 7143 11.4.7.2) without running it; later Data-Out of that task is dropped."""
         self._reject(pdu.bhs, REJECT_PROTOCOL_ERROR)
         del self._writes[wt.cmd.itt]
-        self._failed_itts[wt.cmd.itt] = None
-        while len(self._failed_itts) > self.limits.queue_depth:
-            del self._failed_itts[next(iter(self._failed_itts))]
+        self._remember_failed(wt.cmd.itt)
         self.data_errors.append(why)
         self._handout_done(wt.cmd)
         sense = bytearray(18)
@@ -1145,11 +1143,21 @@ class TargetConnection:
         self._emit(b, struct.pack(">H", len(sense)) + sense if sense else b"")
 
     def forget_write(self, itt: int) -> bool:
-        """ABORT TASK of a command still collecting its data: drop it. True if there was one."""
-        return self._writes.pop(itt, None) is not None
+        """ABORT TASK of a command still collecting its data: drop it (and its late Data-Out). True if there
+        was one."""
+        if self._writes.pop(itt, None) is None:
+            return False
+        self._remember_failed(itt)
+        return True
+
+    def _remember_failed(self, itt: int) -> None:
+        self._failed_itts[itt] = None
+        while len(self._failed_itts) > self.limits.queue_depth:  # rule 4: bounded
+            del self._failed_itts[next(iter(self._failed_itts))]
 
     def forget_all_writes(self) -> None:
-        self._writes.clear()
+        for itt in list(self._writes):
+            self.forget_write(itt)
 
     def tmf_response(self, itt: int, response: int) -> None:
         b = self._bhs(OP_TMF_RSP, 0x80, itt)

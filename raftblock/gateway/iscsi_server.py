@@ -271,7 +271,6 @@ class IscsiConnection(asyncio.Protocol):
         codec = self.codec
         if fn == iscsi.TMF_ABORT_TASK:
             if codec.forget_write(ev.referenced_itt):
-                codec.outstanding += 0
                 resp = iscsi.TMF_RSP_COMPLETE
             elif ev.referenced_itt in self.running:
                 await self._abort([self.running[ev.referenced_itt]])
