@@ -18,7 +18,7 @@ DIR      ?= $(RAFTBLOCK_DIR)
 NBD_PORT ?= $(RAFTBLOCK_NBD_PORT)
 ISCSI_PORT ?= $(RAFTBLOCK_ISCSI_PORT)
 
-.PHONY: all venv sysdeps test test-fast test-iscsi lint compile bench bench-compare bench-deps bench-raft bench-rebuild bench-soak bench-snapshot profile demo demo-down clean sim sim-chain proto faults
+.PHONY: all venv sysdeps test test-fast test-slow test-iscsi lint compile bench bench-compare bench-deps bench-raft bench-rebuild bench-soak bench-snapshot profile demo demo-down clean sim sim-chain proto faults
 
 all: venv
 
@@ -53,10 +53,21 @@ compile: $(STAMP)
 NO_FAST_TESTS := lint docs imports prometheus_rules obs gateway_admin_auth sim chain_sim raft_core raft_mutations \
                  linearizability meta_state meta_group meta_journal health placement raft_repair chain_repair chain_core \
                  sessions wire chain_wire
+# The Ansible deployment test (~8 min, mostly ansible-playbook waiting on its hosts: the machine is two thirds
+# idle meanwhile) runs beside the rest of the suite, in its own network namespaces and pytest temp dir; its
+# report follows the suite's, and either failing fails `make test`.
 test: sysdeps $(STAMP)
-	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS) tests
+	@tmp=$$(mktemp -d /tmp/raftblock-ansible-test.XXXXXX); \
+	$(PY) -m pytest -q -p no:cacheprovider --basetemp=$$tmp/t $(PYTEST_ARGS) tests/ansible > $$tmp/log 2>&1 & apid=$$!; \
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS) --ignore=tests/ansible tests; rc=$$?; \
+	wait $$apid; arc=$$?; echo "--- tests/ansible (ran beside the suite above; exit $$arc) ---"; cat $$tmp/log; \
+	rm -rf $$tmp; [ $$rc = 0 ] && [ $$arc = 0 ]
 	RAFTBLOCK_NO_EXTENSIONS=1 $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) \
 	  $(foreach t,$(NO_FAST_TESTS),--ignore=tests/unit/test_$(t).py) tests/unit
+
+# The tests marked slow (variants whose path the default suite already covers in its other mode); not in `make test`.
+test-slow: sysdeps $(STAMP)
+	$(PY) -m pytest -q --durations=25 -m slow $(PYTEST_ARGS) tests
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -x tests/unit $(PYTEST_ARGS)
