@@ -33,7 +33,7 @@ from typing import Any, cast
 import structlog
 
 from raftblock.gateway import iscsi, scsi
-from raftblock.gateway.nbd_server import Attacher, OpStats, VolumeCatalog
+from raftblock.gateway.nbd_server import Attacher, OpStats, VolumeCatalog, set_keepalive
 from raftblock.gateway.scsi_pr import Sense
 from raftblock.replication.group import GroupError
 
@@ -105,6 +105,7 @@ class IscsiConnection(asyncio.Protocol):
     # --- asyncio callbacks ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        set_keepalive(transport)
         self.log = self.log.bind(peer=str(self.transport.get_extra_info("peername")))
         self.server.connections.add(self)
         self._timer = asyncio.get_running_loop().call_later(self.server.config.login_timeout_s, self._login_timeout)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -59,6 +60,26 @@ class GatewayConfig:
     handshake_timeout_s: float = 30.0
     drain_timeout_s: float = 30.0
     max_block_bytes: int = 32 << 20
+
+
+KEEPALIVE_IDLE_S = 30  # a host that vanished without a FIN (power loss, cut cable) is found in ~60 s
+KEEPALIVE_INTERVAL_S = 10
+KEEPALIVE_PROBES = 3
+
+
+def set_keepalive(transport: asyncio.BaseTransport) -> None:
+    """TCP keepalive on a host connection: a dead host's connection ends, so its exclusive attach is given
+    back (node/gateway.py rule 3) instead of pinning the volume to this gateway forever."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_S)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+    except (OSError, AttributeError):  # not TCP (a unix socket), or a platform without these options
+        pass
 
 
 class Attacher(Protocol):
@@ -145,6 +166,7 @@ class NbdConnection(asyncio.Protocol):
     # --- asyncio callbacks ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        set_keepalive(transport)
         peer = self.transport.get_extra_info("peername")
         self.log = self.log.bind(peer=str(peer))
         self.server.connections.add(self)

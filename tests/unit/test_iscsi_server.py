@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 from typing import Any
 
@@ -137,6 +138,28 @@ def test_a_login_with_a_live_sessions_isid_reinstates_it() -> None:
             assert bhs[0] == 0x21
             w1.close()
             w2.close()
+        finally:
+            await srv.shutdown()
+
+    asyncio.run(main())
+
+
+def test_host_connections_have_tcp_keepalive() -> None:
+    """A host that vanished without a FIN must not hold its volume's exclusive attach forever: keepalive
+    probes end its connection (nbd_server.set_keepalive, used by both servers)."""
+
+    async def main() -> None:
+        srv = await _serve(_Vol())
+        port = int(srv.address.rsplit(":", 1)[1])
+        try:
+            r, w = await _login(port)
+            (conn,) = srv.connections
+            assert conn.transport is not None
+            sock = conn.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+            w.close()
         finally:
             await srv.shutdown()
 
