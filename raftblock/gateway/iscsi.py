@@ -242,7 +242,7 @@ class Command:
     write: bool
     cmdsn: int
     immediate: bool
-    data_out: bytes = b""
+    data_out: bytes | bytearray | memoryview = b""
     # decided by the codec (rule 2): the write residual to report
     residual_overflow: int = 0
     residual_underflow: int = 0
@@ -1010,7 +1010,8 @@ class TargetConnection:
             return
         del self._writes[wt.cmd.itt]
         cmd = wt.cmd
-        cmd.data_out = bytes(wt.buf[: wt.want]) if wt.want else b""
+        # no copy: the collected buffer is the command's (a view when unsolicited data ran past what it asks)
+        cmd.data_out = wt.buf if wt.want == len(wt.buf) else memoryview(wt.buf)[: wt.want]
         self._handout(cmd)
 
     def _on_data_out(self, pdu: _Pdu) -> None:

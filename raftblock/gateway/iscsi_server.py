@@ -33,7 +33,14 @@ from typing import Any, cast
 import structlog
 
 from raftblock.gateway import iscsi, scsi
-from raftblock.gateway.nbd_server import Attacher, OpStats, VolumeCatalog, set_keepalive
+from raftblock.gateway.nbd_server import (
+    Attacher,
+    OpStats,
+    VolumeCatalog,
+    attach_done,
+    release_attach,
+    set_keepalive,
+)
 from raftblock.gateway.scsi_pr import Sense
 from raftblock.replication.group import GroupError
 
@@ -165,12 +172,8 @@ class IscsiConnection(asyncio.Protocol):
         if self.volume:
             self.server.catalog.attached[self.volume] -= 1
             self.log.info("iscsi.detached", volume=self.volume)
-            attacher, name, task = self.server.attacher, self.volume, self.attach_task
-            if attacher is not None and task is not None:
-                if task.done() and not task.cancelled() and task.exception() is None:
-                    attacher.release(name)
-                elif not task.done():
-                    task.add_done_callback(lambda t: None if t.cancelled() or t.exception() else attacher.release(name))
+            if self.server.attacher is not None and self.attach_task is not None:
+                release_attach(self.server.attacher, self.volume, self.attach_task)
 
     # --- events -----------------------------------------------------------------------------------
     def _on_login(self, ev: iscsi.LoggedIn) -> None:
@@ -223,7 +226,7 @@ class IscsiConnection(asyncio.Protocol):
         data: bytes | bytearray | memoryview = b""
         try:
             at = self.attach_task
-            if at is not None and not (at.done() and not at.cancelled() and at.exception() is None):
+            if at is not None and not attach_done(at):
                 try:
                     await asyncio.shield(at)
                 except Exception as e:  # noqa: BLE001 — refused attach (rule 5)

@@ -82,6 +82,20 @@ def set_keepalive(transport: asyncio.BaseTransport) -> None:
         pass
 
 
+def attach_done(task: asyncio.Task[None]) -> bool:
+    """The exclusive attach's acquire succeeded."""
+    return task.done() and not task.cancelled() and task.exception() is None
+
+
+def release_attach(attacher: Attacher, name: str, task: asyncio.Task[None]) -> None:
+    """A host connection ended: give its attach back now if the acquire succeeded, or when it does if it is
+    still running (a refused or cancelled acquire holds nothing)."""
+    if attach_done(task):
+        attacher.release(name)
+    elif not task.done():
+        task.add_done_callback(lambda t: attacher.release(name) if attach_done(t) else None)
+
+
 class Attacher(Protocol):
     """Exclusive attach (the cluster's gateway): `acquire` before a connection's first request,
     `release` when it closes. A refusal raises; the connection's requests then get EPERM."""
@@ -214,11 +228,7 @@ class NbdConnection(asyncio.Protocol):
             self.server.catalog.attached[self.export.name] -= 1
             self.log.info("nbd.detached", volume=self.export.name)
             if self.attach_task is not None and self.server.attacher is not None:
-                task, name, attacher = self.attach_task, self.export.name, self.server.attacher
-                if task.done() and not task.cancelled() and task.exception() is None:
-                    attacher.release(name)
-                elif not task.done():
-                    task.add_done_callback(lambda t: None if t.cancelled() or t.exception() else attacher.release(name))
+                release_attach(self.server.attacher, self.export.name, self.attach_task)
 
     # --- handling ---------------------------------------------------------------------------------
     def _on_export(self, ev: nbd.ExportSelected) -> None:
@@ -290,7 +300,7 @@ class NbdConnection(asyncio.Protocol):
     async def _run(self, req: nbd.Request, vol: Volume) -> None:
         codec = self.codec
         at = self.attach_task
-        if at is not None and not (at.done() and not at.cancelled() and at.exception() is None):
+        if at is not None and not attach_done(at):
             try:
                 await asyncio.shield(at)
             except Exception as e:  # noqa: BLE001 — refused attach: no I/O on this connection
