@@ -395,7 +395,7 @@ def cmd_volume_rename(args: argparse.Namespace) -> int:
 def cmd_volume_set_chap(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import volume_set_chap
 
-    def secret(path: str | None, what: str) -> str:
+    def secret(path: str | None) -> str:
         if path is None:
             return ""
         text = sys.stdin.read() if path == "-" else Path(path).read_text()
@@ -410,8 +410,8 @@ def cmd_volume_set_chap(args: argparse.Namespace) -> int:
     if bool(args.target_user) != (args.target_secret_file is not None):
         print("raftblock volume set-chap: mutual CHAP needs --target-user and --target-secret-file", file=sys.stderr)
         return 2
-    res = volume_set_chap(_target(args), args.name, args.user, secret(args.secret_file, "secret"),
-                          args.target_user or "", secret(args.target_secret_file, "target secret"))
+    res = volume_set_chap(_target(args), args.name, args.user, secret(args.secret_file),
+                          args.target_user or "", secret(args.target_secret_file))
     what = "mutual CHAP" if args.target_user else "CHAP"
     return _report(args, res, f"{what} set for the iSCSI target of {args.name or 'discovery sessions'}")
 

@@ -93,7 +93,7 @@ class IscsiConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         limits = iscsi.Limits(max_transfer_bytes=server.config.max_transfer_bytes,
                               queue_depth=server.config.queue_depth)
-        self.codec = iscsi.TargetConnection(server.target_catalog, data_out_bytes=server.data_out_bytes,
+        self.codec = iscsi.TargetConnection(server.target_catalog, data_out_bytes=self._data_out_bytes,
                                             limits=limits, new_tsih=server.new_tsih)
         self.volume = ""
         self.session_type = ""  # "" until logged in
@@ -316,6 +316,11 @@ class IscsiConnection(asyncio.Protocol):
         self.close()
 
     # --- plumbing ---------------------------------------------------------------------------------
+    def _data_out_bytes(self, target: str, cdb: bytes) -> int:
+        """How much write data a command of this session carries: its logical unit, found once at login (the
+        codec hands out commands only after LoggedIn)."""
+        return self.lun.data_out_bytes(cdb) if self.lun is not None else 0
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self._bg.add(task)
@@ -412,12 +417,6 @@ class IscsiServer:
                        max_transfer_bytes=self.config.max_transfer_bytes)
         self._luns[volume] = (vol, lun)
         return lun
-
-    def data_out_bytes(self, target: str, cdb: bytes) -> int:
-        volume = self.volume_of(target)
-        if volume is None or self.catalog.get(volume) is None:
-            return 0
-        return self.lun_for(volume).data_out_bytes(cdb)
 
     def new_tsih(self) -> int:
         return next(self._tsih) % 0xFFFF or next(self._tsih)
