@@ -18,7 +18,7 @@ DIR      ?= $(RAFTBLOCK_DIR)
 NBD_PORT ?= $(RAFTBLOCK_NBD_PORT)
 ISCSI_PORT ?= $(RAFTBLOCK_ISCSI_PORT)
 
-.PHONY: all venv sysdeps test test-fast test-slow test-iscsi lint compile bench bench-compare bench-deps bench-raft bench-rebuild bench-soak bench-snapshot profile demo demo-down clean sim sim-chain proto faults
+.PHONY: all venv sysdeps test test-fast test-slow test-iscsi lint compile bench bench-compare bench-deps bench-raft bench-rebuild bench-soak bench-snapshot bench-qos profile demo demo-down clean sim sim-chain proto faults fuzz
 
 all: venv
 
@@ -144,6 +144,11 @@ bench-soak: sysdeps $(STAMP)
 # writes with and without snapshots, export / incremental / restore MB/s against zstd-1, dedup of two clones.
 bench-snapshot: sysdeps $(STAMP)
 	$(PY) bench/snapshot.py $(if $(QUICK),--quick,)
+
+# Per-volume QoS (issue 20): a quiet volume's latency beside a noisy one without and with limits, a limit held over
+# 30 s, a reservation met on a saturated node; at qos_slots_ops 64 (the default) and 16 (bench/README.md). ~15 min.
+bench-qos: sysdeps $(STAMP)
+	$(PY) bench/qos.py $(if $(QUICK),--quick,)
 
 bench-raft: $(STAMP)
 	@dpkg -s etcd-server >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null; }

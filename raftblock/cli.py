@@ -15,6 +15,7 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -242,11 +243,79 @@ def cmd_repair_watch(args: argparse.Namespace) -> int:
 
 def cmd_volume_create(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import volume_create
+    from raftblock.qos import QosSpec
     from raftblock.units import format_size
 
-    v = volume_create(_target(args), args.name, args.size, args.replication)
+    v = volume_create(_target(args), args.name, args.size, args.replication, qos=QosSpec(**_qos_changes(args)))
+    qos = _qos_text(v["qos"])
     return _report(args, v, f"created volume {v['name']} ({format_size(v['size_bytes'])}, {v['extents']} extents "
-                            f"in {_ranges(v['groups'])}, replication {v['replication']})")
+                            f"in {_ranges(v['groups'])}, replication {v['replication']}"
+                            + (f", QoS {qos})" if qos != "none" else ")"))
+
+
+_QOS_ARGS = {"iops": "iops", "mbps": "bytes_per_s", "burst_iops": "burst_iops", "burst_mbps": "burst_bytes",
+             "min_iops": "min_iops", "weight": "weight"}
+MB = 1_000_000
+
+
+def _qos_changes(args: argparse.Namespace) -> dict[str, int]:
+    """The QoS options given (QosSpec field -> value); MB/s options are decimal megabytes."""
+    out = {}
+    for opt, field in _QOS_ARGS.items():
+        v = getattr(args, opt)
+        if v is not None:
+            out[field] = round(v * MB) if opt.endswith("mbps") else int(v)
+    return out
+
+
+def _qos_text(q: dict[str, int]) -> str:
+    parts = []
+    if q["iops"]:
+        parts.append(f"limit {q['iops']} IOPS (burst {q['burst_iops']})")
+    if q["bytes_per_s"]:
+        parts.append(f"limit {q['bytes_per_s'] / MB:g} MB/s (burst {q['burst_bytes'] / MB:g} MB)")
+    if q["min_iops"]:
+        parts.append(f"reserved {q['min_iops']} IOPS")
+    if q["weight"] != 1:
+        parts.append(f"weight {q['weight']}")
+    return ", ".join(parts) or "none"
+
+
+def _qos_opts(p: argparse.ArgumentParser) -> None:
+    def nonneg(kind: type) -> Callable[[str], float]:
+        def parse(text: str) -> float:
+            try:
+                v = kind(text)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(f"{text!r} is not a number") from e
+            if v < 0:
+                raise argparse.ArgumentTypeError(f"{text} is negative")
+            return float(v)
+        return parse
+
+    g = p.add_argument_group("QoS (0 = none; enforced at the gateway and on every node leading the volume)")
+    g.add_argument("--iops", type=nonneg(int), default=None, metavar="N", help="limit: operations per second")
+    g.add_argument("--mbps", type=nonneg(float), default=None, metavar="N", help="limit: MB/s (1 MB = 10^6 bytes)")
+    g.add_argument("--burst-iops", type=nonneg(int), default=None, metavar="N",
+                   help="operations that may go at once above --iops after an idle spell (default: one second's)")
+    g.add_argument("--burst-mbps", type=nonneg(float), default=None, metavar="N",
+                   help="MB that may go at once above --mbps (default: one second's)")
+    g.add_argument("--min-iops", type=nonneg(int), default=None, metavar="N",
+                   help="reservation: operations per second the volume gets even when the nodes are saturated")
+    g.add_argument("--weight", type=nonneg(int), default=None, metavar="N",
+                   help="share of what is left beyond reservations, relative to other volumes (1-10000, default 1)")
+
+
+def cmd_volume_set_qos(args: argparse.Namespace) -> int:
+    from raftblock.node.cluster import volume_set_qos
+
+    changes = _qos_changes(args)
+    if not changes and not args.clear:
+        print("raftblock volume set-qos: nothing to set (--iops, --mbps, --burst-iops, --burst-mbps, --min-iops, "
+              "--weight or --clear)", file=sys.stderr)
+        return 2
+    res = volume_set_qos(_target(args), args.name, changes, args.clear)
+    return _report(args, res, f"QoS of {args.name}: {_qos_text(res['qos'])}")
 
 
 class _Progress:
@@ -352,7 +421,8 @@ def cmd_volume_info(args: argparse.Namespace) -> int:
           f"  allocated:   {format_size(v['allocated_bytes'])}\n"
           f"  extents:     {v['extents']} of {format_size(v['extent_size_bytes'])}\n"
           f"  attached by: {v['attached_by'] or '-'} (attach epoch {v['attach_epoch']}, "
-          f"{v['connections']} connection(s))")
+          f"{v['connections']} connection(s))\n"
+          f"  QoS:         {_qos_text(v['qos'])}")
     print("  groups:      id    members     leader  term  epoch")
     for g in v["groups"]:
         print(f"               {g['group']:<5} {','.join(map(str, g['members'])):<11} {str(g['leader'] or '-'):<7} "
@@ -852,9 +922,18 @@ def build_parser() -> argparse.ArgumentParser:
     vc.add_argument("--replication", choices=["raft", "chain"], default=None,
                     help="raft (a majority of 3 fsyncs) or chain (head -> middle -> tail, all fsync); "
                          "default: the cluster's (cluster up --replication)")
+    _qos_opts(vc)
     _dir(vc)
     _json(vc)
     vc.set_defaults(func=cmd_volume_create)
+    vq = vsub.add_parser("set-qos", help="change a volume's QoS (limits, burst, reservation, weight), also while "
+                                         "attached; options not given keep their value")
+    vq.add_argument("name")
+    _qos_opts(vq)
+    vq.add_argument("--clear", action="store_true", help="start from no QoS (then apply the options given)")
+    _dir(vq)
+    _json(vq)
+    vq.set_defaults(func=cmd_volume_set_qos)
     vl = vsub.add_parser("list", help="list volumes")
     _dir(vl)
     _json(vl)

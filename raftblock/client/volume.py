@@ -24,16 +24,22 @@ Rules:
 6. A lazy restore still filling (info.lazy_source): a read first makes the chunks it touches present
    (client/lazy.py); TRIM and WRITE_ZEROES keep blocks as on a clone (a hole would be filled from the backup
    later); block status says "data" everywhere until the fill is complete.
+7. QoS: a host's READ, WRITE, TRIM, WRITE_ZEROES and COMPARE AND WRITE first wait here for the volume's
+   limits (info.qos, from the map: raftblock/qos.py `Limits.reserve`, one operation and its bytes per host
+   request, in arrival order), so a host over its limits waits in its gateway instead of flooding the nodes;
+   a changed spec applies from the next request. Each node schedules what reaches it again (node/admission.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from raftblock._fast import blockcrc
 from raftblock.client.lazy import LazyFill
+from raftblock.qos import UNSET, Limits, QosSpec
 from raftblock.replication.group import CorruptData, ReplicationGroup
 
 BLOCK_SIZE = 4096
@@ -56,6 +62,7 @@ class VolumeInfo:
     parent_snap_id: int = 0
     parent_size_bytes: int = 0  # that snapshot's size (the parent may have grown since): zeros past it
     lazy_source: str = ""  # a lazy restore still filling: "URL#VOLUME@SNAPSHOT" (rule 6)
+    qos: QosSpec = UNSET  # its limits hold here, before anything reaches a node (rule 7)
 
     def extent_id(self, extent_index: int) -> int:
         if self.extent_ids:
@@ -111,6 +118,10 @@ class Volume:
         self._holds = 0
         self._parent: Volume | None = None  # rule 5, built from info.parent when first needed
         self._lazy: LazyFill | None = None  # rule 6
+        self._qos_seen: QosSpec | None = None  # rule 7: the spec `_limits` was made from
+        self._limits: Limits | None = None
+        self.qos_waits = 0  # host requests that waited for the volume's limits
+        self.qos_wait_s = 0.0  # ... and how long in all
 
     @property
     def size_bytes(self) -> int:
@@ -293,7 +304,24 @@ class Volume:
                 progress(done, total)
         return copied
 
+    # --- QoS (rule 7) ------------------------------------------------------------------------------
+    async def _admit(self, nbytes: int) -> None:
+        qos = self.info.qos
+        if qos is not self._qos_seen:
+            if qos != self._qos_seen:  # a new spec (not merely a new map): new buckets
+                self._limits = Limits(qos, time.monotonic()) if qos.iops or qos.bytes_per_s else None
+            self._qos_seen = qos
+        if self._limits is None:
+            return
+        wait = self._limits.reserve(time.monotonic(), nbytes)
+        if wait > 0:
+            self.qos_waits += 1
+            self.qos_wait_s += wait
+            await asyncio.sleep(wait)  # the host's request waits for its turn under the volume's limits
+
     async def read(self, offset: int, length: int) -> bytearray | memoryview:
+        if self._limits is not None or self.info.qos is not self._qos_seen:
+            await self._admit(length)
         first = offset // BLOCK_SIZE
         end = (offset + length + BLOCK_SIZE - 1) // BLOCK_SIZE
         data = await self._read_blocks(first, end)
@@ -352,6 +380,11 @@ class Volume:
 
     # --- write ------------------------------------------------------------------------------------
     async def write(self, offset: int, data: memoryview | bytes) -> None:
+        if self._limits is not None or self.info.qos is not self._qos_seen:
+            await self._admit(len(data))
+        await self._write_held(offset, data)
+
+    async def _write_held(self, offset: int, data: memoryview | bytes) -> None:
         await self._write(offset, data)
         if self._barrier is not None:
             await self._held()
@@ -423,6 +456,8 @@ class Volume:
         volume's only writer). One replicated write per extent group, so atomic per extent group on a crash."""
         length = len(data)
         assert len(verify) == length and length > 0
+        if self._limits is not None or self.info.qos is not self._qos_seen:
+            await self._admit(length)
         first = offset // BLOCK_SIZE
         end = (offset + length + BLOCK_SIZE - 1) // BLOCK_SIZE
         blocks = list(range(first, end))
@@ -445,6 +480,8 @@ class Volume:
     # --- trim / zero ------------------------------------------------------------------------------
     async def trim(self, offset: int, length: int) -> None:
         """Advisory (proto.md): only whole blocks inside the range are dropped; partial ones are left."""
+        if self._limits is not None or self.info.qos is not self._qos_seen:
+            await self._admit(0)
         first = (offset + BLOCK_SIZE - 1) // BLOCK_SIZE
         end = (offset + length) // BLOCK_SIZE
         if first >= end or self._keeps_blocks():  # a clone keeps the block (rules 5, 6)
@@ -458,17 +495,19 @@ class Volume:
     async def zero(self, offset: int, length: int, no_hole: bool) -> None:
         """WRITE_ZEROES: partial edge blocks get zeros by RMW; whole blocks are dropped (they read as
         zeros), or, with NO_HOLE, written as allocated zero blocks."""
+        if self._limits is not None or self.info.qos is not self._qos_seen:
+            await self._admit(length if no_hole else 0)
         end_off = offset + length
         first_full = (offset + BLOCK_SIZE - 1) // BLOCK_SIZE
         end_full = end_off // BLOCK_SIZE
         if first_full >= end_full:
-            await self.write(offset, bytes(length))
+            await self._write_held(offset, bytes(length))
             return
         if offset % BLOCK_SIZE:
             head_len = first_full * BLOCK_SIZE - offset
-            await self.write(offset, bytes(head_len))
+            await self._write_held(offset, bytes(head_len))
         if end_off % BLOCK_SIZE:
-            await self.write(end_full * BLOCK_SIZE, bytes(end_off - end_full * BLOCK_SIZE))
+            await self._write_held(end_full * BLOCK_SIZE, bytes(end_off - end_full * BLOCK_SIZE))
         if self._locks:
             await self._locks.wait_free(first_full, end_full)
         if no_hole or self._keeps_blocks():  # a clone's hole would read its parent (rules 5, 6)

@@ -5,9 +5,10 @@
 # data plane serves the member-to-member requests it uses (SCRUB_CRCS, SCRUB_REPAIR, REPLICA_READ).
 #
 # Rules:
-# 1. Bounded: at most `scrub_bytes_per_s` re-read per second (paced per run of blocks), one run in flight,
-#    and a pause of `scrub_pass_interval_s` between passes. Foreground I/O is never queued behind it: the
-#    scrub reads on the event loop between other work, 1 MiB at a time.
+# 1. Bounded: each run of blocks (1 MiB at most) takes its turn in the node's QoS scheduler under class "scrub"
+#    (node/admission.py rule 3: at most `scrub_bytes_per_s`, a fair share beside the volumes when the node is
+#    saturated), one run in flight, and a pause of `scrub_pass_interval_s` between passes; the members it
+#    compares with admit its SCRUB_CRCS the same way.
 # 2. Every allocated block (and every block the engine has marked bad) is read back and its CRC32C
 #    checked (Engine.read). A bad block is fetched from another member and rewritten (the read-repair
 #    path): counters scrub_errors_found, scrub_blocks_repaired, scrub_repair_failed.
@@ -67,6 +68,10 @@ class ScrubNode(Protocol):
 
     def scrub_view(self, gid: int) -> ScrubView | None: ...
 
+    async def qos_admit(self, key: str, nbytes: int) -> Any: ...
+
+    def qos_done(self, slot: Any) -> None: ...
+
     async def read_repair(self, gid: int, others: list[int], extent_id: int, block: int, n: int,
                           applied: int) -> tuple[bytearray, list[int]]: ...
 
@@ -79,7 +84,6 @@ class Scrubber:
         self.passes = 0
         self._suspects: set[tuple[int, int, int, int]] = set()  # (group, extent, block, member) last pass
         self._found: set[tuple[int, int, int, int]] = set()  # this pass
-        self._next_at = time.monotonic()
 
     async def run(self, stop: asyncio.Event) -> None:
         cfg = self.rt.cfg
@@ -109,23 +113,19 @@ class Scrubber:
                 for first, n in runs(blocks):
                     if stop is not None and stop.is_set():
                         return {}
-                    await self._pace(n * BLOCK_SIZE)
-                    if rt.scrub_view(gid) is None or rt.failed is not None:
-                        break  # discarded meanwhile, or the node failed
-                    await self.scrub_run(gid, ext, first, n)
+                    slot = await rt.qos_admit("scrub", n * BLOCK_SIZE)  # rule 1
+                    try:
+                        if rt.scrub_view(gid) is None or rt.failed is not None:
+                            break  # discarded meanwhile, or the node failed
+                        await self.scrub_run(gid, ext, first, n)
+                    finally:
+                        rt.qos_done(slot)
         self.passes += 1
         self._suspects = self._found
         c["scrub_passes"] += 1
         found = {k: c[k] - v for k, v in before.items()}
         log.info("scrub.pass_done", passes=self.passes, seconds=round(time.monotonic() - t0, 1), **found)
         return found
-
-    async def _pace(self, nbytes: int) -> None:
-        rate = self.rt.cfg.scrub_bytes_per_s
-        now = time.monotonic()
-        if self._next_at > now:
-            await asyncio.sleep(self._next_at - now)  # pacing, rule 1
-        self._next_at = max(now, self._next_at) + nbytes / rate
 
     async def scrub_run(self, gid: int, ext: int, block: int, n: int) -> None:
         rt = self.rt

@@ -44,12 +44,14 @@ from raftblock.meta.state import (
     ResizeVolume,
     Result,
     SetIscsiAuth,
+    SetQos,
     SetReservation,
     SetSnapshotState,
     SetVolumeState,
     command_from_dict,
     encode_command,
 )
+from raftblock.qos import UNSET, QosSpec
 from raftblock.replication.raft.types import NodeId
 
 log = structlog.get_logger(__name__)
@@ -309,9 +311,15 @@ class MetaClient:
         return await self.propose(RemoveNode(node_id))
 
     async def create_volume(self, name: str, size_bytes: int, mode: str = "raft", state: str = "ready",
-                            parent: str = "", origin: str = "", lazy_source: str = "") -> Result:
-        return await self.propose(CreateVolume(name, size_bytes, _now_ms(), mode, state=state, parent=parent,
-                                               origin=origin, lazy_source=lazy_source))
+                            parent: str = "", origin: str = "", lazy_source: str = "",
+                            qos: QosSpec = UNSET) -> Result:
+        return await self.propose(CreateVolume(name, size_bytes, _now_ms(), mode, qos.iops, qos.bytes_per_s,
+                                               qos.burst_iops, qos.burst_bytes, qos.min_iops, qos.weight,
+                                               state=state, parent=parent, origin=origin, lazy_source=lazy_source))
+
+    async def set_qos(self, name: str, qos: QosSpec) -> Result:
+        return await self.propose(SetQos(name, qos.iops, qos.bytes_per_s, qos.burst_iops, qos.burst_bytes,
+                                         qos.min_iops, qos.weight))
 
     async def resize_volume(self, name: str, size_bytes: int, allow_shrink: bool = False) -> Result:
         return await self.propose(ResizeVolume(name, size_bytes, allow_shrink))

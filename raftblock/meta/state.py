@@ -28,6 +28,7 @@ from raftblock.meta.placement import (
     leader_counts_of,
     place,
 )
+from raftblock.qos import QosSpec
 from raftblock.replication.raft.types import GroupId, NodeId
 from raftblock.units import format_size
 
@@ -78,8 +79,14 @@ class VolumeRecord:
     created_ms: int
     extent_size_bytes: int
     extent_groups: list[GroupId]  # extent index -> extent group
-    qos_iops_max: int = 0  # placeholders: 0 = unlimited
+    # QoS (raftblock/qos.py QosSpec; `volume create|set-qos`): limits (0 = none) with their bursts (bucket
+    # depths, 0 = one second of the limit), a reservation (min IOPS) and a weight
+    qos_iops_max: int = 0
     qos_bytes_per_s_max: int = 0
+    qos_burst_iops: int = 0
+    qos_burst_bytes: int = 0
+    qos_min_iops: int = 0
+    qos_weight: int = 1
     # "ready" (served), "restoring" (being filled from a backup: not served, docs/snapshots.md section 5),
     # "failed" (a restore that did not complete: not served, kept for the operator to delete)
     state: str = "ready"
@@ -90,6 +97,10 @@ class VolumeRecord:
     # A lazy restore still filling (docs/snapshots.md section 5): "URL#VOLUME@SNAPSHOT"; gateways fetch a chunk
     # not filled yet before reading it. Cleared when the background fill is complete.
     lazy_source: str = ""
+
+    def qos(self) -> QosSpec:
+        return QosSpec(self.qos_iops_max, self.qos_bytes_per_s_max, self.qos_burst_iops, self.qos_burst_bytes,
+                       self.qos_min_iops, self.qos_weight)
 
 
 @dataclass
@@ -248,6 +259,10 @@ class CreateVolume(Command):
     mode: str = "raft"
     qos_iops_max: int = 0
     qos_bytes_per_s_max: int = 0
+    qos_burst_iops: int = 0
+    qos_burst_bytes: int = 0
+    qos_min_iops: int = 0
+    qos_weight: int = 1
     state: str = "ready"  # "restoring": a restore target, not served until SetVolumeState makes it ready
     parent: str = ""  # a clone: "VOLUME@SNAPSHOT" (a ready snapshot; the clone is at least its size)
     origin: str = ""
@@ -366,6 +381,24 @@ class SetIscsiAuth(Command):
 
 
 @dataclass(frozen=True)
+class SetQos(Command):
+    """A volume's QoS, all of it (raftblock/qos.py QosSpec); the CLI fills what it was not told from the map."""
+
+    op: ClassVar[str] = "set_qos"
+    name: str
+    iops_max: int = 0
+    bytes_per_s_max: int = 0
+    burst_iops: int = 0
+    burst_bytes: int = 0
+    min_iops: int = 0
+    weight: int = 1
+
+    def spec(self) -> QosSpec:
+        return QosSpec(self.iops_max, self.bytes_per_s_max, self.burst_iops, self.burst_bytes, self.min_iops,
+                       self.weight)
+
+
+@dataclass(frozen=True)
 class SetReservation(Command):
     """Replace the persistent reservation state of a volume if it is still at `expected_version`."""
 
@@ -386,7 +419,7 @@ COMMANDS: dict[str, type[Command]] = {
     c.op: c
     for c in (InitCluster, RegisterNode, SetNodeStates, CreateVolume, DeleteVolume, Attach, Detach,
               SetGroupMembers, Noop, SetNodeDrain, RenameVolume, RegisterGateway, CreateSnapshot, SetSnapshotState,
-              SetVolumeState, ResizeVolume, RemoveNode, SetIscsiAuth, SetReservation)
+              SetVolumeState, ResizeVolume, RemoveNode, SetIscsiAuth, SetReservation, SetQos)
 }
 
 
@@ -637,8 +670,10 @@ class MetaState:
         if cmd.size_bytes <= 0 or cmd.size_bytes % BLOCK_SIZE or cmd.size_bytes > VOLUME_SIZE_BYTES_MAX:
             return _err("invalid", f"a volume's size must be a positive multiple of 4KiB, "
                         f"at most {format_size(VOLUME_SIZE_BYTES_MAX)}")
-        if cmd.qos_iops_max < 0 or cmd.qos_bytes_per_s_max < 0:
-            return _err("invalid", "QoS limits must be >= 0")
+        problem = QosSpec(cmd.qos_iops_max, cmd.qos_bytes_per_s_max, cmd.qos_burst_iops, cmd.qos_burst_bytes,
+                          cmd.qos_min_iops, cmd.qos_weight).problem()
+        if problem:
+            return _err("invalid", f"QoS: {problem}")
         if cmd.state not in ("ready", "restoring"):
             return _err("invalid", f"a new volume is ready or restoring, not {cmd.state!r}")
         if cmd.lazy_source and (cmd.state != "ready" or cmd.parent):
@@ -667,7 +702,8 @@ class MetaState:
         self.next_volume_id += 1
         self.volumes[cmd.name] = VolumeRecord(cmd.name, vid, cmd.size_bytes, cmd.mode,  # type: ignore[arg-type]
                                               cmd.now_ms, self.extent_size_bytes, mapping,
-                                              cmd.qos_iops_max, cmd.qos_bytes_per_s_max, state=cmd.state,
+                                              cmd.qos_iops_max, cmd.qos_bytes_per_s_max, cmd.qos_burst_iops,
+                                              cmd.qos_burst_bytes, cmd.qos_min_iops, cmd.qos_weight, state=cmd.state,
                                               parent_volume_id=parent.volume_id if parent else 0,
                                               parent_snap_id=parent.snap_id if parent else 0, origin=cmd.origin,
                                               lazy_source=cmd.lazy_source)
@@ -808,6 +844,18 @@ class MetaState:
         for sid in [k for k, r in self.snapshots.items() if r.volume_id == vol.volume_id]:
             del self.snapshots[sid]  # their pins go with the groups' replicas (node/host.py drop_replica)
         return _ok(removed_groups=self._release_extents(vol.extent_groups, vol))
+
+    def _apply_set_qos(self, cmd: SetQos) -> Result:
+        v = self.volumes.get(cmd.name)
+        if v is None:
+            return _err("unknown_volume", f"no volume {cmd.name!r}")
+        spec = cmd.spec()
+        problem = spec.problem()
+        if problem:
+            return _err("invalid", f"QoS: {problem}")
+        v.qos_iops_max, v.qos_bytes_per_s_max, v.qos_burst_iops = spec.iops, spec.bytes_per_s, spec.burst_iops
+        v.qos_burst_bytes, v.qos_min_iops, v.qos_weight = spec.burst_bytes, spec.min_iops, spec.weight
+        return _ok(volume_id=v.volume_id, qos=spec.describe())
 
     def _apply_set_iscsi_auth(self, cmd: SetIscsiAuth) -> Result:
         if cmd.volume:

@@ -278,6 +278,9 @@ class MetaAgent:
             if epoch:
                 for gid in set(vol.extent_groups):
                     self.host.raise_fence(int(gid), epoch)
+        # QoS: each volume's spec and groups, for the node's scheduler (node/admission.py rule 1)
+        self.host.data.admission.set_volumes({
+            v.volume_id: (name, v.qos(), [int(g) for g in set(v.extent_groups)]) for name, v in st.volumes.items()})
         if not self.host.fences_known:
             self.host.fences_known = True
             log.info("agent.fences_known", groups=len(self.host.replicas))

@@ -28,6 +28,7 @@ The directory layout, the configs and the process handling (rules 2, 3) are node
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import subprocess
@@ -56,6 +57,7 @@ from raftblock.node.layout import (
     write_configs,
     write_node_configs,
 )
+from raftblock.qos import UNSET, QosSpec
 from raftblock.replication.raft.types import NodeId
 from raftblock.units import format_size
 
@@ -618,7 +620,7 @@ def cluster_down(root: Path, node: int | None = None, force: bool = False) -> li
 
 def volume_create(root: Path, name: str, size_bytes: int, replication: str | None = None,
                   timeout_s: float = 30.0, state: str = "ready", parent: str = "", origin: str = "",
-                  lazy_source: str = "") -> dict[str, Any]:
+                  lazy_source: str = "", qos: QosSpec = UNSET) -> dict[str, Any]:
     """`replication`: "raft" | "chain"; None: the cluster's default (`cluster up --replication`). Returns
     once every group of the volume has a leader (a stopped node does not matter while each group keeps a
     majority); if they do not within `timeout_s`, the error says that the volume exists."""
@@ -630,7 +632,11 @@ def volume_create(root: Path, name: str, size_bytes: int, replication: str | Non
                            f"at most {format_size(VOLUME_SIZE_BYTES_MAX)}")
     cmap = _load(layout)
     mode = replication or cmap.replication
-    _done(_meta(layout, cmap, lambda c: c.create_volume(name, size_bytes, mode, state, parent, origin, lazy_source)))
+    problem = qos.problem()
+    if problem:
+        raise ClusterError(f"QoS: {problem}")
+    _done(_meta(layout, cmap, lambda c: c.create_volume(name, size_bytes, mode, state, parent, origin, lazy_source,
+                                                        qos)))
     _gateway_call(layout, "reload")
     vol = read_map(layout, cmap).volumes[name]
     groups = {int(g) for g in vol.extent_groups}
@@ -640,7 +646,22 @@ def volume_create(root: Path, name: str, size_bytes: int, replication: str | Non
         raise ClusterError(f"volume {name} was created, but is not serving yet: {e} "
                            f"(it serves once they have; raftblock cluster status --dir {root})") from e
     return {"name": vol.name, "size_bytes": vol.size_bytes, "extents": len(vol.extent_groups),
-            "groups": sorted(groups), "replication": vol.mode, "parent": parent or None}
+            "groups": sorted(groups), "replication": vol.mode, "parent": parent or None,
+            "qos": vol.qos().describe()}
+
+
+def volume_set_qos(root: Path, name: str, changes: dict[str, int], clear: bool = False) -> dict[str, Any]:
+    """`volume set-qos NAME`: the fields of `changes` replace the volume's (QosSpec names; 0 = none), the rest
+    stay (`clear`: start from none). Takes effect while attached: the gateways at their next map refresh
+    (the `reload` makes that now for a local cluster's), the nodes at their next map poll (0.5 s)."""
+    layout, cmap, _st, v = _volume_of(root, name)
+    spec = dataclasses.replace(UNSET if clear else v.qos(), **changes)
+    problem = spec.problem()
+    if problem:
+        raise ClusterError(f"QoS: {problem}")
+    _done(_meta(layout, cmap, lambda c: c.set_qos(name, spec)))
+    _gateway_call(layout, "reload")
+    return {"name": name, "qos": spec.describe()}
 
 
 def _volume_of(root: Path, name: str) -> tuple[Layout, ClusterMap, MetaState, Any]:
@@ -746,6 +767,7 @@ def volume_info(root: Path, name: str) -> dict[str, Any]:
             "attached_by": att.gateway_id if att is not None else None,
             "attach_epoch": st.attach_epochs.get(name, 0), "connections": _connections(layout, name),
             "state": vol.state, "parent": _parent_of(st, vol), "origin": vol.origin or None,
+            "qos": vol.qos().describe(),
             "repairs": [r for r in status["repairs"] if r["group"] in gids]}
 
 

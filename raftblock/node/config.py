@@ -27,6 +27,9 @@ class HostConfig:
         wal_sync_inline_max_ms: float = 50.0,
         wal_sync_thread_s: float = 60.0,
         repair_bytes_per_s: int = 64 << 20,
+        repair_min_bytes_per_s: int = 8 << 20,
+        qos_slots_ops: int = 64,
+        qos_slots_bytes: int = 32 << 20,
         scrub_bytes_per_s: int = 8 << 20,
         scrub_pass_interval_s: float = 3600.0,
         space_reserve_bytes: int = 64 << 20,
@@ -68,6 +71,15 @@ class HostConfig:
         # a node that fell behind the log): foreground I/O keeps the rest of the disk and the network.
         # 0 = unbounded.
         self.repair_bytes_per_s = repair_bytes_per_s
+        # ... and at least this many while client I/O saturates the node (a reservation in its QoS scheduler,
+        # node/admission.py rule 3), so a rebuild always progresses. 0 = none.
+        self.repair_min_bytes_per_s = repair_min_bytes_per_s
+        # QoS (node/admission.py, raftblock/qos.py): the client requests (and bytes) this node lets into
+        # replication at once; more wait in its scheduler, which picks the next by reservation, weight and limit.
+        if qos_slots_ops < 1 or qos_slots_bytes < (1 << 20):
+            raise ValueError("qos_slots_ops must be >= 1 and qos_slots_bytes >= 1 MiB")
+        self.qos_slots_ops = qos_slots_ops
+        self.qos_slots_bytes = qos_slots_bytes
         # Background scrub (control/scrub.py): bytes re-read per second (0 = off) and the pause between
         # two passes over every replica this node holds.
         self.scrub_bytes_per_s = scrub_bytes_per_s

@@ -14,6 +14,9 @@ Rules:
    anything else takes the general path (a task), which answers every case precisely.
 4. A corrupt local block is read from another member and rewritten (repair.py); a request that cannot be
    served gets one precise status (`error_response`), never a dropped connection.
+5. Block I/O (READ, WRITE, TRIM) that passed the edge checks waits for admission (node/admission.py: the
+   node's QoS scheduler, per-volume limits, reservations and weights) before it reaches its replica; the
+   replica is looked up again when it runs (it may have gone while the request waited).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any, Protocol
 import structlog
 
 from raftblock.ids import group_of_extent
+from raftblock.node.admission import REPAIR, SCRUB, Admission, AdmissionSettings
 from raftblock.node.checks import check_range, validate_write
 from raftblock.node.repair import PeerRepair
 from raftblock.replication.replica import Links, Replica
@@ -72,7 +76,7 @@ class Refused(Exception):
         self.message = message
 
 
-class DataSettings(Protocol):
+class DataSettings(AdmissionSettings, Protocol):
     space_reserve_bytes: int
 
 
@@ -119,6 +123,7 @@ class DataPlane:
         self.fence_epochs: dict[int, int] = {}  # group -> highest attach epoch seen (rule 1)
         self._space_checked_at = 0.0
         self._space_free = 1 << 62
+        self.admission = Admission(host.cfg, self._run, self._refuse_busy)
 
     # == rule 1 ==================================================================================================
     def fence_ok(self, gid: int, epoch: int) -> bool:
@@ -170,6 +175,11 @@ class DataPlane:
             if refused is not None:
                 self.answer(conn, gid, req.request_id, refused)
                 return
+            if op == OP_C_WRITE or op == OP_C_READ or op == OP_C_TRIM:  # rule 5
+                slot = self.admission.admit(conn, gid, req, payload)
+                if slot is None:
+                    return  # it waits: _run carries it out when admitted
+                conn = slot
             r = h.replicas[gid]
             if op == OP_C_WRITE or op == OP_C_TRIM or op == OP_C_SNAP or op == OP_C_UNSNAP:
                 self._write(conn, r, req, payload)
@@ -177,6 +187,23 @@ class DataPlane:
             if op == OP_C_READ and self._read_now(conn, r, req):
                 return
         h.spawn(self._serve(conn, gid, req))
+
+    def _run(self, conn: ClientLink, gid: int, req: pb.ClientRequest, payload: bytes | bytearray | memoryview) -> None:
+        """An admitted request that waited (rule 5)."""
+        h = self.host
+        r = h.replicas.get(gid)
+        if r is None:
+            h.counters["client_unknown_group"] += 1
+            self.answer(conn, gid, req.request_id, Refused(ST_UNKNOWN_GROUP, f"group {gid} is not hosted here"))
+        elif req.op == OP_C_READ:
+            if not self._read_now(conn, r, req):
+                h.spawn(self._serve(conn, gid, req))
+        else:
+            self._write(conn, r, req, payload)
+
+    def _refuse_busy(self, conn: ClientLink, gid: int, req: pb.ClientRequest, why: str) -> None:
+        self.host.counters["client_refused_busy"] += 1
+        self.answer(conn, gid, req.request_id, Refused(ST_UNAVAILABLE, why))
 
     def answer(self, conn: Any, gid: int, request_id: int, exc: BaseException | None) -> None:
         """A reply without data: OK, or the status `exc` maps to."""
@@ -262,11 +289,19 @@ class DataPlane:
                 elif op == OP_C_READ or op == OP_C_BLOCK_STATUS:
                     await self._read(r, req, resp, out)
                 elif op == OP_C_REPLICA_READ:
-                    data, crcs = await h.repair.replica_read(r, req)
+                    slot = await self.admission.admit_internal(REPAIR, req.count * BLOCK_SIZE)  # rule 5
+                    try:
+                        data, crcs = await h.repair.replica_read(r, req)
+                    finally:
+                        self.admission.done(slot)
                     resp.crcs.extend(crcs)
                     out.append(data)
                 elif op == OP_C_SCRUB_CRCS or op == OP_C_SCRUB_REPAIR:
-                    await h.repair.serve_scrub(r, req, resp)
+                    slot = await self.admission.admit_internal(SCRUB, req.count * BLOCK_SIZE)
+                    try:
+                        await h.repair.serve_scrub(r, req, resp)
+                    finally:
+                        self.admission.done(slot)
                 else:
                     resp.status = ST_BAD_REQUEST
                     resp.error = f"unknown op {op}"

@@ -208,9 +208,10 @@ class GroupCommit:
 
         fut.add_done_callback(done)
 
-    def collect(self) -> None:
+    def collect(self, held: bool = False) -> None:
+        """WAL segments to remove; `held`: the held ones the engine let go of too (once a second: the host)."""
         h = self.host
-        if h.wal.gc() and not h.stopping:
+        if h.wal.gc(held) and not h.stopping:
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:

@@ -230,6 +230,15 @@ class NodeHost:
     def repair_allow(self, nbytes: int) -> bool:
         return self.repair.allow(nbytes)
 
+    def qos_poll(self, key: str, nbytes: int) -> bool:
+        return self.data.admission.poll(key, nbytes)
+
+    async def qos_admit(self, key: str, nbytes: int) -> Any:
+        return await self.data.admission.admit_internal(key, nbytes)
+
+    def qos_done(self, slot: Any) -> None:
+        self.data.admission.done(slot)
+
     def syncing(self) -> bool:
         return self.commit.syncing
 
@@ -448,9 +457,10 @@ class NodeHost:
                 r.reconfigure()
         self.compactor.maybe_start()
         self.compactor.every_second()
+        self.data.admission.every_second()
         self.commit.sync_idle()
         if self.wal.held_segments():
-            self.commit.collect()  # WAL segments the engine no longer links into go (write-once)
+            self.commit.collect(held=True)  # WAL segments the engine no longer links into go (write-once)
 
     def _pump_streams(self) -> None:
         for gid in list(self.streams):

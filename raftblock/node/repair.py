@@ -2,8 +2,10 @@
 node's repair budget.
 
 Rules:
-1. Repair bandwidth (`repair_bytes_per_s`): one token bucket shared by Raft snapshot chunks and chain image
-   chunks (`allow`); foreground I/O keeps the rest of the disk and the network. 0 = unbounded.
+1. Repair bandwidth: Raft snapshot chunks and chain image chunks (`allow`) and the replica reads of read repair
+   take their turn in the node's QoS scheduler under class "repair" (node/admission.py rule 3): at most
+   `repair_bytes_per_s` (0 = unbounded), at least `repair_min_bytes_per_s` while client I/O saturates the
+   node, otherwise a fair share beside the volumes.
 2. Read repair: a read whose local copy fails its CRC is served from another member (in the replica's
    order, `read_sources`), once that member has applied what this one had (REPLICA_READ, `min_applied`),
    then only the blocks still bad here are rewritten (a block overwritten meanwhile keeps its newer value).
@@ -56,29 +58,20 @@ class RepairHost(Protocol):
     @property
     def cfg(self) -> RepairSettings: ...
 
+    def qos_poll(self, key: str, nbytes: int) -> bool: ...
+
 
 class PeerRepair:
     def __init__(self, host: RepairHost) -> None:
         self.host = host
-        cfg = host.cfg
-        self._burst = max(2 * cfg.snapshot_chunk_bytes, cfg.repair_bytes_per_s // 10)
-        self._tokens = float(self._burst)
-        self._t = time.monotonic()
         self._client: Any = None  # a data-plane client to the peers, made on the first repair
 
     # == rule 1 ==================================================================================================
     def allow(self, nbytes: int) -> bool:
-        """Take `nbytes` of repair bandwidth; False when the budget is spent (send later)."""
-        h = self.host
-        rate = h.cfg.repair_bytes_per_s
-        if rate > 0:
-            now = time.monotonic()
-            self._tokens = min(self._burst, self._tokens + (now - self._t) * rate)
-            self._t = now
-            if self._tokens < 0:
-                return False
-            self._tokens -= nbytes
-        h.counters["repair_bytes_sent"] += nbytes
+        """May `nbytes` of repair go now? False: send later (the scheduler said wait)."""
+        if not self.host.qos_poll("repair", nbytes):
+            return False
+        self.host.counters["repair_bytes_sent"] += nbytes
         return True
 
     # == the client to the peers =================================================================================

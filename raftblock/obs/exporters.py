@@ -96,6 +96,28 @@ def node_fill(h: Any, rack: str) -> Any:
         for op, n in sorted(h.client_ops.items()):
             f.counter("raftblock_node_client_ops", "Client requests received, by op.", n,
                       {**node, "op": CLIENT_OPS.get(op, str(op))})
+        adm = h.data.admission  # QoS (node/admission.py): per class, a volume or the node's repair/scrub
+        names = adm.names
+        for c in list(adm.sched):
+            cls = str(c.key) if isinstance(c.key, str) else names.get(c.key, "" if c.key else "unknown")
+            if not cls or not c.admitted:
+                continue
+            lab = {**node, "class": cls}
+            f.counter("raftblock_node_qos_admitted", "Requests the node's QoS scheduler let go, by class (a "
+                      "volume, or repair, scrub).", c.admitted, lab)
+            f.counter("raftblock_node_qos_waited", "... of which waited in its queue.", c.waited, lab)
+            f.counter("raftblock_node_qos_wait_seconds", "Time requests waited in the node's QoS queue.",
+                      c.wait_s, lab)
+            f.counter("raftblock_node_qos_reservation", "Requests let go because their class's reservation "
+                      "was due.", c.by_reservation, lab)
+            f.gauge("raftblock_node_qos_queued", "Requests waiting in the node's QoS queue.", len(c.queue), lab)
+        a = adm.stats()
+        f.gauge("raftblock_node_qos_slots_used", "In-flight slots of the node's QoS scheduler in use.",
+                a["slots_used"], node)
+        f.gauge("raftblock_node_qos_slots", "In-flight slots of the node's QoS scheduler (qos_slots_ops).",
+                a["slots"], node)
+        f.counter("raftblock_node_qos_refused", "Requests refused UNAVAILABLE: the QoS queue was full.",
+                  a["refused"], node)
         f.counter("raftblock_node_commits", "Raft commits and chain acknowledgements.", h.commits, node)
         f.counter("raftblock_node_wal_syncs", "WAL fdatasyncs (group commits).", h.wal.syncs, node)
         f.gauge("raftblock_node_peers_connected", "Peer links up.", len(h.links.conns), node)
@@ -126,6 +148,15 @@ def gateway_fill(gw: Any) -> Any:
                             st.latency, lab)
         for vol, n in sorted(cat.attached.items()):
             f.gauge("raftblock_gateway_connections", "", n, {**gid, "volume": vol})
+        for name in cat.names():
+            v = cat.get(name)
+            if v is None or not v.qos_waits:
+                continue
+            lab = {**gid, "volume": name}
+            f.counter("raftblock_gateway_qos_throttled", "Host requests that waited for their volume's QoS "
+                      "limits at the gateway.", v.qos_waits, lab)
+            f.counter("raftblock_gateway_qos_wait_seconds", "Time host requests waited for their volume's QoS "
+                      "limits at the gateway.", v.qos_wait_s, lab)
         f.gauge("raftblock_gateway_volumes", "Volumes this gateway exports.", len(cat.names()), gid)
         isc = getattr(gw, "iscsi", None)
         if isc is not None:

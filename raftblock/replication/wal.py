@@ -672,9 +672,11 @@ class Wal:
         return done
 
     # --- garbage collection (event-loop thread) ---------------------------------------------------------------
-    def gc(self) -> int:
+    def gc(self, held: bool = True) -> int:
         """Queue for removal (by the next sync) old segments whose entries are all behind durable
-        compaction points. Returns how many were queued."""
+        compaction points; with `held`, also the held segments the engine no longer links into (that check
+        reads every link record of every held segment: the node does it once a second, not after every
+        sync). Returns how many were queued."""
         synced = self.synced_pos
         keep: list[tuple[int, int, int, int]] = []
         for pos, g, idx, reset_seq in self._pending_snap:
@@ -720,7 +722,7 @@ class Wal:
         if done:
             with self._lock:
                 self._segments = self._segments[done:]
-        if holder is not None:
+        if holder is not None and held:
             for seq in [q for q in self._held if not holder(q)]:
                 release.append(self._held.pop(seq))
                 log.info("wal.held_released", segment=segment_name(seq))

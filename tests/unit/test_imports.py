@@ -19,7 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2] / "raftblock"
 
 CORES = ("raftblock.replication.raft.core", "raftblock.replication.raft.log", "raftblock.replication.raft.progress",
-         "raftblock.replication.chain.core", "raftblock.gateway.nbd", "raftblock.wire.framing")
+         "raftblock.replication.chain.core", "raftblock.gateway.nbd", "raftblock.wire.framing", "raftblock.qos")
 IO_LAYERS = ("raftblock.node", "raftblock.meta", "raftblock.gateway.nbd_server", "raftblock.replication.replica",
              "raftblock.replication.raft.replica", "raftblock.replication.chain.replica", "raftblock.replication.wal",
              "raftblock.storage.disk", "asyncio", "socket", "uvloop")

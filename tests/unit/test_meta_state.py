@@ -30,6 +30,7 @@ from raftblock.meta.state import (
     SetIscsiAuth,
     SetNodeDrain,
     SetNodeStates,
+    SetQos,
     SetReservation,
     SetSnapshotState,
     SetVolumeState,
@@ -37,6 +38,7 @@ from raftblock.meta.state import (
     decode_command,
     encode_command,
 )
+from raftblock.qos import QosSpec
 from raftblock.replication.raft.types import GroupId, NodeId
 
 GiB = 1 << 30
@@ -77,7 +79,31 @@ ALL = [
     RegisterGateway("gw2", "127.0.0.1:10811", 5, 0, "127.0.0.1:9101"),
     SetIscsiAuth("v", "host1", "initiator-secret", "tgt", "target-secret!"),
     SetReservation(7, 3, '{"registrations": []}'),
+    SetQos("v", 500, 10 << 20, 800, 0, 100, 4),
 ]
+
+
+def test_qos_is_set_at_create_and_changed_whole_and_checked() -> None:
+    s = cluster()
+    assert s.apply(CreateVolume("q", GiB, 7, "raft", 1000, 50 << 20, 2000, 0, 200, 3)).ok
+    v = s.volumes["q"]
+    assert v.qos() == QosSpec(1000, 50 << 20, 2000, 0, 200, 3)
+    r = s.apply(CreateVolume("bad", GiB, 7, "raft", 100, 0, 0, 0, 200))
+    assert not r.ok and r.error == "invalid" and "above the limit" in r.message and "bad" not in s.volumes
+    assert s.apply(SetQos("q", 0, 0, 0, 0, 50, 1)).ok  # the whole spec: the limits are gone
+    assert s.volumes["q"].qos() == QosSpec(min_iops=50)
+    for bad in (SetQos("q", weight=0), SetQos("q", burst_iops=5), SetQos("q", -1)):
+        r = s.apply(bad)
+        assert not r.ok and r.error == "invalid", bad
+    assert s.volumes["q"].qos() == QosSpec(min_iops=50)  # a refused change changes nothing
+    assert s.apply(SetQos("nope", 1)).error == "unknown_volume"
+    again = MetaState.from_json(s.to_json())
+    assert again.volumes["q"].qos() == QosSpec(min_iops=50)
+    # a map saved before the QoS fields existed loads with none
+    d = json.loads(s.to_json())
+    for k in ("qos_burst_iops", "qos_burst_bytes", "qos_min_iops", "qos_weight"):
+        del d["volumes"]["q"][k]
+    assert MetaState.from_dict(d).volumes["q"].qos() == QosSpec()
 
 
 def test_iscsi_chap_rules_and_secrets_stay_out_of_status() -> None:
