@@ -151,7 +151,7 @@ def one_setting(slots: int, args: argparse.Namespace, work: Path) -> dict[str, A
         # a reservation while the node is saturated
         c.cli("volume", "create", "heavy", "--size", "1G", "--weight", "100")
         c.cli("volume", "create", "reserved", "--size", "1G")
-        heavy = fio(c.nbd("heavy"), "heavy", 128, 2 * s + 8, out)
+        heavy = fio(c.nbd("heavy"), "heavy", 128, 2 * (s + ramp) + 20, out)  # outlasts both runs beside it
         time.sleep(2)
         without = run_job(c.nbd("reserved"), "weight-only", 32, s, out, ramp)
         c.cli("volume", "set-qos", "reserved", "--min-iops", str(args.reservation))

@@ -666,6 +666,15 @@ def cmd_cluster_wait_healthy(args: argparse.Namespace) -> int:
                    f"(waited {took} s)")
 
 
+def cmd_cluster_rotate_key(args: argparse.Namespace) -> int:
+    from raftblock.node.cluster import rotate_key
+
+    res = rotate_key(_target(args), args.timeout, say=(lambda _m: None) if args.json else
+                     (lambda m: print(m, file=sys.stderr)))
+    return _report(args, res, f"data key {res['active']} active" + (f", {res['retired']} retired" if res["retired"]
+                                                                      else ""))
+
+
 def cmd_node(args: argparse.Namespace) -> int:
     from raftblock.node import raftnode
 
@@ -904,6 +913,12 @@ def build_parser() -> argparse.ArgumentParser:
     cw.add_argument("--timeout", type=float, default=600.0, help="seconds (default 600)")
     _json(cw)
     cw.set_defaults(func=cmd_cluster_wait_healthy)
+    ck = csub.add_parser("rotate-key", help="a new key for the data port's signed frames, without downtime: added, "
+                                             "made active once every node has it, the old one retired after")
+    _dir(ck)
+    ck.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the nodes at each step")
+    _json(ck)
+    ck.set_defaults(func=cmd_cluster_rotate_key)
 
     r = sub.add_parser("repair", help="re-replication in progress")
     rsub = r.add_subparsers(dest="repair_command", required=True, parser_class=_Parser)

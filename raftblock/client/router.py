@@ -12,6 +12,11 @@
 # 2. NOT_LEADER (with a hint), UNAVAILABLE, a lost connection or an attempt timeout are retried, on the
 #    hinted leader or the next node, until `deadline_s`; then Unavailable.
 # 3. Bounded: `attempt_timeout_s` per try, `deadline_s` per operation, backoff up to `backoff_s_max`.
+# 5. Authentication (raftblock/wire/auth.py): with a key ring (`NodeClient.ring`, from the map) a connection
+#    waits for the node's HELLO, sends AUTH, then signs every request (a block request to a volume's group
+#    with that volume's key: `volume_of`), and checks every frame the node sends; a frame that fails closes
+#    the connection (the request is retried on a new one). A node that signs while this client has no ring, or
+#    the reverse, is a closed connection too.
 # 4. Exactly-once writes: every write and trim is named (client_id = this client's random incarnation,
 #    write_id = a counter) and keeps its name across retries; each attempt carries the lowest write id
 #    still outstanding (low_water). A retry whose first attempt committed too is skipped where it
@@ -22,6 +27,7 @@ import asyncio
 import errno
 import heapq
 import itertools
+import os
 import secrets
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +37,7 @@ import structlog
 
 from raftblock.replication.group import CorruptData, GroupError, GroupStatus, NoSpace, Unavailable
 from raftblock.wire import raftblock_pb2 as pb
+from raftblock.wire.auth import FRAME_AUTH, NONCE_BYTES, AuthError, KeyRing, Session, head24_of, session_id
 from raftblock.wire.client import (
     OP_C_BLOCK_STATUS,
     OP_C_NODE_STATUS,
@@ -55,6 +62,7 @@ from raftblock.wire.framing import (
     BadFrame,
     Buf,
     FatalFrameError,
+    Frame,
     FrameDecoder,
     FrameType,
     encode_frame,
@@ -115,16 +123,25 @@ class Waiters:
 
 
 class _ClientConn(asyncio.BufferedProtocol):
-    def __init__(self) -> None:
+    def __init__(self, owner: NodeClient | None = None) -> None:
+        self.owner = owner
         self.transport: asyncio.Transport | None = None
         self._dec = FrameDecoder()
         self._waiters = Waiters()
         self.lost = False
-        self._out: list[Buf] = []  # requests of this loop turn, written together by _flush
+        self._out: list[tuple[list[Buf], int]] = []  # requests of this loop turn (and their volume), by _flush
+        self.nonce = os.urandom(NONCE_BYTES)
+        self._hello_seen = False  # the node's HELLO: requests wait for it (rule 5)
+        self.session: Session | None = None
+        self._authed = False
+
+    def _ring(self) -> KeyRing | None:
+        return self.owner.ring if self.owner is not None else None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
-        hello = pb.Hello(node_id=0, role=ROLE_CLIENT, version=WIRE_VERSION)
+        hello = pb.Hello(node_id=0, role=ROLE_CLIENT, version=WIRE_VERSION, nonce=self.nonce,
+                         auth=1 if self._ring() is not None else 0)
         self.transport.writelines(encode_frame(FrameType.HELLO, 0, hello.SerializeToString()))
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -147,9 +164,53 @@ class _ClientConn(asyncio.BufferedProtocol):
                 return
             if ev is None:
                 return
-            if isinstance(ev, BadFrame) or ev.type != FrameType.CLIENT_RESP:
+            if isinstance(ev, BadFrame):
+                if self.session is not None:
+                    self.close()  # the sequence is lost
+                    return
+                continue
+            if not self._hello_seen:
+                if not self._on_hello(ev):
+                    self.close()
+                    return
+                continue
+            if self.session is not None:
+                try:
+                    self.session.open(ev, head24_of(ev), allow_volume=True)
+                except AuthError as e:
+                    log.warning("client.auth_refused", reason=e.reason, detail=str(e))
+                    self.close()
+                    return
+                if not self._authed:
+                    if ev.type != FRAME_AUTH:
+                        self.close()
+                        return
+                    self._authed = True
+                    continue
+            if ev.type != FrameType.CLIENT_RESP:
                 continue
             self._waiters.answer(pb.ClientResponse.FromString(ev.message), ev.payload)
+
+    def _on_hello(self, ev: Frame) -> bool:
+        if ev.type != FrameType.HELLO:
+            return False
+        try:
+            h = pb.Hello.FromString(ev.message)
+        except Exception:  # noqa: BLE001 — a HELLO that does not parse: the connection is useless
+            return False
+        ring = self._ring()
+        if (h.auth == 1) != (ring is not None):
+            log.warning("client.auth_mismatch", node_signs=bool(h.auth), have_keys=ring is not None)
+            return False
+        if ring is not None:
+            if len(h.nonce) != NONCE_BYTES:
+                return False
+            self.session = Session(ring, session_id(self.nonce, h.nonce), dialer=True)
+            assert self.transport is not None
+            self.transport.writelines(self.session.seal(encode_frame(FRAME_AUTH, 0, b"")))
+        self._hello_seen = True
+        self._flush()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -160,15 +221,23 @@ class _ClientConn(asyncio.BufferedProtocol):
         if self.lost or self.transport is None or self.transport.is_closing():
             raise ConnectionError("connection closed")
         fut = self._waiters.add(req)
-        if not self._out:
+        if not self._out and self._hello_seen:
             asyncio.get_running_loop().call_soon(self._flush)
-        self._out.extend(encode_frame(FrameType.CLIENT_REQ, group, req.SerializeToString(), payload))
+        vid = self.owner.volume_of(group) if self.owner is not None and self.owner.volume_of is not None else 0
+        self._out.append((encode_frame(FrameType.CLIENT_REQ, group, req.SerializeToString(), payload), vid))
         return await self._waiters.wait(req, fut, timeout_s)
 
     def _flush(self) -> None:
+        if not self._hello_seen:
+            return  # _on_hello flushes
         out, self._out = self._out, []
-        if out and self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(out)
+        if not out or self.transport is None or self.transport.is_closing():
+            return
+        parts: list[Buf] = []
+        session = self.session
+        for frame, vid in out:
+            parts.extend(session.seal(frame, vid) if session is not None else frame)
+        self.transport.writelines(parts)
 
     def close(self) -> None:
         if self.transport is not None:
@@ -203,8 +272,12 @@ class NodeClient:
         deadline_s: float = 10.0,
         backoff_s_max: float = 0.2,
         links: Callable[[int], RequestConn | None] | None = None,
+        ring: KeyRing | None = None,
+        volume_of: Callable[[int], int] | None = None,
     ) -> None:
         self.nodes = dict(nodes)
+        self.ring = ring  # rule 5: the cluster's data keys (None: a cluster without them)
+        self.volume_of = volume_of  # a group's volume id: its block requests are signed with that volume's key
         # A gateway inside a storage node: its connection to node N, or None for a socket (node/inproc.py).
         self.links = links
         self.attempt_timeout_s = attempt_timeout_s
@@ -249,7 +322,7 @@ class NodeClient:
         host, port = self.nodes[nid]
         loop = asyncio.get_running_loop()
         _t, conn = await asyncio.wait_for(
-            loop.create_connection(_ClientConn, host, port), timeout=self.attempt_timeout_s
+            loop.create_connection(lambda: _ClientConn(self), host, port), timeout=self.attempt_timeout_s
         )
         self._conns[nid] = conn
         return conn
@@ -330,6 +403,17 @@ class NodeClient:
                 raise Unavailable(f"group {group}: no answer within the deadline ({last_err})")
             await asyncio.sleep(min(backoff_s, max(0.0, deadline - now)))
             backoff_s = min(self.backoff_s_max, backoff_s * 2)
+
+    def set_ring(self, ring: KeyRing | None) -> None:
+        """Rule 5: the map's keys changed. Live sessions take the new ring at once (a rotated key); a change
+        between signing and not closes the connections, to be made again in the new mode."""
+        flip = (ring is None) != (self.ring is None)
+        self.ring = ring
+        for nid, c in list(self._conns.items()):
+            if flip:
+                self._drop(nid)
+            elif c.session is not None and ring is not None:
+                c.session.ring = ring
 
     def _drop(self, nid: int) -> None:
         c = self._conns.pop(nid, None)

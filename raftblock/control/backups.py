@@ -114,7 +114,7 @@ def export(meta: Callable[[], MetaClient], peers: dict[int, tuple[str, int]], st
                               else f"snapshot {volume}@{snapshot} is {rec.state}, not ready")
         base: Manifest | None = None
         changed: set[int] | None = None
-        io = lt.run(_io(st, peers))
+        io = lt.run(_io(st, peers, meta().secret))
         try:
             if since is not None:
                 try:
@@ -148,8 +148,8 @@ def export(meta: Callable[[], MetaClient], peers: dict[int, tuple[str, int]], st
     return Exported(res, volume, snapshot, store.url, since, len(changed) if changed is not None else None)
 
 
-async def _io(st: Any, peers: dict[int, tuple[str, int]]) -> ClusterIO:
-    return ClusterIO(st, peers)
+async def _io(st: Any, peers: dict[int, tuple[str, int]], secret: bytes) -> ClusterIO:
+    return ClusterIO(st, peers, secret=secret)
 
 
 def pick_manifest(store: Store, volume: str | None, snapshot: str | None) -> Manifest:
@@ -206,7 +206,7 @@ def restore(meta: Callable[[], MetaClient], peers: dict[int, tuple[str, int]], s
         else:
             create(name, man.size_bytes, mode, origin, lazy)
         st = _meta_call(lt, meta, lambda c: c.state(barrier=True))
-        io = lt.run(_io(st, peers))
+        io = lt.run(_io(st, peers, meta().secret))
         try:
             vol = io.volume(name)
 

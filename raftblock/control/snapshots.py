@@ -40,6 +40,7 @@ from raftblock.meta.rpc import MetaClient
 from raftblock.meta.state import MetaState, SnapshotRecord
 from raftblock.node.clustermap import volume_infos
 from raftblock.replication.group import GroupError
+from raftblock.wire.auth import KeyRing
 
 log = structlog.get_logger(__name__)
 
@@ -54,10 +55,14 @@ class ClusterIO:
     """The data path as the control plane uses it: group clients in each group's mode, at the attach epoch of
     the volume they serve (so the nodes accept them next to the volume's gateway)."""
 
-    def __init__(self, st: MetaState, peers: dict[int, tuple[str, int]], deadline_s: float = 20.0) -> None:
+    def __init__(self, st: MetaState, peers: dict[int, tuple[str, int]], deadline_s: float = 20.0,
+                 secret: bytes | None = None) -> None:
         self.st = st
         self.deadline_s = deadline_s
-        self.client = NodeClient(peers, deadline_s=deadline_s)
+        vol_of = {int(g): v.volume_id for v in st.volumes.values() for g in v.extent_groups}
+        # `secret`: the cluster secret, to unwrap the data port's keys (raftblock/wire/auth.py)
+        ring = KeyRing.from_map(secret, st.data_key_set()) if secret is not None else None
+        self.client = NodeClient(peers, deadline_s=deadline_s, ring=ring, volume_of=lambda g: vol_of.get(g, 0))
         for gid, g in st.groups.items():
             if g.mode == "chain" and g.members:
                 self.client.leaders[int(gid)] = int(g.members[0])
@@ -162,7 +167,7 @@ async def create(meta: MetaClient, peers: dict[int, tuple[str, int]], volumes: l
         await _forget(meta, None, made, name)
         raise
     st = await meta.state(barrier=True)
-    io = ClusterIO(st, peers, deadline_s)
+    io = ClusterIO(st, peers, deadline_s, secret=meta.secret)
     holds: list[GatewayHold] = []
     out: list[Created] = []
     try:
@@ -236,7 +241,7 @@ async def delete(meta: MetaClient, io: ClusterIO | None, volume: str, name: str,
     own = io is None
     if io is None:
         assert peers is not None
-        io = ClusterIO(st, peers)
+        io = ClusterIO(st, peers, secret=meta.secret)
     try:
         await asyncio.gather(*(g.snapshot(r.snap_id, drop=True) for g in io.groups_of(volume)))
     except GroupError as e:

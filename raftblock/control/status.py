@@ -18,10 +18,14 @@ ERROR_COUNTERS = ("corrupt_reads", "read_repairs", "blocks_repaired", "read_repa
                   "scrub_errors_found", "scrub_mismatches", "scrub_repair_failed")
 
 
-async def collect_status(cmap: ClusterMap, st: MetaState, attempt_timeout_s: float = 1.0) -> dict[str, Any]:
+async def collect_status(cmap: ClusterMap, st: MetaState, attempt_timeout_s: float = 1.0,
+                         secret: bytes | None = None) -> dict[str, Any]:
+    """`secret`: the cluster secret, to unwrap the data port's keys (raftblock/wire/auth.py)."""
     from raftblock.client.router import NodeClient
+    from raftblock.wire.auth import KeyRing
 
-    client = NodeClient(cmap.peers(), attempt_timeout_s=attempt_timeout_s)
+    ring = KeyRing.from_map(secret, st.data_key_set()) if secret is not None else None
+    client = NodeClient(cmap.peers(), attempt_timeout_s=attempt_timeout_s, ring=ring)
     nodes: list[dict[str, Any]] = []
     infos: dict[int, dict[int, Any]] = {}
     try:

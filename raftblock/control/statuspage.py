@@ -72,7 +72,7 @@ class StatusPage:
         st = node.state()
         leader = node.leader_id()
         cmap = ClusterMap(st.cluster_id, registered_nodes(st))
-        status = await collect_status(cmap, st, attempt_timeout_s=NODE_TIMEOUT_S)
+        status = await collect_status(cmap, st, attempt_timeout_s=NODE_TIMEOUT_S, secret=node.config.secret)
         det = node.detector
         used_hb = {lv.node_id: lv.used_bytes for lv in det.view(0, list(st.nodes))} if det is not None else {}
         hosted: dict[int, int] = {}

@@ -48,6 +48,7 @@ from raftblock.meta.state import (
     encode_command,
 )
 from raftblock.replication.raft.types import NodeId
+from raftblock.wire.auth import new_data_key, wrap_key
 
 log = structlog.get_logger(__name__)
 
@@ -431,7 +432,9 @@ class MetaNode:
                 log.info("meta_became_leader", node_id=self.config.node_id, term=g.raftCurrentTerm)
             try:
                 if self.config.cluster_id and not g.cluster_id():
-                    res = await self.propose(InitCluster(self.config.cluster_id))
+                    # the first data key: the data port is authenticated from the start (raftblock/wire/auth.py)
+                    key = wrap_key(self.config.secret, 1, new_data_key())
+                    res = await self.propose(InitCluster(self.config.cluster_id, data_key=key))
                     if not res.ok:
                         log.error("meta_cluster_id_conflict", message=res.message)
                 det = self.detector

@@ -43,6 +43,7 @@ from raftblock.meta.state import (
     RenameVolume,
     ResizeVolume,
     Result,
+    SetDataKey,
     SetIscsiAuth,
     SetQos,
     SetReservation,
@@ -61,8 +62,9 @@ log = structlog.get_logger(__name__)
 # logged by the failure detector itself).
 AUDITED = frozenset({"create_volume", "delete_volume", "rename_volume", "attach", "detach", "set_node_drain",
                      "register_node", "register_gateway", "set_group_members", "create_snapshot", "set_snapshot_state",
-                     "set_volume_state", "resize_volume", "remove_node", "set_iscsi_auth"})
-_SECRET_FIELDS = frozenset({"secret", "target_secret"})  # never in a log line
+                     "set_volume_state", "resize_volume", "remove_node", "set_iscsi_auth", "set_qos",
+                     "set_data_key"})
+_SECRET_FIELDS = frozenset({"secret", "target_secret", "wrapped", "data_key"})  # never in a log line
 
 LINE_BYTES_MAX = 8 << 20  # a state reply for a large cluster fits
 _AUTH_CONTEXT = b"raftblock-meta-admin"
@@ -353,6 +355,9 @@ class MetaClient:
     async def set_iscsi_auth(self, volume: str, user: str = "", secret: str = "", target_user: str = "",
                              target_secret: str = "") -> Result:
         return await self.propose(SetIscsiAuth(volume, user, secret, target_user, target_secret))
+
+    async def set_data_key(self, action: str, version: int, wrapped: str = "") -> Result:
+        return await self.propose(SetDataKey(action, version, wrapped))
 
     async def set_reservation(self, volume_id: int, expected_version: int, blob: str) -> Result:
         return await self.propose(SetReservation(volume_id, expected_version, blob))

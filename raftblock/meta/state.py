@@ -31,6 +31,7 @@ from raftblock.meta.placement import (
 from raftblock.qos import QosSpec
 from raftblock.replication.raft.types import GroupId, NodeId
 from raftblock.units import format_size
+from raftblock.wire.auth import DataKeys
 
 NodeState = Literal["up", "suspect", "down"]
 ReplicationMode = Literal["raft", "chain"]
@@ -203,6 +204,18 @@ class InitCluster(Command):
     extent_size_bytes: int = EXTENT_SIZE_BYTES_DEFAULT
     extents_per_group_max: int = EXTENTS_PER_GROUP_MAX_DEFAULT
     replicas: int = REPLICAS_DEFAULT
+    data_key: str = ""  # the first data key, wrapped (raftblock/wire/auth.py): the data port is authenticated
+
+
+@dataclass(frozen=True)
+class SetDataKey(Command):
+    """Data-key rotation (raftblock/wire/auth.py rule 3): `add` a new version (one above the highest, wrapped),
+    make a known version `active` (used for sending), or `retire` one that is not active."""
+
+    op: ClassVar[str] = "set_data_key"
+    action: str  # add | activate | retire
+    version: int
+    wrapped: str = ""
 
 
 @dataclass(frozen=True)
@@ -419,7 +432,7 @@ COMMANDS: dict[str, type[Command]] = {
     c.op: c
     for c in (InitCluster, RegisterNode, SetNodeStates, CreateVolume, DeleteVolume, Attach, Detach,
               SetGroupMembers, Noop, SetNodeDrain, RenameVolume, RegisterGateway, CreateSnapshot, SetSnapshotState,
-              SetVolumeState, ResizeVolume, RemoveNode, SetIscsiAuth, SetReservation, SetQos)
+              SetVolumeState, ResizeVolume, RemoveNode, SetIscsiAuth, SetReservation, SetQos, SetDataKey)
 }
 
 
@@ -508,6 +521,9 @@ class MetaState:
         self.next_snap_id = 1
         self.iscsi_auth: dict[int, IscsiAuth] = {}  # volume id (0: discovery) -> CHAP of its iSCSI target
         self.reservations: dict[int, Reservation] = {}  # volume id -> SCSI persistent reservations
+        # the data port's keys (raftblock/wire/auth.py): version -> key wrapped under the cluster secret
+        self.data_keys: dict[int, str] = {}
+        self.data_key_active = 0  # 0: no keys (a cluster made before them): the data port is not authenticated
         self.applied = 0  # commands applied (including refused ones): a cheap change counter
 
     # -- apply ------------------------------------------------------------------------------------------
@@ -547,7 +563,35 @@ class MetaState:
         self.extent_size_bytes = cmd.extent_size_bytes
         self.extents_per_group_max = cmd.extents_per_group_max
         self.replicas = cmd.replicas
+        if cmd.data_key:
+            self.data_keys = {1: cmd.data_key}
+            self.data_key_active = 1
         return _ok(cluster_id=self.cluster_id)
+
+    def _apply_set_data_key(self, cmd: SetDataKey) -> Result:
+        v = cmd.version
+        if cmd.action == "add":
+            if v != max(self.data_keys, default=0) + 1 or not cmd.wrapped:
+                return _err("invalid", f"a new data key is version {max(self.data_keys, default=0) + 1}, wrapped")
+            self.data_keys[v] = cmd.wrapped
+            if not self.data_key_active:  # the first key of a cluster made before keys existed: used at once
+                self.data_key_active = v
+        elif cmd.action == "activate":
+            if v not in self.data_keys:
+                return _err("unknown_key", f"no data key {v} (known: {sorted(self.data_keys)})")
+            self.data_key_active = v
+        elif cmd.action == "retire":
+            if v not in self.data_keys:
+                return _err("unknown_key", f"no data key {v} (known: {sorted(self.data_keys)})")
+            if v == self.data_key_active:
+                return _err("invalid", f"data key {v} is the active one: activate another first")
+            del self.data_keys[v]
+        else:
+            return _err("invalid", f"action {cmd.action!r}: add, activate or retire")
+        return _ok(versions=sorted(self.data_keys), active=self.data_key_active)
+
+    def data_key_set(self) -> DataKeys:
+        return DataKeys(dict(self.data_keys), self.data_key_active)
 
     def _apply_register_node(self, cmd: RegisterNode) -> Result:
         nid = NodeId(cmd.node_id)
@@ -1021,6 +1065,8 @@ class MetaState:
             "next_snap_id": self.next_snap_id,
             "iscsi_auth": {str(k): asdict(v) for k, v in self.iscsi_auth.items()},
             "reservations": {str(k): asdict(v) for k, v in self.reservations.items()},
+            "data_keys": {str(k): v for k, v in self.data_keys.items()},
+            "data_key_active": self.data_key_active,
             "applied": self.applied,
         }
 
@@ -1050,6 +1096,9 @@ class MetaState:
         # absent before issue 19
         s.iscsi_auth = {int(k): IscsiAuth(**v) for k, v in d.get("iscsi_auth", {}).items()}
         s.reservations = {int(k): Reservation(**v) for k, v in d.get("reservations", {}).items()}
+        # absent before issue 20
+        s.data_keys = {int(k): str(v) for k, v in d.get("data_keys", {}).items()}
+        s.data_key_active = int(d.get("data_key_active", 0))
         s.applied = d["applied"]
         return s
 

@@ -119,6 +119,12 @@ class Admission:
             self.names.pop(vid, None)
         self.group_class = group_class
 
+    def volume_of(self, gid: int) -> int:
+        """The volume id of group `gid` as the map says (0: not known); node/transport.py checks a frame signed
+        with a volume's key against it."""
+        c = self.group_class.get(gid)
+        return c.key if c is not None and isinstance(c.key, int) else 0
+
     # == client requests ===========================================================================================
     def admit(self, conn: Link, gid: int, req: pb.ClientRequest, payload: Any) -> Slot | None:
         """The link to run `req` with now (a Slot), or None: it waits (it runs later, or is refused)."""

@@ -28,6 +28,10 @@ Rules:
 5. A group that names other members only, and has its full count of them, replaced this node: its copy
    (hosted, or only in the WAL after a restart) is discarded. One still short of members keeps it: the
    node may be added back, and then catches up from its log.
+7. The data port's keys (raftblock/wire/auth.py) come from the map: a changed set (a rotation) reaches the
+   node's transport and repair client at the poll that reads it, and is saved (still wrapped) as
+   DATA_DIR/data-keys.json, so a restarted node authenticates before its first poll (without it, a node of
+   a cluster with keys refuses every connection until then).
 6. Leader affinity: a volume attached by a gateway that runs inside a storage node (`[gateway]` in its config,
    node/gateway.py) has that node as the preferred leader of its Raft groups where it is a member (the map's
    first member otherwise), so the host's writes take no extra hop; every member computes the same from the
@@ -38,6 +42,8 @@ Rules:
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import shutil
 import threading
 import time
@@ -49,6 +55,9 @@ import structlog
 from raftblock.meta.rpc import MetaClient, MetaClientError
 from raftblock.meta.state import GroupId, MetaState
 from raftblock.replication.raft.types import NodeId
+from raftblock.wire.auth import DataKeys, KeyRing
+
+DATA_KEYS_FILE = "data-keys.json"
 
 if TYPE_CHECKING:
     from raftblock.node.host import NodeHost
@@ -72,6 +81,22 @@ def leader_affinity(st: MetaState) -> dict[int, int]:
     return out
 
 
+def save_data_keys(data_dir: Path, dk: DataKeys) -> None:
+    path = Path(data_dir) / DATA_KEYS_FILE
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"active": dk.active, "wrapped": {str(k): v for k, v in dk.wrapped.items()}}))
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def load_data_keys(data_dir: Path) -> DataKeys | None:
+    try:
+        d = json.loads((Path(data_dir) / DATA_KEYS_FILE).read_text())
+        return DataKeys({int(k): str(v) for k, v in d["wrapped"].items()}, int(d["active"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class MetaAgent:
     def __init__(self, client: MetaClient, host: NodeHost, node_id: int, rack: str, address: str,
                  data_dir: Path, interval_s: float = 1.0, disk_id: str = "",
@@ -87,6 +112,7 @@ class MetaAgent:
         self.interval_s = interval_s
         self.disk_id = disk_id  # the data directory's identity: a new one tells the map the disk was replaced
         self.state: MetaState | None = None
+        self._data_keys: DataKeys | None = None  # rule 7: the set the transport has
         self.registered = False
         # Rule 2. The heartbeat thread's own client: one attempt of at most two intervals, so a heartbeat
         # never arrives much later than the liveness it vouches for.
@@ -231,6 +257,17 @@ class MetaAgent:
         self.state = st
         self.reconcile(st)
 
+    def _keys(self, st: MetaState) -> None:
+        """Rule 7: the data port's keys from the map; kept (wrapped) in the data directory for the next start."""
+        dk = st.data_key_set()
+        if dk == self._data_keys:
+            return
+        ring = KeyRing.from_map(self.client.secret, dk)
+        self.host.set_auth("on" if ring is not None else "off", ring)
+        self._data_keys = dk
+        save_data_keys(self.data_dir, dk)
+        log.info("agent.data_keys", versions=sorted(dk.wrapped), active=dk.active)
+
     def reconcile(self, st: MetaState) -> None:
         for n in st.nodes.values():  # nodes added after this one started (`node add`): their addresses
             if int(n.node_id) not in self.host.peers and int(n.node_id) != self.node_id and ":" in n.address:
@@ -278,6 +315,7 @@ class MetaAgent:
             if epoch:
                 for gid in set(vol.extent_groups):
                     self.host.raise_fence(int(gid), epoch)
+        self._keys(st)
         # QoS: each volume's spec and groups, for the node's scheduler (node/admission.py rule 1)
         self.host.data.admission.set_volumes({
             v.volume_id: (name, v.qos(), [int(g) for g in set(v.extent_groups)]) for name, v in st.volumes.items()})

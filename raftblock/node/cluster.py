@@ -60,6 +60,7 @@ from raftblock.node.layout import (
 from raftblock.qos import UNSET, QosSpec
 from raftblock.replication.raft.types import NodeId
 from raftblock.units import format_size
+from raftblock.wire.auth import KeyRing
 
 HEALTHY_TIMEOUT_S = 60.0
 ISCSI_PORT_DEFAULT = 3260
@@ -68,8 +69,12 @@ DROP_IN_FLIGHT_MAX = 32  # trims in flight while `volume delete` empties a volum
 T = TypeVar("T")
 
 
+def _secret(layout: Layout) -> bytes:
+    return layout.secret_file.read_bytes().strip()
+
+
 def meta_client(layout: Layout, cmap: ClusterMap, deadline_s: float = 20.0) -> MetaClient:
-    secret = layout.secret_file.read_bytes().strip()
+    secret = _secret(layout)
     return MetaClient({NodeId(int(k)): v for k, v in cmap.meta_admin.items()}, secret, deadline_s=deadline_s)
 
 
@@ -354,7 +359,7 @@ def wait_healthy(layout: Layout, cmap: ClusterMap, groups: set[int] | None = Non
         elif missing:
             problem = f"storage nodes not up in the map: {missing}"
         else:
-            status = asyncio.run(collect_status(cmap, st))
+            status = asyncio.run(collect_status(cmap, st, secret=_secret(layout)))
             leaderless = [g["group"] for g in status["groups"] if not g["leader"]
                           and (groups is None or g["group"] in groups)]
             if not leaderless:
@@ -411,7 +416,7 @@ def cluster_status(root: Path) -> dict[str, Any]:
     layout = open_layout(root)
     cmap = _load(layout)
     mst = read_map(layout, cmap)
-    st = asyncio.run(collect_status(cmap, mst))
+    st = asyncio.run(collect_status(cmap, mst, secret=_secret(layout)))
     for n in st["nodes"]:
         n["pid"] = running_pid(layout, f"n{n['id']}", layout.node_config(n["id"]))
         if n["pid"] is None and not layout.remote:
@@ -705,7 +710,7 @@ def volume_flatten(root: Path, name: str, progress: Callable[[int, int], None] |
     source = f"{parent.name if parent else '?'}@{snap.name if snap else '?'}"
 
     async def go() -> int:
-        io = ClusterIO(st, cmap.peers())
+        io = ClusterIO(st, cmap.peers(), secret=_secret(layout))
         try:
             return await io.volume(name).flatten(progress)
         finally:
@@ -741,7 +746,8 @@ def volume_delete(root: Path, name: str) -> None:
         raise ClusterError(f"volume {name} is attached by gateway {st.attachments[name].gateway_id} "
                            f"(raftblock volume detach {name})")
     ids = [extent_id(int(g), i) for i, g in enumerate(vol.extent_groups)]
-    asyncio.run(_drop_extents(cmap, ids, vol.extent_size_bytes, st.attach_epochs.get(name, 0)))
+    asyncio.run(_drop_extents(cmap, ids, vol.extent_size_bytes, st.attach_epochs.get(name, 0),
+                              KeyRing.from_map(_secret(layout), st.data_key_set())))
     _done(_meta(layout, cmap, lambda c: c.delete_volume(name)))
     _gateway_call(layout, "reload")
 
@@ -756,7 +762,7 @@ def volume_info(root: Path, name: str) -> dict[str, Any]:
     if vol is None:
         raise ClusterError(f"no volume {name}")
     gids = sorted({int(g) for g in vol.extent_groups})
-    status = asyncio.run(collect_status(cmap, st))
+    status = asyncio.run(collect_status(cmap, st, secret=_secret(layout)))
     groups = [g for g in status["groups"] if g["group"] in gids]
     att = st.attachments.get(name)
     return {"name": vol.name, "id": vol.volume_id, "size_bytes": vol.size_bytes, "replication": vol.mode,
@@ -810,6 +816,57 @@ def volume_set_chap(root: Path, name: str, user: str, secret: str, target_user: 
     return {"volume": name, "chap": bool(user), "mutual": bool(target_user)}
 
 
+ROTATE_GATEWAY_GRACE_S = 3.0  # gateways follow the map every second (refresh_s): they sign with a new key by then
+
+
+def rotate_key(root: Path, timeout_s: float = 60.0, say: Callable[[str], None] = lambda _m: None) -> dict[str, Any]:
+    """`cluster rotate-key` (raftblock/wire/auth.py rule 3), without downtime: add a new data key (every node
+    accepts it once it has read the map), make it active once every node reports having it (then everyone signs
+    with it), and retire the old one once every node signs with the new one and the gateways have had time to
+    follow. A cluster without keys gets its first (its data port is authenticated from then on)."""
+    from raftblock.wire.auth import new_data_key, wrap_key
+
+    layout = open_layout(root)
+    cmap = _load(layout)
+    secret = _secret(layout)
+    st = read_map(layout, cmap)
+    old = st.data_key_active
+    version = max(st.data_keys, default=0) + 1
+    _done(_meta(layout, cmap, lambda c: c.set_data_key("add", version, wrap_key(secret, version, new_data_key()))))
+    say(f"data key {version} added; waiting for every node to have it")
+    _wait_nodes(layout, cmap, "auth_key_max", version, timeout_s)
+    if old:
+        _done(_meta(layout, cmap, lambda c: c.set_data_key("activate", version)))
+        say(f"data key {version} active; waiting for every node to sign with it")
+        _wait_nodes(layout, cmap, "auth_key_active", version, timeout_s)
+        _gateway_call(layout, "reload")
+        time.sleep(ROTATE_GATEWAY_GRACE_S)
+        _done(_meta(layout, cmap, lambda c: c.set_data_key("retire", old)))
+        say(f"data key {old} retired")
+    else:
+        _gateway_call(layout, "reload")
+    st = read_map(layout, cmap)
+    return {"active": st.data_key_active, "versions": sorted(st.data_keys), "retired": old or None}
+
+
+def _wait_nodes(layout: Layout, cmap: ClusterMap, counter: str, version: int, timeout_s: float) -> None:
+    """Until every storage node of the map that is up reports `counter` >= `version` (its NODE_STATUS)."""
+    deadline = time.monotonic() + timeout_s
+    behind: list[int] = []
+    while time.monotonic() < deadline:
+        st = read_map(layout, cmap)
+        status = asyncio.run(collect_status(ClusterMap(st.cluster_id, registered_nodes(st)), st,
+                                            secret=_secret(layout)))
+        up = {int(n.node_id) for n in st.nodes.values() if n.state == "up"}
+        behind = [n["id"] for n in status["nodes"]
+                  if n["id"] in up and n.get("counters", {}).get(counter, 0) < version]
+        if not behind:
+            return
+        time.sleep(0.3)
+    raise ClusterError(f"nodes {behind} did not report {counter} {version} within {timeout_s:.0f} s: the key stays "
+                       f"as it is now (run rotate-key again once they are back)")
+
+
 def iscsi_portals(layout: Layout, cmap: ClusterMap) -> list[str]:
     """host:port of every iSCSI portal of a local cluster (node 1's first: the cluster's)."""
     if cmap.gateway == "embedded":
@@ -817,12 +874,13 @@ def iscsi_portals(layout: Layout, cmap: ClusterMap) -> list[str]:
     return [f"{cmap.nodes[0].host}:{cmap.gateway_iscsi}"] if cmap.gateway_iscsi else []
 
 
-async def _drop_extents(cmap: ClusterMap, extent_ids: list[int], extent_size_bytes: int, epoch: int) -> None:
+async def _drop_extents(cmap: ClusterMap, extent_ids: list[int], extent_size_bytes: int, epoch: int,
+                        ring: KeyRing | None) -> None:
     """Trim every block of the volume's extents, so its space comes back (committed through Raft)."""
     from raftblock.client.router import GroupClient, NodeClient
     from raftblock.replication.group import GroupError
 
-    client = NodeClient(cmap.peers())
+    client = NodeClient(cmap.peers(), ring=ring)
     gate = asyncio.Semaphore(DROP_IN_FLIGHT_MAX)  # a 4 TiB volume has 65,536 extents: not all at once
 
     async def trim(e: int) -> None:
@@ -971,7 +1029,7 @@ def snapshot_list(root: Path, volume: str) -> list[dict[str, Any]]:
         if v is None:
             raise snapshots.SnapshotError(f"no volume {volume}")
         recs = sorted((r for r in st.snapshots.values() if r.volume_id == v.volume_id), key=lambda r: r.snap_id)
-        io = snapshots.ClusterIO(st, cmap.peers(), deadline_s=10.0)
+        io = snapshots.ClusterIO(st, cmap.peers(), deadline_s=10.0, secret=_secret(layout))
         try:
             unique = await snapshots.stats(io, volume) if recs else {}
         except GroupError:
@@ -1073,7 +1131,7 @@ def volume_resize(root: Path, name: str, size_bytes: int, allow_shrink: bool = F
             raise ClusterError(f"volume {name} has snapshots or clones: they keep its size (delete them first)")
 
         async def trim() -> None:
-            io = ClusterIO(st, cmap.peers())
+            io = ClusterIO(st, cmap.peers(), secret=_secret(layout))
             try:
                 await _trim_range(io, name, size_bytes // 4096, old // 4096)
             finally:
@@ -1120,7 +1178,7 @@ def volume_rollback(root: Path, name: str, snapshot: str, progress: Callable[[in
             await snapshots.delete(c, None, name, now, cur, cmap.peers())
         made = (await snapshots.create(c, cmap.peers(), [name], now, lambda gw: None))[0]
         st2 = await c.state(barrier=True)
-        io = snapshots.ClusterIO(st2, cmap.peers())
+        io = snapshots.ClusterIO(st2, cmap.peers(), secret=_secret(layout))
         copied = 0
         try:
             vol = io.volume(name)

@@ -75,6 +75,7 @@ from raftblock.node.dirlock import DirectoryInUse, lock_file
 from raftblock.obs.exporters import gateway_fill
 from raftblock.obs.serve import start_metrics
 from raftblock.replication.raft.types import NodeId
+from raftblock.wire.auth import KeyRing
 
 log = structlog.get_logger(__name__)
 
@@ -124,6 +125,12 @@ class Gateway:
             host, _, port = n.address.rpartition(":")
             self.client.nodes[int(n.node_id)] = (host, int(port))
         changed = self.state is None or st.volumes != self.state.volumes
+        if self.state is None or st.data_key_set() != self.state.data_key_set():
+            # the data port's keys (raftblock/wire/auth.py): requests to the nodes are signed with them
+            self.client.set_ring(KeyRing.from_map(self._secret, st.data_key_set()))
+        if changed:
+            vol_of = {int(g): v.volume_id for v in st.volumes.values() for g in v.extent_groups}
+            self.client.volume_of = lambda gid: vol_of.get(gid, 0)
         self.state = st
         for gid, grec in st.groups.items():  # chains: route to the map's head and tail at once
             if grec.mode == "chain" and grec.members:

@@ -101,6 +101,7 @@ class NodeHost:
         # restarted node cannot take a write from a gateway that was fenced while it was down.
         self.fences_known = True
         self.repair = PeerRepair(self)
+        self.links.volume_of = self.data.admission.volume_of
         self.raft_out = RaftOutbox(cfg.node_id, self.links, self.counters, self.repair.allow, self._raft_replica)
         self.chain_lease = ChainLease()
         self.commit = GroupCommit(self)
@@ -229,6 +230,14 @@ class NodeHost:
 
     def repair_allow(self, nbytes: int) -> bool:
         return self.repair.allow(nbytes)
+
+    def set_auth(self, auth: str, ring: Any) -> None:
+        """The data port's authentication (node/transport.py rule 4): "on" with the map's key ring, "off" (a
+        cluster without data keys), "unknown" (not read yet). The repair client signs with the same ring."""
+        self.links.set_auth(auth, ring)
+        self.repair.set_ring(ring)
+        self.counters["auth_key_max"] = max(ring.keys) if ring is not None else 0
+        self.counters["auth_key_active"] = ring.active if ring is not None else 0
 
     def qos_poll(self, key: str, nbytes: int) -> bool:
         return self.data.admission.poll(key, nbytes)

@@ -188,6 +188,18 @@ async def run_node(cfg: NodeConfig) -> int:
     rt = NodeHost(hcfg, engine, wal, recovered, cfg.groups, cfg.peers, seed=cfg.seed)
     if cfg.meta_admin:
         rt.fences_known = False  # no client I/O until the first map read (MetaAgent.reconcile)
+        # The data port's keys (node/agent.py rule 7): those saved at the last poll, else none until the first.
+        from raftblock.node.agent import load_data_keys
+        from raftblock.wire.auth import KeyRing
+
+        dk = load_data_keys(cfg.data_dir)
+        ring = None
+        if dk is not None and cfg.meta_secret_file is not None:
+            try:
+                ring = KeyRing.from_map(cfg.meta_secret_file.read_bytes().strip(), dk)
+            except ValueError as e:  # another cluster secret: the map's keys are read at the first poll
+                log.warning("raftnode.data_keys_unreadable", error=str(e))
+        rt.set_auth("unknown" if dk is None or (dk.active and ring is None) else ("on" if ring else "off"), ring)
     port = await rt.start(cfg.host, cfg.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -64,6 +64,7 @@ class RepairHost(Protocol):
 class PeerRepair:
     def __init__(self, host: RepairHost) -> None:
         self.host = host
+        self._ring: Any = None
         self._client: Any = None  # a data-plane client to the peers, made on the first repair
 
     # == rule 1 ==================================================================================================
@@ -79,8 +80,14 @@ class PeerRepair:
         from raftblock.client.router import NodeClient
 
         if self._client is None:
-            self._client = NodeClient(self.host.peers, attempt_timeout_s=REPLICA_READ_WAIT_S + 1)
+            self._client = NodeClient(self.host.peers, attempt_timeout_s=REPLICA_READ_WAIT_S + 1, ring=self._ring)
         return self._client
+
+    def set_ring(self, ring: Any) -> None:
+        """The data port's keys (node/transport.py rule 4): this node's requests to its peers are signed too."""
+        self._ring = ring
+        if self._client is not None:
+            self._client.set_ring(ring)
 
     def add_peer(self, pid: int, host: str, port: int) -> None:
         if self._client is not None:

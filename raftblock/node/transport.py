@@ -9,17 +9,26 @@
 #    host calls `flush()` (client replies: `send_soon`, flushed by the loop's next turn); above `send_buffer_bytes_max` of unsent bytes, Raft frames are dropped
 #    (Raft retransmits) and counted.
 # 3. A stream whose framing is lost (bad magic/version, oversize) is closed; a frame with a bad CRC is
-#    dropped and counted, and the connection goes on.
+#    dropped and counted, and the connection goes on (an authenticated one is closed: its sequence is lost).
+# 4. Authentication (raftblock/wire/auth.py): with `auth = "on"` every connection exchanges HELLO (nonces),
+#    then AUTH, and every frame after HELLO carries an HMAC trailer, checked before the frame goes anywhere; a
+#    peer is attached only after its AUTH verified. A frame that fails (forged, replayed, unsigned, a volume
+#    key on another volume's group, an unknown key version) is counted (`auth_refused_<reason>`), logged once
+#    per peer address per minute, and its connection closed. `auth = "unknown"` (a node of a cluster whose
+#    keys it has not read yet) refuses every connection after HELLO; "off": a cluster without data keys.
 from __future__ import annotations
 
 import asyncio
+import os
+import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol, cast
 
 import structlog
 
 from raftblock.wire import raftblock_pb2 as pb
+from raftblock.wire.auth import FRAME_AUTH, NONCE_BYTES, AuthError, KeyRing, Session, head24_of, session_id
 from raftblock.wire.framing import (
     ROLE_CLIENT,
     ROLE_PEER,
@@ -60,11 +69,16 @@ class Connection(asyncio.BufferedProtocol):
         self._out: list[Buf] = []
         self._out_bytes = 0
         self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.nonce = os.urandom(NONCE_BYTES)
+        self.session: Session | None = None  # rule 4
+        self._authed = False  # the other side's AUTH verified
+        self._hello_peer: int | None = None  # a peer's id, attached once its AUTH verified
 
     # -- asyncio.Protocol ----------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass it
-        hello = pb.Hello(node_id=self.owner.node_id, role=ROLE_PEER, version=WIRE_VERSION)
+        hello = pb.Hello(node_id=self.owner.node_id, role=ROLE_PEER, version=WIRE_VERSION, nonce=self.nonce,
+                         auth=1 if self.owner.auth == "on" else 0)
         self.transport.writelines(encode_frame(FrameType.HELLO, 0, hello.SerializeToString()))
 
     def get_buffer(self, sizehint: int) -> memoryview:
@@ -93,11 +107,22 @@ class Connection(asyncio.BufferedProtocol):
                 return
             if isinstance(ev, BadFrame):
                 counters[ev.counter] += 1
+                if self.session is not None:
+                    self._refuse(AuthError("bad_tag", "a frame with a bad CRC broke the sequence"))
+                    return
                 continue
             if self.role == 0:
                 if not self._hello(ev):
                     return
                 continue
+            if self.session is not None:
+                try:
+                    self._open(ev)
+                except AuthError as e:
+                    self._refuse(e)
+                    return
+                if ev.type == FRAME_AUTH:
+                    continue
             try:
                 if self.role == ROLE_PEER:
                     assert self.peer_id is not None
@@ -128,13 +153,55 @@ class Connection(asyncio.BufferedProtocol):
             log.info("wire.peer_unknown_yet", peer=int(h.node_id))
             self.close()
             return False
+        auth = self.owner.auth
+        if auth == "unknown":  # rule 4: this node has not read the cluster's keys yet
+            self.owner.counters["auth_not_ready"] += 1
+            self.close()
+            return False
+        if auth == "on":
+            if h.auth != 1 or len(h.nonce) != NONCE_BYTES:
+                self._refuse(AuthError("unsigned", f"a HELLO without authentication from role {h.role}"))
+                return False
+            ring = self.owner.ring
+            assert ring is not None
+            dialer = self.dial_peer is not None
+            sid = session_id(self.nonce, h.nonce) if dialer else session_id(h.nonce, self.nonce)
+            self.session = Session(ring, sid, dialer)
+            assert self.transport is not None
+            self.transport.writelines(self.session.seal(encode_frame(FRAME_AUTH, 0, b"")))
         if h.role == ROLE_PEER:
             self.role = ROLE_PEER
-            self.peer_id = int(h.node_id)
-            self.owner._attach(self.peer_id, self)
+            if self.session is None:
+                self.peer_id = int(h.node_id)
+                self.owner._attach(self.peer_id, self)
+            else:
+                self._hello_peer = int(h.node_id)  # attached once its AUTH verified
         else:
             self.role = ROLE_CLIENT
         return True
+
+    def _open(self, f: Frame) -> None:
+        """Rule 4: verify and strip a frame's trailer; the first frame must be the other side's AUTH."""
+        session = self.session
+        assert session is not None
+        client_req = self.role == ROLE_CLIENT and f.type == FrameType.CLIENT_REQ
+        vid = session.open(f, head24_of(f), allow_volume=client_req)
+        if not self._authed:
+            if f.type != FRAME_AUTH:
+                raise AuthError("unsigned", f"frame type {f.type} before AUTH")
+            self._authed = True
+            if self._hello_peer is not None:
+                self.peer_id = self._hello_peer
+                self.owner._attach(self.peer_id, self)
+            return
+        if f.type == FRAME_AUTH:
+            raise AuthError("bad_scope", "a second AUTH")
+        if vid and vid != self.owner.volume_of(f.group):
+            raise AuthError("wrong_volume", f"signed for volume {vid}, sent to group {f.group}")
+
+    def _refuse(self, e: AuthError) -> None:
+        self.owner.auth_refused(e, self)
+        self.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.peer_id is not None:
@@ -144,6 +211,8 @@ class Connection(asyncio.BufferedProtocol):
 
     # -- sending -------------------------------------------------------------------------------------------
     def queue(self, parts: list[Buf]) -> None:
+        if self.session is not None:
+            parts = self.session.seal(parts)  # in queue order: the order they are written in
         self._out.extend(parts)
         for p in parts:
             self._out_bytes += len(p)
@@ -155,8 +224,8 @@ class Connection(asyncio.BufferedProtocol):
         self._out_bytes = 0
 
     def send_now(self, parts: list[Buf]) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.writelines(parts)
+        self.queue(parts)
+        self.flush()
 
     def send_soon(self, parts: list[Buf]) -> None:
         """Queue and write at the end of this loop turn: the replies of one commit leave in one send."""
@@ -195,6 +264,11 @@ class Transport:
         self.send_buffer_bytes_max = send_buffer_bytes_max
         self.redial_s_max = redial_s_max
         self.conns: dict[int, Connection] = {}
+        # rule 4: "off", "unknown" or "on" (then `ring` holds the keys); set by the node (its agent)
+        self.auth = "off"
+        self.ring: KeyRing | None = None
+        self.volume_of: Callable[[int], int] = lambda gid: 0  # a group's volume id (the map's)
+        self._auth_logged: dict[str, float] = {}
         self._dirty: set[int] = set()
         self._server: asyncio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -222,6 +296,30 @@ class Transport:
         log.info("peer.added", peer=pid, address=f"{host}:{port}")
         return True
 
+    def set_auth(self, auth: str, ring: KeyRing | None) -> None:
+        """Rule 4. A new ring reaches the live sessions at once (a rotated key is accepted as soon as the map
+        that carries it is read); a connection made before authentication went on is closed."""
+        if auth == "on" and ring is None:
+            raise ValueError("authentication needs a key ring")
+        self.auth, self.ring = auth, ring
+        for c in [*self.conns.values(), *self._client_conns]:
+            if c.session is not None and ring is not None:
+                c.session.ring = ring
+            elif c.session is None and auth == "on" and c.role:
+                c.close()
+
+    def auth_refused(self, e: AuthError, conn: Connection) -> None:
+        self.counters[f"auth_refused_{e.reason}"] += 1
+        peer = "?"
+        if conn.transport is not None:
+            addr = conn.transport.get_extra_info("peername")
+            peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else str(addr)
+        host = peer.rsplit(":", 1)[0]
+        now = time.monotonic()
+        if now - self._auth_logged.get(host, -1e9) >= 60.0:
+            self._auth_logged[host] = now
+            log.warning("wire.auth_refused", reason=e.reason, detail=str(e), peer=peer, node=conn._hello_peer)
+
     def _accepted(self) -> Connection:
         c = Connection(self)
         self._client_conns.add(c)
@@ -239,8 +337,13 @@ class Transport:
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(self.redial_s_max, backoff_s * 2)
                 continue
-            backoff_s = 0.05
+            opened = time.monotonic()
             await conn.closed
+            if time.monotonic() - opened < 1.0:  # refused after HELLO (keys not read yet, a bad key): back off
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(self.redial_s_max, backoff_s * 2)
+            else:
+                backoff_s = 0.05
 
     def _attach(self, pid: int, conn: Connection) -> None:
         old = self.conns.get(pid)

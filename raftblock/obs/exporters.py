@@ -29,6 +29,9 @@ GATEWAY_CONNECTIONS = "Host connections, by volume."
 GROUP_TERM = "Raft term (chain: epoch) of each group this node hosts."
 GROUP_LAG = "Entries committed but not applied yet on this replica."
 NODE_STATES = ("up", "suspect", "down")
+AUTH_REASONS = ("unsigned", "no_trailer", "bad_tag", "unknown_key", "bad_scope", "wrong_volume")
+AUTH_REFUSED = ("Connections closed on the data port for a frame that failed authentication (raftblock/wire/auth.py), "
+                "by reason.")
 
 
 def node_fill(h: Any, rack: str) -> Any:
@@ -93,6 +96,12 @@ def node_fill(h: Any, rack: str) -> Any:
         for reason, n in refused.items():
             f.counter("raftblock_node_frames_refused", "Frames or requests refused on the data port, by reason.",
                       n, {**node, "reason": reason})
+        f.declare_counter("raftblock_node_auth_refused", AUTH_REFUSED, ["node", "rack", "reason"])
+        for reason in AUTH_REASONS:
+            f.counter("raftblock_node_auth_refused", AUTH_REFUSED, c.get(f"auth_refused_{reason}", 0),
+                      {**node, "reason": reason})
+        f.gauge("raftblock_node_data_key_active", "The data key version this node signs with (0: the data port "
+                "is not authenticated).", c.get("auth_key_active", 0), node)
         for op, n in sorted(h.client_ops.items()):
             f.counter("raftblock_node_client_ops", "Client requests received, by op.", n,
                       {**node, "op": CLIENT_OPS.get(op, str(op))})

@@ -8,14 +8,18 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Hello(_message.Message):
-    __slots__ = ("node_id", "role", "version")
+    __slots__ = ("node_id", "role", "version", "nonce", "auth")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
     node_id: int
     role: int
     version: int
-    def __init__(self, node_id: _Optional[int] = ..., role: _Optional[int] = ..., version: _Optional[int] = ...) -> None: ...
+    nonce: bytes
+    auth: int
+    def __init__(self, node_id: _Optional[int] = ..., role: _Optional[int] = ..., version: _Optional[int] = ..., nonce: _Optional[bytes] = ..., auth: _Optional[int] = ...) -> None: ...
 
 class EntryHeader(_message.Message):
     __slots__ = ("term", "index", "type", "data_len")

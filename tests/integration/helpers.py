@@ -166,3 +166,37 @@ def flip_byte(path: Path, offset: int) -> None:
         f.write(bytes([b[0] ^ 0xFF]))
         f.flush()
         os.fsync(f.fileno())
+
+
+def cluster_ring(root: Path) -> Any:
+    """The data port's key ring of a local cluster (raftblock/wire/auth.py), as its processes unwrap it."""
+    import asyncio
+
+    from raftblock.node.cluster import _load, meta_client, open_layout
+    from raftblock.wire.auth import KeyRing
+
+    layout = open_layout(root)
+    st = asyncio.run(meta_client(layout, _load(layout)).state(barrier=True))
+    return KeyRing.from_map(layout.secret_file.read_bytes().strip(), st.data_key_set())
+
+
+def signed_hello(sock: Any, ring: Any, node_id: int, role: int) -> Any:
+    """A blocking socket to a node's data port, made into an authenticated session as a node (or a gateway)
+    holding the cluster's keys would: HELLO both ways, then AUTH. Returns the Session: seal frames with it."""
+    from raftblock.wire import raftblock_pb2 as pb
+    from raftblock.wire.auth import FRAME_AUTH, Session, session_id
+    from raftblock.wire.framing import Frame, FrameDecoder, FrameType, encode_frame, encode_frame_bytes
+
+    nonce = os.urandom(16)
+    sock.sendall(encode_frame_bytes(FrameType.HELLO, 0, pb.Hello(node_id=node_id, role=role, version=1, nonce=nonce,
+                                                                  auth=1).SerializeToString()))
+    dec = FrameDecoder()
+    while (ev := dec.next_event()) is None:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError("the node closed the connection before its HELLO")
+        dec.feed(data)
+    assert isinstance(ev, Frame) and ev.type == FrameType.HELLO
+    s = Session(ring, session_id(nonce, pb.Hello.FromString(ev.message).nonce), dialer=True)
+    sock.sendall(b"".join(bytes(p) for p in s.seal(encode_frame(FRAME_AUTH, 0, b""))))
+    return s

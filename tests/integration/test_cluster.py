@@ -24,6 +24,7 @@ from .helpers import (
     BLOCK,
     CLIENTS,
     MiB,
+    cluster_ring,
     find_on_disk,
     flip_byte,
     kill_group,
@@ -32,6 +33,7 @@ from .helpers import (
     require_libnbd,
     require_tools,
     run,
+    signed_hello,
 )
 from .test_ext4_nbdfuse import _make_tree, _phase, _read_sums
 from .test_power_cut import Journal, _count_acks, judge
@@ -390,8 +392,7 @@ def test_forged_frames_to_a_node_are_refused_counted_and_it_keeps_serving(cluste
     import socket
 
     from raftblock.replication.raft.types import GroupId, Message, MessageType, NodeId
-    from raftblock.wire import raftblock_pb2 as pb
-    from raftblock.wire.framing import ROLE_PEER, FrameType, encode_frame_bytes
+    from raftblock.wire.framing import ROLE_PEER, encode_frame
     from raftblock.wire.raftcodec import encode_raft
 
     cluster.up()
@@ -400,11 +401,16 @@ def test_forged_frames_to_a_node_are_refused_counted_and_it_keeps_serving(cluste
     group = st["volumes"][0]["extent_groups"][0]
     node = next(n for n in st["nodes"] if n["id"] == 1)
     host, port = node["address"].rsplit(":", 1)
-    hello = encode_frame_bytes(FrameType.HELLO, 0, pb.Hello(node_id=3, role=ROLE_PEER, version=1).SerializeToString())
+    # The frames come from an insider: signed with the cluster's keys (raftblock/wire/auth.py), as node 3 would;
+    # what is checked is the layer behind authentication (test_auth.py checks the outsiders).
+    ring = cluster_ring(cluster.root)
     hb = Message(MessageType.HEARTBEAT, GroupId(group), NodeId(3), NodeId(1), 0, commit=0)
-    bad = bytearray(b"".join(bytes(p) for p in encode_raft(hb)))
-    bad[-1] ^= 0x55
     unk = Message(MessageType.HEARTBEAT, GroupId(999_999), NodeId(3), NodeId(1), 50)
+
+    def bad_crc(s: Any) -> bytes:
+        b = bytearray(b"".join(bytes(p) for p in s.seal(encode_raft(hb))))
+        b[-1] ^= 0x55
+        return bytes(b)
 
     def counter(name: str) -> int:
         n1 = next(n for n in cluster.status()["nodes"] if n["id"] == 1)
@@ -413,17 +419,19 @@ def test_forged_frames_to_a_node_are_refused_counted_and_it_keeps_serving(cluste
     # Each forged frame on a connection of its own, claiming to be peer 3: the real node 3 reconnecting
     # may replace (close) that connection at any moment, so a send may fail (BrokenPipe, reset) or the
     # frame be lost with it. Both are legal outcomes of that race: send again until the node counts it.
-    for frame, name in ((bytes(bad), "frames_bad_crc"),  # wrong CRC: dropped
-                        (b"".join(bytes(p) for p in encode_raft(unk)), "raft_unknown_group"),
-                        (b"".join(bytes(p) for p in encode_raft(hb)), "raft_stale_term"),  # term 0
-                        (encode_frame_bytes(99, group, b"junk"), "frames_malformed")):  # unknown frame type
+    for make, name in ((bad_crc, "frames_bad_crc"),  # wrong CRC: dropped (and, signed, the connection closed)
+                       (lambda s: s.seal(encode_raft(unk)), "raft_unknown_group"),
+                       (lambda s: s.seal(encode_raft(hb)), "raft_stale_term"),  # term 0
+                       (lambda s: s.seal(encode_frame(99, group, b"junk")), "frames_malformed")):  # unknown type
         before = counter(name)
         deadline = time.monotonic() + 30
         while counter(name) <= before:
             assert time.monotonic() < deadline, f"the node never counted {name}"
             try:
                 with socket.create_connection((host, int(port)), timeout=10) as s:
-                    s.sendall(hello + frame)
+                    session = signed_hello(s, ring, 3, ROLE_PEER)
+                    frame = make(session)
+                    s.sendall(frame if isinstance(frame, bytes) else b"".join(bytes(p) for p in frame))
                     end = time.monotonic() + 2
                     while counter(name) <= before and time.monotonic() < end:
                         time.sleep(0.05)
@@ -486,7 +494,7 @@ def test_chain_zombie_head_is_fenced_and_tail_kill_loses_nothing(separate_cluste
     from raftblock.wire import raftblock_pb2 as pb
     from raftblock.wire.chaincodec import encode_chain
     from raftblock.wire.client import OP_C_WRITE, ST_OK
-    from raftblock.wire.framing import ROLE_PEER, FrameType, encode_frame_bytes
+    from raftblock.wire.framing import ROLE_PEER
     from raftblock.wire.ops import OP_TRIM, BlockOp, encode_batch
 
     py = require_libnbd()
@@ -516,11 +524,13 @@ def test_chain_zombie_head_is_fenced_and_tail_kill_loses_nothing(separate_cluste
         extent = gid << 32
         payload = b"Z" * BLOCK
 
+        zombie_ring = cluster_ring(cluster.root)  # the zombie holds the cluster's keys
+
         async def zombie_write() -> int:
             from raftblock._fast import blockcrc
 
             h, p = addr[head].rsplit(":", 1)
-            client = NodeClient({head: (h, int(p))}, attempt_timeout_s=5.0)
+            client = NodeClient({head: (h, int(p))}, attempt_timeout_s=5.0, ring=zombie_ring)
             req = pb.ClientRequest(op=OP_C_WRITE, extent_id=extent, block=block, count=1)
             req.crcs.extend(blockcrc.block_crcs(payload))
             try:
@@ -557,14 +567,15 @@ def test_chain_zombie_head_is_fenced_and_tail_kill_loses_nothing(separate_cluste
         # The real node may replace this connection at any time (one per node pair), closing it under a
         # send (BrokenPipe) or before the frames are read: legal outcomes of that race, so send again until
         # they are counted.
+        ring = cluster_ring(cluster.root)
         give_up = time.monotonic() + 60
         while not refused() and time.monotonic() < give_up:
             try:
                 with socket.create_connection((h, int(p)), timeout=10) as s:
-                    s.sendall(encode_frame_bytes(FrameType.HELLO, 0,
-                                                 pb.Hello(node_id=head, role=ROLE_PEER, version=1).SerializeToString()))
+                    # an insider (the zombie holds the cluster's keys): signed, so the epoch checks are what refuse
+                    session = signed_hello(s, ring, head, ROLE_PEER)
                     for m in forged:
-                        s.sendall(b"".join(bytes(b) for b in encode_chain(m)))
+                        s.sendall(b"".join(bytes(b) for b in session.seal(encode_chain(m))))
                     deadline = time.monotonic() + 5
                     while not refused() and time.monotonic() < deadline:
                         time.sleep(0.1)

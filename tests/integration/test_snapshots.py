@@ -55,7 +55,7 @@ def read_snapshot(c: Cluster, volume: str, name: str, length: int) -> bytes:
         st = await meta.state(barrier=True)
         rec = st.snapshot_of(volume, name)
         assert rec is not None and rec.state == "ready", rec
-        io = ClusterIO(st, cmap.peers())
+        io = ClusterIO(st, cmap.peers(), secret=secret)
         try:
             vol = io.volume(volume)
             out = bytearray()

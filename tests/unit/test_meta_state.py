@@ -26,6 +26,7 @@ from raftblock.meta.state import (
     RemoveNode,
     RenameVolume,
     ResizeVolume,
+    SetDataKey,
     SetGroupMembers,
     SetIscsiAuth,
     SetNodeDrain,
@@ -40,6 +41,7 @@ from raftblock.meta.state import (
 )
 from raftblock.qos import QosSpec
 from raftblock.replication.raft.types import GroupId, NodeId
+from raftblock.wire.auth import DataKeys
 
 GiB = 1 << 30
 
@@ -80,7 +82,24 @@ ALL = [
     SetIscsiAuth("v", "host1", "initiator-secret", "tgt", "target-secret!"),
     SetReservation(7, 3, '{"registrations": []}'),
     SetQos("v", 500, 10 << 20, 800, 0, 100, 4),
+    SetDataKey("add", 2, "d3JhcHBlZA=="),
+    InitCluster("c2", data_key="d3JhcHBlZA=="),
 ]
+
+
+def test_data_keys_are_added_activated_and_retired_in_order() -> None:
+    s = MetaState()
+    assert s.apply(InitCluster("c", data_key="k1")).ok
+    assert s.data_key_set() == DataKeys({1: "k1"}, 1)
+    assert s.apply(SetDataKey("add", 3, "k3")).error == "invalid"  # versions go one by one
+    assert s.apply(SetDataKey("add", 2, "k2")).ok and s.data_key_active == 1  # accepted, not used yet
+    assert s.apply(SetDataKey("retire", 1)).error == "invalid"  # the active one
+    assert s.apply(SetDataKey("activate", 4)).error == "unknown_key"
+    assert s.apply(SetDataKey("activate", 2)).ok and s.apply(SetDataKey("retire", 1)).ok
+    assert MetaState.from_json(s.to_json()).data_key_set() == DataKeys({2: "k2"}, 2)
+    old = MetaState()  # a cluster made before data keys: the first one added is used at once
+    assert old.apply(InitCluster("c")).ok and old.data_key_active == 0
+    assert old.apply(SetDataKey("add", 1, "k1")).ok and old.data_key_active == 1
 
 
 def test_qos_is_set_at_create_and_changed_whole_and_checked() -> None:
