@@ -10,7 +10,10 @@
 #    (dynamicMembershipChange is off, and the dump's member list is ignored).
 # 3. The Raft port binds the node's own configured host, never 0.0.0.0 (pysyncobj's default).
 # 4. Peers are authenticated before anything is unpickled: a cluster secret is required and becomes
-#    pysyncobj's `password` (Fernet: HMAC-SHA256 checked before decrypt and unpickle).
+#    pysyncobj's `password` (Fernet: HMAC-SHA256 checked before decrypt and unpickle). Before that, only the
+#    4-byte length of a message is read, and it is bounded: a length over META_MESSAGE_MAX (or negative), or
+#    more bytes than one such message buffered, disconnects the peer at once (pysyncobj would buffer up to 2 GiB
+#    of an unauthenticated peer's bytes waiting for its message to complete).
 # 5. Low write rate: heartbeats stay in the leader's memory (control/health.py); only transitions are
 #    proposed. The command queue is bounded (`commands_queue_max`).
 # 6. State is mutated only on pysyncobj's tick thread, under `_lock`; readers copy under the lock.
@@ -31,6 +34,7 @@ import crc32c
 import pysyncobj
 import pysyncobj.serializer
 import pysyncobj.syncobj
+import pysyncobj.tcp_connection
 import structlog
 from pysyncobj import FAIL_REASON, SyncObj, SyncObjConf, replicated
 from pysyncobj.version import VERSION as PYSYNCOBJ_VERSION
@@ -69,6 +73,28 @@ def _create_journal(journal_file: Any = None) -> Any:
 
 pysyncobj.syncobj.createJournal = _create_journal
 pysyncobj.serializer.atomicReplace = durable_replace
+
+META_MESSAGE_MAX = 64 << 20  # rule 4: the largest message a metadata peer sends (a map snapshot chunk is far less)
+refused_oversize = 0  # peers disconnected by rule 4 (exported by the metadata node)
+_stock_process_read = pysyncobj.tcp_connection.TcpConnection._TcpConnection__processRead  # type: ignore[attr-defined]
+
+
+def _bounded_process_read(self: Any) -> bool:
+    """Rule 4: pysyncobj's read, then the bound on what an unauthenticated peer can make it buffer."""
+    global refused_oversize
+    more = bool(_stock_process_read(self))
+    buf = self._TcpConnection__readBuffer
+    if len(buf) >= 4:
+        declared = int.from_bytes(buf[:4], "little", signed=True)
+        if declared < 0 or declared > META_MESSAGE_MAX or len(buf) > META_MESSAGE_MAX + 4 + (1 << 20):
+            refused_oversize += 1
+            log.warning("meta_peer_refused", reason="oversize", declared=declared, buffered=len(buf))
+            self.disconnect()
+            return False
+    return more
+
+
+pysyncobj.tcp_connection.TcpConnection._TcpConnection__processRead = _bounded_process_read  # type: ignore[attr-defined]
 
 
 def check_pysyncobj_version() -> None:

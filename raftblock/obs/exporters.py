@@ -198,6 +198,10 @@ def meta_fill(node: Any) -> Any:
         f.gauge("raftblock_meta_leader", "1 on the metadata leader.", 1.0 if leader else 0.0)
         f.gauge("raftblock_meta_map_version", "Commands applied to the cluster map (a change counter).", st.applied)
         f.counter("raftblock_meta_proposals", "Commands proposed through this metadata node.", node.proposals)
+        from raftblock.meta import group as meta_group  # (obs/ sits below meta/: imported at scrape time)
+
+        f.counter("raftblock_meta_peers_refused", "Connections to the metadata Raft port closed before "
+                  "authentication for an oversized message.", meta_group.refused_oversize)
         f.gauge("raftblock_meta_volumes", "Volumes in the map.", len(st.volumes))
         counts = dict.fromkeys((*NODE_STATES, "draining"), 0)
         for n in st.nodes.values():

@@ -13,7 +13,8 @@ LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
 
 
 def _docs() -> list[Path]:
-    return [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md")), *sorted(REPO.glob("*/README.md"))]
+    return [REPO / "README.md", REPO / "THREAT_MODEL.md", *sorted((REPO / "docs").rglob("*.md")),
+            *sorted(REPO.glob("*/README.md"))]
 
 
 def test_every_relative_link_resolves_inside_the_repository() -> None:

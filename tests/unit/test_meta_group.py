@@ -314,6 +314,43 @@ def test_unauthenticated_peer_is_refused_before_unpickling(tmp_path: Path) -> No
         stock.destroy_synchronous()
 
 
+def test_an_unauthenticated_peer_cannot_make_the_raft_port_buffer_a_huge_message(tmp_path: Path) -> None:
+    """Rule 4: a declared length over META_MESSAGE_MAX disconnects at once; pysyncobj alone would wait, buffering
+    up to 2 GiB of the peer's bytes before it could check anything."""
+    from raftblock.meta import group as group_mod
+
+    async def scenario() -> None:
+        port = free_port()
+        node = MetaNode(MetaConfig(NodeId(1), {NodeId(1): f"127.0.0.1:{port}"}, tmp_path / "m", SECRET,
+                                   cluster_id="c", timings=FAST))
+        await node.start()
+        before = group_mod.refused_oversize
+
+        def flood() -> int:
+            sent = 0
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                s.sendall(struct.pack("i", (1 << 31) - 1))  # "a 2 GiB message follows"
+                chunk = os.urandom(1 << 16)
+                try:
+                    while sent < (256 << 20):  # the node hangs up long before 256 MiB
+                        s.sendall(chunk)
+                        sent += len(chunk)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+            return sent
+
+        try:
+            sent = await asyncio.to_thread(flood)
+            assert sent < (64 << 20), f"{sent} bytes accepted before the node hung up"
+            assert group_mod.refused_oversize == before + 1
+            res = await node.propose(InitCluster("c"), timeout_s=10)  # the node keeps working
+            assert res.ok
+        finally:
+            await node.close()
+
+    asyncio.run(scenario())
+
+
 # ---------------------------------------------------------------------------------------------- write rate
 
 
