@@ -149,7 +149,7 @@ def cmd_cluster_up(args: argparse.Namespace) -> int:
     notes: list[str] = []
     uri = cluster_up(_local_target(args), nodes=args.nodes, racks=args.racks, nbd_port=args.nbd_port,
                      port_base=args.port_base, disk=args.disk, replication=args.replication, notes=notes,
-                     gateway=args.gateway, iscsi_port=args.iscsi_port)
+                     gateway=args.gateway, iscsi_port=args.iscsi_port, tls=args.tls)
     for n in notes:
         print(f"raftblock cluster up: {n}", file=sys.stderr)
     return _report(args, {"uri": uri, "dir": str(_local_target(args)), "notes": notes}, uri)
@@ -666,6 +666,27 @@ def cmd_cluster_wait_healthy(args: argparse.Namespace) -> int:
                    f"(waited {took} s)")
 
 
+def cmd_cert_init(args: argparse.Namespace) -> int:
+    from raftblock import tls
+
+    out = Path(args.out)
+    ca_cert, _ = tls.init_ca(out, args.cluster_name)
+    made = [str(ca_cert)]
+    ips = list(args.ip or [])
+    dns = list(args.dns or [])
+    for i in range(1, args.nodes + 1):
+        made.append(str(tls.issue(out, out, tls.node_name(i), dns, ips)[0]))
+    for i in range(1, args.metas + 1):
+        made.append(str(tls.issue(out, out, tls.meta_name(i), dns, ips)[0]))
+    for g in args.gateway or []:
+        made.append(str(tls.issue(out, out, tls.gateway_name(g), dns, ips)[0]))
+    made.append(str(tls.issue(out, out, tls.ADMIN_NAME, [])[0]))
+    for h in args.host or []:
+        made.append(str(tls.nbd_client_dir(out / "hosts" / h, out, h)))
+    return _report(args, {"dir": str(out), "made": made},
+                   f"CA and {len(made) - 1} certificates in {out} (keys 0600): {', '.join(Path(m).name for m in made)}")
+
+
 def cmd_cluster_rotate_key(args: argparse.Namespace) -> int:
     from raftblock.node.cluster import rotate_key
 
@@ -875,6 +896,9 @@ def build_parser() -> argparse.ArgumentParser:
     cu = csub.add_parser("up", help="start (or complete) a local cluster; prints the NBD base URI")
     _dir(cu, local=True)
     cu.add_argument("--nodes", type=int, default=None, help="storage nodes of a new cluster (default 3)")
+    cu.add_argument("--tls", action="store_true",
+                    help="a new cluster with a lab CA and certificates in DIR/tls: NBD needs STARTTLS (nbds://) "
+                         "and a host certificate (DIR/tls/hosts/local for this machine)")
     cu.add_argument("--racks", type=int, default=None, help="racks of a new cluster: node i is in rack r{i mod R} "
                                                             "(default 3)")
     cu.add_argument("--nbd-port", type=_port_arg, default=None,
@@ -919,6 +943,23 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for the nodes at each step")
     _json(ck)
     ck.set_defaults(func=cmd_cluster_rotate_key)
+
+    ce = sub.add_parser("cert", help="TLS certificates for a lab cluster")
+    cesub = ce.add_subparsers(dest="cert_command", required=True, parser_class=_Parser)
+    ci = cesub.add_parser("init", help="a CA (kept if it exists) and certificates signed by it: nodes, metadata "
+                                       "members, gateways, the operators' CLI, NBD hosts (raftblock/tls.py)")
+    ci.add_argument("--out", required=True, metavar="DIR", help="where the PEM files go (keys 0600)")
+    ci.add_argument("--nodes", type=int, default=3, help="storage node certificates node-1..N (default 3)")
+    ci.add_argument("--metas", type=int, default=3, help="metadata member certificates meta-1..N (default 3)")
+    ci.add_argument("--gateway", action="append", metavar="ID", help="a separate gateway's certificate (repeat)")
+    ci.add_argument("--host", action="append", metavar="NAME",
+                    help="an NBD host: DIR/hosts/NAME/{ca-cert,client-cert,client-key}.pem, the directory qemu's "
+                         "tls-creds-x509 and libnbd's tls-certificates read (repeat)")
+    ci.add_argument("--ip", action="append", metavar="ADDR", help="an address the servers are reached by (repeat)")
+    ci.add_argument("--dns", action="append", metavar="NAME", help="a host name the servers are reached by (repeat)")
+    ci.add_argument("--cluster-name", default="", help="put in the CA's name")
+    _json(ci)
+    ci.set_defaults(func=cmd_cert_init)
 
     r = sub.add_parser("repair", help="re-replication in progress")
     rsub = r.add_subparsers(dest="repair_command", required=True, parser_class=_Parser)

@@ -187,8 +187,14 @@ class NeedData:
     pass
 
 
+@dataclass(frozen=True)
+class StartTls:
+    """NBD_OPT_STARTTLS was acknowledged: the adapter runs the TLS handshake on the connection, then calls
+    `tls_started()`; the option haggling goes on inside TLS (proto.md "TLS support")."""
+
+
 NEED_DATA = NeedData()
-Event = ExportSelected | Request | Closed | NeedData
+Event = ExportSelected | Request | Closed | NeedData | StartTls
 
 
 class _Phase(IntEnum):
@@ -209,8 +215,12 @@ class ServerConnection:
         max_option_bytes: int = 64 << 10,
         max_payload_bytes: int = 32 << 20,
         shutting_down: Callable[[], bool] = lambda: False,
+        tls_required: bool = False,
     ) -> None:
         self._catalog = catalog
+        # proto.md "FORCEDTLS": with TLS configured, nothing but STARTTLS and ABORT before the handshake
+        self.tls_required = tls_required
+        self.tls = False
         self._max_option_bytes = max_option_bytes
         self._max_payload_bytes = max_payload_bytes
         self._shutting_down = shutting_down
@@ -307,9 +317,32 @@ class ServerConnection:
     def _opt_error(self, opt: int, rtype: int, message: str) -> None:
         self._opt_reply(opt, rtype, message.encode())
 
+    def tls_started(self) -> None:
+        """The TLS handshake after STARTTLS completed: the options go on."""
+        self.tls = True
+
     def _handle_option(self, opt: int, data: bytes) -> Event | None:
         if self._shutting_down() and opt not in (Opt.ABORT,):
             self._opt_error(opt, REP_ERR_SHUTDOWN, "server is shutting down")
+            return None
+        if opt == Opt.STARTTLS:
+            if not self.tls_required:
+                self._opt_error(opt, REP_ERR_POLICY, "TLS is not offered by this gateway")
+            elif self.tls:
+                self._opt_error(opt, REP_ERR_INVALID, "TLS is already on")
+            elif data:
+                self._opt_error(opt, REP_ERR_INVALID, "NBD_OPT_STARTTLS takes no data")
+            else:
+                if self._available():  # the client must wait for the ACK before its handshake
+                    raise ProtocolError("data after NBD_OPT_STARTTLS before the TLS handshake")
+                self._opt_reply(opt, REP_ACK)
+                return StartTls()
+            return None
+        if self.tls_required and not self.tls and opt != Opt.ABORT:
+            if opt == Opt.EXPORT_NAME:  # no error reply exists for it: the server closes (proto.md)
+                self._phase = _Phase.CLOSED
+                raise ProtocolError("NBD_OPT_EXPORT_NAME before STARTTLS on a gateway that requires TLS")
+            self._opt_error(opt, REP_ERR_TLS_REQD, "this gateway requires TLS (NBD_OPT_STARTTLS; nbds://)")
             return None
         if opt == Opt.EXPORT_NAME:
             name = data.decode("utf-8", "replace")
@@ -348,9 +381,6 @@ class ServerConnection:
             return self._info_or_go(opt, data)
         if opt in (Opt.LIST_META_CONTEXT, Opt.SET_META_CONTEXT):
             self._meta_context(opt, data)
-            return None
-        if opt == Opt.STARTTLS:
-            self._opt_error(opt, REP_ERR_POLICY, "TLS is not offered by this gateway")
             return None
         self._opt_error(opt, REP_ERR_UNSUP, f"option {opt} is not supported")
         return None

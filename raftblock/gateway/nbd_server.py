@@ -11,6 +11,9 @@ Rules:
    its traceback — the process stays up.
 3. Shutdown (SIGTERM) stops accepting, refuses new options with ERR_SHUTDOWN, lets in-flight requests
    finish (bounded by `drain_timeout_s`), then closes every connection.
+4. TLS (`GatewayConfig.tls`, the gateway's `[tls]`, raftblock/tls.py rule 2): every connection must STARTTLS
+   before anything else (the codec answers other options ERR_TLS_REQD); the handshake needs a client
+   certificate of the cluster CA; a failed handshake closes the connection and is counted.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -60,6 +64,7 @@ class GatewayConfig:
     handshake_timeout_s: float = 30.0
     drain_timeout_s: float = 30.0
     max_block_bytes: int = 32 << 20
+    tls: ssl.SSLContext | None = None  # rule 4: STARTTLS required, client certificates of the cluster CA
 
 
 KEEPALIVE_IDLE_S = 30  # a host that vanished without a FIN (power loss, cut cable) is found in ~60 s
@@ -164,6 +169,7 @@ class NbdConnection(asyncio.Protocol):
             nbd.ExportCatalog(server.export_info, server.catalog.names),
             max_payload_bytes=server.config.max_block_bytes,
             shutting_down=lambda: server.shutting_down,
+            tls_required=server.config.tls is not None,
         )
         self.volume: Volume | None = None
         self.export: nbd.ExportInfo | None = None
@@ -212,12 +218,46 @@ class NbdConnection(asyncio.Protocol):
                 elif isinstance(ev, nbd.Closed):
                     self.log.info("nbd.client_closed", reason=ev.reason)
                     self.close()
+                elif isinstance(ev, nbd.StartTls):
+                    self._start_tls()
+                    break
         except nbd.ProtocolError as e:
             out = self.codec.data_to_send()
             if out and self.transport is not None:
                 self.transport.write(out)
             self.log.warning("nbd.protocol_error", error=str(e))
             self.close()
+
+    def _start_tls(self) -> None:
+        """Rule 4: the handshake on this connection, then the options go on inside it."""
+        assert self.transport is not None and self.server.config.tls is not None
+        self.transport.pause_reading()
+        ctx = self.server.config.tls
+        loop = asyncio.get_running_loop()
+
+        async def handshake() -> None:
+            assert self.transport is not None
+            try:
+                tr = await loop.start_tls(self.transport, self, ctx, server_side=True,
+                                          ssl_handshake_timeout=self.server.config.handshake_timeout_s)
+            except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as e:
+                self.server.tls_failures += 1
+                self.log.warning("nbd.tls_failed", error=str(e))
+                self.close()
+                return
+            if tr is None:
+                self.close()
+                return
+            self.transport = cast(asyncio.Transport, tr)
+            from raftblock.tls import peer_names
+
+            self.codec.tls_started()
+            self.log = self.log.bind(host=",".join(sorted(peer_names(tr.get_extra_info("ssl_object")))))
+            self.log.info("nbd.tls")
+
+        t = loop.create_task(handshake())
+        self.tasks.add(t)
+        t.add_done_callback(self.tasks.discard)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
@@ -373,6 +413,7 @@ class NbdServer:
         self.inflight = 0
         self._server: asyncio.AbstractServer | None = None
         self._idle: asyncio.Event | None = None
+        self.tls_failures = 0  # rule 4: handshakes that failed (no or a wrong client certificate, ...)
 
     def export_info(self, name: str) -> nbd.ExportInfo | None:
         vol = self.catalog.get(name)

@@ -48,6 +48,7 @@ from raftblock.node.layout import (
     create_layout,
     free_port,
     local_layout,
+    make_lab_certs,
     open_layout,
     running_pid,
     spawn,
@@ -105,7 +106,7 @@ def read_map(layout: Layout, cmap: ClusterMap) -> MetaState:
 def cluster_up(root: Path, nodes: int | None = None, racks: int | None = None, nbd_port: int | None = None,
                port_base: int | None = None, disk: str | None = None, bind: str = "127.0.0.1",
                replication: str | None = None, notes: list[str] | None = None, gateway: str | None = None,
-               iscsi_port: int | None = None) -> str:
+               iscsi_port: int | None = None, tls: bool = False) -> str:
     """`replication`: the default mode of `volume create` ("raft" | "chain"), fixed when the cluster is
     first made (the layout file is written once); asking for another one later is an error.
     `nbd_port`: the gateway's NBD port (0: a free one); None keeps the configured one (10809 for a new
@@ -176,6 +177,9 @@ def cluster_up(root: Path, nodes: int | None = None, racks: int | None = None, n
         cmap = create_layout(layout, 3 if nodes is None else nodes, 3 if racks is None else racks, port_base, bind,
                              gateway=gateway or "embedded", nbd_port=nbd_port, iscsi_port=iscsi_port)
         cmap.replication = replication or "raft"
+        if tls:
+            cmap.tls = True
+            make_lab_certs(layout, cmap)
         write_configs(layout, cmap, disk or "os", bind, nbd_port)
         cmap.save(layout.map_path)
     started: list[str] = []
@@ -197,14 +201,14 @@ def cluster_up(root: Path, nodes: int | None = None, racks: int | None = None, n
             wait_ready(layout, name, proc)
         if cmap.gateway == "embedded":
             first = f"n{cmap.nodes[0].node_id}"
-            uri = _ready_uri(layout, first, 2) or f"nbd://{bind}:{_nbd_port(layout, cmap)}"
+            uri = _ready_uri(layout, first, 2) or f"nbd{'s' if cmap.tls else ''}://{bind}:{_nbd_port(layout, cmap)}"
         elif running_pid(layout, "gateway", layout.gateway_config) is None:
             gw = spawn(layout, "gateway", [sys.executable, "-m", "raftblock.cli", "gateway", "--config",
                                             str(layout.gateway_config), "--log-format", "json"])
             started.append("gateway")
             uri = wait_ready(layout, "gateway", gw)
         else:
-            uri = _ready_uri(layout, "gateway") or f"nbd://{bind}:{_gateway_port(layout)}"
+            uri = _ready_uri(layout, "gateway") or f"nbd{'s' if cmap.tls else ''}://{bind}:{_gateway_port(layout)}"
     except (ClusterError, OSError) as e:
         for name in reversed(started):
             stop_process(layout, name, _config_of(layout, name))

@@ -45,6 +45,7 @@ class ClusterMap:
     meta_http: dict[str, str] = field(default_factory=dict)  # metadata node id -> "host:port" (/metrics, status page)
     gateway_http: int = 0  # the separate gateway's /metrics port (0 = none)
     gateway_iscsi: int = 0  # the separate gateway's iSCSI port (0 = none)
+    tls: bool = False  # `cluster up --tls`: DIR/tls holds a lab CA and certificates; NBD needs STARTTLS
 
     # --- persistence --------------------------------------------------------------------------
     @classmethod
@@ -59,6 +60,7 @@ class ClusterMap:
             meta_http=dict(raw.get("meta_http", {})),
             gateway_http=int(raw.get("gateway_http", 0)),
             gateway_iscsi=int(raw.get("gateway_iscsi", 0)),
+            tls=bool(raw.get("tls", False)),
         )
 
     def save(self, path: Path) -> None:

@@ -75,6 +75,7 @@ from raftblock.node.dirlock import DirectoryInUse, lock_file
 from raftblock.obs.exporters import gateway_fill
 from raftblock.obs.serve import start_metrics
 from raftblock.replication.raft.types import NodeId
+from raftblock.tls import TlsConfig
 from raftblock.wire.auth import KeyRing
 
 log = structlog.get_logger(__name__)
@@ -409,7 +410,8 @@ class RunningGateway:
 
 
 async def start_gateway(cfg: dict[str, Any], meta: dict[str, Any], *, client: NodeClient | None = None,
-                        node_id: int = 0, default_id: str = "gw1", http: str = "") -> RunningGateway:
+                        node_id: int = 0, default_id: str = "gw1", http: str = "",
+                        tls: TlsConfig | None = None) -> RunningGateway:
     """Start a gateway from its config table (`cfg`: bind, port, admin_socket, deadline_s, refresh_s,
     gateway_id) and the [meta] table. `client`/`node_id`: a gateway inside storage node `node_id`, reaching
     the groups through that node (node/inproc.py); the map records which node it runs on, so the groups of
@@ -423,8 +425,11 @@ async def start_gateway(cfg: dict[str, Any], meta: dict[str, Any], *, client: No
         gw = Gateway(meta_admin, secret, float(cfg.get("deadline_s", 10.0)), str(cfg.get("gateway_id", default_id)),
                      client=client)
         await gw.reload()
+        # `tls` (the process's [tls]): NBD needs STARTTLS and a host certificate of the cluster CA (raftblock/tls.py)
         server = NbdServer(gw.catalog, GatewayConfig(bind=cfg.get("bind", "127.0.0.1"),
-                                                     port=int(cfg.get("port", 10809))), attacher=gw)
+                                                     port=int(cfg.get("port", 10809)),
+                                                     tls=tls.server_context() if tls is not None else None),
+                           attacher=gw)
         host, port = await server.start()
         iscsi_server = None
         if cfg.get("iscsi"):
@@ -458,7 +463,8 @@ async def start_gateway(cfg: dict[str, Any], meta: dict[str, Any], *, client: No
         if held is not None:
             held.release()
         raise
-    running = RunningGateway(gw, server, f"nbd://{host}:{port}", admin, held, own_client=client is None,
+    scheme = "nbds" if tls is not None else "nbd"  # nbds://: qemu and libnbd then STARTTLS (raftblock/tls.py)
+    running = RunningGateway(gw, server, f"{scheme}://{host}:{port}", admin, held, own_client=client is None,
                              admin_tcp=admin_tcp, iscsi=iscsi_server)
     running.follow(float(cfg.get("refresh_s", 1.0)))
     return running
@@ -468,7 +474,7 @@ async def run_gateway(cfg: dict[str, Any]) -> int:
     from raftblock.obs.log import set_process
 
     set_process(gateway=str(cfg.get("gateway_id", "gw1")))
-    running = await start_gateway(cfg, cfg["meta"])
+    running = await start_gateway(cfg, cfg["meta"], tls=TlsConfig.from_table(cfg.get("tls")))
     http = await start_metrics(str(cfg["http"]), f"gateway {running.gw.gateway_id}", gateway_fill(running.gw)) \
         if cfg.get("http") else None
     stop = asyncio.Event()

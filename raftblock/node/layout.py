@@ -288,6 +288,34 @@ def meta_section(layout: Layout, cmap: ClusterMap) -> str:
     return f"[meta]\nadmin = {{ {admin} }}\nsecret_file = {toml_str(str(layout.secret_file.resolve()))}\n"
 
 
+def tls_section(layout: Layout, base: str) -> str:
+    """`[tls]` of a process whose certificate is DIR/tls/BASE-cert.pem (`cluster up --tls`, raftblock/tls.py)."""
+    d = (layout.root / "tls").resolve()
+    return (f"\n[tls]   # raftblock/tls.py: NBD needs STARTTLS and a host certificate of this CA\n"
+            f"ca = {toml_str(str(d / 'ca-cert.pem'))}\ncert = {toml_str(str(d / f'{base}-cert.pem'))}\n"
+            f"key = {toml_str(str(d / f'{base}-key.pem'))}\n")
+
+
+def make_lab_certs(layout: Layout, cmap: ClusterMap) -> None:
+    """`cluster up --tls`: a CA and the certificates of a local cluster in DIR/tls (existing ones kept), and an
+    NBD client directory for this machine's hosts (DIR/tls/hosts/local: what qemu's tls-creds-x509 and libnbd's
+    tls-certificates read)."""
+    from raftblock import tls
+
+    d = layout.root / "tls"
+    tls.init_ca(d, cmap.cluster_id)
+    hosts = sorted({n.host for n in cmap.nodes})
+    for n in cmap.nodes:
+        if not (d / f"node-{n.node_id}-cert.pem").exists():
+            tls.issue(d, d, tls.node_name(n.node_id), ["localhost"], [n.host])
+    if not (d / "gateway-gw1-cert.pem").exists():
+        tls.issue(d, d, tls.gateway_name("gw1"), ["localhost"], hosts)
+    if not (d / "admin-cert.pem").exists():
+        tls.issue(d, d, tls.ADMIN_NAME, [])
+    if not (d / "hosts" / "local" / "client-cert.pem").exists():
+        tls.nbd_client_dir(d / "hosts" / "local", d, "local")
+
+
 def write_node_configs(layout: Layout, cmap: ClusterMap, disk: str) -> None:
     """Every storage node's config (`raftblock node --config`): its place, data dir, all peers and, with
     gateways inside the nodes, its [gateway] table (NBD port from the layout)."""
@@ -313,6 +341,8 @@ def write_node_configs(layout: Layout, cmap: ClusterMap, disk: str) -> None:
                 + f"admin_socket = {toml_str(str(layout.node_admin_socket(n.node_id).resolve()))}\n"
                 "deadline_s = 10.0\n"
             )
+        if cmap.tls:
+            text += tls_section(layout, f"node-{n.node_id}")
         layout.node_config(n.node_id).write_text(text)
 
 
@@ -333,6 +363,7 @@ def write_configs(layout: Layout, cmap: ClusterMap, disk: str, nbd_bind: str, nb
            if cmap.gateway == "separate" and cmap.gateway_iscsi else "")
         + "deadline_s = 10.0\n\n"
         f"{meta}"
+        + (tls_section(layout, "gateway-gw1") if cmap.tls else "")
     )
     write_cluster_file(layout, cmap)
 

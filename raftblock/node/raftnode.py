@@ -111,6 +111,10 @@ class NodeConfig:
         self.meta_raw: dict[str, Any] = dict(meta) if meta else {}
         # http = "HOST:PORT": Prometheus /metrics of this node (and of its gateway), obs/metrics.py
         self.http: str | None = str(raw["http"]) if raw.get("http") else None
+        # [tls] ca, cert, key (raftblock/tls.py): its embedded gateway's NBD needs STARTTLS and host certificates
+        from raftblock.tls import TlsConfig
+
+        self.tls = TlsConfig.from_table(raw.get("tls"))
 
     @classmethod
     def load(cls, path: str | Path) -> NodeConfig:
@@ -233,6 +237,7 @@ async def run_node(cfg: NodeConfig) -> int:
 
         deadline_s = float(cfg.gateway.get("deadline_s", 10.0))
         gateway = await start_gateway(cfg.gateway, cfg.meta_raw, node_id=cfg.node_id, default_id=f"n{cfg.node_id}",
+                                      tls=cfg.tls,
                                       http=cfg.http or "",
                                       client=NodeClient({}, deadline_s=deadline_s, links=rt.client_links))
     http = None

@@ -263,3 +263,43 @@ def test_validate_oversized_and_block_status_without_context() -> None:
     assert validate_request(bs, export, structured_replies=True, meta_context_ids=()).error == nbd.EINVAL  # type: ignore[union-attr]
     df = nbd.Request(1, Cmd.READ, nbd.CMD_FLAG_DF, 0, 4096)
     assert validate_request(df, export, structured_replies=False, meta_context_ids=()).error == nbd.EINVAL  # type: ignore[union-attr]
+
+
+def test_starttls_when_tls_is_required() -> None:
+    """proto.md "TLS support", FORCEDTLS: before the handshake only STARTTLS and ABORT; other options get
+    NBD_REP_ERR_TLS_REQD, EXPORT_NAME closes; after it, STARTTLS again is ERR_INVALID and the rest works."""
+    conn = nbd.ServerConnection(catalog(), tls_required=True)
+    handshake(conn)
+    conn.receive_data(opt(Opt.LIST) + opt(Opt.GO, go_data("vol")))
+    assert drain(conn) == []
+    assert [r[:2] for r in parse_opt_replies(conn.data_to_send())] == [(Opt.LIST, nbd.REP_ERR_TLS_REQD),
+                                                                       (Opt.GO, nbd.REP_ERR_TLS_REQD)]
+    conn.receive_data(opt(Opt.STARTTLS, b"x"))  # STARTTLS takes no data
+    assert drain(conn) == []
+    assert parse_opt_replies(conn.data_to_send())[0][:2] == (Opt.STARTTLS, nbd.REP_ERR_INVALID)
+    conn.receive_data(opt(Opt.STARTTLS))
+    assert drain(conn) == [nbd.StartTls()]
+    assert parse_opt_replies(conn.data_to_send())[0][:2] == (Opt.STARTTLS, nbd.REP_ACK)
+    conn.tls_started()
+    conn.receive_data(opt(Opt.STARTTLS) + opt(Opt.GO, go_data("vol")))
+    events = drain(conn)
+    assert len(events) == 1 and isinstance(events[0], nbd.ExportSelected)
+    assert parse_opt_replies(conn.data_to_send())[0][:2] == (Opt.STARTTLS, nbd.REP_ERR_INVALID)
+    # EXPORT_NAME before TLS: no error reply exists for it, the connection closes
+    conn = nbd.ServerConnection(catalog(), tls_required=True)
+    handshake(conn)
+    conn.receive_data(opt(Opt.EXPORT_NAME, b"vol"))
+    with pytest.raises(nbd.ProtocolError, match="STARTTLS"):
+        drain(conn)
+    # bytes after STARTTLS before the handshake: the client did not wait for the ACK
+    conn = nbd.ServerConnection(catalog(), tls_required=True)
+    handshake(conn)
+    conn.receive_data(opt(Opt.STARTTLS) + b"\x16\x03\x01")
+    with pytest.raises(nbd.ProtocolError, match="before the TLS handshake"):
+        drain(conn)
+    # a gateway without TLS: STARTTLS is ERR_POLICY and plain options go on
+    conn = nbd.ServerConnection(catalog())
+    handshake(conn)
+    conn.receive_data(opt(Opt.STARTTLS) + opt(Opt.GO, go_data("vol")))
+    assert isinstance(drain(conn)[0], nbd.ExportSelected)
+    assert parse_opt_replies(conn.data_to_send())[0][:2] == (Opt.STARTTLS, nbd.REP_ERR_POLICY)
