@@ -93,6 +93,45 @@ class TlsConfig:
         return ctx
 
 
+# -- the process's identity ----------------------------------------------------------------------------------------
+_identity: TlsConfig | None = None
+_contexts: dict[str, ssl.SSLContext] = {}
+
+
+def set_identity(cfg: TlsConfig | None) -> None:
+    """This process's `[tls]` (rule 1): once set, its data-port, admin-port and metadata-client links use TLS.
+    Set once at start by each process (node, metadata node, gateway, the CLI from the cluster file)."""
+    global _identity
+    _identity = cfg
+    _contexts.clear()
+
+
+def identity() -> TlsConfig | None:
+    return _identity
+
+
+def server_ctx() -> ssl.SSLContext | None:
+    """The process's mutual-TLS server context (None without an identity)."""
+    if _identity is None:
+        return None
+    if "server" not in _contexts:
+        _contexts["server"] = _identity.server_context()
+    return _contexts["server"]
+
+
+def client_ctx(check_name: bool = True) -> ssl.SSLContext | None:
+    """`check_name` False: any certificate of the cluster CA (a gateway's admin port, whose id the caller may
+    not know; the HMAC challenge behind it names no one either)."""
+    if _identity is None:
+        return None
+    key = "client" if check_name else "client-any"
+    if key not in _contexts:
+        ctx = _identity.client_context()
+        ctx.check_hostname = check_name
+        _contexts[key] = ctx
+    return _contexts[key]
+
+
 def peer_names(ssl_object: Any) -> set[str]:
     """The DNS names of the certificate the other side presented (verified by the handshake)."""
     if ssl_object is None:

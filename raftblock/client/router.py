@@ -35,6 +35,7 @@ from typing import Protocol, cast
 
 import structlog
 
+from raftblock import tls
 from raftblock.replication.group import CorruptData, GroupError, GroupStatus, NoSpace, Unavailable
 from raftblock.wire import raftblock_pb2 as pb
 from raftblock.wire.auth import FRAME_AUTH, NONCE_BYTES, AuthError, KeyRing, Session, head24_of, session_id
@@ -321,8 +322,11 @@ class NodeClient:
             return c
         host, port = self.nodes[nid]
         loop = asyncio.get_running_loop()
+        ctx = tls.client_ctx()  # raftblock/tls.py: the process's identity, mutual TLS, the node's name checked
         _t, conn = await asyncio.wait_for(
-            loop.create_connection(lambda: _ClientConn(self), host, port), timeout=self.attempt_timeout_s
+            loop.create_connection(lambda: _ClientConn(self), host, port, ssl=ctx,
+                                   server_hostname=tls.node_name(nid) if ctx else None),
+            timeout=self.attempt_timeout_s,
         )
         self._conns[nid] = conn
         return conn

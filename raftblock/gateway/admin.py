@@ -51,7 +51,10 @@ async def connect(address: str | Path, secret: bytes | None,
     if isinstance(address, Path) or address.startswith("/"):
         return await asyncio.wait_for(asyncio.open_unix_connection(str(address), limit=LINE_BYTES_MAX), timeout_s)
     host, _, port = address.rpartition(":")
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port),
+    from raftblock import tls
+
+    ctx = tls.client_ctx(check_name=False)  # with the process's [tls]: the gateway's admin port is TLS only
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host.strip("[]"), int(port), ssl=ctx,
                                                                     limit=LINE_BYTES_MAX), timeout_s)
     try:
         line = await asyncio.wait_for(reader.readline(), timeout_s)

@@ -70,10 +70,14 @@ def load_config(path: Path) -> NodeFile:
             cluster_id=str(doc.get("cluster_id", "")),
             timings=Timings(**doc.get("timings", {})),
         )
+        from raftblock import tls
+
+        # [tls] (raftblock/tls.py): the admin port serves TLS, mutual, certificates of the cluster CA
+        tls.set_identity(tls.TlsConfig.from_table(doc.get("tls"), base=base))
         members_http = {int(m["id"]): str(m["http"]) for m in doc["members"] if m.get("http")}
         http = str(doc["http"]) if doc.get("http") else members_http.get(int(meta.node_id))
         return NodeFile(meta, admin, HealthConfig(**doc.get("health", {})), http, members_http)
-    except (KeyError, TypeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         raise SystemExit(f"{path}: bad metadata node config: {e!r}") from None
 
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import structlog
 
+from raftblock import tls
 from raftblock.meta.group import MetaNode, MetaUnavailable, NotLeader
 from raftblock.meta.state import (
     Attach,
@@ -90,7 +91,9 @@ class AdminServer:
 
     async def start(self) -> None:
         host, port = _split(self.address)
-        self._server = await asyncio.start_server(self._serve, host, port, limit=LINE_BYTES_MAX)
+        # TLS (raftblock/tls.py) when the process has an identity: mutual, certificates of the cluster CA
+        self._server = await asyncio.start_server(self._serve, host, port, limit=LINE_BYTES_MAX,
+                                                  ssl=tls.server_ctx())
 
     async def close(self) -> None:
         if self._server is not None:
@@ -218,7 +221,9 @@ class MetaClient:
         host, port = _split(self.admin[node_id])
 
         async def go() -> dict[str, Any]:
-            reader, writer = await asyncio.open_connection(host, port, limit=LINE_BYTES_MAX)
+            ctx = tls.client_ctx()
+            reader, writer = await asyncio.open_connection(host, port, limit=LINE_BYTES_MAX, ssl=ctx,
+                                                           server_hostname=tls.meta_name(int(node_id)) if ctx else None)
             try:
                 hello = json.loads(await reader.readline())
                 writer.write(json.dumps({"auth": _mac(self.secret, hello["hello"])}).encode() + b"\n")

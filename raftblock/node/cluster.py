@@ -51,6 +51,7 @@ from raftblock.node.layout import (
     make_lab_certs,
     open_layout,
     running_pid,
+    set_cli_identity,
     spawn,
     stop_process,
     wait_ready,
@@ -181,6 +182,7 @@ def cluster_up(root: Path, nodes: int | None = None, racks: int | None = None, n
             cmap.tls = True
             make_lab_certs(layout, cmap)
         write_configs(layout, cmap, disk or "os", bind, nbd_port)
+        set_cli_identity(layout)  # the cluster file just written: this command's own links are TLS too
         cmap.save(layout.map_path)
     started: list[str] = []
     try:

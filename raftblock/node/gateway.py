@@ -75,7 +75,7 @@ from raftblock.node.dirlock import DirectoryInUse, lock_file
 from raftblock.obs.exporters import gateway_fill
 from raftblock.obs.serve import start_metrics
 from raftblock.replication.raft.types import NodeId
-from raftblock.tls import TlsConfig
+from raftblock.tls import TlsConfig, set_identity
 from raftblock.wire.auth import KeyRing
 
 log = structlog.get_logger(__name__)
@@ -443,7 +443,9 @@ async def start_gateway(cfg: dict[str, Any], meta: dict[str, Any], *, client: No
         admin_listen = str(cfg.get("admin_listen") or "")
         if admin_listen:
             ahost, _, aport = admin_listen.rpartition(":")
-            admin_tcp = await asyncio.start_server(gw.admin_tcp, ahost.strip("[]"), int(aport))
+            from raftblock import tls as tls_mod  # with the process's [tls]: mutual TLS only
+
+            admin_tcp = await asyncio.start_server(gw.admin_tcp, ahost.strip("[]"), int(aport), ssl=tls_mod.server_ctx())
             admin_listen = f"{ahost}:{admin_tcp.sockets[0].getsockname()[1]}"
         # In the map, so `volume attach --gateway ID` can tell a gateway that exists from a typo, and the
         # CLI of a deployed cluster finds its metrics and its admin port.
@@ -474,7 +476,9 @@ async def run_gateway(cfg: dict[str, Any]) -> int:
     from raftblock.obs.log import set_process
 
     set_process(gateway=str(cfg.get("gateway_id", "gw1")))
-    running = await start_gateway(cfg, cfg["meta"], tls=TlsConfig.from_table(cfg.get("tls")))
+    identity = TlsConfig.from_table(cfg.get("tls"))
+    set_identity(identity)  # raftblock/tls.py: its links to the nodes and the metadata group are TLS too
+    running = await start_gateway(cfg, cfg["meta"], tls=identity)
     http = await start_metrics(str(cfg["http"]), f"gateway {running.gw.gateway_id}", gateway_fill(running.gw)) \
         if cfg.get("http") else None
     stop = asyncio.Event()

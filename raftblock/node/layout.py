@@ -111,12 +111,31 @@ class Layout:
 
 def open_layout(target: Path) -> Layout:
     """What a command's --cluster / --dir names: a local cluster's directory, or a cluster file. The cluster
-    file of a local cluster (DIR/cluster.toml) is that directory (its processes can be seen and started)."""
+    file of a local cluster (DIR/cluster.toml) is that directory (its processes can be seen and started).
+    Its `[tls]` (the operators' certificate) becomes this process's TLS identity (raftblock/tls.py)."""
     if target.suffix == ".toml" or target.is_file():
         if (target.parent / "cluster.json").exists():
-            return Layout(target.parent)
-        return Layout(target.parent, cluster_file=target)
-    return Layout(target)
+            layout = Layout(target.parent)
+        else:
+            layout = Layout(target.parent, cluster_file=target)
+    else:
+        layout = Layout(target)
+    set_cli_identity(layout)
+    return layout
+
+
+def set_cli_identity(layout: Layout) -> None:
+    from raftblock import tls
+
+    path = layout.cluster_file or layout.root / "cluster.toml"
+    try:
+        doc = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError):
+        return
+    try:
+        tls.set_identity(tls.TlsConfig.from_table(doc.get("tls"), base=path.parent))
+    except ValueError as e:
+        raise ClusterError(f"{path}: {e}") from None
 
 
 def local_layout(target: Path, what: str) -> Layout:
@@ -314,6 +333,13 @@ def make_lab_certs(layout: Layout, cmap: ClusterMap) -> None:
         tls.issue(d, d, tls.ADMIN_NAME, [])
     if not (d / "hosts" / "local" / "client-cert.pem").exists():
         tls.nbd_client_dir(d / "hosts" / "local", d, "local")
+    for mid in sorted(int(k) for k in cmap.meta_admin):
+        if not (d / f"meta-{mid}-cert.pem").exists():
+            tls.issue(d, d, tls.meta_name(mid), ["localhost"], hosts)
+        cfg = layout.meta_config(mid)
+        if cfg.exists() and "[tls]" not in cfg.read_text():
+            with cfg.open("a") as f:
+                f.write(tls_section(layout, f"meta-{mid}"))
 
 
 def write_node_configs(layout: Layout, cmap: ClusterMap, disk: str) -> None:
@@ -377,7 +403,9 @@ def write_cluster_file(layout: Layout, cmap: ClusterMap) -> None:
             f"cluster_id = {toml_str(cmap.cluster_id)}\n"
             f"secret_file = {toml_str(os.path.relpath(layout.secret_file, layout.root))}   # relative to this file\n"
             f"replication = {toml_str(cmap.replication)}   # the default of `volume create`\n\n"
-            f"[meta]\nadmin = {{ {admin} }}\n" + (f"http = {{ {http} }}\n" if http else ""))
+            f"[meta]\nadmin = {{ {admin} }}\n" + (f"http = {{ {http} }}\n" if http else "")
+            + ("\n[tls]   # the operators' certificate (raftblock/tls.py): every link of this cluster is TLS\n"
+               'ca = "tls/ca-cert.pem"\ncert = "tls/admin-cert.pem"\nkey = "tls/admin-key.pem"\n' if cmap.tls else ""))
     path = layout.root / "cluster.toml"
     tmp = path.with_suffix(".toml.tmp")
     tmp.write_text(text)

@@ -114,7 +114,7 @@ class NodeConfig:
         # [tls] ca, cert, key (raftblock/tls.py): its embedded gateway's NBD needs STARTTLS and host certificates
         from raftblock.tls import TlsConfig
 
-        self.tls = TlsConfig.from_table(raw.get("tls"))
+        self.tls = TlsConfig.from_table(raw.get("tls"))  # also the data port's and the metadata client's TLS
 
     @classmethod
     def load(cls, path: str | Path) -> NodeConfig:
@@ -177,6 +177,9 @@ async def _engine_cleaning(engine: Engine, stop: asyncio.Event) -> None:
 async def run_node(cfg: NodeConfig) -> int:
     # Before the engine or the WAL recovers anything: a second process of this node must not touch them.
     set_process(node=cfg.node_id, rack=cfg.rack)
+    from raftblock.tls import set_identity
+
+    set_identity(cfg.tls)  # [tls]: the data port, the peer links and the metadata client are TLS (raftblock/tls.py)
     dlock = lock_directory(cfg.data_dir)
     disk = make_disk(cfg.disk)
     cluster_id = load_or_create_cluster_id(cfg.data_dir)

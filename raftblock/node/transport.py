@@ -27,6 +27,7 @@ from typing import Protocol, cast
 
 import structlog
 
+from raftblock import tls
 from raftblock.wire import raftblock_pb2 as pb
 from raftblock.wire.auth import FRAME_AUTH, NONCE_BYTES, AuthError, KeyRing, Session, head24_of, session_id
 from raftblock.wire.framing import (
@@ -144,6 +145,10 @@ class Connection(asyncio.BufferedProtocol):
             self.owner.counters["frames_bad_hello"] += 1
             log.warning("wire.bad_hello", error=str(e))
             self.close()
+            return False
+        if h.role == ROLE_PEER and self.transport is not None and tls.identity() is not None \
+                and tls.node_name(int(h.node_id)) not in tls.peer_names(self.transport.get_extra_info("ssl_object")):
+            self._refuse(AuthError("bad_identity", f"a HELLO as node {h.node_id} with another certificate"))
             return False
         if h.role == ROLE_PEER and h.node_id not in self.owner.peers:
             # A node this one does not know yet (it joined after this process started, and the map poll
@@ -277,7 +282,10 @@ class Transport:
 
     async def start(self, host: str, port: int) -> int:
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(lambda: self._accepted(), host, port, reuse_address=True)
+        # TLS (raftblock/tls.py) when the process has an identity: mutual; a peer's certificate must name the
+        # node its HELLO claims to be (rule 4)
+        self._server = await loop.create_server(lambda: self._accepted(), host, port, reuse_address=True,
+                                                ssl=tls.server_ctx())
         sock = self._server.sockets[0]
         bound = int(sock.getsockname()[1])
         for pid in sorted(self.peers):
@@ -331,8 +339,10 @@ class Transport:
         host, port = self.peers[pid]
         backoff_s = 0.05
         while not self._stopping:
+            ctx = tls.client_ctx()
             try:
-                _t, conn = await loop.create_connection(lambda: Connection(self, pid), host, port)
+                _t, conn = await loop.create_connection(lambda: Connection(self, pid), host, port, ssl=ctx,
+                                                        server_hostname=tls.node_name(pid) if ctx else None)
             except OSError:
                 await asyncio.sleep(backoff_s)
                 backoff_s = min(self.redial_s_max, backoff_s * 2)

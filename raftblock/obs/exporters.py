@@ -29,7 +29,7 @@ GATEWAY_CONNECTIONS = "Host connections, by volume."
 GROUP_TERM = "Raft term (chain: epoch) of each group this node hosts."
 GROUP_LAG = "Entries committed but not applied yet on this replica."
 NODE_STATES = ("up", "suspect", "down")
-AUTH_REASONS = ("unsigned", "no_trailer", "bad_tag", "unknown_key", "bad_scope", "wrong_volume")
+AUTH_REASONS = ("unsigned", "no_trailer", "bad_tag", "unknown_key", "bad_scope", "wrong_volume", "bad_identity")
 AUTH_REFUSED = ("Connections closed on the data port for a frame that failed authentication (raftblock/wire/auth.py), "
                 "by reason.")
 

@@ -77,3 +77,63 @@ def test_nbd_needs_tls_and_a_host_certificate(tcluster: Cluster, tmp_path: Path)
     assert "Pattern verification failed" not in out, out
     log = (c.root / "logs" / "n1.log").read_text()
     assert '"nbd.tls"' in log and "host-local.raftblock" in log  # the host is known by its certificate
+
+
+def test_every_internal_link_is_mutual_tls(tcluster: Cluster) -> None:
+    """The data port and the metadata admin port serve TLS only, to certificates of the cluster CA; a peer's
+    certificate must name the node its HELLO claims to be."""
+    import json
+    import ssl
+    import urllib.request
+
+    from raftblock.wire import raftblock_pb2 as pb
+    from raftblock.wire.framing import ROLE_PEER, encode_frame_bytes
+
+    c = tcluster
+    st = c.status()  # the CLI itself talks TLS (its certificate is in DIR/cluster.toml's [tls])
+    assert {n["state"] for n in st["nodes"]} == {"up"}
+    d = c.root / "tls"
+    n1 = next(n for n in st["nodes"] if n["id"] == 1)
+    host, port = n1["address"].rsplit(":", 1)
+    admin_port = int(next(iter(json.loads((c.root / "cluster.json").read_text())["meta_admin"].values()))
+                     .rsplit(":", 1)[1])
+
+    def refused_identity() -> float:
+        text = urllib.request.urlopen(n1["metrics_url"], timeout=10).read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("raftblock_node_auth_refused_total") and 'reason="bad_identity"' in line)
+
+    for p in (int(port), admin_port):
+        # plain TCP: no TLS handshake, nothing answered
+        with socket.create_connection((host, p), timeout=10) as s:
+            s.sendall(b'{"auth": "x"}\n' + encode_frame_bytes(1, 0, b""))
+            s.settimeout(10)
+            try:
+                got = s.recv(4096)
+            except (ConnectionResetError, TimeoutError):
+                got = b""
+            assert not got.startswith(b'{"hello"') and b"RB" not in got[:2], got[:40]
+        # TLS without a client certificate: refused by the server
+        ctx = ssl.create_default_context(cafile=str(d / "ca-cert.pem"))
+        ctx.check_hostname = False
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            with socket.create_connection((host, p), timeout=10) as s, ctx.wrap_socket(s) as t:
+                t.sendall(b"x")
+                assert t.recv(1) == b""
+                raise ConnectionError("closed")
+    # a valid certificate (the CLI's) that claims to be node 3 in its HELLO: refused, counted
+    before = refused_identity()
+    ctx = ssl.create_default_context(cafile=str(d / "ca-cert.pem"))
+    ctx.load_cert_chain(d / "admin-cert.pem", d / "admin-key.pem")
+    with socket.create_connection((host, int(port)), timeout=10) as s, \
+            ctx.wrap_socket(s, server_hostname=tls.node_name(1)) as t:
+        t.sendall(encode_frame_bytes(1, 0, pb.Hello(node_id=3, role=ROLE_PEER, version=1, nonce=b"n" * 16,
+                                                    auth=1).SerializeToString()))
+        t.settimeout(10)
+        try:
+            while t.recv(4096):
+                pass
+        except (ssl.SSLError, ConnectionResetError):
+            pass
+    assert refused_identity() == before + 1
+    assert {n["state"] for n in c.status()["nodes"]} == {"up"}
