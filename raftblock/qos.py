@@ -19,6 +19,9 @@ Rules:
    tag (P tags in virtual time, `cost / weight` apart, a backlogged class starting at the virtual time of
    the last dispatch: an idle class banks no credit and is never starved). A request dispatched by weight
    does not count against its class's reservation (the R tag does not move).
+   No request waits longer than `wait_max_s` once its limits let it go: the oldest such head goes first (a
+   starvation guard: a class of weight 1 beside one of weight 10,000 still makes progress, and no request
+   waits at a node past its client's attempt timeout).
 4. A request's cost for weights is `1 + bytes / WEIGHT_BYTES` (a 1 MiB write weighs 17 4 KiB writes: close to
    the CPU each costs a node, bench/README.md); for limits and reservations an op is an op.
 5. Pure: time is an argument; no I/O, no asyncio, no clock.
@@ -144,8 +147,8 @@ class _Waiting:
 class QosClass:
     """One class's spec, buckets, tags, queue and counters."""
 
-    __slots__ = ("admitted", "by_reservation", "key", "limits", "p_next", "queue", "r_prev", "r_step", "spec",
-                 "waited", "wait_s", "weight")
+    __slots__ = ("admitted", "by_age", "by_reservation", "key", "limits", "p_next", "queue", "r_prev", "r_step",
+                 "spec", "waited", "wait_s", "weight")
 
     def __init__(self, key: Hashable, spec: QosSpec, now: float) -> None:
         self.key = key
@@ -156,6 +159,7 @@ class QosClass:
         self.waited = 0  # ... of which waited in the queue
         self.wait_s = 0.0  # their total time in the queue
         self.by_reservation = 0  # ... dispatched because the reservation was due
+        self.by_age = 0  # ... dispatched by the starvation guard
         self.set_spec(spec, now)
 
     def set_spec(self, spec: QosSpec, now: float) -> None:
@@ -176,9 +180,10 @@ class Scheduler:
     path: nothing queued anywhere, a slot free, the limits let it go), else `enqueue`; then `next` whenever a
     slot is released or the wake-up time it returned has come, and `release` when a request ends."""
 
-    def __init__(self, slots_ops: int, slots_bytes: int) -> None:
+    def __init__(self, slots_ops: int, slots_bytes: int, wait_max_s: float = 0.5) -> None:
         self.slots_ops = slots_ops
         self.slots_bytes = slots_bytes
+        self.wait_max_s = wait_max_s  # rule 3: the starvation guard
         self.used_ops = 0
         self.used_bytes = 0
         self.vtime = 0.0
@@ -263,6 +268,8 @@ class Scheduler:
         best_r_tag = INF
         best_p: QosClass | None = None
         best_p_tag = INF
+        oldest: QosClass | None = None
+        oldest_at = now - self.wait_max_s
         wake = INF
         for c in self.backlogged.values():
             head = c.queue[0]
@@ -271,6 +278,8 @@ class Scheduler:
                 if ready < wake:
                     wake = ready
                 continue
+            if head.arrival < oldest_at:
+                oldest, oldest_at = c, head.arrival
             if c.r_step:
                 r = c.r_tag()
                 if r <= now and r < best_r_tag:
@@ -279,6 +288,9 @@ class Scheduler:
             if p < best_p_tag:
                 best_p, best_p_tag = c, p
         chosen = best_r if best_r is not None else best_p
+        if oldest is not None and chosen is not oldest:
+            chosen, best_r_tag = oldest, INF  # the starvation guard (rule 3): it goes as if by weight
+            oldest.by_age += 1
         if chosen is None:
             return None, wake
         head = chosen.queue[0]
@@ -288,7 +300,7 @@ class Scheduler:
         self.queued -= 1
         if not chosen.queue:
             del self.backlogged[chosen.key]
-        self._charge(chosen, head.nbytes, best_r_tag)
+        self._charge(chosen, head.nbytes, best_r_tag if chosen is best_r else INF)
         chosen.waited += 1
         chosen.wait_s += now - head.arrival
         self.used_ops += 1

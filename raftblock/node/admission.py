@@ -43,6 +43,7 @@ SCRUB = "scrub"
 class AdmissionSettings(Protocol):
     qos_slots_ops: int
     qos_slots_bytes: int
+    qos_wait_max_ms: int
     repair_bytes_per_s: int
     repair_min_bytes_per_s: int
     scrub_bytes_per_s: int
@@ -76,7 +77,7 @@ class Admission:
         self._run = run  # DataPlane: carry out an admitted request
         self._refuse = refuse  # DataPlane: answer UNAVAILABLE
         now = time.monotonic()
-        self.sched = Scheduler(cfg.qos_slots_ops, cfg.qos_slots_bytes)
+        self.sched = Scheduler(cfg.qos_slots_ops, cfg.qos_slots_bytes, cfg.qos_wait_max_ms / 1000)
         self.group_class: dict[int, QosClass] = {}
         self.names: dict[int, str] = {}  # volume id -> name (metrics)
         self.default = self.sched.cls(0, now)

@@ -30,6 +30,7 @@ class HostConfig:
         repair_min_bytes_per_s: int = 8 << 20,
         qos_slots_ops: int = 64,
         qos_slots_bytes: int = 32 << 20,
+        qos_wait_max_ms: int = 500,
         scrub_bytes_per_s: int = 8 << 20,
         scrub_pass_interval_s: float = 3600.0,
         space_reserve_bytes: int = 64 << 20,
@@ -80,6 +81,9 @@ class HostConfig:
             raise ValueError("qos_slots_ops must be >= 1 and qos_slots_bytes >= 1 MiB")
         self.qos_slots_ops = qos_slots_ops
         self.qos_slots_bytes = qos_slots_bytes
+        # ... and none waits longer than this there once its limits let it go (the starvation guard; below the
+        # gateway's 1 s attempt timeout, so a waiting request is not sent again)
+        self.qos_wait_max_ms = qos_wait_max_ms
         # Background scrub (control/scrub.py): bytes re-read per second (0 = off) and the pause between
         # two passes over every replica this node holds.
         self.scrub_bytes_per_s = scrub_bytes_per_s

@@ -119,6 +119,8 @@ def node_fill(h: Any, rack: str) -> Any:
                       c.wait_s, lab)
             f.counter("raftblock_node_qos_reservation", "Requests let go because their class's reservation "
                       "was due.", c.by_reservation, lab)
+            f.counter("raftblock_node_qos_starved", "Requests let go by the starvation guard (waited qos_wait_max_ms "
+                      "behind heavier classes).", c.by_age, lab)
             f.gauge("raftblock_node_qos_queued", "Requests waiting in the node's QoS queue.", len(c.queue), lab)
         a = adm.stats()
         f.gauge("raftblock_node_qos_slots_used", "In-flight slots of the node's QoS scheduler in use.",

@@ -23,6 +23,7 @@ from .helpers import require_tools
 from .test_cluster import Cluster, _cleanup, _wait
 
 SLOTS = 16
+LIMIT = 100  # the noisy volume's IOPS limit
 
 
 class Fio:
@@ -49,8 +50,10 @@ class Fio:
             self.kill()
         assert self.proc.returncode == 0, f"fio failed ({self.proc.returncode}): {err.decode()[-2000:]}"
         text = self.out.read_text()
-        w = json.loads(text[text.index("{"):])["jobs"][0]["write"]
-        return {"iops": w["iops"], "ios": w["total_ios"], "errors": 0,
+        job = json.loads(text[text.index("{"):])["jobs"][0]
+        w = job["write"]
+        assert job["error"] == 0, job["error"]
+        return {"iops": w["iops"], "ios": w["total_ios"],
                 "p99_ms": w["clat_ns"]["percentile"]["99.000000"] / 1e6,
                 "p50_ms": w["clat_ns"]["percentile"]["50.000000"] / 1e6}
 
@@ -118,10 +121,11 @@ def _started(url: str, volume: str) -> None:
 def test_a_limited_noisy_volume_leaves_a_quiet_one_its_latency_and_the_limit_holds(qc: QosCluster,
                                                                                     tmp_path: Path) -> None:
     """Issue 20: two volumes on the same nodes (both attached through node 1's gateway: node 1 leads their
-    groups); the quiet one at QD1, alone, then beside the noisy one at QD64 with a 200 IOPS limit: its p99 stays
-    within 2x of the solo p99, and the noisy volume gets 200 IOPS within 5 % over 30 s."""
+    groups); the quiet one at QD1, alone, then beside the noisy one at QD64 with a 100 IOPS limit: its p99 stays
+    within 2x of the solo p99, and the noisy volume gets 100 IOPS within 5 % over 30 s (make bench-qos measures
+    other limits: on this two-core machine the nodes, the gateway and both fio share the CPUs)."""
     qc.cli("volume", "create", "quiet1", "--size", "1G")
-    qc.cli("volume", "create", "noisy1", "--size", "1G", "--iops", "200")
+    qc.cli("volume", "create", "noisy1", "--size", "1G", "--iops", str(LIMIT))
     gw = qc.gateway_metrics()
     solo = Fio(qc.nbd("quiet1"), "solo", 1, 10, tmp_path, ramp_s=2).result(60)
     noisy = Fio(qc.nbd("noisy1"), "noisy", 64, 30, tmp_path)
@@ -131,12 +135,12 @@ def test_a_limited_noisy_volume_leaves_a_quiet_one_its_latency_and_the_limit_hol
         n = noisy.result(60)
     finally:
         noisy.kill()
-    print(f"\nquiet QD1 alone: {solo}\nquiet QD1 beside noisy (QD64, 200 IOPS limit): {beside}\nnoisy: {n}")
+    print(f"\nquiet QD1 alone: {solo}\nquiet QD1 beside noisy (QD64, {LIMIT} IOPS limit): {beside}\nnoisy: {n}")
     assert beside["p99_ms"] <= 2 * solo["p99_ms"], (solo, beside)
-    # 30 s at 200 IOPS plus the one-second burst the bucket starts with: 3.3 % over at most
-    assert abs(n["iops"] - 200) <= 0.05 * 200, n
+    # 30 s at the limit plus the one-second burst the bucket starts with: 3.3 % over at most
+    assert abs(n["iops"] - LIMIT) <= 0.05 * LIMIT, n
     # the host waited in the gateway, not on the nodes
-    assert _metric(gw, "raftblock_gateway_qos_throttled_total", volume="noisy1") > 0.9 * (n["ios"] - 200)
+    assert _metric(gw, "raftblock_gateway_qos_throttled_total", volume="noisy1") > 0.9 * (n["ios"] - LIMIT)
     led = sum(_metric(nd["metrics_url"], "raftblock_node_qos_waited_total", **{"class": "noisy1"})
               for nd in qc.status()["nodes"])
     assert led < 0.05 * n["ios"], f"{led} of the noisy volume's {n['ios']} writes queued on a node"

@@ -18,6 +18,7 @@ from raftblock.wire.client import OP_C_READ, OP_C_WRITE
 class Cfg:
     qos_slots_ops = 2
     qos_slots_bytes = 1 << 20
+    qos_wait_max_ms = 500
     repair_bytes_per_s = 0
     repair_min_bytes_per_s = 0
     scrub_bytes_per_s = 0

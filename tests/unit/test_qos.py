@@ -11,11 +11,11 @@ from raftblock.qos import INF, Limits, QosSpec, Scheduler
 
 def simulate(specs: dict[str, QosSpec], demand: dict[str, int], seconds: float, *, slots: int = 8,
              service_s: float = 0.01, nbytes: int = 4096, start: dict[str, float] | None = None,
-             ) -> tuple[dict[str, list[float]], Scheduler]:
+             wait_max_s: float = INF) -> tuple[dict[str, list[float]], Scheduler]:
     """A server with `slots` in flight, each request taking `service_s`; each class keeps `demand[k]` requests
     outstanding (a closed loop, like fio at that queue depth) from time `start[k]`. Returns each class's
     dispatch times."""
-    sched = Scheduler(slots, 1 << 40)
+    sched = Scheduler(slots, 1 << 40, wait_max_s)
     for k, s in specs.items():
         sched.set_spec(k, s, 0.0)
     start = start or {}
@@ -109,6 +109,20 @@ def test_a_reservation_is_met_while_a_heavier_class_saturates_the_server() -> No
     assert rate(done["quiet"], 1, 10) >= 300 * 0.98
     assert rate(done["quiet"] + done["noisy"], 1, 10) == pytest.approx(800, rel=0.01)  # nothing idles
     assert sched.classes["quiet"].by_reservation > 0.9 * len(done["quiet"]) - 50
+
+
+def test_the_starvation_guard_bounds_every_wait() -> None:
+    """Weight 1 beside weight 10,000: the weights alone leave the light class waiting seconds per request (a
+    client's attempt timeout is 1 s); with the guard no request waits much past `wait_max_s`."""
+    specs = {"light": QosSpec(weight=1), "heavy": QosSpec(weight=10_000)}
+    done, sched = simulate(specs, {"light": 8, "heavy": 64}, 20.0)
+    light = sched.classes["light"]
+    assert light.waited and light.wait_s / light.waited > 2.0  # without the guard
+    done, sched = simulate(specs, {"light": 8, "heavy": 64}, 20.0, wait_max_s=0.5)
+    light = sched.classes["light"]
+    assert light.by_age > 0
+    assert light.wait_s / light.waited <= 0.5 + 0.02
+    assert rate(done["heavy"], 1, 20) > 0.9 * 800  # the heavy class keeps nearly everything
 
 
 def test_requests_dispatched_by_weight_do_not_count_against_the_reservation() -> None:
