@@ -96,6 +96,19 @@ test-iscsi: sysdeps $(STAMP)
 	$(PY) -m pytest -q -s --durations=10 $(PYTEST_ARGS) tests/unit/test_iscsi_codec.py tests/unit/test_scsi.py \
 	  tests/integration/test_iscsi.py tests/integration/test_iscsi_conformance.py
 
+# Fuzzing (tests/fuzz/README.md): the atheris (libFuzzer) harness over every parser that reads bytes from
+# outside, one target after another, FUZZ_SECONDS each (FUZZ_TARGETS=nbd,wal,... for some); the long run is
+# `make fuzz FUZZ_RUNS=1000000` (a million inputs per target, no time limit). Exits non-zero on any finding
+# (an undocumented exception, a hang over -timeout, an allocation over -rss_limit_mb or a tracemalloc bound);
+# the input is kept under build/fuzz/artifacts/. The short Hypothesis pass over the same targets is in `make test`.
+FUZZ_SECONDS ?= 30
+FUZZ_RUNS    ?=
+FUZZ_TARGETS ?= all
+fuzz: $(STAMP)
+	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install -q 'atheris>=3.0'
+	nice -n 10 $(PY) tests/fuzz/atheris_run.py --target $(FUZZ_TARGETS) \
+	  $(if $(FUZZ_RUNS),--runs $(FUZZ_RUNS),--seconds $(FUZZ_SECONDS))
+
 lint: $(STAMP)
 	$(PY) -m ruff check raftblock tests bench
 	$(PY) -m mypy raftblock

@@ -5,7 +5,8 @@ Rules:
    compression level or the volume it came from.
 2. Decoding checks everything it can, in order (magic and kind, zstd frame, plaintext length, CRC32C, the
    name's hash) and raises ChunkError naming the object on the first mismatch: a restore never writes
-   bytes it has not verified.
+   bytes it has not verified, and never allocates more than the header's plaintext length (at most
+   PLAIN_BYTES_MAX), whatever the zstd frame claims.
 3. A delta carries the blocks of one chunk that differ from a full base chunk (by the base's name) and a
    bitmap of which; applying one to anything but its base is refused.
 """
@@ -66,8 +67,14 @@ def decode(name: str, obj: bytes | bytearray | memoryview, kind: int = KIND_FULL
         raise ChunkError(name, f"unknown codec {codec}")
     if plain_len > PLAIN_BYTES_MAX:
         raise ChunkError(name, f"plaintext length {plain_len} is beyond any chunk")
+    body = memoryview(obj)[_HEAD.size :]
     try:
-        plain = zstandard.ZstdDecompressor().decompress(memoryview(obj)[_HEAD.size :], max_output_size=plain_len)
+        # The frame's own content size first: decompress() allocates what a frame declares, whatever
+        # max_output_size says (that bounds only a frame without one, -1 here).
+        framed = zstandard.frame_content_size(body)
+        if framed > plain_len:
+            raise ChunkError(name, f"compressed body holds {framed} bytes, the header says {plain_len}")
+        plain = zstandard.ZstdDecompressor().decompress(body, max_output_size=plain_len)
     except zstandard.ZstdError as e:
         raise ChunkError(name, f"compressed body does not decode: {e}") from e
     if len(plain) != plain_len:
@@ -112,6 +119,8 @@ def apply_delta(name: str, delta: bytes, base_name: str, base: bytes) -> bytes:
         raise ChunkError(name, f"delta of {count} blocks, the base has {len(base)} bytes")
     off = _DELTA_HEAD.size
     bitmap = delta[off : off + (count + 7) // 8]
+    if len(bitmap) != (count + 7) // 8:
+        raise ChunkError(name, "delta ends before its bitmap does")
     off += len(bitmap)
     out = bytearray(base)
     for k in range(count):

@@ -18,7 +18,7 @@ from raftblock.backup.chunk import BLOCK_BYTES, CHUNK_BYTES
 
 FORMAT = "raftblock-backup"
 VERSION = 1
-_NAME = re.compile(r"^[0-9a-f]{64}$")
+_NAME = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a trailing newline through
 
 Entry = tuple[str, ...]  # ("zero",) | ("full", name) | ("delta", name, base)
 
@@ -83,7 +83,7 @@ class Manifest:
     def from_json(cls, raw: bytes | str, where: str = "manifest") -> Manifest:
         try:
             d = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: nesting too deep
             raise ManifestError(f"{where}: not JSON ({e})") from e
         if not isinstance(d, dict):
             raise ManifestError(f"{where}: not a manifest object")
@@ -104,6 +104,9 @@ class Manifest:
                 parent=d.get("parent"), stats=typed("stats", dict, {}))
         if m.parent is not None and not isinstance(m.parent, str):
             raise ManifestError(f"{where}: field 'parent' is not a string")
+        for name, count in m.stats.items():
+            if not isinstance(count, int) or isinstance(count, bool):
+                raise ManifestError(f"{where}: stats[{name!r}] is {type(count).__name__}, expected int")
         if m.chunk_bytes <= 0 or m.block_bytes <= 0 or m.chunk_bytes % m.block_bytes or m.size_bytes < 0:
             raise ManifestError(f"{where}: chunk_bytes {m.chunk_bytes}, block_bytes {m.block_bytes}, "
                                 f"size_bytes {m.size_bytes} do not fit together")
@@ -113,9 +116,9 @@ class Manifest:
         for k, ent in enumerate(raw_chunks):
             ok = isinstance(ent, list) and ent and (
                 (ent[0] == "zero" and len(ent) == 1)
-                or (ent[0] == "full" and len(ent) == 2 and isinstance(ent[1], str) and _NAME.match(ent[1]))
+                or (ent[0] == "full" and len(ent) == 2 and isinstance(ent[1], str) and _NAME.fullmatch(ent[1]))
                 or (ent[0] == "delta" and len(ent) == 3
-                    and all(isinstance(x, str) and _NAME.match(x) for x in ent[1:]))
+                    and all(isinstance(x, str) and _NAME.fullmatch(x) for x in ent[1:]))
             )
             if not ok:
                 raise ManifestError(f"{where}: chunk entry {k} is malformed: {ent!r}")

@@ -12,6 +12,8 @@ Rules:
    A non-immediate request outside [ExpCmdSN, MaxCmdSN] (serial arithmetic, RFC 1982) is silently ignored
    (RFC 7143 4.2.2.1); one ahead of ExpCmdSN waits in a bounded queue until the gap fills. MaxCmdSN
    closes as commands are outstanding, so an initiator can never have more than `queue_depth` in flight.
+   An immediate command skips the window but counts against it: one that arrives while `queue_depth`
+   commands are outstanding or collecting data gets a Reject (reason 0x06, too many immediate commands).
 2. A command is handed out (`Command`) only when all its write data has arrived. The data it may carry
    is what the CDB asks for (`data_out_bytes`, from the SCSI layer). When the initiator's Expected Data
    Transfer Length differs, the command runs on min(EDTL, what the CDB asks) bytes and the residual
@@ -27,7 +29,9 @@ Rules:
    did not arrive whole.
 4. Every buffer is bounded: a data segment by our MaxRecvDataSegmentLength (8 KiB during login), a
    command's data by `max_transfer_bytes`, login and text key=value data by `TEXT_BYTES_MAX`, pending
-   out-of-order commands by the window.
+   out-of-order commands by the window. A command's data buffer grows as its data arrives (unsolicited
+   data within the first burst, solicited data within its R2T), never to a length a header only
+   announces (EDTL, the CDB's transfer length).
 5. Authentication: a target whose `chap` returns credentials refuses any login that does not complete
    CHAP (MD5, RFC 1994) in the security stage; mutual CHAP answers the initiator's challenge with the
    target secret. A challenge equal to ours (a reflection) is refused.
@@ -70,6 +74,7 @@ OP_REJECT = 0x3F
 REJECT_DATA_DIGEST = 0x02
 REJECT_PROTOCOL_ERROR = 0x04
 REJECT_NOT_SUPPORTED = 0x05
+REJECT_IMMEDIATE_COMMAND = 0x06  # too many immediate commands
 REJECT_INVALID_PDU_FIELD = 0x09
 REJECT_WAITING_FOR_LOGOUT = 0x0C
 
@@ -308,7 +313,9 @@ class _WriteTask:
 
     cmd: Command
     want: int  # bytes to collect (min(EDTL, what the CDB asks), rule 2)
-    buf: bytearray
+    buf: bytearray  # what arrived so far, grown as it comes (rule 4); holes read as zeros
+    size: int = 0  # the most it may hold: `want`, or the immediate and unsolicited data if more
+    unsolicited_end: int = 0  # unsolicited Data-Out lies within [0, this): the first burst
     received: int = 0
     unsolicited_left: int = 0  # unsolicited Data-Out bytes still expected (InitialR2T=No)
     next_datasn: int = 0
@@ -856,6 +863,9 @@ class TargetConnection:
         if self.session_type == "Discovery" and op in (OP_SCSI_CMD, OP_TMF_REQ):
             self._reject(pdu.bhs, REJECT_PROTOCOL_ERROR)
             raise ProtocolError("SCSI command in a discovery session")
+        if op == OP_SCSI_CMD and pdu.immediate and self.outstanding + len(self._writes) >= self.limits.queue_depth:
+            self._reject(pdu.bhs, REJECT_IMMEDIATE_COMMAND)  # rule 1: immediate commands count against the window
+            return
         if not self._check_cmdsn(pdu):
             return
         self._dispatch(pdu)
@@ -982,11 +992,10 @@ class TargetConnection:
         # What we gather: immediate + unsolicited data always (they are on the way), solicited up to `want`.
         unsolicited = max(unsolicited, 0)
         gather = max(want, len(imm) + unsolicited)
-        wt = _WriteTask(cmd, want, bytearray(gather), lun_field=bytes(bhs[8:16]))
+        wt = _WriteTask(cmd, want, bytearray(imm), size=gather, unsolicited_end=len(imm) + unsolicited,
+                        lun_field=bytes(bhs[8:16]))
         wt.unsolicited_left = unsolicited
-        if imm:
-            wt.buf[0 : len(imm)] = imm
-            wt.received = len(imm)
+        wt.received = len(imm)
         wt.next_r2t_offset = len(imm) + unsolicited
         self._writes[pdu.itt] = wt
         self._advance_write(wt)
@@ -1010,6 +1019,8 @@ class TargetConnection:
             return
         del self._writes[wt.cmd.itt]
         cmd = wt.cmd
+        if len(wt.buf) < wt.want:  # data that never came (offsets repeated): zeros, as a hole reads
+            wt.buf += bytes(wt.want - len(wt.buf))
         # no copy: the collected buffer is the command's (a view when unsolicited data ran past what it asks)
         cmd.data_out = wt.buf if wt.want == len(wt.buf) else memoryview(wt.buf)[: wt.want]
         self._handout(cmd)
@@ -1027,11 +1038,11 @@ class TargetConnection:
         if datasn != wt.next_datasn:
             self._fail_write(wt, pdu, ASC_DATA_PHASE_ERROR, f"DataSN {datasn}, expected {wt.next_datasn}")
             return
-        if offset + n > len(wt.buf):
+        if offset + n > wt.size:
             self._fail_write(wt, pdu, ASC_DATA_OFFSET_ERROR, "data beyond the expected transfer length")
             return
         if ttt == RSVD_TAG:  # unsolicited (InitialR2T=No), DataSN counting from 0
-            if n > wt.unsolicited_left:
+            if n > wt.unsolicited_left or offset + n > wt.unsolicited_end:
                 self._fail_write(wt, pdu, ASC_DATA_OFFSET_ERROR, "unsolicited data beyond the first burst")
                 return
             wt.unsolicited_left -= n
@@ -1056,6 +1067,8 @@ class TargetConnection:
                     return
                 wt.r2t_ttt = RSVD_TAG
                 wt.next_datasn = 0
+        if offset + n > len(wt.buf):
+            wt.buf += bytes(offset + n - len(wt.buf))
         wt.buf[offset : offset + n] = pdu.data
         wt.received += n
         self._advance_write(wt)

@@ -112,7 +112,7 @@ class AdminServer:
             line = await asyncio.wait_for(reader.readline(), 10)
             try:
                 auth = json.loads(line).get("auth", "")
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):  # deeply nested JSON too
                 auth = ""
             if not isinstance(auth, str) or not hmac.compare_digest(auth, _mac(self.secret, nonce)):
                 log.warning("meta_admin_auth_refused", peer=str(writer.get_extra_info("peername")))
@@ -134,7 +134,7 @@ class AdminServer:
         try:
             req = json.loads(line)
             op = req["op"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             return {"ok": False, "error": "bad_request", "message": "a JSON object with an op"}
         node = self.node
         try:

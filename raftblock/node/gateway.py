@@ -322,7 +322,7 @@ class Gateway:
                 resp = {"ok": True, "released": True}
             else:
                 resp = {"ok": False, "error": f"unknown op {op!r}"}
-        except (ValueError, OSError, MetaClientError, TimeoutError) as e:
+        except (ValueError, OSError, MetaClientError, TimeoutError, RecursionError) as e:
             resp = {"ok": False, "error": str(e)}
         writer.write(json.dumps(resp).encode() + b"\n")
         try:

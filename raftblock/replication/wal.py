@@ -260,6 +260,15 @@ class Wal:
             f = disk.open_file(path, create=False)
             seg = _Segment(seq, path, f, f.size())
             end = wal._replay(seg, groups, last)
+            if end < SEG_HEADER.size:
+                # Torn at its creation (only the newest can be: rule 4), so nothing in it was durable. Cut to
+                # nothing and kept, it would be an older segment without a header at the next open
+                # (WalCorruptError): it goes instead.
+                torn_bytes += seg.size
+                f.close()
+                disk.remove(path)
+                disk.fsync_dir(directory)
+                continue
             if end < seg.size:
                 torn_bytes += seg.size - end
                 f.truncate(end)
@@ -326,21 +335,31 @@ class Wal:
                         ents = _decode_entries(body, split=rtype == REC_ENTRIES_SPLIT)
                 except (struct.error, ValueError) as e:
                     return bad(off, f"malformed entries record: {e}")
+                if any(ents[k].index != ents[k - 1].index + 1 for k in range(1, len(ents))):
+                    # append_entries writes consecutive entries; Raft's log has no gaps
+                    return bad(off, "malformed entries record: indexes not consecutive")
                 st._append(ents)
                 if ents:
                     prev = seg.max_index.get(group, 0)
                     seg.max_index[group] = max(prev, ents[-1].index)
             elif rtype == REC_HARD_STATE:
+                if len(body) < _HS.size:
+                    return bad(off, "malformed hard state record")
                 t, v, c = _HS.unpack_from(body, 0)
                 st.hard_state = HardState(t, NodeId(v), c)
-            elif rtype == REC_SNAPSHOT:
-                st._install(_decode_meta(body))
-                # The group's earlier entries, here and in older segments, no longer pin anything.
-                seg.max_index.pop(group, None)
-                for older in self._segments:
-                    older.max_index.pop(group, None)
-            elif rtype == REC_COMPACT:
-                st._compact(_decode_meta(body))
+            elif rtype in (REC_SNAPSHOT, REC_COMPACT):
+                try:
+                    meta = _decode_meta(body)
+                except (struct.error, WalCorruptError) as e:
+                    return bad(off, f"malformed snapshot meta record: {e}")
+                if rtype == REC_SNAPSHOT:
+                    st._install(meta)
+                    # The group's earlier entries, here and in older segments, no longer pin anything.
+                    seg.max_index.pop(group, None)
+                    for older in self._segments:
+                        older.max_index.pop(group, None)
+                else:
+                    st._compact(meta)
             else:
                 return bad(off, f"unknown record type {rtype}")
             off = end
@@ -869,10 +888,12 @@ def _decode_entries(body: memoryview, split: bool = False) -> list[Entry]:
         if split:
             data, off = _read_pieces(body, off, dlen)
         else:
+            if off + dlen > len(body):
+                raise ValueError("entry data runs past the record")
             data = bytes(body[off : off + dlen])
             off += dlen
         out.append(Entry(term, index, EntryType(etype), data))
-    if split and off != len(body):
+    if off != len(body):
         raise ValueError("trailing bytes after the entries")
     return out
 

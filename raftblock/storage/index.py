@@ -18,6 +18,7 @@ from raftblock.storage.segment import (
     BLOCK_SIZE,
     FORMAT_VERSION,
     FORMAT_VERSIONS_READ,
+    MAX_WRITE_BLOCKS,
     REC_LINK,
     REC_TRIM,
     REC_WRITE,
@@ -495,7 +496,19 @@ def decode_checkpoint(raw: bytes) -> Checkpoint | str:
         return "checkpoint section overruns body"
     if pos != end:
         return "checkpoint section overruns body"
+    # A run (current or kept for a pin) lies inside its record, a WRITE or LINK of at most MAX_WRITE_BLOCKS
+    # blocks: recovery loops over a run's blocks, so a count no record can have is refused here.
+    for r in ck.runs:
+        if not _run_in_record(r[1], r[2], r[5], r[6]):
+            return "checkpoint run outside its record"
+    for h in ck.hist:
+        if not _run_in_record(h[1], h[2], h[5], h[6]):
+            return "checkpoint history run outside its record"
     return ck
+
+
+def _run_in_record(block: int, n: int, rec_block: int, rec_count: int) -> bool:
+    return 1 <= rec_count <= MAX_WRITE_BLOCKS and n >= 1 and rec_block <= block and block + n <= rec_block + rec_count
 
 
 __all__ = [

@@ -335,8 +335,8 @@ def recover(disk: Disk, directory: str, cluster_id: bytes, verify_on_open: bool,
                 if h.lsn > ck_lsn:
                     events.append((h.lsn, sid, sr.offset, h.rtype, (h.block, h.extent_id)))
                     pinned_of[(sid, sr.offset)] = sr.pinned_lsn
-            elif h.flags & FLAG_HISTORY and ck is not None and h.lsn <= ck_lsn:
-                hist_copies.append((sid, sr))
+            elif h.flags & FLAG_HISTORY and ck is not None and h.lsn <= ck_lsn and h.rtype != REC_TRIM:
+                hist_copies.append((sid, sr))  # a cleaning copy of a kept version (a TRIM is never one)
     for _lsn, msid, moff, rtype, key in sorted(events):
         if rtype == REC_PIN:
             pins[key] = pinned_of[(msid, moff)]
@@ -424,7 +424,12 @@ def recover(disk: Disk, directory: str, cluster_id: bytes, verify_on_open: bool,
             _report(corrupt, CorruptRange(name, b.offset, b.length, hint.extent_id, hint.block, hint.count,
                                           b.reason + " (block range from unverified header)"))
             emap = index.extents.get(hint.extent_id, {})
-            for blk in range(hint.block, hint.block + min(hint.count, 1 << 20)):
+            lo, hi = hint.block, hint.block + hint.count
+            blks: range | list[int] = range(lo, hi)  # a WRITE or LINK: at most MAX_WRITE_BLOCKS
+            if hint.rtype == REC_TRIM:  # up to 2^32 blocks named: only those with a version can be affected
+                blks = sorted(b for b in emap if lo <= b < hi) if hint.count > len(emap) else [
+                    b for b in blks if b in emap]
+            for blk in blks:
                 cur = emap.get(blk)
                 # A lost WRITE hides a newer version; a lost TRIM leaves an older one visible.
                 if (cur is None and hint.rtype in (REC_WRITE, REC_LINK)) or (cur is not None and cur.lsn < hint.lsn):

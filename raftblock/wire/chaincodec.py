@@ -4,8 +4,11 @@
 # 1. Record data and the snapshot image go to the frame payload, never into the protobuf message (the
 #    same rule as RAFT frames): records' data in order, then `ChainMsg.data_len` bytes of image.
 # 2. Decoding validates the type, record seqs (>= 1, consecutive) and every length, and raises ValueError
-#    on anything malformed: the caller drops the frame and counts it. Fencing by epoch is the core's job.
+#    on anything malformed (protobuf's DecodeError included: it is not a ValueError): the caller drops the
+#    frame and counts it. Fencing by epoch is the core's job.
 from __future__ import annotations
+
+from google.protobuf.message import DecodeError
 
 from raftblock.replication.chain.types import ChainMessage, MessageType, Record
 from raftblock.replication.raft.types import GroupId, NodeId
@@ -40,7 +43,10 @@ def decode_chain(group: int, message: bytes, payload: bytes | memoryview) -> Cha
 def decode_chain_frame(group: int, message: bytes, payload: bytes | memoryview) -> tuple[ChainMessage, int, int]:
     """(message, image_offset, image_total): a SNAPSHOT chunk carries its piece of the image in `data`
     (image_total > 0); anything else has image_total 0."""
-    pm = pb.ChainMsg.FromString(message)
+    try:
+        pm = pb.ChainMsg.FromString(message)
+    except DecodeError as e:
+        raise ValueError(f"malformed ChainMsg: {e}") from None
     mt = MessageType(pm.type)  # ValueError on an unknown type
     view = memoryview(payload)
     off = 0

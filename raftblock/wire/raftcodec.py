@@ -4,12 +4,14 @@
 # 1. Entry data and snapshot chunks go to the frame payload, never into the protobuf message.
 # 2. HEARTBEAT and HEARTBEAT_RESP messages are not encoded one by one: `encode_heartbeats` packs the
 #    ones due to one peer in one loop turn into a single HeartbeatBatch (coalesced per node pair).
-# 3. Decoding validates lengths and enum values and raises ValueError on anything malformed; the
-#    caller drops the frame and counts it.
+# 3. Decoding validates lengths and enum values and raises ValueError on anything malformed (protobuf's
+#    DecodeError included: it is not a ValueError); the caller drops the frame and counts it.
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import cast
+
+from google.protobuf.message import DecodeError
 
 from raftblock.replication.raft.types import (
     ConfState,
@@ -66,7 +68,10 @@ def encode_raft(m: Message) -> list[Buf]:
 
 
 def decode_raft(group: int, message: bytes, payload: bytes | memoryview) -> Message:
-    pm = pb.RaftMsg.FromString(message)
+    try:
+        pm = pb.RaftMsg.FromString(message)
+    except DecodeError as e:
+        raise ValueError(f"malformed RaftMsg: {e}") from None
     mt = MessageType(pm.type)  # ValueError on an unknown type
     off = 0
     view = memoryview(payload)
@@ -127,7 +132,10 @@ def encode_heartbeats(src: NodeId, dst: NodeId, msgs: Sequence[Message], respons
 
 
 def decode_heartbeats(message: bytes) -> list[Message]:
-    hb = pb.HeartbeatBatch.FromString(message)
+    try:
+        hb = pb.HeartbeatBatch.FromString(message)
+    except DecodeError as e:
+        raise ValueError(f"malformed HeartbeatBatch: {e}") from None
     n = len(hb.group)
     if not (len(hb.term) == len(hb.commit) == len(hb.context) == len(hb.lease_tick) == len(hb.epoch) == n):
         raise ValueError("heartbeat batch arrays differ in length")

@@ -52,6 +52,13 @@ def test_the_right_secret_gets_in_and_a_wrong_one_is_refused_before_any_request_
             await w.drain()
             assert b"authentication failed" in await r.readline()
             w.close()
+            # an answer nested deeper than the JSON parser recurses (found by tests/fuzz): refused, not a crash
+            r, w = await asyncio.open_connection(*addr.rsplit(":", 1))
+            await r.readline()
+            w.write(b"[" * 30_000 + b"\n")
+            await w.drain()
+            assert b"authentication failed" in await r.readline()
+            w.close()
             with pytest.raises(AdminAuthError):
                 await connect(addr, None)
             assert seen == [b'{"op": "status"}\n']  # only the authenticated request was read
