@@ -260,7 +260,9 @@ class MetaAgent:
     def _keys(self, st: MetaState) -> None:
         """Rule 7: the data port's keys from the map; kept (wrapped) in the data directory for the next start."""
         dk = st.data_key_set()
-        if dk == self._data_keys:
+        if dk == self._data_keys or not st.cluster_id:
+            # A map not initialised yet says nothing of keys: the metadata leader puts the first one in
+            # init_cluster, so the node stays "unknown" (refusing connections) rather than "off" meanwhile.
             return
         ring = KeyRing.from_map(self.client.secret, dk)
         self.host.set_auth("on" if ring is not None else "off", ring)
