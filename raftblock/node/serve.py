@@ -27,7 +27,7 @@ import signal
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import structlog
 
@@ -45,6 +45,14 @@ EXTENT_SIZE_BYTES = 64 << 20
 EXTENT_INDEX_BITS = 24
 COMPACTION_INTERVAL_S = 1.0
 COMPACTION_BUDGET_BYTES_PER_S = 32 << 20
+
+
+def _volume_info(d: dict[str, Any]) -> VolumeInfo:
+    """A volume as volumes.json keeps it (one-copy mode has no QoS: a `qos` key, written by a build that had it
+    there, is dropped)."""
+    d = dict(d)
+    d.pop("qos", None)
+    return VolumeInfo(**d)
 
 
 class ServeError(Exception):
@@ -86,7 +94,7 @@ def load_or_create_volumes(directory: Path, wanted: list[VolumeSpec]) -> list[Vo
     path = directory / "volumes.json"
     stored: list[VolumeInfo] = []
     if path.exists():
-        stored = [VolumeInfo(**v) for v in json.loads(path.read_text())["volumes"]]
+        stored = [_volume_info(v) for v in json.loads(path.read_text())["volumes"]]
     by_name = {v.name: v for v in stored}
     changed = False
     for spec in wanted:
@@ -109,7 +117,7 @@ def load_or_create_volumes(directory: Path, wanted: list[VolumeSpec]) -> list[Vo
         changed = True
         log.info("volume.created", volume=spec.name, size_bytes=spec.size_bytes, volume_id=vid)
     if changed or not path.exists():
-        write_json_atomic(path, {"volumes": [asdict(v) for v in stored]})
+        write_json_atomic(path, {"volumes": [{k: x for k, x in asdict(v).items() if k != "qos"} for v in stored]})
     return stored
 
 
