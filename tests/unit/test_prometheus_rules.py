@@ -60,6 +60,9 @@ GAUGES_AND_COUNTERS = {
     "raftblock_gateway_connections",
     # every process
     "raftblock_build_info",
+    # issue 20: authentication and QoS
+    "raftblock_node_auth_refused_total",
+    "raftblock_node_data_key_active",
 }
 HISTOGRAMS = {"raftblock_node_wal_fdatasync_seconds", "raftblock_gateway_io_latency_seconds"}
 METRICS = GAUGES_AND_COUNTERS | {h + s for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")}
@@ -216,6 +219,7 @@ def test_the_required_alerts_exist() -> None:
         ("RaftblockFsyncLatencyHigh", "warning"),
         ("RaftblockNoMetadataLeader", "critical"),
         ("RaftblockFramesRefused", "warning"),
+        ("RaftblockAuthRefused", "warning"),
     }
     assert have == want, f"missing {sorted(want - have)}, unexpected {sorted(have - want)}"
 
