@@ -22,7 +22,7 @@ def _run_all(nodes: int) -> SimStats:
     return total
 
 
-@pytest.mark.parametrize("nodes", [3, 5])
+@pytest.mark.parametrize("nodes", [3, pytest.param(5, marks=pytest.mark.slow)])  # 5 nodes: make test-slow (29 s)
 def test_simulation_default_seeds(nodes: int) -> None:
     total = _run_all(nodes)
     assert total.steps == SEEDS * STEPS
