@@ -200,3 +200,19 @@ def signed_hello(sock: Any, ring: Any, node_id: int, role: int) -> Any:
     s = Session(ring, session_id(nonce, pb.Hello.FromString(ev.message).nonce), dialer=True)
     sock.sendall(b"".join(bytes(p) for p in s.seal(encode_frame(FRAME_AUTH, 0, b""))))
     return s
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The sum of the series of `name` on a /metrics page whose labels include `labels` (0 if none)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        k, _, v = line.rpartition(" ")
+        base, _, rest = k.partition("{")
+        if base == name and all(f'{lk}="{lv}"' in rest for lk, lv in labels.items()):
+            total += float(v)
+    return total

@@ -9,7 +9,6 @@ import json
 import os
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +21,7 @@ from raftblock.wire.auth import FRAME_AUTH, KeyRing, Session, session_id
 from raftblock.wire.client import OP_C_NODE_STATUS, OP_C_READ, ST_OK
 from raftblock.wire.framing import ROLE_CLIENT, WIRE_VERSION, Frame, FrameDecoder, FrameType, encode_frame
 
+from .helpers import metric as _metric
 from .helpers import require_tools
 from .test_cluster import Cluster, _cleanup, _wait
 
@@ -39,17 +39,6 @@ def _map(c: Cluster) -> MetaState:
 
     layout = open_layout(c.root)
     return asyncio.run(meta_client(layout, _load(layout)).state(barrier=True))
-
-
-def _metric(url: str, name: str, **labels: str) -> float:
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    total = 0.0
-    for line in text.splitlines():
-        k, _, v = line.rpartition(" ")
-        base, _, rest = k.partition("{")
-        if base == name and all(f'{lk}="{lv}"' in rest for lk, lv in labels.items()):
-            total += float(v)
-    return total
 
 
 def _ts(iso: str) -> float:

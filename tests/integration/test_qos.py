@@ -12,13 +12,13 @@ import os
 import signal
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from .helpers import metric as _metric
 from .helpers import require_tools
 from .test_cluster import Cluster, _cleanup, _wait
 
@@ -69,26 +69,6 @@ class Fio:
             except ProcessLookupError:
                 pass
             self.proc.wait()
-
-
-def _metrics(url: str) -> dict[str, float]:
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            k, _, v = line.rpartition(" ")
-            out[k] = float(v)
-    return out
-
-
-def _metric(url: str, name: str, **labels: str) -> float:
-    """The sum of the series of `name` whose labels include `labels`."""
-    total = 0.0
-    for k, v in _metrics(url).items():
-        base, _, rest = k.partition("{")
-        if base == name and all(f'{lk}="{lv}"' in rest for lk, lv in labels.items()):
-            total += v
-    return total
 
 
 class QosCluster(Cluster):
