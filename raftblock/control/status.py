@@ -18,7 +18,7 @@ ERROR_COUNTERS = ("corrupt_reads", "read_repairs", "blocks_repaired", "read_repa
                   "scrub_errors_found", "scrub_mismatches", "scrub_repair_failed")
 
 
-async def collect_status(cmap: ClusterMap, st: MetaState, attempt_timeout_s: float = 1.0,
+async def collect_status(cmap: ClusterMap, st: MetaState, attempt_timeout_s: float = 2.0,
                          secret: bytes | None = None) -> dict[str, Any]:
     """`secret`: the cluster secret, to unwrap the data port's keys (raftblock/wire/auth.py)."""
     from raftblock.client.router import NodeClient

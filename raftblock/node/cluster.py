@@ -347,7 +347,8 @@ def _ready_uri(layout: Layout, name: str, word: int = 1) -> str | None:
 
 def wait_healthy(layout: Layout, cmap: ClusterMap, groups: set[int] | None = None,
                  timeout_s: float = HEALTHY_TIMEOUT_S) -> None:
-    """Every storage node registered and up in the map, every group (or those given) with a leader."""
+    """Every storage node registered and up in the map and answering on its data port, every group (or those
+    given) with a leader."""
     deadline = time.monotonic() + timeout_s
     problem = ""
     while time.monotonic() < deadline:
@@ -368,9 +369,12 @@ def wait_healthy(layout: Layout, cmap: ClusterMap, groups: set[int] | None = Non
             status = asyncio.run(collect_status(cmap, st, secret=_secret(layout)))
             leaderless = [g["group"] for g in status["groups"] if not g["leader"]
                           and (groups is None or g["group"] in groups)]
-            if not leaderless:
+            # up in the map is the node's own word; its data port answering (keys read, TLS served) is ours
+            silent = [n["id"] for n in status["nodes"] if n["state"] != "up"] if groups is None else []
+            if not leaderless and not silent:
                 return
-            problem = f"groups without a leader: {leaderless[:10]}"
+            problem = (f"groups without a leader: {leaderless[:10]}" if leaderless
+                       else f"storage nodes not answering on their data port: {silent}")
         time.sleep(0.2)
     raise ClusterError(f"not healthy after {timeout_s:.0f} s: {problem}")
 

@@ -180,9 +180,11 @@ def cluster_ring(root: Path) -> Any:
     return KeyRing.from_map(layout.secret_file.read_bytes().strip(), st.data_key_set())
 
 
-def signed_hello(sock: Any, ring: Any, node_id: int, role: int) -> Any:
+def signed_hello(sock: Any, ring: Any, node_id: int, role: int, first: Any = None) -> Any:
     """A blocking socket to a node's data port, made into an authenticated session as a node (or a gateway)
-    holding the cluster's keys would: HELLO both ways, then AUTH. Returns the Session: seal frames with it."""
+    holding the cluster's keys would: HELLO both ways, then AUTH. Returns the Session: seal frames with it.
+    `first(session)`: the frames (bytes) to send in the same write as the AUTH, so that the node reads them in
+    the turn it attaches this connection (a peer's real connection may replace a forged one at any time)."""
     from raftblock.wire import raftblock_pb2 as pb
     from raftblock.wire.auth import FRAME_AUTH, Session, session_id
     from raftblock.wire.framing import Frame, FrameDecoder, FrameType, encode_frame, encode_frame_bytes
@@ -198,7 +200,8 @@ def signed_hello(sock: Any, ring: Any, node_id: int, role: int) -> Any:
         dec.feed(data)
     assert isinstance(ev, Frame) and ev.type == FrameType.HELLO
     s = Session(ring, session_id(nonce, pb.Hello.FromString(ev.message).nonce), dialer=True)
-    sock.sendall(b"".join(bytes(p) for p in s.seal(encode_frame(FRAME_AUTH, 0, b""))))
+    out = b"".join(bytes(p) for p in s.seal(encode_frame(FRAME_AUTH, 0, b"")))
+    sock.sendall(out + (b"".join(first(s)) if first is not None else b""))
     return s
 
 

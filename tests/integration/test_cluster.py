@@ -429,9 +429,8 @@ def test_forged_frames_to_a_node_are_refused_counted_and_it_keeps_serving(cluste
             assert time.monotonic() < deadline, f"the node never counted {name}"
             try:
                 with socket.create_connection((host, int(port)), timeout=10) as s:
-                    session = signed_hello(s, ring, 3, ROLE_PEER)
-                    frame = make(session)
-                    s.sendall(frame if isinstance(frame, bytes) else b"".join(bytes(p) for p in frame))
+                    signed_hello(s, ring, 3, ROLE_PEER, first=lambda session, make=make: [
+                        f if isinstance(f, bytes) else b"".join(bytes(p) for p in f) for f in [make(session)]])
                     end = time.monotonic() + 2
                     while counter(name) <= before and time.monotonic() < end:
                         time.sleep(0.05)
