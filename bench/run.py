@@ -75,7 +75,8 @@ JOBS = [
 ]
 # etcd runs only these two jobs, as 4 KiB puts from 1 and 32 concurrent clients
 ETCD_CLIENTS = {"randwrite-4k-qd1": 1, "randwrite-4k-qd32": 32}
-TARGETS = ["cluster", "cluster-gw", "cluster-iscsi", "raftblock", "qemu-nbd", "qemu-nbd-wb", "tgt", "etcd"]
+TARGETS = ["cluster", "cluster-encrypted", "cluster-gw", "cluster-iscsi", "raftblock", "qemu-nbd", "qemu-nbd-wb", "tgt",
+           "etcd"]
 ISCSI_TARGETS = ["cluster-iscsi", "tgt"]  # reached through IscsiBridge (qemu-nbd as the iSCSI initiator)
 BASELINE = "qemu-nbd"  # every ratio in the table is against this target's run of the same job and round
 GOAL_TARGET = "cluster"
@@ -355,13 +356,14 @@ class ClusterTarget(Target):
     name = "cluster"
     gateway = "embedded"
     iscsi_port: int | None = None  # cluster_up's default
+    encrypt = False
 
     def start(self, work: Path) -> str:
         from raftblock.node.cluster import cluster_up, volume_create
 
         self.root = work / self.name
         uri = cluster_up(self.root, nbd_port=0, disk="os", gateway=self.gateway, iscsi_port=self.iscsi_port)
-        volume_create(self.root, EXPORT, VOLUME_BYTES)
+        volume_create(self.root, EXPORT, VOLUME_BYTES, encrypt=self.encrypt)
         self._pids = self._find_pids()
         return f"{uri}/{EXPORT}"
 
@@ -435,6 +437,16 @@ class IscsiBridge:
 
     def describe(self) -> str:
         return "qemu-nbd " + " ".join(self.argv_tail) + " iscsi://... (libiscsi initiator, unix socket to fio)"
+
+
+class EncryptedClusterTarget(ClusterTarget):
+    """The same cluster, its volume created with --encrypt (docs/encryption.md): what encryption at rest costs."""
+
+    name = "cluster-encrypted"
+    encrypt = True
+
+    def describe(self) -> str:
+        return super().describe() + ", the volume encrypted (AES-256-GCM at the gateway)"
 
 
 class SeparateGatewayClusterTarget(ClusterTarget):
@@ -649,7 +661,7 @@ class EtcdTarget(Target):
 
 
 REGISTRY: dict[str, type[Target]] = {
-    "cluster": ClusterTarget, "cluster-gw": SeparateGatewayClusterTarget, "cluster-iscsi": ClusterIscsiTarget,
+    "cluster": ClusterTarget, "cluster-encrypted": EncryptedClusterTarget, "cluster-gw": SeparateGatewayClusterTarget, "cluster-iscsi": ClusterIscsiTarget,
     "raftblock": RaftblockTarget, "qemu-nbd": QemuNbdTarget, "qemu-nbd-wb": QemuNbdWritebackTarget,
     "tgt": TgtTarget, "etcd": EtcdTarget,
 }

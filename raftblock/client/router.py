@@ -68,6 +68,7 @@ from raftblock.wire.framing import (
     FrameType,
     encode_frame,
 )
+from raftblock.wire.ops import AUX_BYTES, BLOCK_SIZE
 
 log = structlog.get_logger(__name__)
 
@@ -481,6 +482,31 @@ class GroupClient:
 
     async def trim(self, extent_id: int, block: int, count: int) -> None:
         req = pb.ClientRequest(op=OP_C_TRIM, extent_id=extent_id, block=block, count=count, epoch=self.epoch)
+        await self._named(req, ())
+
+    # -- an encrypted volume's blocks (docs/encryption.md): each with its 32-byte entry, in one op ----------------
+    async def write_sealed(self, extent_id: int, block: int, data: memoryview | bytes | bytearray,
+                           crcs: Sequence[int], seal_at: int, entries: bytes, fill: bool = False) -> None:
+        req = pb.ClientRequest(op=OP_C_WRITE, extent_id=extent_id, block=block, count=len(crcs), epoch=self.epoch,
+                               fill=fill, seal_at=seal_at)
+        req.crcs.extend(crcs)
+        await self._named(req, [data, entries])
+
+    async def read_sealed(self, extent_id: int, block: int, count: int, seal_at: int,
+                          snap_id: int = 0) -> tuple[bytearray, list[int], bytes]:
+        """The blocks, their CRCs and their entries (zeros: never written, or trimmed)."""
+        req = pb.ClientRequest(op=OP_C_READ, extent_id=extent_id, block=block, count=count, epoch=self.epoch,
+                               snap_id=snap_id, seal_at=seal_at)
+        resp, data = await self.client.call(self.group_id, req, (), self.deadline_s, self.read_route)
+        size = count * BLOCK_SIZE
+        if len(data) != size + count * AUX_BYTES or len(resp.crcs) != count:
+            raise GroupError(f"group {self.group_id}: a sealed read of {count} blocks answered {len(data)} bytes")
+        view = memoryview(data)
+        return bytearray(view[:size]), list(resp.crcs), bytes(view[size:])
+
+    async def trim_sealed(self, extent_id: int, block: int, count: int, seal_at: int) -> None:
+        req = pb.ClientRequest(op=OP_C_TRIM, extent_id=extent_id, block=block, count=count, epoch=self.epoch,
+                               seal_at=seal_at)
         await self._named(req, ())
 
     async def zero(self, extent_id: int, block: int, count: int) -> None:

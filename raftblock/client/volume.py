@@ -28,6 +28,10 @@ Rules:
    limits (info.qos, from the map: raftblock/qos.py `Limits.reserve`, one operation and its bytes per host
    request, in arrival order), so a host over its limits waits in its gateway instead of flooding the nodes;
    a changed spec applies from the next request. Each node schedules what reaches it again (node/admission.py).
+8. Encryption at rest (info.seal, raftblock/sealing.py, docs/encryption.md): an extent holds `sealing.data_blocks`
+   volume blocks, their entries after them; every block is sealed here before it leaves for its group
+   (`write_sealed`: blocks and entries in one op) and opened here after its CRC check (`read_sealed`). The
+   key comes from `keys` (the process's VolumeKeys); nothing in plaintext goes below this class.
 """
 
 from __future__ import annotations
@@ -36,15 +40,30 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 from raftblock._fast import blockcrc
 from raftblock.client.lazy import LazyFill
 from raftblock.qos import UNSET, Limits, QosSpec
-from raftblock.replication.group import CorruptData, ReplicationGroup
+from raftblock.replication.group import CorruptData, GroupError, ReplicationGroup
+from raftblock.sealing import Sealer, SealError, SealRef, VolumeKeys, data_blocks
 
 BLOCK_SIZE = 4096
 ZERO_BLOCK = bytes(BLOCK_SIZE)
 RECORD_BLOCKS_MAX = 256  # one engine record carries at most 1 MiB
+
+
+@runtime_checkable
+class SealedGroup(Protocol):
+    """A group that takes an encrypted volume's blocks with their entries (client/router.py GroupClient)."""
+
+    async def write_sealed(self, extent_id: int, block: int, data: memoryview | bytes | bytearray,
+                           crcs: Sequence[int], seal_at: int, entries: bytes, fill: bool = False) -> None: ...
+
+    async def read_sealed(self, extent_id: int, block: int, count: int, seal_at: int,
+                          snap_id: int = 0) -> tuple[bytearray, list[int], bytes]: ...
+
+    async def trim_sealed(self, extent_id: int, block: int, count: int, seal_at: int) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -63,6 +82,7 @@ class VolumeInfo:
     parent_size_bytes: int = 0  # that snapshot's size (the parent may have grown since): zeros past it
     lazy_source: str = ""  # a lazy restore still filling: "URL#VOLUME@SNAPSHOT" (rule 6)
     qos: QosSpec = UNSET  # its limits hold here, before anything reaches a node (rule 7)
+    seal: SealRef | None = None  # encrypted: its key (rule 8)
 
     def extent_id(self, extent_index: int) -> int:
         if self.extent_ids:
@@ -107,12 +127,21 @@ class _BlockLocks:
                 pass
 
 
+class NoKeys(GroupError):
+    """An encrypted volume opened without the keys to it (rule 8)."""
+
+
 class Volume:
-    def __init__(self, info: VolumeInfo, group_for: Callable[[int], ReplicationGroup]) -> None:
+    def __init__(self, info: VolumeInfo, group_for: Callable[[int], ReplicationGroup],
+                 keys: VolumeKeys | None = None) -> None:
         self.info = info
         self._group_for = group_for
+        self._keys = keys
         self._locks = _BlockLocks()
         self._blocks_per_extent = info.extent_size_bytes // BLOCK_SIZE
+        self._seal_at = 0  # rule 8: where an extent's entries begin (0: not encrypted)
+        if info.seal is not None:
+            self._seal_at = self._blocks_per_extent = data_blocks(info.extent_size_bytes // BLOCK_SIZE)
         self._touched: dict[int, ReplicationGroup] = {}  # groups written through this volume (for FLUSH)
         self._barrier: asyncio.Future[None] | None = None  # rule 4
         self._holds = 0
@@ -152,10 +181,10 @@ class Volume:
             results = await asyncio.gather(*(self._read_through(parent, eid, blk, n, vb, snap_id)
                                              for eid, blk, n, vb in pieces))
         elif len(pieces) == 1:  # the common case: no gather, no Task per piece
-            eid, blk, n, _ = pieces[0]
-            return await self._read_piece(eid, blk, n, snap_id)
+            eid, blk, n, vb = pieces[0]
+            return await self._read_piece(eid, blk, n, snap_id, vb)
         else:
-            results = await asyncio.gather(*(self._read_piece(eid, blk, n, snap_id) for eid, blk, n, _ in pieces))
+            results = await asyncio.gather(*(self._read_piece(eid, blk, n, snap_id, vb) for eid, blk, n, vb in pieces))
         if len(results) == 1:
             return results[0]
         out = bytearray()
@@ -163,18 +192,28 @@ class Volume:
             out += r
         return out
 
-    async def _read_piece(self, extent_id: int, block: int, count: int, snap_id: int = 0) -> bytearray:
+    async def _read_piece(self, extent_id: int, block: int, count: int, snap_id: int, vb: int) -> bytearray:
+        """`vb`: the volume block of `block` (an encrypted block's associated data, rule 8)."""
         group = self._group_for(extent_id)
         out = bytearray()
         done = 0
         while done < count:
             n = min(count - done, RECORD_BLOCKS_MAX)
-            data, crcs = await (group.read(extent_id, block + done, n, snap_id=snap_id) if snap_id
-                                else group.read(extent_id, block + done, n))
+            if self._seal_at:
+                data, crcs, entries = await self._sealed(group).read_sealed(extent_id, block + done, n,
+                                                                            self._seal_at, snap_id)
+            else:
+                data, crcs = await (group.read(extent_id, block + done, n, snap_id=snap_id) if snap_id
+                                    else group.read(extent_id, block + done, n))
             # Pair check: verify again right before the data leaves for the host.
             bad = blockcrc.first_mismatch(data, crcs)
             if bad >= 0:
                 raise CorruptData(extent_id, block + done + bad, "CRC mismatch before reply")
+            if self._seal_at:
+                try:
+                    self._sealer().open(vb + done, data, entries)
+                except SealError as e:
+                    raise CorruptData(extent_id, block + done + e.block - vb - done, e.reason) from None
             if n == count:
                 return data  # one piece: no copy
             out += data
@@ -201,7 +240,7 @@ class Volume:
             while k < n:
                 m = min(n - k, RECORD_BLOCKS_MAX)
                 piece = view[(vb - first + k) * BLOCK_SIZE : (vb - first + k + m) * BLOCK_SIZE]
-                coros.append(self._group(eid).write(eid, blk + k, piece, blockcrc.block_crcs(piece), fill=True))
+                coros.append(self._put(eid, blk + k, piece, vb + k, fill=True))
                 k += m
         await asyncio.gather(*coros)
 
@@ -211,19 +250,19 @@ class Volume:
         if p is None:
             return None
         if self._parent is None or self._parent.info is not p:
-            self._parent = Volume(p, self._group_for)
+            self._parent = Volume(p, self._group_for, self._keys)
         return self._parent
 
     async def _read_through(self, parent: Volume, extent_id: int, block: int, count: int, vb: int,
                             snap_id: int) -> bytearray:
         runs = await self._group_for(extent_id).block_status(extent_id, block, count, snap_id=snap_id)
         if len(runs) == 1 and runs[0][1]:
-            return await self._read_piece(extent_id, block, count, snap_id)
+            return await self._read_piece(extent_id, block, count, snap_id, vb)
         out = bytearray()
         pos = 0
         for n, allocated in runs:
             if allocated:
-                out += await self._read_piece(extent_id, block + pos, n, snap_id)
+                out += await self._read_piece(extent_id, block + pos, n, snap_id, vb + pos)
             else:
                 out += await parent._read_parent(vb + pos, n, self.info.parent_snap_id, self._parent_size())
             pos += n
@@ -285,7 +324,7 @@ class Volume:
                 data = await parent._read_parent(vb, n, snap, self._parent_size())
                 if data == bytes(len(data)):
                     return 0
-                await self._group_for(eid).write(eid, blk, memoryview(data), blockcrc.block_crcs(data), fill=True)
+                await self._put(eid, blk, memoryview(data), vb, fill=True)
                 return len(data)
 
         for eid, blk, n, vb in self._pieces(0, total):
@@ -334,7 +373,8 @@ class Volume:
     def _groups(self) -> list[ReplicationGroup]:
         """The distinct groups of every extent of the volume."""
         out: dict[int, ReplicationGroup] = {}
-        n = (self.info.size_bytes + self.info.extent_size_bytes - 1) // self.info.extent_size_bytes
+        per_extent = self._blocks_per_extent * BLOCK_SIZE
+        n = (self.info.size_bytes + per_extent - 1) // per_extent
         for i in range(n):
             eid = self.info.extent_id(i)
             out.setdefault(eid >> 32, self._group_for(eid))
@@ -440,12 +480,34 @@ class Volume:
             while done < n:
                 k = min(n - done, RECORD_BLOCKS_MAX)
                 chunk = data[base + done * BLOCK_SIZE : base + (done + k) * BLOCK_SIZE]
-                coros.append(self._group(eid).write(eid, blk + done, chunk, blockcrc.block_crcs(chunk)))
+                coros.append(self._put(eid, blk + done, chunk, vb + done))
                 done += k
         if len(coros) == 1:
             await coros[0]
         else:
             await asyncio.gather(*coros)
+
+    async def _put(self, eid: int, blk: int, chunk: memoryview, vb: int, fill: bool = False) -> None:
+        """One write of at most RECORD_BLOCKS_MAX blocks to one extent; sealed first if encrypted (rule 8)."""
+        group = self._group(eid)
+        if not self._seal_at:
+            await group.write(eid, blk, chunk, blockcrc.block_crcs(chunk), fill=fill)
+            return
+        sealed, entries = await self._sealer().seal(vb, chunk)
+        await self._sealed(group).write_sealed(eid, blk, sealed, blockcrc.block_crcs(sealed), self._seal_at, entries,
+                                               fill=fill)
+
+    def _sealer(self) -> Sealer:
+        ref = self.info.seal
+        assert ref is not None
+        if self._keys is None:
+            raise NoKeys(f"volume {self.info.name} is encrypted and this process has no keys to it")
+        return self._keys.sealer(ref)
+
+    def _sealed(self, group: ReplicationGroup) -> SealedGroup:
+        if not isinstance(group, SealedGroup):
+            raise NoKeys(f"volume {self.info.name} is encrypted: it needs a replicated cluster's groups")
+        return group
 
     async def compare_and_write(self, offset: int, verify: memoryview | bytes,
                                 data: memoryview | bytes) -> int | None:
@@ -488,9 +550,18 @@ class Volume:
             return
         if self._locks:
             await self._locks.wait_free(first, end)
-        await asyncio.gather(*(self._group(e).trim(e, b, n) for e, b, n, _ in self._pieces(first, end)))
+        await asyncio.gather(*(self._trim(e, b, n) for e, b, n, _ in self._pieces(first, end)))
         if self._barrier is not None:
             await self._held()
+
+    async def _trim(self, eid: int, blk: int, n: int, zero: bool = False) -> None:
+        group = self._group(eid)
+        if self._seal_at:  # the blocks' entries go with them (rule 8)
+            await self._sealed(group).trim_sealed(eid, blk, n, self._seal_at)
+        elif zero:
+            await group.zero(eid, blk, n)
+        else:
+            await group.trim(eid, blk, n)
 
     async def zero(self, offset: int, length: int, no_hole: bool) -> None:
         """WRITE_ZEROES: partial edge blocks get zeros by RMW; whole blocks are dropped (they read as
@@ -519,9 +590,7 @@ class Volume:
             if self._barrier is not None:
                 await self._held()
             return
-        await asyncio.gather(
-            *(self._group(e).zero(e, b, n) for e, b, n, _ in self._pieces(first_full, end_full))
-        )
+        await asyncio.gather(*(self._trim(e, b, n, zero=True) for e, b, n, _ in self._pieces(first_full, end_full)))
         if self._barrier is not None:
             await self._held()
 

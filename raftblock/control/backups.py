@@ -108,6 +108,9 @@ def export(meta: Callable[[], MetaClient], peers: dict[int, tuple[str, int]], st
         st = _meta_call(lt, meta, lambda c: c.state(barrier=True))
         if volume not in st.volumes:
             raise BackupError(f"no volume {volume}")
+        if st.volumes[volume].enc_key_id:  # docs/encryption.md "Not yet": never a plaintext copy in a bucket
+            raise BackupError(f"volume {volume} is encrypted: exporting an encrypted volume's snapshots is not "
+                              f"supported yet (its chunks would leave the cluster in plaintext)")
         rec = st.snapshot_of(volume, snapshot)
         if rec is None or rec.state != "ready":
             raise BackupError(f"volume {volume} has no snapshot {snapshot}" if rec is None

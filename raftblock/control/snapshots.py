@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,7 @@ from raftblock.meta.rpc import MetaClient
 from raftblock.meta.state import MetaState, SnapshotRecord
 from raftblock.node.clustermap import volume_infos
 from raftblock.replication.group import GroupError
+from raftblock.sealing import VolumeKeys
 from raftblock.wire.auth import KeyRing
 
 log = structlog.get_logger(__name__)
@@ -51,14 +52,22 @@ class SnapshotError(Exception):
     """A snapshot command that could not be done; the message is the one line the operator sees."""
 
 
+async def _no_epoch(key_id: int) -> int:
+    raise SnapshotError(f"this command reads encrypted volumes (key id {key_id}), it does not write them")
+
+
 class ClusterIO:
     """The data path as the control plane uses it: group clients in each group's mode, at the attach epoch of
     the volume they serve (so the nodes accept them next to the volume's gateway)."""
 
     def __init__(self, st: MetaState, peers: dict[int, tuple[str, int]], deadline_s: float = 20.0,
-                 secret: bytes | None = None) -> None:
+                 secret: bytes | None = None, new_epoch: Callable[[int], Awaitable[int]] | None = None) -> None:
+        """`new_epoch`: the metadata group's NextSealEpoch, for a tool that writes to encrypted volumes
+        (raftblock/sealing.py rule 3); without it, their blocks can be read, not written."""
         self.st = st
         self.deadline_s = deadline_s
+        self.keys = VolumeKeys(secret, new_epoch or _no_epoch)
+        self.keys.update(st.master_keys)
         vol_of = {int(g): v.volume_id for v in st.volumes.values() for g in v.extent_groups}
         # `secret`: the cluster secret, to unwrap the data port's keys (raftblock/wire/auth.py)
         ring = KeyRing.from_map(secret, st.data_key_set()) if secret is not None else None
@@ -89,7 +98,7 @@ class ClusterIO:
                 cache[gid] = self.group(gid, epoch)
             return cache[gid]
 
-        return Volume(info, group_for)
+        return Volume(info, group_for, self.keys)
 
     async def close(self) -> None:
         await self.client.close()

@@ -20,6 +20,7 @@ import hashlib
 import hmac
 import json
 import os
+import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -38,6 +39,7 @@ from raftblock.meta.state import (
     DeleteVolume,
     Detach,
     MetaState,
+    NextSealEpoch,
     RegisterGateway,
     RegisterNode,
     RemoveNode,
@@ -46,6 +48,7 @@ from raftblock.meta.state import (
     Result,
     SetDataKey,
     SetIscsiAuth,
+    SetMasterKey,
     SetQos,
     SetReservation,
     SetSnapshotState,
@@ -64,8 +67,9 @@ log = structlog.get_logger(__name__)
 AUDITED = frozenset({"create_volume", "delete_volume", "rename_volume", "attach", "detach", "set_node_drain",
                      "register_node", "register_gateway", "set_group_members", "create_snapshot", "set_snapshot_state",
                      "set_volume_state", "resize_volume", "remove_node", "set_iscsi_auth", "set_qos",
-                     "set_data_key"})
-_SECRET_FIELDS = frozenset({"secret", "target_secret", "wrapped", "data_key"})  # never in a log line
+                     "set_data_key", "set_master_key"})
+# never in a log line
+_SECRET_FIELDS = frozenset({"secret", "target_secret", "wrapped", "data_key", "encrypt_key", "rewrapped"})
 
 LINE_BYTES_MAX = 8 << 20  # a state reply for a large cluster fits
 _AUTH_CONTEXT = b"raftblock-meta-admin"
@@ -319,10 +323,62 @@ class MetaClient:
 
     async def create_volume(self, name: str, size_bytes: int, mode: str = "raft", state: str = "ready",
                             parent: str = "", origin: str = "", lazy_source: str = "",
-                            qos: QosSpec = UNSET) -> Result:
-        return await self.propose(CreateVolume(name, size_bytes, _now_ms(), mode, qos.iops, qos.bytes_per_s,
-                                               qos.burst_iops, qos.burst_bytes, qos.min_iops, qos.weight,
-                                               state=state, parent=parent, origin=origin, lazy_source=lazy_source))
+                            qos: QosSpec = UNSET, encrypt: bool = False) -> Result:
+        """`encrypt`: a new data key (raftblock/sealing.py), wrapped here by the active master key (made first if
+        the cluster has none); wrapped again if the master key changed meanwhile."""
+        for _ in range(5):
+            key, master, key_id = await self._new_volume_key() if encrypt else ("", 0, 0)
+            res = await self.propose(CreateVolume(name, size_bytes, _now_ms(), mode, qos.iops, qos.bytes_per_s,
+                                                  qos.burst_iops, qos.burst_bytes, qos.min_iops, qos.weight,
+                                                  state=state, parent=parent, origin=origin, lazy_source=lazy_source,
+                                                  encrypt_key=key, encrypt_master=master, encrypt_key_id=key_id))
+            if res.error != "stale_master":
+                return res
+        return res
+
+    async def _new_volume_key(self) -> tuple[str, int, int]:
+        from raftblock import sealing
+
+        st = await self.state(barrier=True)
+        if not st.master_key_active:
+            await self.rotate_master_key(st)
+            st = await self.state(barrier=True)
+        v = st.master_key_active
+        master = sealing.unwrap_master_key(self.secret, v, st.master_keys[v])
+        key_id = secrets.randbits(63) or 1
+        return sealing.wrap_volume_key(master, key_id, sealing.new_data_key()), v, key_id
+
+    async def rotate_master_key(self, st: MetaState | None = None) -> Result:
+        """A new master key, every encrypted volume's data key rewrapped by it (sealing.py rule 5): no data is
+        rewritten. Retried when a volume was created meanwhile."""
+        from raftblock import sealing
+
+        res = Result(False, "stale_master", "not tried")
+        for _ in range(5):
+            st = st if st is not None else await self.state(barrier=True)
+            version = max(st.master_keys, default=0) + 1
+            new = sealing.new_data_key()
+            rewrapped = {}
+            for vol in st.volumes.values():
+                if vol.enc_key_id:
+                    old = sealing.unwrap_master_key(self.secret, vol.enc_master, st.master_keys[vol.enc_master])
+                    key = sealing.unwrap_volume_key(old, vol.enc_key_id, vol.enc_key)
+                    rewrapped[str(vol.volume_id)] = sealing.wrap_volume_key(new, vol.enc_key_id, key)
+            res = await self.propose(SetMasterKey(st.master_key_active, version,
+                                                  sealing.wrap_master_key(self.secret, version, new),
+                                                  json.dumps(rewrapped)))
+            if res.error != "stale_master":
+                return res
+            st = None
+        return res
+
+    async def next_seal_epoch(self, key_id: int) -> int:
+        res = await self.propose(NextSealEpoch(key_id))
+        if not res.ok:
+            from raftblock.replication.group import Unavailable
+
+            raise Unavailable(f"no nonce epoch for key id {key_id}: {res.message or res.error}")
+        return int(res.value["epoch"])
 
     async def set_qos(self, name: str, qos: QosSpec) -> Result:
         return await self.propose(SetQos(name, qos.iops, qos.bytes_per_s, qos.burst_iops, qos.burst_bytes,

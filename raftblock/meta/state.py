@@ -25,11 +25,14 @@ from raftblock.meta.placement import (
     REPLICAS_DEFAULT,
     NodeView,
     PlacementError,
+    extent_count,
     leader_counts_of,
     place,
 )
 from raftblock.qos import QosSpec
 from raftblock.replication.raft.types import GroupId, NodeId
+from raftblock.sealing import EPOCH_MAX as SEAL_EPOCH_MAX
+from raftblock.sealing import SealRef, data_blocks
 from raftblock.units import format_size
 from raftblock.wire.auth import DataKeys
 
@@ -98,10 +101,26 @@ class VolumeRecord:
     # A lazy restore still filling (docs/snapshots.md section 5): "URL#VOLUME@SNAPSHOT"; gateways fetch a chunk
     # not filled yet before reading it. Cleared when the background fill is complete.
     lazy_source: str = ""
+    # Encryption at rest (raftblock/sealing.py, docs/encryption.md): the key id (0 = not encrypted; the volume
+    # whose creation made the key, a clone shares its parent's), its data key wrapped by master key `enc_master`
+    enc_key_id: int = 0
+    enc_key: str = ""
+    enc_master: int = 0
 
     def qos(self) -> QosSpec:
         return QosSpec(self.qos_iops_max, self.qos_bytes_per_s_max, self.qos_burst_iops, self.qos_burst_bytes,
                        self.qos_min_iops, self.qos_weight)
+
+    def seal(self) -> SealRef | None:
+        return SealRef(self.enc_key_id, self.enc_master, self.enc_key) if self.enc_key_id else None
+
+    def extent_data_bytes(self) -> int:
+        """The volume bytes an extent holds (less than its size when encrypted: sealing.py rule 1)."""
+        return extent_data_bytes(self.extent_size_bytes, bool(self.enc_key_id))
+
+
+def extent_data_bytes(extent_size_bytes: int, encrypted: bool) -> int:
+    return data_blocks(extent_size_bytes // BLOCK_SIZE) * BLOCK_SIZE if encrypted else extent_size_bytes
 
 
 @dataclass
@@ -219,6 +238,27 @@ class SetDataKey(Command):
 
 
 @dataclass(frozen=True)
+class SetMasterKey(Command):
+    """A new master key (sealing.py rule 5): version one above the highest, wrapped under the cluster secret,
+    active at once, with every encrypted volume's data key rewrapped by it (`rewrapped`: JSON {volume id:
+    wrapped key}, exactly the encrypted volumes); refused unless `expected` is still the active version."""
+
+    op: ClassVar[str] = "set_master_key"
+    expected: int
+    version: int
+    wrapped: str
+    rewrapped: str = "{}"
+
+
+@dataclass(frozen=True)
+class NextSealEpoch(Command):
+    """The next nonce epoch of a data key (sealing.py rule 3): every writing process takes its own."""
+
+    op: ClassVar[str] = "next_seal_epoch"
+    key_id: int
+
+
+@dataclass(frozen=True)
 class RegisterNode(Command):
     op: ClassVar[str] = "register_node"
     node_id: int
@@ -280,6 +320,11 @@ class CreateVolume(Command):
     parent: str = ""  # a clone: "VOLUME@SNAPSHOT" (a ready snapshot; the clone is at least its size)
     origin: str = ""
     lazy_source: str = ""  # a lazy restore: served at once, chunks fetched on demand (VolumeRecord.lazy_source)
+    # encrypted (sealing.py): a new data key wrapped by the active master key, its version and its key id (random,
+    # unique: bound into the wrapping and into every block's associated data); a clone gets its parent's instead
+    encrypt_key: str = ""
+    encrypt_master: int = 0
+    encrypt_key_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -432,7 +477,8 @@ COMMANDS: dict[str, type[Command]] = {
     c.op: c
     for c in (InitCluster, RegisterNode, SetNodeStates, CreateVolume, DeleteVolume, Attach, Detach,
               SetGroupMembers, Noop, SetNodeDrain, RenameVolume, RegisterGateway, CreateSnapshot, SetSnapshotState,
-              SetVolumeState, ResizeVolume, RemoveNode, SetIscsiAuth, SetReservation, SetQos, SetDataKey)
+              SetVolumeState, ResizeVolume, RemoveNode, SetIscsiAuth, SetReservation, SetQos, SetDataKey,
+              SetMasterKey, NextSealEpoch)
 }
 
 
@@ -524,6 +570,9 @@ class MetaState:
         # the data port's keys (raftblock/wire/auth.py): version -> key wrapped under the cluster secret
         self.data_keys: dict[int, str] = {}
         self.data_key_active = 0  # 0: no keys (a cluster made before them): the data port is not authenticated
+        self.master_keys: dict[int, str] = {}  # encryption at rest (sealing.py rule 5): version -> wrapped
+        self.master_key_active = 0
+        self.seal_epochs: dict[int, int] = {}  # key id -> last nonce epoch handed out (rule 3)
         self.applied = 0  # commands applied (including refused ones): a cheap change counter
 
     # -- apply ------------------------------------------------------------------------------------------
@@ -592,6 +641,38 @@ class MetaState:
 
     def data_key_set(self) -> DataKeys:
         return DataKeys(dict(self.data_keys), self.data_key_active)
+
+    def _apply_set_master_key(self, cmd: SetMasterKey) -> Result:
+        if cmd.expected != self.master_key_active:
+            return _err("stale_master", f"the active master key is {self.master_key_active}, not {cmd.expected}")
+        want = max(self.master_keys, default=0) + 1
+        if cmd.version != want or not cmd.wrapped:
+            return _err("invalid", f"a new master key is version {want}, wrapped")
+        try:
+            rewrapped = json.loads(cmd.rewrapped)
+        except ValueError:
+            rewrapped = None
+        encrypted = {str(v.volume_id) for v in self.volumes.values() if v.enc_key_id}
+        if not isinstance(rewrapped, dict) or set(rewrapped) != encrypted or \
+                not all(isinstance(w, str) and w for w in rewrapped.values()):
+            return _err("stale_master", "rewrapped must hold exactly the encrypted volumes' keys "
+                        f"({len(encrypted)} now)")
+        self.master_keys[cmd.version] = cmd.wrapped
+        self.master_key_active = cmd.version
+        for v in self.volumes.values():
+            if v.enc_key_id:
+                v.enc_key = rewrapped[str(v.volume_id)]
+                v.enc_master = cmd.version
+        return _ok(version=cmd.version, volumes=len(encrypted))
+
+    def _apply_next_seal_epoch(self, cmd: NextSealEpoch) -> Result:
+        if not any(v.enc_key_id == cmd.key_id for v in self.volumes.values()) or cmd.key_id <= 0:
+            return _err("unknown_key", f"no encrypted volume has key id {cmd.key_id}")
+        epoch = self.seal_epochs.get(cmd.key_id, 0) + 1
+        if epoch > SEAL_EPOCH_MAX:
+            return _err("exhausted", f"key id {cmd.key_id} used its {SEAL_EPOCH_MAX} nonce epochs")
+        self.seal_epochs[cmd.key_id] = epoch
+        return _ok(epoch=epoch)
 
     def _apply_register_node(self, cmd: RegisterNode) -> Result:
         nid = NodeId(cmd.node_id)
@@ -738,7 +819,24 @@ class MetaState:
             if depth >= CLONE_DEPTH_MAX:
                 return _err("invalid", f"{pvol} is a clone {depth - 1} levels deep: flatten it before cloning it "
                             f"again (at most {CLONE_DEPTH_MAX - 1} levels)")
-        placed = self._place(cmd.name, cmd.size_bytes, cmd.mode)
+        key_id, key, master = 0, "", 0
+        if parent is not None:  # a clone reads its parent's blocks: it shares the parent's key (sealing.py)
+            if cmd.encrypt_key:
+                return _err("invalid", "a clone of an encrypted volume is encrypted with its parent's key")
+            pv = self.volume_by_id(parent.volume_id)
+            if pv is not None and pv.enc_key_id:
+                key_id, key, master = pv.enc_key_id, pv.enc_key, pv.enc_master
+        elif cmd.encrypt_key:
+            if not self.master_key_active or cmd.encrypt_master != self.master_key_active:
+                return _err("stale_master", f"the active master key is {self.master_key_active}, not "
+                            f"{cmd.encrypt_master}: wrap the volume's key again")
+            if not 0 < cmd.encrypt_key_id < 1 << 63 or \
+                    any(v.enc_key_id == cmd.encrypt_key_id for v in self.volumes.values()):
+                return _err("invalid", f"key id {cmd.encrypt_key_id}: 1..2^63-1 and not in use")
+            key_id, key, master = cmd.encrypt_key_id, cmd.encrypt_key, cmd.encrypt_master
+        placed = self._place(cmd.name, extent_count(cmd.size_bytes, extent_data_bytes(self.extent_size_bytes,
+                                                                                      bool(key_id)))
+                             * self.extent_size_bytes, cmd.mode)
         if isinstance(placed, Result):
             return placed
         mapping, group_ids = placed
@@ -750,7 +848,8 @@ class MetaState:
                                               cmd.qos_burst_bytes, cmd.qos_min_iops, cmd.qos_weight, state=cmd.state,
                                               parent_volume_id=parent.volume_id if parent else 0,
                                               parent_snap_id=parent.snap_id if parent else 0, origin=cmd.origin,
-                                              lazy_source=cmd.lazy_source)
+                                              lazy_source=cmd.lazy_source, enc_key_id=key_id, enc_key=key,
+                                              enc_master=master)
         return _ok(volume_id=vid, groups=group_ids)
 
     def _place(self, name: str, size_bytes: int, mode: str) -> tuple[list[GroupId], list[int]] | Result:
@@ -802,7 +901,7 @@ class MetaState:
         if cmd.size_bytes == v.size_bytes:
             return _ok(size_bytes=v.size_bytes, groups=[], removed_groups=[])
         old_extents = len(v.extent_groups)
-        new_extents = -(-cmd.size_bytes // v.extent_size_bytes)
+        new_extents = -(-cmd.size_bytes // v.extent_data_bytes())
         if cmd.size_bytes < v.size_bytes:
             if not cmd.allow_shrink:
                 return _err("shrink", f"volume {cmd.name!r} is {format_size(v.size_bytes)}: shrinking to "
@@ -1067,6 +1166,9 @@ class MetaState:
             "reservations": {str(k): asdict(v) for k, v in self.reservations.items()},
             "data_keys": {str(k): v for k, v in self.data_keys.items()},
             "data_key_active": self.data_key_active,
+            "master_keys": {str(k): v for k, v in self.master_keys.items()},
+            "master_key_active": self.master_key_active,
+            "seal_epochs": {str(k): v for k, v in self.seal_epochs.items()},
             "applied": self.applied,
         }
 
@@ -1099,6 +1201,9 @@ class MetaState:
         # absent before issue 20
         s.data_keys = {int(k): str(v) for k, v in d.get("data_keys", {}).items()}
         s.data_key_active = int(d.get("data_key_active", 0))
+        s.master_keys = {int(k): str(v) for k, v in d.get("master_keys", {}).items()}
+        s.master_key_active = int(d.get("master_key_active", 0))
+        s.seal_epochs = {int(k): int(v) for k, v in d.get("seal_epochs", {}).items()}
         s.applied = d["applied"]
         return s
 

@@ -11,7 +11,17 @@ from raftblock.storage.engine import CorruptBlockError
 from raftblock.storage.segment import MAX_BLOCK, MAX_WRITE_BLOCKS
 from raftblock.wire import raftblock_pb2 as pb
 from raftblock.wire.client import OP_C_SNAP, OP_C_TRIM, OP_C_UNSNAP
-from raftblock.wire.ops import BLOCK_SIZE, OP_FILL, OP_SNAP, OP_TRIM, OP_UNSNAP, OP_WRITE, BlockOp
+from raftblock.wire.ops import (
+    AUX_BYTES,
+    BLOCK_SIZE,
+    OP_FILL,
+    OP_SNAP,
+    OP_TRIM,
+    OP_UNSNAP,
+    OP_WRITE,
+    BlockOp,
+    seal_blocks,
+)
 
 
 def check_range(gid: int, req: pb.ClientRequest, limit: int) -> int:
@@ -22,7 +32,16 @@ def check_range(gid: int, req: pb.ClientRequest, limit: int) -> int:
     n = req.count
     if n < 1 or n > limit or req.block + n > MAX_BLOCK:
         raise ValueError("bad block range")
+    if req.seal_at:
+        check_seal(req.block, n, req.seal_at)
     return int(n)
+
+
+def check_seal(block: int, n: int, seal_at: int) -> None:
+    """A sealed request's data stays below its extent's metadata region, which fits in the extent."""
+    _first, end = seal_blocks(block, n, seal_at)
+    if end > MAX_BLOCK:
+        raise ValueError(f"metadata region at {seal_at} reaches past the extent")
 
 
 def validate_write(gid: int, req: pb.ClientRequest, payload: bytes | bytearray | memoryview) -> BlockOp:
@@ -41,17 +60,24 @@ def validate_write(gid: int, req: pb.ClientRequest, payload: bytes | bytearray |
         raise ValueError("block range out of bounds")
     if req.client_id and req.low_water > req.write_id:
         raise ValueError("low_water above the write's own id")
+    seal_at = req.seal_at
+    if seal_at:
+        check_seal(req.block, n, seal_at)
     if req.op == OP_C_TRIM:
         if payload:
             raise ValueError("trim carries no payload")
-        return BlockOp(OP_TRIM, req.extent_id, req.block, n, (), b"", req.client_id, req.write_id, req.low_water)
+        return BlockOp(OP_TRIM, req.extent_id, req.block, n, (), b"", req.client_id, req.write_id, req.low_water,
+                       seal_at)
     if n > MAX_WRITE_BLOCKS:
         raise ValueError(f"a write covers at most {MAX_WRITE_BLOCKS} blocks")
-    if len(payload) != n * BLOCK_SIZE or len(req.crcs) != n:
+    size = n * BLOCK_SIZE
+    if len(payload) != size + (n * AUX_BYTES if seal_at else 0) or len(req.crcs) != n:
         raise ValueError("payload / crcs do not match count")
+    view = memoryview(payload)
+    data, aux = (view[:size], view[size:]) if seal_at else (payload, b"")
     crcs = list(req.crcs)
-    bad = blockcrc.first_mismatch(payload, crcs)
+    bad = blockcrc.first_mismatch(data, crcs)
     if bad >= 0:
         raise CorruptBlockError(req.extent_id, req.block + bad, "checksum mismatch on arrival")
-    return BlockOp(OP_FILL if req.fill else OP_WRITE, req.extent_id, req.block, n, crcs, payload, req.client_id,
-                   req.write_id, req.low_water)
+    return BlockOp(OP_FILL if req.fill else OP_WRITE, req.extent_id, req.block, n, crcs, data, req.client_id,
+                   req.write_id, req.low_water, seal_at, aux)

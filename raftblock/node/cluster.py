@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 
 from raftblock.control.status import ERROR_COUNTERS, collect_status  # noqa: F401  (ERROR_COUNTERS: campaign.py)
 from raftblock.meta.rpc import MetaClient, MetaClientError
-from raftblock.meta.state import MetaState
+from raftblock.meta.state import MetaState, VolumeRecord
 from raftblock.node.clustermap import ClusterMap, NodeEntry, extent_id, registered_nodes
 from raftblock.node.layout import (
     ClusterError,
@@ -635,8 +635,9 @@ def cluster_down(root: Path, node: int | None = None, force: bool = False) -> li
 
 def volume_create(root: Path, name: str, size_bytes: int, replication: str | None = None,
                   timeout_s: float = 30.0, state: str = "ready", parent: str = "", origin: str = "",
-                  lazy_source: str = "", qos: QosSpec = UNSET) -> dict[str, Any]:
-    """`replication`: "raft" | "chain"; None: the cluster's default (`cluster up --replication`). Returns
+                  lazy_source: str = "", qos: QosSpec = UNSET, encrypt: bool = False) -> dict[str, Any]:
+    """`replication`: "raft" | "chain"; None: the cluster's default (`cluster up --replication`). `encrypt`:
+    AES-256-GCM at rest under a new data key (raftblock/sealing.py; a clone gets its parent's). Returns
     once every group of the volume has a leader (a stopped node does not matter while each group keeps a
     majority); if they do not within `timeout_s`, the error says that the volume exists."""
     from raftblock.meta.state import VOLUME_SIZE_BYTES_MAX
@@ -650,8 +651,10 @@ def volume_create(root: Path, name: str, size_bytes: int, replication: str | Non
     problem = qos.problem()
     if problem:
         raise ClusterError(f"QoS: {problem}")
+    if encrypt and parent:
+        raise ClusterError("a clone is encrypted with its parent's key when the parent is: --encrypt is not for clones")
     _done(_meta(layout, cmap, lambda c: c.create_volume(name, size_bytes, mode, state, parent, origin, lazy_source,
-                                                        qos)))
+                                                        qos, encrypt=encrypt)))
     _gateway_call(layout, "reload")
     vol = read_map(layout, cmap).volumes[name]
     groups = {int(g) for g in vol.extent_groups}
@@ -662,7 +665,7 @@ def volume_create(root: Path, name: str, size_bytes: int, replication: str | Non
                            f"(it serves once they have; raftblock cluster status --dir {root})") from e
     return {"name": vol.name, "size_bytes": vol.size_bytes, "extents": len(vol.extent_groups),
             "groups": sorted(groups), "replication": vol.mode, "parent": parent or None,
-            "qos": vol.qos().describe()}
+            "qos": vol.qos().describe(), "encrypted": bool(vol.enc_key_id)}
 
 
 def volume_set_qos(root: Path, name: str, changes: dict[str, int], clear: bool = False) -> dict[str, Any]:
@@ -720,7 +723,8 @@ def volume_flatten(root: Path, name: str, progress: Callable[[int, int], None] |
     source = f"{parent.name if parent else '?'}@{snap.name if snap else '?'}"
 
     async def go() -> int:
-        io = ClusterIO(st, cmap.peers(), secret=_secret(layout))
+        meta = meta_client(layout, cmap)  # an encrypted clone's blocks are sealed here: nonce epochs from it
+        io = ClusterIO(st, cmap.peers(), secret=_secret(layout), new_epoch=meta.next_seal_epoch)
         try:
             return await io.volume(name).flatten(progress)
         finally:
@@ -783,8 +787,24 @@ def volume_info(root: Path, name: str) -> dict[str, Any]:
             "attached_by": att.gateway_id if att is not None else None,
             "attach_epoch": st.attach_epochs.get(name, 0), "connections": _connections(layout, name),
             "state": vol.state, "parent": _parent_of(st, vol), "origin": vol.origin or None,
-            "qos": vol.qos().describe(),
+            "qos": vol.qos().describe(), "encryption": _encryption_of(vol),
             "repairs": [r for r in status["repairs"] if r["group"] in gids]}
+
+
+def _encryption_of(vol: VolumeRecord) -> dict[str, Any] | None:
+    if not vol.enc_key_id:
+        return None
+    return {"cipher": "AES-256-GCM", "key_id": f"{vol.enc_key_id:016x}", "master_key": vol.enc_master}
+
+
+def rotate_master_key(root: Path) -> dict[str, Any]:
+    """`cluster rotate-master-key` (raftblock/sealing.py rule 5): a new master key; every encrypted volume's data
+    key is rewrapped by it in the same map change. No data is rewritten; gateways follow at their next map read."""
+    layout = open_layout(root)
+    cmap = _load(layout)
+    res = _done(_meta(layout, cmap, lambda c: c.rotate_master_key()))
+    _gateway_call(layout, "reload")
+    return {"master_key": res["version"], "volumes_rewrapped": res["volumes"]}
 
 
 def volume_detach(root: Path, name: str, force: bool = False) -> dict[str, Any]:
@@ -1116,7 +1136,7 @@ async def _trim_range(io: Any, volume: str, first_block: int, end_block: int) ->
 
     async def trim(eid: int, blk: int, n: int) -> None:
         async with gate:
-            await vol._group_for(eid).trim(eid, blk, n)
+            await vol._trim(eid, blk, n)  # an encrypted volume's entries with its blocks
 
     if first_block < end_block:
         await asyncio.gather(*(trim(e, b, n) for e, b, n, _ in vol._pieces(first_block, end_block)))
@@ -1201,7 +1221,7 @@ def volume_rollback(root: Path, name: str, snapshot: str, progress: Callable[[in
                 pos = 0
                 for run, changed in await g.block_status(eid, blk, n, snap_id=made.snap_id, since_snap_id=rec.snap_id):
                     if changed:
-                        copied += await _copy_back(g, eid, blk + pos, run, rec.snap_id)
+                        copied += await _copy_back(g, eid, blk + pos, run, rec.snap_id, vol._seal_at)
                     pos += run
                 if progress is not None:
                     progress((k + 1) * bpe, len(pieces) * bpe)
@@ -1220,24 +1240,32 @@ def volume_rollback(root: Path, name: str, snapshot: str, progress: Callable[[in
     return {"name": name, "snapshot": snapshot, "copied_bytes": copied}
 
 
-async def _copy_back(g: Any, eid: int, block: int, count: int, snap_id: int) -> int:
+async def _copy_back(g: Any, eid: int, block: int, count: int, snap_id: int, seal_at: int = 0) -> int:
     """Blocks [block, block+count) of extent `eid` as snapshot `snap_id` has them: written back, or trimmed
-    where it has a hole. Returns the bytes written."""
+    where it has a hole. Returns the bytes written. `seal_at`: an encrypted volume's blocks go back as they are
+    stored, ciphertext and entries (the same place: they decrypt there; nothing is encrypted again)."""
     from raftblock._fast import blockcrc
 
     written = 0
     pos = 0
     for run, allocated in await g.block_status(eid, block, count, snap_id=snap_id):
         if not allocated:
-            await g.trim(eid, block + pos, run)
+            await (g.trim_sealed(eid, block + pos, run, seal_at) if seal_at else g.trim(eid, block + pos, run))
         else:
             k = 0
             while k < run:
                 m = min(run - k, 256)
-                data, crcs = await g.read(eid, block + pos + k, m, snap_id=snap_id)
+                at = block + pos + k
+                if seal_at:
+                    data, crcs, entries = await g.read_sealed(eid, at, m, seal_at, snap_id=snap_id)
+                else:
+                    data, crcs = await g.read(eid, at, m, snap_id=snap_id)
                 if blockcrc.first_mismatch(data, crcs) >= 0:  # end to end: the node checks them again on arrival
-                    raise ClusterError(f"extent {eid:#x} block {block + pos + k}: the snapshot's data fails its CRC")
-                await g.write(eid, block + pos + k, memoryview(data), crcs)
+                    raise ClusterError(f"extent {eid:#x} block {at}: the snapshot's data fails its CRC")
+                if seal_at:
+                    await g.write_sealed(eid, at, memoryview(data), crcs, seal_at, entries)
+                else:
+                    await g.write(eid, at, memoryview(data), crcs)
                 written += len(data)
                 k += m
         pos += run

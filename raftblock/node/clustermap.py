@@ -98,6 +98,6 @@ def volume_infos(st: MetaState, states: tuple[str, ...] = ("ready",)) -> list[Vo
                           parent_snap_id=v.parent_snap_id if parent is not None else 0,
                           parent_size_bytes=snap.size_bytes if parent is not None and (
                               snap := st.snapshots.get(v.parent_snap_id)) is not None else 0,
-                          lazy_source=v.lazy_source, qos=v.qos())
+                          lazy_source=v.lazy_source, qos=v.qos(), seal=v.seal())
 
     return [info(v) for v in sorted(st.volumes.values(), key=lambda v: v.name) if v.state in states]

@@ -31,7 +31,7 @@ import structlog
 
 from raftblock.ids import group_of_extent
 from raftblock.node.admission import REPAIR, SCRUB, Admission, AdmissionSettings
-from raftblock.node.checks import check_range, validate_write
+from raftblock.node.checks import check_range, check_seal, validate_write
 from raftblock.node.repair import PeerRepair
 from raftblock.replication.replica import Links, Replica
 from raftblock.replication.requests import NotLeaderError, Reply, RetryError
@@ -61,7 +61,7 @@ from raftblock.wire.client import (
     ST_UNKNOWN_GROUP,
 )
 from raftblock.wire.framing import Frame, FrameType
-from raftblock.wire.ops import BLOCK_SIZE
+from raftblock.wire.ops import BLOCK_SIZE, entries_of, seal_blocks
 
 log = structlog.get_logger(__name__)
 
@@ -256,11 +256,15 @@ class DataPlane:
             return False  # the general path: a snapshot's old versions are not read repaired
         try:
             data, crcs = h.engine.read(req.extent_id, req.block, n)
-        except CorruptBlockError:
-            return False  # the general path reads again, logs, and repairs from a replica
+            if req.seal_at:
+                check_seal(req.block, n, req.seal_at)
+                first, end = seal_blocks(req.block, n, req.seal_at)
+                entries = entries_of(h.engine.read(req.extent_id, first, end - first)[0], req.block, n)
+        except (CorruptBlockError, ValueError):
+            return False  # the general path reads again, logs, and repairs from a replica (or says what is wrong)
         resp = pb.ClientResponse(request_id=req.request_id, node_id=h.node_id)
         resp.crcs.extend(crcs)
-        conn.reply(gid, resp, (data,))
+        conn.reply(gid, resp, (data, entries) if req.seal_at else (data,))
         h.counters["reads_lease_fast" if r.kind == "raft" else "chain_reads_fast"] += 1
         return True
 
@@ -333,19 +337,33 @@ class DataPlane:
         if req.snap_id:  # a snapshot's image, as this replica pinned it when it applied the SNAP op
             try:
                 data, crcs = h.engine.read_snapshot(req.snap_id, req.extent_id, req.block, n)
+                if req.seal_at:  # docs/encryption.md: the entries as the same snapshot keeps them
+                    first, end = seal_blocks(req.block, n, req.seal_at)
+                    meta = h.engine.read_snapshot(req.snap_id, req.extent_id, first, end - first)[0]
             except KeyError as e:
                 raise ValueError(f"no snapshot {req.snap_id} of group {gid} here") from e
             resp.crcs.extend(crcs)
             out.append(data)
+            if req.seal_at:
+                out.append(entries_of(meta, req.block, n))
             return
-        try:
-            data, crcs = h.engine.read(req.extent_id, req.block, n)
-        except CorruptBlockError as e:
-            h.counters["corrupt_reads"] += 1
-            log.error(f"{r.kind}.corrupt_read", group=gid, extent_id=req.extent_id, block=e.block, reason=e.reason)
-            data, crcs = await h.repair.read_repair(gid, r.read_sources(), req.extent_id, req.block, n, applied)
+        data, crcs = await self._read_repaired(r, req.extent_id, req.block, n, applied)
         resp.crcs.extend(crcs)
         out.append(data)
+        if req.seal_at:
+            first, end = seal_blocks(req.block, n, req.seal_at)
+            meta, _ = await self._read_repaired(r, req.extent_id, first, end - first, applied)
+            out.append(entries_of(meta, req.block, n))
+
+    async def _read_repaired(self, r: Replica, extent_id: int, block: int, n: int,
+                             applied: int) -> tuple[bytearray, list[int]]:
+        h = self.host
+        try:
+            return h.engine.read(extent_id, block, n)
+        except CorruptBlockError as e:
+            h.counters["corrupt_reads"] += 1
+            log.error(f"{r.kind}.corrupt_read", group=r.id, extent_id=extent_id, block=e.block, reason=e.reason)
+            return await h.repair.read_repair(r.id, r.read_sources(), extent_id, block, n, applied)
 
     def _node_status(self, resp: pb.ClientResponse) -> None:
         h = self.host

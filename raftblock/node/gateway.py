@@ -75,6 +75,7 @@ from raftblock.node.dirlock import DirectoryInUse, lock_file
 from raftblock.obs.exporters import gateway_fill
 from raftblock.obs.serve import start_metrics
 from raftblock.replication.raft.types import NodeId
+from raftblock.sealing import VolumeKeys
 from raftblock.tls import TlsConfig, set_identity
 from raftblock.wire.auth import KeyRing
 
@@ -110,6 +111,7 @@ class Gateway:
         self.catalog = VolumeCatalog()
         self.iscsi: IscsiServer | None = None  # set by start_gateway when iSCSI is configured
         self._groups: dict[int, GroupClient] = {}
+        self.keys = VolumeKeys(secret, self.meta.next_seal_epoch)  # encrypted volumes (raftblock/sealing.py)
 
     def group_for(self, extent_id: int) -> GroupClient:
         gid = group_of_extent(extent_id)
@@ -129,6 +131,7 @@ class Gateway:
         if self.state is None or st.data_key_set() != self.state.data_key_set():
             # the data port's keys (raftblock/wire/auth.py): requests to the nodes are signed with them
             self.client.set_ring(KeyRing.from_map(self._secret, st.data_key_set()))
+        self.keys.update(st.master_keys)
         if changed:
             vol_of = {int(g): v.volume_id for v in st.volumes.values() for g in v.extent_groups}
             self.client.volume_of = lambda gid: vol_of.get(gid, 0)
@@ -147,7 +150,7 @@ class Gateway:
                 old.info = info  # the same volume (grown): connections and holds keep their object
                 volumes.append(old)
             else:
-                volumes.append(Volume(info, self.group_for))
+                volumes.append(Volume(info, self.group_for, self.keys))
         self.catalog.replace_all(volumes)
         log.info("gateway.map_loaded", volumes=len(st.volumes), groups=len(st.groups))
 

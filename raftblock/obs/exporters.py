@@ -169,6 +169,13 @@ def gateway_fill(gw: Any) -> Any:
             f.counter("raftblock_gateway_qos_wait_seconds", "Time host requests waited for their volume's QoS "
                       "limits at the gateway.", v.qos_wait_s, lab)
         f.gauge("raftblock_gateway_volumes", "Volumes this gateway exports.", len(cat.names()), gid)
+        keys = getattr(gw, "keys", None)
+        if keys is not None:  # encryption at rest (raftblock/sealing.py)
+            sealed, opened = keys.stats()
+            f.counter("raftblock_gateway_blocks_sealed", "Blocks of encrypted volumes encrypted (AES-256-GCM) "
+                      "before they left for the nodes.", sealed, gid)
+            f.counter("raftblock_gateway_blocks_opened", "Blocks of encrypted volumes read and decrypted (tag "
+                      "checked).", opened, gid)
         isc = getattr(gw, "iscsi", None)
         if isc is not None:
             kinds = {"Normal": 0, "Discovery": 0}

@@ -19,6 +19,11 @@ Rules:
    them; applying one twice (a replay) changes nothing (Engine.pin_snapshot keeps an existing pin).
 7. FILL (wire/ops.py rule 6) writes only the blocks not allocated at this point of the log: the same blocks
    on every replica, since each applies the same ops before it.
+8. A SEALED op (wire/ops.py rule 7, docs/encryption.md) also patches its blocks' entries into the extent's
+   metadata blocks (zeros for a TRIM, only the filled blocks' for a FILL): each metadata block is read once
+   per entry (after the writes before it reached the engine), patched in memory by every sealed op of the
+   entry, and written (or dropped, when every entry in it is zero) at the end of the entry, with the rest.
+   A skipped op (rule 2) patches nothing.
 """
 
 from __future__ import annotations
@@ -28,10 +33,22 @@ from collections.abc import Sequence
 
 import structlog
 
+from raftblock._fast import blockcrc
 from raftblock.replication.sessions import Sessions
 from raftblock.replication.wal import Link
 from raftblock.storage.engine import CorruptBlockError, Engine, NoSpaceError
-from raftblock.wire.ops import OP_FILL, OP_SNAP, OP_TRIM, OP_UNSNAP, OP_WRITE, decode_batch
+from raftblock.wire.ops import (
+    AUX_BYTES,
+    AUX_PER_BLOCK,
+    OP_FILL,
+    OP_SNAP,
+    OP_TRIM,
+    OP_UNSNAP,
+    OP_WRITE,
+    decode_batch,
+)
+
+_ZERO_META = bytes(4096)
 
 log = structlog.get_logger(__name__)
 
@@ -47,6 +64,9 @@ def apply_batch(engine: Engine, sessions: Sessions, gid: int, index: int, data: 
     writes: list[tuple[int, int, bytes | bytearray | memoryview, Sequence[int]]] = []
     links: list[tuple[int, int, bytes | bytearray | memoryview, Sequence[int], int, int]] = []
 
+    metas: dict[tuple[int, int], bytearray] = {}  # rule 8: (extent, metadata block) -> its new content
+    was_zero: set[tuple[int, int]] = set()  # ... of those, the ones that held no entry before this batch
+
     def flush() -> None:
         if writes:
             engine.write_many(writes)
@@ -54,6 +74,23 @@ def apply_batch(engine: Engine, sessions: Sessions, gid: int, index: int, data: 
         if links:
             engine.link_many(links)
             links.clear()
+
+    def seal(extent_id: int, block: int, count: int, seal_at: int, aux: bytes | bytearray | memoryview | None) -> None:
+        """Rule 8: the entries of blocks [block, block+count) become `aux` (None: zeros)."""
+        b = block
+        while b < block + count:
+            key = (extent_id, seal_at + b // AUX_PER_BLOCK)
+            meta = metas.get(key)
+            if meta is None:
+                flush()  # a plain write into the metadata region before this op is on the engine first
+                meta = metas[key] = engine.read(extent_id, key[1], 1)[0]
+                if meta == _ZERO_META:
+                    was_zero.add(key)
+            n = min(block + count - b, AUX_PER_BLOCK - b % AUX_PER_BLOCK)
+            at = (b % AUX_PER_BLOCK) * AUX_BYTES
+            src = (b - block) * AUX_BYTES
+            meta[at : at + n * AUX_BYTES] = aux[src : src + n * AUX_BYTES] if aux is not None else bytes(n * AUX_BYTES)
+            b += n
 
     try:
         for op in decode_batch(data):
@@ -68,6 +105,9 @@ def apply_batch(engine: Engine, sessions: Sessions, gid: int, index: int, data: 
                     counters["writes_deduplicated"] += 1
                     continue
                 admitted.append((op.client, op.wid))
+            seal_at = op.seal_at
+            if seal_at and op.kind != OP_FILL:
+                seal(op.extent_id, op.block, op.count, seal_at, op.aux if op.kind == OP_WRITE else None)
             if op.kind == OP_TRIM:
                 flush()
                 engine.trim(op.extent_id, op.block, op.count)
@@ -84,6 +124,9 @@ def apply_batch(engine: Engine, sessions: Sessions, gid: int, index: int, data: 
                     if not allocated:
                         engine.write(op.extent_id, op.block + pos, op.data[pos * 4096 : (pos + n) * 4096],
                                      op.crcs[pos : pos + n])
+                        if seal_at:
+                            seal(op.extent_id, op.block + pos, n, seal_at,
+                                 op.aux[pos * AUX_BYTES : (pos + n) * AUX_BYTES])
                     pos += n
             elif at >= 0:
                 if writes:
@@ -95,6 +138,14 @@ def apply_batch(engine: Engine, sessions: Sessions, gid: int, index: int, data: 
                 if links:
                     flush()
                 writes.append((op.extent_id, op.block, op.data, op.crcs))
+        for (extent_id, mblock), meta in metas.items():
+            if meta == _ZERO_META:
+                if (extent_id, mblock) in was_zero:
+                    continue
+                flush()
+                engine.trim(extent_id, mblock, 1)  # no entry left: the block reads as zeros, and takes no space
+            else:
+                writes.append((extent_id, mblock, meta, blockcrc.block_crcs(meta)))
         flush()
     except NoSpaceError:
         for client, wid in admitted:  # rule 3

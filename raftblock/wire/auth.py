@@ -60,7 +60,7 @@ class AuthError(Exception):
 
 
 # -- keys -------------------------------------------------------------------------------------------------------
-def _kek(secret: bytes) -> bytes:
+def kek(secret: bytes) -> bytes:
     return hmac.new(secret, _WRAP_INFO, hashlib.sha256).digest()
 
 
@@ -74,7 +74,7 @@ def wrap_key(secret: bytes, version: int, key: bytes) -> str:
     from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
     nonce = os.urandom(12)
-    ct = AESGCM(_kek(secret)).encrypt(nonce, key, b"raftblock data key %d" % version)
+    ct = AESGCM(kek(secret)).encrypt(nonce, key, b"raftblock data key %d" % version)
     return base64.b64encode(nonce + ct).decode()
 
 
@@ -84,7 +84,7 @@ def unwrap_key(secret: bytes, version: int, wrapped: str) -> bytes:
 
     raw = base64.b64decode(wrapped)
     try:
-        key = AESGCM(_kek(secret)).decrypt(raw[:12], raw[12:], b"raftblock data key %d" % version)
+        key = AESGCM(kek(secret)).decrypt(raw[:12], raw[12:], b"raftblock data key %d" % version)
     except InvalidTag as e:
         raise ValueError(f"data key {version} does not unwrap with this cluster secret") from e
     if len(key) != KEY_BYTES:

@@ -12,6 +12,11 @@
 #    applying one pins (or unpins) the group's image at that point of its log on every replica.
 # 6. FILL is encoded as a WRITE and applied only to the blocks that are not allocated when it is applied
 #    (a clone's flatten: a block the host wrote meanwhile is kept, on every replica alike).
+# 7. An op of an encrypted volume (docs/encryption.md) is SEALED: flag FLAG_SEALED, then (after the name)
+#    u32 `seal_at`, the first block of the extent's metadata region; a WRITE/FILL's data is followed by one
+#    32-byte entry (nonce, tag, key version) per block. Applying it also patches those entries into the
+#    metadata blocks (entry k of data block b: block seal_at + b // 128, bytes 32 * (b % 128)); a sealed TRIM
+#    zeroes them. Data and entries change in one op of one entry: atomic on a crash, deduplicated together.
 from __future__ import annotations
 
 import struct
@@ -29,11 +34,29 @@ _DATA_OPS = (OP_WRITE, OP_FILL)
 _COUNT = struct.Struct("<H")
 _OP = struct.Struct("<BBHIQII")  # kind, flags, reserved, count, extent_id, block, reserved
 _NAME = struct.Struct("<QQQ")  # client id, write id, low-water mark (FLAG_NAMED)
+_SEAL = struct.Struct("<I")  # seal_at (FLAG_SEALED, rule 7)
 FLAG_NAMED = 1
+FLAG_SEALED = 2
+AUX_BYTES = 32  # a block's entry in the metadata region of a sealed extent (rule 7)
+AUX_PER_BLOCK = BLOCK_SIZE // AUX_BYTES
+
+
+def seal_blocks(block: int, count: int, seal_at: int) -> tuple[int, int]:
+    """The metadata blocks [first, end) holding the entries of data blocks [block, block+count) (rule 7);
+    ValueError when the data would reach into the metadata region."""
+    if seal_at <= 0 or block + count > seal_at:
+        raise ValueError(f"sealed blocks [{block}, {block + count}) reach the metadata region at {seal_at}")
+    return seal_at + block // AUX_PER_BLOCK, seal_at + (block + count - 1) // AUX_PER_BLOCK + 1
+
+
+def entries_of(meta: bytes | bytearray | memoryview, block: int, count: int) -> bytes:
+    """The entries of blocks [block, block+count) in the metadata blocks `seal_blocks` named, read in a row."""
+    at = (block % AUX_PER_BLOCK) * AUX_BYTES
+    return bytes(meta[at : at + count * AUX_BYTES])
 
 
 class BlockOp:
-    __slots__ = ("kind", "extent_id", "block", "count", "crcs", "data", "client", "wid", "low")
+    __slots__ = ("kind", "extent_id", "block", "count", "crcs", "data", "client", "wid", "low", "seal_at", "aux")
 
     def __init__(
         self,
@@ -46,6 +69,8 @@ class BlockOp:
         client: int = 0,
         wid: int = 0,
         low: int = 0,
+        seal_at: int = 0,
+        aux: bytes | bytearray | memoryview = b"",
     ) -> None:
         self.kind = kind
         self.extent_id = extent_id
@@ -56,11 +81,13 @@ class BlockOp:
         self.client = client  # 0: unnamed (always applied)
         self.wid = wid
         self.low = low
+        self.seal_at = seal_at  # 0: not sealed (rule 7)
+        self.aux = aux
 
     def encoded_size(self) -> int:
-        n = _OP.size + (_NAME.size if self.client else 0)
+        n = _OP.size + (_NAME.size if self.client else 0) + (_SEAL.size if self.seal_at else 0)
         if self.kind in _DATA_OPS:
-            return n + 4 * self.count + self.count * BLOCK_SIZE
+            return n + 4 * self.count + self.count * BLOCK_SIZE + (AUX_BYTES * self.count if self.seal_at else 0)
         return n
 
     def __repr__(self) -> str:
@@ -75,16 +102,24 @@ def encode_batch(ops: Sequence[BlockOp]) -> bytes:
         raise ValueError(f"a batch holds 1..{BATCH_OPS_MAX} ops, got {len(ops)}")
     parts: list[bytes | bytearray | memoryview] = [_COUNT.pack(len(ops))]
     for op in ops:
+        flags = (FLAG_NAMED if op.client else 0) | (FLAG_SEALED if op.seal_at else 0)
+        parts.append(_OP.pack(op.kind, flags, 0, op.count, op.extent_id, op.block, 0))
         if op.client:
-            parts.append(_OP.pack(op.kind, FLAG_NAMED, 0, op.count, op.extent_id, op.block, 0))
             parts.append(_NAME.pack(op.client, op.wid, op.low))
-        else:
-            parts.append(_OP.pack(op.kind, 0, 0, op.count, op.extent_id, op.block, 0))
+        if op.seal_at:
+            if op.kind in _MARK_OPS:
+                raise ValueError("a snapshot op is not sealed")
+            seal_blocks(op.block, op.count, op.seal_at)
+            parts.append(_SEAL.pack(op.seal_at))
         if op.kind in _DATA_OPS:
             if len(op.crcs) != op.count or len(op.data) != op.count * BLOCK_SIZE:
                 raise ValueError("write op: crcs/data do not match count")
             parts.append(struct.pack(f"<{op.count}I", *op.crcs))
             parts.append(op.data)
+            if op.seal_at:
+                if len(op.aux) != AUX_BYTES * op.count:
+                    raise ValueError("sealed write op: one 32-byte entry per block")
+                parts.append(op.aux)
         elif op.kind in _MARK_OPS:
             if op.count or op.block:
                 raise ValueError("a snapshot op covers no blocks")
@@ -104,7 +139,7 @@ def write_spans(data: bytes | bytearray | memoryview, min_bytes: int) -> list[tu
         off = _COUNT.size
         for _ in range(n):
             kind, flags, _r2, count, _e, _b, _r3 = _OP.unpack_from(view, off)
-            off += _OP.size + (_NAME.size if flags & FLAG_NAMED else 0)
+            off += _OP.size + (_NAME.size if flags & FLAG_NAMED else 0) + (_SEAL.size if flags & FLAG_SEALED else 0)
             if kind in _DATA_OPS:
                 off += 4 * count
                 length = count * BLOCK_SIZE
@@ -112,7 +147,7 @@ def write_spans(data: bytes | bytearray | memoryview, min_bytes: int) -> list[tu
                     return []
                 if length >= min_bytes and kind == OP_WRITE:
                     out.append((off, length))
-                off += length
+                off += length + (AUX_BYTES * count if flags & FLAG_SEALED else 0)
     except struct.error:
         return []
     return out
@@ -133,22 +168,30 @@ def _decode_batch(view: memoryview) -> list[BlockOp]:
     for _ in range(n):
         kind, flags, _r2, count, extent_id, block, _r3 = _OP.unpack_from(view, off)
         off += _OP.size
-        client = wid = low = 0
+        client = wid = low = seal_at = 0
+        if flags & ~(FLAG_NAMED | FLAG_SEALED):
+            raise ValueError(f"unknown op flags {flags:#x}")
         if flags & FLAG_NAMED:
             client, wid, low = _NAME.unpack_from(view, off)
             off += _NAME.size
-        elif flags:
-            raise ValueError(f"unknown op flags {flags:#x}")
+        if flags & FLAG_SEALED:
+            (seal_at,) = _SEAL.unpack_from(view, off)
+            off += _SEAL.size
+            if kind in _MARK_OPS:
+                raise ValueError("a snapshot op is not sealed")
+            seal_blocks(block, count, seal_at)
         if kind in _DATA_OPS:
             crcs = list(struct.unpack_from(f"<{count}I", view, off))
             off += 4 * count
             end = off + count * BLOCK_SIZE
-            if end > len(view):
+            aux_end = end + (AUX_BYTES * count if seal_at else 0)
+            if aux_end > len(view):
                 raise ValueError("batch truncated")
-            ops.append(BlockOp(kind, extent_id, block, count, crcs, view[off:end], client, wid, low))
-            off = end
+            ops.append(BlockOp(kind, extent_id, block, count, crcs, view[off:end], client, wid, low, seal_at,
+                               view[end:aux_end]))
+            off = aux_end
         elif kind == OP_TRIM or (kind in _MARK_OPS and count == 0 and block == 0):
-            ops.append(BlockOp(kind, extent_id, block, count, (), b"", client, wid, low))
+            ops.append(BlockOp(kind, extent_id, block, count, (), b"", client, wid, low, seal_at))
         else:
             raise ValueError(f"unknown op kind {kind}" if kind not in _MARK_OPS else "a snapshot op covers no blocks")
     if off != len(view):

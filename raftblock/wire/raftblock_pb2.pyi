@@ -142,7 +142,7 @@ class HeartbeatBatch(_message.Message):
     def __init__(self, src: _Optional[int] = ..., dst: _Optional[int] = ..., response: _Optional[bool] = ..., group: _Optional[_Iterable[int]] = ..., term: _Optional[_Iterable[int]] = ..., commit: _Optional[_Iterable[int]] = ..., context: _Optional[_Iterable[int]] = ..., lease_tick: _Optional[_Iterable[int]] = ..., epoch: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class ClientRequest(_message.Message):
-    __slots__ = ("request_id", "op", "extent_id", "block", "count", "crcs", "epoch", "min_applied", "client_id", "write_id", "low_water", "source_node", "snap_id", "since_snap_id", "snap_stats", "fill")
+    __slots__ = ("request_id", "op", "extent_id", "block", "count", "crcs", "epoch", "min_applied", "client_id", "write_id", "low_water", "source_node", "snap_id", "since_snap_id", "snap_stats", "fill", "seal_at")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OP_FIELD_NUMBER: _ClassVar[int]
     EXTENT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +159,7 @@ class ClientRequest(_message.Message):
     SINCE_SNAP_ID_FIELD_NUMBER: _ClassVar[int]
     SNAP_STATS_FIELD_NUMBER: _ClassVar[int]
     FILL_FIELD_NUMBER: _ClassVar[int]
+    SEAL_AT_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     op: int
     extent_id: int
@@ -175,7 +176,8 @@ class ClientRequest(_message.Message):
     since_snap_id: int
     snap_stats: bool
     fill: bool
-    def __init__(self, request_id: _Optional[int] = ..., op: _Optional[int] = ..., extent_id: _Optional[int] = ..., block: _Optional[int] = ..., count: _Optional[int] = ..., crcs: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., min_applied: _Optional[int] = ..., client_id: _Optional[int] = ..., write_id: _Optional[int] = ..., low_water: _Optional[int] = ..., source_node: _Optional[int] = ..., snap_id: _Optional[int] = ..., since_snap_id: _Optional[int] = ..., snap_stats: _Optional[bool] = ..., fill: _Optional[bool] = ...) -> None: ...
+    seal_at: int
+    def __init__(self, request_id: _Optional[int] = ..., op: _Optional[int] = ..., extent_id: _Optional[int] = ..., block: _Optional[int] = ..., count: _Optional[int] = ..., crcs: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., min_applied: _Optional[int] = ..., client_id: _Optional[int] = ..., write_id: _Optional[int] = ..., low_water: _Optional[int] = ..., source_node: _Optional[int] = ..., snap_id: _Optional[int] = ..., since_snap_id: _Optional[int] = ..., snap_stats: _Optional[bool] = ..., fill: _Optional[bool] = ..., seal_at: _Optional[int] = ...) -> None: ...
 
 class GroupInfo(_message.Message):
     __slots__ = ("group", "role", "term", "leader", "commit", "applied", "last_index", "snap_index", "lease", "allocated_bytes", "mode", "tail", "synced", "repair_node", "repair_bytes_done", "repair_bytes_total", "repair_elapsed_ms", "snap_ids", "snap_unique_blocks")

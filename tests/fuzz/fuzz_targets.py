@@ -1001,8 +1001,11 @@ def target_ops(data: bytes) -> None:
     for op in batch:
         if op.kind in (ops.OP_WRITE, ops.OP_FILL):
             check(len(op.crcs) == op.count and len(op.data) == op.count * ops.BLOCK_SIZE, "write op lengths")
+            check(len(op.aux) == (ops.AUX_BYTES * op.count if op.seal_at else 0), "sealed write op entries")
         else:
             check(op.kind in (ops.OP_TRIM, ops.OP_SNAP, ops.OP_UNSNAP), f"op kind {op.kind}")
+        if op.seal_at:
+            check(op.block + op.count <= op.seal_at, "sealed op reaching its metadata region")
     if batch:
         again = ops.decode_batch(ops.encode_batch(batch))
         check([_op_tuple(o) for o in again] == [_op_tuple(o) for o in batch], "encode(decode(x)) decodes otherwise")
@@ -1011,7 +1014,8 @@ def target_ops(data: bytes) -> None:
 def _op_tuple(op: ops.BlockOp) -> tuple[object, ...]:
     """An op as apply sees it: a name with client id 0 is no name (rule 4), whatever its other fields."""
     name = (op.client, op.wid, op.low) if op.client else (0, 0, 0)
-    return (op.kind, op.extent_id, op.block, op.count, tuple(op.crcs), bytes(op.data), *name)
+    return (op.kind, op.extent_id, op.block, op.count, tuple(op.crcs), bytes(op.data), *name, op.seal_at,
+            bytes(op.aux))
 
 
 def _seeds_ops() -> list[bytes]:

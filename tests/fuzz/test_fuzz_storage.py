@@ -91,7 +91,8 @@ def test_a_cut_after_the_durable_mark_is_a_torn_tail(payloads: list[bytes], data
     buf, offs = _synced_segment(payloads)
     cut = data.draw(st.integers(offs[-1] + 1, len(buf) - 1))
     rec = _recover(buf[:cut])
-    assert rec.report.corrupt == [] and rec.report.torn_tail_bytes > 0
+    # torn bytes that are all zero (a cut inside the header CRC's zero low byte) are preallocated space to it
+    assert rec.report.corrupt == [] and (rec.report.torn_tail_bytes > 0 or not any(buf[offs[-1] : cut]))
     assert sorted(rec.index.extents.get(7, {})) == list(range(len(payloads) - 1))
 
 

@@ -96,17 +96,27 @@ def block_ops(draw: st.DrawFn) -> ops.BlockOp:
     kind = draw(st.sampled_from([ops.OP_WRITE, ops.OP_TRIM, ops.OP_SNAP, ops.OP_UNSNAP, ops.OP_FILL]))
     client = draw(st.sampled_from([0, 0, 1, (1 << 64) - 1]))
     wid, low = (draw(U64), draw(U64)) if client else (0, 0)
+    sealed = kind != ops.OP_SNAP and kind != ops.OP_UNSNAP and draw(st.booleans())  # rule 7
     if kind in (ops.OP_WRITE, ops.OP_FILL):
         n = draw(st.integers(0, 3))
         data = draw(st.binary(min_size=16, max_size=16)) * 256 * n
-        return ops.BlockOp(kind, draw(U64), draw(U32), n, [draw(U32) for _ in range(n)], data, client, wid, low)
+        block = draw(st.integers(0, 1 << 20) if sealed else U32)
+        seal_at, aux = (block + n + draw(st.integers(0 if n else 1, 300)), draw(st.binary(min_size=32 * n,
+                                                                                          max_size=32 * n))) \
+            if sealed else (0, b"")
+        return ops.BlockOp(kind, draw(U64), block, n, [draw(U32) for _ in range(n)], data, client, wid, low,
+                           seal_at, aux)
     if kind == ops.OP_TRIM:
-        return ops.BlockOp(kind, draw(U64), draw(U32), draw(U32), client=client, wid=wid, low=low)
+        block, count = (draw(st.integers(0, 1 << 20)), draw(st.integers(0, 1 << 16))) if sealed \
+            else (draw(U32), draw(U32))
+        return ops.BlockOp(kind, draw(U64), block, count, client=client, wid=wid, low=low,
+                           seal_at=block + count + 1 if sealed else 0)
     return ops.BlockOp(kind, draw(U64), 0, 0, client=client, wid=wid, low=low)
 
 
 def _op(o: ops.BlockOp) -> tuple[object, ...]:
-    return (o.kind, o.extent_id, o.block, o.count, tuple(o.crcs), bytes(o.data), o.client, o.wid, o.low)
+    return (o.kind, o.extent_id, o.block, o.count, tuple(o.crcs), bytes(o.data), o.client, o.wid, o.low, o.seal_at,
+            bytes(o.aux))
 
 
 @fuzz(200)

@@ -20,6 +20,7 @@ from raftblock.meta.state import (
     Detach,
     InitCluster,
     MetaState,
+    NextSealEpoch,
     Noop,
     RegisterGateway,
     RegisterNode,
@@ -29,6 +30,7 @@ from raftblock.meta.state import (
     SetDataKey,
     SetGroupMembers,
     SetIscsiAuth,
+    SetMasterKey,
     SetNodeDrain,
     SetNodeStates,
     SetQos,
@@ -84,6 +86,9 @@ ALL = [
     SetQos("v", 500, 10 << 20, 800, 0, 100, 4),
     SetDataKey("add", 2, "d3JhcHBlZA=="),
     InitCluster("c2", data_key="d3JhcHBlZA=="),
+    SetMasterKey(0, 1, "bWFzdGVy", '{"7": "d3JhcHBlZA=="}'),
+    CreateVolume("e", GiB, 7, encrypt_key="d3JhcHBlZA==", encrypt_master=1, encrypt_key_id=12345),
+    NextSealEpoch(12345),
 ]
 
 
