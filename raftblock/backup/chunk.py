@@ -29,7 +29,9 @@ BLOCK_BYTES = 4096
 ZSTD_LEVEL = 1
 _HEAD = struct.Struct("<8sBBHII")  # magic, kind, codec, reserved, plain_len, plain_crc
 _DELTA_HEAD = struct.Struct("<32sH")  # base sha256, block count
-PLAIN_BYTES_MAX = CHUNK_BYTES + _DELTA_HEAD.size + CHUNK_BYTES // BLOCK_BYTES // 8
+# an encrypted volume's chunk carries its blocks' 32-byte entries too (manifest.py rule 3): 1/128 more
+_SEALED_CHUNK_BYTES = CHUNK_BYTES + CHUNK_BYTES // 128
+PLAIN_BYTES_MAX = _SEALED_CHUNK_BYTES + _DELTA_HEAD.size + _SEALED_CHUNK_BYTES // BLOCK_BYTES // 8
 
 
 class ChunkError(ValueError):

@@ -5,6 +5,9 @@ Rules:
    every chunk entry's shape before anything reads it; anything else is ManifestError, one line.
 2. A manifest is complete by itself: entry k says how to get chunk k (`zero`, `full` NAME, or `delta` NAME
    BASE), whatever manifest an incremental was taken against (`parent` is for display).
+3. An encrypted volume's backup (`sealed`: its key id, and its data key wrapped by the cluster's master key of
+   version `master`) stores each chunk as the cluster stores it: the blocks' ciphertext, then their 32-byte
+   entries, zero-padded to a whole block (`stored_length`); nothing in it is plaintext (docs/encryption.md).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from raftblock.backup.chunk import BLOCK_BYTES, CHUNK_BYTES
 
 FORMAT = "raftblock-backup"
 VERSION = 1
+VERSION_SEALED = 2  # an encrypted volume's (rule 3): a reader of version 1 refuses it rather than restore ciphertext
 _NAME = re.compile(r"[0-9a-f]{64}")  # fullmatch: "$" would let a trailing newline through
 
 Entry = tuple[str, ...]  # ("zero",) | ("full", name) | ("delta", name, base)
@@ -25,6 +29,15 @@ Entry = tuple[str, ...]  # ("zero",) | ("full", name) | ("delta", name, base)
 
 class ManifestError(ValueError):
     pass
+
+
+ENTRY_BYTES = 32  # an encrypted block's entry (raftblock/sealing.py)
+
+
+def sealed_entries_length(data_bytes: int, block_bytes: int = BLOCK_BYTES) -> int:
+    """The entries of `data_bytes` of blocks, padded to whole blocks (rule 3)."""
+    raw = data_bytes // block_bytes * ENTRY_BYTES
+    return -(-raw // block_bytes) * block_bytes
 
 
 def manifest_key(volume: str, snapshot: str) -> str:
@@ -54,12 +67,18 @@ class Manifest:
     block_bytes: int = BLOCK_BYTES
     parent: str | None = None
     stats: dict[str, int] = field(default_factory=dict)
+    sealed: dict[str, Any] | None = None  # rule 3: {"key_id": int, "master": int, "wrapped": str}
 
     def chunk_count(self) -> int:
         return (self.size_bytes + self.chunk_bytes - 1) // self.chunk_bytes
 
     def chunk_length(self, k: int) -> int:
         return min(self.chunk_bytes, self.size_bytes - k * self.chunk_bytes)
+
+    def stored_length(self, k: int) -> int:
+        """Bytes of chunk k's plaintext object: its volume bytes, or (rule 3) ciphertext and entries."""
+        n = self.chunk_length(k)
+        return n + sealed_entries_length(n, self.block_bytes) if self.sealed else n
 
     def objects(self) -> set[str]:
         """Keys of every object this manifest needs."""
@@ -73,10 +92,12 @@ class Manifest:
         return out
 
     def to_json(self) -> bytes:
-        d = {"format": FORMAT, "version": VERSION, "volume": self.volume, "snapshot": self.snapshot,
+        d = {"format": FORMAT, "version": VERSION_SEALED if self.sealed is not None else VERSION, "volume": self.volume, "snapshot": self.snapshot,
              "snap_id": self.snap_id, "created_ms": self.created_ms, "size_bytes": self.size_bytes,
              "chunk_bytes": self.chunk_bytes, "block_bytes": self.block_bytes, "parent": self.parent,
              "chunks": [list(e) for e in self.chunks], "stats": self.stats}
+        if self.sealed is not None:
+            d["sealed"] = self.sealed
         return json.dumps(d, separators=(",", ":")).encode()
 
     @classmethod
@@ -89,8 +110,11 @@ class Manifest:
             raise ManifestError(f"{where}: not a manifest object")
         if d.get("format") != FORMAT:
             raise ManifestError(f"{where}: not a raftblock backup manifest (format {d.get('format')!r})")
-        if d.get("version") != VERSION:
-            raise ManifestError(f"{where}: manifest version {d.get('version')!r}; this raftblock reads {VERSION}")
+        if d.get("version") not in (VERSION, VERSION_SEALED):
+            raise ManifestError(f"{where}: manifest version {d.get('version')!r}; this raftblock reads {VERSION} "
+                                f"and {VERSION_SEALED}")
+        if (d.get("version") == VERSION_SEALED) != ("sealed" in d):
+            raise ManifestError(f"{where}: version {VERSION_SEALED} is an encrypted volume's manifest, with 'sealed'")
 
         def typed(key: str, typ: type, default: Any = None) -> Any:
             v = d.get(key, default)
@@ -110,6 +134,14 @@ class Manifest:
         if m.chunk_bytes <= 0 or m.block_bytes <= 0 or m.chunk_bytes % m.block_bytes or m.size_bytes < 0:
             raise ManifestError(f"{where}: chunk_bytes {m.chunk_bytes}, block_bytes {m.block_bytes}, "
                                 f"size_bytes {m.size_bytes} do not fit together")
+        sealed = d.get("sealed")
+        if sealed is not None:
+            good = isinstance(sealed, dict) and set(sealed) == {"key_id", "master", "wrapped"} and \
+                all(isinstance(sealed[k], int) and not isinstance(sealed[k], bool) and sealed[k] > 0
+                    for k in ("key_id", "master")) and isinstance(sealed["wrapped"], str) and sealed["wrapped"]
+            if not good:
+                raise ManifestError(f"{where}: field 'sealed' is not {{key_id, master, wrapped}}")
+            m.sealed = dict(sealed)
         raw_chunks = typed("chunks", list)
         if len(raw_chunks) != m.chunk_count():
             raise ManifestError(f"{where}: {len(raw_chunks)} chunk entries for {m.chunk_count()} chunks")

@@ -24,7 +24,7 @@ import json
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from raftblock.backup import chunk
 from raftblock.backup.manifest import Entry, Manifest, ManifestError, check_name, manifest_key, progress_key
@@ -106,16 +106,21 @@ def _fetch(store: Store, entry: Entry) -> bytes:
 def export_image(store: Store, volume: str, snapshot: str, size_bytes: int,
                  read: Callable[[int, int], bytes], *, snap_id: int = 0, since: Manifest | None = None,
                  changed: Callable[[int], bool] | None = None, parallel: int = 4,
-                 progress: Progress | None = None, created_ms: int | None = None) -> ExportResult:
+                 progress: Progress | None = None, created_ms: int | None = None,
+                 sealed: dict[str, Any] | None = None) -> ExportResult:
+    """`read(offset, length)`: the image's bytes, or with `sealed` (an encrypted volume, manifest.py rule 3)
+    the stored form of that range (ciphertext, entries, padding: `Manifest.stored_length`)."""
     check_name("volume", volume)
     check_name("snapshot", snapshot)
     man = Manifest(volume=volume, snapshot=snapshot, size_bytes=size_bytes, chunks=[], snap_id=snap_id,
                    created_ms=created_ms if created_ms is not None else int(time.time() * 1000),
-                   parent=since.snapshot if since is not None else None)
+                   parent=since.snapshot if since is not None else None, sealed=sealed)
     total = man.chunk_count()
     if since is not None and (since.size_bytes != size_bytes or since.chunk_bytes != man.chunk_bytes):
         raise ManifestError(f"--since {since.snapshot}: {since.size_bytes} bytes in chunks of "
                             f"{since.chunk_bytes}; this image is {size_bytes} in {man.chunk_bytes}")
+    if since is not None and (since.sealed or {}).get("key_id") != (sealed or {}).get("key_id"):
+        raise ManifestError(f"--since {since.snapshot}: a backup under another key (or not encrypted alike)")
     entries: list[Entry | None] = [None] * total
     resumed = 0
     pkey = progress_key(volume, snapshot)
@@ -145,8 +150,8 @@ def export_image(store: Store, volume: str, snapshot: str, size_bytes: int,
         old = since.chunks[k] if since is not None else None
         if old is not None and changed is not None and not changed(k):
             return old
-        length = man.chunk_length(k)
-        plain = read(k * man.chunk_bytes, length)
+        length = man.stored_length(k)
+        plain = read(k * man.chunk_bytes, man.chunk_length(k))
         if len(plain) != length:
             raise StoreError(f"image read of chunk {k} returned {len(plain)} bytes, expected {length}")
         stats["changed_bytes"] += length
@@ -214,7 +219,7 @@ def restore_image(store: Store, man: Manifest, write: Callable[[int, bytes], Non
     def one(k: int) -> bytes | None:
         data = fetch_chunk(store, man, k)
         if data is None and write_zeros:
-            return bytes(man.chunk_length(k))
+            return bytes(man.stored_length(k))
         return data
 
     done = 0
@@ -237,13 +242,16 @@ def fetch_chunk(store: Store, man: Manifest, k: int) -> bytes | None:
         data = _fetch(store, e)
     except NotFound as ex:
         raise chunk.ChunkError(e[1], f"missing from {store.url} (chunk {k} of {man.volume}@{man.snapshot})") from ex
-    if len(data) != man.chunk_length(k):
-        raise chunk.ChunkError(e[1], f"{len(data)} bytes for chunk {k}, expected {man.chunk_length(k)}")
+    if len(data) != man.stored_length(k):
+        raise chunk.ChunkError(e[1], f"{len(data)} bytes for chunk {k}, expected {man.stored_length(k)}")
     return data
 
 
 def restore_bytes(store: Store, man: Manifest) -> bytearray:
-    """The whole image in memory (small images: tests, tools)."""
+    """The whole image in memory (small images: tests, tools); not an encrypted volume's (its chunks are
+    ciphertext: the cluster restores them)."""
+    if man.sealed:
+        raise ManifestError(f"{man.volume}@{man.snapshot} is an encrypted volume's backup: restore it into a cluster")
     out = bytearray(man.size_bytes)
 
     def write(off: int, data: bytes) -> None:

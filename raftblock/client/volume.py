@@ -46,7 +46,7 @@ from raftblock._fast import blockcrc
 from raftblock.client.lazy import LazyFill
 from raftblock.qos import UNSET, Limits, QosSpec
 from raftblock.replication.group import CorruptData, GroupError, ReplicationGroup
-from raftblock.sealing import Sealer, SealError, SealRef, VolumeKeys, data_blocks
+from raftblock.sealing import ENTRY_BYTES, Sealer, SealError, SealRef, VolumeKeys, data_blocks
 
 BLOCK_SIZE = 4096
 ZERO_BLOCK = bytes(BLOCK_SIZE)
@@ -496,6 +496,59 @@ class Volume:
         sealed, entries = await self._sealer().seal(vb, chunk)
         await self._sealed(group).write_sealed(eid, blk, sealed, blockcrc.block_crcs(sealed), self._seal_at, entries,
                                                fill=fill)
+
+    # -- an encrypted volume's blocks as stored: its backups (backup/manifest.py rule 3) --------------------------
+    async def read_stored(self, snap_id: int, offset: int, length: int) -> bytes:
+        """Blocks [offset, offset+length) of snapshot `snap_id` as the nodes store them: ciphertext, then the
+        blocks' entries, zero-padded to a block. Nothing is decrypted (rule 8)."""
+        if not self._seal_at:
+            raise ValueError(f"volume {self.info.name} is not encrypted")
+        if self.info.parent is not None:
+            raise NoKeys(f"volume {self.info.name} is an encrypted clone: flatten it before backing it up")
+        first = offset // BLOCK_SIZE
+        n_total = length // BLOCK_SIZE
+
+        async def piece(eid: int, blk: int, n: int) -> tuple[bytearray, bytes]:
+            group = self._sealed(self._group_for(eid))
+            data, entries = bytearray(), bytearray()
+            done = 0
+            while done < n:
+                k = min(n - done, RECORD_BLOCKS_MAX)
+                d, crcs, e = await group.read_sealed(eid, blk + done, k, self._seal_at, snap_id)
+                bad = blockcrc.first_mismatch(d, crcs)
+                if bad >= 0:
+                    raise CorruptData(eid, blk + done + bad, "CRC mismatch reading a stored block")
+                data += d
+                entries += e
+                done += k
+            return data, bytes(entries)
+
+        parts = await asyncio.gather(*(piece(e, b, n) for e, b, n, _ in self._pieces(first, first + n_total)))
+        entries = b"".join(e for _, e in parts)
+        pad = -(-len(entries) // BLOCK_SIZE) * BLOCK_SIZE - len(entries)
+        return b"".join(d for d, _ in parts) + entries + bytes(pad)
+
+    async def write_stored(self, offset: int, length: int, stored: bytes | bytearray | memoryview) -> None:
+        """Write back blocks [offset, offset+length) in the form `read_stored` gave them (a restore): the same
+        ciphertext and entries at the same volume blocks, under the same key; nothing is encrypted again."""
+        if not self._seal_at:
+            raise ValueError(f"volume {self.info.name} is not encrypted")
+        first = offset // BLOCK_SIZE
+        n_total = length // BLOCK_SIZE
+        view = memoryview(stored)
+        coros = []
+        for eid, blk, n, vb in self._pieces(first, first + n_total):
+            group = self._sealed(self._group(eid))
+            done = 0
+            while done < n:
+                k = min(n - done, RECORD_BLOCKS_MAX)
+                at = vb - first + done
+                data = view[at * BLOCK_SIZE : (at + k) * BLOCK_SIZE]
+                entries = bytes(view[length + at * ENTRY_BYTES : length + (at + k) * ENTRY_BYTES])
+                coros.append(group.write_sealed(eid, blk + done, data, blockcrc.block_crcs(data), self._seal_at,
+                                                entries))
+                done += k
+        await asyncio.gather(*coros)
 
     def _sealer(self) -> Sealer:
         ref = self.info.seal

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from raftblock.backup.chunk import CHUNK_BYTES, ChunkError
-from raftblock.backup.manifest import Manifest, ManifestError
+from raftblock.backup.manifest import Manifest, ManifestError, sealed_entries_length
 from raftblock.backup.store import Store, StoreError
 from raftblock.backup.transfer import ExportResult, export_image, list_manifests, load_manifest, restore_image
 from raftblock.control.snapshots import ClusterIO
@@ -108,9 +108,14 @@ def export(meta: Callable[[], MetaClient], peers: dict[int, tuple[str, int]], st
         st = _meta_call(lt, meta, lambda c: c.state(barrier=True))
         if volume not in st.volumes:
             raise BackupError(f"no volume {volume}")
-        if st.volumes[volume].enc_key_id:  # docs/encryption.md "Not yet": never a plaintext copy in a bucket
-            raise BackupError(f"volume {volume} is encrypted: exporting an encrypted volume's snapshots is not "
-                              f"supported yet (its chunks would leave the cluster in plaintext)")
+        vrec = st.volumes[volume]
+        # An encrypted volume's chunks leave as stored: ciphertext and entries, its key wrapped in the manifest
+        # (backup/manifest.py rule 3; docs/encryption.md "Backups")
+        sealed = {"key_id": vrec.enc_key_id, "master": vrec.enc_master, "wrapped": vrec.enc_key} \
+            if vrec.enc_key_id else None
+        if sealed is not None and vrec.parent_volume_id:
+            raise BackupError(f"volume {volume} is an encrypted clone: flatten it first (raftblock volume flatten "
+                              f"{volume}), then export its snapshots")
         rec = st.snapshot_of(volume, snapshot)
         if rec is None or rec.state != "ready":
             raise BackupError(f"volume {volume} has no snapshot {snapshot}" if rec is None
@@ -136,13 +141,15 @@ def export(meta: Callable[[], MetaClient], peers: dict[int, tuple[str, int]], st
 
             def read(offset: int, length: int) -> bytes:
                 if allocated is not None and offset // CHUNK_BYTES not in allocated:
-                    return bytes(length)
+                    return bytes(length + (sealed_entries_length(length) if sealed else 0))
+                if sealed:
+                    return lt.run(vol.read_stored(rec.snap_id, offset, length))
                 return lt.run(vol.read_snapshot(rec.snap_id, offset, length))
 
             try:
                 res = export_image(store, volume, snapshot, size, read, snap_id=rec.snap_id, since=base,
                                    changed=(lambda k: k in changed) if changed is not None else None,
-                                   parallel=parallel, progress=progress, created_ms=rec.created_ms)
+                                   parallel=parallel, progress=progress, created_ms=rec.created_ms, sealed=sealed)
             except GroupError as e:
                 raise BackupError(f"reading {volume}@{snapshot} from the cluster failed: {e} (run the export again: "
                                   f"what is uploaded stays)") from e
@@ -189,6 +196,9 @@ def restore(meta: Callable[[], MetaClient], peers: dict[int, tuple[str, int]], s
     """Rule 3 (rule 4 with `lazy`). `create(name, size, mode, origin, lazy)` makes the volume, `restoring` (or,
     lazy, ready with its source) and waits for its groups."""
     origin = f"{store.url}#{man.volume}@{man.snapshot}"
+    if man.sealed and lazy:
+        raise BackupError(f"{man.volume}@{man.snapshot} is an encrypted volume's backup: restore it without --lazy "
+                          f"(a lazy restore's gateway would fetch ciphertext chunks)")
     with LoopThread() as lt:
         st = _meta_call(lt, meta, lambda c: c.state(barrier=True))
         resumed = False
@@ -209,12 +219,17 @@ def restore(meta: Callable[[], MetaClient], peers: dict[int, tuple[str, int]], s
         else:
             create(name, man.size_bytes, mode, origin, lazy)
         st = _meta_call(lt, meta, lambda c: c.state(barrier=True))
+        if man.sealed and (st.volumes[name].enc_key_id != man.sealed["key_id"]):
+            raise BackupError(f"volume {name} is not under the key of the backup {man.volume}@{man.snapshot}")
         io = lt.run(_io(st, peers, meta().secret))
         try:
             vol = io.volume(name)
 
             def write(offset: int, data: bytes) -> None:
-                lt.run(vol.fill(offset, data) if lazy else vol.write(offset, data))
+                if man.sealed:  # the stored form back where it was, under the same key (manifest.py rule 3)
+                    lt.run(vol.write_stored(offset, man.chunk_length(offset // man.chunk_bytes), data))
+                else:
+                    lt.run(vol.fill(offset, data) if lazy else vol.write(offset, data))
 
             try:
                 written = restore_image(store, man, write, parallel=parallel, progress=progress)

@@ -323,11 +323,19 @@ class MetaClient:
 
     async def create_volume(self, name: str, size_bytes: int, mode: str = "raft", state: str = "ready",
                             parent: str = "", origin: str = "", lazy_source: str = "",
-                            qos: QosSpec = UNSET, encrypt: bool = False) -> Result:
+                            qos: QosSpec = UNSET, encrypt: bool = False,
+                            seal_from: dict[str, Any] | None = None) -> Result:
         """`encrypt`: a new data key (raftblock/sealing.py), wrapped here by the active master key (made first if
-        the cluster has none); wrapped again if the master key changed meanwhile."""
+        the cluster has none); wrapped again if the master key changed meanwhile. `seal_from`: the key of an
+        encrypted volume's backup ({key_id, master, wrapped}: backup/manifest.py rule 3), the restored volume's."""
         for _ in range(5):
-            key, master, key_id = await self._new_volume_key() if encrypt else ("", 0, 0)
+            if seal_from is not None:
+                try:
+                    key, master, key_id = await self._restored_volume_key(seal_from)
+                except ValueError as e:
+                    return Result(False, "unknown_key", str(e))
+            else:
+                key, master, key_id = await self._new_volume_key() if encrypt else ("", 0, 0)
             res = await self.propose(CreateVolume(name, size_bytes, _now_ms(), mode, qos.iops, qos.bytes_per_s,
                                                   qos.burst_iops, qos.burst_bytes, qos.min_iops, qos.weight,
                                                   state=state, parent=parent, origin=origin, lazy_source=lazy_source,
@@ -347,6 +355,24 @@ class MetaClient:
         master = sealing.unwrap_master_key(self.secret, v, st.master_keys[v])
         key_id = secrets.randbits(63) or 1
         return sealing.wrap_volume_key(master, key_id, sealing.new_data_key()), v, key_id
+
+    async def _restored_volume_key(self, seal: dict[str, Any]) -> tuple[str, int, int]:
+        from raftblock import sealing
+
+        st = await self.state(barrier=True)
+        wrapped_master = st.master_keys.get(int(seal["master"]))
+        if wrapped_master is None or not st.master_key_active:
+            raise ValueError(f"the backup's key is wrapped by master key {seal['master']}, which this cluster does "
+                             f"not have (a backup of another cluster?)")
+        key_id = int(seal["key_id"])
+        try:
+            old = sealing.unwrap_master_key(self.secret, int(seal["master"]), wrapped_master)
+            key = sealing.unwrap_volume_key(old, key_id, str(seal["wrapped"]))
+        except ValueError as e:
+            raise ValueError(f"the backup's key does not unwrap in this cluster: {e}") from e
+        v = st.master_key_active
+        master = sealing.unwrap_master_key(self.secret, v, st.master_keys[v])
+        return sealing.wrap_volume_key(master, key_id, key), v, key_id
 
     async def rotate_master_key(self, st: MetaState | None = None) -> Result:
         """A new master key, every encrypted volume's data key rewrapped by it (sealing.py rule 5): no data is

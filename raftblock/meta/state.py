@@ -830,9 +830,10 @@ class MetaState:
             if not self.master_key_active or cmd.encrypt_master != self.master_key_active:
                 return _err("stale_master", f"the active master key is {self.master_key_active}, not "
                             f"{cmd.encrypt_master}: wrap the volume's key again")
-            if not 0 < cmd.encrypt_key_id < 1 << 63 or \
-                    any(v.enc_key_id == cmd.encrypt_key_id for v in self.volumes.values()):
-                return _err("invalid", f"key id {cmd.encrypt_key_id}: 1..2^63-1 and not in use")
+            # A key id in use is the same key again (a restored backup of an encrypted volume): the nonce epochs
+            # stay per key id, so the two volumes never share a nonce (sealing.py rule 3)
+            if not 0 < cmd.encrypt_key_id < 1 << 63:
+                return _err("invalid", f"key id {cmd.encrypt_key_id}: 1..2^63-1")
             key_id, key, master = cmd.encrypt_key_id, cmd.encrypt_key, cmd.encrypt_master
         placed = self._place(cmd.name, extent_count(cmd.size_bytes, extent_data_bytes(self.extent_size_bytes,
                                                                                       bool(key_id)))

@@ -635,7 +635,8 @@ def cluster_down(root: Path, node: int | None = None, force: bool = False) -> li
 
 def volume_create(root: Path, name: str, size_bytes: int, replication: str | None = None,
                   timeout_s: float = 30.0, state: str = "ready", parent: str = "", origin: str = "",
-                  lazy_source: str = "", qos: QosSpec = UNSET, encrypt: bool = False) -> dict[str, Any]:
+                  lazy_source: str = "", qos: QosSpec = UNSET, encrypt: bool = False,
+                  seal_from: dict[str, Any] | None = None) -> dict[str, Any]:
     """`replication`: "raft" | "chain"; None: the cluster's default (`cluster up --replication`). `encrypt`:
     AES-256-GCM at rest under a new data key (raftblock/sealing.py; a clone gets its parent's). Returns
     once every group of the volume has a leader (a stopped node does not matter while each group keeps a
@@ -654,7 +655,7 @@ def volume_create(root: Path, name: str, size_bytes: int, replication: str | Non
     if encrypt and parent:
         raise ClusterError("a clone is encrypted with its parent's key when the parent is: --encrypt is not for clones")
     _done(_meta(layout, cmap, lambda c: c.create_volume(name, size_bytes, mode, state, parent, origin, lazy_source,
-                                                        qos, encrypt=encrypt)))
+                                                        qos, encrypt=encrypt, seal_from=seal_from)))
     _gateway_call(layout, "reload")
     vol = read_map(layout, cmap).volumes[name]
     groups = {int(g) for g in vol.extent_groups}
@@ -1117,8 +1118,8 @@ def snapshot_restore(root: Path, store: Any, name: str, snapshot: str | None = N
             volume_create(root, vol, size, mode, origin=origin, lazy_source=origin)
             if on_served is not None:
                 on_served()
-        else:
-            volume_create(root, vol, size, mode, state="restoring", origin=origin)
+        else:  # an encrypted volume's backup: the restored volume under its key (docs/encryption.md)
+            volume_create(root, vol, size, mode, state="restoring", origin=origin, seal_from=man.sealed)
 
     res = _backup_call(lambda: backups.restore(lambda: meta_client(layout, cmap), cmap.peers(), store, man, name,
                                                replication or cmap.replication, create, parallel, progress, lazy))

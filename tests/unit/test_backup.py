@@ -92,7 +92,7 @@ def test_a_manifest_of_another_format_version_or_shape_is_a_one_line_error() -> 
     assert Manifest.from_json(m.to_json()) == m
     good = json.loads(m.to_json())
     cases = [
-        ({**good, "version": 2}, "manifest version 2"),
+        ({**good, "version": 3}, "manifest version 3"), ({**good, "version": 2}, "version 2 is an encrypted"),
         ({**good, "format": "other"}, "not a raftblock backup manifest"),
         ({**good, "chunks": good["chunks"][:2]}, "2 chunk entries for 3 chunks"),
         ({**good, "chunks": [["zero"], ["full", "xyz"], ["zero"]]}, "chunk entry 1 is malformed"),

@@ -248,15 +248,42 @@ def test_an_encrypted_volume_needs_the_active_master_key_and_has_fewer_bytes_per
     e, p = s.volumes["e"], s.volumes["p"]
     assert (len(e.extent_groups), len(p.extent_groups)) == (3, 2)
     assert e.seal() == sealing.SealRef(5, 1, "w") and p.seal() is None
-    assert s.apply(CreateVolume("f", B, 1, encrypt_key="w", encrypt_master=1, encrypt_key_id=5)).error == "invalid"
+    assert s.apply(CreateVolume("f", B, 1, encrypt_key="w", encrypt_master=1, encrypt_key_id=0)).error == "invalid"
+    # the same key id again: a restored backup of "e", under its key (the nonce epochs stay per key id)
+    assert s.apply(CreateVolume("f", B, 1, encrypt_key="w", encrypt_master=1, encrypt_key_id=5)).ok
     # nonce epochs: one after the other, per key id; unknown key ids are refused
     assert [s.apply(NextSealEpoch(5)).value["epoch"] for _ in range(3)] == [1, 2, 3]
     assert s.apply(NextSealEpoch(6)).error == "unknown_key"
     # a master rotation rewraps exactly the encrypted volumes' keys, or nothing
     assert s.apply(SetMasterKey(1, 2, "m2", "{}")).error == "stale_master"
+    f = s.volumes["f"]
     assert s.apply(SetMasterKey(0, 2, "m2", json.dumps({str(e.volume_id): "w2"}))).error == "stale_master"
-    assert s.apply(SetMasterKey(1, 2, "m2", json.dumps({str(e.volume_id): "w2"}))).ok
+    assert s.apply(SetMasterKey(1, 2, "m2", json.dumps({str(e.volume_id): "w2"}))).error == "stale_master"  # f too
+    assert s.apply(SetMasterKey(1, 2, "m2", json.dumps({str(e.volume_id): "w2", str(f.volume_id): "w3"}))).ok
     assert s.volumes["e"].seal() == sealing.SealRef(5, 2, "w2") and s.master_keys == {1: "m1", 2: "m2"}
     back = MetaState.from_json(s.to_json())
     assert back.volumes["e"].seal() == sealing.SealRef(5, 2, "w2") and back.seal_epochs == {5: 3}
     assert back.master_key_active == 2
+
+
+# -- backups of an encrypted volume (backup/manifest.py rule 3) --------------------------------------------
+def test_an_encrypted_backups_manifest_names_its_key_and_sizes_its_chunks_with_their_entries() -> None:
+    from raftblock.backup.manifest import Manifest, ManifestError
+
+    m = Manifest("v", "s", 9 * (1 << 20) + 4096, [("zero",)] * 3, sealed={"key_id": 5, "master": 2, "wrapped": "w"})
+    assert [m.stored_length(k) for k in range(3)] == [(4 << 20) + (32 << 10), (4 << 20) + (32 << 10),
+                                                      (1 << 20) + 4096 + 3 * 4096]  # 257 entries: 3 blocks
+    back = Manifest.from_json(m.to_json())
+    assert back == m and back.sealed == {"key_id": 5, "master": 2, "wrapped": "w"}
+    plain = Manifest("v", "s", 4096, [("zero",)])
+    assert b"sealed" not in plain.to_json() and plain.stored_length(0) == 4096  # older readers see no change
+    raw = json.loads(m.to_json())
+    assert raw["version"] == 2 and json.loads(plain.to_json())["version"] == 1
+    for bad_version in ({**raw, "version": 1}, {k: v for k, v in raw.items() if k != "sealed"}):
+        with pytest.raises(ManifestError, match="version 2"):
+            Manifest.from_json(json.dumps(bad_version))
+    for bad in ({"key_id": 5}, {"key_id": 0, "master": 2, "wrapped": "w"}, {"key_id": 5, "master": True,
+                                                                               "wrapped": "w"}, "x"):
+        raw["sealed"] = bad
+        with pytest.raises(ManifestError, match="sealed"):
+            Manifest.from_json(json.dumps(raw))
