@@ -53,17 +53,22 @@ compile: $(STAMP)
 NO_FAST_TESTS := lint docs imports prometheus_rules obs gateway_admin_auth sim chain_sim raft_core raft_mutations \
                  linearizability meta_state meta_group meta_journal health placement raft_repair chain_repair chain_core \
                  sessions wire chain_wire
-# The Ansible deployment test (~8 min, mostly ansible-playbook waiting on its hosts: the machine is two thirds
-# idle meanwhile) runs beside the rest of the suite, in its own network namespaces and pytest temp dir; its
-# report follows the suite's, and either failing fails `make test`.
+# Three streams at once, each with its own pytest temp dir, their reports one after the other; any failing fails
+# `make test`: the integration and fault tests (real clusters: mostly waiting on fsync and on each other), the
+# unit and fuzz tests then the unit tests on the twins (CPU-bound, under nice so the clusters' timing keeps
+# priority), and the Ansible deployment test (~8 min, mostly ansible-playbook waiting on its hosts, in network
+# namespaces of its own).
 test: sysdeps $(STAMP)
-	@tmp=$$(mktemp -d /tmp/raftblock-ansible-test.XXXXXX); \
-	$(PY) -m pytest -q -p no:cacheprovider --basetemp=$$tmp/t $(PYTEST_ARGS) tests/ansible > $$tmp/log 2>&1 & apid=$$!; \
-	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS) --ignore=tests/ansible tests; rc=$$?; \
-	wait $$apid; arc=$$?; echo "--- tests/ansible (ran beside the suite above; exit $$arc) ---"; cat $$tmp/log; \
-	rm -rf $$tmp; [ $$rc = 0 ] && [ $$arc = 0 ]
-	RAFTBLOCK_NO_EXTENSIONS=1 $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) \
-	  $(foreach t,$(NO_FAST_TESTS),--ignore=tests/unit/test_$(t).py) tests/unit
+	@tmp=$$(mktemp -d /tmp/raftblock-test.XXXXXX); \
+	$(PY) -m pytest -q -p no:cacheprovider --basetemp=$$tmp/a $(PYTEST_ARGS) tests/ansible > $$tmp/ansible.log 2>&1 & apid=$$!; \
+	{ nice -n 5 $(PY) -m pytest -q -p no:cacheprovider --durations=5 --basetemp=$$tmp/u $(PYTEST_ARGS) tests/unit tests/fuzz \
+	  && RAFTBLOCK_NO_EXTENSIONS=1 nice -n 5 $(PY) -m pytest -q -p no:cacheprovider --basetemp=$$tmp/t $(PYTEST_ARGS) \
+	  $(foreach t,$(NO_FAST_TESTS),--ignore=tests/unit/test_$(t).py) tests/unit; } > $$tmp/unit.log 2>&1 & upid=$$!; \
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS) tests/faults tests/integration; rc=$$?; \
+	wait $$upid; urc=$$?; echo "--- tests/unit, tests/fuzz, then tests/unit on the pure-Python twins (ran beside; exit $$urc) ---"; \
+	cat $$tmp/unit.log; \
+	wait $$apid; arc=$$?; echo "--- tests/ansible (ran beside; exit $$arc) ---"; cat $$tmp/ansible.log; \
+	rm -rf $$tmp; [ $$rc = 0 ] && [ $$urc = 0 ] && [ $$arc = 0 ]
 
 # The tests marked slow (variants whose path the default suite already covers in its other mode); not in `make test`.
 test-slow: sysdeps $(STAMP)
@@ -91,10 +96,11 @@ test-ansible: sysdeps $(STAMP)
 	$(PY) -m pytest -q --durations=10 $(PYTEST_ARGS) tests/ansible
 
 # The iSCSI target alone: codec and SCSI unit tests, real initiators, libiscsi's iscsi-test-cu ALL (-d) with
-# its table per suite (RAFTBLOCK_ISCSI_CU_REPORT=FILE writes it as JSON). `make test` runs these too.
+# its table per suite (RAFTBLOCK_ISCSI_CU_REPORT=FILE writes it as JSON). `make test` runs them all but the
+# conformance suite (2 minutes: here and in `make test-slow`).
 test-iscsi: sysdeps $(STAMP)
-	$(PY) -m pytest -q -s --durations=10 $(PYTEST_ARGS) tests/unit/test_iscsi_codec.py tests/unit/test_scsi.py \
-	  tests/integration/test_iscsi.py tests/integration/test_iscsi_conformance.py
+	$(PY) -m pytest -q -s --durations=10 -m "slow or not slow" $(PYTEST_ARGS) tests/unit/test_iscsi_codec.py \
+	  tests/unit/test_scsi.py tests/integration/test_iscsi.py tests/integration/test_iscsi_conformance.py
 
 # Fuzzing (tests/fuzz/README.md): the atheris (libFuzzer) harness over every parser that reads bytes from
 # outside, one target after another, FUZZ_SECONDS each (FUZZ_TARGETS=nbd,wal,... for some); the long run is

@@ -95,6 +95,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=8)
     ap.add_argument("--size", type=int, default=64 << 20, help="bytes of the volume the job touches")
     ap.add_argument("--py-spy", action="store_true")
+    ap.add_argument("--encrypt", action="store_true", help="the volume encrypted at rest (docs/encryption.md)")
     ap.add_argument("--top", type=int, default=12)
     ap.add_argument("--keep", help="copy py-spy's raw stacks (one file per process) into this directory")
     ap.add_argument("--gateway", choices=["embedded", "separate"], default="embedded",
@@ -108,7 +109,7 @@ def main() -> int:
     root = work / "cluster"
     uri = cluster_up(root, nbd_port=0, disk="os", gateway=args.gateway) + "/vol"
     try:
-        volume_create(root, "vol", 1 << 30)
+        volume_create(root, "vol", 1 << 30, encrypt=args.encrypt)
         env = dict(os.environ, NBD_URI=uri, SIZE=str(args.size), RUNTIME=str(args.seconds), RAMP="1")
         fio = ["fio", str(JOB_FILE), "--output-format=json"]
         subprocess.run([*fio, "--section=prefill"], env=env, capture_output=True, check=True)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from typing import Any
 
 import structlog
 
@@ -49,6 +50,12 @@ from raftblock.wire.ops import (
 )
 
 _ZERO_META = bytes(4096)
+
+
+def _pending(key: tuple[int, int], queued: Sequence[tuple[Any, ...]]) -> bool:
+    """A write or link queued in this batch (extent, block, data, crcs, ...) covers block `key` (rule 8)."""
+    e, b = key
+    return any(q[0] == e and q[1] <= b < q[1] + len(q[3]) for q in queued)
 
 log = structlog.get_logger(__name__)
 
@@ -82,7 +89,8 @@ def apply_batch(engine: Engine, sessions: Sessions, gid: int, index: int, data: 
             key = (extent_id, seal_at + b // AUX_PER_BLOCK)
             meta = metas.get(key)
             if meta is None:
-                flush()  # a plain write into the metadata region before this op is on the engine first
+                if _pending(key, writes) or _pending(key, links):
+                    flush()  # a plain write into the metadata region before this op: on the engine first
                 meta = metas[key] = engine.read(extent_id, key[1], 1)[0]
                 if meta == _ZERO_META:
                     was_zero.add(key)

@@ -91,6 +91,7 @@ def _run_cu(args: list[str], cwd: Path) -> str:
 
 
 @pytest.mark.timeout(1200)
+@pytest.mark.slow  # 2 min: `make test-iscsi` and `make test-slow` run it (the iSCSI tests of make test stay)
 def test_libiscsi_conformance_suite_on_a_demo_cluster(tmp_path: Path) -> None:
     require_tools("iscsi-test-cu")
     root = tmp_path / "demo"

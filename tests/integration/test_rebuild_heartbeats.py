@@ -206,6 +206,7 @@ def cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tuple[Pa
                 print("\n".join(ln[:300] for ln in warn[-15:]))
 
 
+@pytest.mark.slow  # 1 min and 4 GiB written: `make test-slow` (make bench-rebuild measures the same rebuild)
 def test_a_node_receiving_a_rebuild_is_never_suspected(cluster: tuple[Path, str], tmp_path: Path) -> None:
     root, uri = cluster
     t_start = time.monotonic()

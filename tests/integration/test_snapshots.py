@@ -250,7 +250,7 @@ def _qemu_io(uri: str, *cmds: str) -> str:
     return r.stdout
 
 
-@pytest.mark.parametrize("mode", ["raft", "chain"])
+@pytest.mark.parametrize("mode", ["raft", pytest.param("chain", marks=pytest.mark.slow)])
 def test_rollback_and_resize(cluster: Cluster, mode: str) -> None:
     """rollback: refused while attached; copies back only what changed (a trim included), trims what was
     written past the snapshot's size; resize: grows online (a connected host keeps its size, the next

@@ -208,6 +208,13 @@ def test_a_sealed_write_patches_its_entries_and_a_retry_patches_nothing(tmp_path
     assert r2.entries(120, 10) == _aux(0xA1, 5) + _aux(0xB2, 1) + _aux(0xC3, 1) + _aux(0xA1, 3)
 
 
+def test_a_plain_write_into_the_metadata_region_earlier_in_the_entry_is_patched_not_lost(tmp_path: Path) -> None:
+    r = _Replica(tmp_path)
+    junk = b"j" * B
+    r.apply(BlockOp(OP_WRITE, E, SEAL_AT, 1, _crcs(junk), junk), _sw(0, b"a" * B, _aux(3, 1)))
+    assert bytes(r.engine.read(E, SEAL_AT, 1)[0]) == _aux(3, 1) + junk[AUX_BYTES:]
+
+
 def test_a_sealed_trim_zeroes_entries_and_drops_an_empty_metadata_block(tmp_path: Path) -> None:
     r = _Replica(tmp_path)
     r.apply(_sw(0, b"a" * (4 * B), _aux(1, 4)), _sw(200, b"z" * B, _aux(2, 1)))
