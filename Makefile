@@ -55,14 +55,14 @@ NO_FAST_TESTS := lint docs imports prometheus_rules obs gateway_admin_auth sim c
                  sessions wire chain_wire
 # Three streams at once, each with its own pytest temp dir, their reports one after the other; any failing fails
 # `make test`: the integration and fault tests (real clusters: mostly waiting on fsync and on each other), the
-# unit and fuzz tests then the unit tests on the twins (CPU-bound, under nice so the clusters' timing keeps
-# priority), and the Ansible deployment test (~8 min, mostly ansible-playbook waiting on its hosts, in network
+# unit and fuzz tests then the unit tests on the twins (CPU-bound, at nice 19: in the time the clusters leave
+# idle), and the Ansible deployment test (~8 min, mostly ansible-playbook waiting on its hosts, in network
 # namespaces of its own).
 test: sysdeps $(STAMP)
 	@tmp=$$(mktemp -d /tmp/raftblock-test.XXXXXX); \
 	$(PY) -m pytest -q -p no:cacheprovider --basetemp=$$tmp/a $(PYTEST_ARGS) tests/ansible > $$tmp/ansible.log 2>&1 & apid=$$!; \
-	{ nice -n 5 $(PY) -m pytest -q -p no:cacheprovider --durations=5 --basetemp=$$tmp/u $(PYTEST_ARGS) tests/unit tests/fuzz \
-	  && RAFTBLOCK_NO_EXTENSIONS=1 nice -n 5 $(PY) -m pytest -q -p no:cacheprovider --basetemp=$$tmp/t $(PYTEST_ARGS) \
+	{ nice -n 19 $(PY) -m pytest -q -p no:cacheprovider --durations=5 --basetemp=$$tmp/u $(PYTEST_ARGS) tests/unit tests/fuzz \
+	  && RAFTBLOCK_NO_EXTENSIONS=1 nice -n 19 $(PY) -m pytest -q -p no:cacheprovider --basetemp=$$tmp/t $(PYTEST_ARGS) \
 	  $(foreach t,$(NO_FAST_TESTS),--ignore=tests/unit/test_$(t).py) tests/unit; } > $$tmp/unit.log 2>&1 & upid=$$!; \
 	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS) tests/faults tests/integration; rc=$$?; \
 	wait $$upid; urc=$$?; echo "--- tests/unit, tests/fuzz, then tests/unit on the pure-Python twins (ran beside; exit $$urc) ---"; \

@@ -332,9 +332,14 @@ class NodeClient:
         self._conns[nid] = conn
         return conn
 
-    async def call_node(self, nid: int, group: int, req: pb.ClientRequest, payload: Sequence[Buf] = ()) -> Reply:
+    async def call_node(self, nid: int, group: int, req: pb.ClientRequest, payload: Sequence[Buf] = (),
+                        patience_s: float = 0.0) -> Reply:
+        """`patience_s`: how long a `patient` connection (this process's own node: busy, never unreachable) may
+        take, when more than the attempt timeout: a write queued behind others there is waited for, not sent
+        again every attempt timeout (each copy would queue behind the first: a retry storm under load)."""
         conn = await self._conn(nid)
-        return await conn.request(group, req, payload, self.attempt_timeout_s)
+        timeout = max(self.attempt_timeout_s, patience_s) if getattr(conn, "patient", False) else self.attempt_timeout_s
+        return await conn.request(group, req, payload, timeout)
 
     async def node_status(self, nid: int) -> pb.ClientResponse:
         resp, _ = await self.call_node(nid, 0, pb.ClientRequest(op=OP_C_NODE_STATUS))
@@ -364,7 +369,7 @@ class NodeClient:
             if req.client_id == self.client_id:  # named by this client (rule 4): the mark as of now
                 req.low_water = self.low_water()
             try:
-                resp, data = await self.call_node(nid, group, req, payload)
+                resp, data = await self.call_node(nid, group, req, payload, deadline - time.monotonic())
             except (OSError, ConnectionError, TimeoutError) as e:
                 last_err = f"node {nid}: {e!r}"
                 self.leaders.pop(key, None)

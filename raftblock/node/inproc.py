@@ -14,7 +14,10 @@ Rules:
    existing peer connection (node/transport.py); the peer answers on the same connection with CLIENT_RESP.
    No peer connection: ConnectionError at once (the NodeClient tries elsewhere); a peer connection that goes
    down fails every request waiting on it (`peer_down`), so nothing waits for its attempt timeout.
-3. Every request is bounded by the attempt timeout, as on a socket (TimeoutError).
+3. Every request is bounded by the attempt timeout, as on a socket (TimeoutError); one to this node by the
+   operation's deadline (`LocalConn.patient`): this node is busy, never unreachable, and a write sent again
+   after each attempt timeout would queue behind its own first copy (under load, every piece of a large
+   write timed out into EIO that way).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class LocalConn:
     """Rule 1: this node's data plane, as a connection."""
 
     lost = False
+    patient = True  # rule 3
 
     def __init__(self, host: InProcHost) -> None:
         self._host = host
