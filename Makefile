@@ -53,22 +53,17 @@ compile: $(STAMP)
 NO_FAST_TESTS := lint docs imports prometheus_rules obs gateway_admin_auth sim chain_sim raft_core raft_mutations \
                  linearizability meta_state meta_group meta_journal health placement raft_repair chain_repair chain_core \
                  sessions wire chain_wire
-# Three streams at once, each with its own pytest temp dir, their reports one after the other; any failing fails
-# `make test`: the integration and fault tests (real clusters: mostly waiting on fsync and on each other), the
-# unit and fuzz tests then the unit tests on the twins (CPU-bound, at nice 19: in the time the clusters leave
-# idle), and the Ansible deployment test (~8 min, mostly ansible-playbook waiting on its hosts, in network
-# namespaces of its own).
+# The Ansible deployment test (~8 min, mostly ansible-playbook waiting on its hosts: the machine is two thirds
+# idle meanwhile) runs beside the rest of the suite, in its own network namespaces and pytest temp dir; its
+# report follows the suite's, and either failing fails `make test`.
 test: sysdeps $(STAMP)
-	@tmp=$$(mktemp -d /tmp/raftblock-test.XXXXXX); \
-	$(PY) -m pytest -q -p no:cacheprovider --basetemp=$$tmp/a $(PYTEST_ARGS) tests/ansible > $$tmp/ansible.log 2>&1 & apid=$$!; \
-	{ nice -n 19 $(PY) -m pytest -q -p no:cacheprovider --durations=5 --basetemp=$$tmp/u $(PYTEST_ARGS) tests/unit tests/fuzz \
-	  && RAFTBLOCK_NO_EXTENSIONS=1 nice -n 19 $(PY) -m pytest -q -p no:cacheprovider --basetemp=$$tmp/t $(PYTEST_ARGS) \
-	  $(foreach t,$(NO_FAST_TESTS),--ignore=tests/unit/test_$(t).py) tests/unit; } > $$tmp/unit.log 2>&1 & upid=$$!; \
-	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS) tests/faults tests/integration; rc=$$?; \
-	wait $$upid; urc=$$?; echo "--- tests/unit, tests/fuzz, then tests/unit on the pure-Python twins (ran beside; exit $$urc) ---"; \
-	cat $$tmp/unit.log; \
-	wait $$apid; arc=$$?; echo "--- tests/ansible (ran beside; exit $$arc) ---"; cat $$tmp/ansible.log; \
-	rm -rf $$tmp; [ $$rc = 0 ] && [ $$urc = 0 ] && [ $$arc = 0 ]
+	@tmp=$$(mktemp -d /tmp/raftblock-ansible-test.XXXXXX); \
+	$(PY) -m pytest -q -p no:cacheprovider --basetemp=$$tmp/t $(PYTEST_ARGS) tests/ansible > $$tmp/log 2>&1 & apid=$$!; \
+	$(PY) -m pytest -q --durations=25 $(PYTEST_ARGS) --ignore=tests/ansible tests; rc=$$?; \
+	wait $$apid; arc=$$?; echo "--- tests/ansible (ran beside the suite above; exit $$arc) ---"; cat $$tmp/log; \
+	rm -rf $$tmp; [ $$rc = 0 ] && [ $$arc = 0 ]
+	RAFTBLOCK_NO_EXTENSIONS=1 $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) \
+	  $(foreach t,$(NO_FAST_TESTS),--ignore=tests/unit/test_$(t).py) tests/unit
 
 # The tests marked slow (variants whose path the default suite already covers in its other mode); not in `make test`.
 test-slow: sysdeps $(STAMP)
