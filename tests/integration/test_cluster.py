@@ -472,8 +472,13 @@ def _group(cluster: Cluster, gid: int) -> dict[str, Any]:
 
 
 def _counter(cluster: Cluster, node: int, name: str) -> int:
-    n = next(n for n in cluster.status()["nodes"] if n["id"] == node)
-    return int(n.get("counters", {}).get(name, 0))
+    """A node's counter as `cluster status` reports it; a status that could not reach the node (it has no
+    counters then, which would read as 0) is asked again."""
+    deadline = time.monotonic() + 30
+    while True:
+        n = next(n for n in cluster.status()["nodes"] if n["id"] == node)
+        if "counters" in n or time.monotonic() > deadline:
+            return int(n.get("counters", {}).get(name, 0))
 
 
 def test_chain_zombie_head_is_fenced_and_tail_kill_loses_nothing(separate_cluster: Cluster, tmp_path: Path) -> None:
@@ -572,15 +577,18 @@ def test_chain_zombie_head_is_fenced_and_tail_kill_loses_nothing(separate_cluste
             try:
                 with socket.create_connection((h, int(p)), timeout=10) as s:
                     # an insider (the zombie holds the cluster's keys): signed, so the epoch checks are what refuse
-                    session = signed_hello(s, ring, head, ROLE_PEER)
-                    for m in forged:
-                        s.sendall(b"".join(bytes(b) for b in session.seal(encode_chain(m))))
+                    # the frames in the same write as the AUTH: read in the turn the node attaches this connection
+                    signed_hello(s, ring, head, ROLE_PEER, first=lambda session: [
+                        b"".join(bytes(b) for b in session.seal(encode_chain(m))) for m in forged])
                     deadline = time.monotonic() + 5
                     while not refused() and time.monotonic() < deadline:
                         time.sleep(0.1)
             except OSError:
                 pass
-        assert refused(), "the forged CHAIN frames were not refused and counted"
+        counts = {k: _counter(cluster, new_head, k) for k in ("chain_stale_epoch", "chain_not_neighbour",
+                                                              "chain_not_member", "chain_future_epoch",
+                                                              "chain_wrong_destination", "frames_malformed")}
+        assert refused(), f"the forged CHAIN frames were not refused and counted: {counts}, before: {stale0}/{nn0}"
         # 4. the thawed node rejoins at the tail (it syncs: its log ends in the zombie's record, so a
         #    snapshot replaces it); kill -9 its predecessor at once: a failure during a rejoin must not stall
         _wait(lambda: _group(cluster, gid)["members"][-1] == head, 60, f"n{head} to rejoin at the tail")
