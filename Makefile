@@ -65,7 +65,8 @@ test: sysdeps $(STAMP)
 	RAFTBLOCK_NO_EXTENSIONS=1 $(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS) \
 	  $(foreach t,$(NO_FAST_TESTS),--ignore=tests/unit/test_$(t).py) tests/unit
 
-# The tests marked slow (variants whose path the default suite already covers in its other mode); not in `make test`.
+# The tests marked slow, not in `make test`: variants whose path the default suite covers in its other mode, the
+# libiscsi conformance suite (also `make test-iscsi`) and the rebuild-under-heartbeats soak.
 test-slow: sysdeps $(STAMP)
 	$(PY) -m pytest -q --durations=25 -m slow $(PYTEST_ARGS) tests
 
