@@ -352,9 +352,15 @@ class MetaClient:
             await self.rotate_master_key(st)
             st = await self.state(barrier=True)
         v = st.master_key_active
-        master = sealing.unwrap_master_key(self.secret, v, st.master_keys[v])
+        master = self._master_key(st, v)
         key_id = secrets.randbits(63) or 1
         return sealing.wrap_volume_key(master, key_id, sealing.new_data_key()), v, key_id
+
+    def _master_key(self, st: MetaState, version: int) -> bytes:
+        """The map's master key of `version`, unwrapped with the cluster secret (raftblock/sealing.py rule 5)."""
+        from raftblock import sealing
+
+        return sealing.unwrap_master_key(self.secret, version, st.master_keys[version])
 
     async def _restored_volume_key(self, seal: dict[str, Any]) -> tuple[str, int, int]:
         from raftblock import sealing
@@ -371,8 +377,7 @@ class MetaClient:
         except ValueError as e:
             raise ValueError(f"the backup's key does not unwrap in this cluster: {e}") from e
         v = st.master_key_active
-        master = sealing.unwrap_master_key(self.secret, v, st.master_keys[v])
-        return sealing.wrap_volume_key(master, key_id, key), v, key_id
+        return sealing.wrap_volume_key(self._master_key(st, v), key_id, key), v, key_id
 
     async def rotate_master_key(self, st: MetaState | None = None) -> Result:
         """A new master key, every encrypted volume's data key rewrapped by it (sealing.py rule 5): no data is
@@ -387,7 +392,7 @@ class MetaClient:
             rewrapped = {}
             for vol in st.volumes.values():
                 if vol.enc_key_id:
-                    old = sealing.unwrap_master_key(self.secret, vol.enc_master, st.master_keys[vol.enc_master])
+                    old = self._master_key(st, vol.enc_master)
                     key = sealing.unwrap_volume_key(old, vol.enc_key_id, vol.enc_key)
                     rewrapped[str(vol.volume_id)] = sealing.wrap_volume_key(new, vol.enc_key_id, key)
             res = await self.propose(SetMasterKey(st.master_key_active, version,

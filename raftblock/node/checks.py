@@ -37,11 +37,13 @@ def check_range(gid: int, req: pb.ClientRequest, limit: int) -> int:
     return int(n)
 
 
-def check_seal(block: int, n: int, seal_at: int) -> None:
-    """A sealed request's data stays below its extent's metadata region, which fits in the extent."""
-    _first, end = seal_blocks(block, n, seal_at)
+def check_seal(block: int, n: int, seal_at: int) -> tuple[int, int]:
+    """A sealed request's data stays below its extent's metadata region, which fits in the extent; returns the
+    metadata blocks [first, end) that hold the request's entries."""
+    first, end = seal_blocks(block, n, seal_at)
     if end > MAX_BLOCK:
         raise ValueError(f"metadata region at {seal_at} reaches past the extent")
+    return first, end
 
 
 def validate_write(gid: int, req: pb.ClientRequest, payload: bytes | bytearray | memoryview) -> BlockOp:

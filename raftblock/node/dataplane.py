@@ -257,8 +257,7 @@ class DataPlane:
         try:
             data, crcs = h.engine.read(req.extent_id, req.block, n)
             if req.seal_at:
-                check_seal(req.block, n, req.seal_at)
-                first, end = seal_blocks(req.block, n, req.seal_at)
+                first, end = check_seal(req.block, n, req.seal_at)
                 entries = entries_of(h.engine.read(req.extent_id, first, end - first)[0], req.block, n)
         except (CorruptBlockError, ValueError):
             return False  # the general path reads again, logs, and repairs from a replica (or says what is wrong)
